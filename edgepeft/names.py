@@ -1,0 +1,70 @@
+"""The one place for every name: delta slots, graph inputs and outputs, bundle files.
+
+A slot name is ``<module path>.<kind>`` (``bert.encoder.layer.0.attention.self.query.lora_A``).
+The same string names the tensor in a delta file, the graph input in both ONNX graphs, and the
+slot in the manifest; ``grad_name`` names its gradient output in ``train.onnx``.
+"""
+
+from __future__ import annotations
+
+from edgepeft.errors import DeltaError
+
+# Kinds of delta slot. lora_A (r, in) and lora_B (out, r) add s*B@A to a weight; bias (out,) adds
+# to a bias; weight (out, in) is a full additive weight delta (used for classifier heads).
+LORA_A = "lora_A"
+LORA_B = "lora_B"
+BIAS = "bias"
+WEIGHT = "weight"
+SLOT_KINDS = (LORA_A, LORA_B, BIAS, WEIGHT)
+
+# Graph inputs and outputs.
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+LABELS = "labels"
+LOSS = "loss"
+LOGITS = "logits"
+GRAD_PREFIX = "grad."
+
+# Files of a bundle.
+MANIFEST_FILE = "manifest.json"
+INFER_GRAPH_FILE = "model.onnx"
+TRAIN_GRAPH_FILE = "train.onnx"
+WEIGHTS_FILE = "weights.bin"
+TOKENIZER_FILE = "tokenizer.json"
+
+# Tasks.
+SEQ_CLS = "sequence-classification"
+CAUSAL_LM = "causal-lm"
+TASKS = (SEQ_CLS, CAUSAL_LM)
+
+
+def slot_name(module: str, kind: str) -> str:
+    """Name of the delta slot of ``kind`` on ``module``."""
+    if kind not in SLOT_KINDS:
+        raise DeltaError(f"unknown slot kind {kind!r}; expected one of {', '.join(SLOT_KINDS)}")
+    return f"{module}.{kind}"
+
+
+def split_slot_name(name: str) -> tuple[str, str]:
+    """Inverse of :func:`slot_name`: ``(module, kind)``."""
+    module, _, kind = name.rpartition(".")
+    if not module or kind not in SLOT_KINDS:
+        raise DeltaError(f"{name!r} is not a slot name (<module>.<kind>, kind in {', '.join(SLOT_KINDS)})")
+    return module, kind
+
+
+def grad_name(slot: str) -> str:
+    """Name of the gradient output of ``slot`` in ``train.onnx``."""
+    return GRAD_PREFIX + slot
+
+
+def is_safe_name(name: str) -> bool:
+    """True for a tensor name that can never be read as a path or control sequence."""
+    return (
+        0 < len(name) <= 512
+        and "/" not in name
+        and "\\" not in name
+        and ".." not in name
+        and name.isprintable()
+        and not name.startswith(".")
+    )
