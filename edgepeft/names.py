@@ -30,6 +30,7 @@ MANIFEST_FILE = "manifest.json"
 INFER_GRAPH_FILE = "model.onnx"
 TRAIN_GRAPH_FILE = "train.onnx"
 WEIGHTS_FILE = "weights.bin"
+WEIGHTS_INDEX_FILE = "weights.json"  # name -> offset, dtype, shape, quantization of each frozen tensor
 TOKENIZER_FILE = "tokenizer.json"
 
 # Tasks.
@@ -56,6 +57,14 @@ def split_slot_name(name: str) -> tuple[str, str]:
 def grad_name(slot: str) -> str:
     """Name of the gradient output of ``slot`` in ``train.onnx``."""
     return GRAD_PREFIX + slot
+
+
+FROZEN_PREFIX = "frozen."
+
+
+def frozen_name(param: str) -> str:
+    """Name of a frozen base weight (torch parameter path) in the graphs and weights.bin."""
+    return FROZEN_PREFIX + param
 
 
 def is_safe_name(name: str) -> bool:

@@ -1,0 +1,299 @@
+"""The delta file: a safetensors file of float32 tensors named by slot, with its facts in the metadata.
+
+``load_delta`` checks everything before it returns, so nothing is half-applied: the header against
+the buffer (``safeio``), the metadata, a checksum, finiteness, LoRA shape pairing, and, given a
+manifest, the base fingerprint, slot set and shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+
+from edgepeft import atomic
+from edgepeft.delta import safeio
+from edgepeft.errors import DeltaError
+from edgepeft.manifest import Manifest
+from edgepeft.names import BIAS, LORA_A, LORA_B, WEIGHT, is_safe_name, slot_name, split_slot_name
+
+FORMAT = "edgepeft-delta"
+FORMAT_VERSION = "1"
+
+
+def now_iso() -> str:
+    """Current UTC time as ISO 8601, second precision."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+
+
+@dataclass
+class DeltaMeta:
+    """Facts about a delta: which base it fits, how it scales, where it sits in an adapter's history."""
+
+    base_fingerprint: str
+    method: str = "lora"  # lora | bitfit | lora+bitfit (the bundle's method)
+    rank: int = 0  # LoRA rank of every LoRA module in the file (0 if none)
+    alpha: float = 0.0  # LoRA alpha; the update is (alpha / rank) * B @ A
+    adapter: str = "default"  # adapter name on the hub
+    version: int = 0  # adapter version this delta is (the hub assigns it)
+    parent: int | None = None  # adapter version it was trained from
+    samples: int = 0  # training samples behind it: the default aggregation weight
+    creator: str = ""  # device id, "hub", "merge", "peft"
+    created: str = field(default_factory=now_iso)  # ISO 8601 UTC
+    extra: dict[str, str] = field(default_factory=dict)  # free-form facts (e.g. training loss)
+
+    @property
+    def scale(self) -> float:
+        """LoRA scaling alpha / rank (1.0 when rank is 0)."""
+        return self.alpha / self.rank if self.rank else 1.0
+
+
+@dataclass
+class Delta:
+    """What a device learned: float32 tensors keyed by slot name, plus their meta."""
+
+    tensors: dict[str, np.ndarray]
+    meta: DeltaMeta
+
+    @property
+    def scale(self) -> float:
+        """LoRA scaling alpha / rank (1.0 when rank is 0)."""
+        return self.meta.scale
+
+    def lora_modules(self) -> list[str]:
+        """Modules that carry a LoRA pair, sorted."""
+        return sorted(split_slot_name(n)[0] for n in self.tensors if n.endswith("." + LORA_A))
+
+    def delta_w(self, module: str) -> np.ndarray:
+        """The full update scale * B @ A of one LoRA module, (out, in), float64."""
+        a = self.tensors[slot_name(module, LORA_A)].astype(np.float64)
+        b = self.tensors[slot_name(module, LORA_B)].astype(np.float64)
+        return self.scale * (b @ a)
+
+
+def checksum(tensors: dict[str, np.ndarray]) -> str:
+    """sha256 over name, shape and little-endian bytes of every tensor, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name], dtype="<f4")
+        h.update(name.encode("utf-8") + b"\0" + json.dumps(list(a.shape)).encode() + b"\0")
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+# ---- meta <-> safetensors string metadata -------------------------------------------------------
+
+def meta_to_strings(meta: DeltaMeta) -> dict[str, str]:
+    """Meta fields as the str -> str map safetensors metadata allows."""
+    return {
+        "base_fingerprint": meta.base_fingerprint,
+        "method": meta.method,
+        "rank": str(meta.rank),
+        "alpha": repr(float(meta.alpha)),
+        "adapter": meta.adapter,
+        "version": str(meta.version),
+        "parent": "" if meta.parent is None else str(meta.parent),
+        "samples": str(meta.samples),
+        "creator": meta.creator,
+        "created": meta.created,
+        "extra": json.dumps(meta.extra, sort_keys=True),
+    }
+
+
+def _int(where: str, key: str, text: str, *, optional: bool = False) -> int | None:
+    if optional and text == "":
+        return None
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise DeltaError(f"{where}: metadata {key!r} is {text!r}; expected a non-negative integer")
+    return int(text)
+
+
+def meta_from_strings(md: dict[str, str], where: str) -> DeltaMeta:
+    """Parse and check meta fields written by :func:`meta_to_strings`."""
+    missing = sorted({"base_fingerprint", "rank", "alpha", "adapter", "version", "samples"} - set(md))
+    if missing:
+        raise DeltaError(f"{where}: metadata lacks {', '.join(missing)}")
+    try:
+        alpha = float(md["alpha"])
+    except ValueError:
+        raise DeltaError(f"{where}: metadata 'alpha' is {md['alpha']!r}; expected a number") from None
+    if not math.isfinite(alpha):
+        raise DeltaError(f"{where}: metadata 'alpha' is {alpha}; expected a finite number")
+    try:
+        extra = json.loads(md.get("extra", "{}"))
+    except ValueError:
+        extra = None
+    if not isinstance(extra, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+        raise DeltaError(f"{where}: metadata 'extra' must be a JSON object of strings")
+    if not is_safe_name(md["adapter"]):
+        raise DeltaError(f"{where}: metadata 'adapter' is {md['adapter']!r}; not a safe name")
+    return DeltaMeta(
+        base_fingerprint=md["base_fingerprint"],
+        method=md.get("method", ""),
+        rank=_int(where, "rank", md["rank"]),
+        alpha=alpha,
+        adapter=md["adapter"],
+        version=_int(where, "version", md["version"]),
+        parent=_int(where, "parent", md.get("parent", ""), optional=True),
+        samples=_int(where, "samples", md["samples"]),
+        creator=md.get("creator", ""),
+        created=md.get("created", ""),
+        extra=extra,
+    )
+
+
+# ---- checks -------------------------------------------------------------------------------------
+
+def _shape(s: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in s) + ("," if len(s) == 1 else "") + ")"
+
+
+def check_structure(delta: Delta, where: str) -> None:
+    """Manifest-free checks: slot names, dims per kind, A/B pairs sharing rank meta.rank, finite values."""
+    for name in sorted(delta.tensors):
+        t = delta.tensors[name]
+        try:
+            _, kind = split_slot_name(name)
+        except DeltaError:
+            raise DeltaError(f"{where}: tensor {name!r} is not a slot name (<module>.<lora_A|lora_B|bias|weight>)") from None
+        if t.dtype != np.float32:
+            raise DeltaError(f"{where}: tensor {name!r} has dtype {t.dtype}; deltas are float32")
+        want_ndim = 1 if kind == BIAS else 2
+        if t.ndim != want_ndim:
+            raise DeltaError(f"{where}: tensor {name!r} has shape {_shape(t.shape)}; a {kind} slot is {want_ndim}-D")
+        if not np.isfinite(t).all():
+            bad = int(t.size - np.isfinite(t).sum())
+            raise DeltaError(f"{where}: tensor {name!r} has {bad} non-finite value(s) (NaN or Inf)")
+    for name in sorted(delta.tensors):
+        module, kind = split_slot_name(name)
+        if kind not in (LORA_A, LORA_B):
+            continue
+        other = slot_name(module, LORA_B if kind == LORA_A else LORA_A)
+        if other not in delta.tensors:
+            raise DeltaError(f"{where}: tensor {name!r} has no partner {other!r}")
+        if kind == LORA_B:
+            continue
+        r_a, r_b = delta.tensors[name].shape[0], delta.tensors[other].shape[1]
+        if r_a != r_b:
+            raise DeltaError(f"{where}: module {module!r}: lora_A has rank {r_a} but lora_B has rank {r_b}")
+        if r_a != delta.meta.rank:
+            raise DeltaError(f"{where}: module {module!r}: LoRA rank {r_a} but metadata 'rank' is {delta.meta.rank}")
+
+
+def check_against_manifest(delta: Delta, manifest: Manifest, where: str, *, for_training: bool = False) -> None:
+    """Check base fingerprint, slot set and shapes against a bundle manifest."""
+    fp = delta.meta.base_fingerprint
+    if fp != manifest.fingerprint:
+        raise DeltaError(f"{where}: delta is for base {fp[:16]}, bundle is {manifest.fingerprint[:16]}")
+    want = {s.name for s in manifest.slots}
+    have = set(delta.tensors)
+    if want != have:
+        parts = []
+        if want - have:
+            parts.append("missing " + ", ".join(sorted(want - have)))
+        if have - want:
+            parts.append("extra " + ", ".join(sorted(have - want)))
+        raise DeltaError(f"{where}: slots do not match the bundle: {'; '.join(parts)}")
+    for s in manifest.slots:
+        got = delta.tensors[s.name].shape
+        if s.kind in (BIAS, WEIGHT):
+            if got != s.shape:
+                raise DeltaError(f"{where}: tensor {s.name!r} has shape {_shape(got)}, bundle slot needs {_shape(s.shape)}")
+            continue
+        r = got[0] if s.kind == LORA_A else got[1]
+        fixed = s.shape[1] if s.kind == LORA_A else s.shape[0]
+        have_fixed = got[1] if s.kind == LORA_A else got[0]
+        if have_fixed != fixed or (for_training and r != s.rank):
+            need_r = str(s.rank) if for_training else "r"
+            need = f"({need_r}, {fixed})" if s.kind == LORA_A else f"({fixed}, {need_r})"
+            why = " to train" if for_training and have_fixed == fixed else ""
+            raise DeltaError(f"{where}: tensor {s.name!r} has shape {_shape(got)}, bundle slot needs {need}{why}")
+
+
+# ---- save / load --------------------------------------------------------------------------------
+
+def delta_bytes(delta: Delta) -> bytes:
+    """The safetensors bytes of a delta file."""
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in delta.tensors.items()}
+    md = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **meta_to_strings(delta.meta),
+        "slots": json.dumps(sorted(tensors)),
+        "checksum": checksum(tensors),
+    }
+    return safetensors.numpy.save(tensors, metadata=md)
+
+
+def save_delta(path: str | os.PathLike, delta: Delta) -> None:
+    """Write ``delta`` to ``path`` atomically, after the same structural checks the reader makes."""
+    check_structure(delta, os.fspath(path))
+    atomic.write_bytes(path, delta_bytes(delta))
+
+
+def delta_from_bytes(data: bytes, where: str, manifest: Manifest | None = None, *, for_training: bool = False) -> Delta:
+    """Parse and fully check delta-file bytes; ``where`` names them in errors."""
+    header = safeio.parse_header(data, where)
+    md = header.metadata
+    if md.get("format") != FORMAT:
+        raise DeltaError(f"{where}: metadata 'format' is {md.get('format')!r}; not an {FORMAT} file")
+    if md.get("format_version") != FORMAT_VERSION:
+        raise DeltaError(
+            f"{where}: delta format version {md.get('format_version')!r}; this edgepeft reads {FORMAT_VERSION!r}"
+        )
+    meta = meta_from_strings(md, where)
+    names = sorted(e.name for e in header.entries)
+    if md.get("slots") != json.dumps(names):
+        raise DeltaError(f"{where}: metadata 'slots' does not list the file's tensors")
+    try:
+        tensors = safetensors.numpy.load(data)
+    except Exception as e:  # belt and braces: safeio already checked what safetensors checks
+        raise DeltaError(f"{where}: safetensors refused the file ({e})") from None
+    if md.get("checksum") != checksum(tensors):
+        raise DeltaError(f"{where}: checksum mismatch; the file is corrupt or was edited")
+    delta = Delta(tensors, meta)
+    check_structure(delta, where)
+    if manifest is not None:
+        check_against_manifest(delta, manifest, where, for_training=for_training)
+    return delta
+
+
+def load_delta(path: str | os.PathLike, manifest: Manifest | None = None, *, for_training: bool = False) -> Delta:
+    """Read a delta file and check everything (and, given a manifest, that it fits the bundle)."""
+    p = Path(os.fspath(path))
+    where = p.name
+    if not p.is_file():
+        raise DeltaError(f"{p}: no such delta file")
+    return delta_from_bytes(p.read_bytes(), where, manifest, for_training=for_training)
+
+
+def delta_from_init(manifest: Manifest, seed: int, adapter: str = "default") -> Delta:
+    """A fresh delta for ``manifest``: LoRA A kaiming-uniform as PEFT does, everything else zeros."""
+    ranks = {(s.rank, s.alpha) for s in manifest.slots if s.kind in (LORA_A, LORA_B)}
+    if len(ranks) > 1:
+        raise DeltaError(f"manifest: LoRA slots disagree on (rank, alpha): {sorted(ranks)}; a delta has one scale")
+    rank, alpha = ranks.pop() if ranks else (0, 0.0)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for s in manifest.slots:  # manifest order keeps the random stream stable
+        if s.kind == LORA_A:
+            # torch kaiming_uniform_(a=sqrt(5)): gain sqrt(2/(1+5)), bound gain*sqrt(3/fan_in) = 1/sqrt(in)
+            b = 1.0 / math.sqrt(s.shape[1])
+            tensors[s.name] = rng.uniform(-b, b, size=s.shape).astype(np.float32)
+        else:
+            tensors[s.name] = np.zeros(s.shape, dtype=np.float32)
+    meta = DeltaMeta(base_fingerprint=manifest.fingerprint, method=manifest.method, rank=rank, alpha=alpha, adapter=adapter)
+    return Delta(tensors, meta)
+
+
+def replace_meta(delta: Delta, **changes: object) -> Delta:
+    """A delta sharing tensors with ``delta`` and with some meta fields changed."""
+    return Delta(delta.tensors, dataclasses.replace(delta.meta, **changes))

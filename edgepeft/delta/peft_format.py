@@ -1,0 +1,242 @@
+"""Convert deltas to and from a Hugging Face PEFT LoRA adapter directory, with numpy only (no peft import).
+
+Mapping (PEFT keys carry the ``base_model.model.`` prefix; PEFT's saved files drop the adapter name):
+
+- ``<m>.lora_A`` (r, in) / ``<m>.lora_B`` (out, r)  <->  ``<m>.lora_A.weight`` / ``<m>.lora_B.weight``
+- ``<m>.bias`` on a LoRA module  <->  ``<m>.lora_B.bias`` with ``lora_bias: true``. PEFT adds
+  ``scaling * lora_B.bias``, so the file holds bias / scale.
+- head modules (a ``<m>.weight`` slot, e.g. the classifier)  <->  ``modules_to_save``: PEFT stores the
+  FULL module (``<m>.weight``, ``<m>.bias``), so converting needs the base weights (base + delta out,
+  full - base in).
+
+Slots that cannot map: a bias slot on a module that is neither LoRA-targeted nor a head (BitFit on
+LayerNorm, say), and a module with both LoRA and a full weight slot. Both raise DeltaError by name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+
+from edgepeft import atomic
+from edgepeft.delta import safeio
+from edgepeft.delta.format import Delta, DeltaMeta, check_against_manifest, check_structure
+from edgepeft.errors import DeltaError
+from edgepeft.manifest import Manifest
+from edgepeft.names import BIAS, CAUSAL_LM, LORA_A, LORA_B, SEQ_CLS, WEIGHT, slot_name, split_slot_name
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+TASK_TYPES = {SEQ_CLS: "SEQ_CLS", CAUSAL_LM: "CAUSAL_LM"}
+MAX_CONFIG_BYTES = 1024 * 1024
+
+_LORA_KEY = re.compile(r"^(?P<m>.+)\.(?P<ab>lora_A|lora_B)(?:\.[^.]+)?\.(?P<p>weight|bias)$")
+_FULL_KEY = re.compile(r"^(?P<m>.+?)(?:\.modules_to_save(?:\.[^.]+)?)?\.(?P<p>weight|bias)$")
+
+
+def _modules(delta: Delta) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for n in delta.tensors:
+        m, kind = split_slot_name(n)
+        out.setdefault(m, set()).add(kind)
+    return out
+
+
+def _unmappable(kinds_by_module: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for m, kinds in sorted(kinds_by_module.items()):
+        if LORA_A in kinds and WEIGHT in kinds:
+            bad += [slot_name(m, k) for k in sorted(kinds)]
+        elif BIAS in kinds and LORA_A not in kinds and WEIGHT not in kinds:
+            bad.append(slot_name(m, BIAS))
+    return bad
+
+
+def _refuse_unmappable(bad: list[str], where: str) -> None:
+    if bad:
+        raise DeltaError(
+            f"{where}: slot(s) with no PEFT LoRA equivalent: {', '.join(bad)} "
+            "(PEFT carries bias deltas only on LoRA-targeted modules and full heads as modules_to_save)"
+        )
+
+
+def _base(base_weights: dict[str, np.ndarray] | None, key: str, shape: tuple[int, ...] | None, where: str) -> np.ndarray:
+    if base_weights is None:
+        raise DeltaError(
+            f"{where}: head module {key.rpartition('.')[0]!r} is stored by PEFT as a full copy (modules_to_save), "
+            "so converting it needs the base weights; the CLI does not read them from a bundle: call "
+            "edgepeft.delta.peft_format with base_weights={'<module>.weight': array, ...} from Python"
+        )
+    if key not in base_weights:
+        raise DeltaError(f"{where}: base_weights lacks {key!r}")
+    w = np.asarray(base_weights[key], dtype=np.float32)
+    if shape is not None and w.shape != shape:
+        raise DeltaError(f"{where}: base weight {key!r} has shape {w.shape}, the slot needs {shape}")
+    return w
+
+
+def _equals_base(base_weights: dict[str, np.ndarray] | None, key: str, value: np.ndarray) -> bool:
+    return base_weights is not None and key in base_weights and np.array_equal(np.asarray(base_weights[key], dtype=np.float32), value)
+
+
+def to_peft(
+    delta: Delta,
+    manifest: Manifest,
+    out_dir: str | os.PathLike,
+    *,
+    base_weights: dict[str, np.ndarray] | None = None,
+) -> None:
+    """Write ``delta`` as a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    where = "to_peft"
+    check_structure(delta, where)
+    check_against_manifest(delta, manifest, where)
+    kinds = _modules(delta)
+    _refuse_unmappable(_unmappable(kinds), where)
+    if manifest.task not in TASK_TYPES:
+        raise DeltaError(f"{where}: task {manifest.task!r} has no PEFT task_type")
+    lora = sorted(m for m, k in kinds.items() if LORA_A in k)
+    heads = sorted(m for m, k in kinds.items() if WEIGHT in k)
+    lora_bias = any(BIAS in kinds[m] for m in lora)
+    scale = delta.scale
+    if lora_bias and scale == 0:
+        raise DeltaError(f"{where}: LoRA alpha is 0, so PEFT's lora_B.bias (scaled by alpha/r) cannot carry a bias delta")
+    t = delta.tensors
+    out: dict[str, np.ndarray] = {}
+    for m in lora:
+        out[f"{PREFIX}{m}.lora_A.weight"] = t[slot_name(m, LORA_A)]
+        out[f"{PREFIX}{m}.lora_B.weight"] = t[slot_name(m, LORA_B)]
+        if lora_bias:  # PEFT gives every target a lora_B bias once lora_bias is on; zero where we have none
+            b = t.get(slot_name(m, BIAS))
+            out[f"{PREFIX}{m}.lora_B.bias"] = (b / scale if b is not None else np.zeros(t[slot_name(m, LORA_B)].shape[0])).astype(np.float32)
+    for m in heads:
+        w = t[slot_name(m, WEIGHT)]
+        out[f"{PREFIX}{m}.weight"] = _base(base_weights, f"{m}.weight", w.shape, where) + w
+        b = t.get(slot_name(m, BIAS))
+        if b is not None:
+            out[f"{PREFIX}{m}.bias"] = _base(base_weights, f"{m}.bias", b.shape, where) + b
+        elif base_weights is not None and f"{m}.bias" in base_weights:
+            out[f"{PREFIX}{m}.bias"] = _base(base_weights, f"{m}.bias", None, where)
+    alpha = delta.meta.alpha
+    config = {
+        "peft_type": "LORA",
+        "task_type": TASK_TYPES[manifest.task],
+        "base_model_name_or_path": manifest.source,
+        "r": delta.meta.rank,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        # exact module paths, not leaf names: leaf names would also wrap modules the bundle does not train
+        "target_modules": lora,
+        "modules_to_save": heads or None,
+        "bias": "none",
+        "lora_bias": lora_bias,
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    out_dir = Path(os.fspath(out_dir))
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+    atomic.write_bytes(out_dir / WEIGHTS_FILE, safetensors.numpy.save(tensors, metadata={"format": "pt"}))
+    atomic.write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _read_config(path: Path) -> tuple[int, float]:
+    """(r, alpha in our convention: the update is alpha / r * B @ A) from a PEFT LoRA config."""
+    where = path.name
+    if not path.is_file():
+        raise DeltaError(f"{path}: missing; is {path.parent} a PEFT adapter directory?")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise DeltaError(f"{where}: larger than {MAX_CONFIG_BYTES} bytes; not an adapter config")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DeltaError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        raise DeltaError(f"{where}: peft_type is {cfg.get('peft_type') if isinstance(cfg, dict) else None!r}; only LORA converts")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        raise DeltaError(f"{where}: 'r' is {r!r}; expected a positive integer")
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)):
+        raise DeltaError(f"{where}: 'lora_alpha' is {alpha!r}; expected a number")
+    for key in ("use_dora", "rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise DeltaError(f"{where}: '{key}' is set; edgepeft deltas have one rank and scale and no DoRA")
+    if cfg.get("use_rslora"):  # PEFT scales by alpha/sqrt(r); keep the same update with our alpha/r
+        alpha = alpha * math.sqrt(r)
+    return r, float(alpha)
+
+
+def _read_weights(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        if path.with_name("adapter_model.bin").is_file():
+            raise DeltaError(f"{path.parent}: holds adapter_model.bin (pickle), which edgepeft does not read; re-save with safe_serialization=True")
+        raise DeltaError(f"{path}: missing; is {path.parent} a PEFT adapter directory?")
+    data = path.read_bytes()
+    header = safeio.parse_header(data, path.name, dtypes=("F32", "F16", "BF16", "F64"))
+    return safeio.read_arrays(data, header)
+
+
+def from_peft(
+    adapter_dir: str | os.PathLike,
+    manifest: Manifest,
+    *,
+    base_weights: dict[str, np.ndarray] | None = None,
+    fill_missing: bool = False,
+    adapter: str = "default",
+) -> Delta:
+    """Read a PEFT LoRA adapter directory into a Delta that fits ``manifest`` (checked like load_delta)."""
+    d = Path(os.fspath(adapter_dir))
+    where = d.name or str(d)
+    r, alpha = _read_config(d / CONFIG_FILE)
+    scale = alpha / r
+    want = {s.name: s for s in manifest.slots}
+    got: dict[str, np.ndarray] = {}
+    stray: list[str] = []
+
+    def put(slot: str, value: np.ndarray, key: str) -> None:
+        if slot in got:
+            raise DeltaError(f"{where}: {key!r} maps to slot {slot!r} a second time (several adapters in one file?)")
+        got[slot] = value.astype(np.float32)
+
+    for key, value in sorted(_read_weights(d / WEIGHTS_FILE).items()):
+        k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        if mt := _LORA_KEY.match(k):
+            m, ab, p = mt["m"], mt["ab"], mt["p"]
+            if p == "weight" and slot_name(m, ab) in want:
+                put(slot_name(m, ab), value, key)
+            elif p == "bias" and ab == LORA_B and slot_name(m, BIAS) in want:
+                put(slot_name(m, BIAS), value * scale, key)
+            elif p == "weight" or np.any(value):  # a zero lora bias is what PEFT writes for untrained targets
+                stray.append(key)
+        elif (mt := _FULL_KEY.match(k)) and slot_name(mt["m"], WEIGHT) in want and slot_name(mt["m"], mt["p"]) in want:
+            m, p = mt["m"], mt["p"]
+            put(slot_name(m, p), value - _base(base_weights, f"{m}.{p}", value.shape, where), key)
+        elif not (mt and _equals_base(base_weights, f"{mt['m']}.{mt['p']}", value)):
+            stray.append(key)  # includes a full module the bundle has no slot for and that differs from the base
+    if stray:
+        raise DeltaError(f"{where}: adapter tensor(s) with no slot in the bundle: {', '.join(stray[:6])}" + (" ..." if len(stray) > 6 else ""))
+    missing = sorted(set(want) - set(got))
+    if missing and not fill_missing:
+        raise DeltaError(
+            f"{where}: adapter has nothing for bundle slot(s) {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}; "
+            "pass fill_missing=True (CLI: --fill-missing) to treat them as zero"
+        )
+    for name in missing:
+        s = want[name]
+        shape = (r, s.shape[1]) if s.kind == LORA_A else (s.shape[0], r) if s.kind == LORA_B else s.shape
+        got[name] = np.zeros(shape, dtype=np.float32)
+    meta = DeltaMeta(base_fingerprint=manifest.fingerprint, method=manifest.method, rank=r, alpha=alpha, adapter=adapter, creator="peft")
+    delta = Delta(got, meta)
+    check_structure(delta, where)
+    check_against_manifest(delta, manifest, where)
+    return delta

@@ -1,0 +1,161 @@
+"""The transport form of a delta: int8 per-row symmetric quantization, then zstd. What travels on sync.
+
+Bytes: ``MAGIC`` (5 bytes, the last one the version) + one zstd frame (content size and checksum
+written). The frame holds: u32 LE header length, JSON header ``{"format", "meta", "tensors":
+[[name, shape], ...]}``, then per tensor in header order its row scales (float32 LE, one per row)
+and its int8 values (row-major). Rows are the first axis; a 1-D tensor is one row.
+
+Quantization of a row x: s = max|x| / 127, q = round(x / s) in [-127, 127], x̂ = q * s, so
+|x - x̂| <= s / 2 = max|x| / 254 for every element (plus float32 rounding of the product q * s).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import zstandard
+
+from edgepeft.delta.format import Delta, check_against_manifest, check_structure, meta_from_strings, meta_to_strings
+from edgepeft.errors import DeltaError
+from edgepeft.manifest import Manifest
+from edgepeft.names import is_safe_name
+
+MAGIC = b"EPDQ\x01"
+PACKED_FORMAT = "edgepeft-delta-packed"
+MAX_UNPACKED_BYTES = 512 * 1024 * 1024  # a delta is KBs to tens of MBs; refuse bombs before allocating
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+ZSTD_LEVEL = 10
+
+
+def _rows(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, row length) of a tensor: first axis rows, a 1-D tensor is one row."""
+    if len(shape) == 1:
+        return 1, shape[0]
+    return shape[0], int(np.prod(shape[1:], dtype=np.int64))
+
+
+def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row symmetric int8: (scales float32 (rows,), values int8 (rows, n)); |x - q*s| <= s/2."""
+    rows, n = _rows(x.shape)
+    x2 = x.reshape(rows, n).astype(np.float64)
+    scales = (np.abs(x2).max(axis=1, initial=0.0) / 127.0).astype(np.float32)
+    s = scales.astype(np.float64)[:, None]  # divide by the stored scale so the bound holds for it
+    q = np.rint(np.divide(x2, s, out=np.zeros_like(x2), where=s > 0))
+    return scales, np.clip(q, -127, 127).astype(np.int8)
+
+
+def dequantize(scales: np.ndarray, q: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`quantize`, float32 of ``shape``."""
+    with np.errstate(over="ignore"):  # a hostile scale overflows to inf; check_structure refuses it
+        return (q.astype(np.float32) * scales[:, None]).reshape(shape)
+
+
+def pack(delta: Delta) -> bytes:
+    """The transport bytes of ``delta``: quantized, then zstd-compressed."""
+    check_structure(delta, "delta")
+    names = sorted(delta.tensors)
+    header = {
+        "format": PACKED_FORMAT,
+        "meta": meta_to_strings(delta.meta),
+        "tensors": [[n, list(delta.tensors[n].shape)] for n in names],
+    }
+    hb = json.dumps(header, sort_keys=True).encode("utf-8")
+    parts = [struct.pack("<I", len(hb)), hb]
+    for n in names:
+        scales, q = quantize(delta.tensors[n])
+        parts += [scales.astype("<f4").tobytes(), q.tobytes()]
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=True)
+    return MAGIC + cctx.compress(b"".join(parts))
+
+
+def _decompress(data: bytes, where: str) -> bytes:
+    if len(data) < len(MAGIC) or data[:4] != MAGIC[:4]:
+        raise DeltaError(f"{where}: not a packed delta (bad magic)")
+    if data[4:5] != MAGIC[4:]:
+        raise DeltaError(f"{where}: packed delta version {data[4]}; this edgepeft reads {MAGIC[4]}")
+    frame = data[len(MAGIC) :]
+    try:
+        size = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError:
+        raise DeltaError(f"{where}: corrupt zstd frame header") from None
+    if size < 0 or size > MAX_UNPACKED_BYTES:
+        raise DeltaError(f"{where}: zstd frame declares {size} bytes; expected 0..{MAX_UNPACKED_BYTES}")
+    try:
+        # content size known and capped, so this allocates at most that; extra bytes are refused
+        out = zstandard.ZstdDecompressor().decompress(frame, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise DeltaError(f"{where}: corrupt zstd data ({e})") from None
+    if len(out) != size:
+        raise DeltaError(f"{where}: zstd frame gave {len(out)} bytes, declared {size}")
+    return out
+
+
+def _parse_header(payload: bytes, where: str) -> tuple[dict, int]:
+    if len(payload) < 4:
+        raise DeltaError(f"{where}: packed payload truncated")
+    (n,) = struct.unpack("<I", payload[:4])
+    if n > MAX_HEADER_BYTES or 4 + n > len(payload):
+        raise DeltaError(f"{where}: packed header length {n} does not fit the {len(payload)}-byte payload")
+    try:
+        header = json.loads(payload[4 : 4 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DeltaError(f"{where}: packed header is not valid JSON ({e})") from None
+    if not isinstance(header, dict) or header.get("format") != PACKED_FORMAT:
+        raise DeltaError(f"{where}: packed header 'format' is not {PACKED_FORMAT!r}")
+    md, specs = header.get("meta"), header.get("tensors")
+    if not isinstance(md, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in md.items()):
+        raise DeltaError(f"{where}: packed header 'meta' must map strings to strings")
+    if not isinstance(specs, list):
+        raise DeltaError(f"{where}: packed header 'tensors' must be a list")
+    return header, 4 + n
+
+
+def _tensor_specs(specs: list, where: str) -> list[tuple[str, tuple[int, ...]]]:
+    out, seen = [], set()
+    for spec in specs:
+        ok = isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], list)
+        shape = spec[1] if ok else []
+        ok = ok and 1 <= len(shape) <= 2 and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
+        if not ok:
+            raise DeltaError(f"{where}: packed header has a malformed tensor entry {str(spec)[:80]}")
+        name = spec[0]
+        if not is_safe_name(name) or name in seen:
+            raise DeltaError(f"{where}: packed tensor name {name!r} is unsafe or repeated")
+        seen.add(name)
+        out.append((name, tuple(shape)))
+    return out
+
+
+def unpack(data: bytes, where: str = "packed delta", *, manifest: Manifest | None = None) -> Delta:
+    """Parse transport bytes into a checked Delta (values dequantized; see the module's error bound)."""
+    payload = _decompress(data, where)
+    header, pos = _parse_header(payload, where)
+    meta = meta_from_strings(header["meta"], where)
+    specs = _tensor_specs(header["tensors"], where)
+    need = pos + sum(r * 4 + r * n for r, n in (_rows(s) for _, s in specs))
+    if need != len(payload):
+        raise DeltaError(f"{where}: packed payload is {len(payload)} bytes, its header describes {need}")
+    tensors = {}
+    for name, shape in specs:
+        rows, n = _rows(shape)
+        scales = np.frombuffer(payload, dtype="<f4", count=rows, offset=pos).astype(np.float32)
+        pos += rows * 4
+        q = np.frombuffer(payload, dtype=np.int8, count=rows * n, offset=pos).reshape(rows, n)
+        pos += rows * n
+        if not (np.isfinite(scales).all() and (scales >= 0).all()):
+            raise DeltaError(f"{where}: tensor {name!r} has a negative or non-finite row scale")
+        if (q == -128).any():
+            raise DeltaError(f"{where}: tensor {name!r} holds -128, which the packer never writes")
+        tensors[name] = dequantize(scales, q, shape)
+    delta = Delta(tensors, meta)
+    check_structure(delta, where)
+    if manifest is not None:
+        check_against_manifest(delta, manifest, where)
+    return delta
+
+
+def is_packed(data: bytes) -> bool:
+    """True if ``data`` starts like a packed delta (any version)."""
+    return data[:4] == MAGIC[:4]

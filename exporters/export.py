@@ -1,0 +1,183 @@
+"""``export_bundle``: a local Hugging Face model directory in, a bundle directory out.
+
+Steps: check the options, load the model (eager attention, seeded head), plan and inject the delta
+slots, trace both graphs, quantize and store the frozen weights once, write tokenizer and manifest.
+Everything is built in a temporary folder and renamed at the end: no half-written bundle.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from edgepeft.errors import ExportError
+from edgepeft.manifest import Graph, Manifest, write_manifest
+from edgepeft.names import (ATTENTION_MASK, INFER_GRAPH_FILE, INPUT_IDS, LABELS, LOGITS, LOSS, SEQ_CLS,
+                            TASKS, TOKENIZER_FILE, TRAIN_GRAPH_FILE, WEIGHTS_FILE, frozen_name, grad_name)
+from edgepeft import atomic
+
+METHODS = ("lora", "bitfit", "lora+bitfit")
+QUANTIZATIONS = ("none", "int8", "int4")
+
+
+def _check_options(model_dir: Path, out_dir: Path, method: str, rank: int, quantize: str, max_length: int,
+                   task: str | None) -> None:
+    if not model_dir.is_dir():
+        raise ExportError(f"{model_dir}: no such model directory")
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"{model_dir}: no config.json; expected a Hugging Face model directory (save_pretrained output)")
+    if out_dir.exists():
+        raise ExportError(f"{out_dir}: already exists; remove it or choose another output directory")
+    if method not in METHODS:
+        raise ExportError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if "lora" in method and rank <= 0:
+        raise ExportError(f"rank must be a positive integer, got {rank}")
+    if quantize not in QUANTIZATIONS:
+        raise ExportError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    if max_length < 2:
+        raise ExportError(f"max length must be at least 2, got {max_length}")
+    if task is not None and task not in TASKS:
+        raise ExportError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+
+
+def _labels(config, labels: list[str] | None, num_labels: int | None) -> list[str]:
+    if labels:
+        if num_labels is not None and num_labels != len(labels):
+            raise ExportError(f"--num-labels {num_labels} disagrees with {len(labels)} --labels")
+        if len(set(labels)) != len(labels):
+            raise ExportError("--labels has duplicates")
+        return list(labels)
+    n = num_labels or getattr(config, "num_labels", 2) or 2
+    if n < 2:
+        raise ExportError(f"a classifier needs at least 2 labels, got {n}")
+    id2label = getattr(config, "id2label", None) or {}
+    names = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(n)]
+    return names if len(set(names)) == n else [str(i) for i in range(n)]
+
+
+def export_bundle(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    task: str | None = None,
+    labels: list[str] | None = None,
+    num_labels: int | None = None,
+    method: str = "lora",
+    rank: int = 8,
+    alpha: float | None = None,
+    targets: list[str] | None = None,
+    top_layers: int | None = None,
+    quantize: str = "int8",
+    max_length: int = 128,
+    opset: int = 20,
+    seed: int = 0,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> Manifest:
+    """Export the model in ``model_dir`` to a bundle in ``out_dir`` and return its manifest."""
+    model_dir, out_dir = Path(os.fspath(model_dir)), Path(os.fspath(out_dir))
+    _check_options(model_dir, out_dir, method, rank, quantize, max_length, task)
+    t0 = time.perf_counter()
+    say = lambda msg: progress(f"[{time.perf_counter() - t0:6.1f}s] {msg}")  # noqa: E731
+
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from edgepeft.exporters.architectures import family_for, infer_task
+    from edgepeft.exporters.inject import inject, linear_dims, plan_slots
+    from edgepeft.exporters.trace import export_graphs
+    from edgepeft.exporters.weights import QuantSpec, load_params, save_bundle_graphs
+
+    transformers.logging.set_verbosity_error()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    say(f"reading {model_dir}")
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, OSError) as e:
+        raise ExportError(f"{model_dir}/config.json: cannot be read ({str(e).splitlines()[0]})") from None
+    family = family_for(config.model_type)
+    task = task or infer_task(family, getattr(config, "architectures", None))
+    if task not in family.tasks:
+        raise ExportError(f"a {config.model_type} model cannot be exported for {task}; it supports: {', '.join(family.tasks)}")
+    label_names = _labels(config, labels, num_labels) if task == SEQ_CLS else []
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or max_length
+    max_length = min(max_length, int(max_pos))
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (ValueError, OSError, TypeError) as e:
+        raise ExportError(f"{model_dir}: no usable tokenizer ({str(e).splitlines()[0]})") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExportError(f"{model_dir}: the tokenizer has no fast (tokenizer.json) form; the device runtime needs one")
+
+    say(f"loading the {config.model_type} model for {task}")
+    torch.manual_seed(seed)  # the classifier head of a base model is initialized here: seeded, so exports repeat
+    kwargs = {"attn_implementation": "eager"}
+    if task == SEQ_CLS:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+            label2id={l: i for i, l in enumerate(label_names)}, ignore_mismatched_sizes=True, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    alpha = float(alpha if alpha is not None else 2 * rank)
+    slots = plan_slots(model, family, method=method, rank=rank, alpha=alpha,
+                       targets=tuple(targets or family.lora_targets), head=task == SEQ_CLS, top_layers=top_layers)
+    if not slots:
+        raise ExportError("no delta slots: the method, targets and --top-layers select nothing")
+    quant = {}
+    for name, mod in model.named_modules():
+        if (dims := linear_dims(mod)) is not None:
+            quant[frozen_name(name + ".weight")] = QuantSpec(axis=1 if type(mod).__name__ == "Conv1D" else 0)
+        elif isinstance(mod, torch.nn.Embedding) and mod.weight.numel() >= 4096:
+            quant[frozen_name(name + ".weight")] = QuantSpec(axis=0, embedding=True)
+    feed = inject(model, slots)
+    wrapped = {s.module for s in slots}
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+    def canonical(name: str) -> str:  # "x.query.base.weight" -> "x.query.weight"
+        mod, _, leaf = name.rpartition(".")
+        return f"{mod[:-5]}.{leaf}" if mod.endswith(".base") and mod[:-5] in wrapped else name
+
+    onnx_names = [frozen_name(canonical(n)) for n in params]
+    vocab = int(config.vocab_size)
+    graphs = export_graphs(model, feed, slots, task, params, onnx_names, vocab=vocab,
+                           num_labels=len(label_names), opset=opset, progress=say)
+
+    say(f"storing frozen weights ({quantize})")
+    arrays = dict(zip(onnx_names, load_params(params).values()))
+    with atomic.building_dir(out_dir) as tmp:
+        fingerprint = save_bundle_graphs(graphs, {"infer": INFER_GRAPH_FILE, "train": TRAIN_GRAPH_FILE}, tmp,
+                                         arrays, quant, quantize)
+        tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER_FILE))
+        slot_names = [s.name for s in slots]
+        batch = [INPUT_IDS, ATTENTION_MASK] + ([LABELS] if task == SEQ_CLS else [])
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        manifest = Manifest(
+            fingerprint=fingerprint, source=str(model_dir.resolve()), architecture=type(model).__name__,
+            model_type=config.model_type, task=task, method=method, quantization=quantize, max_length=max_length,
+            vocab_size=vocab, pad_token_id=int(pad), slots=tuple(slots), labels=tuple(label_names),
+            eos_token_id=tokenizer.eos_token_id, tokenizer=TOKENIZER_FILE, weights=WEIGHTS_FILE,
+            graphs={
+                "infer": Graph(INFER_GRAPH_FILE, (INPUT_IDS, ATTENTION_MASK, *slot_names), (LOGITS,)),
+                "train": Graph(TRAIN_GRAPH_FILE, (*batch, *slot_names), (LOSS, *map(grad_name, slot_names))),
+            },
+            train_layers=None if top_layers is None else tuple(sorted({i for s in slots if (i := _layer(family, s.module)) is not None})),
+            extra={"base_parameters": int(sum(p.numel() for p in model.parameters())), "opset": opset,
+                   "export_seconds": round(time.perf_counter() - t0, 1), "seed": seed},
+        )
+        write_manifest(tmp, manifest)
+    say(f"wrote {out_dir}")
+    return manifest
+
+
+def _layer(family, module: str) -> int | None:
+    from edgepeft.exporters.architectures import layer_index
+
+    return layer_index(family, module)
+

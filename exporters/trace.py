@@ -1,0 +1,139 @@
+"""Trace the inference function and the training step, and export each to ONNX.
+
+The route (shared/notes/train-step-export.md): the step, autograd included, is traced with
+``make_fx(tracing_mode="symbolic")`` into a GraphModule, which ``torch.onnx.export(dynamo=True)``
+translates. Frozen weights are inputs of the traced function (through ``functional_call``) so the
+exporter cannot fold them into pre-transposed copies; ``weights.py`` turns them into shared
+initializers afterwards. The loss is written by hand: the exporter's ``nll_loss`` translation
+gives gradients N times too large.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from typing import Callable
+
+import onnx
+import torch
+import torch._decomp
+from torch.export import Dim
+from torch.func import functional_call
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from edgepeft.manifest import Slot
+from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, INPUT_IDS, LABELS, LOGITS, LORA_A, LORA_B, LOSS, SEQ_CLS, grad_name
+from edgepeft.exporters.inject import DeltaFeed
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy, by hand. logits (B, C), labels (B,)."""
+    logp = logits.log_softmax(-1)
+    return -logp.gather(1, labels[:, None]).mean()
+
+
+def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over real (unpadded) target tokens. logits (B, T, V)."""
+    logp = logits[:, :-1].log_softmax(-1)  # (B, T-1, V)
+    nll = -logp.gather(2, input_ids[:, 1:, None]).squeeze(2)  # (B, T-1)
+    w = attention_mask[:, 1:].to(logits.dtype)
+    return (nll * w).sum() / w.sum().clamp(min=1.0)
+
+
+def make_functions(model: torch.nn.Module, feed: DeltaFeed, slots: list[Slot], task: str,
+                   param_names: list[str]) -> tuple[Callable, Callable]:
+    """The inference function and the training step, both flat: (batch..., deltas..., params...)."""
+    names = [s.name for s in slots]
+    n = len(names)
+
+    def run(input_ids: torch.Tensor, attention_mask: torch.Tensor, rest: tuple) -> torch.Tensor:
+        feed.tensors = dict(zip(names, rest[:n]))
+        params = dict(zip(param_names, rest[n:]))
+        out = functional_call(model, params, (), {"input_ids": input_ids, "attention_mask": attention_mask})
+        return out.logits
+
+    def infer(input_ids, attention_mask, *rest):
+        return run(input_ids, attention_mask, rest)
+
+    if task == SEQ_CLS:
+        def train(input_ids, attention_mask, labels, *rest):
+            loss = classification_loss(run(input_ids, attention_mask, rest), labels)
+            return (loss, *torch.autograd.grad(loss, rest[:n]))
+    else:
+        def train(input_ids, attention_mask, *rest):
+            loss = causal_lm_loss(run(input_ids, attention_mask, rest), input_ids, attention_mask)
+            return (loss, *torch.autograd.grad(loss, rest[:n]))
+    return infer, train
+
+
+def _example_batch(task: str, vocab: int, labels: int) -> list[torch.Tensor]:
+    # Batch 2 and length 8: sizes of 0 or 1 would be specialized by the tracer.
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, max(4, vocab), (2, 8), generator=g)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 6:] = 0
+    batch = [ids, mask]
+    if task == SEQ_CLS:
+        batch.append(torch.tensor([0, max(0, labels - 1)]))
+    return batch
+
+
+def _example_deltas(slots: list[Slot]) -> list[torch.Tensor]:
+    # Distinct random values: identical example tensors get merged by the tracer.
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(s.shape, generator=g) * 0.02).requires_grad_(True) for s in slots]
+
+
+# Backward ops such as silu_backward have no ONNX translation; decomposing them (and the loss) into
+# core aten ops while tracing gives graphs the exporter can translate.
+_DECOMPOSITIONS = torch._decomp.core_aten_decompositions()
+
+
+def _export(fn: Callable, args: list[torch.Tensor], input_names: list[str], output_names: list[str],
+            dynamic: list[dict | None], opset: int) -> onnx.ModelProto:
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        gm = make_fx(fn, decomposition_table=_DECOMPOSITIONS, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*args)
+        prog = torch.onnx.export(
+            gm, tuple(a.detach() for a in args), dynamo=True, dynamic_shapes=tuple(dynamic),
+            input_names=input_names, output_names=output_names, opset_version=opset,
+            verify=False, report=False,
+        )
+    return prog.model_proto
+
+
+def export_graphs(model: torch.nn.Module, feed: DeltaFeed, slots: list[Slot], task: str,
+                  params: dict[str, torch.Tensor], onnx_names: list[str], *, vocab: int, num_labels: int, opset: int,
+                  progress: Callable[[str], None]) -> dict[str, onnx.ModelProto]:
+    """Export ``{"infer": ..., "train": ...}``; frozen weights are still graph inputs here."""
+    infer, train = make_functions(model, feed, slots, task, list(params))
+    pnames = onnx_names  # graph input names of the frozen weights (original module paths)
+    batch = _example_batch(task, vocab, num_labels)
+    deltas = _example_deltas(slots)
+    b, t, r = Dim("batch", min=1), Dim("seq", min=1), Dim("rank", min=0)
+    batch_dyn: list[dict | None] = [{0: b, 1: t}, {0: b, 1: t}]
+    batch_names = [INPUT_IDS, ATTENTION_MASK]
+    if task == SEQ_CLS:
+        batch_dyn.append({0: b})
+        batch_names.append(LABELS)
+    slot_names = [s.name for s in slots]
+    frozen = list(params.values())
+
+    progress("tracing and exporting the training step")
+    train_scales = dict(feed.lora_scale)
+    train_model = _export(
+        train, [*batch, *deltas, *frozen], [*batch_names, *slot_names, *pnames],
+        [LOSS, *[grad_name(n) for n in slot_names]], [*batch_dyn, *[None] * len(slots), *[None] * len(pnames)], opset)
+
+    progress("tracing and exporting the inference graph")
+    # The inference graph takes a LoRA of any rank (0 = no delta) and no scale: the runtime feeds s*B.
+    feed.lora_scale = {k: 1.0 for k in train_scales}
+    rank_dyn = [{0: r} if s.kind == LORA_A else {1: r} if s.kind == LORA_B else None for s in slots]
+    try:
+        infer_model = _export(
+            infer, [*batch[:2], *[d.detach() for d in deltas], *frozen], [*batch_names[:2], *slot_names, *pnames],
+            [LOGITS], [*batch_dyn[:2], *rank_dyn, *[None] * len(pnames)], opset)
+    finally:
+        feed.lora_scale = train_scales
+    return {"infer": infer_model, "train": train_model}

@@ -1,0 +1,84 @@
+"""Open a bundle on the device: read the manifest, check the files, build onnxruntime sessions."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+from edgepeft.errors import BundleError
+from edgepeft.manifest import Manifest, read_manifest
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """onnxruntime settings that trade speed for memory (the memory budget picks these)."""
+
+    threads: int = 0  # 0 = onnxruntime's default (all cores)
+    arena: bool = True  # the CPU memory arena: faster, but keeps peak memory reserved
+    optimization: str = "all"  # basic | extended | all
+
+    def options(self) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.enable_cpu_mem_arena = self.arena
+        so.log_severity_level = 3
+        so.graph_optimization_level = {
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self.optimization]
+        return so
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle directory whose manifest has been read and whose files exist."""
+
+    path: Path
+    manifest: Manifest
+
+    def graph_path(self, kind: str) -> Path:
+        return self.path / self.manifest.graphs[kind].file
+
+    def session(self, kind: str, config: SessionConfig = SessionConfig()) -> ort.InferenceSession:
+        """An onnxruntime session for the ``infer`` or ``train`` graph; a broken graph is a BundleError."""
+        path = self.graph_path(kind)
+        try:
+            sess = ort.InferenceSession(os.fspath(path), sess_options=config.options(), providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own untyped errors for corrupt files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BundleError(f"{path}: cannot be loaded by onnxruntime ({first[:200]})") from None
+        expected = set(self.manifest.graphs[kind].inputs)
+        actual = {i.name for i in sess.get_inputs()}
+        if expected != actual:
+            diff = sorted(expected ^ actual)[:3]
+            raise BundleError(f"{path}: graph inputs differ from manifest.json (e.g. {', '.join(diff)}); the bundle is inconsistent")
+        return sess
+
+
+def open_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
+    """Read and check a bundle directory; ``verify`` also checks the weights against the fingerprint."""
+    path = Path(os.fspath(path))
+    manifest = read_manifest(path)
+    for kind, graph in manifest.graphs.items():
+        if not (path / graph.file).is_file():
+            raise BundleError(f"{path / graph.file}: missing ({kind} graph); re-copy or re-export the bundle")
+    weights = path / manifest.weights
+    if not weights.is_file():
+        raise BundleError(f"{weights}: missing; re-copy or re-export the bundle")
+    if verify and sha256_file(weights) != manifest.fingerprint:
+        raise BundleError(f"{weights}: content does not match the manifest fingerprint; the bundle is corrupt")
+    return Bundle(path, manifest)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,54 @@
+"""Delta tensors to graph feeds.
+
+The inference graph computes ``y += (x @ A.T) @ B.T`` with no scale and a LoRA rank that may differ
+per call, so: no delta = rank-0 A and B (exactly the base), a delta = A and ``scale * B``, and a mix
+of deltas = A stacked along the rank and each ``weight * scale * B`` stacked beside it, which is
+``sum_i w_i s_i B_i A_i`` in one pass. The training graph takes A and B as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from edgepeft.manifest import Manifest
+from edgepeft.names import LORA_A, LORA_B
+
+
+class DeltaLike(Protocol):
+    tensors: dict[str, np.ndarray]
+
+    @property
+    def scale(self) -> float: ...
+
+
+def neutral_feeds(manifest: Manifest) -> dict[str, np.ndarray]:
+    """Feeds that make the inference graph compute the base model: rank-0 LoRA, zero bias/weight deltas."""
+    out = {}
+    for s in manifest.slots:
+        if s.kind == LORA_A:
+            out[s.name] = np.zeros((0, s.shape[1]), np.float32)
+        elif s.kind == LORA_B:
+            out[s.name] = np.zeros((s.shape[0], 0), np.float32)
+        else:
+            out[s.name] = np.zeros(s.shape, np.float32)
+    return out
+
+
+def infer_feeds(manifest: Manifest, deltas: Sequence[DeltaLike] = (), weights: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+    """Inference-graph feeds for a weighted mix of deltas (one delta with weight 1 is the usual case)."""
+    if not deltas:
+        return neutral_feeds(manifest)
+    weights = [1.0] * len(deltas) if weights is None else list(weights)
+    out = {}
+    for s in manifest.slots:
+        if s.kind == LORA_A:
+            out[s.name] = np.ascontiguousarray(np.concatenate([d.tensors[s.name] for d in deltas], 0), np.float32)
+        elif s.kind == LORA_B:
+            parts = [d.tensors[s.name] * np.float32(w * d.scale) for d, w in zip(deltas, weights)]
+            out[s.name] = np.ascontiguousarray(np.concatenate(parts, 1), np.float32)
+        else:
+            out[s.name] = sum((d.tensors[s.name] * np.float32(w) for d, w in zip(deltas, weights)),
+                              np.zeros(s.shape, np.float32)).astype(np.float32)
+    return out

@@ -1,0 +1,80 @@
+"""Inference on the device: logits, labels with probabilities, greedy continuation.
+
+One session per bundle, built once; the delta (or a mix of deltas) is chosen per call through the
+graph's delta inputs, so switching adapters rebuilds nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, INPUT_IDS, LOGITS, SEQ_CLS
+from edgepeft.runtime.bundle import Bundle, SessionConfig
+from edgepeft.runtime.feeds import DeltaLike, infer_feeds
+from edgepeft.runtime.text import encode, load_tokenizer, pad_batch
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    probabilities: dict[str, float]
+
+
+class Predictor:
+    """Runs a bundle's inference graph with any delta."""
+
+    def __init__(self, bundle: Bundle, config: SessionConfig = SessionConfig()) -> None:
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.session = bundle.session("infer", config)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.bundle)
+        return self._tokenizer
+
+    def logits(self, ids: np.ndarray, mask: np.ndarray, deltas: Sequence[DeltaLike] = (),
+               weights: Sequence[float] | None = None) -> np.ndarray:
+        """Raw logits for a padded batch: (B, C) for classification, (B, T, V) for causal LM."""
+        feeds = {INPUT_IDS: ids.astype(np.int64), ATTENTION_MASK: mask.astype(np.int64)}
+        feeds.update(infer_feeds(self.manifest, deltas, weights))
+        return self.session.run([LOGITS], feeds)[0]
+
+    def classify(self, texts: Sequence[str], deltas: Sequence[DeltaLike] = (), batch_size: int = 32) -> list[Prediction]:
+        """Label and per-label probability for each text."""
+        if self.manifest.task != SEQ_CLS:
+            raise ValueError("classify() needs a sequence-classification bundle")
+        labels = self.manifest.labels
+        out: list[Prediction] = []
+        for i in range(0, len(texts), batch_size):
+            ids, mask = pad_batch(encode(self.tokenizer, list(texts[i:i + batch_size])), self.manifest.pad_token_id)
+            probs = softmax(self.logits(ids, mask, deltas))
+            for p in probs:
+                out.append(Prediction(labels[int(p.argmax())], {l: float(v) for l, v in zip(labels, p)}))
+        return out
+
+    def generate(self, prompt: str, max_new_tokens: int = 20, deltas: Sequence[DeltaLike] = ()) -> str:
+        """Greedy continuation of ``prompt`` (stops at the end-of-sequence token or the max length)."""
+        if self.manifest.task != CAUSAL_LM:
+            raise ValueError("generate() needs a causal-lm bundle")
+        ids = encode(self.tokenizer, [prompt])[0]
+        start = len(ids)
+        for _ in range(max_new_tokens):
+            if len(ids) >= self.manifest.max_length:
+                break
+            x = np.asarray([ids], np.int64)
+            nxt = int(self.logits(x, np.ones_like(x), deltas)[0, -1].argmax())
+            if nxt == self.manifest.eos_token_id:
+                break
+            ids.append(nxt)
+        return self.tokenizer.decode(ids[start:])

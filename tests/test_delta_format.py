@@ -1,0 +1,354 @@
+"""The delta file: round trip, metadata, and every bad or hostile file refused with one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import tracemalloc
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from edgepeft.delta import Delta, DeltaMeta, delta_from_init, load_delta, save_delta
+from edgepeft.delta.format import delta_bytes, delta_from_bytes, replace_meta
+from edgepeft.errors import DeltaError
+from edgepeft.manifest import Manifest, Slot
+
+FP = "a" * 64
+
+
+def make_manifest(fingerprint: str = FP, rank: int = 4, alpha: float = 8.0) -> Manifest:
+    """Two LoRA modules (in 32, out 16), a bias on one, and a 3-way head."""
+    slots = []
+    for m in ("enc.q", "enc.v"):
+        slots += [
+            Slot(f"{m}.lora_A", "lora_A", m, (rank, 32), rank=rank, alpha=alpha, init="kaiming_uniform"),
+            Slot(f"{m}.lora_B", "lora_B", m, (16, rank), rank=rank, alpha=alpha),
+        ]
+    slots += [Slot("enc.q.bias", "bias", "enc.q", (16,)), Slot("head.weight", "weight", "head", (3, 32)), Slot("head.bias", "bias", "head", (3,))]
+    return Manifest(
+        fingerprint=fingerprint, source="tiny", architecture="Tiny", model_type="bert", task="sequence-classification",
+        method="lora+bitfit", quantization="none", max_length=16, vocab_size=100, pad_token_id=0, slots=tuple(slots), graphs={},
+    )
+
+
+def make_delta(seed: int = 0, manifest: Manifest | None = None) -> Delta:
+    """A delta for ``manifest`` with every tensor random (B too, so products are non-zero)."""
+    manifest = manifest or make_manifest()
+    d = delta_from_init(manifest, seed)
+    rng = np.random.default_rng(seed + 1)
+    return Delta({k: rng.standard_normal(v.shape).astype(np.float32) for k, v in d.tensors.items()}, replace_meta(d, samples=10).meta)
+
+
+def split(data: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def join(header: dict, body: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + body
+
+
+def refused(tmp_path, data: bytes, manifest: Manifest | None = None, **kw) -> str:
+    """Write ``data`` as bad.delta, load it, return the one-line DeltaError message."""
+    p = tmp_path / "bad.delta"
+    p.write_bytes(data)
+    with pytest.raises(DeltaError) as e:
+        load_delta(p, manifest, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("bad.delta: ")
+    return msg
+
+
+# ---- round trip ---------------------------------------------------------------------------------
+
+def test_save_then_load_returns_same_tensors_and_meta(tmp_path):
+    d = make_delta()
+    d.meta.parent, d.meta.version, d.meta.extra = 3, 4, {"loss": "0.5"}
+    save_delta(tmp_path / "x.delta", d)
+    back = load_delta(tmp_path / "x.delta", make_manifest(), for_training=True)
+    assert back.meta == d.meta
+    assert set(back.tensors) == set(d.tensors)
+    for k in d.tensors:
+        np.testing.assert_array_equal(back.tensors[k], d.tensors[k])
+
+
+def test_metadata_holds_format_slots_and_checksum(tmp_path):
+    save_delta(tmp_path / "x.delta", make_delta())
+    header, _ = split((tmp_path / "x.delta").read_bytes())
+    md = header["__metadata__"]
+    assert md["format"] == "edgepeft-delta" and md["format_version"] == "1"
+    assert json.loads(md["slots"]) == sorted(s.name for s in make_manifest().slots)
+    assert len(md["checksum"]) == 64 and md["base_fingerprint"] == FP and md["rank"] == "4"
+
+
+def test_scale_is_alpha_over_rank_and_one_without_rank():
+    assert make_delta().scale == 2.0
+    assert DeltaMeta(base_fingerprint=FP, rank=0, alpha=5.0).scale == 1.0
+
+
+def test_delta_from_init_is_seeded_and_fits_bundle_for_training(tmp_path):
+    m = make_manifest()
+    a, b = delta_from_init(m, 7), delta_from_init(m, 7)
+    assert all(np.array_equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert not np.array_equal(a.tensors["enc.q.lora_A"], delta_from_init(m, 8).tensors["enc.q.lora_A"])
+    save_delta(tmp_path / "i.delta", a)
+    load_delta(tmp_path / "i.delta", m, for_training=True)
+
+
+def test_delta_from_init_has_kaiming_a_and_zero_rest():
+    d = delta_from_init(make_manifest(), 0)
+    bound = 1 / np.sqrt(32)
+    a = d.tensors["enc.q.lora_A"]
+    assert np.abs(a).max() <= bound and np.abs(a).max() > 0.9 * bound
+    assert not d.tensors["enc.q.lora_B"].any() and not d.tensors["head.weight"].any() and not d.tensors["enc.q.bias"].any()
+    assert (d.meta.rank, d.meta.alpha) == (4, 8.0)
+
+
+def test_delta_from_init_refuses_slots_with_different_ranks():
+    m = make_manifest()
+    slots = list(m.slots)
+    slots[0] = Slot("enc.q.lora_A", "lora_A", "enc.q", (2, 32), rank=2, alpha=8.0)
+    with pytest.raises(DeltaError, match="disagree"):
+        delta_from_init(dataclasses.replace(m, slots=tuple(slots)), 0)
+
+
+def test_save_refuses_nan(tmp_path):
+    d = make_delta()
+    d.tensors["enc.q.bias"][0] = np.nan
+    with pytest.raises(DeltaError, match="non-finite"):
+        save_delta(tmp_path / "x.delta", d)
+    assert not (tmp_path / "x.delta").exists()
+
+
+def test_load_without_manifest_checks_structure_only(tmp_path):
+    save_delta(tmp_path / "x.delta", make_delta())
+    assert load_delta(tmp_path / "x.delta").meta.base_fingerprint == FP
+
+
+# ---- refused: not a delta -----------------------------------------------------------------------
+
+def test_missing_file_refused(tmp_path):
+    with pytest.raises(DeltaError, match="no such delta file"):
+        load_delta(tmp_path / "nope.delta")
+
+
+def test_random_bytes_refused(tmp_path):
+    assert "header length" in refused(tmp_path, np.random.default_rng(0).bytes(1000))
+
+
+def test_file_shorter_than_length_field_refused(tmp_path):
+    assert "truncated" in refused(tmp_path, b"\x01\x02")
+
+
+def test_truncated_file_refused(tmp_path):
+    data = delta_bytes(make_delta())
+    assert "outside" in refused(tmp_path, data[:-10])
+    assert "truncated" in refused(tmp_path, data[:30])
+
+
+def test_header_not_json_refused(tmp_path):
+    assert "not valid JSON" in refused(tmp_path, struct.pack("<Q", 4) + b"{{{{")
+
+
+def test_header_claiming_huge_tensor_refused_without_allocating(tmp_path):
+    n = 2**39
+    header = {"x.bias": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}, "__metadata__": {"format": "edgepeft-delta"}}
+    tracemalloc.start()
+    try:
+        msg = refused(tmp_path, join(header, b"\0" * 16))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "outside" in msg and peak < 1_000_000
+
+
+def test_header_length_over_cap_refused(tmp_path):
+    assert "cap" in refused(tmp_path, struct.pack("<Q", 2**40) + b"{}")
+
+
+def test_lying_offsets_refused(tmp_path):
+    header, body = split(delta_bytes(make_delta()))
+    header["enc.q.bias"]["data_offsets"][1] += 4
+    assert "shape (16,)" in refused(tmp_path, join(header, body))
+
+
+def test_overlapping_tensors_refused(tmp_path):
+    header = {
+        "a.bias": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        "b.bias": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
+    }
+    assert "overlaps" in refused(tmp_path, join(header, b"\0" * 24))
+
+
+def test_hole_in_buffer_refused(tmp_path):
+    header = {
+        "a.bias": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        "b.bias": {"dtype": "F32", "shape": [4], "data_offsets": [20, 36]},
+    }
+    assert "hole" in refused(tmp_path, join(header, b"\0" * 36))
+
+
+def test_trailing_bytes_refused(tmp_path):
+    assert "no tensor covers" in refused(tmp_path, delta_bytes(make_delta()) + b"\0\0\0\0")
+
+
+def test_duplicate_tensor_names_refused(tmp_path):
+    rec = '{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+    h = ('{"a.bias": ' + rec + ', "a.bias": ' + rec + "}").encode()
+    assert "duplicate" in refused(tmp_path, struct.pack("<Q", len(h)) + h + b"\0" * 4)
+
+
+def test_non_float32_dtype_refused(tmp_path):
+    d = make_delta()
+    data = safetensors.numpy.save({k: v.astype(np.float16) for k, v in d.tensors.items()}, metadata={"format": "edgepeft-delta"})
+    assert "dtype 'F16'" in refused(tmp_path, data)
+
+
+@pytest.mark.parametrize("name", ["../evil.bias", "a/b.bias", "a\\b.bias", "a\nb.bias"])
+def test_names_with_path_separators_refused(tmp_path, name):
+    d = make_delta()
+    d.tensors[name] = np.zeros(3, np.float32)
+    assert "not allowed" in refused(tmp_path, delta_bytes(d))
+
+
+def test_wrong_format_name_refused(tmp_path):
+    d = make_delta()
+    data = safetensors.numpy.save(d.tensors, metadata={"format": "pt"})
+    assert "not an edgepeft-delta file" in refused(tmp_path, data)
+
+
+def test_newer_format_version_refused(tmp_path):
+    header, body = split(delta_bytes(make_delta()))
+    header["__metadata__"]["format_version"] = "2"
+    assert "format version '2'" in refused(tmp_path, join(header, body))
+
+
+def test_bad_meta_number_refused(tmp_path):
+    header, body = split(delta_bytes(make_delta()))
+    header["__metadata__"]["samples"] = "-3"
+    assert "'samples'" in refused(tmp_path, join(header, body))
+
+
+def test_slot_list_not_matching_tensors_refused(tmp_path):
+    header, body = split(delta_bytes(make_delta()))
+    header["__metadata__"]["slots"] = json.dumps(["enc.q.bias"])
+    assert "'slots'" in refused(tmp_path, join(header, body))
+
+
+def test_flipped_data_byte_fails_checksum(tmp_path):
+    data = bytearray(delta_bytes(make_delta()))
+    data[-1] ^= 1
+    assert "checksum" in refused(tmp_path, bytes(data))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_refused(tmp_path, value):
+    d = make_delta()
+    d.tensors["head.weight"][1, 2] = value
+    assert "non-finite" in refused(tmp_path, delta_bytes(d))
+
+
+def test_lora_rank_mismatch_between_a_and_b_refused(tmp_path):
+    d = make_delta()
+    d.tensors["enc.q.lora_B"] = d.tensors["enc.q.lora_B"][:, :3].copy()
+    assert "lora_A has rank 4 but lora_B has rank 3" in refused(tmp_path, delta_bytes(d))
+
+
+def test_lora_without_partner_refused(tmp_path):
+    d = make_delta()
+    del d.tensors["enc.q.lora_B"]
+    assert "no partner" in refused(tmp_path, delta_bytes(d))
+
+
+# ---- refused: does not fit the bundle -----------------------------------------------------------
+
+def test_delta_for_another_base_refused(tmp_path):
+    msg = refused(tmp_path, delta_bytes(make_delta()), make_manifest("b" * 64))
+    assert f"delta is for base {'a' * 16}, bundle is {'b' * 16}" in msg
+
+
+def test_missing_slot_named(tmp_path):
+    d = make_delta()
+    del d.tensors["head.bias"]
+    assert "missing head.bias" in refused(tmp_path, delta_bytes(d), make_manifest())
+
+
+def test_extra_slot_named(tmp_path):
+    d = make_delta()
+    d.tensors["enc.k.bias"] = np.zeros(16, np.float32)
+    assert "extra enc.k.bias" in refused(tmp_path, delta_bytes(d), make_manifest())
+
+
+def test_wrong_lora_shape_refused_with_needed_shape(tmp_path):
+    d = make_delta()
+    d.tensors["enc.q.lora_A"] = d.tensors["enc.q.lora_A"][:, :31].copy()
+    msg = refused(tmp_path, delta_bytes(d), make_manifest())
+    assert msg == "bad.delta: tensor 'enc.q.lora_A' has shape (4, 31), bundle slot needs (r, 32)"
+
+
+def test_wrong_bias_shape_refused(tmp_path):
+    d = make_delta()
+    d.tensors["head.bias"] = np.zeros(4, np.float32)
+    assert "tensor 'head.bias' has shape (4,), bundle slot needs (3,)" in refused(tmp_path, delta_bytes(d), make_manifest())
+
+
+def test_other_rank_loads_for_inference_but_not_for_training(tmp_path):
+    m2 = make_manifest(rank=2)
+    d = replace_meta(make_delta(manifest=m2), rank=2)
+    (tmp_path / "r2.delta").write_bytes(delta_bytes(d))
+    assert load_delta(tmp_path / "r2.delta", make_manifest()).meta.rank == 2
+    msg = refused(tmp_path, delta_bytes(d), make_manifest(), for_training=True)
+    assert "has shape (2, 32), bundle slot needs (4, 32) to train" in msg
+
+
+# ---- fuzz ---------------------------------------------------------------------------------------
+
+def test_fuzzed_files_give_a_delta_or_a_delta_error():
+    valid = delta_bytes(make_delta())
+    rng = np.random.default_rng(1234)
+    outcomes = {"ok": 0, "refused": 0}
+    for i in range(300):
+        data = bytearray(valid)
+        op = i % 4
+        if op == 0:  # flip a few bytes anywhere
+            for pos in rng.integers(0, len(data), size=int(rng.integers(1, 8))):
+                data[pos] = int(rng.integers(0, 256))
+        elif op == 1:  # truncate
+            data = data[: int(rng.integers(0, len(data)))]
+        elif op == 2:  # mutate the header only
+            (n,) = struct.unpack("<Q", data[:8])
+            for pos in rng.integers(8, 8 + n, size=int(rng.integers(1, 4))):
+                data[pos] = int(rng.integers(32, 127))
+        else:  # splice random bytes in
+            pos = int(rng.integers(0, len(data)))
+            data[pos:pos] = rng.bytes(int(rng.integers(1, 64)))
+        try:
+            delta_from_bytes(bytes(data), "fuzz", make_manifest())
+            outcomes["ok"] += 1
+        except DeltaError as e:
+            assert "\n" not in str(e)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 250
+
+
+# ---- ONNX Runtime adapter export ----------------------------------------------------------------
+
+def test_ort_adapter_holds_slots_with_b_scaled(tmp_path):
+    import onnxruntime
+
+    from edgepeft.delta.ort_adapter import model_version, to_ort_adapter
+
+    d = make_delta()
+    d.meta.version = 7
+    to_ort_adapter(d, tmp_path / "x.onnx_adapter")
+    fmt = onnxruntime.AdapterFormat.read_adapter(str(tmp_path / "x.onnx_adapter"))
+    assert fmt.get_adapter_version() == 7 and fmt.get_model_version() == model_version(FP)
+    params = {k: v.numpy() for k, v in fmt.get_parameters().items()}
+    assert set(params) == set(d.tensors)
+    np.testing.assert_array_equal(params["enc.q.lora_A"], d.tensors["enc.q.lora_A"])
+    np.testing.assert_allclose(params["enc.q.lora_B"], d.tensors["enc.q.lora_B"] * d.scale, rtol=1e-7)
+    np.testing.assert_array_equal(params["head.weight"], d.tensors["head.weight"])

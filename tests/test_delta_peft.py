@@ -1,0 +1,215 @@
+"""PEFT interop against real peft: read what PEFT saves, and have PEFT load what we write."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from edgepeft.delta import Delta, DeltaMeta, delta_from_init  # noqa: E402
+from edgepeft.delta.peft_format import CONFIG_FILE, WEIGHTS_FILE, from_peft, to_peft  # noqa: E402
+from edgepeft.errors import DeltaError  # noqa: E402
+from edgepeft.manifest import Manifest, Slot  # noqa: E402
+
+FP = "0123456789abcdef" * 4
+H, R, ALPHA = 32, 4, 8
+TARGETS = [f"bert.encoder.layer.{i}.attention.self.{m}" for i in range(2) for m in ("query", "value")]
+
+
+def make_manifest(*, head: bool = True, lora_bias: bool = False, extra_slots: tuple[Slot, ...] = ()) -> Manifest:
+    slots = []
+    for m in TARGETS:
+        slots += [Slot(f"{m}.lora_A", "lora_A", m, (R, H), rank=R, alpha=ALPHA, init="kaiming_uniform"), Slot(f"{m}.lora_B", "lora_B", m, (H, R), rank=R, alpha=ALPHA)]
+        if lora_bias:
+            slots.append(Slot(f"{m}.bias", "bias", m, (H,)))
+    if head:
+        slots += [Slot("classifier.weight", "weight", "classifier", (2, H)), Slot("classifier.bias", "bias", "classifier", (2,))]
+    return Manifest(
+        fingerprint=FP, source="tiny-bert", architecture="BertForSequenceClassification", model_type="bert",
+        task="sequence-classification", method="lora+bitfit" if lora_bias else "lora", quantization="none",
+        max_length=16, vocab_size=100, pad_token_id=0, slots=tuple(slots) + extra_slots, graphs={},
+    )
+
+
+@pytest.fixture(scope="module")
+def base():
+    """A tiny BERT classifier and a copy of its weights (PEFT wraps models in place)."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=100, num_labels=2)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fresh_base(base):
+    model, sd = base
+    m = copy.deepcopy(model)
+    m.load_state_dict(sd)
+    return m
+
+
+def base_weights(base) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in base[1].items() if k.startswith("classifier.")}
+
+
+@pytest.fixture(scope="module")
+def peft_dir(base, tmp_path_factory):
+    """A PEFT adapter saved by PEFT: LoRA B and the classifier copy randomized, as after training."""
+    model = peft.get_peft_model(fresh_base(base), peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.normal_()
+    out = tmp_path_factory.mktemp("peft") / "adapter"
+    model.save_pretrained(out)
+    return out, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def random_delta(manifest: Manifest, seed: int = 0) -> Delta:
+    rng = np.random.default_rng(seed)
+    t = {s.name: rng.standard_normal(s.shape).astype(np.float32) for s in manifest.slots}
+    return Delta(t, DeltaMeta(base_fingerprint=FP, method=manifest.method, rank=R, alpha=ALPHA))
+
+
+def test_from_peft_reads_peft_lora_weights_and_scale(peft_dir, base):
+    adir, sd = peft_dir
+    d = from_peft(adir, make_manifest(), base_weights=base_weights(base))
+    assert d.scale == ALPHA / R
+    for m in TARGETS:
+        np.testing.assert_array_equal(d.tensors[f"{m}.lora_A"], sd[f"base_model.model.{m}.lora_A.default.weight"])
+        np.testing.assert_array_equal(d.tensors[f"{m}.lora_B"], sd[f"base_model.model.{m}.lora_B.default.weight"])
+
+
+def test_from_peft_reads_head_as_difference_from_base(peft_dir, base):
+    adir, sd = peft_dir
+    d = from_peft(adir, make_manifest(), base_weights=base_weights(base))
+    full = sd["base_model.model.classifier.modules_to_save.default.weight"]
+    np.testing.assert_allclose(d.tensors["classifier.weight"] + base[1]["classifier.weight"].numpy(), full, rtol=1e-6, atol=1e-6)
+
+
+def test_from_peft_refuses_head_without_base_weights(peft_dir):
+    with pytest.raises(DeltaError, match="needs the base weights"):
+        from_peft(peft_dir[0], make_manifest())
+
+
+def test_from_peft_refuses_adapter_tensors_the_bundle_has_no_slot_for(peft_dir, base):
+    with pytest.raises(DeltaError, match="no slot in the bundle: base_model.model.classifier.bias"):
+        from_peft(peft_dir[0], make_manifest(head=False), base_weights=base_weights(base))
+
+
+def test_from_peft_accepts_adapter_name_infix_and_no_prefix(peft_dir, base, tmp_path):
+    adir, _ = peft_dir
+    t = safetensors.numpy.load_file(adir / WEIGHTS_FILE)
+    renamed = {}
+    for k, v in t.items():
+        k = k.removeprefix("base_model.model.")
+        k = k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+        k = k.replace("classifier.", "classifier.modules_to_save.default.")
+        renamed[k] = v
+    (tmp_path / CONFIG_FILE).write_text((adir / CONFIG_FILE).read_text())
+    safetensors.numpy.save_file(renamed, tmp_path / WEIGHTS_FILE)
+    a = from_peft(adir, make_manifest(), base_weights=base_weights(base))
+    b = from_peft(tmp_path, make_manifest(), base_weights=base_weights(base))
+    assert all(np.array_equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+def test_to_peft_then_peft_from_pretrained_reproduces_the_weights(base, tmp_path):
+    manifest = make_manifest(lora_bias=True)
+    d = random_delta(manifest)
+    to_peft(d, manifest, tmp_path / "out", base_weights=base_weights(base))
+    model = peft.PeftModel.from_pretrained(fresh_base(base), tmp_path / "out")
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    scaling = d.scale
+    for m in TARGETS:
+        np.testing.assert_array_equal(sd[f"base_model.model.{m}.lora_A.default.weight"], d.tensors[f"{m}.lora_A"])
+        np.testing.assert_array_equal(sd[f"base_model.model.{m}.lora_B.default.weight"], d.tensors[f"{m}.lora_B"])
+        np.testing.assert_allclose(sd[f"base_model.model.{m}.lora_B.default.bias"] * scaling, d.tensors[f"{m}.bias"], rtol=1e-6)
+        layer = model.get_submodule(f"base_model.model.{m}")
+        assert layer.scaling["default"] == pytest.approx(scaling)
+    for p in ("weight", "bias"):
+        want = base[1][f"classifier.{p}"].numpy() + d.tensors[f"classifier.{p}"]
+        np.testing.assert_allclose(sd[f"base_model.model.classifier.modules_to_save.default.{p}"], want, rtol=1e-6)
+
+
+def test_to_peft_writes_the_config_peft_expects(base, tmp_path):
+    manifest = make_manifest()
+    to_peft(random_delta(manifest), manifest, tmp_path, base_weights=base_weights(base))
+    cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert (cfg["peft_type"], cfg["task_type"], cfg["r"], cfg["lora_alpha"], cfg["bias"]) == ("LORA", "SEQ_CLS", R, ALPHA, "none")
+    assert cfg["target_modules"] == sorted(TARGETS) and cfg["modules_to_save"] == ["classifier"]
+    assert cfg["base_model_name_or_path"] == "tiny-bert" and cfg["lora_bias"] is False
+
+
+def test_to_peft_then_from_peft_round_trips(base, tmp_path):
+    manifest = make_manifest(lora_bias=True)
+    d = random_delta(manifest, seed=3)
+    to_peft(d, manifest, tmp_path, base_weights=base_weights(base))
+    back = from_peft(tmp_path, manifest, base_weights=base_weights(base))
+    assert back.meta.rank == R and back.meta.alpha == ALPHA
+    for k in d.tensors:
+        np.testing.assert_allclose(back.tensors[k], d.tensors[k], rtol=1e-5, atol=1e-6)
+
+
+def test_to_peft_refuses_head_without_base_weights(tmp_path):
+    manifest = make_manifest()
+    with pytest.raises(DeltaError, match="classifier.*needs the base weights"):
+        to_peft(random_delta(manifest), manifest, tmp_path)
+
+
+def test_to_peft_refuses_bias_on_module_without_lora(tmp_path):
+    ln = "bert.encoder.layer.0.output.LayerNorm"
+    manifest = make_manifest(head=False, extra_slots=(Slot(f"{ln}.bias", "bias", ln, (H,)),))
+    with pytest.raises(DeltaError, match=f"no PEFT LoRA equivalent: {ln}.bias"):
+        to_peft(random_delta(manifest), manifest, tmp_path)
+
+
+def test_from_peft_refuses_missing_slots_unless_asked_to_fill(peft_dir, base):
+    adir, _ = peft_dir
+    manifest = make_manifest(lora_bias=True)
+    with pytest.raises(DeltaError, match="nothing for bundle slot.*query.bias.*fill_missing=True"):
+        from_peft(adir, manifest, base_weights=base_weights(base))
+    d = from_peft(adir, manifest, base_weights=base_weights(base), fill_missing=True)
+    assert not d.tensors[f"{TARGETS[0]}.bias"].any()
+
+
+def test_from_peft_keeps_the_rslora_update(tmp_path):
+    manifest = make_manifest(head=False)
+    to_peft(random_delta(manifest), manifest, tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**cfg, "use_rslora": True}))
+    assert from_peft(tmp_path, manifest).scale == pytest.approx(ALPHA / math.sqrt(R))
+
+
+def test_from_peft_refuses_dora(tmp_path):
+    manifest = make_manifest(head=False)
+    to_peft(random_delta(manifest), manifest, tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(DeltaError, match="use_dora"):
+        from_peft(tmp_path, manifest)
+
+
+def test_from_peft_refuses_pickled_adapter(tmp_path):
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(DeltaError, match="pickle"):
+        from_peft(tmp_path, make_manifest())
+
+
+def test_delta_from_init_matches_peft_lora_a_init(base):
+    """PEFT inits lora_A with kaiming_uniform_(a=sqrt(5)); its bound is 1/sqrt(in), ours too."""
+    gain = torch.nn.init.calculate_gain("leaky_relu", math.sqrt(5))
+    assert gain * math.sqrt(3 / H) == pytest.approx(1 / math.sqrt(H))
+    model = peft.get_peft_model(fresh_base(base), peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["query"]))
+    theirs = model.get_submodule(f"base_model.model.{TARGETS[0]}").lora_A["default"].weight.detach().numpy()
+    ours = delta_from_init(make_manifest(), 0).tensors[f"{TARGETS[0]}.lora_A"]
+    assert np.abs(theirs).max() <= 1 / math.sqrt(H) and np.abs(ours).max() <= 1 / math.sqrt(H)
+    assert abs(theirs.std() - ours.std()) < 0.3 * theirs.std()  # both uniform(-b, b): std b/sqrt(3)

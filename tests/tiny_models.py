@@ -1,0 +1,71 @@
+"""Tiny Hugging Face model directories built from configs (random weights) with a word-level tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORDS = [f"w{i}" for i in range(90)]
+
+
+def _tokenizer(specials: list[str], template: tuple[str, str] | None):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {t: i for i, t in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[1]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if template:
+        first, last = template
+        single = " ".join(x for x in (first, "$A", last) if x)
+        tok.post_processor = processors.TemplateProcessing(
+            single=single, special_tokens=[(t, vocab[t]) for t in (first, last) if t])
+    return tok
+
+
+def make_model(kind: str, root: Path, *, seed: int = 0) -> Path:
+    """Save a tiny random model of ``kind`` (bert, distilbert, roberta, llama, gpt2) under root/kind."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    out = root / kind
+    if kind in ("bert", "roberta", "distilbert"):
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+        tok = tf.PreTrainedTokenizerFast(tokenizer_object=_tokenizer(specials, ("[CLS]", "[SEP]")),
+                                         pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+        common = dict(vocab_size=len(specials) + len(WORDS), num_labels=3, pad_token_id=0)
+        if kind == "bert":
+            cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                max_position_embeddings=64, **common)
+            model = tf.BertForSequenceClassification(cfg)
+        elif kind == "roberta":
+            cfg = tf.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                   max_position_embeddings=70, **common)
+            model = tf.RobertaForSequenceClassification(cfg)
+        else:
+            cfg = tf.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64, **common)
+            model = tf.DistilBertForSequenceClassification(cfg)
+    elif kind == "llama":
+        specials = ["<pad>", "<unk>", "<s>", "</s>"]
+        tok = tf.PreTrainedTokenizerFast(tokenizer_object=_tokenizer(specials, ("<s>", None)),
+                                         pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+        cfg = tf.LlamaConfig(vocab_size=len(specials) + len(WORDS), hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                             tie_word_embeddings=False)
+        model = tf.LlamaForCausalLM(cfg)
+    elif kind == "gpt2":
+        specials = ["<|pad|>", "<|unk|>", "<|endoftext|>"]
+        tok = tf.PreTrainedTokenizerFast(tokenizer_object=_tokenizer(specials, None),
+                                         pad_token="<|pad|>", unk_token="<|unk|>", eos_token="<|endoftext|>")
+        cfg = tf.GPT2Config(vocab_size=len(specials) + len(WORDS), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                            eos_token_id=2, bos_token_id=2, pad_token_id=0)
+        model = tf.GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():  # non-trivial biases and norms, so bias paths are really tested
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name.lower():
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
