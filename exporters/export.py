@@ -7,6 +7,7 @@ Everything is built in a temporary folder and renamed at the end: no half-writte
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -91,6 +92,8 @@ def export_bundle(
     from edgepeft.exporters.weights import QuantSpec, load_params, save_bundle_graphs
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     say(f"reading {model_dir}")
     try:
@@ -134,7 +137,7 @@ def export_bundle(
     for name, mod in model.named_modules():
         if (dims := linear_dims(mod)) is not None:
             quant[frozen_name(name + ".weight")] = QuantSpec(axis=1 if type(mod).__name__ == "Conv1D" else 0)
-        elif isinstance(mod, torch.nn.Embedding) and mod.weight.numel() >= 4096:
+        elif isinstance(mod, torch.nn.Embedding) and mod.weight.numel() >= 1024:
             quant[frozen_name(name + ".weight")] = QuantSpec(axis=0, embedding=True)
     feed = inject(model, slots)
     wrapped = {s.module for s in slots}

@@ -50,7 +50,8 @@ class Predictor:
         feeds.update(infer_feeds(self.manifest, deltas, weights))
         return self.session.run([LOGITS], feeds)[0]
 
-    def classify(self, texts: Sequence[str], deltas: Sequence[DeltaLike] = (), batch_size: int = 32) -> list[Prediction]:
+    def classify(self, texts: Sequence[str], deltas: Sequence[DeltaLike] = (), weights: Sequence[float] | None = None,
+                 batch_size: int = 32) -> list[Prediction]:
         """Label and per-label probability for each text."""
         if self.manifest.task != SEQ_CLS:
             raise ValueError("classify() needs a sequence-classification bundle")
@@ -58,12 +59,13 @@ class Predictor:
         out: list[Prediction] = []
         for i in range(0, len(texts), batch_size):
             ids, mask = pad_batch(encode(self.tokenizer, list(texts[i:i + batch_size])), self.manifest.pad_token_id)
-            probs = softmax(self.logits(ids, mask, deltas))
+            probs = softmax(self.logits(ids, mask, deltas, weights))
             for p in probs:
                 out.append(Prediction(labels[int(p.argmax())], {l: float(v) for l, v in zip(labels, p)}))
         return out
 
-    def generate(self, prompt: str, max_new_tokens: int = 20, deltas: Sequence[DeltaLike] = ()) -> str:
+    def generate(self, prompt: str, max_new_tokens: int = 20, deltas: Sequence[DeltaLike] = (),
+                 weights: Sequence[float] | None = None) -> str:
         """Greedy continuation of ``prompt`` (stops at the end-of-sequence token or the max length)."""
         if self.manifest.task != CAUSAL_LM:
             raise ValueError("generate() needs a causal-lm bundle")
@@ -73,7 +75,7 @@ class Predictor:
             if len(ids) >= self.manifest.max_length:
                 break
             x = np.asarray([ids], np.int64)
-            nxt = int(self.logits(x, np.ones_like(x), deltas)[0, -1].argmax())
+            nxt = int(self.logits(x, np.ones_like(x), deltas, weights)[0, -1].argmax())
             if nxt == self.manifest.eos_token_id:
                 break
             ids.append(nxt)

@@ -1,0 +1,62 @@
+"""``edgepeft export``: the workstation step (needs the ``export`` extra: torch, transformers, onnx)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgepeft.names import TASKS
+
+
+def _csv(ctx, param, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise click.BadParameter("expected a comma-separated list")
+    return items
+
+
+@click.command("export")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Bundle directory to create (must not exist).")
+@click.option("--task", type=click.Choice(TASKS), help="What the bundle does; inferred from config.json when left out.")
+@click.option("--labels", callback=_csv, help="Comma-separated class names, e.g. rotten,fresh (classification).")
+@click.option("--num-labels", type=click.IntRange(min=2), help="Number of classes when names do not matter.")
+@click.option("--method", type=click.Choice(["lora", "bitfit", "lora+bitfit"]), default="lora", show_default=True,
+              help="Which delta slots the bundle trains.")
+@click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank r.")
+@click.option("--alpha", type=float, help="LoRA alpha; the update is (alpha/r)·B·A.  [default: 2·rank]")
+@click.option("--targets", callback=_csv,
+              help="Comma-separated module name patterns for LoRA (PEFT rules: suffix match, or a regex). "
+                   "Defaults: query,value (BERT), q_proj,v_proj (Llama), c_attn (GPT-2).")
+@click.option("--top-layers", type=click.IntRange(min=1),
+              help="Put slots only in the last N layers: the backward pass stops there (faster, less memory).")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="int8", show_default=True,
+              help="Frozen weight storage: int8 per channel (word embeddings too) or int4 blockwise.")
+@click.option("--max-length", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Longest token sequence the device will feed.")
+@click.option("--opset", type=click.IntRange(min=18), default=20, show_default=True, help="ONNX opset of the graphs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for a freshly initialized classifier head.")
+def export_cmd(model_dir: Path, out_dir: Path, task, labels, num_labels, method, rank, alpha, targets, top_layers,
+               quantize, max_length, opset, seed) -> None:
+    """Export a local Hugging Face model directory to a bundle.
+
+    \b
+    The bundle holds model.onnx (inference, any delta per call), train.onnx (one training step:
+    loss and delta gradients), the frozen weights once (weights.bin), tokenizer.json and
+    manifest.json. Example:
+      edgepeft export ./all-MiniLM-L6-v2 -o minilm.bundle --labels rotten,fresh --method lora+bitfit
+    """
+    from edgepeft.exporters.export import export_bundle
+
+    if rank <= 0:
+        raise click.BadParameter(f"must be a positive integer, got {rank}", param_hint="--rank")
+    manifest = export_bundle(model_dir, out_dir, task=task, labels=labels, num_labels=num_labels, method=method,
+                             rank=rank, alpha=alpha, targets=targets, top_layers=top_layers, quantize=quantize,
+                             max_length=max_length, opset=opset, seed=seed,
+                             progress=lambda msg: click.echo(msg, err=True))
+    click.echo(f"{out_dir}: {manifest.task}, {len(manifest.slots)} slots, "
+               f"{manifest.trainable_numbers:,} trainable numbers, {manifest.quantization} weights")

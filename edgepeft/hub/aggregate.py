@@ -1,0 +1,257 @@
+"""Fleet aggregation: claim the pending deltas, merge them streaming from the store, publish a version.
+
+The weighted mean (weights: each delta's ``meta.samples``) goes through ``edgepeft.delta.merge``: ΔW
+space for LoRA, plain weighted mean for bias and head slots, output re-factored at the bundle's LoRA
+rank and scale so devices keep training from it. Claiming is one transaction, so every accepted delta
+lands in exactly one version; a version whose builder died stays ``building`` and ``recover`` rebuilds
+it from the same deltas and options.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes, delta_from_bytes, replace_meta
+from edgepeft.delta.merge import merge, refactor
+from edgepeft.delta.transport import is_packed, unpack
+from edgepeft.errors import HubError
+from edgepeft.hub.robust import RobustOptions, clip_update, trimmed_mean
+from edgepeft.hub.store import BUILDING, Fleet, Store, VersionRec
+from edgepeft.manifest import Manifest
+from edgepeft.names import LORA_A, LORA_B, slot_name, split_slot_name
+
+Pairs = Callable[[], Iterator[tuple[Delta, float]]]  # a fresh pass over (delta, weight)
+
+
+def parse_delta(data: bytes, where: str, manifest: Manifest) -> Delta:
+    """A delta from raw safetensors or packed bytes, fully checked against the bundle manifest."""
+    if is_packed(data):
+        return unpack(data, where, manifest=manifest)
+    return delta_from_bytes(data, where, manifest)
+
+
+def bundle_lora(manifest: Manifest) -> tuple[int, float]:
+    """(rank, scale) of the bundle's LoRA slots: the shape every published version has."""
+    found = {(s.rank, s.scale) for s in manifest.slots if s.kind in (LORA_A, LORA_B)}
+    if len(found) > 1:
+        raise HubError(f"bundle LoRA slots disagree on (rank, scale): {sorted(found)}")
+    return found.pop() if found else (0, 1.0)
+
+
+class _Parents:
+    """Published versions by number, parsed, a few kept (deltas span at most the staleness window)."""
+
+    def __init__(self, store: Store, fleet: str, adapter: str, manifest: Manifest, keep: int = 4) -> None:
+        self.store, self.fleet, self.adapter, self.manifest, self.keep = store, fleet, adapter, manifest, keep
+        self.cache: OrderedDict[int, Delta | None] = OrderedDict()
+
+    def get(self, version: int | None) -> Delta | None:
+        if not version:
+            return None
+        if version not in self.cache:
+            rec = self.store.get_version(self.fleet, self.adapter, version)
+            self.cache[version] = None if rec is None or rec.sha256 is None else \
+                parse_delta(self.store.get_blob(rec.sha256), f"{self.adapter} v{version}", self.manifest)
+            while len(self.cache) > self.keep:
+                self.cache.popitem(last=False)
+        return self.cache[version]
+
+
+def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, memory_mb: int) -> tuple[Delta, dict[str, Any]]:
+    """Coordinate-wise trimmed mean in ΔW space, in as many passes over the deltas as the memory budget needs."""
+    first, _ = next(pairs())
+    modules = first.lora_modules()
+    keys = [(f"{m}:dW", (first.tensors[slot_name(m, LORA_B)].shape[0], first.tensors[slot_name(m, LORA_A)].shape[1])) for m in modules]
+    keys += [(k, t.shape) for k, t in first.tensors.items() if split_slot_name(k)[1] not in (LORA_A, LORA_B)]
+    budget = max(1, memory_mb * 2**20 // (4 * max(n, 1)))  # float32 numbers per delta per pass
+    chunks: list[list[tuple[str, int, int]]] = [[]]  # passes of (key, row_lo, row_hi)
+    used = 0
+    for key, shape in keys:
+        rows, width = (shape[0], int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1)
+        step = max(1, budget // max(width, 1))
+        for lo in range(0, rows, step):
+            hi = min(rows, lo + step)
+            if used and used + (hi - lo) * width > budget:
+                chunks.append([])
+                used = 0
+            chunks[-1].append((key, lo, hi))
+            used += (hi - lo) * width
+    result = {k: np.zeros(shape) for k, shape in keys}  # the same accumulators merge keeps: flat in n
+    samples, weights_total = 0, 0.0
+    for chunk in chunks:
+        width = sum((hi - lo) * (int(np.prod(result[k].shape[1:], dtype=np.int64)) if result[k].ndim > 1 else 1) for k, lo, hi in chunk)
+        stack = np.zeros((n, width), np.float32)  # (n, coordinates of this pass)
+        weights = np.zeros(n)
+        count = 0
+        for i, (d, w) in enumerate(pairs()):
+            if i >= n:
+                raise HubError("aggregation: more deltas than claimed")
+            weights[i] = w
+            col = 0
+            for key, lo, hi in chunk:
+                if key.endswith(":dW"):
+                    m = key[:-3]
+                    block = d.scale * (d.tensors[slot_name(m, LORA_B)][lo:hi].astype(np.float64) @ d.tensors[slot_name(m, LORA_A)].astype(np.float64))
+                else:
+                    block = d.tensors[key].reshape(result[key].shape[0], -1)[lo:hi]
+                stack[i, col:col + block.size] = block.ravel()
+                col += block.size
+            if chunk is chunks[0]:
+                samples += d.meta.samples
+            count = i + 1
+        if count != n:
+            raise HubError(f"aggregation: read {count} deltas, claimed {n}")
+        weights_total = float(weights.sum())
+        mean = trimmed_mean(stack, weights, trim)
+        col = 0
+        for key, lo, hi in chunk:
+            target = result[key].reshape(result[key].shape[0], -1)
+            size = (hi - lo) * target.shape[1]
+            target[lo:hi] = mean[col:col + size].reshape(hi - lo, -1)
+            col += size
+    tensors: dict[str, np.ndarray] = {}
+    errors = {}
+    for m in modules:
+        tensors[slot_name(m, LORA_A)], tensors[slot_name(m, LORA_B)], errors[m] = refactor(result[f"{m}:dW"], rank, scale)
+    for k, _ in keys[len(modules):]:
+        tensors[k] = result[k].astype(np.float32)
+    f = first.meta
+    out_rank = rank if modules else 0
+    meta = DeltaMeta(base_fingerprint=f.base_fingerprint, method=f.method, rank=out_rank, alpha=scale * out_rank,
+                     adapter=f.adapter, samples=samples, creator="merge", extra={"merged_count": str(n)})
+    return Delta(tensors, meta), {"total_weight": weights_total, "passes": len(chunks),
+                                  "max_refactor_error": max(errors.values(), default=0.0)}
+
+
+def combine(pairs: Pairs, n: int, manifest: Manifest, options: RobustOptions) -> tuple[Delta, dict[str, Any]]:
+    """Merge one pass of (delta, weight) pairs (clipping already applied) at the bundle's rank and scale."""
+    rank, scale = bundle_lora(manifest)
+    if options.trim > 0:
+        return _trimmed_merge(pairs, n, options.trim, rank, scale, options.memory_mb)
+    merged, rep = merge(pairs(), rank=rank if rank else None, scale=scale)
+    return merged, {"total_weight": rep.total_weight, "passes": 1, "max_refactor_error": max(rep.errors.values(), default=0.0)}
+
+
+def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> VersionRec:
+    """Merge the deltas claimed for a ``building`` version and publish it."""
+    rec = store.get_version(fleet.name, adapter, version)
+    if rec is None or rec.state != BUILDING:
+        raise HubError(f"{fleet.name}/{adapter} v{version} is not being built")
+    bundle = store.get_bundle(fleet.bundle)
+    if bundle is None:
+        raise HubError(f"fleet {fleet.name!r}: bundle {fleet.bundle[:16]} is missing")
+    manifest = bundle.manifest
+    previous = [v.version for v in store.list_versions(fleet.name, adapter) if v.version < version]
+    parent = previous[-1] if previous else None
+    started = time.perf_counter()
+    if "publish" in rec.options:  # an admin upload: its bytes were stored before the claim
+        data = store.get_blob(rec.options["publish"])
+        d = parse_delta(data, f"{adapter} v{version}", manifest)
+        out = replace_meta(d, adapter=adapter, version=version, parent=parent, creator=d.meta.creator or "hub")
+        report: dict[str, Any] = {"count": 0, "published": True}
+    else:
+        options = RobustOptions.from_dict(rec.options)
+        ids = [d.id for d in store.list_deltas(fleet.name, adapter, version=version)]
+        if not ids:
+            raise HubError(f"{fleet.name}/{adapter} v{version}: no deltas were claimed for it")
+        parents = _Parents(store, fleet.name, adapter, manifest)
+        norms: list[float] = []
+
+        def pairs() -> Iterator[tuple[Delta, float]]:
+            norms.clear()
+            for delta_id, data in store.iter_delta_bytes(ids):
+                d = parse_delta(data, f"delta {delta_id[:16]}", manifest)
+                w = float(min(d.meta.samples, options.max_samples) if options.max_samples else d.meta.samples)
+                if options.clip_norm is not None:
+                    d, norm = clip_update(d, parents.get(d.meta.parent), options.clip_norm)
+                    norms.append(norm)
+                yield d, w
+
+        merged, stats = combine(pairs, len(ids), manifest, options)
+        out = replace_meta(merged, adapter=adapter, version=version, parent=parent, creator="hub")
+        report = {"count": len(ids), "samples": merged.meta.samples, **stats, "options": options.to_dict()}
+        if norms:
+            report["clipped"] = sum(1 for x in norms if x > options.clip_norm)
+            report["max_update_norm"] = max(norms)
+    report["seconds"] = round(time.perf_counter() - started, 4)
+    store.finish_version(fleet.name, adapter, version, delta_bytes(out), parent=parent, report=report)
+    got = store.get_version(fleet.name, adapter, version)
+    if got is None:
+        raise HubError(f"{fleet.name}/{adapter} v{version} vanished while it was built")
+    return got
+
+
+def aggregate(store: Store, fleet: str, adapter: str = "default", options: dict[str, Any] | None = None) -> VersionRec | None:
+    """Aggregate every pending delta of an adapter into a new version; None when nothing is pending."""
+    f = store.get_fleet(fleet)
+    if f is None:
+        raise HubError(f"no fleet {fleet!r}")
+    opts = RobustOptions.from_dict(f.robust if options is None else options)
+    claim = store.claim_version(fleet, adapter, opts.to_dict())
+    if claim is None:
+        return None
+    return build_version(store, f, adapter, claim[0])
+
+
+def publish(store: Store, fleet: str, adapter: str, data: bytes) -> VersionRec:
+    """Publish uploaded delta bytes (checked against the fleet's bundle) as the next version, merging nothing."""
+    f = store.get_fleet(fleet)
+    if f is None:
+        raise HubError(f"no fleet {fleet!r}")
+    bundle = store.get_bundle(f.bundle)
+    if bundle is None:
+        raise HubError(f"fleet {fleet!r}: bundle {f.bundle[:16]} is missing")
+    parse_delta(data, "published delta", bundle.manifest)
+    sha = store.put_blob(data)
+    claim = store.claim_version(fleet, adapter, {"publish": sha}, take_pending=False)
+    if claim is None:
+        raise HubError(f"{fleet}/{adapter}: could not reserve a version")
+    return build_version(store, f, adapter, claim[0])
+
+
+def recover(store: Store) -> list[VersionRec]:
+    """Finish every version left ``building`` by a builder that died (same deltas, same options)."""
+    done = []
+    for f in store.list_fleets():
+        for v in store.list_versions(f.name, state=BUILDING):
+            try:
+                done.append(build_version(store, f, v.adapter, v.version))
+            except HubError:
+                continue  # another process finished it meanwhile
+    return done
+
+
+def due(store: Store, fleet: Fleet, adapter: str, now: float | None = None) -> bool:
+    """True when the fleet's policy (every N pending deltas, or oldest pending T minutes old) says aggregate."""
+    if not fleet.aggregate_every and not fleet.aggregate_minutes:
+        return False
+    pending = store.list_deltas(fleet.name, adapter, pending=True)
+    if not pending:
+        return False
+    if fleet.aggregate_every and len(pending) >= fleet.aggregate_every:
+        return True
+    now = time.time() if now is None else now
+    return bool(fleet.aggregate_minutes) and now - pending[0].received >= fleet.aggregate_minutes * 60
+
+
+def maybe_aggregate(store: Store, fleet: str, adapter: str = "default") -> VersionRec | None:
+    """Aggregate if the fleet's policy says so."""
+    f = store.get_fleet(fleet)
+    if f is None or not due(store, f, adapter):
+        return None
+    return aggregate(store, fleet, adapter)
+
+
+def check_parent(latest: int, parent: int | None, staleness: int) -> str | None:
+    """Why a delta trained from ``parent`` is refused when ``latest`` is published, or None if it is fresh."""
+    p = parent or 0
+    if p > latest:
+        return f"parent version {p} does not exist (latest is {latest}); pull the latest version"
+    if latest - p > staleness:
+        return f"stale: trained from version {p}, latest is {latest}, the fleet accepts {staleness} behind; pull and retrain"
+    return None
+

@@ -1,0 +1,283 @@
+"""The SQL both backends share: schema, row mapping, and every metadata primitive.
+
+A backend supplies a connection pool (``_tx``), how to serialize aggregation claims per fleet
+(``_lock_fleet``) and where blobs live. Queries use ``?`` placeholders; PostgreSQL's ``%s`` is
+substituted by the backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from abc import abstractmethod
+from typing import Any, Iterator
+
+from edgepeft.hub.store import (BUILDING, PUBLISHED, BundleFile, BundleRec, DeltaRec, Device, Fleet, Metric, Store,
+                                VersionRec, dumps)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS bundles (fingerprint TEXT PRIMARY KEY, manifest TEXT NOT NULL, created DOUBLE PRECISION NOT NULL);
+CREATE TABLE IF NOT EXISTS bundle_files (fingerprint TEXT NOT NULL, name TEXT NOT NULL, sha256 TEXT NOT NULL,
+    size BIGINT NOT NULL, PRIMARY KEY (fingerprint, name));
+CREATE TABLE IF NOT EXISTS fleets (name TEXT PRIMARY KEY, bundle TEXT NOT NULL, aggregate_every INTEGER NOT NULL,
+    aggregate_minutes DOUBLE PRECISION NOT NULL, staleness INTEGER NOT NULL, robust TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, fleet TEXT NOT NULL, token_hash TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL, last_seen DOUBLE PRECISION);
+CREATE TABLE IF NOT EXISTS deltas (id TEXT PRIMARY KEY, fleet TEXT NOT NULL, device TEXT NOT NULL, adapter TEXT NOT NULL,
+    parent INTEGER NOT NULL, samples BIGINT NOT NULL, size BIGINT NOT NULL, received DOUBLE PRECISION NOT NULL,
+    version INTEGER);
+CREATE INDEX IF NOT EXISTS deltas_by_version ON deltas (fleet, adapter, version);
+CREATE TABLE IF NOT EXISTS versions (fleet TEXT NOT NULL, adapter TEXT NOT NULL, version INTEGER NOT NULL,
+    state TEXT NOT NULL, created DOUBLE PRECISION NOT NULL, options TEXT NOT NULL, sha256 TEXT, size BIGINT,
+    parent INTEGER, report TEXT NOT NULL, PRIMARY KEY (fleet, adapter, version));
+CREATE TABLE IF NOT EXISTS metrics (fleet TEXT NOT NULL, device TEXT NOT NULL, name TEXT NOT NULL,
+    value DOUBLE PRECISION NOT NULL, version INTEGER, at DOUBLE PRECISION NOT NULL);
+CREATE INDEX IF NOT EXISTS metrics_by_fleet ON metrics (fleet, at);
+"""
+
+_DELTA_COLS = "id, fleet, device, adapter, parent, samples, size, received, version"
+_VERSION_COLS = "fleet, adapter, version, state, created, options, sha256, size, parent, report"
+
+
+def _version(row: tuple) -> VersionRec:
+    f, a, v, state, created, options, sha, size, parent, report = row
+    return VersionRec(f, a, v, state, created, json.loads(options), sha, size, parent, json.loads(report))
+
+
+class SqlStore(Store):
+    """Metadata primitives in SQL; blob storage and connections are the backend's."""
+
+    @abstractmethod
+    def _tx(self, write: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """A transaction; yields an object with ``execute(sql, params)`` returning a cursor."""
+
+    @abstractmethod
+    def _lock_fleet(self, cur: Any, fleet: str) -> None:
+        """Serialize version claims of one fleet (inside a write transaction)."""
+
+    @abstractmethod
+    def _store_blob(self, cur: Any, sha: str, data: bytes) -> None:
+        """Store a blob as part of transaction ``cur`` (or before it, atomically, for file blobs)."""
+
+    def _put_blob(self, sha: str, data: bytes) -> None:
+        with self._tx(write=True) as cur:
+            self._store_blob(cur, sha, data)
+
+    # ---- bundles ---------------------------------------------------------------------------------
+
+    def _add_bundle(self, rec: BundleRec, blobs: dict[str, bytes]) -> bool:
+        with self._tx(write=True) as cur:
+            if cur.execute("SELECT 1 FROM bundles WHERE fingerprint = ?", (rec.fingerprint,)).fetchone():
+                return False
+            for sha, data in blobs.items():
+                self._store_blob(cur, sha, data)
+            if not cur.execute("INSERT INTO bundles (fingerprint, manifest, created) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                               (rec.fingerprint, rec.manifest_json, rec.created)).rowcount:
+                return False
+            for f in rec.files:
+                cur.execute("INSERT INTO bundle_files (fingerprint, name, sha256, size) VALUES (?, ?, ?, ?)",
+                            (rec.fingerprint, f.name, f.sha256, f.size))
+            return True
+
+    def _bundles(self, where: str, params: tuple) -> list[BundleRec]:
+        with self._tx() as cur:
+            rows = cur.execute(f"SELECT fingerprint, manifest, created FROM bundles {where} ORDER BY created", params).fetchall()
+            out = []
+            for fp, manifest, created in rows:
+                files = cur.execute("SELECT name, sha256, size FROM bundle_files WHERE fingerprint = ? ORDER BY name", (fp,)).fetchall()
+                out.append(BundleRec(fp, manifest, created, tuple(BundleFile(*f) for f in files)))
+            return out
+
+    def get_bundle(self, fingerprint: str) -> BundleRec | None:
+        found = self._bundles("WHERE fingerprint = ?", (fingerprint,))
+        return found[0] if found else None
+
+    def list_bundles(self) -> list[BundleRec]:
+        return self._bundles("", ())
+
+    # ---- fleets and devices ----------------------------------------------------------------------
+
+    def _add_fleet(self, fleet: Fleet) -> bool:
+        with self._tx(write=True) as cur:
+            return cur.execute("INSERT INTO fleets (name, bundle, aggregate_every, aggregate_minutes, staleness, robust, created) "
+                               "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                               (fleet.name, fleet.bundle, fleet.aggregate_every, fleet.aggregate_minutes, fleet.staleness,
+                                dumps(fleet.robust), fleet.created)).rowcount == 1
+
+    def _fleets(self, where: str, params: tuple) -> list[Fleet]:
+        with self._tx() as cur:
+            rows = cur.execute("SELECT name, bundle, aggregate_every, aggregate_minutes, staleness, robust, created "
+                               f"FROM fleets {where} ORDER BY name", params).fetchall()
+        return [Fleet(n, b, e, m, s, json.loads(r), c) for n, b, e, m, s, r, c in rows]
+
+    def get_fleet(self, name: str) -> Fleet | None:
+        found = self._fleets("WHERE name = ?", (name,))
+        return found[0] if found else None
+
+    def list_fleets(self) -> list[Fleet]:
+        return self._fleets("", ())
+
+    def _add_device(self, device: Device) -> bool:
+        with self._tx(write=True) as cur:
+            return cur.execute("INSERT INTO devices (id, fleet, token_hash, created, last_seen) VALUES (?, ?, ?, ?, ?) "
+                               "ON CONFLICT DO NOTHING",
+                               (device.id, device.fleet, device.token_hash, device.created, device.last_seen)).rowcount == 1
+
+    def get_device(self, device_id: str) -> Device | None:
+        with self._tx() as cur:
+            row = cur.execute("SELECT id, fleet, token_hash, created, last_seen FROM devices WHERE id = ?", (device_id,)).fetchone()
+        return Device(*row) if row else None
+
+    def list_devices(self, fleet: str | None = None) -> list[Device]:
+        where, params = ("WHERE fleet = ?", (fleet,)) if fleet is not None else ("", ())
+        with self._tx() as cur:
+            rows = cur.execute(f"SELECT id, fleet, token_hash, created, last_seen FROM devices {where} ORDER BY id", params).fetchall()
+        return [Device(*r) for r in rows]
+
+    def _touch_device(self, device_id: str, when: float) -> None:
+        with self._tx(write=True) as cur:
+            cur.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (when, device_id))
+
+    # ---- deltas ----------------------------------------------------------------------------------
+
+    def _add_delta(self, rec: DeltaRec, data: bytes) -> bool:
+        with self._tx(write=True) as cur:
+            if cur.execute("SELECT 1 FROM deltas WHERE id = ?", (rec.id,)).fetchone():
+                return False
+            self._store_blob(cur, rec.id, data)
+            # two hub processes may race on one retried upload: the primary key settles it
+            return cur.execute(f"INSERT INTO deltas ({_DELTA_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL) ON CONFLICT DO NOTHING",
+                               (rec.id, rec.fleet, rec.device, rec.adapter, rec.parent, rec.samples, rec.size,
+                                rec.received)).rowcount == 1
+
+    def get_delta(self, delta_id: str) -> DeltaRec | None:
+        with self._tx() as cur:
+            row = cur.execute(f"SELECT {_DELTA_COLS} FROM deltas WHERE id = ?", (delta_id,)).fetchone()
+        return DeltaRec(*row) if row else None
+
+    def list_deltas(self, fleet: str, adapter: str | None = None, *, version: int | None = None,
+                    pending: bool = False) -> list[DeltaRec]:
+        where, params = ["fleet = ?"], [fleet]
+        if adapter is not None:
+            where.append("adapter = ?")
+            params.append(adapter)
+        if pending:
+            where.append("version IS NULL")
+        elif version is not None:
+            where.append("version = ?")
+            params.append(version)
+        with self._tx() as cur:
+            rows = cur.execute(f"SELECT {_DELTA_COLS} FROM deltas WHERE {' AND '.join(where)} ORDER BY received, id",
+                               tuple(params)).fetchall()
+        return [DeltaRec(*r) for r in rows]
+
+    # ---- versions --------------------------------------------------------------------------------
+
+    def _claim_version(self, fleet: str, adapter: str, options: dict[str, Any], created: float,
+                       take_pending: bool) -> tuple[int, list[str]] | None:
+        with self._tx(write=True) as cur:
+            self._lock_fleet(cur, fleet)
+            ids: list[str] = []
+            if take_pending:
+                ids = [r[0] for r in cur.execute("SELECT id FROM deltas WHERE fleet = ? AND adapter = ? AND version IS NULL "
+                                                  "ORDER BY received, id", (fleet, adapter)).fetchall()]
+                if not ids:
+                    return None
+            (latest,) = cur.execute("SELECT COALESCE(MAX(version), 0) FROM versions WHERE fleet = ? AND adapter = ?",
+                                    (fleet, adapter)).fetchone()
+            version = int(latest) + 1
+            cur.execute(f"INSERT INTO versions ({_VERSION_COLS}) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?)",
+                        (fleet, adapter, version, BUILDING, created, dumps(options), "{}"))
+            if take_pending:
+                # rows committed since the SELECT above are claimed too; the ids are re-read below
+                cur.execute("UPDATE deltas SET version = ? WHERE fleet = ? AND adapter = ? AND version IS NULL",
+                            (version, fleet, adapter))
+                ids = [r[0] for r in cur.execute("SELECT id FROM deltas WHERE fleet = ? AND adapter = ? AND version = ? "
+                                                  "ORDER BY received, id", (fleet, adapter, version)).fetchall()]
+            return version, ids
+
+    def _finish_version(self, fleet: str, adapter: str, version: int, data: bytes, sha: str,
+                        parent: int | None, report: dict[str, Any]) -> bool:
+        with self._tx(write=True) as cur:
+            row = cur.execute("SELECT state FROM versions WHERE fleet = ? AND adapter = ? AND version = ?",
+                              (fleet, adapter, version)).fetchone()
+            if not row or row[0] != BUILDING:
+                return False
+            self._store_blob(cur, sha, data)
+            return cur.execute("UPDATE versions SET state = ?, sha256 = ?, size = ?, parent = ?, report = ? "
+                               "WHERE fleet = ? AND adapter = ? AND version = ? AND state = ?",
+                               (PUBLISHED, sha, len(data), parent, dumps(report), fleet, adapter, version, BUILDING)).rowcount == 1
+
+    def list_versions(self, fleet: str, adapter: str | None = None, *, state: str | None = PUBLISHED) -> list[VersionRec]:
+        where, params = ["fleet = ?"], [fleet]
+        if adapter is not None:
+            where.append("adapter = ?")
+            params.append(adapter)
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        with self._tx() as cur:
+            rows = cur.execute(f"SELECT {_VERSION_COLS} FROM versions WHERE {' AND '.join(where)} ORDER BY adapter, version",
+                               tuple(params)).fetchall()
+        return [_version(r) for r in rows]
+
+    # ---- metrics ---------------------------------------------------------------------------------
+
+    def _add_metrics(self, metrics: list[Metric]) -> None:
+        with self._tx(write=True) as cur:
+            for m in metrics:
+                cur.execute("INSERT INTO metrics (fleet, device, name, value, version, at) VALUES (?, ?, ?, ?, ?, ?)",
+                            (m.fleet, m.device, m.name, m.value, m.version, m.at))
+
+    def list_metrics(self, fleet: str, limit: int = 10000) -> list[Metric]:
+        with self._tx() as cur:
+            rows = cur.execute("SELECT fleet, device, name, value, version, at FROM metrics WHERE fleet = ? "
+                               "ORDER BY at DESC LIMIT ?", (fleet, int(limit))).fetchall()
+        return [Metric(*r) for r in reversed(rows)]
+
+
+class Pool:
+    """A small thread-safe pool of connections made by ``connect``; broken ones are dropped."""
+
+    def __init__(self, connect: Any, size: int) -> None:
+        import queue
+        import threading
+
+        self._connect = connect
+        self._idle: "queue.LifoQueue[Any]" = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(size)
+
+    @contextlib.contextmanager
+    def connection(self, broken: tuple[type[BaseException], ...] = ()) -> Iterator[Any]:
+        import queue
+
+        self._slots.acquire()
+        try:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = self._connect()
+            try:
+                yield conn
+            except broken:
+                with contextlib.suppress(Exception):
+                    conn.close()
+                raise
+            except BaseException:
+                self._idle.put(conn)
+                raise
+            self._idle.put(conn)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        import queue
+
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            with contextlib.suppress(Exception):
+                conn.close()

@@ -1,0 +1,374 @@
+"""The hub's storage interface: a few primitives each backend implements, convenience built on them.
+
+Public methods validate their arguments, then call a ``_hook``. Blobs are content-addressed: their
+name is the hex sha256 of their bytes, never anything taken from a request. ``open_store`` picks the
+backend by URI: ``sqlite:///path/dir`` or a plain directory, ``postgresql://...``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from edgepeft.errors import HubError
+from edgepeft.manifest import Manifest
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # fleets, devices, adapters
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+BUILDING, PUBLISHED = "building", "published"
+
+
+def check_name(kind: str, name: str) -> str:
+    """``name`` if it is a safe identifier (letters, digits, _ and -, at most 64), else HubError."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise HubError(f"{kind} name {name!r} is invalid; use 1-64 letters, digits, '_' or '-', starting with a letter or digit")
+    return name
+
+
+def check_sha(sha: str) -> str:
+    """``sha`` if it is 64 lowercase hex digits (the only thing a blob is ever named by)."""
+    if not isinstance(sha, str) or not SHA_RE.match(sha):
+        raise HubError(f"{sha!r} is not a sha256 hex digest")
+    return sha
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_token(token: str) -> str:
+    """What the store keeps of a token: its sha256."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    """One file of a registered bundle, stored as a blob."""
+
+    name: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class BundleRec:
+    """A registered bundle: its fingerprint (id), manifest JSON and files."""
+
+    fingerprint: str
+    manifest_json: str
+    created: float
+    files: tuple[BundleFile, ...] = ()
+
+    @property
+    def manifest(self) -> Manifest:
+        return Manifest.from_json(self.manifest_json, where=f"bundle {self.fingerprint[:16]}")
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """A group of devices training one bundle, and its aggregation policy."""
+
+    name: str
+    bundle: str  # fingerprint
+    aggregate_every: int = 0  # aggregate when this many deltas are pending (0 = never by count)
+    aggregate_minutes: float = 0.0  # aggregate when the oldest pending delta is this old (0 = never by time)
+    staleness: int = 2  # refuse deltas whose parent is more than this many versions behind the latest
+    robust: dict[str, Any] = field(default_factory=dict)  # default aggregation options (aggregate.RobustOptions)
+    created: float = 0.0
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device: its id, fleet, and the sha256 of its token."""
+
+    id: str
+    fleet: str
+    token_hash: str
+    created: float
+    last_seen: float | None = None
+
+
+@dataclass(frozen=True)
+class DeltaRec:
+    """An accepted delta. ``id`` is the sha256 of the uploaded bytes; ``version`` the aggregation it went into."""
+
+    id: str
+    fleet: str
+    device: str
+    adapter: str
+    parent: int  # adapter version it was trained from (0 = none)
+    samples: int
+    size: int
+    received: float
+    version: int | None = None
+
+
+@dataclass(frozen=True)
+class VersionRec:
+    """An adapter version: ``building`` while its claimed deltas are merged, then ``published``."""
+
+    fleet: str
+    adapter: str
+    version: int
+    state: str
+    created: float
+    options: dict[str, Any] = field(default_factory=dict)  # how it is built: {"publish": True} or aggregation options
+    sha256: str | None = None
+    size: int | None = None
+    parent: int | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric value a device reported."""
+
+    fleet: str
+    device: str
+    name: str
+    value: float
+    version: int | None
+    at: float
+
+
+class Store(ABC):
+    """Storage of bundles, fleets, devices, deltas, adapter versions and metrics."""
+
+    # ---- primitives -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def _put_blob(self, sha: str, data: bytes) -> None:
+        """Store ``data`` under ``sha`` unless present (atomic, idempotent)."""
+
+    @abstractmethod
+    def _read_blob(self, sha: str, start: int, length: int | None) -> bytes | None:
+        """Bytes ``start .. start+length`` of a blob (``None`` length: to the end); None if absent."""
+
+    @abstractmethod
+    def _add_bundle(self, rec: BundleRec, blobs: dict[str, bytes]) -> bool:
+        """Store a bundle's blobs and rows; False if the fingerprint is already registered."""
+
+    @abstractmethod
+    def get_bundle(self, fingerprint: str) -> BundleRec | None:
+        """The bundle with this fingerprint, files included."""
+
+    @abstractmethod
+    def list_bundles(self) -> list[BundleRec]:
+        """Every registered bundle (files included)."""
+
+    @abstractmethod
+    def _add_fleet(self, fleet: Fleet) -> bool:
+        """Insert a fleet; False if the name is taken."""
+
+    @abstractmethod
+    def get_fleet(self, name: str) -> Fleet | None:
+        """The fleet called ``name``."""
+
+    @abstractmethod
+    def list_fleets(self) -> list[Fleet]:
+        """Every fleet, by name."""
+
+    @abstractmethod
+    def _add_device(self, device: Device) -> bool:
+        """Insert a device; False if the id is taken."""
+
+    @abstractmethod
+    def get_device(self, device_id: str) -> Device | None:
+        """The device with this id."""
+
+    @abstractmethod
+    def list_devices(self, fleet: str | None = None) -> list[Device]:
+        """Devices (of one fleet, or all), by id."""
+
+    @abstractmethod
+    def _touch_device(self, device_id: str, when: float) -> None:
+        """Record that the device was seen at ``when``."""
+
+    @abstractmethod
+    def _add_delta(self, rec: DeltaRec, data: bytes) -> bool:
+        """Store the delta's blob and row atomically; False (and nothing changed) if the id exists."""
+
+    @abstractmethod
+    def get_delta(self, delta_id: str) -> DeltaRec | None:
+        """The delta with this id (sha256)."""
+
+    @abstractmethod
+    def list_deltas(self, fleet: str, adapter: str | None = None, *, version: int | None = None,
+                    pending: bool = False) -> list[DeltaRec]:
+        """Deltas of a fleet, in arrival order: all, those aggregated into ``version``, or the pending ones."""
+
+    @abstractmethod
+    def _claim_version(self, fleet: str, adapter: str, options: dict[str, Any], created: float,
+                       take_pending: bool) -> tuple[int, list[str]] | None:
+        """Atomically: next version number, a ``building`` row, and (with ``take_pending``) every pending
+        delta claimed for it. None when ``take_pending`` and nothing is pending."""
+
+    @abstractmethod
+    def _finish_version(self, fleet: str, adapter: str, version: int, data: bytes, sha: str,
+                        parent: int | None, report: dict[str, Any]) -> bool:
+        """Store the version's blob and mark it published; False if it was not ``building``."""
+
+    @abstractmethod
+    def list_versions(self, fleet: str, adapter: str | None = None, *, state: str | None = PUBLISHED) -> list[VersionRec]:
+        """Versions of a fleet (optionally one adapter, one state), ordered by adapter then version."""
+
+    @abstractmethod
+    def _add_metrics(self, metrics: list[Metric]) -> None:
+        """Append metric values."""
+
+    @abstractmethod
+    def list_metrics(self, fleet: str, limit: int = 10000) -> list[Metric]:
+        """The most recent metric values of a fleet, oldest first."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
+    # ---- convenience -----------------------------------------------------------------------------
+
+    def put_blob(self, data: bytes) -> str:
+        """Store ``data``; returns its sha256 (its only name)."""
+        sha = sha256_hex(data)
+        self._put_blob(sha, data)
+        return sha
+
+    def get_blob(self, sha: str) -> bytes:
+        """The whole blob named ``sha``."""
+        data = self._read_blob(check_sha(sha), 0, None)
+        if data is None:
+            raise HubError(f"blob {sha[:16]} is missing from the store")
+        return data
+
+    def read_blob(self, sha: str, start: int, length: int) -> bytes:
+        """A byte range of a blob (for HTTP range requests)."""
+        if start < 0 or length < 0:
+            raise HubError(f"bad byte range {start}+{length}")
+        data = self._read_blob(check_sha(sha), start, length)
+        if data is None:
+            raise HubError(f"blob {sha[:16]} is missing from the store")
+        return data
+
+    def add_bundle(self, manifest_json: str, files: dict[str, bytes]) -> tuple[BundleRec, bool]:
+        """Register a bundle from its files (name -> bytes); (record, newly added)."""
+        manifest = Manifest.from_json(manifest_json, where="uploaded manifest.json")
+        recs = tuple(sorted((BundleFile(n, sha256_hex(b), len(b)) for n, b in files.items()), key=lambda f: f.name))
+        rec = BundleRec(manifest.fingerprint, manifest_json, time.time(), recs)
+        added = self._add_bundle(rec, {f.sha256: files[f.name] for f in recs})
+        return (rec if added else self.get_bundle(rec.fingerprint) or rec), added
+
+    def create_fleet(self, name: str, bundle: str, *, aggregate_every: int = 0, aggregate_minutes: float = 0.0,
+                     staleness: int = 2, robust: dict[str, Any] | None = None) -> Fleet:
+        """Create a fleet training ``bundle`` (a registered fingerprint)."""
+        check_name("fleet", name)
+        if self.get_bundle(bundle) is None:
+            raise HubError(f"no bundle {bundle[:16]!r} is registered; register it first (edgepeft hub bundle add)")
+        if aggregate_every < 0 or aggregate_minutes < 0 or staleness < 0:
+            raise HubError("aggregate_every, aggregate_minutes and staleness must be >= 0")
+        fleet = Fleet(name, bundle, int(aggregate_every), float(aggregate_minutes), int(staleness), dict(robust or {}), time.time())
+        if not self._add_fleet(fleet):
+            raise HubError(f"fleet {name!r} exists already")
+        return fleet
+
+    def add_device(self, fleet: str, device_id: str) -> str:
+        """Add a device to a fleet; returns its token, which is shown once and stored only hashed."""
+        check_name("device", device_id)
+        if self.get_fleet(fleet) is None:
+            raise HubError(f"no fleet {fleet!r}")
+        token = f"{device_id}.{secrets.token_urlsafe(32)}"
+        if not self._add_device(Device(device_id, fleet, hash_token(token), time.time())):
+            raise HubError(f"device {device_id!r} exists already")
+        return token
+
+    def authenticate(self, token: str) -> Device | None:
+        """The device whose token this is, compared in constant time; None otherwise."""
+        device_id, sep, _ = token.partition(".")
+        if not sep or not NAME_RE.match(device_id):
+            return None
+        device = self.get_device(device_id)
+        if device is None:
+            hmac.compare_digest(hash_token(token), hash_token(""))  # same work whether or not the id exists
+            return None
+        return device if hmac.compare_digest(hash_token(token), device.token_hash) else None
+
+    def touch_device(self, device_id: str) -> None:
+        """Record that a device was seen now."""
+        self._touch_device(device_id, time.time())
+
+    def add_delta(self, rec: DeltaRec, data: bytes) -> bool:
+        """Store an accepted (already validated) delta; False if these exact bytes are stored already."""
+        if rec.id != sha256_hex(data):
+            raise HubError("delta id must be the sha256 of its bytes")
+        return self._add_delta(rec, data)
+
+    def delta_bytes(self, delta_id: str) -> bytes:
+        """The stored bytes of a delta."""
+        return self.get_blob(delta_id)
+
+    def iter_delta_bytes(self, ids: list[str]) -> Iterator[tuple[str, bytes]]:
+        """(id, bytes) for each id, read one at a time so memory stays flat."""
+        for i in ids:
+            yield i, self.get_blob(i)
+
+    def latest_version(self, fleet: str, adapter: str) -> VersionRec | None:
+        """The newest published version of an adapter."""
+        versions = self.list_versions(fleet, adapter)
+        return versions[-1] if versions else None
+
+    def get_version(self, fleet: str, adapter: str, version: int) -> VersionRec | None:
+        """One version (any state)."""
+        for v in self.list_versions(fleet, adapter, state=None):
+            if v.version == version:
+                return v
+        return None
+
+    def claim_version(self, fleet: str, adapter: str, options: dict[str, Any], *, take_pending: bool = True) -> tuple[int, list[str]] | None:
+        """Reserve the next version of an adapter and (by default) claim every pending delta for it."""
+        check_name("adapter", adapter)
+        if self.get_fleet(fleet) is None:
+            raise HubError(f"no fleet {fleet!r}")
+        return self._claim_version(fleet, adapter, dict(options), time.time(), take_pending)
+
+    def finish_version(self, fleet: str, adapter: str, version: int, data: bytes, *, parent: int | None,
+                       report: dict[str, Any]) -> bool:
+        """Publish a building version with its delta bytes."""
+        return self._finish_version(fleet, adapter, version, data, sha256_hex(data), parent, report)
+
+    def add_metrics(self, fleet: str, device: str, values: dict[str, float], version: int | None = None) -> int:
+        """Record metric values reported by a device; returns how many."""
+        now = time.time()
+        rows = []
+        for name, value in values.items():
+            check_name("metric", name)
+            rows.append(Metric(fleet, device, name, float(value), version, now))
+        self._add_metrics(rows)
+        return len(rows)
+
+
+def dumps(obj: Any) -> str:
+    """JSON for the store's text columns."""
+    return json.dumps(obj, sort_keys=True)
+
+
+def open_store(uri: str) -> Store:
+    """Open the store named by ``uri``: ``sqlite:///dir``, a plain directory path, or ``postgresql://...``."""
+    if uri.startswith(("postgresql://", "postgres://")):
+        from edgepeft.hub.postgres_store import PostgresStore
+
+        return PostgresStore(uri)
+    if uri.startswith("sqlite://"):
+        uri = uri[len("sqlite://"):]
+        if not uri.startswith("/"):
+            raise HubError(f"sqlite store URI needs an absolute path (sqlite:///path/dir), got sqlite://{uri}")
+    elif "://" in uri:
+        raise HubError(f"unknown store URI scheme in {uri!r}; use sqlite:///dir, a directory, or postgresql://...")
+    from edgepeft.hub.sqlite_store import SqliteStore
+
+    return SqliteStore(uri)

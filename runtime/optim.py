@@ -1,0 +1,93 @@
+"""The optimizer side of a train step, in numpy: AdamW, learning-rate schedules, clipping by global norm.
+
+The train graph returns gradients only; the update runs here because the deltas are a few hundred KB
+(cheap in numpy) and because ONNX optimizers fold AdamW's tiny eps away (see the export notes).
+Every formula follows torch (``torch.optim.AdamW``, ``clip_grad_norm_``) and the warmup schedules
+of ``transformers``, so a run is comparable step for step with torch + PEFT.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edgepeft.errors import TrainError
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+class AdamW:
+    """AdamW with bias correction and decoupled weight decay, updating float32 arrays in place."""
+
+    def __init__(self, params: dict[str, np.ndarray], *, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01) -> None:
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise TrainError(f"AdamW betas must lie in [0, 1), got {betas}")
+        if eps <= 0 or weight_decay < 0:
+            raise TrainError(f"AdamW needs eps > 0 and weight decay >= 0, got eps={eps}, weight_decay={weight_decay}")
+        self.params = params
+        self.betas = betas
+        self.eps = eps
+        self.weight_decay = weight_decay
+        self.step_count = 0
+        self.m = {k: np.zeros_like(v) for k, v in params.items()}  # first moments
+        self.v = {k: np.zeros_like(v) for k, v in params.items()}  # second moments
+
+    def step(self, grads: dict[str, np.ndarray], lr: float) -> None:
+        """One update of every parameter with its gradient at learning rate ``lr`` (torch's order of operations)."""
+        self.step_count += 1
+        b1, b2 = self.betas
+        bc1 = 1.0 - b1 ** self.step_count
+        bc2_sqrt = math.sqrt(1.0 - b2 ** self.step_count)
+        for name, p in self.params.items():
+            g = grads[name]
+            m, v = self.m[name], self.v[name]
+            p *= np.float32(1.0 - lr * self.weight_decay)  # decoupled: decay the weight, not the gradient
+            m += (g - m) * np.float32(1.0 - b1)  # torch: exp_avg.lerp_(grad, 1 - beta1)
+            v *= np.float32(b2)
+            v += g * g * np.float32(1.0 - b2)
+            denom = np.sqrt(v) / np.float32(bc2_sqrt) + np.float32(self.eps)
+            p -= np.float32(lr / bc1) * (m / denom)
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """Moments (``m.<slot>``, ``v.<slot>``) and the step count, for a checkpoint."""
+        arrays = {f"m.{k}": v for k, v in self.m.items()} | {f"v.{k}": v for k, v in self.v.items()}
+        return arrays, {"step": self.step_count}
+
+    def load_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, int]) -> None:
+        """Restore what :meth:`state` returned (shapes checked, so a foreign checkpoint fails here)."""
+        for k, p in self.params.items():
+            for prefix, store in (("m", self.m), ("v", self.v)):
+                a = arrays.get(f"{prefix}.{k}")
+                if a is None or a.shape != p.shape:
+                    raise TrainError(f"checkpoint optimizer state lacks or misshapes {prefix}.{k}")
+                store[k] = np.array(a, dtype=np.float32)
+        self.step_count = int(scalars["step"])
+
+
+def lr_at(step: int, *, base_lr: float, total: int, warmup: int, schedule: str) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup from 0, then linear or cosine decay to 0."""
+    if schedule not in SCHEDULES:
+        raise TrainError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if step < warmup:
+        return base_lr * step / max(1, warmup)
+    if schedule == "constant":
+        return base_lr
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return base_lr * max(0.0, 1.0 - progress)
+    return base_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def clip_by_global_norm(grads: dict[str, np.ndarray], max_norm: float) -> float:
+    """Scale all gradients in place so their joint L2 norm is at most ``max_norm``; return the norm before."""
+    # torch computes the norm of the per-tensor norms in float32 and always multiplies by the clamped factor
+    norms = np.array([np.linalg.norm(g.reshape(-1)) for g in grads.values()], dtype=np.float32)
+    total = float(np.linalg.norm(norms))
+    if not math.isfinite(total):
+        raise TrainError(f"gradient norm is {total}; the loss diverged (lower --lr)")
+    coef = np.float32(min(1.0, max_norm / (total + 1e-6)))
+    for g in grads.values():
+        g *= coef
+    return total

@@ -1,0 +1,355 @@
+"""The device training loop: train.onnx for loss and gradients, numpy AdamW for the update.
+
+Everything a run depends on (bundle, data, starting delta, config) is checked before the first step.
+The data order of every epoch comes from one seeded generator whose state is checkpointed with the
+deltas, the moments and the position in the epoch, so a resumed run replays exactly what an
+uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgepeft.delta import Delta, delta_from_init
+from edgepeft.delta.format import checksum, now_iso
+from edgepeft.errors import TrainError
+from edgepeft.names import ATTENTION_MASK, INPUT_IDS, LABELS, LOSS, SEQ_CLS, grad_name
+from edgepeft.runtime import checkpoint as ckpt
+from edgepeft.runtime import memory
+from edgepeft.runtime.bundle import Bundle, SessionConfig
+from edgepeft.runtime.data import Dataset, plan_batches, split_batch
+from edgepeft.runtime.evaluate import evaluate, score
+from edgepeft.runtime.infer import Predictor
+from edgepeft.runtime.optim import SCHEDULES, AdamW, clip_by_global_norm, lr_at
+
+
+def _help(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    """How to train; every field has a default and a help string (the CLI's options come from these)."""
+
+    epochs: int = _help(3, "Passes over the training data.")
+    max_steps: int = _help(0, "Stop after this many optimizer steps (0: run all epochs); also sets the schedule length.")
+    batch_size: int = _help(16, "Examples per optimizer step (before --grad-accum).")
+    lr: float = _help(5e-4, "Peak learning rate of AdamW.")
+    weight_decay: float = _help(0.01, "AdamW decoupled weight decay.")
+    warmup: float = _help(0.0, "Warmup: a fraction of all steps if below 1, else a number of steps.")
+    schedule: str = _help("linear", "Decay after warmup: linear, cosine or constant.")
+    grad_accum: int = _help(1, "Batches whose gradients are summed into one optimizer step.")
+    max_grad_norm: float = _help(1.0, "Clip gradients to this global L2 norm (0: no clipping).")
+    seed: int = _help(0, "Seed of the data order and of a fresh delta's LoRA A init.")
+    eval_every: int = _help(0, "Evaluate on the validation data every N steps (0: at the end of each epoch).")
+    patience: int = _help(0, "Stop after N evaluations without improvement (0: never stop early).")
+    checkpoint_every: int = _help(100, "Write a checkpoint every N steps (and always at the end).")
+    memory_budget_mb: float = _help(0.0, "Peak memory budget in MB; chooses micro-batch, max length and arena (0: no budget).")
+    threads: int = _help(0, "onnxruntime intra-op threads (0: all cores).")
+    adapter: str = _help("", "Adapter name written into the delta (default: the starting delta's, else 'default').")
+    creator: str = _help("device", "Creator written into the delta (e.g. a device id).")
+
+    def __post_init__(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
+        for name, v in positive.items():
+            if v < 1:
+                raise TrainError(f"{name.replace('_', '-')} must be at least 1, got {v}")
+        for name in ("max_steps", "eval_every", "patience", "checkpoint_every", "threads", "warmup",
+                     "weight_decay", "max_grad_norm", "memory_budget_mb"):
+            if getattr(self, name) < 0:
+                raise TrainError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise TrainError(f"lr must be a positive number, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise TrainError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+    def resume_identity(self) -> dict[str, Any]:
+        """Fields a resumed run must share with the checkpoint (all that change what is computed)."""
+        d = dataclasses.asdict(self)
+        for k in ("checkpoint_every", "creator"):
+            d.pop(k)
+        return d
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the loop reports after each step (and with ``metrics`` after each evaluation)."""
+
+    step: int
+    total: int
+    epoch: int
+    loss: float
+    lr: float
+    steps_per_s: float
+    eta_s: float
+    metrics: dict[str, float] | None = None
+
+
+@dataclass
+class TrainSummary:
+    """The numbers a run ends with."""
+
+    steps: int
+    total_steps: int
+    epochs_done: int
+    samples: int  # training examples seen (each epoch counts again)
+    seconds: float
+    steps_per_s: float
+    peak_rss_mb: float
+    train_loss: float  # mean over the last 20 steps
+    before: dict[str, float] | None  # validation metrics of the starting delta
+    after: dict[str, float] | None  # validation metrics of the returned delta
+    best_step: int | None
+    stopped_early: bool
+    resumed_at: int | None  # step the run resumed from, if it did
+    memory: memory.MemoryPlan
+
+
+@dataclass
+class TrainResult:
+    delta: Delta
+    summary: TrainSummary
+
+
+class Trainer:
+    """Trains the delta slots of one bundle on one dataset."""
+
+    def __init__(self, bundle: Bundle, train: Dataset, config: TrainConfig | None = None, *, val: Dataset | None = None,
+                 start: Delta | None = None, checkpoint_dir: str | os.PathLike | None = None,
+                 on_progress: Callable[[Progress], None] | None = None) -> None:
+        m, config = bundle.manifest, config or TrainConfig()
+        for d in (train, val):
+            if d is not None and d.task != m.task:
+                raise TrainError(f"{d.path}: data read for {d.task}, the bundle is {m.task}")
+        self.bundle, self.manifest, self.train, self.val, self.config = bundle, m, train, val, config
+        self.start = start
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(os.fspath(checkpoint_dir))
+        self.on_progress = on_progress or (lambda p: None)
+        batches = -(-len(train) // config.batch_size)
+        self.steps_per_epoch = -(-batches // config.grad_accum)
+        total = config.epochs * self.steps_per_epoch
+        self.total = min(total, config.max_steps) if config.max_steps else total
+        w = config.warmup
+        self.warmup_steps = int(round(w * self.total)) if w < 1 else int(w)
+
+    # ---- setup ----------------------------------------------------------------------------------
+
+    def _identity(self) -> dict[str, Any]:
+        return {"config": self.config.resume_identity(), "bundle": self.manifest.fingerprint, "data": self.train.sha256,
+                "val": self.val.sha256 if self.val else None,
+                "start": checksum(self.start.tensors) if self.start else None}
+
+    def _sessions(self) -> None:
+        """Build the sessions and fit them to the memory budget (probing the train graph if there is one)."""
+        c = self.config
+        longest = int(min(self.train.lengths.max(), self.manifest.max_length))
+        budget = c.memory_budget_mb
+        lean = SessionConfig(threads=c.threads, arena=False)
+        self.predictor = Predictor(self.bundle, lean if budget else SessionConfig(threads=c.threads)) if self.val else None
+        if not budget:
+            self.session = self.bundle.session("train", SessionConfig(threads=c.threads))
+            self.plan = memory.unlimited_plan(c.batch_size, longest, SessionConfig(threads=c.threads))
+            return
+        self.session = self.bundle.session("train", lean)
+        self.plan = memory.plan_memory(budget, batch_size=c.batch_size, longest=longest, measure=self._probe, threads=c.threads)
+        if self.plan.session.arena:
+            self.session = self.bundle.session("train", self.plan.session)
+
+    def _probe(self, b: int, t: int) -> float:
+        ids = np.full((b, t), max(self.manifest.pad_token_id + 1, 4) % self.manifest.vocab_size, np.int64)
+        feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ones((b, t), np.int64), **self.params}
+        if self.manifest.task == SEQ_CLS:
+            feeds[LABELS] = np.zeros(b, np.int64)
+        return memory.peak_during(lambda: self.session.run(None, feeds))
+
+    def _fresh_delta(self) -> Delta:
+        if self.start is not None:
+            return Delta({k: np.array(v, np.float32) for k, v in self.start.tensors.items()}, self.start.meta)
+        return delta_from_init(self.manifest, self.config.seed)
+
+    # ---- one optimizer step ---------------------------------------------------------------------
+
+    def _weight(self, b: dict[str, np.ndarray]) -> int:
+        # the graph's loss is a mean over examples (classification) or real target tokens (LM)
+        return len(b[INPUT_IDS]) if LABELS in b else int(b[ATTENTION_MASK][:, 1:].sum())
+
+    def _step(self, group: list[np.ndarray], lr: float) -> float:
+        """Loss and gradients of a group of batches (micro-batched), clipped, then one AdamW update."""
+        names = [s.name for s in self.manifest.slots]
+        outputs = [LOSS] + [grad_name(n) for n in names]
+        micro = [self.train.batch(mb, self.plan.max_length) for idx in group for mb in split_batch(idx, self.plan.micro_batch)]
+        weights = [self._weight(b) for b in micro]
+        total_w = sum(weights)
+        loss, grads = 0.0, None
+        for b, w in zip(micro, weights):
+            out = self.session.run(outputs, {**b, **self.params})
+            f = w / total_w  # 1.0 without accumulation: the gradients are used exactly as the graph gave them
+            loss += f * float(out[0])
+            scaled = [g if f == 1.0 else g * np.float32(f) for g in out[1:]]
+            grads = scaled if grads is None else [a + g for a, g in zip(grads, scaled)]
+        if not math.isfinite(loss):
+            raise TrainError(f"the training loss became {loss} at step {self.step + 1}; lower --lr")
+        gd = dict(zip(names, grads))
+        if self.config.max_grad_norm:
+            clip_by_global_norm(gd, self.config.max_grad_norm)
+        self.optimizer.step(gd, lr)
+        return loss
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    def _save(self, done: bool = False) -> None:
+        if self.checkpoint_dir is None:
+            return
+        arrays, scalars = self.optimizer.state()
+        arrays = {**arrays, **{f"delta.{k}": v for k, v in self.params.items()}}
+        if self.best is not None:
+            arrays.update({f"best.{k}": v for k, v in self.best["tensors"].items()})
+        state = {
+            "identity": self._identity(), "optimizer": scalars, "step": self.step, "epoch": self.epoch,
+            "position": self.position, "epoch_rng": self.epoch_rng, "samples": self.samples,
+            "best": None if self.best is None else {k: v for k, v in self.best.items() if k != "tensors"},
+            "bad_evals": self.bad_evals, "stopped": self.stopped, "before": self.before, "losses": self.losses,
+            "last_eval_step": self.last_eval_step, "done": done, "saved": now_iso(),
+        }
+        ckpt.save_checkpoint(self.checkpoint_dir, arrays, state)
+
+    def _restore(self) -> None:
+        arrays, s = ckpt.load_checkpoint(self.checkpoint_dir)
+        mine, theirs = self._identity(), s.get("identity", {})
+        for key in mine:
+            a, b = mine[key], theirs.get(key)
+            if key == "config" and isinstance(b, dict):
+                diff = sorted(k for k in a if a[k] != b.get(k))
+                if diff:
+                    k = diff[0]
+                    raise TrainError(f"{self.checkpoint_dir}: the checkpoint was made with {k.replace('_', '-')}={b.get(k)!r}, "
+                                     f"this run asks {a[k]!r}; use the same options or drop --resume")
+            elif a != b:
+                raise TrainError(f"{self.checkpoint_dir}: the checkpoint was made with different {key} "
+                                 "(bundle, data file or starting delta); use the same inputs or drop --resume")
+        for k in self.params:
+            a = arrays.get(f"delta.{k}")
+            if a is None or a.shape != self.params[k].shape:
+                raise TrainError(f"{self.checkpoint_dir}: checkpoint lacks or misshapes delta slot {k}")
+            self.params[k][...] = a
+        self.optimizer.load_state(arrays, s["optimizer"])
+        self.step, self.epoch, self.position = s["step"], s["epoch"], s["position"]
+        self.epoch_rng, self.samples, self.bad_evals = s["epoch_rng"], s["samples"], s["bad_evals"]
+        self.stopped, self.before, self.losses = s["stopped"], s["before"], list(s["losses"])
+        self.last_eval_step = s["last_eval_step"]
+        self.best = None
+        if s["best"] is not None:
+            self.best = {**s["best"], "tensors": {k: np.array(arrays[f"best.{k}"]) for k in self.params}}
+
+    # ---- evaluation -----------------------------------------------------------------------------
+
+    def _evaluate(self, tensors: dict[str, np.ndarray] | None = None) -> dict[str, float] | None:
+        if self.predictor is None:
+            return None
+        delta = Delta(self.params if tensors is None else tensors, self.delta.meta)
+        return evaluate(self.predictor, self.val, [delta], batch_size=self.plan.micro_batch, max_length=self.plan.max_length)
+
+    def _after_eval(self, metrics: dict[str, float]) -> None:
+        """Keep the best delta so far; count evaluations without improvement for early stopping."""
+        if self.best is None or score(metrics) > score(self.best["metrics"]):
+            self.best = {"metrics": metrics, "step": self.step, "samples": self.samples,
+                         "tensors": {k: v.copy() for k, v in self.params.items()}}
+            self.bad_evals = 0
+        else:
+            self.bad_evals += 1
+            if self.config.patience and self.bad_evals >= self.config.patience:
+                self.stopped = True
+        self.last_eval_step = self.step
+        self._report(metrics)
+
+    def _report(self, metrics: dict[str, float] | None = None) -> None:
+        elapsed = time.perf_counter() - self.t0
+        done = self.step - self.first_step
+        rate = done / elapsed if elapsed > 0 and done else 0.0
+        self.on_progress(Progress(self.step, self.total, self.epoch, self.losses[-1] if self.losses else float("nan"),
+                                  self.lr, rate, (self.total - self.step) / rate if rate else float("nan"), metrics))
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def fit(self, *, resume: bool = False) -> TrainResult:
+        """Train (or continue the checkpointed run when ``resume``) and return the best delta with a summary."""
+        c = self.config
+        if self.checkpoint_dir is not None and ckpt.has_checkpoint(self.checkpoint_dir) and not resume:
+            raise TrainError(f"{self.checkpoint_dir} already holds a checkpoint; pass --resume to continue it "
+                             "or choose another --checkpoint-dir")
+        self.delta = self._fresh_delta()
+        self.params = self.delta.tensors
+        self.optimizer = AdamW(self.params, weight_decay=c.weight_decay)
+        self._sessions()
+        rng = np.random.default_rng(c.seed)
+        self.step = self.epoch = self.position = self.samples = self.bad_evals = 0
+        self.epoch_rng: dict = rng.bit_generator.state
+        self.best, self.stopped, self.losses, self.lr, self.last_eval_step = None, False, [], 0.0, -1
+        resumed_at = None
+        if resume and self.checkpoint_dir is not None and ckpt.has_checkpoint(self.checkpoint_dir):
+            self._restore()
+            resumed_at = self.step
+        else:
+            self.before = self._evaluate()
+        self.first_step, self.t0 = self.step, time.perf_counter()
+        lengths = self.train.lengths
+
+        while self.step < self.total and not self.stopped:
+            rng.bit_generator.state = self.epoch_rng  # the epoch's order is replayed from its starting state
+            batches = plan_batches(lengths, c.batch_size, rng)
+            next_epoch_rng = rng.bit_generator.state
+            while self.step < self.total and not self.stopped:
+                group = batches[self.position:self.position + c.grad_accum]
+                self.lr = lr_at(self.step, base_lr=c.lr, total=self.total, warmup=self.warmup_steps, schedule=c.schedule)
+                self.losses = (self.losses + [self._step(group, self.lr)])[-20:]
+                self.step += 1
+                self.position += len(group)
+                self.samples += sum(len(g) for g in group)
+                epoch_end = self.position >= len(batches)
+                if epoch_end:  # roll over before any checkpoint, so a checkpoint never sits on an epoch boundary
+                    self.epoch, self.position, self.epoch_rng = self.epoch + 1, 0, next_epoch_rng
+                self._report()
+                if self.predictor is not None and (self.step % c.eval_every == 0 if c.eval_every else epoch_end):
+                    self._after_eval(self._evaluate())
+                if c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                    self._save()
+                if epoch_end:
+                    break
+        if self.predictor is not None and self.last_eval_step != self.step:
+            self._after_eval(self._evaluate())  # the final delta competes for best too
+        self._save(done=True)
+        return self._result(resumed_at)
+
+    def _result(self, resumed_at: int | None) -> TrainResult:
+        seconds = time.perf_counter() - self.t0
+        tensors, samples, after, best_step = self.params, self.samples, None, None
+        if self.best is not None:
+            tensors, samples = self.best["tensors"], self.best["samples"]
+            after, best_step = self.best["metrics"], self.best["step"]
+        start = self.start
+        meta = dataclasses.replace(
+            self.delta.meta, adapter=self.config.adapter or (start.meta.adapter if start else "default"), version=0,
+            parent=start.meta.version if start else None, samples=int(samples), creator=self.config.creator,
+            created=now_iso(), extra=self._extra(after))
+        steps_done = self.step - self.first_step
+        summary = TrainSummary(
+            steps=self.step, total_steps=self.total, epochs_done=self.epoch, samples=self.samples, seconds=seconds,
+            steps_per_s=steps_done / seconds if seconds > 0 else 0.0, peak_rss_mb=memory.peak_rss_mb(),
+            train_loss=float(np.mean(self.losses)) if self.losses else float("nan"), before=self.before, after=after,
+            best_step=best_step, stopped_early=self.stopped, resumed_at=resumed_at, memory=self.plan)
+        return TrainResult(Delta({k: np.array(v, np.float32) for k, v in tensors.items()}, meta), summary)
+
+    def _extra(self, after: dict[str, float] | None) -> dict[str, str]:
+        extra = {"steps": str(self.step), "train_loss": f"{np.mean(self.losses):.6g}" if self.losses else "nan"}
+        for k, v in (after or {}).items():
+            if k != "examples":
+                extra[f"val_{k}"] = f"{v:.6g}"
+        return extra
