@@ -19,12 +19,19 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     path = Path(os.fspath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; a bundle or delta is meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -57,6 +64,7 @@ def building_dir(final: str | os.PathLike) -> Iterator[Path]:
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())
         os.rename(tmp, final)
         _fsync_dir(final.parent)
     except BaseException:

@@ -28,7 +28,7 @@ from edgepeft.errors import TrainError
 from edgepeft.runtime.bundle import SessionConfig
 
 MB = 1024 * 1024
-HEADROOM = 0.9  # plan to 90 % of the budget: the probe is one measurement, Python allocates a little more later
+HEADROOM = 0.95  # plan to 95 % of the budget: the probe is one measurement, Python allocates a little more later
 ARENA_FACTOR = 2.0
 MIN_LENGTH = 16  # never truncate examples below this many tokens to fit a budget
 

@@ -47,6 +47,7 @@ class TrainConfig:
     warmup: float = _help(0.0, "Warmup: a fraction of all steps if below 1, else a number of steps.")
     schedule: str = _help("linear", "Decay after warmup: linear, cosine or constant.")
     grad_accum: int = _help(1, "Batches whose gradients are summed into one optimizer step.")
+    micro_batch: int = _help(0, "Most examples per train-graph run; larger batches accumulate gradients (0: whole batch; a memory budget may lower it).")
     max_grad_norm: float = _help(1.0, "Clip gradients to this global L2 norm (0: no clipping).")
     seed: int = _help(0, "Seed of the data order and of a fresh delta's LoRA A init.")
     eval_every: int = _help(0, "Evaluate on the validation data every N steps (0: at the end of each epoch).")
@@ -62,7 +63,7 @@ class TrainConfig:
         for name, v in positive.items():
             if v < 1:
                 raise TrainError(f"{name.replace('_', '-')} must be at least 1, got {v}")
-        for name in ("max_steps", "eval_every", "patience", "checkpoint_every", "threads", "warmup",
+        for name in ("max_steps", "micro_batch", "eval_every", "patience", "checkpoint_every", "threads", "warmup",
                      "weight_decay", "max_grad_norm", "memory_budget_mb"):
             if getattr(self, name) < 0:
                 raise TrainError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
@@ -152,14 +153,15 @@ class Trainer:
         c = self.config
         longest = int(min(self.train.lengths.max(), self.manifest.max_length))
         budget = c.memory_budget_mb
+        want = min(c.batch_size, c.micro_batch or c.batch_size)
         lean = SessionConfig(threads=c.threads, arena=False)
         self.predictor = Predictor(self.bundle, lean if budget else SessionConfig(threads=c.threads)) if self.val else None
         if not budget:
             self.session = self.bundle.session("train", SessionConfig(threads=c.threads))
-            self.plan = memory.unlimited_plan(c.batch_size, longest, SessionConfig(threads=c.threads))
+            self.plan = memory.unlimited_plan(want, longest, SessionConfig(threads=c.threads))
             return
         self.session = self.bundle.session("train", lean)
-        self.plan = memory.plan_memory(budget, batch_size=c.batch_size, longest=longest, measure=self._probe, threads=c.threads)
+        self.plan = memory.plan_memory(budget, batch_size=want, longest=longest, measure=self._probe, threads=c.threads)
         if self.plan.session.arena:
             self.session = self.bundle.session("train", self.plan.session)
 
@@ -314,9 +316,9 @@ class Trainer:
                 self.position += len(group)
                 self.samples += sum(len(g) for g in group)
                 epoch_end = self.position >= len(batches)
+                self._report()
                 if epoch_end:  # roll over before any checkpoint, so a checkpoint never sits on an epoch boundary
                     self.epoch, self.position, self.epoch_rng = self.epoch + 1, 0, next_epoch_rng
-                self._report()
                 if self.predictor is not None and (self.step % c.eval_every == 0 if c.eval_every else epoch_end):
                     self._after_eval(self._evaluate())
                 if c.checkpoint_every and self.step % c.checkpoint_every == 0:

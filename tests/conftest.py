@@ -62,3 +62,205 @@ def bundles(model_dirs, tmp_path_factory):
         return cache[key]
 
     return get
+
+
+# ---- hub fixtures (added with the hub, issue 5) --------------------------------------------------
+
+def make_hub_bundle(out: Path, *, seed: int = 0) -> Path:
+    """A synthetic bundle directory the hub can register: manifest, weights and placeholder graphs.
+
+    The hub never runs the graphs, so this is enough for store, API and aggregation tests and costs
+    nothing; tests that train use ``bundles("bert")``. Another ``seed`` gives another base fingerprint.
+    """
+    import hashlib
+
+    from edgepeft.manifest import Graph, Manifest, Slot, write_manifest
+
+    out.mkdir(parents=True, exist_ok=True)
+    weights = np.random.default_rng(seed).standard_normal(256).astype(np.float32).tobytes()
+    (out / "weights.bin").write_bytes(weights)
+    (out / "model.onnx").write_bytes(b"placeholder infer graph")
+    (out / "train.onnx").write_bytes(b"placeholder train graph")
+    slots = []
+    for mod, (o, i) in {"enc.0.q": (16, 24), "enc.0.v": (24, 16)}.items():
+        slots += [Slot(f"{mod}.lora_A", "lora_A", mod, (4, i), rank=4, alpha=8.0, init="kaiming_uniform"),
+                  Slot(f"{mod}.lora_B", "lora_B", mod, (o, 4), rank=4, alpha=8.0)]
+    slots += [Slot("enc.0.q.bias", "bias", "enc.0.q", (16,)), Slot("head.weight", "weight", "head", (3, 16))]
+    names = tuple(s.name for s in slots)
+    m = Manifest(fingerprint=hashlib.sha256(weights).hexdigest(), source="synthetic", architecture="Synthetic",
+                 model_type="synthetic", task="sequence-classification", method="lora+bitfit", quantization="none",
+                 max_length=16, vocab_size=10, pad_token_id=0, slots=tuple(slots), labels=("a", "b", "c"),
+                 graphs={"infer": Graph("model.onnx", ("input_ids", *names), ("logits",)),
+                         "train": Graph("train.onnx", ("input_ids", "labels", *names), ("loss",))})
+    write_manifest(out, m)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hub_bundle(tmp_path_factory) -> Path:
+    """A synthetic bundle for hub tests (see make_hub_bundle)."""
+    return make_hub_bundle(tmp_path_factory.mktemp("hub-bundle") / "b")
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn():
+    """DSN of a real PostgreSQL: $EDGEPEFT_TEST_POSTGRES, else a throwaway server started by .ci/postgres.sh.
+
+    Fails (never skips) when neither works: the PostgreSQL backend must really run.
+    """
+    import os
+    import subprocess
+
+    dsn = os.environ.get("EDGEPEFT_TEST_POSTGRES")
+    if dsn:
+        yield dsn
+        return
+    script = Path(__file__).parent.parent / ".ci" / "postgres.sh"
+    r = subprocess.run(["bash", str(script), "--no-install"], capture_output=True, text=True, timeout=180)
+    env = dict(line[len("export "):].split("=", 1) for line in r.stdout.splitlines() if line.startswith("export "))
+    if r.returncode != 0 or "EDGEPEFT_TEST_POSTGRES" not in env:
+        pytest.fail("PostgreSQL backend tests need a server: set EDGEPEFT_TEST_POSTGRES to a DSN, or install the "
+                    f"server (apt-get install -y postgresql) so .ci/postgres.sh can start one.\n{r.stderr[-2000:]}",
+                    pytrace=False)
+    try:
+        yield env["EDGEPEFT_TEST_POSTGRES"]
+    finally:
+        subprocess.run(["bash", str(script), "stop", env["EDGEPEFT_TEST_POSTGRES_DIR"]], capture_output=True, timeout=60)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def hub_store_uri(request, tmp_path):
+    """A fresh, empty store URI on each backend: a SQLite directory, or a PostgreSQL schema of its own."""
+    if request.param == "sqlite":
+        yield f"sqlite://{tmp_path / 'store'}"
+        return
+    import uuid
+
+    dsn = request.getfixturevalue("postgres_dsn")
+    schema = "t" + uuid.uuid4().hex[:12]
+    yield f"{dsn}?schema={schema}"
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def hub_store(hub_store_uri):
+    """An open store on each backend (see hub_store_uri)."""
+    from edgepeft.hub.store import open_store
+
+    store = open_store(hub_store_uri)
+    yield store
+    store.close()
+
+
+class FlakyProxy:
+    """A TCP proxy on 127.0.0.1 in front of a hub that can drop connections mid-request.
+
+    ``drop(n, after=k)``: the next n connections are cut (RST) after k request bytes were read, so the
+    hub sees a truncated upload and the client a broken connection.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self.drops, self.drop_after, self.dropped = 0, 0, 0
+        self.lock = threading.Lock()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def drop(self, n: int, after: int = 200) -> None:
+        with self.lock:
+            self.drops, self.drop_after = n, after
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn) -> None:
+        import socket
+        import struct
+        import threading
+
+        with self.lock:
+            cut = self.drops > 0
+            if cut:
+                self.drops -= 1
+                self.dropped += 1
+        if cut:
+            conn.settimeout(5)
+            try:
+                conn.recv(self.drop_after)  # part of the request (headers, maybe some body), then cut
+            except OSError:
+                pass
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+            conn.close()
+            return
+        try:
+            up = socket.create_connection(("127.0.0.1", self.target_port), timeout=30)
+        except OSError:
+            conn.close()
+            return
+
+        def pipe(a, b):
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (a, b):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=pipe, args=(up, conn), daemon=True).start()
+        pipe(conn, up)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class HubThread:
+    """A hub app served by uvicorn in a thread on 127.0.0.1 (stop() to shut it down)."""
+
+    def __init__(self, app, port: int | None = None) -> None:
+        import threading
+        import time
+
+        import uvicorn
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("hub thread did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

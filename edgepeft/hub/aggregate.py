@@ -61,13 +61,13 @@ class _Parents:
         return self.cache[version]
 
 
-def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, memory_mb: int) -> tuple[Delta, dict[str, Any]]:
+def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, memory_mb: float) -> tuple[Delta, dict[str, Any]]:
     """Coordinate-wise trimmed mean in ΔW space, in as many passes over the deltas as the memory budget needs."""
     first, _ = next(pairs())
     modules = first.lora_modules()
     keys = [(f"{m}:dW", (first.tensors[slot_name(m, LORA_B)].shape[0], first.tensors[slot_name(m, LORA_A)].shape[1])) for m in modules]
     keys += [(k, t.shape) for k, t in first.tensors.items() if split_slot_name(k)[1] not in (LORA_A, LORA_B)]
-    budget = max(1, memory_mb * 2**20 // (4 * max(n, 1)))  # float32 numbers per delta per pass
+    budget = max(1, int(memory_mb * 2**20) // (4 * max(n, 1)))  # float32 numbers per delta per pass
     chunks: list[list[tuple[str, int, int]]] = [[]]  # passes of (key, row_lo, row_hi)
     used = 0
     for key, shape in keys:

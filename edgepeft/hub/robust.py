@@ -24,7 +24,7 @@ class RobustOptions:
     clip_norm: float | None = None  # clip each device's update to this Frobenius norm (over every slot, ΔW space)
     trim: float = 0.0  # coordinate-wise trimmed mean: fraction of values cut at each end (0 <= trim < 0.5)
     max_samples: int | None = None  # cap on one delta's aggregation weight (its meta.samples)
-    memory_mb: int = 256  # working set of the trimmed mean; more deltas mean more passes, not more memory
+    memory_mb: float = 256.0  # working set of the trimmed mean; more deltas mean more passes, not more memory
 
     def __post_init__(self) -> None:
         if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
@@ -33,8 +33,8 @@ class RobustOptions:
             raise HubError(f"trim must be in [0, 0.5), got {self.trim}")
         if self.max_samples is not None and self.max_samples < 1:
             raise HubError(f"max_samples must be >= 1, got {self.max_samples}")
-        if self.memory_mb < 1:
-            raise HubError(f"memory_mb must be >= 1, got {self.memory_mb}")
+        if not (math.isfinite(self.memory_mb) and self.memory_mb > 0):
+            raise HubError(f"memory_mb must be > 0, got {self.memory_mb}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "RobustOptions":

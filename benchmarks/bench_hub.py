@@ -1,0 +1,214 @@
+"""Hub benchmark: upload throughput and latency for 64 concurrent devices, aggregation time and memory.
+
+    python benchmarks/bench_hub.py [--store sqlite|URI] [--devices 64] [--uploads 8] [--out benchmarks/results/hub.json]
+
+Uploads: a hub subprocess (``edgepeft hub serve``, uvicorn, one worker) on loopback; every device sends
+distinct packed deltas of a synthetic MiniLM-sized adapter (6 layers, LoRA r=8 on query and value of
+384x384, biases, a 2-label head) over its own HTTP connection, all devices at once.
+Aggregation: small synthetic deltas (2 LoRA modules 32x32 r=4, a bias, a 3x32 head) stored in a
+SQLite store, then one ``aggregate`` over all of them; time of the whole call (claim, stream from the
+store, merge, publish) and the Python-heap peak (tracemalloc) of the merge pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes
+from edgepeft.delta.transport import pack
+from edgepeft.hub import aggregate as agg
+from edgepeft.hub.robust import RobustOptions
+from edgepeft.hub.store import DeltaRec, open_store, sha256_hex
+from edgepeft.manifest import Graph, Manifest, Slot, write_manifest
+
+ADMIN = "bench-admin-token-0123456789abcdef"
+
+
+def synthetic_bundle(out: Path, layers: int, dim: int, rank: int, labels: int, seed: int = 0) -> Manifest:
+    """A bundle directory the hub accepts (manifest, weights, placeholder graphs) with these delta shapes."""
+    out.mkdir(parents=True, exist_ok=True)
+    weights = np.random.default_rng(seed).standard_normal(1024).astype(np.float32).tobytes()
+    (out / "weights.bin").write_bytes(weights)
+    (out / "model.onnx").write_bytes(b"placeholder")
+    (out / "train.onnx").write_bytes(b"placeholder")
+    slots = []
+    for layer in range(layers):
+        for m in ("query", "value"):
+            mod = f"encoder.layer.{layer}.{m}"
+            slots += [Slot(f"{mod}.lora_A", "lora_A", mod, (rank, dim), rank=rank, alpha=2.0 * rank),
+                      Slot(f"{mod}.lora_B", "lora_B", mod, (dim, rank), rank=rank, alpha=2.0 * rank),
+                      Slot(f"{mod}.bias", "bias", mod, (dim,))]
+    slots.append(Slot("classifier.weight", "weight", "classifier", (labels, dim)))
+    names = tuple(s.name for s in slots)
+    manifest = Manifest(fingerprint=hashlib.sha256(weights).hexdigest(), source="synthetic", architecture="Synthetic",
+                        model_type="synthetic", task="sequence-classification", method="lora+bitfit", quantization="none",
+                        max_length=128, vocab_size=100, pad_token_id=0, slots=tuple(slots), labels=tuple(f"L{i}" for i in range(labels)),
+                        graphs={"infer": Graph("model.onnx", ("input_ids", *names), ("logits",)),
+                                "train": Graph("train.onnx", ("input_ids", "labels", *names), ("loss",))})
+    write_manifest(out, manifest)
+    return manifest
+
+
+def random_delta(manifest: Manifest, seed: int, creator: str) -> Delta:
+    rng = np.random.default_rng(seed)
+    tensors = {s.name: (rng.standard_normal(s.shape) * 0.02).astype(np.float32) for s in manifest.slots}
+    s = next(s for s in manifest.slots if s.rank)
+    return Delta(tensors, DeltaMeta(base_fingerprint=manifest.fingerprint, method=manifest.method, rank=s.rank,
+                                    alpha=s.alpha, samples=int(rng.integers(1, 100)), creator=creator))
+
+
+# ---- uploads ------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _device(url: str, token: str, device: str, bodies: list[bytes], latencies: list[float], start: asyncio.Event) -> int:
+    ok = 0
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+        await start.wait()
+        for body in bodies:
+            t = time.perf_counter()
+            r = await c.post(f"/api/v1/devices/{device}/deltas", content=body)
+            latencies.append(time.perf_counter() - t)
+            ok += r.status_code == 201
+    return ok
+
+
+async def _upload_all(url: str, tokens: dict[str, str], bodies: dict[str, list[bytes]]) -> tuple[float, list[float], int]:
+    latencies: list[float] = []
+    start = asyncio.Event()
+    tasks = [asyncio.create_task(_device(url, tokens[d], d, bodies[d], latencies, start)) for d in tokens]
+    await asyncio.sleep(0.5)  # every client connected and waiting
+    t0 = time.perf_counter()
+    start.set()
+    ok = sum(await asyncio.gather(*tasks))
+    return time.perf_counter() - t0, latencies, ok
+
+
+def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Path) -> dict:
+    bundle = work / "bundle"
+    manifest = synthetic_bundle(bundle, layers=6, dim=384, rank=8, labels=2)
+    uri = store_uri or f"sqlite://{work / 'hub'}"
+    (work / "admin.token").write_text(ADMIN)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(work / "hub.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "edgepeft.cli", "hub", "serve", "--store", uri, "--port", str(port),
+                             "--admin-token-file", str(work / "admin.token"), "--policy-interval", "0", "--log-level", "warning"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for p in sorted(bundle.iterdir()):
+                tar.add(p, arcname=p.name)
+        fp = admin.post("/api/v1/bundles", content=buf.getvalue()).json()["fingerprint"]
+        admin.post("/api/v1/fleets", json={"name": "bench", "bundle": fp}).raise_for_status()
+        tokens = {f"d{i:03d}": admin.post("/api/v1/fleets/bench/devices", json={"device": f"d{i:03d}"}).json()["token"]
+                  for i in range(devices)}
+        bodies = {d: [pack(random_delta(manifest, i * 1000 + k, d)) for k in range(per_device)] for i, d in enumerate(tokens)}
+        size = float(np.mean([len(b) for bs in bodies.values() for b in bs]))
+        wall, lat, ok = asyncio.run(_upload_all(url, tokens, bodies))
+        total = devices * per_device
+        lat_ms = np.array(lat) * 1000
+        return {"store": uri.split("://")[0], "devices": devices, "uploads": total, "accepted": ok,
+                "packed_delta_bytes": round(size), "seconds": round(wall, 3), "uploads_per_s": round(total / wall, 1),
+                "latency_ms": {"p50": round(float(np.percentile(lat_ms, 50)), 1), "p99": round(float(np.percentile(lat_ms, 99)), 1),
+                               "max": round(float(lat_ms.max()), 1)}}
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+
+
+# ---- aggregation --------------------------------------------------------------------------------
+
+def bench_aggregation(n: int, work: Path, options: dict | None = None) -> dict:
+    root = work / f"agg-{n}-{'-'.join(sorted(options or {})) or 'mean'}"
+    manifest = synthetic_bundle(root / "bundle", layers=1, dim=32, rank=4, labels=3)
+    store = open_store(str(root / "store"))
+    files = {p.name: p.read_bytes() for p in (root / "bundle").iterdir()}
+    store.add_bundle(files["manifest.json"].decode(), files)
+    store.create_fleet("f", manifest.fingerprint)
+    t = time.perf_counter()
+    size = 0
+    for i in range(n):
+        data = delta_bytes(random_delta(manifest, i, f"d{i % 500}"))
+        size = len(data)
+        store.add_delta(DeltaRec(sha256_hex(data), "f", f"d{i % 500}", "default", 0, 1 + i % 50, len(data), float(i)), data)
+    fill = time.perf_counter() - t
+    ids = [d.id for d in store.list_deltas("f", pending=True)]
+    opts = RobustOptions.from_dict(options)
+
+    def pairs():
+        for delta_id, data in store.iter_delta_bytes(ids):
+            d = agg.parse_delta(data, delta_id, manifest)
+            yield d, float(d.meta.samples)
+
+    tracemalloc.start()
+    agg.combine(pairs, len(ids), manifest, opts)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    t = time.perf_counter()
+    v = agg.aggregate(store, "f", options=options)
+    seconds = time.perf_counter() - t
+    store.close()
+    return {"deltas": n, "delta_bytes": size, "options": options or {}, "seconds": round(seconds, 3),
+            "deltas_per_s": round(n / seconds, 1), "peak_python_heap_mb": round(peak / 2**20, 2),
+            "aggregated": v.report["count"], "store_fill_seconds": round(fill, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", default=None, help="store URI for the upload part (default: a SQLite store in a temp dir)")
+    ap.add_argument("--devices", type=int, default=64, help="concurrent devices")
+    ap.add_argument("--uploads", type=int, default=8, help="uploads per device")
+    ap.add_argument("--aggregate", default="1000,10000", help="delta counts for the aggregation part")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "hub.json"), help="result JSON")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
+        work = Path(tmp)
+        result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+                  "uploads": bench_uploads(args.store, args.devices, args.uploads, work)}
+        print(json.dumps(result["uploads"]), flush=True)
+        result["aggregation"] = []
+        for n in (int(x) for x in args.aggregate.split(",")):
+            result["aggregation"].append(bench_aggregation(n, work))
+            print(json.dumps(result["aggregation"][-1]), flush=True)
+        first = int(args.aggregate.split(",")[0])
+        result["aggregation"].append(bench_aggregation(first, work, {"clip_norm": 0.5, "trim": 0.1}))
+        print(json.dumps(result["aggregation"][-1]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

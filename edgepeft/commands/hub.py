@@ -1,0 +1,200 @@
+"""``edgepeft hub ...``: serve the hub, and admin commands that talk to a running hub over HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import tarfile
+from pathlib import Path
+
+import click
+
+
+HUB_HELP = "Hub URL (or env EDGEPEFT_HUB)."
+ADMIN_HELP = "File holding the admin token (or env EDGEPEFT_ADMIN_TOKEN_FILE)."
+
+
+def _admin_client(hub: str, token_file: str | None):
+    from edgepeft.devices.client import HubClient
+
+    if not token_file:
+        raise click.BadParameter("pass --admin-token-file or set EDGEPEFT_ADMIN_TOKEN_FILE", param_hint="--admin-token-file")
+    try:
+        token = Path(token_file).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise click.BadParameter(f"{token_file}: no such file", param_hint="--admin-token-file") from None
+    return HubClient(hub, token, retries=2)
+
+
+def admin_options(f):
+    f = click.option("--admin-token-file", envvar="EDGEPEFT_ADMIN_TOKEN_FILE", type=click.Path(dir_okay=False), help=ADMIN_HELP)(f)
+    return click.option("--hub", envvar="EDGEPEFT_HUB", default="http://127.0.0.1:8000", show_default=True, help=HUB_HELP)(f)
+
+
+@click.group("hub", context_settings={"help_option_names": ["-h", "--help"]})
+def hub_group() -> None:
+    """Run the hub that stores and aggregates fleet deltas, and administer it."""
+
+
+@hub_group.command("serve")
+@click.option("--store", "store_uri", required=True, help="Store: a directory, sqlite:///DIR, or postgresql://USER@HOST/DB.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; keep loopback and put a TLS proxy in front.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
+@click.option("--admin-token-file", type=click.Path(dir_okay=False),
+              help="File with the admin token; default DIR/admin.token for a directory store (created if missing).")
+@click.option("--max-upload-bytes", default=16 * 2**20, show_default=True, type=click.IntRange(1), help="Largest delta upload (413 above).")
+@click.option("--policy-interval", default=30.0, show_default=True, type=click.FloatRange(0), help="Seconds between time-policy checks (0: off).")
+@click.option("--public-status", is_flag=True, help="Serve the status page at / without the admin token.")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]), help="uvicorn log level.")
+def serve_cmd(store_uri: str, host: str, port: int, admin_token_file: str | None, max_upload_bytes: int,
+              policy_interval: float, public_status: bool, log_level: str) -> None:
+    """Serve the hub HTTP API (OpenAPI at /docs) over STORE."""
+    import uvicorn
+
+    from edgepeft.hub.app import create_app
+    from edgepeft.hub.store import open_store
+
+    token = _admin_token(store_uri, admin_token_file)
+    store = open_store(store_uri)
+    app = create_app(store, admin_token=token, max_upload_bytes=max_upload_bytes, policy_interval_s=policy_interval,
+                     status_public=public_status)
+    click.echo(f"edgepeft hub on http://{host}:{port} (store {store_uri.split('@')[-1]})", err=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        store.close()
+
+
+def _admin_token(store_uri: str, token_file: str | None) -> str:
+    if token_file is None:
+        if "://" in store_uri and not store_uri.startswith("sqlite://"):
+            raise click.BadParameter("a database store needs --admin-token-file", param_hint="--admin-token-file")
+        root = Path(store_uri[len("sqlite://"):] if store_uri.startswith("sqlite://") else store_uri)
+        root.mkdir(parents=True, exist_ok=True)
+        token_file = str(root / "admin.token")
+        if not Path(token_file).exists():
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+            click.echo(f"admin token written to {token_file}", err=True)
+    try:
+        token = Path(token_file).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise click.BadParameter(f"{token_file}: no such file", param_hint="--admin-token-file") from None
+    if len(token) < 16:
+        raise click.BadParameter(f"{token_file}: the admin token must be at least 16 characters", param_hint="--admin-token-file")
+    return token
+
+
+@hub_group.group("bundle")
+def bundle_group() -> None:
+    """Bundles on the hub."""
+
+
+@bundle_group.command("add")
+@click.argument("bundle_dir", type=click.Path(file_okay=False, exists=True))
+@admin_options
+def bundle_add_cmd(bundle_dir: str, hub: str, admin_token_file: str | None) -> None:
+    """Register BUNDLE_DIR (uploaded as a tar); prints its fingerprint."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for p in sorted(Path(bundle_dir).iterdir()):
+            if p.is_file() and not p.name.startswith("."):
+                tar.add(p, arcname=p.name)
+    with _admin_client(hub, admin_token_file) as c:
+        r = c.request("POST", "/api/v1/bundles", content=buf.getvalue()).json()
+    click.echo(r["fingerprint"])
+
+
+@hub_group.group("fleet")
+def fleet_group() -> None:
+    """Fleets on the hub."""
+
+
+@fleet_group.command("create")
+@click.argument("name")
+@click.option("--bundle", "fingerprint", required=True, help="Fingerprint of a registered bundle.")
+@click.option("--aggregate-every", default=0, type=click.IntRange(0), help="Aggregate when this many deltas are pending (0: off).")
+@click.option("--aggregate-minutes", default=0.0, type=click.FloatRange(0), help="Aggregate when the oldest pending delta is this old (0: off).")
+@click.option("--staleness", default=2, show_default=True, type=click.IntRange(0), help="Versions a delta's parent may lag behind.")
+@click.option("--clip-norm", type=click.FloatRange(0, min_open=True), help="Default: clip each device's update to this norm.")
+@click.option("--trim", type=click.FloatRange(0, 0.5, max_open=True), help="Default: coordinate-wise trimmed mean fraction.")
+@admin_options
+def fleet_create_cmd(name: str, fingerprint: str, aggregate_every: int, aggregate_minutes: float, staleness: int,
+                     clip_norm: float | None, trim: float | None, hub: str, admin_token_file: str | None) -> None:
+    """Create fleet NAME training a registered bundle."""
+    robust = {k: v for k, v in {"clip_norm": clip_norm, "trim": trim}.items() if v is not None}
+    body = {"name": name, "bundle": fingerprint, "aggregate_every": aggregate_every,
+            "aggregate_minutes": aggregate_minutes, "staleness": staleness, "robust": robust}
+    with _admin_client(hub, admin_token_file) as c:
+        c.request("POST", "/api/v1/fleets", json=body)
+    click.echo(f"fleet {name} created")
+
+
+@hub_group.group("device")
+def device_group() -> None:
+    """Devices on the hub."""
+
+
+@device_group.command("add")
+@click.argument("fleet")
+@click.argument("device")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the token to this file (mode 600) instead of stdout.")
+@admin_options
+def device_add_cmd(fleet: str, device: str, output: str | None, hub: str, admin_token_file: str | None) -> None:
+    """Add DEVICE to FLEET and print its token (shown once; the hub keeps only a hash)."""
+    with _admin_client(hub, admin_token_file) as c:
+        token = c.request("POST", f"/api/v1/fleets/{fleet}/devices", json={"device": device}).json()["token"]
+    if output:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        click.echo(f"token of {device} written to {output}")
+    else:
+        click.echo(token)
+
+
+@hub_group.command("aggregate")
+@click.argument("fleet")
+@click.option("--adapter", default="default", show_default=True, help="Adapter to aggregate.")
+@click.option("--clip-norm", type=click.FloatRange(0, min_open=True), help="Clip each device's update (ΔW space) to this norm.")
+@click.option("--trim", type=click.FloatRange(0, 0.5, max_open=True), help="Coordinate-wise trimmed mean: fraction cut at each end.")
+@click.option("--max-samples", type=click.IntRange(1), help="Cap on one delta's weight.")
+@admin_options
+def aggregate_cmd(fleet: str, adapter: str, clip_norm: float | None, trim: float | None, max_samples: int | None,
+                  hub: str, admin_token_file: str | None) -> None:
+    """Aggregate FLEET's pending deltas into a new adapter version."""
+    body = {k: v for k, v in {"clip_norm": clip_norm, "trim": trim, "max_samples": max_samples}.items() if v is not None}
+    with _admin_client(hub, admin_token_file) as c:
+        v = c.request("POST", f"/api/v1/fleets/{fleet}/adapters/{adapter}/aggregate", json=body or None).json()
+    click.echo(f"{fleet}/{adapter} v{v['version']}: {v['report'].get('count')} deltas, {v['report'].get('samples')} samples")
+
+
+@hub_group.command("publish")
+@click.argument("fleet")
+@click.argument("delta", type=click.Path(dir_okay=False, exists=True))
+@click.option("--adapter", default="default", show_default=True, help="Adapter the delta becomes the next version of.")
+@admin_options
+def publish_cmd(fleet: str, delta: str, adapter: str, hub: str, admin_token_file: str | None) -> None:
+    """Publish DELTA as the next version of FLEET's adapter (no aggregation)."""
+    with _admin_client(hub, admin_token_file) as c:
+        v = c.request("POST", f"/api/v1/fleets/{fleet}/adapters/{adapter}/versions", content=Path(delta).read_bytes()).json()
+    click.echo(f"{fleet}/{adapter} v{v['version']} published")
+
+
+@hub_group.command("status")
+@click.argument("fleet", required=False)
+@admin_options
+def status_cmd(fleet: str | None, hub: str, admin_token_file: str | None) -> None:
+    """Print fleets (or one fleet's devices and versions) as JSON."""
+    with _admin_client(hub, admin_token_file) as c:
+        if fleet is None:
+            out = c.request("GET", "/api/v1/fleets").json()
+        else:
+            out = {"devices": c.request("GET", f"/api/v1/fleets/{fleet}/devices").json(),
+                   "versions": c.request("GET", f"/api/v1/fleets/{fleet}/versions").json()}
+    click.echo(json.dumps(out, indent=1, sort_keys=True))
+
+

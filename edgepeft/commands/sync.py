@@ -1,0 +1,86 @@
+"""``edgepeft push / pull / agent``: the device side of fleet sync (httpx only, no server deps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgepeft import atomic
+
+HUB_HELP = "Hub URL (or env EDGEPEFT_HUB)."
+TOKEN_HELP = "File holding this device's token (or env EDGEPEFT_TOKEN_FILE)."
+
+
+def _client(hub: str, token_file: str | None):
+    from edgepeft.devices.client import HubClient
+
+    if not token_file:
+        raise click.BadParameter("pass --token-file or set EDGEPEFT_TOKEN_FILE", param_hint="--token-file")
+    try:
+        token = Path(token_file).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise click.BadParameter(f"{token_file}: no such file", param_hint="--token-file") from None
+    return HubClient(hub, token)
+
+
+def device_options(f):
+    f = click.option("--token-file", envvar="EDGEPEFT_TOKEN_FILE", type=click.Path(dir_okay=False), help=TOKEN_HELP)(f)
+    return click.option("--hub", envvar="EDGEPEFT_HUB", default="http://127.0.0.1:8000", show_default=True, help=HUB_HELP)(f)
+
+
+@click.command("push")
+@click.argument("delta", type=click.Path(dir_okay=False, exists=True))
+@click.option("--pack/--no-pack", "packed", default=True, show_default=True, help="Send the packed (int8 + zstd) transport form.")
+@device_options
+def push_cmd(delta: str, packed: bool, hub: str, token_file: str | None) -> None:
+    """Upload DELTA (a delta file or a packed delta) to the hub as this device."""
+    from edgepeft.commands.delta import read_any
+    from edgepeft.delta.transport import is_packed, pack
+
+    data = Path(delta).read_bytes()
+    if packed and not is_packed(data[:8]):
+        data = pack(read_any(delta))
+    with _client(hub, token_file) as c:
+        r = c.push(data)
+    click.echo(f"{'already stored' if r.get('duplicate') else 'accepted'}: {r['id'][:16]} ({len(data)} bytes)")
+
+
+@click.command("pull")
+@click.argument("adapter")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the delta file.")
+@click.option("--version", default="latest", show_default=True, help="Version number, or latest.")
+@device_options
+def pull_cmd(adapter: str, output: str, version: str, hub: str, token_file: str | None) -> None:
+    """Download a version of ADAPTER from this device's fleet."""
+    with _client(hub, token_file) as c:
+        fleet = c.me()["fleet"]
+        number, data = c.download_version(fleet, adapter, version)
+    atomic.write_bytes(output, data)
+    click.echo(f"{fleet}/{adapter} v{number} -> {output} ({len(data)} bytes)")
+
+
+@click.group("agent", context_settings={"help_option_names": ["-h", "--help"]})
+def agent_group() -> None:
+    """Run the device sync agent."""
+
+
+@agent_group.command("run")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True), help="device.toml of this device.")
+@click.option("--once", is_flag=True, help="Run one round and exit.")
+@click.option("--rounds", type=click.IntRange(1), help="Run this many rounds, then exit (default: forever).")
+def agent_run_cmd(config_path: str, once: bool, rounds: int | None) -> None:
+    """Pull the latest adapter, train on new local data, push the delta; repeat every interval_s."""
+    from edgepeft.devices.agent import Agent, AgentConfig, RoundReport
+
+    agent = Agent(AgentConfig.from_toml(config_path))
+
+    def show(r: RoundReport) -> None:
+        line = f"v{r.version or 0}: pulled={'yes' if r.pulled else 'no'} trained={r.trained} sent={r.sent} pending={r.pending}"
+        if r.rejected:
+            line += f" rejected={r.rejected}"
+        if r.offline:
+            line += f" offline ({r.offline})"
+        click.echo(line)
+
+    agent.run(rounds=1 if once else rounds, on_round=show)

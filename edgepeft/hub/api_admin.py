@@ -1,0 +1,150 @@
+"""Admin endpoints (admin token): register bundles, create fleets and device tokens, publish and aggregate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from edgepeft.errors import DeltaError, HubError
+from edgepeft.hub import aggregate as agg
+from edgepeft.hub.api_device import BINARY_BODY, read_body, version_json
+from edgepeft.hub.auth import AdminDep, StoreDep
+from edgepeft.hub.bundles import check_bundle_files, files_from_tar
+from edgepeft.hub.store import Fleet, check_name
+
+router = APIRouter(prefix="/api/v1")
+
+
+class FleetIn(BaseModel):
+    """A new fleet and its aggregation policy."""
+
+    name: str = Field(description="fleet name: 1-64 letters, digits, _ or -")
+    bundle: str = Field(description="fingerprint of a registered bundle")
+    aggregate_every: int = Field(0, ge=0, description="aggregate when this many deltas are pending (0: not by count)")
+    aggregate_minutes: float = Field(0.0, ge=0, description="aggregate when the oldest pending delta is this old (0: not by time)")
+    staleness: int = Field(2, ge=0, description="refuse deltas trained from a version more than this many behind")
+    robust: dict[str, Any] = Field(default_factory=dict, description="default aggregation options (clip_norm, trim, max_samples)")
+
+
+class DeviceIn(BaseModel):
+    """A new device of a fleet."""
+
+    device: str = Field(description="device id: 1-64 letters, digits, _ or -")
+
+
+class AggregateIn(BaseModel):
+    """Options of one aggregation; omitted: the fleet's defaults."""
+
+    clip_norm: float | None = Field(None, gt=0, description="clip each device's update (ΔW space) to this norm")
+    trim: float | None = Field(None, ge=0, lt=0.5, description="coordinate-wise trimmed mean, fraction cut at each end")
+    max_samples: int | None = Field(None, ge=1, description="cap on one delta's weight")
+
+
+def _fleet_json(f: Fleet) -> dict[str, Any]:
+    return {"name": f.name, "bundle": f.bundle, "aggregate_every": f.aggregate_every, "aggregate_minutes": f.aggregate_minutes,
+            "staleness": f.staleness, "robust": f.robust, "created": f.created}
+
+
+@router.post("/bundles", status_code=201, openapi_extra=BINARY_BODY,
+             summary="Register a bundle: a tar (optionally gzip) of its files, flat")
+async def add_bundle(request: Request, who: AdminDep, store: StoreDep) -> dict[str, Any]:
+    data = await read_body(request, request.app.state.max_bundle_bytes)
+
+    def work() -> dict[str, Any]:
+        files = files_from_tar(data)
+        text = check_bundle_files(files)
+        rec, added = store.add_bundle(text, files)
+        return {"fingerprint": rec.fingerprint, "added": added, "files": [{"name": f.name, "size": f.size} for f in rec.files]}
+
+    try:
+        return await run_in_threadpool(work)
+    except HubError as e:
+        raise HTTPException(422, str(e)) from None
+
+
+@router.get("/bundles", summary="Registered bundles")
+def list_bundles(who: AdminDep, store: StoreDep) -> list[dict[str, Any]]:
+    return [{"fingerprint": b.fingerprint, "created": b.created, "files": [f.name for f in b.files]} for b in store.list_bundles()]
+
+
+@router.post("/fleets", status_code=201, summary="Create a fleet")
+def create_fleet(body: FleetIn, who: AdminDep, store: StoreDep) -> dict[str, Any]:
+    from edgepeft.hub.robust import RobustOptions
+
+    try:
+        RobustOptions.from_dict(body.robust)
+        f = store.create_fleet(body.name, body.bundle, aggregate_every=body.aggregate_every,
+                               aggregate_minutes=body.aggregate_minutes, staleness=body.staleness, robust=body.robust)
+    except HubError as e:
+        raise HTTPException(409 if "exists" in str(e) else 422, str(e)) from None
+    return _fleet_json(f)
+
+
+@router.get("/fleets", summary="Every fleet")
+def list_fleets(who: AdminDep, store: StoreDep) -> list[dict[str, Any]]:
+    return [_fleet_json(f) for f in store.list_fleets()]
+
+
+@router.post("/fleets/{fleet}/devices", status_code=201, summary="Add a device; its token is in the answer, once")
+def add_device(fleet: str, body: DeviceIn, who: AdminDep, store: StoreDep) -> dict[str, str]:
+    if store.get_fleet(fleet) is None:
+        raise HTTPException(404, f"no fleet {fleet!r}")
+    try:
+        token = store.add_device(fleet, body.device)
+    except HubError as e:
+        raise HTTPException(409 if "exists" in str(e) else 422, str(e)) from None
+    return {"device": body.device, "fleet": fleet, "token": token}
+
+
+@router.get("/fleets/{fleet}/devices", summary="Devices of a fleet and when each was last seen")
+def list_devices(fleet: str, who: AdminDep, store: StoreDep) -> list[dict[str, Any]]:
+    return [{"device": d.id, "created": d.created, "last_seen": d.last_seen} for d in store.list_devices(fleet)]
+
+
+@router.get("/fleets/{fleet}/deltas", summary="Accepted deltas of a fleet and the version each went into")
+def list_deltas(fleet: str, who: AdminDep, store: StoreDep, pending: bool = False) -> list[dict[str, Any]]:
+    return [{"id": d.id, "device": d.device, "adapter": d.adapter, "parent": d.parent, "samples": d.samples,
+             "size": d.size, "received": d.received, "version": d.version} for d in store.list_deltas(fleet, pending=pending)]
+
+
+@router.post("/fleets/{fleet}/adapters/{adapter}/versions", status_code=201, openapi_extra=BINARY_BODY,
+             summary="Publish a delta as the next version (no aggregation)")
+async def publish(fleet: str, adapter: str, request: Request, who: AdminDep, store: StoreDep) -> dict[str, Any]:
+    data = await read_body(request, request.app.state.max_upload_bytes)
+    _check_fleet(store, fleet, adapter)
+    try:
+        v = await run_in_threadpool(agg.publish, store, fleet, adapter, data)
+    except DeltaError as e:
+        raise HTTPException(422, str(e)) from None
+    return version_json(v)
+
+
+@router.post("/fleets/{fleet}/adapters/{adapter}/aggregate", status_code=201,
+             summary="Aggregate every pending delta into a new version", responses={409: {"description": "nothing pending"}})
+def aggregate(fleet: str, adapter: str, who: AdminDep, store: StoreDep, request: Request,
+              body: AggregateIn | None = None) -> dict[str, Any]:
+    _check_fleet(store, fleet, adapter)
+    f = store.get_fleet(fleet)
+    options = dict(f.robust)
+    if body is not None:
+        options.update({k: v for k, v in body.model_dump().items() if v is not None})
+    try:
+        with request.app.state.aggregate_lock:
+            v = agg.aggregate(store, fleet, adapter, options)
+    except (HubError, DeltaError) as e:
+        raise HTTPException(422, str(e)) from None
+    if v is None:
+        raise HTTPException(409, f"no pending deltas for {fleet}/{adapter}")
+    return version_json(v)
+
+
+def _check_fleet(store, fleet: str, adapter: str) -> None:
+    if store.get_fleet(fleet) is None:
+        raise HTTPException(404, f"no fleet {fleet!r}")
+    try:
+        check_name("adapter", adapter)
+    except HubError as e:
+        raise HTTPException(422, str(e)) from None

@@ -1,0 +1,199 @@
+"""Device endpoints: who am I, upload a delta, list and download the fleet's adapter versions, report metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from edgepeft.errors import DeltaError, HubError
+from edgepeft.hub import aggregate as agg
+from edgepeft.hub.auth import DeviceDep, PrincipalDep, StoreDep
+from edgepeft.hub.bundles import serve_blob
+from edgepeft.hub.store import DeltaRec, Device, Store, VersionRec, check_name, sha256_hex
+
+router = APIRouter(prefix="/api/v1")
+
+BINARY_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
+    "schema": {"type": "string", "format": "binary"}}}}}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 as soon as it passes ``limit`` bytes (declared or actual)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"body of {declared} bytes is over the {limit}-byte limit")
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise HTTPException(413, f"body is over the {limit}-byte limit")
+    return bytes(buf)
+
+
+def version_json(v: VersionRec, *, with_report: bool = True) -> dict[str, Any]:
+    """What clients see of a version."""
+    out = {"fleet": v.fleet, "adapter": v.adapter, "version": v.version, "state": v.state, "sha256": v.sha256,
+           "size": v.size, "parent": v.parent, "created": v.created}
+    if with_report:
+        out["report"] = v.report
+    return out
+
+
+def manifest_of(request: Request, store: Store, fingerprint: str):
+    """The bundle manifest, cached per process (bundles never change)."""
+    cache = request.app.state.manifests
+    if fingerprint not in cache:
+        rec = store.get_bundle(fingerprint)
+        if rec is None:
+            raise HTTPException(500, f"bundle {fingerprint[:16]} of the fleet is missing")
+        cache[fingerprint] = rec.manifest
+    return cache[fingerprint]
+
+
+def accept_delta(store: Store, device: Device, data: bytes, manifest) -> tuple[int, dict[str, Any]]:
+    """Validate, then store (status, body). Nothing is stored unless every check passed."""
+    sha = sha256_hex(data)
+    known = store.get_delta(sha)
+    if known is not None:  # a retry of an upload that was accepted: accepted once
+        if known.device != device.id:
+            raise HTTPException(403, "these bytes were uploaded by another device")
+        return 200, {"id": sha, "duplicate": True, "adapter": known.adapter, "parent": known.parent}
+    try:
+        delta = agg.parse_delta(data, f"upload from {device.id}", manifest)
+    except DeltaError as e:
+        raise HTTPException(422, str(e)) from None
+    meta = delta.meta
+    if meta.creator and meta.creator != device.id:
+        raise HTTPException(403, f"delta says it was made by {meta.creator!r}; a device uploads only as itself")
+    if meta.samples < 1:
+        raise HTTPException(422, "delta has samples=0; its aggregation weight would be zero")
+    try:
+        check_name("adapter", meta.adapter)
+    except HubError as e:
+        raise HTTPException(422, str(e)) from None
+    fleet = store.get_fleet(device.fleet)
+    latest = store.latest_version(device.fleet, meta.adapter)
+    why = agg.check_parent(latest.version if latest else 0, meta.parent, fleet.staleness if fleet else 0)
+    if why:
+        raise HTTPException(409, why)
+    rec = DeltaRec(sha, device.fleet, device.id, meta.adapter, meta.parent or 0, meta.samples, len(data), time.time())
+    added = store.add_delta(rec, data)
+    return (201 if added else 200), {"id": sha, "duplicate": not added, "adapter": meta.adapter, "parent": rec.parent}
+
+
+class MetricsIn(BaseModel):
+    """Metric values a device reports, optionally for the adapter version it ran."""
+
+    values: dict[str, float] = Field(max_length=64)
+    version: int | None = None
+
+
+@router.get("/device", summary="The calling device: its fleet, bundle and latest adapter versions")
+def whoami(who: DeviceDep, store: StoreDep) -> dict[str, Any]:
+    d = who.device
+    fleet = store.get_fleet(d.fleet)
+    latest: dict[str, int] = {}
+    for v in store.list_versions(d.fleet):
+        latest[v.adapter] = max(latest.get(v.adapter, 0), v.version)
+    return {"device": d.id, "fleet": d.fleet, "bundle": fleet.bundle if fleet else None, "latest": latest}
+
+
+@router.post("/devices/{device_id}/deltas", status_code=201, openapi_extra=BINARY_BODY,
+             summary="Upload a delta (safetensors or packed); idempotent by sha256",
+             responses={200: {"description": "already stored (a retry)"}, 403: {"description": "not this device"},
+                        409: {"description": "stale parent"}, 413: {"description": "too large"},
+                        422: {"description": "invalid delta"}})
+async def upload_delta(device_id: str, request: Request, who: DeviceDep, store: StoreDep,
+                       tasks: BackgroundTasks) -> JSONResponse:
+    if who.device.id != device_id:
+        raise HTTPException(403, f"token is for device {who.device.id!r}, not {device_id!r}")
+    data = await read_body(request, request.app.state.max_upload_bytes)
+    fleet = await run_in_threadpool(store.get_fleet, who.device.fleet)
+    manifest = await run_in_threadpool(manifest_of, request, store, fleet.bundle)
+    status, body = await run_in_threadpool(accept_delta, store, who.device, data, manifest)
+    if status == 201:
+        tasks.add_task(request.app.state.policy, who.device.fleet, body["adapter"])
+    return JSONResponse(body, status_code=status)
+
+
+@router.post("/devices/{device_id}/metrics", status_code=201, summary="Report metric values (loss, accuracy, ...)")
+def report_metrics(device_id: str, body: MetricsIn, who: DeviceDep, store: StoreDep) -> dict[str, int]:
+    if who.device.id != device_id:
+        raise HTTPException(403, f"token is for device {who.device.id!r}, not {device_id!r}")
+    return {"recorded": store.add_metrics(who.device.fleet, device_id, body.values, body.version)}
+
+
+def _fleet_access(who, fleet: str) -> None:
+    if not who.may_read_fleet(fleet):
+        raise HTTPException(403, f"not a member of fleet {fleet!r}")
+
+
+@router.get("/fleets/{fleet}/versions", summary="Published adapter versions of a fleet")
+def list_versions(fleet: str, who: PrincipalDep, store: StoreDep, adapter: str | None = None) -> list[dict[str, Any]]:
+    _fleet_access(who, fleet)
+    return [version_json(v) for v in store.list_versions(fleet, adapter)]
+
+
+def _resolve(store: Store, fleet: str, adapter: str, version: str) -> VersionRec:
+    if version == "latest":
+        v = store.latest_version(fleet, adapter)
+    elif version.isdigit():
+        v = store.get_version(fleet, adapter, int(version))
+    else:
+        raise HTTPException(422, "version must be a number or 'latest'")
+    if v is None or v.sha256 is None:
+        raise HTTPException(404, f"no published version {version} of {fleet}/{adapter}")
+    return v
+
+
+@router.get("/fleets/{fleet}/adapters/{adapter}/versions/{version}/info", summary="One version's facts and aggregation report")
+def version_info(fleet: str, adapter: str, version: str, who: PrincipalDep, store: StoreDep) -> dict[str, Any]:
+    _fleet_access(who, fleet)
+    v = _resolve(store, fleet, adapter, version)
+    out = version_json(v)
+    if who.admin:
+        out["deltas"] = [d.id for d in store.list_deltas(fleet, adapter, version=v.version)]
+    return out
+
+
+@router.get("/fleets/{fleet}/adapters/{adapter}/versions/{version}", summary="Download a version (safetensors delta)",
+            response_class=Response, responses={200: {"content": {"application/octet-stream": {}}}})
+def download_version(fleet: str, adapter: str, version: str, who: PrincipalDep, store: StoreDep,
+                     range: Annotated[str | None, Header()] = None) -> Response:
+    _fleet_access(who, fleet)
+    v = _resolve(store, fleet, adapter, version)
+    return serve_blob(store, v.sha256, v.size, range, "application/octet-stream", {"X-Edgepeft-Version": str(v.version)})
+
+
+@router.get("/bundles/{fingerprint}", summary="A bundle's manifest and file list")
+def bundle_info(fingerprint: str, who: PrincipalDep, store: StoreDep) -> dict[str, Any]:
+    rec = _bundle_access(fingerprint, who, store)
+    return {"fingerprint": rec.fingerprint, "manifest": rec.manifest_json,
+            "files": [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in rec.files]}
+
+
+@router.get("/bundles/{fingerprint}/files/{name}", summary="Download one bundle file (HTTP range requests resume)",
+            response_class=Response, responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "a range"}})
+def bundle_file(fingerprint: str, name: str, who: PrincipalDep, store: StoreDep,
+                range: Annotated[str | None, Header()] = None) -> Response:
+    rec = _bundle_access(fingerprint, who, store)
+    for f in rec.files:  # the name is looked up, never used as a path
+        if f.name == name:
+            return serve_blob(store, f.sha256, f.size, range, "application/octet-stream")
+    raise HTTPException(404, f"bundle has no file {name!r}")
+
+
+def _bundle_access(fingerprint: str, who, store: Store):
+    if not who.admin:
+        fleet = store.get_fleet(who.device.fleet)
+        if fleet is None or fleet.bundle != fingerprint:
+            raise HTTPException(403, "not the bundle of your fleet")
+    rec = store.get_bundle(fingerprint)
+    if rec is None:
+        raise HTTPException(404, f"no bundle {fingerprint[:16]}")
+    return rec

@@ -1,0 +1,81 @@
+"""Who is calling: the admin or a device, from ``Authorization: Bearer <token>``.
+
+Device tokens are ``<device id>.<secret>``; the store keeps only their sha256 and compares in constant
+time. A missing or wrong token is 401; a valid token asking for what it may not have is 403.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from edgepeft.hub.store import Device, Store, hash_token
+
+TOUCH_EVERY_S = 10.0  # last_seen is written at most this often per device
+
+bearer = HTTPBearer(auto_error=False, description="The admin token, or a device token `<device>.<secret>`.")
+
+
+def get_store(request: Request) -> Store:
+    """The store the app was created with (tests swap it through ``app.dependency_overrides``)."""
+    return request.app.state.store
+
+
+StoreDep = Annotated[Store, Depends(get_store)]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller: the admin (device None) or one device."""
+
+    admin: bool
+    device: Device | None = None
+
+    def may_read_fleet(self, fleet: str) -> bool:
+        return self.admin or (self.device is not None and self.device.fleet == fleet)
+
+
+def _unauthorized(why: str) -> HTTPException:
+    return HTTPException(401, why, headers={"WWW-Authenticate": "Bearer"})
+
+
+def principal(request: Request, store: StoreDep,
+              creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+    """Authenticate the caller; 401 without a valid token."""
+    token = creds.credentials if creds is not None else request.query_params.get("token") if request.url.path == "/" else None
+    if not token:
+        raise _unauthorized("missing bearer token")
+    if hmac.compare_digest(hash_token(token), request.app.state.admin_hash):
+        return Principal(admin=True)
+    device = store.authenticate(token)
+    if device is None:
+        raise _unauthorized("invalid token")
+    if device.last_seen is None or time.time() - device.last_seen > TOUCH_EVERY_S:
+        store.touch_device(device.id)
+    return Principal(admin=False, device=device)
+
+
+PrincipalDep = Annotated[Principal, Depends(principal)]
+
+
+def admin(who: PrincipalDep) -> Principal:
+    """The admin, or 403."""
+    if not who.admin:
+        raise HTTPException(403, "this needs the admin token")
+    return who
+
+
+def device(who: PrincipalDep) -> Principal:
+    """A device, or 403 (the admin token does not act as a device)."""
+    if who.device is None:
+        raise HTTPException(403, "this needs a device token")
+    return who
+
+
+AdminDep = Annotated[Principal, Depends(admin)]
+DeviceDep = Annotated[Principal, Depends(device)]

@@ -1,0 +1,155 @@
+"""The training loop on tiny bundles: it learns, keeps the best delta, resumes exactly, fits a memory budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgepeft.delta import delta_from_init
+from edgepeft.delta.format import replace_meta
+from edgepeft.errors import TrainError
+from edgepeft.runtime import memory
+from edgepeft.runtime.data import load_dataset
+from edgepeft.runtime.evaluate import evaluate
+from edgepeft.runtime.infer import Predictor
+from edgepeft.runtime.text import load_tokenizer
+from edgepeft.runtime.trainer import TrainConfig, Trainer
+from synthetic_tasks import classification_files, pattern_lines, word_group_rows, write_jsonl, write_lines
+
+
+@pytest.fixture(scope="module")
+def bert(bundles, tmp_path_factory):
+    """(bundle, train, val) for the word-group task."""
+    b = bundles("bert")
+    train, val = classification_files(tmp_path_factory.mktemp("cls"))
+    tok = load_tokenizer(b)
+    return b, load_dataset(train, b.manifest, tok), load_dataset(val, b.manifest, tok)
+
+
+@pytest.fixture(scope="module")
+def llama(bundles, tmp_path_factory):
+    b = bundles("llama")
+    root = tmp_path_factory.mktemp("lm")
+    tok = load_tokenizer(b)
+    return (b, load_dataset(write_lines(root / "train.txt", pattern_lines(400, 1)), b.manifest, tok),
+            load_dataset(write_lines(root / "val.txt", pattern_lines(50, 2)), b.manifest, tok))
+
+
+def test_tiny_bert_learns_which_word_group_dominates(bert):
+    b, train, val = bert
+    r = Trainer(b, train, TrainConfig(epochs=4, lr=3e-2), val=val).fit()
+    assert r.summary.before["accuracy"] < 0.5
+    assert r.summary.after["accuracy"] >= 0.9
+
+
+def test_tiny_llama_learns_a_repeating_pattern(llama):
+    b, train, val = llama
+    r = Trainer(b, train, TrainConfig(epochs=10, lr=3e-2), val=val).fit()
+    # the random tiny lm_head bounds |logits| below ~0.7, so ~3.9 nats is the floor for any delta: the drop
+    # from ~4.5 is most of what is reachable, and greedy decoding shows the rule itself was learned
+    assert r.summary.after["loss"] < r.summary.before["loss"] - 0.4
+    p = Predictor(b)
+    assert p.generate("w2 w3", max_new_tokens=6, deltas=[r.delta]) == "w4 w5 w1 w2 w3 w4"
+    assert p.generate("w2 w3", max_new_tokens=6) != "w4 w5 w1 w2 w3 w4"
+
+
+def test_output_meta_counts_examples_seen_and_names_its_parent(bert):
+    b, train, _ = bert
+    start = replace_meta(delta_from_init(b.manifest, 3), adapter="kbd", version=7)
+    r = Trainer(b, train, TrainConfig(max_steps=5, batch_size=8, creator="dev-1"), start=start).fit()
+    m = r.delta.meta
+    assert (m.samples, m.parent, m.adapter, m.creator, m.base_fingerprint) == (40, 7, "kbd", "dev-1", b.manifest.fingerprint)
+    fresh = Trainer(b, train, TrainConfig(max_steps=2, batch_size=8)).fit().delta.meta
+    assert (fresh.parent, fresh.adapter, fresh.samples) == (None, "default", 16)
+
+
+def test_early_stopping_returns_the_best_evaluated_delta(bert, tmp_path):
+    b, train, _ = bert
+    rows = word_group_rows(60, 9)
+    for i, r in enumerate(rows):
+        r["label"] = i % 3  # labels unrelated to the text: accuracy wanders, so patience runs out
+    noise = load_dataset(write_jsonl(tmp_path / "noise.jsonl", rows), b.manifest, load_tokenizer(b))
+    seen = []
+    r = Trainer(b, train, TrainConfig(epochs=5, lr=3e-2, eval_every=5, patience=2), val=noise,
+                on_progress=lambda p: p.metrics and seen.append(p.metrics["accuracy"])).fit()
+    s = r.summary
+    assert s.stopped_early and s.steps < s.total_steps
+    assert s.after["accuracy"] == max(seen)
+    assert evaluate(Predictor(b), noise, [r.delta])["accuracy"] == pytest.approx(s.after["accuracy"])
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_micro_batches_give_the_gradient_of_the_whole_batch(kind, bert, llama):
+    # classification weighs micro-batches by examples, a causal LM by real target tokens
+    b, train, _ = bert if kind == "bert" else llama
+    cfg = dict(max_steps=6, batch_size=10, lr=1e-2)
+    whole = Trainer(b, train, TrainConfig(**cfg)).fit().delta
+    parts = Trainer(b, train, TrainConfig(**cfg, micro_batch=3)).fit().delta
+    for k in whole.tensors:
+        np.testing.assert_allclose(parts.tensors[k], whole.tensors[k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_ends_with_the_same_delta(bert, tmp_path):
+    b, train, val = bert
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-2, checkpoint_every=7, eval_every=10, patience=5)
+    straight = Trainer(b, train, cfg, val=val).fit()
+
+    def crash_at_step_30(p):
+        if p.step == 30 and p.metrics is None:
+            raise Crash()
+
+    with pytest.raises(Crash):  # last checkpoint at step 28, mid-epoch, after an evaluation
+        Trainer(b, train, cfg, val=val, checkpoint_dir=tmp_path, on_progress=crash_at_step_30).fit()
+    resumed = Trainer(b, train, cfg, val=val, checkpoint_dir=tmp_path).fit(resume=True)
+    assert resumed.summary.resumed_at == 28
+    for k in straight.delta.tensors:
+        assert np.array_equal(resumed.delta.tensors[k], straight.delta.tensors[k]), k
+    assert resumed.summary.after == straight.summary.after and resumed.delta.meta.samples == straight.delta.meta.samples
+
+
+def test_resume_with_other_options_is_refused(bert, tmp_path):
+    b, train, _ = bert
+    Trainer(b, train, TrainConfig(max_steps=3), checkpoint_dir=tmp_path).fit()
+    with pytest.raises(TrainError, match="lr=0.0005, this run asks 0.001"):
+        Trainer(b, train, TrainConfig(max_steps=3, lr=1e-3), checkpoint_dir=tmp_path).fit(resume=True)
+    with pytest.raises(TrainError, match="pass --resume"):
+        Trainer(b, train, TrainConfig(max_steps=3), checkpoint_dir=tmp_path).fit()
+
+
+# ---- the memory plan, on a synthetic measurement: fixed 100 MB + 0.01 MB per example-token ----
+
+def linear_probe(b: int, t: int) -> float:
+    return 100.0 + 0.01 * b * t
+
+
+def test_memory_plan_picks_the_largest_micro_batch_that_fits():
+    p = memory.plan_memory(120, batch_size=64, longest=100, measure=linear_probe)
+    assert p.micro_batch == int((120 * memory.HEADROOM - 100) / (0.01 * 100)) and p.max_length == 100
+    assert not p.session.arena  # twice the activations would not fit
+
+
+def test_memory_plan_turns_the_arena_on_when_there_is_room():
+    p = memory.plan_memory(1000, batch_size=16, longest=100, measure=linear_probe)
+    assert (p.micro_batch, p.session.arena) == (16, True)
+
+
+def test_memory_plan_shortens_sequences_only_when_batch_one_does_not_fit():
+    p = memory.plan_memory(100.5 / memory.HEADROOM, batch_size=16, longest=128, measure=linear_probe)
+    assert p.micro_batch >= 1 and p.max_length < 128 and 100 + 0.01 * p.max_length <= 100.5 + 1e-9
+
+
+def test_memory_budget_below_batch_one_names_the_measured_minimum():
+    with pytest.raises(TrainError) as e:
+        memory.plan_memory(50, batch_size=16, longest=128, measure=linear_probe)
+    need = (100 + 0.01 * memory.MIN_LENGTH) / memory.HEADROOM  # batch 1 at the shortest length it may truncate to
+    assert f"batch size 1 needs about {need:.0f} MB" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_budgeted_run_probes_the_train_graph_then_trains(bert):
+    b, train, _ = bert
+    r = Trainer(b, train, TrainConfig(max_steps=2, memory_budget_mb=memory.rss_mb() + 2000)).fit()
+    assert r.summary.memory.micro_batch == 16 and r.summary.memory.fixed_mb > 0 and r.summary.steps == 2
