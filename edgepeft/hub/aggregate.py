@@ -67,7 +67,8 @@ def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, m
     modules = first.lora_modules()
     keys = [(f"{m}:dW", (first.tensors[slot_name(m, LORA_B)].shape[0], first.tensors[slot_name(m, LORA_A)].shape[1])) for m in modules]
     keys += [(k, t.shape) for k, t in first.tensors.items() if split_slot_name(k)[1] not in (LORA_A, LORA_B)]
-    budget = max(1, int(memory_mb * 2**20) // (4 * max(n, 1)))  # float32 numbers per delta per pass
+    # numbers per delta per pass; ~40 bytes each: the float32 stack, argsort indices, kept values and weights
+    budget = max(1, int(memory_mb * 2**20) // (40 * max(n, 1)))
     chunks: list[list[tuple[str, int, int]]] = [[]]  # passes of (key, row_lo, row_hi)
     used = 0
     for key, shape in keys:
