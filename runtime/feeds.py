@@ -4,10 +4,14 @@ The inference graph computes ``y += (x @ A.T) @ B.T`` with no scale and a LoRA r
 per call, so: no delta = rank-0 A and B (exactly the base), a delta = A and ``scale * B``, and a mix
 of deltas = A stacked along the rank and each ``weight * scale * B`` stacked beside it, which is
 ``sum_i w_i s_i B_i A_i`` in one pass. The training graph takes A and B as they are.
+
+A delta used many times can be turned into its feeds once (:func:`prepare`); a prepared delta alone
+at weight 1 is then fed as it is, with no per-call copy.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -21,6 +25,31 @@ class DeltaLike(Protocol):
 
     @property
     def scale(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class PreparedDelta:
+    """A delta in inference-feed form: every slot float32, C-contiguous and aligned, LoRA B already times its scale."""
+
+    tensors: dict[str, np.ndarray]
+    scale: float = 1.0  # the scale is inside B, so a mix multiplies by 1
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the feed arrays span (views of a memory-mapped file count too)."""
+        return sum(int(t.nbytes) for t in self.tensors.values())
+
+
+def prepare(manifest: Manifest, delta: DeltaLike) -> PreparedDelta:
+    """The feeds of ``delta`` at weight 1, computed once: A and bias/head slots as they are (no copy when
+    already float32, contiguous and aligned, e.g. views of a memory-mapped file), B times the scale."""
+    out = {}
+    for s in manifest.slots:
+        t = delta.tensors[s.name]
+        if s.kind == LORA_B and delta.scale != 1.0:
+            t = t * np.float32(delta.scale)
+        out[s.name] = np.require(t, np.float32, ["C", "A"])
+    return PreparedDelta(out)
 
 
 def neutral_feeds(manifest: Manifest) -> dict[str, np.ndarray]:
@@ -41,6 +70,8 @@ def infer_feeds(manifest: Manifest, deltas: Sequence[DeltaLike] = (), weights: S
     if not deltas:
         return neutral_feeds(manifest)
     weights = [1.0] * len(deltas) if weights is None else list(weights)
+    if len(deltas) == 1 and isinstance(deltas[0], PreparedDelta) and weights == [1.0]:
+        return dict(deltas[0].tensors)  # already feeds: no copy
     out = {}
     for s in manifest.slots:
         if s.kind == LORA_A:

@@ -13,7 +13,7 @@ import numpy as np
 
 from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, INPUT_IDS, LOGITS, SEQ_CLS
 from edgepeft.runtime.bundle import Bundle, SessionConfig
-from edgepeft.runtime.feeds import DeltaLike, infer_feeds
+from edgepeft.runtime.feeds import DeltaLike, infer_feeds, neutral_feeds
 from edgepeft.runtime.text import encode, load_tokenizer, pad_batch
 
 
@@ -35,6 +35,7 @@ class Predictor:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.session = bundle.session("infer", config)
+        self._neutral = neutral_feeds(self.manifest)  # built once: a call with no delta copies nothing
         self._tokenizer = None
 
     @property
@@ -47,7 +48,7 @@ class Predictor:
                weights: Sequence[float] | None = None) -> np.ndarray:
         """Raw logits for a padded batch: (B, C) for classification, (B, T, V) for causal LM."""
         feeds = {INPUT_IDS: ids.astype(np.int64), ATTENTION_MASK: mask.astype(np.int64)}
-        feeds.update(infer_feeds(self.manifest, deltas, weights))
+        feeds.update(infer_feeds(self.manifest, deltas, weights) if deltas else self._neutral)
         return self.session.run([LOGITS], feeds)[0]
 
     def classify(self, texts: Sequence[str], deltas: Sequence[DeltaLike] = (), weights: Sequence[float] | None = None,

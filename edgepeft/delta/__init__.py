@@ -3,8 +3,8 @@
 numpy + safetensors + zstandard only: this package runs on devices, so it never imports torch.
 """
 
-from edgepeft.delta.format import Delta, DeltaMeta, delta_from_init, load_delta, save_delta
+from edgepeft.delta.format import Delta, DeltaMeta, delta_from_init, load_delta, map_delta, save_delta
 from edgepeft.delta.merge import MergeReport, diff, merge
 from edgepeft.delta.transport import pack, unpack
 
-__all__ = ["Delta", "DeltaMeta", "MergeReport", "delta_from_init", "diff", "load_delta", "merge", "pack", "save_delta", "unpack"]
+__all__ = ["Delta", "DeltaMeta", "MergeReport", "delta_from_init", "diff", "load_delta", "map_delta", "merge", "pack", "save_delta", "unpack"]

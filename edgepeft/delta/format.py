@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import json
 import math
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,9 +240,9 @@ def save_delta(path: str | os.PathLike, delta: Delta) -> None:
     atomic.write_bytes(path, delta_bytes(delta))
 
 
-def delta_from_bytes(data: bytes, where: str, manifest: Manifest | None = None, *, for_training: bool = False) -> Delta:
-    """Parse and fully check delta-file bytes; ``where`` names them in errors."""
-    header = safeio.parse_header(data, where)
+def _from_buffer(buf: bytes | mmap.mmap, where: str, manifest: Manifest | None, *, for_training: bool, copy: bool) -> Delta:
+    """Parse and fully check delta-file bytes (or a read-only memory map of them)."""
+    header = safeio.parse_header(buf, where)
     md = header.metadata
     if md.get("format") != FORMAT:
         raise DeltaError(f"{where}: metadata 'format' is {md.get('format')!r}; not an {FORMAT} file")
@@ -253,17 +254,21 @@ def delta_from_bytes(data: bytes, where: str, manifest: Manifest | None = None, 
     names = sorted(e.name for e in header.entries)
     if md.get("slots") != json.dumps(names):
         raise DeltaError(f"{where}: metadata 'slots' does not list the file's tensors")
-    try:
-        tensors = safetensors.numpy.load(data)
-    except Exception as e:  # belt and braces: safeio already checked what safetensors checks
-        raise DeltaError(f"{where}: safetensors refused the file ({e})") from None
+    tensors = safeio.view_arrays(buf, header)  # read-only views: nothing is copied unless asked
     if md.get("checksum") != checksum(tensors):
         raise DeltaError(f"{where}: checksum mismatch; the file is corrupt or was edited")
     delta = Delta(tensors, meta)
     check_structure(delta, where)
     if manifest is not None:
         check_against_manifest(delta, manifest, where, for_training=for_training)
+    if copy:
+        delta = Delta({k: np.array(v) for k, v in tensors.items()}, meta)
     return delta
+
+
+def delta_from_bytes(data: bytes, where: str, manifest: Manifest | None = None, *, for_training: bool = False) -> Delta:
+    """Parse and fully check delta-file bytes; ``where`` names them in errors. The tensors are writable copies."""
+    return _from_buffer(data, where, manifest, for_training=for_training, copy=True)
 
 
 def load_delta(path: str | os.PathLike, manifest: Manifest | None = None, *, for_training: bool = False) -> Delta:
@@ -273,6 +278,23 @@ def load_delta(path: str | os.PathLike, manifest: Manifest | None = None, *, for
     if not p.is_file():
         raise DeltaError(f"{p}: no such delta file")
     return delta_from_bytes(p.read_bytes(), where, manifest, for_training=for_training)
+
+
+def map_delta(path: str | os.PathLike, manifest: Manifest | None = None) -> Delta:
+    """Like :func:`load_delta`, but the tensors are read-only views of a memory map of the file.
+
+    Everything is checked before this returns (reading every page once, for the checksum). The map
+    stays valid while a tensor refers to it; files written with ``edgepeft.atomic`` are replaced by
+    rename, never rewritten in place, so a newer version does not change a mapped one.
+    """
+    p = Path(os.fspath(path))
+    if not p.is_file():
+        raise DeltaError(f"{p}: no such delta file")
+    with open(p, "rb") as f:
+        if os.fstat(f.fileno()).st_size < 8:
+            raise DeltaError(f"{p.name}: truncated ({os.fstat(f.fileno()).st_size} bytes; a safetensors file has at least 8)")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return _from_buffer(mm, p.name, manifest, for_training=False, copy=False)
 
 
 def delta_from_init(manifest: Manifest, seed: int, adapter: str = "default") -> Delta:

@@ -122,3 +122,14 @@ def read_arrays(data: bytes, header: Header) -> dict[str, np.ndarray]:
             a = np.frombuffer(buf, dtype={"F32": "<f4", "F16": "<f2", "F64": "<f8"}[e.dtype]).astype(np.float32)
         out[e.name] = a.reshape(e.shape)
     return out
+
+
+def view_arrays(buf: bytes | memoryview, header: Header) -> dict[str, np.ndarray]:
+    """Read-only float32 views of the F32 tensors of a checked ``header`` over ``buf`` (bytes or a memory map)."""
+    out = {}
+    for e in header.entries:
+        if e.dtype != "F32":
+            raise DeltaError(f"tensor {e.name!r} has dtype {e.dtype}; only F32 tensors can be viewed (use read_arrays)")
+        count = (e.end - e.start) // 4
+        out[e.name] = np.frombuffer(buf, dtype="<f4", count=count, offset=header.data_start + e.start).reshape(e.shape)
+    return out
