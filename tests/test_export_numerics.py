@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import torch_reference
 from conftest import random_delta
 from edgepeft.names import ATTENTION_MASK, INPUT_IDS, LABELS, LOSS, SEQ_CLS, grad_name
 from edgepeft.runtime.infer import Predictor
-
-torch_reference = pytest.importorskip("torch_reference")
 
 
 def batch(bundle, b: int, t: int, seed: int = 0):

@@ -133,8 +133,8 @@ def test_fleet_simulation(bundles, sim_store, tmp_path):
             (root / "data").mkdir(parents=True)
             # dev00 starts without the bundle and downloads it (range requests); the rest share the export
             cfg = AgentConfig(hub=proxies[i % n_hubs].url, token=tok, bundle=str(root / "bundle") if i == 0 else str(bundle),
-                              data_dir=str(root / "data"), state_dir=str(root / "state"), retries=10, backoff_s=0.05,
-                              backoff_cap_s=1.0, train=TRAIN)
+                              data_dir=str(root / "data"), state_dir=str(root / "state"), retries=12, backoff_s=0.05,
+                              backoff_cap_s=4.0, train=TRAIN)  # outlasts a hub restart on a loaded machine
             agent = Agent(cfg, train_fn=runtime_train_fn(TRAIN))
             original = agent.client.push
 

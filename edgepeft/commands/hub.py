@@ -11,26 +11,14 @@ from pathlib import Path
 
 import click
 
+from edgepeft.commands import hub_access
 
-HUB_HELP = "Hub URL (or env EDGEPEFT_HUB)."
-ADMIN_HELP = "File holding the admin token (or env EDGEPEFT_ADMIN_TOKEN_FILE)."
+ADMIN_OPTION, ADMIN_ENV = "--admin-token-file", "EDGEPEFT_ADMIN_TOKEN_FILE"
+admin_options = hub_access.token_options(ADMIN_OPTION, ADMIN_ENV, "File holding the admin token (or env EDGEPEFT_ADMIN_TOKEN_FILE).")
 
 
 def _admin_client(hub: str, token_file: str | None):
-    from edgepeft.devices.client import HubClient
-
-    if not token_file:
-        raise click.BadParameter("pass --admin-token-file or set EDGEPEFT_ADMIN_TOKEN_FILE", param_hint="--admin-token-file")
-    try:
-        token = Path(token_file).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise click.BadParameter(f"{token_file}: no such file", param_hint="--admin-token-file") from None
-    return HubClient(hub, token, retries=2)
-
-
-def admin_options(f):
-    f = click.option("--admin-token-file", envvar="EDGEPEFT_ADMIN_TOKEN_FILE", type=click.Path(dir_okay=False), help=ADMIN_HELP)(f)
-    return click.option("--hub", envvar="EDGEPEFT_HUB", default="http://127.0.0.1:8000", show_default=True, help=HUB_HELP)(f)
+    return hub_access.client(hub, token_file, ADMIN_OPTION, ADMIN_ENV, retries=2)
 
 
 @click.group("hub", context_settings={"help_option_names": ["-h", "--help"]})

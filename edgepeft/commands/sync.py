@@ -7,26 +7,14 @@ from pathlib import Path
 import click
 
 from edgepeft import atomic
+from edgepeft.commands import hub_access
 
-HUB_HELP = "Hub URL (or env EDGEPEFT_HUB)."
-TOKEN_HELP = "File holding this device's token (or env EDGEPEFT_TOKEN_FILE)."
+TOKEN_OPTION, TOKEN_ENV = "--token-file", "EDGEPEFT_TOKEN_FILE"
+device_options = hub_access.token_options(TOKEN_OPTION, TOKEN_ENV, "File holding this device's token (or env EDGEPEFT_TOKEN_FILE).")
 
 
 def _client(hub: str, token_file: str | None):
-    from edgepeft.devices.client import HubClient
-
-    if not token_file:
-        raise click.BadParameter("pass --token-file or set EDGEPEFT_TOKEN_FILE", param_hint="--token-file")
-    try:
-        token = Path(token_file).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise click.BadParameter(f"{token_file}: no such file", param_hint="--token-file") from None
-    return HubClient(hub, token)
-
-
-def device_options(f):
-    f = click.option("--token-file", envvar="EDGEPEFT_TOKEN_FILE", type=click.Path(dir_okay=False), help=TOKEN_HELP)(f)
-    return click.option("--hub", envvar="EDGEPEFT_HUB", default="http://127.0.0.1:8000", show_default=True, help=HUB_HELP)(f)
+    return hub_access.client(hub, token_file, TOKEN_OPTION, TOKEN_ENV)
 
 
 @click.command("push")
