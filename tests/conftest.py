@@ -64,6 +64,27 @@ def bundles(model_dirs, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def minilm_bundle(tmp_path_factory):
+    """minilm_bundle(quantize="int8") -> Path of a real all-MiniLM-L6-v2 bundle (LoRA r=8 on query/value
+    + BitFit + a rotten/fresh head), exported once per session: the slow real-model tests share it."""
+    root = tmp_path_factory.mktemp("minilm")
+    cache: dict[str, Path] = {}
+
+    def get(quantize: str = "int8") -> Path:
+        if quantize not in cache:
+            from edgepeft.demo.assets import minilm_dir
+            from edgepeft.exporters.export import export_bundle
+
+            out = root / f"minilm-{quantize}.bundle"
+            export_bundle(minilm_dir(), out, quantize=quantize, method="lora+bitfit", labels=["rotten", "fresh"],
+                          max_length=128, rank=8)
+            cache[quantize] = out
+        return cache[quantize]
+
+    return get
+
+
 # ---- hub fixtures (added with the hub, issue 5) --------------------------------------------------
 
 def make_hub_bundle(out: Path, *, seed: int = 0) -> Path:
