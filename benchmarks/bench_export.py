@@ -1,36 +1,37 @@
-"""Export time and peak memory of all-MiniLM-L6-v2 for each weight format, beside a plain ONNX export.
+"""Export time and peak memory of all-MiniLM-L6-v2 (the workstation step), beside a plain ONNX export.
 
 The reference is what a user without edgepeft runs: ``torch.onnx.export`` of the inference model only
-(no training step, fp32). Each export runs in its own process so peak RSS is its own.
+(no training step, fp32). edgepeft exports the inference graph and the train step, with the weights
+stored once; by default only the default export (``--formats int8``; all three with
+``--formats none,int8,int4``). Each export runs in its own process so peak RSS is its own.
 
-    python benchmarks/bench_export.py            # writes benchmarks/results/export.json
+    python benchmarks/bench_export.py [--formats int8]      # writes benchmarks/results/export.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from common import DEFAULT_BUNDLE, run_child, write_result  # noqa: E402
 
 CHILD_EDGEPEFT = """
-import sys
+import json, sys
 from edgepeft.demo.assets import minilm_dir
 from edgepeft.exporters.export import export_bundle
-export_bundle(minilm_dir(), sys.argv[1], quantize=sys.argv[2], method="lora+bitfit", labels=["rotten", "fresh"], max_length=128)
+export_bundle(minilm_dir(), sys.argv[1], labels=["rotten", "fresh"], max_length=128, **json.loads(sys.argv[2]))
 """
 
 CHILD_PLAIN = """
 import sys, os, torch, transformers
 os.environ["HF_HUB_OFFLINE"] = "1"
 from edgepeft.demo.assets import minilm_dir
+transformers.logging.set_verbosity_error()
 m = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2).eval()
 ids = torch.ones(2, 16, dtype=torch.long)
 b, t = torch.export.Dim("batch"), torch.export.Dim("seq")
@@ -39,44 +40,36 @@ torch.onnx.export(m, (ids, ids), sys.argv[1] + ".onnx", dynamo=True, input_names
 """
 
 
-PEAK = "\nimport resource; print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
-
-
-def run_child(code: str, *args: str) -> dict:
-    """Run ``code`` in a fresh Python; return wall seconds and that process's own peak RSS in MB."""
+def timed(code: str, *args: str) -> dict:
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", code + PEAK, *args], check=True, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    peak_kb = int(p.stdout.rsplit("PEAK_KB", 1)[1].split()[0])
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_kb / 1024, 1)}
+    res = run_child(code, *args)
+    return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(res["peak_rss_mb"], 1)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--formats", default="none,int8,int4", help="comma-separated weight formats to export")
-    args = ap.parse_args()
+    ap.add_argument("--formats", default="int8", help="comma-separated weight formats to export (none,int8,int4)")
+    ap.add_argument("--quick", action="store_true", help="the plain export and the default export only")
+    args = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        r = run_child(CHILD_PLAIN, f"{tmp}/plain")
-        r.update(name="torch.onnx.export, inference only (fp32)", size_mb=round(sum(p.stat().st_size for p in Path(tmp).glob("plain*")) / 2**20, 1))  # .onnx + .onnx.data
-        rows.append(r)
+        r = timed(CHILD_PLAIN, f"{tmp}/plain")
+        size = sum(p.stat().st_size for p in Path(tmp).glob("plain*"))  # plain.onnx + plain.onnx.data
+        rows.append({"config": "torch.onnx.export, inference only (fp32)", **r, "size_mb": round(size / 2**20, 1)})
         for fmt in args.formats.split(","):
+            options = {**DEFAULT_BUNDLE, "quantize": fmt}
             out = Path(tmp) / f"bundle-{fmt}"
-            r = run_child(CHILD_EDGEPEFT, str(out), fmt)
+            r = timed(CHILD_EDGEPEFT, str(out), json.dumps(options))
             size = sum(p.stat().st_size for p in out.iterdir())
-            r.update(name=f"edgepeft export --quantize {fmt} (inference + train step)", size_mb=round(size / 2**20, 1))
-            rows.append(r)
-    base = rows[0]
+            flags = f"--quantize {fmt} --method {options['method']}" + (f" --top-layers {options['top_layers']}" if options["top_layers"] else "")
+            rows.append({"config": f"edgepeft export {flags} (inference + train step)", **r, "size_mb": round(size / 2**20, 1)})
     for r in rows:
-        r["time_ratio_vs_plain"] = round(r["seconds"] / base["seconds"], 2)
-    result = {"benchmark": "export all-MiniLM-L6-v2", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": f"{platform.machine()} {platform.processor() or ''} cpus={__import__('os').cpu_count()}".strip(),
-              "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "export.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{'export':<58} {'time s':>7} {'× plain':>8} {'peak MB':>8} {'size MB':>8}")
+        r["time_ratio_vs_plain"] = round(r["seconds"] / rows[0]["seconds"], 2)
+        r["peak_ratio_vs_plain"] = round(r["peak_rss_mb"] / rows[0]["peak_rss_mb"], 2)
+    write_result("export", {"benchmark": "export all-MiniLM-L6-v2", "rows": rows})
+    print(f"{'export':<70} {'time s':>7} {'× plain':>8} {'peak MB':>8} {'size MB':>8}")
     for r in rows:
-        print(f"{r['name']:<58} {r['seconds']:>7} {r['time_ratio_vs_plain']:>8} {r['peak_rss_mb']:>8} {r['size_mb']:>8}")
+        print(f"{r['config']:<70} {r['seconds']:>7} {r['time_ratio_vs_plain']:>8} {r['peak_rss_mb']:>8} {r['size_mb']:>8}")
 
 
 if __name__ == "__main__":

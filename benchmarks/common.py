@@ -14,6 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 CACHE = ROOT / ".cache"
+# What `edgepeft export --labels rotten,fresh` + `edgepeft train` give a user who passes no other options.
+DEFAULT_BUNDLE = {"quantize": "int8", "method": "lora", "top_layers": None}
 FP32_PEAK_GFLOPS = 157.0  # this machine: 2 cores × 2.45 GHz × 2 FMA × 8 fp32 lanes × 2 (shared/notes)
 
 # Appended to every child: its own peak and current RSS, read by run_child.
@@ -42,12 +44,16 @@ def minilm_bundle(quantize: str = "int8", method: str = "lora+bitfit", *, top_la
     return out
 
 
-def run_child(code: str, *args: str, env: dict | None = None, timeout: float = 1800) -> dict:
-    """Run ``code`` in a fresh interpreter; return the JSON it printed on a RESULT line plus its memory."""
-    p = subprocess.run([sys.executable, "-c", code + MEMORY_PROBE, *args], capture_output=True, text=True,
-                       timeout=timeout, env={**os.environ, **(env or {})})
+def run_child(code: str, *args: str, env: dict | None = None, timeout: float = 1800, stream_stderr: bool = False) -> dict:
+    """Run ``code`` in a fresh interpreter; return the JSON it printed on RESULT lines plus its memory.
+
+    ``stream_stderr`` passes the child's stderr (progress lines) through instead of keeping it for errors.
+    """
+    p = subprocess.run([sys.executable, "-c", code + MEMORY_PROBE, *args], stdout=subprocess.PIPE,
+                       stderr=None if stream_stderr else subprocess.PIPE, text=True, timeout=timeout,
+                       env={**os.environ, **(env or {})})
     if p.returncode != 0:
-        raise RuntimeError(f"child failed:\n{p.stderr[-3000:]}")
+        raise RuntimeError(f"child failed (exit {p.returncode}):\n{(p.stderr or '(stderr above)')[-3000:]}")
     out: dict = {}
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -55,6 +61,18 @@ def run_child(code: str, *args: str, env: dict | None = None, timeout: float = 1
         elif line.startswith("MEMORY "):
             out.update(json.loads(line[7:]))
     return out
+
+
+def alternate(configs: dict[str, tuple[str, list[str]]], rounds: int, say=lambda name, res: "") -> dict[str, list[dict]]:
+    """Run every (code, argv) configuration once per round, each in its own process, order reversed every other round."""
+    runs: dict[str, list[dict]] = {k: [] for k in configs}
+    for r in range(rounds):
+        for name in (list(configs) if r % 2 == 0 else list(reversed(configs))):
+            code, argv = configs[name]
+            res = run_child(code, *argv)
+            runs[name].append(res)
+            print(f"round {r + 1}: {name}: {say(name, res)}", file=sys.stderr, flush=True)
+    return runs
 
 
 def machine() -> str:

@@ -1,0 +1,258 @@
+"""Time to accuracy on Rotten Tomatoes: torch + PEFT's usual recipe against edgepeft's defaults, and at one configuration.
+
+Every run trains all-MiniLM-L6-v2 for the same number of optimizer steps (batch 16, AdamW, linear
+decay, the same peak learning rate), evaluates the validation split every ``--eval-every`` steps with
+the clock stopped, and reports: training seconds until validation accuracy first reaches
+``--target``, the process's peak RSS, and test accuracy after the last step. Data: the seeded 80/10/10
+split of ``edgepeft.demo.assets.rotten_tomatoes_split(0)`` (majority class 57.8 %).
+
+- **torch + PEFT, usual recipe**: LoRA r=8 (alpha 16, dropout 0.1) on query and value in every layer
+  plus the classifier head, shuffled batches padded per batch (``DataCollatorWithPadding``), fp32,
+  SDPA attention, train mode (dropout on).
+- **edgepeft defaults**: a bundle exported with ``edgepeft export`` defaults (see DEFAULT_BUNDLE) and
+  the trainer's batching (length buckets), numpy AdamW, no dropout in the graph.
+- **edgepeft, identical configuration**: the recipe of the torch run (fp32 weights, LoRA r=8 on
+  query/value in every layer + head, the same shuffled batches in the same order); the difference
+  to the torch run is the engine (and dropout, which the graphs do not have).
+
+Each run is its own process; runs alternate order between rounds.
+
+    python benchmarks/bench_time_to_accuracy.py [--steps 400] [--eval-every 25] [--target 0.75]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import CACHE, DEFAULT_BUNDLE, ROOT, median, minilm_bundle, run_child, write_result  # noqa: E402
+
+BATCH, LR, SEED = 16, 2e-3, 0
+IDENTICAL_BUNDLE = {"quantize": "none", "method": "lora", "top_layers": None}
+
+
+def data_files() -> dict[str, Path]:
+    """The split as JSONL under benchmarks/.cache/rotten_tomatoes (written once)."""
+    from edgepeft.demo.assets import rotten_tomatoes_split, write_jsonl
+
+    out = CACHE / "rotten_tomatoes"
+    paths = {k: out / f"{k}.jsonl" for k in ("train", "val", "test")}
+    if not all(p.is_file() for p in paths.values()):
+        for k, rows in rotten_tomatoes_split(SEED).items():
+            write_jsonl(paths[k], rows)
+    return paths
+
+
+def shuffled_batches(n: int, steps: int, seed: int) -> list[list[int]]:
+    """What a shuffling DataLoader does: a fresh permutation each epoch, cut into batches (last one kept)."""
+    import numpy as np
+
+    rng, out = np.random.default_rng(seed), []
+    while len(out) < steps:
+        order = rng.permutation(n)
+        out += [order[i:i + BATCH].tolist() for i in range(0, n, BATCH)]
+    return out[:steps]
+
+
+def _read(path: str) -> tuple[list[str], list[int]]:
+    rows = [json.loads(l) for l in open(path)]
+    return [r["text"] for r in rows], [("rotten", "fresh").index(r["label"]) for r in rows]
+
+
+def _loop(step_fn, eval_fn, batches, cfg: dict) -> dict:
+    """Train over ``batches``; evaluate with the clock stopped; return the curve and what it reached."""
+    from edgepeft.runtime.memory import peak_rss_mb, rss_mb
+
+    curve, train_s, reached = [], 0.0, None
+    load_rss = rss_mb()
+    for step, batch in enumerate(batches, 1):
+        t0 = time.perf_counter()
+        step_fn(batch, step - 1)
+        train_s += time.perf_counter() - t0
+        if step % cfg["eval_every"] == 0 or step == len(batches):
+            acc = eval_fn("val")
+            curve.append({"step": step, "train_s": round(train_s, 2), "val_accuracy": round(acc, 4)})
+            print(f"  step {step}: val {acc:.3f} after {train_s:.1f} s", file=sys.stderr, flush=True)
+            if reached is None and acc >= cfg["target"]:
+                reached = {"step": step, "train_s": round(train_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    return {"curve": curve, "reached": reached, "train_s": round(train_s, 2), "test_accuracy": round(eval_fn("test"), 4),
+            "rss_after_load_mb": round(load_rss, 1), "tokens": cfg.get("tokens", 0)}
+
+
+def torch_child(cfg: dict) -> dict:
+    """torch + PEFT: the usual Trainer-free loop (what HF's Trainer does per step, without its overhead)."""
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from edgepeft.demo.assets import minilm_dir
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(SEED)
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2, attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=cfg["dropout"], task_type="SEQ_CLS",
+                                             target_modules=["query", "value"]))
+    collate = transformers.DataCollatorWithPadding(tok)
+    data = {k: _read(cfg["data"][k]) for k in ("train", "val", "test")}
+    enc = {k: tok(t, truncation=True, max_length=128)["input_ids"] for k, (t, _) in data.items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / cfg["steps"]))
+    batches = cfg["batches"]
+    cfg["tokens"] = sum(max(len(enc["train"][i]) for i in b) * len(b) for b in batches)
+
+    def step_fn(batch, _):
+        model.train()
+        feats = collate([{"input_ids": enc["train"][i]} for i in batch])
+        y = torch.tensor([data["train"][1][i] for i in batch])
+        loss = torch.nn.functional.cross_entropy(model(**feats).logits, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+
+    def eval_fn(split):
+        model.eval()
+        ids, ys = enc[split], data[split][1]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        correct = 0
+        with torch.inference_mode():
+            for s in range(0, len(order), 64):
+                idx = order[s:s + 64]
+                pred = model(**collate([{"input_ids": ids[i]} for i in idx])).logits.argmax(-1)
+                correct += sum(int(p) == ys[i] for p, i in zip(pred, idx))
+        return correct / len(ids)
+
+    return _loop(step_fn, eval_fn, batches, cfg)
+
+
+def edgepeft_child(cfg: dict) -> dict:
+    """edgepeft: train.onnx for loss and gradients, numpy AdamW, the inference graph for evaluation."""
+    import numpy as np
+
+    from edgepeft.delta import delta_from_init
+    from edgepeft.names import grad_name
+    from edgepeft.runtime.bundle import SessionConfig, open_bundle
+    from edgepeft.runtime.data import load_dataset, plan_batches
+    from edgepeft.runtime.evaluate import evaluate
+    from edgepeft.runtime.infer import Predictor
+    from edgepeft.runtime.optim import AdamW, clip_by_global_norm, lr_at
+    from edgepeft.runtime.text import load_tokenizer
+
+    b = open_bundle(cfg["bundle"])
+    session = b.session("train", SessionConfig(**cfg.get("session", {})))
+    predictor = Predictor(b)
+    tok = load_tokenizer(b)
+    data = {k: load_dataset(cfg["data"][k], b.manifest, tok) for k in ("train", "val", "test")}
+    delta = delta_from_init(b.manifest, SEED)
+    params = delta.tensors
+    opt = AdamW(params, weight_decay=0.01)
+    names = [s.name for s in b.manifest.slots]
+    outputs = ["loss"] + [grad_name(n) for n in names]
+    batches = cfg["batches"]
+    if batches is None:  # the trainer's own batching: length buckets, epoch after epoch
+        rng, batches = np.random.default_rng(SEED), []
+        while len(batches) < cfg["steps"]:
+            batches += plan_batches(data["train"].lengths, BATCH, rng, **cfg.get("bucketing", {}))
+        batches = batches[:cfg["steps"]]
+    lengths = data["train"].lengths
+    cfg["tokens"] = int(sum(lengths[np.asarray(i)].max() * len(i) for i in batches))
+
+    def step_fn(batch, step):
+        out = session.run(outputs, {**data["train"].batch(np.asarray(batch)), **params})
+        grads = dict(zip(names, out[1:]))
+        clip_by_global_norm(grads, 1.0)
+        opt.step(grads, lr_at(step, base_lr=cfg["lr"], total=cfg["steps"], warmup=0, schedule="linear"))
+
+    def eval_fn(split):
+        return evaluate(predictor, data[split], [delta], batch_size=64)["accuracy"]
+
+    return _loop(step_fn, eval_fn, batches, cfg)
+
+
+def configs(steps: int, eval_every: int, target: float, dropout: float = 0.1) -> dict[str, tuple[str, dict]]:
+    data = {k: str(v) for k, v in data_files().items()}
+    n_train = sum(1 for _ in open(data["train"]))
+    order = shuffled_batches(n_train, steps, SEED)
+    common = {"data": data, "steps": steps, "eval_every": eval_every, "target": target, "lr": LR}
+    return {
+        "torch+peft, usual recipe": ("torch_child", {**common, "batches": order, "dropout": dropout}),
+        "edgepeft defaults": ("edgepeft_child", {**common, "batches": None, "bundle": str(minilm_bundle(**_b(DEFAULT_BUNDLE)))}),
+        "edgepeft, identical configuration": ("edgepeft_child", {**common, "batches": order,
+                                                                 "bundle": str(minilm_bundle(**_b(IDENTICAL_BUNDLE)))}),
+    }
+
+
+def _b(spec: dict) -> dict:
+    return {"quantize": spec["quantize"], "method": spec["method"], "top_layers": spec["top_layers"]}
+
+
+def run_configs(cfgs: dict[str, tuple[str, dict]], rounds: int = 1) -> dict[str, list[dict]]:
+    """Each configuration in its own process, order alternating between rounds."""
+    runs: dict[str, list[dict]] = {k: [] for k in cfgs}
+    for r in range(rounds):
+        for name in (list(cfgs) if r % 2 == 0 else list(reversed(cfgs))):
+            fn, cfg = cfgs[name]
+            code = f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); import bench_time_to_accuracy as b; " \
+                   f"print('RESULT', json.dumps(b.{fn}(json.loads(sys.argv[1]))))"
+            print(f"{name} ...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            res = run_child(code, json.dumps(cfg), stream_stderr=True)
+            res["wall_s"] = round(time.perf_counter() - t0, 1)
+            runs[name].append(res)
+    return runs
+
+
+def summarize(runs: dict[str, list[dict]], ref: str) -> list[dict]:
+    rows = []
+    for name, rs in runs.items():
+        hit = [r["reached"] for r in rs if r["reached"]]
+        rows.append({"config": name,
+                     "seconds_to_target": round(median([h["train_s"] for h in hit]), 1) if len(hit) == len(rs) else None,
+                     "steps_to_target": int(median([h["step"] for h in hit])) if len(hit) == len(rs) else None,
+                     "peak_rss_mb": round(median([r["peak_rss_mb"] for r in rs]), 1),
+                     "train_s_all_steps": round(median([r["train_s"] for r in rs]), 1),
+                     "padded_tokens": int(median([r["tokens"] for r in rs])),
+                     "test_accuracy": round(median([r["test_accuracy"] for r in rs]), 4),
+                     "best_val_accuracy": round(median([max(c["val_accuracy"] for c in r["curve"]) for r in rs]), 4)})
+    base = next(r for r in rows if r["config"] == ref)
+    for r in rows:
+        ok = r["seconds_to_target"] is not None and base["seconds_to_target"]
+        r["time_ratio_vs_torch"] = round(r["seconds_to_target"] / base["seconds_to_target"], 3) if ok else None
+        r["peak_ratio_vs_torch"] = round(r["peak_rss_mb"] / base["peak_rss_mb"], 3)
+        r["test_accuracy_delta_vs_torch"] = round(100 * (r["test_accuracy"] - base["test_accuracy"]), 2)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=400, help="optimizer steps of every run (batch 16)")
+    ap.add_argument("--eval-every", type=int, default=25, help="validation every N steps (clock stopped)")
+    ap.add_argument("--target", type=float, default=0.75, help="validation accuracy to reach")
+    ap.add_argument("--rounds", type=int, default=1, help="fresh processes per configuration")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 30 steps, a low target")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.eval_every, args.target = 30, 15, 0.6
+    cfgs = configs(args.steps, args.eval_every, args.target)
+    runs = run_configs(cfgs, args.rounds)
+    rows = summarize(runs, "torch+peft, usual recipe")
+    write_result("time_to_accuracy", {
+        "benchmark": f"time to {args.target:.0%} validation accuracy, Rotten Tomatoes, all-MiniLM-L6-v2",
+        "steps": args.steps, "eval_every": args.eval_every, "target": args.target, "batch": BATCH, "lr": LR,
+        "default_bundle": DEFAULT_BUNDLE, "rows": rows, "raw": runs})
+    for r in rows:
+        print(r)
+
+
+if __name__ == "__main__":
+    main()

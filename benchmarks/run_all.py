@@ -1,0 +1,225 @@
+"""The one command: every comparison of edgepeft against torch + PEFT, then the table and the plots.
+
+Runs each benchmark module (``bench_<name>.py``; each writes ``benchmarks/results/<name>.json``), then
+writes ``benchmarks/results/summary.md`` (every target with its measured ratio, met or not met, the
+date, the machine and this command) and PNG plots beside it. Plots need matplotlib:
+``pip install -e ".[bench]"`` (or ``pip install -c constraints.txt matplotlib``).
+
+    python benchmarks/run_all.py                       # everything (about 20 minutes on 2 cores)
+    python benchmarks/run_all.py --quick               # a smoke run of every part (minutes)
+    python benchmarks/run_all.py --only train_step,footprint
+    python benchmarks/run_all.py --table-only          # re-render summary.md and plots from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, machine  # noqa: E402
+
+BENCHMARKS = ["footprint", "delta_bytes", "inference", "train_step", "levers", "time_to_accuracy", "export"]
+QUICK_SKIPS = {"export"}  # an export takes minutes: --quick keeps the last export.json
+
+
+def _load(name: str) -> dict | None:
+    p = RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _row(res: dict | None, config: str) -> dict | None:
+    return next((r for r in (res or {}).get("rows", []) if r["config"] == config), None)
+
+
+def targets(r: dict[str, dict | None]) -> list[dict]:
+    """The push's targets: measured value, the bound, met or not, and where the number comes from."""
+    out = []
+
+    def add(name, value, bound, ok, shown, source):
+        out.append({"target": name, "bound": bound, "value": value, "shown": shown,
+                    "met": None if value is None else bool(ok), "source": source})
+
+    tta = r.get("time_to_accuracy")
+    ours, theirs = _row(tta, "edgepeft defaults"), _row(tta, "torch+peft, usual recipe")
+    v = ours and ours.get("time_ratio_vs_torch")
+    add("time to accuracy vs torch + PEFT", v, "≤ 0.33×", v is not None and v <= 0.33,
+        f"{v:.2f}× ({ours['seconds_to_target']} s vs {theirs['seconds_to_target']} s to {tta['target']:.0%} val.)" if v else "target not reached",
+        "time_to_accuracy.json")
+    v = ours and ours.get("peak_ratio_vs_torch")
+    add("peak training memory vs torch + PEFT", v, "≤ 0.4×", v is not None and v <= 0.4,
+        f"{v:.2f}× ({ours['peak_rss_mb']:.0f} MB vs {theirs['peak_rss_mb']:.0f} MB)" if v else "n/a", "time_to_accuracy.json")
+    fp = r.get("footprint")
+    dev = _row(fp, "edgepeft device install (pip install .)")
+    v = dev and dev["installed_ratio_vs_torch"]
+    add("device install vs torch + transformers + peft", v, "≤ 0.2×", v is not None and v <= 0.2,
+        f"{v:.3f}× ({dev['installed_mb']} MB vs {_row(fp, 'torch + transformers + peft')['installed_mb']} MB)" if v else "n/a",
+        "footprint.json")
+    db = _row(r.get("delta_bytes"), "default export")
+    v = db and db["packed_share_of_bundle"]
+    add("packed delta vs bundle", v, "≤ 0.5 %", v is not None and v <= 0.005,
+        f"{100 * v:.2f} % ({db['delta_packed_bytes'] / 1024:.0f} KB of {db['bundle_bytes'] / 2**20:.1f} MB)" if v else "n/a",
+        "delta_bytes.json")
+    fp32 = _row(tta, "edgepeft defaults, fp32 weights")
+    v = None if not (ours and fp32) else round(100 * (ours["test_accuracy"] - fp32["test_accuracy"]), 2)
+    add("int8 test accuracy vs fp32 (same recipe, same steps)", v, "within 1 point", v is not None and abs(v) <= 1.0,
+        f"{v:+.2f} points ({100 * ours['test_accuracy']:.1f} % vs {100 * fp32['test_accuracy']:.1f} %)" if v is not None else "n/a",
+        "time_to_accuracy.json")
+    return out
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    head = "| " + " | ".join(h for h, _ in cols) + " |\n|" + "---|" * len(cols) + "\n"
+    body = "".join("| " + " | ".join(str(r.get(k, "")) if r.get(k) is not None else "—" for _, k in cols) + " |\n" for r in rows)
+    return head + body
+
+
+def summary(command: str, seconds: float | None) -> str:
+    names = BENCHMARKS
+    r = {n: _load(n) for n in names}
+    dates = sorted(x["date"] for x in r.values() if x)
+    lines = ["# edgepeft vs torch + PEFT: measured side by side", "",
+             f"- date: {dates[-1] if dates else 'n/a'} (UTC; oldest result in this table: {dates[0] if dates else 'n/a'})",
+             f"- machine: {machine()}",
+             f"- command: `{command}`" + (f" ({seconds / 60:.1f} minutes)" if seconds else ""),
+             "- model: all-MiniLM-L6-v2 (22.7M parameters); every ratio is edgepeft ÷ torch + PEFT, measured in the same run,",
+             "  each configuration in its own process, rounds alternating order.", "", "## Targets", "",
+             "| target | bound | measured | met |", "|---|---|---|---|"]
+    for t in targets(r):
+        met = "n/a" if t["met"] is None else ("**met**" if t["met"] else "not met")
+        lines.append(f"| {t['target']} | {t['bound']} | {t['shown']} | {met} |")
+    sections = [
+        ("train_step", "1. Train step, batch 8, length 128", [("configuration", "config"), ("step ms", "step_ms"),
+         ("× torch eager", "step_ratio"), ("peak RSS MB", "peak_rss_mb"), ("× torch", "peak_ratio"),
+         ("RSS after load MB", "rss_after_load_mb"), ("GFLOP", "gflop"), ("share of fp32 peak", "share_of_fp32_peak")]),
+        ("time_to_accuracy", "2. Time to accuracy, Rotten Tomatoes", [("configuration", "config"),
+         ("s to target", "seconds_to_target"), ("× torch", "time_ratio_vs_torch"), ("steps to target", "steps_to_target"),
+         ("peak RSS MB", "peak_rss_mb"), ("× torch", "peak_ratio_vs_torch"), ("padded tokens", "padded_tokens"),
+         ("best val acc", "best_val_accuracy"), ("test acc", "test_accuracy"), ("test Δ points vs torch", "test_accuracy_delta_vs_torch")]),
+        ("footprint", "3. Footprint", [("install", "config"), ("installed MB", "installed_mb"), ("× torch", "installed_ratio_vs_torch"),
+         ("distributions", "distributions"), ("RSS after import MB", "rss_after_import_mb"), ("× torch", "rss_ratio_vs_torch")]),
+        ("delta_bytes", "4. Bytes that travel", [("bundle", "config"), ("bundle bytes", "bundle_bytes"),
+         ("delta raw", "delta_raw_bytes"), ("delta packed", "delta_packed_bytes"), ("packed ÷ bundle", "packed_share_of_bundle"),
+         ("PEFT adapter_model.safetensors", "peft_adapter_bytes_torch"), ("packed ÷ PEFT", "packed_vs_peft_adapter")]),
+        ("inference", "5. Inference latency per call (batch 1, 32 tokens)", [("engine", "config"), ("base ms", "base ms"),
+         ("× torch", "base ratio_vs_torch"), ("one LoRA ms", "one LoRA ms"), ("× torch", "one LoRA ratio_vs_torch"),
+         ("mix of two ms", "mix of two ms"), ("× torch", "mix of two ratio_vs_torch"), ("RSS after load MB", "rss_after_load_mb")]),
+        ("export", "6. Export (workstation side)", [("export", "config"), ("seconds", "seconds"), ("× plain", "time_ratio_vs_plain"),
+         ("peak RSS MB", "peak_rss_mb"), ("size MB", "size_mb")]),
+        ("levers", "Levers, one at a time (edgepeft train step, batch 16, length 48)", [("change", "config"), ("step ms", "step_ms"),
+         ("× default", "step_ratio"), ("peak RSS MB", "peak_rss_mb"), ("× default", "peak_ratio"), ("GFLOP", "gflop")]),
+    ]
+    for name, title, cols in sections:
+        res = r.get(name)
+        lines += ["", f"## {title}", ""]
+        if not res:
+            lines.append(f"(no results/{name}.json yet: `python benchmarks/run_all.py --only {name}`)")
+            continue
+        lines.append(f"{res.get('benchmark', '')}; measured {res['date']}.")
+        lines.append("")
+        lines.append(_table(res["rows"], cols).rstrip())
+        if name == "levers" and res.get("bucketing"):
+            lines += ["", _table(res["bucketing"], [("batching (one epoch of RT train, batch 16)", "config"),
+                                                    ("padded tokens", "padded_tokens_per_epoch"),
+                                                    ("× shuffled", "tokens_ratio_vs_shuffled"),
+                                                    ("padding share", "padding_share")]).rstrip()]
+    notes = RESULTS / "notes.md"
+    if notes.is_file():
+        lines += ["", notes.read_text().rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def plots() -> list[Path]:
+    """Step time and memory bars (train step, levers), time-to-accuracy curves; [] without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is missing; install it with: pip install -e \".[bench]\"", file=sys.stderr)
+        return []
+    out = []
+    for name, title in (("train_step", "train step, batch 8 × 128"), ("levers", "edgepeft levers, batch 16 × 48")):
+        res = _load(name)
+        if not res:
+            continue
+        rows = res["rows"]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.5))
+        labels = [r["config"] for r in rows]
+        colors = ["#c44e52" if r["config"].startswith("torch") else "#4c72b0" for r in rows]
+        for ax, key, xlabel in ((axes[0], "step_ms", "median step time (ms)"), (axes[1], "peak_rss_mb", "peak RSS (MB)")):
+            ax.barh(labels, [r[key] for r in rows], color=colors)
+            ax.invert_yaxis()
+            ax.set_xlabel(xlabel)
+        axes[1].set_yticklabels([])
+        fig.suptitle(f"{title} ({res['date'][:10]})")
+        fig.tight_layout()
+        path = RESULTS / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    res = _load("time_to_accuracy")
+    if res:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for name, runs in res["raw"].items():
+            c = runs[0]["curve"]
+            ax.plot([p["train_s"] for p in c], [100 * p["val_accuracy"] for p in c], marker="o", ms=3,
+                    label=f"{name} (peak {runs[0]['peak_rss_mb']:.0f} MB)")
+        ax.axhline(100 * res["target"], color="gray", ls="--", lw=1, label=f"target {res['target']:.0%}")
+        ax.set_xlabel("training seconds (evaluation excluded)")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_title(f"Rotten Tomatoes, all-MiniLM-L6-v2, batch {res['batch']} ({res['date'][:10]})")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = RESULTS / "time_to_accuracy.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", help=f"comma-separated subset of: {','.join(BENCHMARKS)}")
+    ap.add_argument("--quick", action="store_true", help="smoke settings for every benchmark (export is not re-run)")
+    ap.add_argument("--table-only", action="store_true", help="only re-render summary.md and the plots from results/*.json")
+    args = ap.parse_args()
+    chosen = BENCHMARKS if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(chosen) - set(BENCHMARKS))
+    if unknown:
+        ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    command = "python benchmarks/run_all.py" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
+    t_all = time.perf_counter()
+    if not args.table_only:
+        for name in chosen:
+            if args.quick and name in QUICK_SKIPS and not args.only:
+                print(f"== {name}: skipped under --quick (keeps results/{name}.json)", file=sys.stderr)
+                continue
+            print(f"== {name}", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            importlib.import_module(f"bench_{name}").main(["--quick"] if args.quick else [])
+            print(f"== {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    seconds = None if args.table_only else time.perf_counter() - t_all
+    if args.table_only:  # keep the command and duration of the run that made the numbers
+        prev = RESULTS / "run.json"
+        meta = json.loads(prev.read_text()) if prev.is_file() else {}
+        command, seconds = meta.get("command", command), meta.get("seconds")
+    else:
+        (RESULTS / "run.json").write_text(json.dumps({"command": command, "seconds": round(seconds, 1),
+                                                      "benchmarks": chosen}, indent=1) + "\n")
+    (RESULTS / "summary.md").write_text(summary(command, seconds))
+    made = plots()
+    print((RESULTS / "summary.md").read_text())
+    print(f"wrote {RESULTS / 'summary.md'}" + "".join(f", {p.name}" for p in made)
+          + (f" in {seconds / 60:.1f} minutes" if seconds and not args.table_only else ""), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
