@@ -136,7 +136,7 @@ def test_to_peft_refuses_head_slots_with_a_clear_message(work):
     save_delta(work / "h.delta", make_delta(head=True))
     r = run("to-peft", "h.delta", "--bundle", "hbundle", "-o", "peft_out")
     assert isinstance(r.exception, DeltaError)
-    assert "head.weight" in str(r.exception) and "base_weights" in str(r.exception)
+    assert "'head.weight' is stored whole by PEFT" in str(r.exception) and "weights file" in str(r.exception)
     assert not (work / "peft_out").exists()
 
 

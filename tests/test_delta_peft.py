@@ -164,10 +164,17 @@ def test_to_peft_refuses_head_without_base_weights(tmp_path):
         to_peft(random_delta(manifest), manifest, tmp_path)
 
 
-def test_to_peft_refuses_bias_on_module_without_lora(tmp_path):
+def test_to_peft_needs_base_weights_for_bias_on_module_without_lora(tmp_path):
     ln = "bert.encoder.layer.0.output.LayerNorm"
     manifest = make_manifest(head=False, extra_slots=(Slot(f"{ln}.bias", "bias", ln, (H,)),))
-    with pytest.raises(DeltaError, match=f"no PEFT LoRA equivalent: {ln}.bias"):
+    with pytest.raises(DeltaError, match=f"'{ln}.bias' is stored whole by PEFT"):
+        to_peft(random_delta(manifest), manifest, tmp_path)
+
+
+def test_to_peft_refuses_a_module_with_both_lora_and_a_full_weight(tmp_path):
+    m = TARGETS[0]
+    manifest = make_manifest(head=False, extra_slots=(Slot(f"{m}.weight", "weight", m, (H, H)),))
+    with pytest.raises(DeltaError, match=f"no PEFT LoRA equivalent: {m}.lora_A"):
         to_peft(random_delta(manifest), manifest, tmp_path)
 
 
@@ -213,3 +220,86 @@ def test_delta_from_init_matches_peft_lora_a_init(base):
     ours = delta_from_init(make_manifest(), 0).tensors[f"{TARGETS[0]}.lora_A"]
     assert np.abs(theirs).max() <= 1 / math.sqrt(H) and np.abs(ours).max() <= 1 / math.sqrt(H)
     assert abs(theirs.std() - ours.std()) < 0.3 * theirs.std()  # both uniform(-b, b): std b/sqrt(3)
+
+
+# ---- on exported bundles: PEFT's logits against the runtime's, through the CLI ------------------
+
+def _bundle_delta(bundle, seed: int = 0) -> Delta:
+    """A delta for ``bundle`` with every slot non-zero (B, BitFit biases and the head too)."""
+    d = delta_from_init(bundle.manifest, seed)
+    rng = np.random.default_rng(seed + 1)
+    return Delta({k: (rng.standard_normal(v.shape) * 0.1).astype(np.float32) for k, v in d.tensors.items()}, d.meta)
+
+
+def _batch(bundle, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, bundle.manifest.vocab_size, size=(3, 9)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[0, 7:] = 0
+    return ids, mask
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from edgepeft.cli import cli
+
+    r = CliRunner().invoke(cli, ["delta", *args])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    return r
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_to_peft_dir_loads_in_peft_with_the_runtime_logits(kind, bundles, model_dirs, tmp_path):
+    """bert: LoRA + BitFit (bias='all') + classifier head (modules_to_save); llama: LoRA on a causal LM."""
+    import torch_reference
+
+    from edgepeft.delta import save_delta
+    from edgepeft.runtime.infer import Predictor
+
+    b = bundles(kind)
+    d = _bundle_delta(b)
+    save_delta(tmp_path / "d.delta", d)
+    _cli("to-peft", str(tmp_path / "d.delta"), "--bundle", str(b.path), "-o", str(tmp_path / "peft"))
+    cfg = json.loads((tmp_path / "peft" / CONFIG_FILE).read_text())
+    assert cfg["bias"] == ("all" if kind == "bert" else "none")
+    model = peft.PeftModel.from_pretrained(torch_reference.load_hf(model_dirs(kind), b), tmp_path / "peft").eval()
+    ids, mask = _batch(b)
+    theirs = torch_reference.logits(model, ids, mask)
+    ours = Predictor(b).logits(ids, mask, [d])
+    keep = mask.astype(bool) if kind == "llama" else slice(None)  # padded LM positions are not compared
+    assert np.abs(ours[keep] - theirs[keep]).max() < 1e-4
+    base = Predictor(b).logits(ids, mask)
+    assert np.abs(base[keep] - theirs[keep]).max() > 1e-2  # the adapter really changes the logits
+
+
+def test_peft_trained_lora_converts_to_a_delta_with_peft_logits(bundles, model_dirs, tmp_path):
+    """A LoRA (+ classifier) trained a few AdamW steps with PEFT in torch, then ``from-peft``."""
+    import torch_reference
+
+    from edgepeft.delta import load_delta
+    from edgepeft.runtime.infer import Predictor
+
+    b = bundles("bert")
+    lora_slots = [s for s in b.manifest.slots if s.kind == "lora_A"]
+    cfg = peft.LoraConfig(r=lora_slots[0].rank, lora_alpha=lora_slots[0].alpha, target_modules=sorted(s.module for s in lora_slots),
+                          lora_dropout=0.0, task_type="SEQ_CLS")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(torch_reference.load_hf(model_dirs("bert"), b), cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids, mask = _batch(b, 1)
+    labels = torch.tensor([0, 1, 2])
+    model.train()
+    for _ in range(4):
+        loss = torch.nn.functional.cross_entropy(model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(tmp_path / "peft")
+    _cli("from-peft", str(tmp_path / "peft"), "--bundle", str(b.path), "--fill-missing", "-o", str(tmp_path / "d.delta"))
+    d = load_delta(tmp_path / "d.delta", b.manifest)
+    assert any(np.abs(d.tensors[f"{s.module}.lora_B"]).max() > 0 for s in lora_slots)  # trained: B moved off zero
+    ids, mask = _batch(b, 2)
+    theirs = torch_reference.logits(model, ids, mask)
+    assert np.abs(Predictor(b).logits(ids, mask, [d]) - theirs).max() < 1e-4

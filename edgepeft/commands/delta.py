@@ -15,7 +15,6 @@ from edgepeft.delta import transport
 from edgepeft.delta.merge import diff, merge  # the package re-exports merge(), shadowing the module
 from edgepeft.errors import DeltaError
 from edgepeft.manifest import Manifest, read_manifest
-from edgepeft.names import WEIGHT
 
 MAX_PACKED_READ = 1024 * 1024 * 1024  # a packed file bigger than this is not a delta
 
@@ -145,6 +144,17 @@ def merge_cmd(files: tuple[str, ...], out: str, weights: str | None, rank: int |
     click.echo(f"wrote {out}")
 
 
+def _base_weights(bundle: str, manifest: Manifest) -> dict[str, np.ndarray] | None:
+    """The bundle's frozen weights by parameter path (PEFT stores heads and bias='all' biases whole), or None
+    when the bundle directory holds only its manifest."""
+    from edgepeft.runtime.bundle import open_bundle
+    from edgepeft.runtime.weights import read_frozen
+
+    if not (Path(bundle) / manifest.weights).is_file():
+        return None
+    return read_frozen(open_bundle(bundle))
+
+
 @delta_group.command("to-peft")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--bundle", required=True, type=click.Path(file_okay=False), help=BUNDLE_HELP)
@@ -155,14 +165,7 @@ def to_peft_cmd(file: str, bundle: str, out: str) -> None:
 
     manifest = read_manifest(bundle)
     d = read_any(file, manifest)
-    heads = sorted(n for n in d.tensors if n.endswith("." + WEIGHT))
-    if heads:
-        raise DeltaError(
-            f"{Path(file).name}: head slot(s) {', '.join(heads)} become full modules_to_save copies in PEFT, which "
-            "need the base weights; the CLI does not read weights from a bundle: use "
-            "edgepeft.delta.peft_format.to_peft(delta, manifest, out, base_weights=...) from Python"
-        )
-    to_peft(d, manifest, out)
+    to_peft(d, manifest, out, base_weights=_base_weights(bundle, manifest))
     click.echo(f"wrote {out}")
 
 
@@ -176,7 +179,8 @@ def from_peft_cmd(adapter_dir: str, bundle: str, out: str, fill_missing: bool, a
     """Convert a Hugging Face PEFT LoRA adapter directory DIR to a delta that fits the bundle."""
     from edgepeft.delta.peft_format import from_peft
 
-    d = from_peft(adapter_dir, read_manifest(bundle), fill_missing=fill_missing, adapter=adapter)
+    manifest = read_manifest(bundle)
+    d = from_peft(adapter_dir, manifest, base_weights=_base_weights(bundle, manifest), fill_missing=fill_missing, adapter=adapter)
     fmt.save_delta(out, d)
     click.echo(f"wrote {out} (rank {d.meta.rank}, alpha {d.meta.alpha:g})")
 

@@ -8,9 +8,15 @@ Mapping (PEFT keys carry the ``base_model.model.`` prefix; PEFT's saved files dr
 - head modules (a ``<m>.weight`` slot, e.g. the classifier)  <->  ``modules_to_save``: PEFT stores the
   FULL module (``<m>.weight``, ``<m>.bias``), so converting needs the base weights (base + delta out,
   full - base in).
+- BitFit bias slots on modules without LoRA (``attention.output.dense.bias``, ...)  <->  PEFT's
+  ``bias: "all"``, which stores biases whole: ``<m>.bias`` (``<m>.base_layer.bias`` on a LoRA module)
+  = base + delta. Needs the base weights too; in this mode every bias slot is written that way.
 
-Slots that cannot map: a bias slot on a module that is neither LoRA-targeted nor a head (BitFit on
-LayerNorm, say), and a module with both LoRA and a full weight slot. Both raise DeltaError by name.
+What cannot map: a module with both LoRA and a full weight slot (PEFT wraps a module one way), and,
+reading, a PEFT adapter whose ``bias: "all"`` training changed biases the bundle has no slot for
+(LayerNorm biases, say). Also note: PEFT trains every bias of the model under ``bias: "all"``, more
+than the bundle's BitFit slots, so training on in PEFT after ``to-peft`` is a wider method; the
+logits of the converted adapter are the same. Each refusal is a DeltaError naming the tensors.
 """
 
 from __future__ import annotations
@@ -54,8 +60,6 @@ def _unmappable(kinds_by_module: dict[str, set[str]]) -> list[str]:
     for m, kinds in sorted(kinds_by_module.items()):
         if LORA_A in kinds and WEIGHT in kinds:
             bad += [slot_name(m, k) for k in sorted(kinds)]
-        elif BIAS in kinds and LORA_A not in kinds and WEIGHT not in kinds:
-            bad.append(slot_name(m, BIAS))
     return bad
 
 
@@ -63,16 +67,16 @@ def _refuse_unmappable(bad: list[str], where: str) -> None:
     if bad:
         raise DeltaError(
             f"{where}: slot(s) with no PEFT LoRA equivalent: {', '.join(bad)} "
-            "(PEFT carries bias deltas only on LoRA-targeted modules and full heads as modules_to_save)"
+            "(PEFT wraps a module either with LoRA or as a full modules_to_save copy, not both)"
         )
 
 
 def _base(base_weights: dict[str, np.ndarray] | None, key: str, shape: tuple[int, ...] | None, where: str) -> np.ndarray:
     if base_weights is None:
         raise DeltaError(
-            f"{where}: head module {key.rpartition('.')[0]!r} is stored by PEFT as a full copy (modules_to_save), "
-            "so converting it needs the base weights; the CLI does not read them from a bundle: call "
-            "edgepeft.delta.peft_format with base_weights={'<module>.weight': array, ...} from Python"
+            f"{where}: {key!r} is stored whole by PEFT (a modules_to_save head, or a bias under bias='all'), "
+            "so converting it needs the base weights: give a bundle with its weights file (CLI --bundle), or "
+            "base_weights={'<module>.weight': array, ...} from Python"
         )
     if key not in base_weights:
         raise DeltaError(f"{where}: base_weights lacks {key!r}")
@@ -103,12 +107,19 @@ def to_peft(
         raise DeltaError(f"{where}: task {manifest.task!r} has no PEFT task_type")
     lora = sorted(m for m, k in kinds.items() if LORA_A in k)
     heads = sorted(m for m, k in kinds.items() if WEIGHT in k)
-    lora_bias = any(BIAS in kinds[m] for m in lora)
+    bitfit = sorted(m for m, k in kinds.items() if BIAS in k and LORA_A not in k and WEIGHT not in k)
+    bias_all = bool(bitfit)  # biases beyond LoRA modules: PEFT's bias="all", which stores them whole
+    lora_bias = not bias_all and any(BIAS in kinds[m] for m in lora)
     scale = delta.scale
     if lora_bias and scale == 0:
         raise DeltaError(f"{where}: LoRA alpha is 0, so PEFT's lora_B.bias (scaled by alpha/r) cannot carry a bias delta")
     t = delta.tensors
     out: dict[str, np.ndarray] = {}
+    if bias_all:
+        for m in sorted(set(bitfit) | {m for m in lora if BIAS in kinds[m]}):
+            b = t[slot_name(m, BIAS)]
+            key = f"{m}.base_layer.bias" if m in lora else f"{m}.bias"
+            out[PREFIX + key] = _base(base_weights, f"{m}.bias", b.shape, where) + b
     for m in lora:
         out[f"{PREFIX}{m}.lora_A.weight"] = t[slot_name(m, LORA_A)]
         out[f"{PREFIX}{m}.lora_B.weight"] = t[slot_name(m, LORA_B)]
@@ -133,7 +144,7 @@ def to_peft(
         # exact module paths, not leaf names: leaf names would also wrap modules the bundle does not train
         "target_modules": lora,
         "modules_to_save": heads or None,
-        "bias": "none",
+        "bias": "all" if bias_all else "none",
         "lora_bias": lora_bias,
         "lora_dropout": 0.0,
         "fan_in_fan_out": False,
@@ -218,11 +229,17 @@ def from_peft(
                 put(slot_name(m, BIAS), value * scale, key)
             elif p == "weight" or np.any(value):  # a zero lora bias is what PEFT writes for untrained targets
                 stray.append(key)
-        elif (mt := _FULL_KEY.match(k)) and slot_name(mt["m"], WEIGHT) in want and slot_name(mt["m"], mt["p"]) in want:
-            m, p = mt["m"], mt["p"]
-            put(slot_name(m, p), value - _base(base_weights, f"{m}.{p}", value.shape, where), key)
-        elif not (mt and _equals_base(base_weights, f"{mt['m']}.{mt['p']}", value)):
-            stray.append(key)  # includes a full module the bundle has no slot for and that differs from the base
+        elif mt := _FULL_KEY.match(k):  # a whole tensor: a modules_to_save head, or a bias under bias="all"
+            m, p = mt["m"].removesuffix(".base_layer"), mt["p"]
+            if m.endswith(".original_module"):  # PEFT's untouched copy of a modules_to_save module
+                if not _equals_base(base_weights, f"{m.removesuffix('.original_module')}.{p}", value):
+                    stray.append(key)
+            elif slot_name(m, p) in want:
+                put(slot_name(m, p), value - _base(base_weights, f"{m}.{p}", value.shape, where), key)
+            elif not _equals_base(base_weights, f"{m}.{p}", value):
+                stray.append(key)  # a tensor the bundle has no slot for and that differs from the base
+        else:
+            stray.append(key)
     if stray:
         raise DeltaError(f"{where}: adapter tensor(s) with no slot in the bundle: {', '.join(stray[:6])}" + (" ..." if len(stray) > 6 else ""))
     missing = sorted(set(want) - set(got))
