@@ -73,6 +73,10 @@ def test_inspect_shows_meta_slots_sizes_and_pack_error(work):
     assert r.exit_code == 0, r.output
     for text in ("rank 4  alpha 8  scale 2", "samples     5  creator dev-7", "enc.q.lora_A", "4x16", "raw ", "packed ", "x smaller", "max |x - x'|"):
         assert text in r.output
+    line = next(l for l in r.output.splitlines() if l.startswith("pack error"))
+    actual, bound = float(line.split("= ")[1].split()[0]), float(line.split("(bound ")[1].split(":")[0])
+    d = load_delta(work / "a.delta")
+    assert actual <= bound and bound == pytest.approx(max(np.abs(t).max() for t in d.tensors.values()) / 254, rel=5e-3)
 
 
 def test_inspect_refuses_delta_for_another_bundle(work):
@@ -165,3 +169,74 @@ def test_delta_package_and_command_never_import_torch():
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+# ---- hostile files at the command line: each one line on stderr, exit status 1 ---------------------
+
+def _split(data: bytes) -> tuple[dict, bytes]:
+    import json
+    import struct
+
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def _join(header: dict, body: bytes) -> bytes:
+    import json
+    import struct
+
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + body
+
+
+def _hostile(kind: str) -> bytes:
+    import struct
+
+    good = delta_bytes(make_delta())
+    header, body = _split(good)
+    if kind == "random bytes":
+        return np.random.default_rng(0).bytes(1000)
+    if kind == "truncated":
+        return good[: len(good) - 100]
+    if kind == "huge header length":
+        return struct.pack("<Q", 2**62) + good[8:]
+    if kind == "huge tensor claim":
+        header["enc.q.lora_A"]["shape"] = [2**20, 2**20]
+        return _join(header, body)
+    if kind == "path separator name":
+        header["../enc.q.bias"] = header.pop("enc.q.bias")
+        return _join(header, body)
+    d = make_delta()
+    if kind == "another base":
+        d = Delta(d.tensors, dataclasses.replace(d.meta, base_fingerprint="1" * 64))
+    elif kind == "wrong shape":
+        d.tensors["enc.q.bias"] = np.zeros(15, np.float32)
+    elif kind == "nan":
+        d.tensors["enc.q.lora_B"][0, 0] = np.nan
+    elif kind == "extra slot":
+        d.tensors["enc.k.bias"] = np.zeros(16, np.float32)
+    elif kind == "missing slot":
+        del d.tensors["enc.q.bias"]
+    return delta_bytes(d)
+
+
+HOSTILE = ["random bytes", "truncated", "huge header length", "huge tensor claim", "path separator name", "another base",
+           "wrong shape", "nan", "extra slot", "missing slot"]
+
+
+FITS_BUNDLE = ("another base", "wrong shape", "extra slot", "missing slot")  # wrong only against a bundle
+CASES = [(k, "inspect") for k in HOSTILE] + [(k, c) for k in HOSTILE if k not in FITS_BUNDLE for c in ("pack", "to-ort-adapter")]
+
+
+@pytest.mark.parametrize("kind,command", CASES)
+def test_hostile_file_is_refused_with_one_line(work, capsys, kind, command):
+    from edgepeft.cli import main
+
+    (work / "bad.delta").write_bytes(_hostile(kind))
+    args = {"inspect": ["--bundle", "bundle"], "pack": ["-o", "out.bin"], "to-ort-adapter": ["-o", "out.bin"]}[command]
+    with pytest.raises(SystemExit) as e:
+        main(["delta", command, "bad.delta", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("Error: bad.delta: "), err
+    assert not (work / "out.bin").exists()

@@ -176,3 +176,50 @@ def test_fuzzed_packed_bytes_give_a_delta_or_a_delta_error():
             unpack(data, "fuzz")
         except DeltaError as e:
             assert "\n" not in str(e)
+
+
+# ---- the stated error bound ---------------------------------------------------------------------
+
+def test_stated_row_bound_holds_for_every_element_and_is_tight():
+    d = make_delta(3)
+    back = unpack(pack(d))
+    worst = 0.0
+    for name, x in d.tensors.items():
+        rows = x.reshape(1, -1) if x.ndim == 1 else x
+        bound = transport.row_error_bounds(x)[:, None]
+        err = np.abs(back.tensors[name].reshape(rows.shape).astype(np.float64) - rows)
+        assert (err <= bound).all(), name
+        worst = max(worst, float((err / np.where(bound > 0, bound, 1)).max()))
+    assert worst > 0.9  # some element really loses almost half a step: the bound is not loose
+    actual = max(float(np.abs(back.tensors[n] - d.tensors[n]).max()) for n in d.tensors)
+    assert actual <= transport.error_bound(d) < 1.01 * max(float(np.abs(x).max()) for x in d.tensors.values()) / 254
+
+
+# ---- training resumed from a packed delta ----------------------------------------------------------
+
+def test_training_resumed_from_packed_delta_reaches_the_same_accuracy(bundles, tmp_path):
+    """Train part way, then continue once from the delta and once from pack → unpack of it: accuracy within 0.2 points."""
+    from synthetic_tasks import classification_files, word_group_rows, write_jsonl
+
+    from edgepeft.runtime.data import load_dataset
+    from edgepeft.runtime.evaluate import evaluate
+    from edgepeft.runtime.infer import Predictor
+    from edgepeft.runtime.text import load_tokenizer
+    from edgepeft.runtime.trainer import TrainConfig, Trainer
+
+    b = bundles("bert")
+    tok = load_tokenizer(b)
+    train_file, _ = classification_files(tmp_path)
+    train = load_dataset(train_file, b.manifest, tok)
+    test = load_dataset(write_jsonl(tmp_path / "test.jsonl", word_group_rows(5000, 7)), b.manifest, tok)
+    first = Trainer(b, train, TrainConfig(max_steps=12, lr=3e-2)).fit().delta
+    sent = unpack(pack(first), manifest=b.manifest)
+    assert 0 < max(float(np.abs(sent.tensors[k] - first.tensors[k]).max()) for k in first.tensors) <= transport.error_bound(first)
+    p = Predictor(b)
+    acc = {}
+    for name, start in (("raw", first), ("packed", sent)):
+        resumed = Trainer(b, train, TrainConfig(epochs=4, lr=3e-2, seed=1), start=start).fit().delta
+        acc[name] = 100 * evaluate(p, test, [resumed])["accuracy"]
+    before = 100 * evaluate(p, test, [first])["accuracy"]
+    assert acc["raw"] > before + 5  # the resumed runs really learned more
+    assert acc["raw"] >= 90 and abs(acc["raw"] - acc["packed"]) <= 0.2, acc

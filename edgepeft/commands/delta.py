@@ -72,7 +72,7 @@ def inspect_cmd(file: str, bundle: str | None) -> None:
         click.echo(f"  {n:<60} {_shape(d.tensors[n].shape)}")
     click.echo(f"raw         {raw} bytes")
     click.echo(f"packed      {len(packed)} bytes ({raw / max(len(packed), 1):.2f}x smaller)")
-    click.echo(f"pack error  max |x - x'| = {err:.3g}")
+    click.echo(f"pack error  max |x - x'| = {err:.3g} (bound {transport.error_bound(d):.3g}: max|row| / 254 per row)")
 
 
 @delta_group.command("diff")
