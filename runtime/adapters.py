@@ -155,8 +155,9 @@ class AdapterPool:
             raise AdapterError(f"unknown adapter {name!r}; added: {added}")
 
     def _load(self, path: Path) -> PreparedDelta:
+        entry = prepare(self.manifest, map_delta(path, self.manifest))
         self.stats.loads += 1
-        return prepare(self.manifest, map_delta(path, self.manifest))
+        return entry
 
     def _get(self, name: str) -> PreparedDelta:
         self._known(name)

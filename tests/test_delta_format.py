@@ -335,6 +335,32 @@ def test_fuzzed_files_give_a_delta_or_a_delta_error():
     assert outcomes["refused"] > 250
 
 
+def test_memory_mapped_reader_accepts_and_refuses_exactly_what_the_reader_does(tmp_path):
+    from edgepeft.delta import map_delta
+
+    valid = delta_bytes(make_delta())
+    rng = np.random.default_rng(99)
+    for i in range(60):
+        data = bytearray(valid)
+        if i % 2:
+            data = data[: int(rng.integers(0, len(data)))]
+        else:
+            for pos in rng.integers(0, len(data), size=3):
+                data[pos] = int(rng.integers(0, 256))
+        (tmp_path / "f.delta").write_bytes(bytes(data))
+        outcome = []
+        for read in (load_delta, map_delta):
+            try:
+                d = read(tmp_path / "f.delta", make_manifest())
+                outcome.append(sorted((k, v.tobytes()) for k, v in d.tensors.items()))
+            except DeltaError as e:
+                outcome.append(str(e))
+        assert outcome[0] == outcome[1]
+    (tmp_path / "f.delta").write_bytes(valid)
+    mapped = map_delta(tmp_path / "f.delta", make_manifest())
+    assert all(not t.flags.writeable and not t.flags.owndata for t in mapped.tensors.values())
+
+
 # ---- ONNX Runtime adapter export ----------------------------------------------------------------
 
 def test_ort_adapter_holds_slots_with_b_scaled(tmp_path):

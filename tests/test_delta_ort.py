@@ -24,9 +24,9 @@ def test_ort_lora_adapter_applies_the_delta_like_feeding_it(bundles, tmp_path, q
     b = bundles("bert", quantize)
     d = bundle_delta(b)
     save_delta(tmp_path / "d.delta", d)
-    r = CliRunner().invoke(cli, ["delta", "to-ort-adapter", str(tmp_path / "d.delta"), "-o", str(tmp_path / "d.onnx_adapter")])
+    r = CliRunner().invoke(cli, ["delta", "to-ort-adapter", str(tmp_path / "d.delta"), "-o", str(tmp_path / "d.onnx_adapter"),
+                                 "--bundle", str(b.path), "--model-out", str(tmp_path / "model.onnx")])
     assert r.exit_code == 0, r.output
-    adapter_ready_model(b.path, b.manifest, tmp_path / "model.onnx")
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(tmp_path / "model.onnx"), so, providers=["CPUExecutionProvider"])
@@ -52,3 +52,12 @@ def test_bundle_graph_alone_refuses_a_call_without_slot_feeds(bundles):
     ids = np.full((1, 4), 5, np.int64)
     with pytest.raises(ValueError, match="Required inputs"):
         sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+
+
+def test_adapter_ready_model_without_adapter_is_the_bundle_model(bundles, tmp_path):
+    b = bundles("bert", "int8")
+    adapter_ready_model(b.path, b.manifest, tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(1).integers(4, b.manifest.vocab_size, size=(2, 6)).astype(np.int64)
+    out = sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+    np.testing.assert_allclose(out, Predictor(b).logits(ids, np.ones_like(ids)), rtol=0, atol=1e-5)

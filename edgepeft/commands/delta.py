@@ -188,9 +188,19 @@ def from_peft_cmd(adapter_dir: str, bundle: str, out: str, fill_missing: bool, a
 @delta_group.command("to-ort-adapter")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="ONNX Runtime .onnx_adapter file to write.")
-def to_ort_adapter_cmd(file: str, out: str) -> None:
+@click.option("--bundle", type=click.Path(file_okay=False), default=None, help=BUNDLE_HELP)
+@click.option("--model-out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the bundle's inference graph with neutral slot defaults, which ORT adapters need (needs --bundle and the onnx package).")
+def to_ort_adapter_cmd(file: str, out: str, bundle: str | None, model_out: str | None) -> None:
     """Export a delta as an ONNX Runtime adapter file (LoRA B pre-multiplied by the scale)."""
-    from edgepeft.delta.ort_adapter import to_ort_adapter
+    from edgepeft.delta.ort_adapter import adapter_ready_model, to_ort_adapter
 
-    to_ort_adapter(read_any(file), out)
+    if model_out and not bundle:
+        raise click.BadParameter("needs --bundle", param_hint="--model-out")
+    manifest = _manifest(bundle)
+    to_ort_adapter(read_any(file, manifest), out)
     click.echo(f"wrote {out}")
+    if model_out:
+        adapter_ready_model(bundle, manifest, model_out)
+        click.echo(f"wrote {model_out} (load it with onnxruntime.InferenceSession; activate {out} with "
+                   "onnxruntime.LoraAdapter + RunOptions.add_active_adapter)")
