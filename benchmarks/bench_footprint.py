@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -35,33 +36,35 @@ ENVS = {
 RSS = "; import os; print(int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20)"
 
 
-def _stamp(args: list[str]) -> str:
+def _digest(args: list[str], sources: bool) -> str:
     h = hashlib.sha256(json.dumps(args).encode())
     for f in ("pyproject.toml", "constraints.txt"):
         h.update((REPO / f).read_bytes())
-    if args == ["."]:  # the device install copies the package: rebuild when its sources change
-        for d in ("edgepeft", "runtime", "devices"):
+    if sources:  # the device install copies the package: reinstall it when its sources change
+        for d in ("edgepeft", "runtime", "devices", "exporters"):
             for p in sorted((REPO / d).rglob("*.py")):
                 h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
 
 def ensure_venv(name: str, args: list[str]) -> Path:
-    """benchmarks/.cache/venv-<name> with ``pip install <args>`` done (once per stamp)."""
+    """benchmarks/.cache/venv-<name> with ``pip install <args>`` done (once; edgepeft alone re-installed on change)."""
     path = CACHE / f"venv-{name}"
-    stamp = path / ".stamp"
-    want = _stamp(args)
-    if stamp.is_file() and stamp.read_text() == want:
-        return path
-    print(f"building {path} (pip install {' '.join(args)}; cached afterwards)", file=sys.stderr, flush=True)
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    venv.EnvBuilder(with_pip=True, clear=True).create(path)
-    (path / ".baseline.json").write_text(json.dumps(sorted(p.name for p in site_packages(path).iterdir())))
-    subprocess.run([str(path / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", *args], cwd=REPO, check=True)
-    stamp.write_text(want)
+    pip = [str(path / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
+    stamp, sources = path / ".stamp", path / ".sources"
+    want, want_src = _digest(args, False), _digest(args, args == ["."])
+    if not (stamp.is_file() and stamp.read_text() == want):
+        print(f"building {path} (pip install {' '.join(args)}; cached afterwards)", file=sys.stderr, flush=True)
+        if path.exists():
+            shutil.rmtree(path)
+        venv.EnvBuilder(with_pip=True, clear=True).create(path)
+        (path / ".baseline.json").write_text(json.dumps(sorted(p.name for p in site_packages(path).iterdir())))
+        subprocess.run([*pip, *args], cwd=REPO, check=True)
+        stamp.write_text(want)
+        sources.write_text(want_src)
+    elif not (sources.is_file() and sources.read_text() == want_src):
+        subprocess.run([*pip, "--no-deps", "--force-reinstall", *args], cwd=REPO, check=True)
+        sources.write_text(want_src)
     return path
 
 

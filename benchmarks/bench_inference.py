@@ -26,7 +26,7 @@ import json, os, sys, time, numpy as np
 from edgepeft.delta import Delta, delta_from_init
 from edgepeft.runtime.bundle import open_bundle
 from edgepeft.runtime.infer import Predictor
-b = open_bundle(sys.argv[1]); calls = int(sys.argv[2])
+b = open_bundle(sys.argv[1]); calls, T = int(sys.argv[2]), int(sys.argv[3])
 p = Predictor(b)
 rss_load = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
 g = np.random.default_rng(0)
@@ -34,16 +34,16 @@ def trained(seed):
     d = delta_from_init(b.manifest, seed)
     return Delta({k: (v if k.endswith("lora_A") else g.normal(0, 0.02, v.shape).astype(np.float32)) for k, v in d.tensors.items()}, d.meta)
 a, c = trained(1), trained(2)
-ids = g.integers(1000, 30000, (1, {T})); mask = np.ones_like(ids)
-out = {{}}
+ids = g.integers(1000, 30000, (1, T)); mask = np.ones_like(ids)
+out = {}
 for name, deltas, w in (("base", [], None), ("one LoRA", [a], None), ("mix of two", [a, c], [0.5, 0.5])):
     for _ in range(10): p.logits(ids, mask, deltas, w)
     ts = []
     for _ in range(calls):
         t0 = time.perf_counter(); p.logits(ids, mask, deltas, w); ts.append(time.perf_counter() - t0)
     out[name] = float(np.median(ts))
-print("RESULT", json.dumps({{"ms": {{k: v * 1000 for k, v in out.items()}}, "rss_after_load_mb": rss_load}}))
-""".format(T=LENGTH)
+print("RESULT", json.dumps({"ms": {k: v * 1000 for k, v in out.items()}, "rss_after_load_mb": rss_load}))
+"""
 
 TORCH_CHILD = """
 import json, os, sys, time, numpy as np, torch, transformers
@@ -51,15 +51,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from peft import LoraConfig, get_peft_model
 from edgepeft.demo.assets import minilm_dir
 transformers.logging.set_verbosity_error()
-calls = int(sys.argv[2])
+calls, T = int(sys.argv[2]), int(sys.argv[3])
 m = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2, attn_implementation="sdpa").eval()
 cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False)
 m = get_peft_model(m, cfg, adapter_name="a"); m.add_adapter("b", cfg); m.eval()
 rss_load = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
 g = np.random.default_rng(0)
-ids = torch.from_numpy(g.integers(1000, 30000, (1, {T}))); mask = torch.ones_like(ids)
+ids = torch.from_numpy(g.integers(1000, 30000, (1, T))); mask = torch.ones_like(ids)
 def run(): return m(input_ids=ids, attention_mask=mask).logits
-out = {{}}
+out = {}
 with torch.inference_mode():
     for name in ("base", "one LoRA", "mix of two"):
         if name == "one LoRA": m.set_adapter("a")
@@ -73,8 +73,8 @@ with torch.inference_mode():
         for _ in range(calls):
             t0 = time.perf_counter(); call(); ts.append(time.perf_counter() - t0)
         out[name] = float(np.median(ts))
-print("RESULT", json.dumps({{"ms": {{k: v * 1000 for k, v in out.items()}}, "rss_after_load_mb": rss_load}}))
-""".format(T=LENGTH)
+print("RESULT", json.dumps({"ms": {k: v * 1000 for k, v in out.items()}, "rss_after_load_mb": rss_load}))
+"""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(args.rounds):
         for name in (list(engines) if r % 2 == 0 else list(reversed(engines))):
             code, arg = engines[name]
-            runs[name].append(run_child(code, arg, str(args.calls)))
+            runs[name].append(run_child(code, arg, str(args.calls), str(LENGTH)))
     rows = []
     for name, rs in runs.items():
         row = {"config": name, "peak_rss_mb": round(median([x["peak_rss_mb"] for x in rs]), 1),

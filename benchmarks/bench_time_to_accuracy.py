@@ -11,13 +11,13 @@ split of ``edgepeft.demo.assets.rotten_tomatoes_split(0)`` (majority class 57.8 
   SDPA attention, train mode (dropout on).
 - **edgepeft defaults**: a bundle exported with ``edgepeft export`` defaults (see DEFAULT_BUNDLE) and
   the trainer's batching (length buckets), numpy AdamW, no dropout in the graph.
-- **edgepeft, identical configuration**: the recipe of the torch run (fp32 weights, LoRA r=8 on
+- **edgepeft at identical configuration**: the recipe of the torch run (fp32 weights, LoRA r=8 on
   query/value in every layer + head, the same shuffled batches in the same order); the difference
   to the torch run is the engine (and dropout, which the graphs do not have).
 
 Each run is its own process; runs alternate order between rounds.
 
-    python benchmarks/bench_time_to_accuracy.py [--steps 400] [--eval-every 25] [--target 0.75]
+    python benchmarks/bench_time_to_accuracy.py [--steps 200] [--eval-every 25] [--target 0.75] [--quick]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import CACHE, DEFAULT_BUNDLE, ROOT, median, minilm_bundle, run_child, write_result  # noqa: E402
 
 BATCH, LR, SEED = 16, 2e-3, 0
+EVAL_BATCH = 16  # the trainer evaluates at its batch size; HF's Trainer default is 8
 IDENTICAL_BUNDLE = {"quantize": "none", "method": "lora", "top_layers": None}
 
 
@@ -102,6 +103,8 @@ def torch_child(cfg: dict) -> dict:
                                              target_modules=["query", "value"]))
     collate = transformers.DataCollatorWithPadding(tok)
     data = {k: _read(cfg["data"][k]) for k in ("train", "val", "test")}
+    data = {k: (t[:cfg["eval_rows"]], y[:cfg["eval_rows"]]) if k != "train" and cfg.get("eval_rows") else (t, y)
+            for k, (t, y) in data.items()}
     enc = {k: tok(t, truncation=True, max_length=128)["input_ids"] for k, (t, _) in data.items()}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.01)
@@ -126,8 +129,8 @@ def torch_child(cfg: dict) -> dict:
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         correct = 0
         with torch.inference_mode():
-            for s in range(0, len(order), 64):
-                idx = order[s:s + 64]
+            for s in range(0, len(order), EVAL_BATCH):
+                idx = order[s:s + EVAL_BATCH]
                 pred = model(**collate([{"input_ids": ids[i]} for i in idx])).logits.argmax(-1)
                 correct += sum(int(p) == ys[i] for p, i in zip(pred, idx))
         return correct / len(ids)
@@ -153,6 +156,10 @@ def edgepeft_child(cfg: dict) -> dict:
     predictor = Predictor(b)
     tok = load_tokenizer(b)
     data = {k: load_dataset(cfg["data"][k], b.manifest, tok) for k in ("train", "val", "test")}
+    if cfg.get("eval_rows"):
+        for k in ("val", "test"):
+            d, n = data[k], cfg["eval_rows"]
+            data[k] = type(d)(d.path, d.task, d.ids[:n], d.labels[:n], d.lines[:n], d.sha256, d.pad_id)
     delta = delta_from_init(b.manifest, SEED)
     params = delta.tensors
     opt = AdamW(params, weight_decay=0.01)
@@ -174,26 +181,35 @@ def edgepeft_child(cfg: dict) -> dict:
         opt.step(grads, lr_at(step, base_lr=cfg["lr"], total=cfg["steps"], warmup=0, schedule="linear"))
 
     def eval_fn(split):
-        return evaluate(predictor, data[split], [delta], batch_size=64)["accuracy"]
+        return evaluate(predictor, data[split], [delta], batch_size=EVAL_BATCH)["accuracy"]
 
     return _loop(step_fn, eval_fn, batches, cfg)
 
 
-def configs(steps: int, eval_every: int, target: float, dropout: float = 0.1) -> dict[str, tuple[str, dict]]:
+def configs(steps: int, eval_every: int, target: float, eval_rows: int = 0) -> dict[str, tuple[str, dict]]:
+    """Every run this benchmark knows; the default selection is DEFAULT_RUNS, the others are levers."""
     data = {k: str(v) for k, v in data_files().items()}
     n_train = sum(1 for _ in open(data["train"]))
     order = shuffled_batches(n_train, steps, SEED)
-    common = {"data": data, "steps": steps, "eval_every": eval_every, "target": target, "lr": LR}
+    common = {"data": data, "steps": steps, "eval_every": eval_every, "target": target, "lr": LR, "eval_rows": eval_rows}
+    ours = lambda **spec: {**common, "batches": None, "bundle": {**DEFAULT_BUNDLE, **spec}}  # noqa: E731
     return {
-        "torch+peft, usual recipe": ("torch_child", {**common, "batches": order, "dropout": dropout}),
-        "edgepeft defaults": ("edgepeft_child", {**common, "batches": None, "bundle": str(minilm_bundle(**_b(DEFAULT_BUNDLE)))}),
-        "edgepeft, identical configuration": ("edgepeft_child", {**common, "batches": order,
-                                                                 "bundle": str(minilm_bundle(**_b(IDENTICAL_BUNDLE)))}),
+        "torch+peft usual recipe": ("torch_child", {**common, "batches": order, "dropout": 0.1}),
+        "edgepeft defaults": ("edgepeft_child", ours()),
+        "edgepeft defaults with fp32 weights": ("edgepeft_child", ours(quantize="none")),
+        "edgepeft at identical configuration": ("edgepeft_child", {**common, "batches": order,
+                                                                 "bundle": IDENTICAL_BUNDLE}),
+        # levers, run with --runs
+        "edgepeft defaults but every layer": ("edgepeft_child", ours(top_layers=None)),
+        "edgepeft defaults but top 2 layers": ("edgepeft_child", ours(top_layers=2)),
+        "edgepeft defaults but top 3 layers": ("edgepeft_child", ours(top_layers=3)),
+        "edgepeft defaults but shuffled batches": ("edgepeft_child", {**ours(), "batches": order}),
+        "torch+peft usual recipe without dropout": ("torch_child", {**common, "batches": order, "dropout": 0.0}),
     }
 
 
-def _b(spec: dict) -> dict:
-    return {"quantize": spec["quantize"], "method": spec["method"], "top_layers": spec["top_layers"]}
+DEFAULT_RUNS = ["torch+peft usual recipe", "edgepeft defaults", "edgepeft defaults with fp32 weights",
+                "edgepeft at identical configuration"]
 
 
 def run_configs(cfgs: dict[str, tuple[str, dict]], rounds: int = 1) -> dict[str, list[dict]]:
@@ -202,6 +218,8 @@ def run_configs(cfgs: dict[str, tuple[str, dict]], rounds: int = 1) -> dict[str,
     for r in range(rounds):
         for name in (list(cfgs) if r % 2 == 0 else list(reversed(cfgs))):
             fn, cfg = cfgs[name]
+            if isinstance(cfg.get("bundle"), dict):  # exported (once) only when the run is picked
+                cfg = {**cfg, "bundle": str(minilm_bundle(**cfg["bundle"]))}
             code = f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); import bench_time_to_accuracy as b; " \
                    f"print('RESULT', json.dumps(b.{fn}(json.loads(sys.argv[1]))))"
             print(f"{name} ...", file=sys.stderr, flush=True)
@@ -235,18 +253,25 @@ def summarize(runs: dict[str, list[dict]], ref: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=400, help="optimizer steps of every run (batch 16)")
+    ap.add_argument("--steps", type=int, default=200, help="optimizer steps of every run (batch 16)")
     ap.add_argument("--eval-every", type=int, default=25, help="validation every N steps (clock stopped)")
     ap.add_argument("--target", type=float, default=0.75, help="validation accuracy to reach")
     ap.add_argument("--rounds", type=int, default=1, help="fresh processes per configuration")
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 30 steps, a low target")
+    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated runs (see configs())")
+    ap.add_argument("--out", default="time_to_accuracy", help="results/<out>.json")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 20 steps, 200 evaluation rows, a low target")
     args = ap.parse_args(argv)
+    eval_rows = 0
     if args.quick:
-        args.steps, args.eval_every, args.target = 30, 15, 0.6
-    cfgs = configs(args.steps, args.eval_every, args.target)
+        args.steps, args.eval_every, args.target, eval_rows = 20, 10, 0.6, 200
+    known = configs(args.steps, args.eval_every, args.target, eval_rows)
+    picked = [n.strip() for n in args.runs.split(",") if n.strip()]
+    if bad := [n for n in picked if n not in known]:
+        ap.error(f"unknown run(s) {bad}; known: {list(known)}")
+    cfgs = {n: known[n] for n in picked}
     runs = run_configs(cfgs, args.rounds)
-    rows = summarize(runs, "torch+peft, usual recipe")
-    write_result("time_to_accuracy", {
+    rows = summarize(runs, "torch+peft usual recipe" if "torch+peft usual recipe" in runs else picked[0])
+    write_result(args.out, {
         "benchmark": f"time to {args.target:.0%} validation accuracy, Rotten Tomatoes, all-MiniLM-L6-v2",
         "steps": args.steps, "eval_every": args.eval_every, "target": args.target, "batch": BATCH, "lr": LR,
         "default_bundle": DEFAULT_BUNDLE, "rows": rows, "raw": runs})

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine  # noqa: E402
 
-BENCHMARKS = ["footprint", "delta_bytes", "inference", "train_step", "levers", "time_to_accuracy", "export"]
+BENCHMARKS = ["footprint", "delta_bytes", "inference", "train_step", "levers", "profile", "time_to_accuracy", "export"]
 QUICK_SKIPS = {"export"}  # an export takes minutes: --quick keeps the last export.json
 
 
@@ -39,43 +39,47 @@ def _row(res: dict | None, config: str) -> dict | None:
 
 def targets(r: dict[str, dict | None]) -> list[dict]:
     """The push's targets: measured value, the bound, met or not, and where the number comes from."""
+    tta, fp, db = r.get("time_to_accuracy"), r.get("footprint"), _row(r.get("delta_bytes"), "default export")
+    ours, theirs = _row(tta, "edgepeft defaults"), _row(tta, "torch+peft usual recipe")
+    fp32 = _row(tta, "edgepeft defaults with fp32 weights")
+    dev, ref = _row(fp, "edgepeft device install (pip install .)"), _row(fp, "torch + transformers + peft")
+    specs = [  # (target, bound, value, test, how it reads) -- value and reading as lambdas: results may be missing
+        ("time to accuracy vs torch + PEFT", "≤ 0.33×", lambda: ours["time_ratio_vs_torch"], lambda v: v <= 0.33,
+         lambda v: f"{v:.2f}× ({ours['seconds_to_target']} s vs {theirs['seconds_to_target']} s to {tta['target']:.0%} validation accuracy)"),
+        ("peak training memory vs torch + PEFT", "≤ 0.4×", lambda: ours["peak_ratio_vs_torch"], lambda v: v <= 0.4,
+         lambda v: f"{v:.2f}× ({ours['peak_rss_mb']:.0f} MB vs {theirs['peak_rss_mb']:.0f} MB)"),
+        ("device install vs torch + transformers + peft", "≤ 0.2×", lambda: dev["installed_ratio_vs_torch"], lambda v: v <= 0.2,
+         lambda v: f"{v:.3f}× ({dev['installed_mb']} MB vs {ref['installed_mb']} MB)"),
+        ("packed delta vs bundle", "≤ 0.5 %", lambda: db["packed_share_of_bundle"], lambda v: v <= 0.005,
+         lambda v: f"{100 * v:.2f} % ({db['delta_packed_bytes'] / 1024:.0f} KB of {db['bundle_bytes'] / 2**20:.1f} MB)"),
+        ("int8 test accuracy vs fp32 (same recipe and steps)", "within 1 point",
+         lambda: round(100 * (ours["test_accuracy"] - fp32["test_accuracy"]), 2), lambda v: abs(v) <= 1.0,
+         lambda v: f"{v:+.2f} points ({100 * ours['test_accuracy']:.1f} % vs {100 * fp32['test_accuracy']:.1f} %)"),
+    ]
     out = []
-
-    def add(name, value, bound, ok, shown, source):
-        out.append({"target": name, "bound": bound, "value": value, "shown": shown,
-                    "met": None if value is None else bool(ok), "source": source})
-
-    tta = r.get("time_to_accuracy")
-    ours, theirs = _row(tta, "edgepeft defaults"), _row(tta, "torch+peft, usual recipe")
-    v = ours and ours.get("time_ratio_vs_torch")
-    add("time to accuracy vs torch + PEFT", v, "≤ 0.33×", v is not None and v <= 0.33,
-        f"{v:.2f}× ({ours['seconds_to_target']} s vs {theirs['seconds_to_target']} s to {tta['target']:.0%} val.)" if v else "target not reached",
-        "time_to_accuracy.json")
-    v = ours and ours.get("peak_ratio_vs_torch")
-    add("peak training memory vs torch + PEFT", v, "≤ 0.4×", v is not None and v <= 0.4,
-        f"{v:.2f}× ({ours['peak_rss_mb']:.0f} MB vs {theirs['peak_rss_mb']:.0f} MB)" if v else "n/a", "time_to_accuracy.json")
-    fp = r.get("footprint")
-    dev = _row(fp, "edgepeft device install (pip install .)")
-    v = dev and dev["installed_ratio_vs_torch"]
-    add("device install vs torch + transformers + peft", v, "≤ 0.2×", v is not None and v <= 0.2,
-        f"{v:.3f}× ({dev['installed_mb']} MB vs {_row(fp, 'torch + transformers + peft')['installed_mb']} MB)" if v else "n/a",
-        "footprint.json")
-    db = _row(r.get("delta_bytes"), "default export")
-    v = db and db["packed_share_of_bundle"]
-    add("packed delta vs bundle", v, "≤ 0.5 %", v is not None and v <= 0.005,
-        f"{100 * v:.2f} % ({db['delta_packed_bytes'] / 1024:.0f} KB of {db['bundle_bytes'] / 2**20:.1f} MB)" if v else "n/a",
-        "delta_bytes.json")
-    fp32 = _row(tta, "edgepeft defaults, fp32 weights")
-    v = None if not (ours and fp32) else round(100 * (ours["test_accuracy"] - fp32["test_accuracy"]), 2)
-    add("int8 test accuracy vs fp32 (same recipe, same steps)", v, "within 1 point", v is not None and abs(v) <= 1.0,
-        f"{v:+.2f} points ({100 * ours['test_accuracy']:.1f} % vs {100 * fp32['test_accuracy']:.1f} %)" if v is not None else "n/a",
-        "time_to_accuracy.json")
+    for name, bound, value, test, reads in specs:
+        try:
+            v = value()
+            shown = reads(v) if v is not None else "target accuracy not reached"
+        except (KeyError, TypeError):
+            v, shown = None, "not measured yet"
+        out.append({"target": name, "bound": bound, "value": v, "shown": shown, "met": None if v is None else bool(test(v))})
     return out
+
+
+def _cell(key: str, v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float) and ("share" in key or key.startswith("packed_share")):
+        return f"{100 * v:.2f} %" if v < 0.01 else f"{100 * v:.0f} %"
+    if isinstance(v, int) and v >= 10000:
+        return f"{v:,}"
+    return str(v)
 
 
 def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
     head = "| " + " | ".join(h for h, _ in cols) + " |\n|" + "---|" * len(cols) + "\n"
-    body = "".join("| " + " | ".join(str(r.get(k, "")) if r.get(k) is not None else "—" for _, k in cols) + " |\n" for r in rows)
+    body = "".join("| " + " | ".join(_cell(k, r.get(k)) for _, k in cols) + " |\n" for r in rows)
     return head + body
 
 
@@ -114,6 +118,7 @@ def summary(command: str, seconds: float | None) -> str:
         ("levers", "Levers, one at a time (edgepeft train step, batch 16, length 48)", [("change", "config"), ("step ms", "step_ms"),
          ("× default", "step_ratio"), ("peak RSS MB", "peak_rss_mb"), ("× default", "peak_ratio"), ("GFLOP", "gflop")]),
     ]
+    sections.append(("profile", "Profile: where a train step's time goes (batch 16, length 48)", None))
     for name, title, cols in sections:
         res = r.get(name)
         lines += ["", f"## {title}", ""]
@@ -122,6 +127,11 @@ def summary(command: str, seconds: float | None) -> str:
             continue
         lines.append(f"{res.get('benchmark', '')}; measured {res['date']}.")
         lines.append("")
+        if name == "profile":
+            for row in res["rows"]:
+                lines += [f"**{row['config']}**: {row['step_ms']} ms per step", "",
+                          _table(row["ops"], [("operator", "op"), ("ms per step", "ms_per_step"), ("share", "share")]).rstrip(), ""]
+            continue
         lines.append(_table(res["rows"], cols).rstrip())
         if name == "levers" and res.get("bucketing"):
             lines += ["", _table(res["bucketing"], [("batching (one epoch of RT train, batch 16)", "config"),

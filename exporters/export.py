@@ -69,7 +69,7 @@ def export_bundle(
     rank: int = 8,
     alpha: float | None = None,
     targets: list[str] | None = None,
-    top_layers: int | None = None,
+    top_layers: int | str | None = None,
     quantize: str = "int8",
     max_length: int = 128,
     opset: int = 20,
@@ -87,7 +87,7 @@ def export_bundle(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from edgepeft.exporters.architectures import family_for, infer_task
-    from edgepeft.exporters.inject import inject, linear_dims, plan_slots
+    from edgepeft.exporters.inject import inject, linear_dims, plan_slots, resolve_top_layers
     from edgepeft.exporters.trace import export_graphs
     from edgepeft.exporters.weights import QuantSpec, load_params, save_bundle_graphs
 
@@ -129,6 +129,7 @@ def export_bundle(
         p.requires_grad_(False)
 
     alpha = float(alpha if alpha is not None else 2 * rank)
+    top_layers = resolve_top_layers(model, family, top_layers)  # "auto" -> a count; None = every layer
     slots = plan_slots(model, family, method=method, rank=rank, alpha=alpha,
                        targets=tuple(targets or family.lora_targets), head=task == SEQ_CLS, top_layers=top_layers)
     if not slots:

@@ -18,6 +18,14 @@ def _csv(ctx, param, value: str | None) -> list[str] | None:
     return items
 
 
+def _layers(ctx, param, value: str | None) -> int | str | None:
+    if value is None or value in ("auto", "all"):
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"expected a number of layers (1 or more), 'auto' or 'all'; got {value!r}")
+    return int(value)
+
+
 @click.command("export")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
@@ -32,8 +40,9 @@ def _csv(ctx, param, value: str | None) -> list[str] | None:
 @click.option("--targets", callback=_csv,
               help="Comma-separated module name patterns for LoRA (PEFT rules: suffix match, or a regex). "
                    "Defaults: query,value (BERT), q_proj,v_proj (Llama), c_attn (GPT-2).")
-@click.option("--top-layers", type=click.IntRange(min=1),
-              help="Put slots only in the last N layers: the backward pass stops there (faster, less memory).")
+@click.option("--top-layers", callback=_layers, default="auto", show_default=True,
+              help="Put slots only in the last N layers; the backward pass stops there (faster, less memory). "
+                   "'auto': the top third, at least 2 (the top 2 of all-MiniLM-L6-v2's 6); 'all': every layer.")
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="int8", show_default=True,
               help="Frozen weight storage: int8 per channel (word embeddings too) or int4 blockwise.")
 @click.option("--max-length", type=click.IntRange(min=2), default=128, show_default=True,
