@@ -303,3 +303,34 @@ def test_peft_trained_lora_converts_to_a_delta_with_peft_logits(bundles, model_d
     ids, mask = _batch(b, 2)
     theirs = torch_reference.logits(model, ids, mask)
     assert np.abs(Predictor(b).logits(ids, mask, [d]) - theirs).max() < 1e-4
+
+
+def test_peft_bias_all_adapter_converts_and_untranslatable_biases_are_refused(bundles, model_dirs, tmp_path):
+    """A PEFT adapter saved with bias='all' (as PEFT writes it: every bias whole, original_module copies)."""
+    import torch_reference
+
+    from edgepeft.runtime.infer import Predictor
+    from edgepeft.runtime.weights import read_frozen
+
+    b = bundles("bert")
+    slots = {s.name for s in b.manifest.slots}
+    lora = sorted({s.module for s in b.manifest.slots if s.kind == "lora_A"})
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=lora, lora_dropout=0.0, bias="all", task_type="SEQ_CLS")
+    model = peft.get_peft_model(torch_reference.load_hf(model_dirs("bert"), b), cfg).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            plain = name.removeprefix("base_model.model.").replace(".base_layer", "").replace(".modules_to_save.default", "")
+            if "lora_B" in name or plain in slots:  # what BitFit + LoRA + head would have trained
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path / "ok")
+    base = read_frozen(b)
+    d = from_peft(tmp_path / "ok", b.manifest, base_weights=base)
+    ids, mask = _batch(b, 4)
+    assert np.abs(Predictor(b).logits(ids, mask, [d]) - torch_reference.logits(model, ids, mask)).max() < 1e-4
+    ln = "bert.encoder.layer.0.output.LayerNorm.bias"
+    with torch.no_grad():
+        model.get_submodule(f"base_model.model.{ln.removesuffix('.bias')}").bias.add_(0.5)
+    model.save_pretrained(tmp_path / "ln")
+    with pytest.raises(DeltaError, match=f"no slot in the bundle: base_model.model.{ln}"):
+        from_peft(tmp_path / "ln", b.manifest, base_weights=base)

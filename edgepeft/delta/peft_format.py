@@ -215,6 +215,8 @@ def from_peft(
     stray: list[str] = []
 
     def put(slot: str, value: np.ndarray, key: str) -> None:
+        if slot in got and np.array_equal(got[slot], value.astype(np.float32)):
+            return  # PEFT's bias="all" saves a head bias twice (<m>.bias and <m>.modules_to_save.bias)
         if slot in got:
             raise DeltaError(f"{where}: {key!r} maps to slot {slot!r} a second time (several adapters in one file?)")
         got[slot] = value.astype(np.float32)
