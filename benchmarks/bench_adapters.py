@@ -12,7 +12,6 @@ defaults, which ORT adapters need; its overhead is against that copy run without
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
