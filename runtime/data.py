@@ -214,6 +214,21 @@ def split_batch(index: np.ndarray, micro: int) -> list[np.ndarray]:
     return [index[i:i + micro] for i in range(0, len(index), micro)]
 
 
+def split_by_tokens(index: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Cut one batch into runs whose padded size (examples x longest) stays within ``max_tokens``.
+
+    A memory budget's length buckets: short batches run whole, long ones in pieces; one example always runs.
+    """
+    pieces, start, longest = [], 0, 0
+    for i, n in enumerate(lengths[index]):
+        longest = max(longest, int(n))
+        if i > start and (i - start + 1) * longest > max_tokens:
+            pieces.append(index[start:i])
+            start, longest = i, int(n)
+    pieces.append(index[start:])
+    return pieces
+
+
 def eval_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Batches for evaluation: sorted by length (least padding), order irrelevant."""
     order = np.argsort(lengths, kind="stable")

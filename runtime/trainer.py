@@ -25,7 +25,7 @@ from edgepeft.names import ATTENTION_MASK, INPUT_IDS, LABELS, LOSS, SEQ_CLS, gra
 from edgepeft.runtime import checkpoint as ckpt
 from edgepeft.runtime import memory
 from edgepeft.runtime.bundle import Bundle, SessionConfig
-from edgepeft.runtime.data import Dataset, plan_batches, split_batch
+from edgepeft.runtime.data import Dataset, plan_batches, split_batch, split_by_tokens
 from edgepeft.runtime.evaluate import evaluate, score
 from edgepeft.runtime.infer import Predictor
 from edgepeft.runtime.optim import SCHEDULES, AdamW, clip_by_global_norm, lr_at
@@ -155,6 +155,8 @@ class Trainer:
         budget = c.memory_budget_mb
         want = min(c.batch_size, c.micro_batch or c.batch_size)
         lean = SessionConfig(threads=c.threads, arena=False)
+        if budget:
+            memory.lean_allocator()  # before anything allocates: freed memory goes back, peaks follow the batch
         self.predictor = Predictor(self.bundle, lean if budget else SessionConfig(threads=c.threads)) if self.val else None
         if not budget:
             self.session = self.bundle.session("train", SessionConfig(threads=c.threads))
@@ -183,11 +185,17 @@ class Trainer:
         # the graph's loss is a mean over examples (classification) or real target tokens (LM)
         return len(b[INPUT_IDS]) if LABELS in b else int(b[ATTENTION_MASK][:, 1:].sum())
 
+    def _split(self, index: np.ndarray) -> list[np.ndarray]:
+        """One batch as train-graph runs: by example count, or by padded tokens under a memory budget."""
+        if self.plan.max_tokens:
+            return split_by_tokens(index, np.minimum(self.lengths, self.plan.max_length), self.plan.max_tokens)
+        return split_batch(index, self.plan.micro_batch)
+
     def _step(self, group: list[np.ndarray], lr: float) -> float:
         """Loss and gradients of a group of batches (micro-batched), clipped, then one AdamW update."""
         names = [s.name for s in self.manifest.slots]
         outputs = [LOSS] + [grad_name(n) for n in names]
-        micro = [self.train.batch(mb, self.plan.max_length) for idx in group for mb in split_batch(idx, self.plan.micro_batch)]
+        micro = [self.train.batch(mb, self.plan.max_length) for idx in group for mb in self._split(idx)]
         weights = [self._weight(b) for b in micro]
         total_w = sum(weights)
         loss, grads = 0.0, None
@@ -302,7 +310,7 @@ class Trainer:
         else:
             self.before = self._evaluate()
         self.first_step, self.t0 = self.step, time.perf_counter()
-        lengths = self.train.lengths
+        lengths = self.lengths = self.train.lengths
 
         while self.step < self.total and not self.stopped:
             rng.bit_generator.state = self.epoch_rng  # the epoch's order is replayed from its starting state

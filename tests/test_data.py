@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from edgepeft.errors import DataError
 from edgepeft.manifest import Manifest
 from edgepeft.names import CAUSAL_LM, SEQ_CLS
-from edgepeft.runtime.data import load_dataset, plan_batches, read_rows
+from edgepeft.runtime.data import load_dataset, plan_batches, read_rows, split_by_tokens
 
 LABELS = ("neg", "pos", "7")  # "7" is a label *name*: names win over indices
 
@@ -134,3 +134,16 @@ def test_length_bucketing_pads_far_less_than_random_batches():
     # batch order is still shuffled: lengths do not grow monotonically across the epoch
     firsts = [lengths[i].max() for i in bucketed]
     assert not all(x <= y for x, y in zip(firsts, firsts[1:]))
+
+
+def test_token_limited_runs_keep_order_and_stay_within_the_limit():
+    lengths = np.random.default_rng(4).integers(1, 40, size=300)
+    for batch in plan_batches(lengths, 32, np.random.default_rng(5)):
+        pieces = split_by_tokens(batch, lengths, 100)
+        assert np.array_equal(np.concatenate(pieces), batch)
+        for p in pieces:
+            assert len(p) == 1 or len(p) * lengths[p].max() <= 100
+        # greedy: a piece could not have taken the next example
+        for p, q in zip(pieces, pieces[1:]):
+            assert (len(p) + 1) * max(lengths[p].max(), lengths[q[0]]) > 100
+

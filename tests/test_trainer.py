@@ -130,11 +130,12 @@ def test_memory_plan_picks_the_largest_micro_batch_that_fits():
     p = memory.plan_memory(120, batch_size=64, longest=100, measure=linear_probe)
     assert p.micro_batch == int((120 * memory.HEADROOM - 100) / (0.01 * 100)) and p.max_length == 100
     assert not p.session.arena  # twice the activations would not fit
+    assert p.max_tokens == p.micro_batch * 100  # shorter batches may run more examples in the same tokens
 
 
 def test_memory_plan_turns_the_arena_on_when_there_is_room():
     p = memory.plan_memory(1000, batch_size=16, longest=100, measure=linear_probe)
-    assert (p.micro_batch, p.session.arena) == (16, True)
+    assert (p.micro_batch, p.session.arena, p.max_tokens) == (16, True, 0)
 
 
 def test_memory_plan_shortens_sequences_only_when_batch_one_does_not_fit():
