@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -35,6 +37,32 @@ def llama(bundles, tmp_path_factory):
             load_dataset(write_lines(root / "val.txt", pattern_lines(50, 2)), b.manifest, tok))
 
 
+@pytest.fixture(scope="module")
+def confident_llama(model_dirs, tmp_path_factory):
+    """(bundle, train, val) of the tiny llama with its output head scaled x15.
+
+    A 0.02-init head bounds |logits| below ~0.7, so no delta can make a confident prediction; a
+    pretrained head can, and scaling gives this random one the same freedom (logits up to ~10).
+    """
+    import torch
+    import transformers as tf
+
+    from edgepeft.exporters.export import export_bundle
+    from edgepeft.runtime.bundle import open_bundle
+
+    root = tmp_path_factory.mktemp("confident")
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dirs("llama"))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(15.0)
+    model.save_pretrained(root / "model")
+    tf.AutoTokenizer.from_pretrained(model_dirs("llama")).save_pretrained(root / "model")
+    export_bundle(root / "model", root / "bundle", quantize="none", method="lora", rank=4, alpha=8)
+    b = open_bundle(root / "bundle")
+    tok = load_tokenizer(b)
+    return (b, load_dataset(write_lines(root / "train.txt", pattern_lines(400, 1)), b.manifest, tok),
+            load_dataset(write_lines(root / "val.txt", pattern_lines(50, 2)), b.manifest, tok))
+
+
 def test_tiny_bert_learns_which_word_group_dominates(bert):
     b, train, val = bert
     r = Trainer(b, train, TrainConfig(epochs=4, lr=3e-2), val=val).fit()
@@ -51,6 +79,17 @@ def test_tiny_llama_learns_a_repeating_pattern(llama):
     p = Predictor(b)
     assert p.generate("w2 w3", max_new_tokens=6, deltas=[r.delta]) == "w4 w5 w1 w2 w3 w4"
     assert p.generate("w2 w3", max_new_tokens=6) != "w4 w5 w1 w2 w3 w4"
+
+
+def test_a_tiny_llm_learns_a_synthetic_language_far_below_its_starting_loss(confident_llama):
+    b, train, val = confident_llama
+    r = Trainer(b, train, TrainConfig(epochs=10, lr=3e-2), val=val).fit()
+    before, after = r.summary.before, r.summary.after
+    assert after["loss"] < 0.3 * before["loss"]
+    # the language's own entropy: only the first word after <s> is uncertain (1 of 5), so perplexity nears 1
+    assert after["perplexity"] == pytest.approx(math.exp(after["loss"])) and after["perplexity"] < 2.0
+    assert evaluate(Predictor(b), val, [r.delta]) == pytest.approx(after)
+    assert Predictor(b).generate("w4", max_new_tokens=7, deltas=[r.delta]) == "w5 w1 w2 w3 w4 w5 w1"
 
 
 def test_output_meta_counts_examples_seen_and_names_its_parent(bert):
