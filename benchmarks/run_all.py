@@ -24,13 +24,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine  # noqa: E402
 
-BENCHMARKS = ["footprint", "delta_bytes", "inference", "train_step", "levers", "profile", "time_to_accuracy", "export"]
+# Run order: the headline numbers first, the slow workstation export last.
+BENCHMARKS = ["footprint", "delta_bytes", "time_to_accuracy", "train_step", "inference", "profile", "levers", "export"]
 QUICK_SKIPS = {"export"}  # an export takes minutes: --quick keeps the last export.json
 
 
 def _load(name: str) -> dict | None:
     p = RESULTS / f"{name}.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    res = json.loads(p.read_text())
+    for r in res.get("rows", []):  # results written before rows were keyed by "config"
+        r.setdefault("config", r.get("name"))
+    return res
 
 
 def _row(res: dict | None, config: str) -> dict | None:
@@ -90,7 +96,8 @@ def summary(command: str, seconds: float | None) -> str:
     lines = ["# edgepeft vs torch + PEFT: measured side by side", "",
              f"- date: {dates[-1] if dates else 'n/a'} (UTC; oldest result in this table: {dates[0] if dates else 'n/a'})",
              f"- machine: {machine()}",
-             f"- command: `{command}`" + (f" ({seconds / 60:.1f} minutes)" if seconds else ""),
+             f"- command: `{command}`" + (f" ({seconds / 60:.1f} minutes)" if seconds else
+                                          " (sections measured by separate runs: each names its date and settings)"),
              "- model: all-MiniLM-L6-v2 (22.7M parameters); every ratio is edgepeft ÷ torch + PEFT, measured in the same run,",
              "  each configuration in its own process, rounds alternating order.", "", "## Targets", "",
              "| target | bound | measured | met |", "|---|---|---|---|"]
@@ -125,7 +132,8 @@ def summary(command: str, seconds: float | None) -> str:
         if not res:
             lines.append(f"(no results/{name}.json yet: `python benchmarks/run_all.py --only {name}`)")
             continue
-        lines.append(f"{res.get('benchmark', '')}; measured {res['date']}.")
+        settings = ", ".join(f"{k} {res[k]}" for k in ("rounds", "steps", "calls", "eval_every", "target") if k in res)
+        lines.append(f"{res.get('benchmark', '')}; measured {res['date']}" + (f" ({settings})." if settings else "."))
         lines.append("")
         if name == "profile":
             for row in res["rows"]:
@@ -220,7 +228,7 @@ def main() -> None:
     if args.table_only:  # keep the command and duration of the run that made the numbers
         prev = RESULTS / "run.json"
         meta = json.loads(prev.read_text()) if prev.is_file() else {}
-        command, seconds = meta.get("command", command), meta.get("seconds")
+        command, seconds = meta.get("command", "python benchmarks/run_all.py"), meta.get("seconds")
     else:
         (RESULTS / "run.json").write_text(json.dumps({"command": command, "seconds": round(seconds, 1),
                                                       "benchmarks": chosen}, indent=1) + "\n")
