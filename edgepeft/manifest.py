@@ -12,11 +12,13 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+import numpy as np
 
 from edgepeft import atomic
 from edgepeft.errors import BundleError
-from edgepeft.names import MANIFEST_FILE, SLOT_KINDS, TASKS
+from edgepeft.names import LORA_A, LORA_B, MANIFEST_FILE, SLOT_KINDS, TASKS
 
 FORMAT = "edgepeft-bundle"
 VERSION = 1
@@ -44,6 +46,20 @@ class Slot:
     def scale(self) -> float:
         """LoRA scaling factor alpha / rank (1 for other kinds)."""
         return self.alpha / self.rank if self.rank else 1.0
+
+    @property
+    def neutral_shape(self) -> tuple[int, ...]:
+        """Shape of the value that leaves the base model unchanged: rank 0 for LoRA, else the full shape."""
+        if self.kind == LORA_A:
+            return (0, self.shape[1])
+        if self.kind == LORA_B:
+            return (self.shape[0], 0)
+        return self.shape
+
+
+def neutral_values(slots: Iterable[Slot]) -> dict[str, np.ndarray]:
+    """Per slot, the inference-graph value that computes the base model: rank-0 LoRA A/B, zero bias and head deltas."""
+    return {s.name: np.zeros(s.neutral_shape, np.float32) for s in slots}
 
 
 @dataclass(frozen=True)

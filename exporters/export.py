@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgepeft.errors import ExportError
-from edgepeft.manifest import Graph, Manifest, write_manifest
+from edgepeft.manifest import Graph, Manifest, neutral_values, write_manifest
 from edgepeft.names import (ATTENTION_MASK, INFER_GRAPH_FILE, INPUT_IDS, LABELS, LOGITS, LOSS, SEQ_CLS,
                             TASKS, TOKENIZER_FILE, TRAIN_GRAPH_FILE, WEIGHTS_FILE, frozen_name, grad_name)
 from edgepeft import atomic
@@ -89,7 +89,7 @@ def export_bundle(
     from edgepeft.exporters.architectures import family_for, infer_task
     from edgepeft.exporters.inject import inject, linear_dims, plan_slots, resolve_top_layers
     from edgepeft.exporters.trace import export_graphs
-    from edgepeft.exporters.weights import QuantSpec, load_params, save_bundle_graphs
+    from edgepeft.exporters.weights import QuantSpec, add_input_defaults, load_params, save_bundle_graphs
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -152,6 +152,7 @@ def export_bundle(
     vocab = int(config.vocab_size)
     graphs = export_graphs(model, feed, slots, task, params, onnx_names, vocab=vocab,
                            num_labels=len(label_names), opset=opset, progress=say)
+    add_input_defaults(graphs["infer"], neutral_values(slots))  # model.onnx runs with no delta fed
 
     say(f"storing frozen weights ({quantize})")
     arrays = dict(zip(onnx_names, load_params(params).values()))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from edgepeft import atomic
 from edgepeft.names import WEIGHTS_FILE, WEIGHTS_INDEX_FILE
@@ -141,6 +141,19 @@ def attach(model: onnx.ModelProto, store: WeightFile, params: dict[str, np.ndarr
         for op in model.opset_import:
             if op.domain in ("", "ai.onnx") and op.version < 21:
                 op.version = 21  # blocked DequantizeLinear and INT4 need opset 21
+
+
+def add_input_defaults(model: onnx.ModelProto, defaults: dict[str, np.ndarray]) -> None:
+    """Give graph inputs a default value (an initializer of the same name), so a caller may leave them out.
+
+    The inference graph's delta slots get the neutral values: plain onnxruntime then runs the base
+    model with only the batch fed, and onnxruntime's ``LoraAdapter`` can fill the slots it names.
+    """
+    inputs = {i.name for i in model.graph.input}
+    for name, value in defaults.items():
+        if name not in inputs:
+            raise ValueError(f"{name}: not an input of the graph")
+        model.graph.initializer.append(numpy_helper.from_array(value, name))
 
 
 def save_bundle_graphs(models: dict[str, onnx.ModelProto], files: dict[str, str], out_dir: str | os.PathLike,

@@ -54,7 +54,7 @@ class Bundle:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(f"{path}: cannot be loaded by onnxruntime ({first[:200]})") from None
         expected = set(self.manifest.graphs[kind].inputs)
-        actual = {i.name for i in sess.get_inputs()}
+        actual = {i.name for i in (*sess.get_inputs(), *sess.get_overridable_initializers())}  # slots have defaults
         if expected != actual:
             diff = sorted(expected ^ actual)[:3]
             raise BundleError(f"{path}: graph inputs differ from manifest.json (e.g. {', '.join(diff)}); the bundle is inconsistent")

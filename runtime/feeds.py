@@ -16,7 +16,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from edgepeft.manifest import Manifest
+from edgepeft.manifest import Manifest, neutral_values
 from edgepeft.names import LORA_A, LORA_B
 
 
@@ -54,15 +54,7 @@ def prepare(manifest: Manifest, delta: DeltaLike) -> PreparedDelta:
 
 def neutral_feeds(manifest: Manifest) -> dict[str, np.ndarray]:
     """Feeds that make the inference graph compute the base model: rank-0 LoRA, zero bias/weight deltas."""
-    out = {}
-    for s in manifest.slots:
-        if s.kind == LORA_A:
-            out[s.name] = np.zeros((0, s.shape[1]), np.float32)
-        elif s.kind == LORA_B:
-            out[s.name] = np.zeros((s.shape[0], 0), np.float32)
-        else:
-            out[s.name] = np.zeros(s.shape, np.float32)
-    return out
+    return neutral_values(manifest.slots)
 
 
 def infer_feeds(manifest: Manifest, deltas: Sequence[DeltaLike] = (), weights: Sequence[float] | None = None) -> dict[str, np.ndarray]:

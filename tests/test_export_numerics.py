@@ -51,6 +51,20 @@ def test_no_delta_gives_the_base_model_outputs(kind, model_dirs, bundles):
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_plain_onnxruntime_runs_the_inference_graph_with_only_the_batch_fed(kind, model_dirs, bundles):
+    import onnxruntime as ort
+
+    bundle = bundles(kind)
+    ids, mask, _ = batch(bundle, 2, 7)
+    sess = ort.InferenceSession(str(bundle.graph_path("infer")), providers=["CPUExecutionProvider"])
+    assert {i.name for i in sess.get_inputs()} == {INPUT_IDS, ATTENTION_MASK}  # every slot has a neutral default
+    ours = sess.run(None, {INPUT_IDS: ids, ATTENTION_MASK: mask})[0]
+    base = torch_reference.logits(torch_reference.load_hf(model_dirs(kind), bundle), ids, mask)
+    t = bundle.manifest.task
+    assert np.abs(masked(ours, mask, t) - masked(base, mask, t)).max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_int8_inference_matches_torch_on_the_dequantized_weights(kind, model_dirs, bundles):
     bundle = bundles(kind, "int8")
     delta = random_delta(bundle.manifest)

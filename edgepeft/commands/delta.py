@@ -189,18 +189,13 @@ def from_peft_cmd(adapter_dir: str, bundle: str, out: str, fill_missing: bool, a
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="ONNX Runtime .onnx_adapter file to write.")
 @click.option("--bundle", type=click.Path(file_okay=False), default=None, help=BUNDLE_HELP)
-@click.option("--model-out", type=click.Path(dir_okay=False), default=None,
-              help="Also write the bundle's inference graph with neutral slot defaults, which ORT adapters need (needs --bundle and the onnx package).")
-def to_ort_adapter_cmd(file: str, out: str, bundle: str | None, model_out: str | None) -> None:
-    """Export a delta as an ONNX Runtime adapter file (LoRA B pre-multiplied by the scale)."""
-    from edgepeft.delta.ort_adapter import adapter_ready_model, to_ort_adapter
+def to_ort_adapter_cmd(file: str, out: str, bundle: str | None) -> None:
+    """Export a delta as an ONNX Runtime adapter file (LoRA B pre-multiplied by the scale).
 
-    if model_out and not bundle:
-        raise click.BadParameter("needs --bundle", param_hint="--model-out")
-    manifest = _manifest(bundle)
-    to_ort_adapter(read_any(file, manifest), out)
+    Apply it to the bundle's model.onnx with onnxruntime.LoraAdapter + RunOptions.add_active_adapter:
+    every delta slot of model.onnx has a neutral default, so the adapter fills the slots it names.
+    """
+    from edgepeft.delta.ort_adapter import to_ort_adapter
+
+    to_ort_adapter(read_any(file, _manifest(bundle)), out)
     click.echo(f"wrote {out}")
-    if model_out:
-        adapter_ready_model(bundle, manifest, model_out)
-        click.echo(f"wrote {model_out} (load it with onnxruntime.InferenceSession; activate {out} with "
-                   "onnxruntime.LoraAdapter + RunOptions.add_active_adapter)")

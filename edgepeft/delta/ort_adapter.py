@@ -12,8 +12,7 @@ import onnxruntime
 
 from edgepeft import atomic
 from edgepeft.delta.format import Delta, check_structure
-from edgepeft.manifest import Manifest
-from edgepeft.names import LORA_A, LORA_B, split_slot_name
+from edgepeft.names import LORA_B, split_slot_name
 
 
 def model_version(base_fingerprint: str) -> int:
@@ -43,34 +42,3 @@ def to_ort_adapter(delta: Delta, out_path: str | os.PathLike) -> None:
     with tempfile.TemporaryDirectory() as tmp:  # ORT writes in place; go through atomic.write_bytes instead
         fmt.export_adapter(os.path.join(tmp, "adapter.onnx_adapter"))
         atomic.write_bytes(out_path, Path(tmp, "adapter.onnx_adapter").read_bytes())
-
-
-def neutral_defaults(manifest: Manifest) -> dict[str, np.ndarray]:
-    """Per slot, the value that leaves the base model unchanged: rank-0 LoRA A/B, zero bias and head deltas."""
-    out = {}
-    for s in manifest.slots:
-        if s.kind == LORA_A:
-            out[s.name] = np.zeros((0, s.shape[1]), np.float32)
-        elif s.kind == LORA_B:
-            out[s.name] = np.zeros((s.shape[0], 0), np.float32)
-        else:
-            out[s.name] = np.zeros(s.shape, np.float32)
-    return out
-
-
-def adapter_ready_model(bundle_dir: str | os.PathLike, manifest: Manifest, out_path: str | os.PathLike) -> None:
-    """Write a self-contained copy of the bundle's inference graph whose delta-slot inputs have neutral defaults.
-
-    onnxruntime applies an adapter's parameters only to graph inputs that have a default (an
-    initializer of the same name): its Python ``run`` refuses a call that omits a required input, and
-    the bundle's ``model.onnx`` requires every slot. Workstation side: this imports ``onnx``.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(os.fspath(Path(os.fspath(bundle_dir)) / manifest.graphs["infer"].file))  # external data too
-    have = {i.name for i in model.graph.initializer}
-    for name, value in neutral_defaults(manifest).items():
-        if name not in have:
-            model.graph.initializer.append(numpy_helper.from_array(value, name))
-    atomic.write_bytes(out_path, model.SerializeToString())
