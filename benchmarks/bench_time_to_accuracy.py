@@ -259,9 +259,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=1, help="fresh processes per configuration")
     ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated runs (see configs())")
     ap.add_argument("--out", default="time_to_accuracy", help="results/<out>.json")
+    ap.add_argument("--eval-rows", type=int, default=0, help="evaluate on the first N validation/test rows (0: all)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 20 steps, 200 evaluation rows, a low target")
     args = ap.parse_args(argv)
-    eval_rows = 0
+    eval_rows = args.eval_rows
     if args.quick:
         args.steps, args.eval_every, args.target, eval_rows = 20, 10, 0.6, 200
     known = configs(args.steps, args.eval_every, args.target, eval_rows)
@@ -274,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     write_result(args.out, {
         "benchmark": f"time to {args.target:.0%} validation accuracy, Rotten Tomatoes, all-MiniLM-L6-v2",
         "steps": args.steps, "eval_every": args.eval_every, "target": args.target, "batch": BATCH, "lr": LR,
+        "eval_rows": eval_rows or "all",
         "default_bundle": DEFAULT_BUNDLE, "rows": rows, "raw": runs})
     for r in rows:
         print(r)

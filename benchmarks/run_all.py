@@ -132,7 +132,7 @@ def summary(command: str, seconds: float | None) -> str:
         if not res:
             lines.append(f"(no results/{name}.json yet: `python benchmarks/run_all.py --only {name}`)")
             continue
-        settings = ", ".join(f"{k} {res[k]}" for k in ("rounds", "steps", "calls", "eval_every", "target") if k in res)
+        settings = ", ".join(f"{k} {res[k]}" for k in ("rounds", "steps", "calls", "eval_every", "eval_rows", "target") if k in res)
         lines.append(f"{res.get('benchmark', '')}; measured {res['date']}" + (f" ({settings})." if settings else "."))
         lines.append("")
         if name == "profile":
