@@ -8,16 +8,15 @@ import math
 
 import numpy as np
 import pytest
+import peft
 import safetensors.numpy
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-from edgepeft.delta import Delta, DeltaMeta, delta_from_init  # noqa: E402
-from edgepeft.delta.peft_format import CONFIG_FILE, WEIGHTS_FILE, from_peft, to_peft  # noqa: E402
-from edgepeft.errors import DeltaError  # noqa: E402
-from edgepeft.manifest import Manifest, Slot  # noqa: E402
+from edgepeft.delta import Delta, DeltaMeta, delta_from_init
+from edgepeft.delta.peft_format import CONFIG_FILE, WEIGHTS_FILE, from_peft, to_peft
+from edgepeft.errors import DeltaError
+from edgepeft.manifest import Manifest, Slot
 
 FP = "0123456789abcdef" * 4
 H, R, ALPHA = 32, 4, 8
