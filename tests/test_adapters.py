@@ -6,6 +6,8 @@ import mmap
 
 import numpy as np
 import pytest
+import torch
+import torch_reference
 
 from edgepeft.delta import Delta, delta_from_init, save_delta
 from edgepeft.delta.format import replace_meta
@@ -14,9 +16,6 @@ from edgepeft.names import BIAS, LORA_A, LORA_B, WEIGHT, split_slot_name
 from edgepeft.runtime.adapters import AdapterError, AdapterPool
 from edgepeft.runtime.feeds import prepare
 from edgepeft.runtime.infer import Predictor
-
-torch_reference = pytest.importorskip("torch_reference")
-torch = pytest.importorskip("torch")
 
 
 def make_delta(manifest, seed: int) -> Delta:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from edgepeft.errors import TrainError
 from edgepeft.runtime.optim import AdamW, clip_by_global_norm, lr_at
-
-torch = pytest.importorskip("torch")
 
 SHAPES = {"a.lora_A": (4, 6), "a.lora_B": (6, 4), "a.bias": (6,)}
 
@@ -89,7 +89,6 @@ def test_cosine_decay_equals_torch_cosine_annealing_lr():
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_warmup_schedules_equal_the_transformers_lambda_lr_schedules(schedule):
-    transformers = pytest.importorskip("transformers")
     make = {"linear": transformers.get_linear_schedule_with_warmup, "cosine": transformers.get_cosine_schedule_with_warmup}[schedule]
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
     sched = make(opt, num_warmup_steps=7, num_training_steps=50)
@@ -116,7 +115,6 @@ def test_clip_by_global_norm_equals_torch_clip_grad_norm(max_norm):
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_adamw_schedule_and_clipping_together_match_torch(schedule):
-    transformers = pytest.importorskip("transformers")
     make = {"linear": transformers.get_linear_schedule_with_warmup, "cosine": transformers.get_cosine_schedule_with_warmup}[schedule]
     grads = gradients(30, seed=4, scale=2.0)
     ours = numpy_run(grads, schedule=schedule, warmup=5, weight_decay=0.01, max_norm=1.0)
