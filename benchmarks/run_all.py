@@ -43,6 +43,13 @@ def _row(res: dict | None, config: str) -> dict | None:
     return next((r for r in (res or {}).get("rows", []) if r["config"] == config), None)
 
 
+def _time_ratio(ours: dict, theirs: dict) -> float | None:
+    """edgepeft's seconds to the target over torch's; a bound (torch's whole run) when torch never reached it."""
+    if ours["seconds_to_target"] is None:
+        return None
+    return round(ours["seconds_to_target"] / (theirs["seconds_to_target"] or theirs["train_s_all_steps"]), 3)
+
+
 def targets(r: dict[str, dict | None]) -> list[dict]:
     """The push's targets: measured value, the bound, met or not, and where the number comes from."""
     tta, fp, db = r.get("time_to_accuracy"), r.get("footprint"), _row(r.get("delta_bytes"), "default export")
@@ -50,8 +57,10 @@ def targets(r: dict[str, dict | None]) -> list[dict]:
     fp32 = _row(tta, "edgepeft defaults with fp32 weights")
     dev, ref = _row(fp, "edgepeft device install (pip install .)"), _row(fp, "torch + transformers + peft")
     specs = [  # (target, bound, value, test, how it reads) -- value and reading as lambdas: results may be missing
-        ("time to accuracy vs torch + PEFT", "≤ 0.33×", lambda: ours["time_ratio_vs_torch"], lambda v: v <= 0.33,
-         lambda v: f"{v:.2f}× ({ours['seconds_to_target']} s vs {theirs['seconds_to_target']} s to {tta['target']:.0%} validation accuracy)"),
+        ("time to accuracy vs torch + PEFT", "≤ 0.33×", lambda: _time_ratio(ours, theirs), lambda v: v <= 0.33,
+         lambda v: f"{v:.2f}× ({ours['seconds_to_target']} s vs {theirs['seconds_to_target']} s to {tta['target']:.0%} validation accuracy)"
+         if theirs["seconds_to_target"] else f"< {v:.2f}× ({ours['seconds_to_target']} s to {tta['target']:.0%} validation accuracy; "
+         f"torch + PEFT had not reached it after {theirs['train_s_all_steps']} s, all {tta['steps']} steps)"),
         ("peak training memory vs torch + PEFT", "≤ 0.4×", lambda: ours["peak_ratio_vs_torch"], lambda v: v <= 0.4,
          lambda v: f"{v:.2f}× ({ours['peak_rss_mb']:.0f} MB vs {theirs['peak_rss_mb']:.0f} MB)"),
         ("device install vs torch + transformers + peft", "≤ 0.2×", lambda: dev["installed_ratio_vs_torch"], lambda v: v <= 0.2,
