@@ -1,6 +1,6 @@
 """Delta files: what a device learns, checked on every load, packed for transport, merged on the hub.
 
-numpy + safetensors + zstandard only: this package runs on devices, so it never imports torch.
+numpy + safetensors + zstd (stdlib or backports.zstd) only: this package runs on devices, so it never imports torch.
 """
 
 from edgepeft.delta.format import Delta, DeltaMeta, delta_from_init, load_delta, map_delta, save_delta

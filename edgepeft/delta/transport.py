@@ -20,7 +20,11 @@ import json
 import struct
 
 import numpy as np
-import zstandard
+
+try:  # the standard library's zstd (Python 3.14+), or its 2 MB backport (the zstandard wheel installs 24 MB)
+    from compression import zstd
+except ImportError:
+    from backports import zstd
 
 from edgepeft.delta.format import Delta, check_against_manifest, check_structure, meta_from_strings, meta_to_strings
 from edgepeft.errors import DeltaError
@@ -83,8 +87,9 @@ def pack(delta: Delta) -> bytes:
     for n in names:
         scales, q = quantize(delta.tensors[n])
         parts += [scales.astype("<f4").tobytes(), q.tobytes()]
-    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=True)
-    return MAGIC + cctx.compress(b"".join(parts))
+    options = {zstd.CompressionParameter.compression_level: ZSTD_LEVEL, zstd.CompressionParameter.checksum_flag: 1,
+               zstd.CompressionParameter.content_size_flag: 1}
+    return MAGIC + zstd.compress(b"".join(parts), options=options)
 
 
 def _decompress(data: bytes, where: str) -> bytes:
@@ -94,18 +99,21 @@ def _decompress(data: bytes, where: str) -> bytes:
         raise DeltaError(f"{where}: packed delta version {data[4]}; this edgepeft reads {MAGIC[4]}")
     frame = data[len(MAGIC) :]
     try:
-        size = zstandard.frame_content_size(frame)
-    except zstandard.ZstdError:
+        size = zstd.get_frame_info(frame).decompressed_size
+        frame_bytes = zstd.get_frame_size(frame)
+    except zstd.ZstdError:
         raise DeltaError(f"{where}: corrupt zstd frame header") from None
-    if size < 0 or size > MAX_UNPACKED_BYTES:
-        raise DeltaError(f"{where}: zstd frame declares {size} bytes; expected 0..{MAX_UNPACKED_BYTES}")
+    if size is None or size > MAX_UNPACKED_BYTES:
+        raise DeltaError(f"{where}: zstd frame declares {-1 if size is None else size} bytes; expected 0..{MAX_UNPACKED_BYTES}")
+    if frame_bytes != len(frame):
+        raise DeltaError(f"{where}: {len(frame) - frame_bytes} bytes after the zstd frame")
+    dctx = zstd.ZstdDecompressor()
     try:
-        # content size known and capped, so this allocates at most that; extra bytes are refused
-        out = zstandard.ZstdDecompressor().decompress(frame, allow_extra_data=False)
-    except zstandard.ZstdError as e:
+        out = dctx.decompress(frame, max_length=size)  # content size known and capped: allocates at most that
+    except zstd.ZstdError as e:
         raise DeltaError(f"{where}: corrupt zstd data ({e})") from None
-    if len(out) != size:
-        raise DeltaError(f"{where}: zstd frame gave {len(out)} bytes, declared {size}")
+    if len(out) != size or not dctx.eof:
+        raise DeltaError(f"{where}: zstd frame does not hold the {size} bytes it declares")
     return out
 
 
