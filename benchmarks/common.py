@@ -21,12 +21,13 @@ FP32_PEAK_GFLOPS = 157.0  # this machine: 2 cores × 2.45 GHz × 2 FMA × 8 fp32
 
 # Appended to every child: its own peak and current RSS, read by run_child.
 MEMORY_PROBE = """
-import resource as _r, json as _j
-def _rss():
+import json as _j
+def _status(key):
     for line in open('/proc/self/status'):
-        if line.startswith('VmRSS:'):
+        if line.startswith(key + ':'):
             return int(line.split()[1]) / 1024
-print('MEMORY', _j.dumps({'peak_rss_mb': _r.getrusage(_r.RUSAGE_SELF).ru_maxrss / 1024, 'rss_mb': _rss()}))
+# VmHWM, not ru_maxrss: ru_maxrss starts from the parent's RSS at fork, which would floor every child's peak
+print('MEMORY', _j.dumps({'peak_rss_mb': _status('VmHWM'), 'rss_mb': _status('VmRSS')}))
 """
 
 

@@ -69,14 +69,18 @@ def export_bundle(
     rank: int = 8,
     alpha: float | None = None,
     targets: list[str] | None = None,
-    top_layers: int | str | None = None,
+    top_layers: int | str | None = "auto",
     quantize: str = "int8",
     max_length: int = 128,
     opset: int = 20,
     seed: int = 0,
     progress: Callable[[str], None] = lambda msg: None,
 ) -> Manifest:
-    """Export the model in ``model_dir`` to a bundle in ``out_dir`` and return its manifest."""
+    """Export the model in ``model_dir`` to a bundle in ``out_dir`` and return its manifest.
+
+    ``top_layers``: slots only in the last N layers (the backward pass stops there); ``"auto"`` (the
+    default, as on the command line) is the top third, at least 2; ``None`` or ``"all"``: every layer.
+    """
     model_dir, out_dir = Path(os.fspath(model_dir)), Path(os.fspath(out_dir))
     _check_options(model_dir, out_dir, method, rank, quantize, max_length, task)
     t0 = time.perf_counter()

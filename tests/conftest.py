@@ -66,8 +66,9 @@ def bundles(model_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def minilm_bundle(tmp_path_factory):
-    """minilm_bundle(quantize="int8") -> Path of a real all-MiniLM-L6-v2 bundle (LoRA r=8 on query/value
-    + BitFit + a rotten/fresh head), exported once per session: the slow real-model tests share it."""
+    """minilm_bundle(quantize="int8") -> Path of a real all-MiniLM-L6-v2 bundle with the export defaults
+    (LoRA r=8 on query/value of the top 2 layers) + BitFit + a rotten/fresh head, exported once per
+    session: the slow real-model tests share it."""
     root = tmp_path_factory.mktemp("minilm")
     cache: dict[str, Path] = {}
 
