@@ -3,8 +3,8 @@
 Every number comes from a fresh child process. Calls with and without the adapter alternate one by
 one in the same process (so drift and neighbours' load hit both alike); figures are medians. The
 ONNX Runtime column feeds the same delta through onnxruntime's own ``LoraAdapter`` +
-``RunOptions.add_active_adapter`` for comparison (on a copy of the graph whose slot inputs have neutral
-defaults, which ORT adapters need; its overhead is against that copy run without an adapter).
+``RunOptions.add_active_adapter`` for comparison, on the bundle's own ``model.onnx`` (its slot inputs
+have neutral defaults, which ORT adapters override); its overhead is against that graph run plain.
 
     python benchmarks/bench_adapters.py        # writes benchmarks/results/adapters.json, prints a table
 """
@@ -26,7 +26,7 @@ CHILD_SPEED = r"""
 import json, sys, tempfile, time
 import numpy as np, onnxruntime as ort
 from edgepeft.delta import load_delta
-from edgepeft.delta.ort_adapter import adapter_ready_model, to_ort_adapter
+from edgepeft.delta.ort_adapter import to_ort_adapter
 from edgepeft.runtime.adapters import AdapterPool
 from edgepeft.runtime.bundle import SessionConfig, open_bundle
 bundle_dir, adir, calls, b, t = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -43,9 +43,9 @@ lora.Load(f"{tmp}/a0.onnx_adapter")
 ro = ort.RunOptions()
 ro.add_active_adapter(lora)
 bundle = pool.predictor.bundle
-adapter_ready_model(bundle.path, bundle.manifest, f"{tmp}/model.onnx")  # slot inputs with neutral defaults
 so = ort.SessionOptions(); so.log_severity_level = 3; so.intra_op_num_threads = 1
-sess = ort.InferenceSession(f"{tmp}/model.onnx", so, providers=["CPUExecutionProvider"])
+# the bundle's own model.onnx: every slot input has a neutral default, which ORT adapters override
+sess = ort.InferenceSession(str(bundle.path / "model.onnx"), so, providers=["CPUExecutionProvider"])
 def ort_native():
     return sess.run(["logits"], {"input_ids": ids, "attention_mask": mask}, ro)[0]
 def ort_none():
