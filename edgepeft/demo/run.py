@@ -76,7 +76,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
     if not (bundle_dir / "manifest.json").is_file():
         from edgepeft.exporters.export import export_bundle  # workstation side, only when the bundle is missing
 
-        say("== workstation: export all-MiniLM-L6-v2 (int8, LoRA r=8 on query/value + BitFit + head)")
+        say("== workstation: export all-MiniLM-L6-v2 (int8, LoRA r=8 on query/value of the top 2 layers + BitFit + head)")
         export_bundle(minilm_dir(), bundle_dir, quantize="int8", method="lora+bitfit", labels=["rotten", "fresh"],
                       max_length=64, progress=lambda m: say("   " + m))
     bundle = open_bundle(bundle_dir)
