@@ -18,10 +18,12 @@ def accuracy(out: str) -> float:
 @pytest.mark.slow
 def test_a_short_run_ends_well_above_the_majority_class(minilm_bundle, tmp_path, capsys):
     bundle = minilm_bundle("int8")
-    split = rotten_tomatoes_split(0)  # the fixed 80/10/10 split; 1,200 training rows, 1 epoch: 75 steps
+    # the fixed 80/10/10 split; 1,200 training rows, 2 epochs: 150 steps. With the default top-2-layer
+    # slots and a fresh head one epoch is too early in the curve (64.6 % measured; 2 epochs 76.3 %)
+    split = rotten_tomatoes_split(0)
     train = write_jsonl(tmp_path / "train.jsonl", split["train"][:1200])
     test = write_jsonl(tmp_path / "test.jsonl", split["test"])
-    r = run_cli(capsys, "train", bundle, "--data", train, "-o", tmp_path / "rt.delta", "--epochs", "1",
+    r = run_cli(capsys, "train", bundle, "--data", train, "-o", tmp_path / "rt.delta", "--epochs", "2",
                 "--batch-size", "16", "--lr", "2e-3", "--warmup", "0.06", "--seed", "0")
     assert r.code == 0, r.err
     base = run_cli(capsys, "eval", bundle, "--data", test)
