@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -31,11 +32,29 @@ print('MEMORY', _j.dumps({'peak_rss_mb': _status('VmHWM'), 'rss_mb': _status('Vm
 """
 
 
+def exporter_version() -> str:
+    """A short hash of the exporter's source: a cached bundle made by other exporter code is stale."""
+    import hashlib
+
+    src = ROOT.parent
+    h = hashlib.sha256()
+    for f in sorted([*(src / "exporters").rglob("*.py"), src / "edgepeft" / "manifest.py", src / "edgepeft" / "names.py"]):
+        if f.is_file():
+            h.update(f.relative_to(src).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:8]
+
+
 def minilm_bundle(quantize: str = "int8", method: str = "lora+bitfit", *, top_layers: int | None = None,
                   max_length: int = 128, rank: int = 8) -> Path:
-    """Path of an exported all-MiniLM-L6-v2 bundle (rotten/fresh head), exporting it once into benchmarks/.cache."""
+    """Path of an exported all-MiniLM-L6-v2 bundle (rotten/fresh head), exported once per exporter version
+    into benchmarks/.cache (older exports of the same configuration are removed)."""
+    import shutil
+
     name = f"minilm-{quantize}-{method.replace('+', '_')}-r{rank}-L{max_length}" + (f"-top{top_layers}" if top_layers else "")
-    out = CACHE / name
+    out = CACHE / f"{name}-x{exporter_version()}"
+    for stale in CACHE.glob(f"{name}*"):
+        if stale != out and re.fullmatch(re.escape(name) + r"(-x[0-9a-f]{8})?", stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
     if not (out / "manifest.json").is_file():
         from edgepeft.demo.assets import minilm_dir
         from edgepeft.exporters.export import export_bundle
