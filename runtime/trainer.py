@@ -42,7 +42,7 @@ class TrainConfig:
     epochs: int = _help(3, "Passes over the training data.")
     max_steps: int = _help(0, "Stop after this many optimizer steps (0: run all epochs); also sets the schedule length.")
     batch_size: int = _help(16, "Examples per optimizer step (before --grad-accum).")
-    lr: float = _help(5e-4, "Peak learning rate of AdamW.")
+    lr: float = _help(2e-3, "Peak learning rate of AdamW.")
     weight_decay: float = _help(0.01, "AdamW decoupled weight decay.")
     warmup: float = _help(0.0, "Warmup: a fraction of all steps if below 1, else a number of steps.")
     schedule: str = _help("linear", "Decay after warmup: linear, cosine or constant.")

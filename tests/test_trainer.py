@@ -153,7 +153,7 @@ def test_resume_after_a_crash_ends_with_the_same_delta(bert, tmp_path):
 def test_resume_with_other_options_is_refused(bert, tmp_path):
     b, train, _ = bert
     Trainer(b, train, TrainConfig(max_steps=3), checkpoint_dir=tmp_path).fit()
-    with pytest.raises(TrainError, match="lr=0.0005, this run asks 0.001"):
+    with pytest.raises(TrainError, match="lr=0.002, this run asks 0.001"):
         Trainer(b, train, TrainConfig(max_steps=3, lr=1e-3), checkpoint_dir=tmp_path).fit(resume=True)
     with pytest.raises(TrainError, match="pass --resume"):
         Trainer(b, train, TrainConfig(max_steps=3), checkpoint_dir=tmp_path).fit()
