@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CACHE, median, minilm_bundle, run_child, write_result  # noqa: E402
+from common import CACHE, alternate, median, minilm_bundle, run_child, write_result  # noqa: E402
 
 SHAPES = [(1, 32), (8, 128)]  # (batch, tokens): one short sentence; a full batch at the bundle's max length
 COUNTS = [1, 10, 100]
@@ -137,11 +137,8 @@ def main() -> None:
                       "ort_adapter_overhead_pct": round(100 * (ms["ort_adapter"] / ms["ort_none"] - 1), 2),
                       "switch_extra_ms": round(ms["switch"] - ms["lora"], 3), "load_ms": round(r["load_ms"], 2)})
 
-    runs: dict[int, list[dict]] = {n: [] for n in [0, *COUNTS]}
-    order = [0, *COUNTS]
-    for rep in range(args.repeats):  # alternate the order so no configuration always runs first
-        for n in (order if rep % 2 == 0 else order[::-1]):
-            runs[n].append(run_child(CHILD_MEMORY, str(bundle), str(adir), str(n)))
+    runs = alternate({n: (CHILD_MEMORY, [str(bundle), str(adir), str(n)]) for n in [0, *COUNTS]}, args.repeats,
+                     lambda n, res: f"{n} adapters, RSS {res['rss_mb']:.1f} MB")
     base_rss = median([r["rss_mb"] for r in runs[0]])
     base_anon = median([r["anon_mb"] for r in runs[0]])
     memory = []

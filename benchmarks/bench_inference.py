@@ -12,12 +12,11 @@ Median of ``--calls`` calls after warm-up, each engine in its own process, round
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import DEFAULT_BUNDLE, median, minilm_bundle, run_child, write_result  # noqa: E402
+from common import DEFAULT_BUNDLE, alternate, median, minilm_bundle, write_result  # noqa: E402
 
 LENGTH = 32
 
@@ -87,11 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         args.calls, args.rounds = 20, 1
     engines = {"torch+peft fp32 (SDPA)": (TORCH_CHILD, ""),
                f"edgepeft {DEFAULT_BUNDLE['quantize']}": (EDGEPEFT_CHILD, str(minilm_bundle(**DEFAULT_BUNDLE)))}
-    runs: dict[str, list[dict]] = {k: [] for k in engines}
-    for r in range(args.rounds):
-        for name in (list(engines) if r % 2 == 0 else list(reversed(engines))):
-            code, arg = engines[name]
-            runs[name].append(run_child(code, arg, str(args.calls), str(LENGTH)))
+    runs = alternate({name: (code, [arg, str(args.calls), str(LENGTH)]) for name, (code, arg) in engines.items()},
+                     args.rounds, lambda name, res: f"base {res['ms']['base']:.2f} ms")
     rows = []
     for name, rs in runs.items():
         row = {"config": name, "peak_rss_mb": round(median([x["peak_rss_mb"] for x in rs]), 1),

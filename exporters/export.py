@@ -91,7 +91,7 @@ def export_bundle(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from edgepeft.exporters.architectures import family_for, infer_task
-    from edgepeft.exporters.inject import inject, linear_dims, plan_slots, resolve_top_layers
+    from edgepeft.exporters.inject import inject, layers_of, linear_dims, plan_slots, resolve_top_layers
     from edgepeft.exporters.trace import export_graphs
     from edgepeft.exporters.weights import QuantSpec, add_input_defaults, load_params, save_bundle_graphs
 
@@ -133,7 +133,7 @@ def export_bundle(
         p.requires_grad_(False)
 
     alpha = float(alpha if alpha is not None else 2 * rank)
-    top_layers = resolve_top_layers(model, family, top_layers)  # "auto" -> a count; None = every layer
+    top_layers = resolve_top_layers(len(layers_of(model, family)), top_layers)  # "auto" -> a count; None = every layer
     slots = plan_slots(model, family, method=method, rank=rank, alpha=alpha,
                        targets=tuple(targets or family.lora_targets), head=task == SEQ_CLS, top_layers=top_layers)
     if not slots:

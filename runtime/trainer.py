@@ -188,7 +188,7 @@ class Trainer:
     def _split(self, index: np.ndarray) -> list[np.ndarray]:
         """One batch as train-graph runs: by example count, or by padded tokens under a memory budget."""
         if self.plan.max_tokens:
-            return split_by_tokens(index, np.minimum(self.lengths, self.plan.max_length), self.plan.max_tokens)
+            return split_by_tokens(index, np.minimum(self.train.lengths, self.plan.max_length), self.plan.max_tokens)
         return split_batch(index, self.plan.micro_batch)
 
     def _step(self, group: list[np.ndarray], lr: float) -> float:
@@ -310,7 +310,7 @@ class Trainer:
         else:
             self.before = self._evaluate()
         self.first_step, self.t0 = self.step, time.perf_counter()
-        lengths = self.lengths = self.train.lengths
+        lengths = self.train.lengths
 
         while self.step < self.total and not self.stopped:
             rng.bit_generator.state = self.epoch_rng  # the epoch's order is replayed from its starting state

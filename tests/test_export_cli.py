@@ -107,3 +107,24 @@ def test_infer_refuses_a_delta_for_another_base(bundles, tmp_path, capsys):
     save_delta(tmp_path / "x.delta", delta_from_init(other.manifest, seed=0))
     r = run_cli(capsys, "infer", bundles("bert").path, "--delta", tmp_path / "x.delta", "w1")
     assert r.code == 1 and len(error_lines(r)) == 1 and "x.delta" in r.err
+
+
+def test_top_layers_puts_slots_only_in_the_last_layers(bundles):
+    m = bundles("bert", top_layers=1).manifest
+    assert m.train_layers == (1,)
+    layer_slots = [s.module for s in m.slots if ".layer." in s.module]
+    assert layer_slots and all(".layer.1." in name for name in layer_slots)
+    assert bundles("bert").manifest.train_layers is None  # auto on a 2-layer model: every layer
+
+
+@pytest.mark.parametrize("value, words", [("0", "(1 or more)"), ("3", "the model has 2 layers"),
+                                          ("x", "expected a number of layers")])
+def test_top_layers_outside_the_model_are_refused(model_dirs, tmp_path, capsys, value, words):
+    r = run_cli(capsys, "export", model_dirs("bert"), "-o", tmp_path / "b", "--top-layers", value)
+    assert r.code != 0 and words in r.err and not (tmp_path / "b").exists()
+
+
+def test_auto_top_layers_is_the_top_third_and_at_least_two():
+    from edgepeft.exporters.inject import auto_top_layers
+
+    assert [auto_top_layers(n) for n in (1, 2, 3, 6, 12, 32)] == [1, 2, 2, 2, 4, 11]

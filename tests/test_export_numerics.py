@@ -87,10 +87,11 @@ def test_int8_logits_stay_within_stated_tolerance_of_fp32(kind, bundles):
     assert rel(masked(b, mask, t), masked(a, mask, t)) < 0.05
 
 
+@pytest.mark.parametrize("top_layers", [None, 1], ids=["every-layer", "top-1"])  # top-1: the backward stops early
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 @pytest.mark.parametrize("kind", ["bert", "llama"])
-def test_train_step_gives_torch_autograd_loss_and_gradients(kind, quantize, model_dirs, bundles):
-    bundle = bundles(kind, quantize)
+def test_train_step_gives_torch_autograd_loss_and_gradients(kind, quantize, top_layers, model_dirs, bundles):
+    bundle = bundles(kind, quantize, top_layers=top_layers)
     m = bundle.manifest
     delta = random_delta(m, seed=3)
     sess = bundle.session("train")

@@ -45,11 +45,16 @@ def _rows(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[0], int(np.prod(shape[1:], dtype=np.int64))
 
 
+def _row_scales(x2: np.ndarray) -> np.ndarray:
+    """The stored float32 scale of every row of a (rows, n) array: max|row| / 127."""
+    return (np.abs(x2).max(axis=1, initial=0.0) / 127.0).astype(np.float32)
+
+
 def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-row symmetric int8: (scales float32 (rows,), values int8 (rows, n)); |x - q*s| <= s/2."""
     rows, n = _rows(x.shape)
     x2 = x.reshape(rows, n).astype(np.float64)
-    scales = (np.abs(x2).max(axis=1, initial=0.0) / 127.0).astype(np.float32)
+    scales = _row_scales(x2)
     s = scales.astype(np.float64)[:, None]  # divide by the stored scale so the bound holds for it
     q = np.rint(np.divide(x2, s, out=np.zeros_like(x2), where=s > 0))
     return scales, np.clip(q, -127, 127).astype(np.int8)
@@ -58,8 +63,7 @@ def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def row_error_bounds(x: np.ndarray) -> np.ndarray:
     """Per row of ``x`` (first axis; a 1-D tensor is one row), the largest |x - x̂| packing can cause."""
     rows, n = _rows(x.shape)
-    scales = (np.abs(x.reshape(rows, n).astype(np.float64)).max(axis=1, initial=0.0) / 127.0).astype(np.float32)
-    return scales.astype(np.float64) * (0.5 + 254 * 2.0**-24)
+    return _row_scales(x.reshape(rows, n).astype(np.float64)).astype(np.float64) * (0.5 + 254 * 2.0**-24)
 
 
 def error_bound(delta: Delta) -> float:
