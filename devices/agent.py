@@ -119,6 +119,7 @@ class RoundReport:
     sent: int = 0
     rejected: int = 0
     pending: int = 0
+    unimproved: int = 0  # data files whose training did not beat the starting delta (nothing pushed)
     loss: float | None = None  # training loss of the last delta trained, when the trainer reports it
     offline: str | None = None  # the last connection problem, if any
 
@@ -205,6 +206,12 @@ class Agent:
                 start = self.adapter_path if self.version and self.adapter_path.is_file() else None
                 samples = self.train_fn(bundle, path, start, out)
                 d = load_delta(out)
+                if not samples:  # nothing beat the starting point: pushing it would only add noise to the fleet
+                    out.unlink(missing_ok=True)
+                    report.unimproved += 1
+                    self.state["done"][key] = path.name
+                    self._save_state()
+                    continue
                 d = replace_meta(d, creator=self.client.device_id, parent=self.version, adapter=self.config.adapter,
                                  samples=int(d.meta.samples or samples), version=0)
                 self.outbox.put(delta_bytes(d), key)

@@ -108,7 +108,7 @@ class TrainSummary:
     train_loss: float  # mean over the last 20 steps
     before: dict[str, float] | None  # validation metrics of the starting delta
     after: dict[str, float] | None  # validation metrics of the returned delta
-    best_step: int | None
+    best_step: int | None  # the step of the returned delta; the starting step when nothing beat the start
     stopped_early: bool
     resumed_at: int | None  # step the run resumed from, if it did
     memory: memory.MemoryPlan
@@ -309,7 +309,12 @@ class Trainer:
             resumed_at = self.step
         else:
             self.before = self._evaluate()
+            if self.before is not None:  # the starting point competes for best: a run never returns something worse
+                self.best = {"metrics": self.before, "step": self.step, "samples": 0,
+                             "tensors": {k: v.copy() for k, v in self.params.items()}}
         self.first_step, self.t0 = self.step, time.perf_counter()
+        if resumed_at is None and self.before is not None:
+            self._report(self.before)
         lengths = self.train.lengths
 
         while self.step < self.total and not self.stopped:

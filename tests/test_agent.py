@@ -144,6 +144,25 @@ def test_agent_offline_then_restart_pushes_and_pulls(hub, tmp_path, hub_bundle):
     assert [d.parent for d in latest] == [1] and latest[0].device == "d1"
 
 
+def test_agent_pushes_nothing_when_training_did_not_beat_the_start(hub, tmp_path, hub_bundle):
+    proxy, store, tokens, manifest, server = hub
+    (tmp_path / "dev" / "data").mkdir(parents=True)
+    (tmp_path / "dev" / "token").write_text(tokens["d1"])
+    (tmp_path / "dev" / "device.toml").write_text(
+        f'hub = "{proxy.url}"\ntoken_file = "token"\nbundle = "{hub_bundle}"\nretries = 1\nbackoff_s = 0.01\n')
+
+    def unimproved(bundle_dir, data_path, start, out):  # the trainer returned its start: samples 0
+        save_delta(out, replace_meta(delta_from_init(manifest, 1), samples=0))
+        return 0
+
+    (tmp_path / "dev" / "data" / "a.jsonl").write_text('{"text": "w1", "label": "a"}\n')
+    agent = Agent(AgentConfig.from_toml(tmp_path / "dev" / "device.toml"), train_fn=unimproved)
+    r = agent.run_once()
+    assert (r.trained, r.unimproved, r.sent, r.pending) == (0, 1, 0, 0)
+    assert store.list_deltas("f", pending=True) == []
+    assert agent.run_once().unimproved == 0  # the data file counts as done
+
+
 def test_agent_config_refuses_unknown_keys(tmp_path):
     (tmp_path / "d.toml").write_text('hub = "http://127.0.0.1:1"\ntokn = "x"\n')
     with pytest.raises(HubError, match="tokn"):

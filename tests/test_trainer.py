@@ -117,6 +117,16 @@ def test_early_stopping_returns_the_best_evaluated_delta(bert, tmp_path):
     assert evaluate(Predictor(b), noise, [r.delta])["accuracy"] == pytest.approx(s.after["accuracy"])
 
 
+def test_a_run_that_never_beats_its_start_returns_the_start_with_no_samples(bert):
+    b, train, val = bert
+    start = replace_meta(delta_from_init(b.manifest, 3), adapter="kbd", version=7)
+    r = Trainer(b, train, TrainConfig(max_steps=4, batch_size=8, lr=1e-12), val=val, start=start).fit()
+    assert r.summary.best_step == 0 and r.delta.meta.samples == 0  # steps of 1e-12 change no prediction
+    assert r.summary.after == r.summary.before
+    for k, v in start.tensors.items():
+        np.testing.assert_array_equal(r.delta.tensors[k], v)
+
+
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_micro_batches_give_the_gradient_of_the_whole_batch(kind, bert, llama):
     # classification weighs micro-batches by examples, a causal LM by real target tokens

@@ -70,6 +70,9 @@ def _summary(s: TrainSummary, out: Path) -> str:
         lines.append(f"validation before: {describe(s.before)}")
         lines.append(f"validation after:  {describe(s.after)} (best at step {s.best_step})"
                      + (" (stopped early)" if s.stopped_early else ""))
+        if s.best_step == 0:
+            lines.append("no evaluation beat the starting delta: wrote the starting delta (samples 0), "
+                         "try more steps, a higher --lr or more data")
     else:
         lines.append(f"final training loss {s.train_loss:.4f} (no --val data to measure accuracy on)")
     peak = f"peak memory {s.peak_rss_mb:.0f} MB"
