@@ -100,7 +100,7 @@ def runtime_train_fn(options: dict[str, Any] | None = None) -> TrainFn:
         from edgepeft.runtime.trainer import TrainConfig, Trainer
 
         bundle = open_bundle(bundle_dir)
-        data = load_dataset(data_path, bundle.manifest, load_tokenizer(bundle))
+        data = load_dataset(data_path, bundle.manifest, load_tokenizer(bundle), bundle_path=bundle.path)
         start_delta = load_delta(start, bundle.manifest, for_training=True) if start else None
         result = Trainer(bundle, data, TrainConfig(**(options or {})), start=start_delta).fit()
         save_delta(out, result.delta)

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("edgepeft.commands.export", "export_cmd", "Export a Hugging Face model to a bundle (workstation)."),
     "info": ("edgepeft.commands.info", "info_cmd", "Show what a bundle holds: base, slots, sizes."),
     "infer": ("edgepeft.commands.infer", "infer_cmd", "Run the bundle on text, with or without a delta."),
+    "chat": ("edgepeft.commands.chat", "chat_cmd", "Chat with a causal-LM bundle (+ delta), replies streamed."),
     "train": ("edgepeft.commands.train", "train_cmd", "Train a delta on local data (device side, no torch)."),
     "eval": ("edgepeft.commands.train", "eval_cmd", "Evaluate a bundle (+ delta) on a data file."),
     "delta": ("edgepeft.commands.delta", "delta_group", "Inspect, pack, merge and convert delta files."),

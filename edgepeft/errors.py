@@ -27,3 +27,7 @@ class TrainError(EdgePeftError):
 
 class HubError(EdgePeftError):
     """The hub refused a request or cannot be reached."""
+
+
+class GenerationError(EdgePeftError):
+    """Text generation cannot run as asked (sampling options out of range, a bundle that is not a causal LM)."""

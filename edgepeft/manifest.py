@@ -90,6 +90,7 @@ class Manifest:
     labels: tuple[str, ...] = ()
     eos_token_id: int | None = None
     tokenizer: str | None = None
+    chat_template: str | None = None  # causal LM: the chat template as device-renderable pieces (names.CHAT_TEMPLATE_FILE)
     weights: str = "weights.bin"
     train_layers: tuple[int, ...] | None = None  # layers whose slots train (None = all)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form facts (sizes, export time)

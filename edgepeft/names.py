@@ -77,3 +77,22 @@ def is_safe_name(name: str) -> bool:
         and name.isprintable()
         and not name.startswith(".")
     )
+
+
+# ---- causal language models (issue 16) -----------------------------------------------------------
+# train.onnx of a causal LM takes the positions that carry a label instead of scoring every position:
+# TARGET_INDEX (K, M) holds flat indices b*T + t of the positions whose next token is a target,
+# TARGET_IDS (K, M) those next tokens (-1: padding of the layout). K is fixed at export (loss chunks).
+TARGET_INDEX = "target_index"
+TARGET_IDS = "target_ids"
+CHAT_TEMPLATE_FILE = "chat_template.json"
+
+
+def past_name(layer: int, kind: str) -> str:
+    """model.onnx input holding layer ``layer``'s cached keys or values (``kind``: key | value), (B, heads, P, D)."""
+    return f"past.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    """model.onnx output: the cache after this call, (B, heads, P + T, D); fed back as :func:`past_name`."""
+    return f"present.{layer}.{kind}"

@@ -23,6 +23,7 @@ class Family:
     bitfit_exclude: tuple[str, ...]  # leaf names whose bias gradient is useless (key: softmax shift)
     head_modules: tuple[str, ...]  # classifier modules that get full weight+bias deltas (seq-cls)
     layer_regex: str  # extracts the layer index from a module path
+    kv_cache: bool = True  # causal LM: model.onnx takes and returns a KV cache (GPT-2's traced positions specialize)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -34,7 +35,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama", "mistral", "qwen2"), (CAUSAL_LM,),
            ("q_proj", "v_proj"), ("k_proj",), (), r"\.layers\.(\d+)\."),
     Family("gpt2", ("gpt2",), (CAUSAL_LM,),
-           ("c_attn",), (), (), r"\.h\.(\d+)\."),
+           ("c_attn",), (), (), r"\.h\.(\d+)\.", kv_cache=False),
 )
 
 

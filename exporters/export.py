@@ -7,6 +7,7 @@ Everything is built in a temporary folder and renamed at the end: no half-writte
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -15,7 +16,7 @@ from typing import Callable
 
 from edgepeft.errors import ExportError
 from edgepeft.manifest import Graph, Manifest, neutral_values, write_manifest
-from edgepeft.names import (ATTENTION_MASK, INFER_GRAPH_FILE, INPUT_IDS, LABELS, LOGITS, LOSS, SEQ_CLS,
+from edgepeft.names import (ATTENTION_MASK, CAUSAL_LM, CHAT_TEMPLATE_FILE, INFER_GRAPH_FILE, INPUT_IDS, LABELS, LOGITS, LOSS, SEQ_CLS,
                             TASKS, TOKENIZER_FILE, TRAIN_GRAPH_FILE, WEIGHTS_FILE, frozen_name, grad_name)
 from edgepeft import atomic
 
@@ -91,6 +92,8 @@ def export_bundle(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from edgepeft.exporters.architectures import family_for, infer_task
+    from edgepeft.exporters.causal_lm import cache_layers, lm_graphs
+    from edgepeft.exporters.chat_template import derive_pieces
     from edgepeft.exporters.inject import inject, layers_of, linear_dims, plan_slots, resolve_top_layers
     from edgepeft.exporters.trace import export_graphs
     from edgepeft.exporters.weights import QuantSpec, add_input_defaults, load_params, save_bundle_graphs
@@ -164,6 +167,9 @@ def export_bundle(
         fingerprint = save_bundle_graphs(graphs, {"infer": INFER_GRAPH_FILE, "train": TRAIN_GRAPH_FILE}, tmp,
                                          arrays, quant, quantize)
         tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER_FILE))
+        chat = derive_pieces(tokenizer) if task == CAUSAL_LM else None
+        if chat is not None:
+            atomic.write_text(tmp / CHAT_TEMPLATE_FILE, json.dumps(chat, indent=1, sort_keys=True))
         slot_names = [s.name for s in slots]
         batch = [INPUT_IDS, ATTENTION_MASK] + ([LABELS] if task == SEQ_CLS else [])
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -172,13 +178,15 @@ def export_bundle(
             model_type=config.model_type, task=task, method=method, quantization=quantize, max_length=max_length,
             vocab_size=vocab, pad_token_id=int(pad), slots=tuple(slots), labels=tuple(label_names),
             eos_token_id=tokenizer.eos_token_id, tokenizer=TOKENIZER_FILE, weights=WEIGHTS_FILE,
-            graphs={
+            chat_template=CHAT_TEMPLATE_FILE if chat is not None else None,
+            graphs=lm_graphs(slots, cache_layers(config)) if task == CAUSAL_LM else {
                 "infer": Graph(INFER_GRAPH_FILE, (INPUT_IDS, ATTENTION_MASK, *slot_names), (LOGITS,)),
                 "train": Graph(TRAIN_GRAPH_FILE, (*batch, *slot_names), (LOSS, *map(grad_name, slot_names))),
             },
             train_layers=None if top_layers is None else tuple(sorted({i for s in slots if (i := _layer(family, s.module)) is not None})),
             extra={"base_parameters": int(sum(p.numel() for p in model.parameters())), "opset": opset,
-                   "export_seconds": round(time.perf_counter() - t0, 1), "seed": seed},
+                   "export_seconds": round(time.perf_counter() - t0, 1), "seed": seed,
+                   **({"context_length": int(max_pos)} if task == CAUSAL_LM else {})},
         )
         write_manifest(tmp, manifest)
     say(f"wrote {out_dir}")

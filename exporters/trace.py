@@ -107,6 +107,10 @@ def export_graphs(model: torch.nn.Module, feed: DeltaFeed, slots: list[Slot], ta
                   params: dict[str, torch.Tensor], onnx_names: list[str], *, vocab: int, num_labels: int, opset: int,
                   progress: Callable[[str], None]) -> dict[str, onnx.ModelProto]:
     """Export ``{"infer": ..., "train": ...}``; frozen weights are still graph inputs here."""
+    if task == CAUSAL_LM:  # chunked loss over labelled positions, KV cache (exporters/causal_lm.py)
+        from edgepeft.exporters.causal_lm import export_lm_graphs
+
+        return export_lm_graphs(model, feed, slots, params, onnx_names, vocab=vocab, opset=opset, progress=progress)
     infer, train = make_functions(model, feed, slots, task, list(params))
     pnames = onnx_names  # graph input names of the frozen weights (original module paths)
     batch = _example_batch(task, vocab, num_labels)

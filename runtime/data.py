@@ -22,6 +22,7 @@ import numpy as np
 from edgepeft.errors import DataError
 from edgepeft.manifest import Manifest
 from edgepeft.names import CAUSAL_LM, SEQ_CLS
+from edgepeft.runtime.lm_targets import LOSS_MASK
 from edgepeft.runtime.text import pad_batch
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".txt": "text"}
@@ -48,6 +49,7 @@ class Dataset:
     lines: list[int]
     sha256: str  # of the file's bytes: a resumed run checks it trains on the same data
     pad_id: int = 0
+    loss_masks: list[list[int]] | None = None  # causal LM: 1 per token that is a target (instruction data: the completion)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -61,6 +63,9 @@ class Dataset:
         seqs = [self.ids[i][:max_length] if max_length else self.ids[i] for i in index]
         ids, mask = pad_batch(seqs, self.pad_id)
         out = {"input_ids": ids, "attention_mask": mask}
+        if self.task == CAUSAL_LM:  # which tokens are targets: every real one, or what the loss masks mark
+            out[LOSS_MASK] = mask if self.loss_masks is None else pad_batch(
+                [self.loss_masks[i][:max_length] if max_length else self.loss_masks[i] for i in index], 0)[0]
         if self.labels is not None:
             out["labels"] = self.labels[np.asarray(index, dtype=np.int64)]
         return out
@@ -174,9 +179,11 @@ def read_rows(path: str | os.PathLike, manifest: Manifest) -> list[Row]:
     return rows
 
 
-def load_dataset(path: str | os.PathLike, manifest: Manifest, tokenizer) -> Dataset:
-    """Read, check and tokenize a data file for this bundle."""
+def load_dataset(path: str | os.PathLike, manifest: Manifest, tokenizer, *, bundle_path: Path | None = None) -> Dataset:
+    """Read, check and tokenize a data file for this bundle (``bundle_path``: where its chat template is)."""
     path = Path(os.fspath(path))
+    if manifest.task == CAUSAL_LM and FORMATS.get(path.suffix.lower()) == "jsonl" and path.is_file():
+        return _load_lm_jsonl(path, manifest, tokenizer, bundle_path)
     rows = read_rows(path, manifest)
     ids = [e.ids for e in tokenizer.encode_batch([r.text for r in rows])]
     if manifest.task == CAUSAL_LM:
@@ -186,6 +193,19 @@ def load_dataset(path: str | os.PathLike, manifest: Manifest, tokenizer) -> Data
     labels = None if manifest.task != SEQ_CLS else np.array([r.label for r in rows], dtype=np.int64)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     return Dataset(path, manifest.task, ids, labels, [r.line for r in rows], sha, manifest.pad_token_id)
+
+
+def _load_lm_jsonl(path: Path, manifest: Manifest, tokenizer, bundle_path: Path | None) -> Dataset:
+    """A causal LM's JSONL: instruction rows (loss on the completion only) and text rows (runtime/chat_data.py)."""
+    from edgepeft.runtime.chat_data import load_chat_template, lm_rows
+
+    pieces = load_chat_template(bundle_path, manifest) if bundle_path is not None else None
+    rows = list(lm_rows(path, _lines(path), tokenizer, pieces, manifest.max_length))
+    if not rows:
+        raise DataError(f"{path}: no examples; the file is empty")
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    return Dataset(path, manifest.task, [r[1] for r in rows], None, [r[0] for r in rows], sha, manifest.pad_token_id,
+                   loss_masks=[r[2] for r in rows])
 
 
 # ---- batching -----------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ from edgepeft.names import SEQ_CLS
 from edgepeft.runtime.data import Dataset, eval_batches
 from edgepeft.runtime.feeds import DeltaLike
 from edgepeft.runtime.infer import Predictor
+from edgepeft.runtime.lm_targets import LOSS_MASK
+
+LM_EVAL_LOGITS_MB = 64  # logits of one evaluation batch of a causal LM (SmolLM2 at 256 tokens: 1 row = 50 MB)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -20,24 +23,36 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def _lm_nll(logits: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> float:
+    """Summed next-token NLL of the weighted positions; float32, one row at a time (no float64 copy of (T, V))."""
+    total = 0.0
+    for z, t, w in zip(logits, targets, weights):  # (T, V), (T,), (T,)
+        zmax = z.max(-1)
+        lse = zmax + np.log(np.exp(z - zmax[:, None]).sum(-1))
+        total += float(((lse - z[np.arange(len(t)), t]) * w).sum(dtype=np.float64))
+    return total
+
+
 def evaluate(predictor: Predictor, data: Dataset, deltas: Sequence[DeltaLike] = (), *, batch_size: int = 32,
              max_length: int | None = None) -> dict[str, float]:
     """``accuracy`` and ``loss`` (classification) or ``loss`` and ``perplexity`` (causal LM), plus ``examples``."""
     nll, count, correct = 0.0, 0, 0
+    if data.task != SEQ_CLS:  # a causal LM's logits are (B, T, V): keep one batch of them under LM_EVAL_LOGITS_MB
+        longest = int(min(data.lengths.max(), max_length or data.lengths.max()))
+        rows = LM_EVAL_LOGITS_MB * 2**20 // (4 * longest * predictor.manifest.vocab_size)
+        batch_size = max(1, min(batch_size, int(rows)))
     for index in eval_batches(data.lengths, batch_size):
         b = data.batch(index, max_length)
         logits = predictor.logits(b["input_ids"], b["attention_mask"], deltas)
-        logp = _log_softmax(logits)
         if data.task == SEQ_CLS:
+            logp = _log_softmax(logits)
             y = b["labels"]  # (B,)
             nll -= float(logp[np.arange(len(y)), y].sum())
             correct += int((logits.argmax(-1) == y).sum())
             count += len(y)
-        else:  # next-token loss over real targets, as the train graph computes it
-            ids, mask = b["input_ids"], b["attention_mask"]
-            target = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=2)[..., 0]  # (B, T-1)
-            w = mask[:, 1:]
-            nll -= float((target * w).sum())
+        else:  # next-token loss over the target tokens, as the train graph computes it
+            w = b[LOSS_MASK][:, 1:]
+            nll += _lm_nll(logits[:, :-1], b["input_ids"][:, 1:], w)
             count += int(w.sum())
     loss = nll / max(1, count)
     if data.task == SEQ_CLS:

@@ -14,6 +14,7 @@ import numpy as np
 from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, INPUT_IDS, LOGITS, SEQ_CLS
 from edgepeft.runtime.bundle import Bundle, SessionConfig
 from edgepeft.runtime.feeds import DeltaLike, infer_feeds, neutral_feeds
+from edgepeft.runtime.kv_cache import cache_specs, empty_cache
 from edgepeft.runtime.text import encode, load_tokenizer, pad_batch
 
 
@@ -36,6 +37,7 @@ class Predictor:
         self.manifest = bundle.manifest
         self.session = bundle.session("infer", config)
         self._neutral = neutral_feeds(self.manifest)  # built once: a call with no delta copies nothing
+        self.cache = cache_specs(self.session)  # a causal LM's KV-cache inputs (none in older bundles)
         self._tokenizer = None
 
     @property
@@ -47,9 +49,13 @@ class Predictor:
     def logits(self, ids: np.ndarray, mask: np.ndarray, deltas: Sequence[DeltaLike] = (),
                weights: Sequence[float] | None = None) -> np.ndarray:
         """Raw logits for a padded batch: (B, C) for classification, (B, T, V) for causal LM."""
-        feeds = {INPUT_IDS: ids.astype(np.int64), ATTENTION_MASK: mask.astype(np.int64)}
-        feeds.update(infer_feeds(self.manifest, deltas, weights) if deltas else self._neutral)
+        feeds = {INPUT_IDS: ids.astype(np.int64), ATTENTION_MASK: mask.astype(np.int64), **empty_cache(self.cache, len(ids))}
+        feeds.update(self.slot_feeds(deltas, weights))
         return self.session.run([LOGITS], feeds)[0]
+
+    def slot_feeds(self, deltas: Sequence[DeltaLike] = (), weights: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+        """The delta-slot feeds of a call: the neutral ones (built once) when there is no delta."""
+        return infer_feeds(self.manifest, deltas, weights) if deltas else self._neutral
 
     def classify(self, texts: Sequence[str], deltas: Sequence[DeltaLike] = (), weights: Sequence[float] | None = None,
                  batch_size: int = 32) -> list[Prediction]:
@@ -67,17 +73,9 @@ class Predictor:
 
     def generate(self, prompt: str, max_new_tokens: int = 20, deltas: Sequence[DeltaLike] = (),
                  weights: Sequence[float] | None = None) -> str:
-        """Greedy continuation of ``prompt`` (stops at the end-of-sequence token or the max length)."""
+        """Greedy continuation of ``prompt`` (stops at the end-of-sequence token or the max length); see runtime/generate.py."""
+        from edgepeft.runtime.generate import Generator, Sampling
+
         if self.manifest.task != CAUSAL_LM:
             raise ValueError("generate() needs a causal-lm bundle")
-        ids = encode(self.tokenizer, [prompt])[0]
-        start = len(ids)
-        for _ in range(max_new_tokens):
-            if len(ids) >= self.manifest.max_length:
-                break
-            x = np.asarray([ids], np.int64)
-            nxt = int(self.logits(x, np.ones_like(x), deltas, weights)[0, -1].argmax())
-            if nxt == self.manifest.eos_token_id:
-                break
-            ids.append(nxt)
-        return self.tokenizer.decode(ids[start:])
+        return "".join(Generator(self).stream(prompt, Sampling(max_new_tokens=max_new_tokens), deltas, weights))

@@ -39,3 +39,10 @@ def pad_batch(seqs: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[np
         ids[i, : len(s)] = s
         mask[i, : len(s)] = 1
     return ids, mask
+
+
+def untruncated(tok: Tokenizer) -> Tokenizer:
+    """A copy of ``tok`` that never truncates (prompts and chat data must be measured, not silently cut)."""
+    copy = Tokenizer.from_str(tok.to_str())
+    copy.no_truncation()
+    return copy

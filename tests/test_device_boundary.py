@@ -14,7 +14,7 @@ PACKAGES = {"edgepeft.runtime": ROOT / "runtime", "edgepeft.devices": ROOT / "de
             "edgepeft.exporters": ROOT / "exporters", "edgepeft": ROOT / "edgepeft"}
 # where the device side starts: its two folders and the commands a device runs
 DEVICE_ENTRY = ["runtime", "devices", "edgepeft/cli.py", "edgepeft/commands/train.py", "edgepeft/commands/infer.py",
-                "edgepeft/commands/sync.py"]
+                "edgepeft/commands/sync.py", "edgepeft/commands/chat.py"]
 
 
 def source_of(module: str) -> Path | None:

@@ -9,6 +9,8 @@ import torch_reference
 from conftest import random_delta
 from edgepeft.names import ATTENTION_MASK, INPUT_IDS, LABELS, LOSS, SEQ_CLS, grad_name
 from edgepeft.runtime.infer import Predictor
+from edgepeft.runtime.kv_cache import cache_specs, empty_cache
+from edgepeft.runtime.lm_targets import loss_chunks, train_feeds
 
 
 def batch(bundle, b: int, t: int, seed: int = 0):
@@ -57,8 +59,9 @@ def test_plain_onnxruntime_runs_the_inference_graph_with_only_the_batch_fed(kind
     bundle = bundles(kind)
     ids, mask, _ = batch(bundle, 2, 7)
     sess = ort.InferenceSession(str(bundle.graph_path("infer")), providers=["CPUExecutionProvider"])
-    assert {i.name for i in sess.get_inputs()} == {INPUT_IDS, ATTENTION_MASK}  # every slot has a neutral default
-    ours = sess.run(None, {INPUT_IDS: ids, ATTENTION_MASK: mask})[0]
+    cache = empty_cache(cache_specs(sess), len(ids))  # a causal LM's KV cache: empty = no cache (P = 0)
+    assert {i.name for i in sess.get_inputs()} == {INPUT_IDS, ATTENTION_MASK, *cache}  # every slot has a neutral default
+    ours = sess.run(None, {INPUT_IDS: ids, ATTENTION_MASK: mask, **cache})[0]
     base = torch_reference.logits(torch_reference.load_hf(model_dirs(kind), bundle), ids, mask)
     t = bundle.manifest.task
     assert np.abs(masked(ours, mask, t) - masked(base, mask, t)).max() < 1e-5
@@ -101,6 +104,8 @@ def test_train_step_gives_torch_autograd_loss_and_gradients(kind, quantize, top_
         feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, **delta.tensors}
         if m.task == SEQ_CLS:
             feeds[LABELS] = labels
+        else:  # the graph scores the positions the runtime hands it: here every real token, as HF's loss does
+            feeds.update(train_feeds(feeds, loss_chunks(sess)))
         outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
         loss, grads = torch_reference.loss_and_grads(ref, params, m.task, ids, mask, labels)
         assert abs(float(outs[LOSS]) - loss) <= 1e-4 * abs(loss)

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 WORDS = [f"w{i}" for i in range(90)]
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nw1 w2 w3<|im_end|>\\n' }}{% endif %}"
+          "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def _tokenizer(specials: list[str], template: tuple[str, str] | None):
@@ -45,9 +49,12 @@ def make_model(kind: str, root: Path, *, seed: int = 0) -> Path:
             cfg = tf.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64, **common)
             model = tf.DistilBertForSequenceClassification(cfg)
     elif kind == "llama":
-        specials = ["<pad>", "<unk>", "<s>", "</s>"]
+        # ChatML markers as special tokens and SmolLM2-135M-Instruct's own chat template (a default system prompt)
+        specials = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
         tok = tf.PreTrainedTokenizerFast(tokenizer_object=_tokenizer(specials, ("<s>", None)),
-                                         pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+                                         pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                         additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+        tok.chat_template = CHATML
         cfg = tf.LlamaConfig(vocab_size=len(specials) + len(WORDS), hidden_size=32, intermediate_size=64,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3,

@@ -27,7 +27,7 @@ def _layers(ctx, param, value: str | None) -> int | str | None:
 
 
 @click.command("export")
-@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("model_dir", type=click.Path(path_type=Path))  # a model directory or a .gguf file
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Bundle directory to create (must not exist).")
 @click.option("--task", type=click.Choice(TASKS), help="What the bundle does; inferred from config.json when left out.")
@@ -51,7 +51,7 @@ def _layers(ctx, param, value: str | None) -> int | str | None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for a freshly initialized classifier head.")
 def export_cmd(model_dir: Path, out_dir: Path, task, labels, num_labels, method, rank, alpha, targets, top_layers,
                quantize, max_length, opset, seed) -> None:
-    """Export a local Hugging Face model directory to a bundle.
+    """Export a local Hugging Face model directory (or a .gguf file) to a bundle.
 
     \b
     The bundle holds model.onnx (inference, any delta per call), train.onnx (one training step:
@@ -59,13 +59,20 @@ def export_cmd(model_dir: Path, out_dir: Path, task, labels, num_labels, method,
     manifest.json. Example:
       edgepeft export ./all-MiniLM-L6-v2 -o minilm.bundle --labels rotten,fresh --method lora+bitfit
     """
+    import tempfile
+
     from edgepeft.exporters.export import export_bundle
+    from edgepeft.exporters.gguf import gguf_to_model_dir, is_gguf
 
     if rank <= 0:
         raise click.BadParameter(f"must be a positive integer, got {rank}", param_hint="--rank")
-    manifest = export_bundle(model_dir, out_dir, task=task, labels=labels, num_labels=num_labels, method=method,
-                             rank=rank, alpha=alpha, targets=targets, top_layers=top_layers, quantize=quantize,
-                             max_length=max_length, opset=opset, seed=seed,
-                             progress=lambda msg: click.echo(msg, err=True))
+    with tempfile.TemporaryDirectory(prefix="edgepeft-gguf-") as tmp:
+        if is_gguf(model_dir):  # a GGUF file: dequantized to a float32 model directory first
+            click.echo(f"reading {model_dir} (GGUF) into a float32 model", err=True)
+            model_dir = gguf_to_model_dir(model_dir, Path(tmp) / "model")
+        manifest = export_bundle(model_dir, out_dir, task=task, labels=labels, num_labels=num_labels, method=method,
+                                 rank=rank, alpha=alpha, targets=targets, top_layers=top_layers, quantize=quantize,
+                                 max_length=max_length, opset=opset, seed=seed,
+                                 progress=lambda msg: click.echo(msg, err=True))
     click.echo(f"{out_dir}: {manifest.task}, {len(manifest.slots)} slots, "
                f"{manifest.trainable_numbers:,} trainable numbers, {manifest.quantization} weights")

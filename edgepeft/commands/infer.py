@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from edgepeft.commands.chat import make_sampling, sampling_options
+
 
 @click.command("infer")
 @click.argument("bundle", type=click.Path(path_type=Path))
@@ -13,16 +15,17 @@ import click
 @click.option("--delta", "deltas", multiple=True, type=click.Path(path_type=Path),
               help="Delta file to apply; repeat to mix several (with --weights).")
 @click.option("--weights", help="Comma-separated mixing weights for repeated --delta (default: all 1).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Causal LM: tokens to generate greedily.")
-def infer_cmd(bundle: Path, texts: tuple[str, ...], deltas: tuple[Path, ...], weights: str | None,
-              max_new_tokens: int) -> None:
-    """Classify TEXTS (labels with probabilities) or continue them (causal LM).
+@click.option("--chat", "as_chat", is_flag=True, help="Causal LM: send each text as a user message through the chat template.")
+@sampling_options
+def infer_cmd(bundle: Path, texts: tuple[str, ...], deltas: tuple[Path, ...], weights: str | None, as_chat: bool,
+              max_new_tokens, temperature, top_p, top_k, seed, stop) -> None:
+    """Classify TEXTS (labels with probabilities) or continue them (causal LM, streamed).
 
     \b
     Examples:
       edgepeft infer minilm.bundle "a gorgeous, witty film"
       edgepeft infer minilm.bundle --delta mine.delta "a gorgeous, witty film"
+      edgepeft infer smollm2.bundle --chat --temperature 0.7 --seed 1 "Write a haiku about tea"
     """
     from edgepeft.delta import load_delta
     from edgepeft.names import SEQ_CLS
@@ -45,5 +48,23 @@ def infer_cmd(bundle: Path, texts: tuple[str, ...], deltas: tuple[Path, ...], we
             ranked = sorted(pred.probabilities.items(), key=lambda lp: -lp[1])
             click.echo(f"{pred.label}\t" + "  ".join(f"{l}={v:.3f}" for l, v in ranked) + f"\t{text}")
     else:
+        from edgepeft.errors import GenerationError
+        from edgepeft.runtime.chat_data import load_chat_template, render
+        from edgepeft.runtime.generate import Generator
+
+        sampling = make_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                 seed=seed, stop=stop, defaults=(20, 0.0))
+        gen = Generator(predictor)
+        pieces = load_chat_template(b.path, b.manifest) if as_chat else None
+        if as_chat and pieces is None:
+            raise GenerationError(f"{bundle}: --chat needs a chat template; this bundle's tokenizer had none at export")
         for text in texts:
-            click.echo(text + " " + predictor.generate(text, max_new_tokens, loaded, mix))
+            if pieces is not None:
+                prompt = gen.tokenizer.encode(render(pieces, [{"role": "user", "content": text}], generation=True),
+                                              add_special_tokens=False).ids
+            else:
+                prompt = text
+                click.echo(text + " ", nl=False)
+            for piece in gen.stream(prompt, sampling, loaded, mix):
+                click.echo(piece, nl=False)
+            click.echo("")

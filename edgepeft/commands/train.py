@@ -118,8 +118,8 @@ def train_cmd(bundle: Path, data: Path, val: Path | None, start: Path | None, ou
     config = TrainConfig(**options)
     b = open_bundle(bundle)
     tok = load_tokenizer(b)
-    train = load_dataset(data, b.manifest, tok)
-    val_ds = load_dataset(val, b.manifest, tok) if val is not None else None
+    train = load_dataset(data, b.manifest, tok, bundle_path=b.path)
+    val_ds = load_dataset(val, b.manifest, tok, bundle_path=b.path) if val is not None else None
     start_delta = load_delta(start, b.manifest, for_training=True) if start is not None else None
     trainer = Trainer(b, train, config, val=val_ds, start=start_delta, checkpoint_dir=checkpoint_dir,
                       on_progress=_ProgressLine(quiet))
@@ -137,7 +137,7 @@ def train_cmd(bundle: Path, data: Path, val: Path | None, start: Path | None, ou
 def eval_cmd(bundle: Path, data: Path, delta_path: Path | None, batch_size: int, threads: int) -> None:
     """Print the metrics of BUNDLE (+ a delta) on a data file: accuracy, or loss and perplexity."""
     b = open_bundle(bundle)
-    ds = load_dataset(data, b.manifest, load_tokenizer(b))
+    ds = load_dataset(data, b.manifest, load_tokenizer(b), bundle_path=b.path)
     deltas = [load_delta(delta_path, b.manifest)] if delta_path is not None else []
     metrics = evaluate(Predictor(b, SessionConfig(threads=threads)), ds, deltas, batch_size=batch_size)
     for k, v in metrics.items():

@@ -1,0 +1,192 @@
+"""Causal-LM graphs: a next-token loss that never holds all the logits, and model.onnx with a KV cache.
+
+Memory. Scoring every position against the whole vocabulary is what made causal-LM training costly:
+at batch 8 x 256 tokens and SmolLM2's 49,152-token vocabulary one fp32 logits tensor is 400 MB, and
+autograd keeps several of that size (logits, log-softmax, their gradients). The train graph here
+
+- scores only the positions that carry a label (``target_index``: the runtime leaves out padding and,
+  for instruction data, the prompt), and
+- computes loss and gradient with respect to the hidden states chunk by chunk in the forward pass
+  (``LOSS_CHUNKS`` chunks, one small (M, V) block alive at a time), saving only the (N, H) gradient
+  for the backward pass: the "fused linear cross-entropy" of Liger / Apple's cut-cross-entropy.
+
+The loss is written by hand (the exporter's ``nll_loss`` gives gradients N times too large), and the
+head weight is frozen, so its gradient is never formed.
+
+KV cache. model.onnx takes every layer's past keys and values (B, heads, P, D) and returns them
+extended by this call's T tokens; P = 0 is a call without a cache. Past positions are always
+attended: the runtime generates one sequence at a time, so a cache never holds padding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import onnx
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.func import functional_call
+
+from edgepeft.manifest import Graph, Slot
+from edgepeft.names import (ATTENTION_MASK, INFER_GRAPH_FILE, INPUT_IDS, LOGITS, LORA_A, LORA_B, LOSS, TARGET_IDS,
+                            TARGET_INDEX, TRAIN_GRAPH_FILE, grad_name, past_name, present_name)
+from edgepeft.exporters.inject import DeltaFeed
+
+LOSS_CHUNKS = 16  # chunks of the scored positions: each holds 1/16 of the (N, V) logits at a time
+KV = ("key", "value")
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean next-token cross-entropy of ``hidden @ weight.T (+ bias)``; the gradient w.r.t. ``hidden`` is
+    computed chunk by chunk in the forward pass, so no (N, V) tensor outlives its chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor) -> torch.Tensor:
+        # hidden (K, M, H), weight (V, H), targets (K, M) with -1 where nothing is scored
+        valid = (targets >= 0).to(hidden.dtype)  # (K, M)
+        count = valid.sum().clamp(min=1.0)
+        total, grads = hidden.new_zeros(()), []
+        for k in range(hidden.shape[0]):  # K is static: a plain unrolled loop in the graph
+            h, t, w = hidden[k], targets[k].clamp(min=0), valid[k]  # (M, H), (M,), (M,)
+            z = h @ weight.t()  # (M, V)
+            if bias is not None:
+                z = z + bias
+            zmax = z.max(-1, keepdim=True).values
+            e = (z - zmax).exp()
+            s = e.sum(-1, keepdim=True)
+            lse = (zmax + s.log()).squeeze(1)  # (M,)
+            picked = z.gather(1, t[:, None]).squeeze(1)  # (M,)
+            total = total + ((lse - picked) * w).sum()
+            # d loss_k / d h = (softmax(z) - onehot(t)) @ W = softmax(z) @ W - W[t], masked
+            grads.append(((e / s) @ weight - weight.index_select(0, t)) * w[:, None])
+        ctx.save_for_backward(torch.stack(grads) / count)  # (K, M, H): the only thing the backward needs
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_out, None, None, None
+
+
+class _Decoder(nn.Module):
+    """The model's decoder stack and output head, callable apart (so the train step skips the full logits)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache=None):
+        out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                                 use_cache=cache is not None)
+        head = self.lm.get_output_embeddings()
+        return out.last_hidden_state, head.weight, getattr(head, "bias", None), out.past_key_values
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of a decoder config (Llama-style and GPT-2-style names)."""
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return int(layers), int(kv_heads), int(head_dim)
+
+
+def cache_layers(config) -> int:
+    """Layers whose keys and values model.onnx caches: every layer, or 0 for a family exported without a cache."""
+    from edgepeft.exporters.architectures import family_for
+
+    return kv_shape(config)[0] if family_for(config.model_type).kv_cache else 0
+
+
+def make_lm_functions(model: nn.Module, feed: DeltaFeed, slots: list[Slot],
+                      param_names: list[str]) -> tuple[Callable, Callable]:
+    """The flat inference function (batch, past..., deltas..., params...) and train step (batch, targets, deltas..., params...)."""
+    from transformers import DynamicCache
+
+    decoder = _Decoder(model)
+    names = [s.name for s in slots]
+    n, layers = len(names), cache_layers(model.config)
+    pnames = ["lm." + p for p in param_names]
+
+    def run(input_ids, attention_mask, rest, cache=None):
+        feed.tensors = dict(zip(names, rest[:n]))
+        return functional_call(decoder, dict(zip(pnames, rest[n:])), (input_ids, attention_mask, cache))
+
+    def infer(input_ids, attention_mask, *rest):
+        if not layers:  # no cache: logits of the whole sequence, as before issue 16
+            hidden, w, b, _ = run(input_ids, attention_mask, rest)
+            return hidden @ w.t() + (b if b is not None else 0.0)
+        past, rest = rest[:2 * layers], rest[2 * layers:]
+        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(layers)], config=model.config)
+        full_mask = torch.cat([attention_mask.new_ones(past[0].shape[0], past[0].shape[2]), attention_mask], 1)
+        hidden, w, b, cache = run(input_ids, full_mask, rest, cache)
+        logits = hidden @ w.t() + (b if b is not None else 0.0)  # (B, T, V)
+        present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        return (logits, *present)
+
+    def train(input_ids, attention_mask, target_index, target_ids, *rest):
+        hidden, w, b, _ = run(input_ids, attention_mask, rest)  # (B, T, H)
+        flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
+        picked = flat.index_select(0, target_index.reshape(-1)).reshape(*target_index.shape, flat.shape[-1])  # (K, M, H)
+        loss = ChunkedLinearCrossEntropy.apply(picked, w, b, target_ids)
+        return (loss, *torch.autograd.grad(loss, rest[:n]))
+
+    return infer, train
+
+
+def export_lm_graphs(model: nn.Module, feed: DeltaFeed, slots: list[Slot], params: dict[str, torch.Tensor],
+                     onnx_names: list[str], *, vocab: int, opset: int,
+                     progress: Callable[[str], None]) -> dict[str, onnx.ModelProto]:
+    """``{"infer": ..., "train": ...}`` of a causal LM; frozen weights are still graph inputs here."""
+    from edgepeft.exporters.trace import _example_deltas, _export
+
+    infer, train = make_lm_functions(model, feed, slots, list(params))
+    _, kv_heads, head_dim = kv_shape(model.config)
+    layers = cache_layers(model.config)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, max(4, vocab), (2, 8), generator=g)  # batch 2, length 8: 0/1 would be specialized
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 6:] = 0
+    m = 3  # positions per loss chunk in the example
+    index = torch.randint(0, ids.numel(), (LOSS_CHUNKS, m), generator=g)  # flat positions b*T + t
+    targets = torch.randint(0, vocab, (LOSS_CHUNKS, m), generator=g)
+    targets[-1, -1] = -1
+    deltas = _example_deltas(slots)
+    frozen = list(params.values())
+    b, t, p, r, mm = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=0), Dim("rank", min=0), Dim("scored", min=1)
+    fixed = [None] * (len(slots) + len(onnx_names))
+
+    progress("tracing and exporting the training step")
+    train_scales = dict(feed.lora_scale)
+    train_io = lm_graphs(slots, layers)["train"]
+    train_model = _export(train, [ids, mask, index, targets, *deltas, *frozen], [*train_io.inputs, *onnx_names],
+                          list(train_io.outputs), [{0: b, 1: t}, {0: b, 1: t}, {1: mm}, {1: mm}, *fixed], opset)
+
+    progress("tracing and exporting the inference graph" + (" (with a KV cache)" if layers else ""))
+    feed.lora_scale = {k: 1.0 for k in train_scales}  # the runtime feeds s*B
+    past = [torch.randn(2, kv_heads, 3, head_dim, generator=g) for _ in range(2 * layers)]
+    rank_dyn = [{0: r} if s.kind == LORA_A else {1: r} if s.kind == LORA_B else None for s in slots]
+    infer_io = lm_graphs(slots, layers)["infer"]
+    try:
+        infer_model = _export(infer, [ids, mask, *past, *[d.detach() for d in deltas], *frozen],
+                              [*infer_io.inputs, *onnx_names], list(infer_io.outputs),
+                              [{0: b, 1: t}, {0: b, 1: t}, *[{0: b, 2: p}] * len(past), *rank_dyn,
+                               *[None] * len(onnx_names)], opset)
+    finally:
+        feed.lora_scale = train_scales
+    return {"infer": infer_model, "train": train_model}
+
+
+def lm_graphs(slots: list[Slot] | tuple[Slot, ...], layers: int) -> dict[str, Graph]:
+    """The manifest's graph entries of a causal LM: inputs and outputs of model.onnx and train.onnx."""
+    slot_names = [s.name for s in slots]
+    past = [past_name(i, k) for i in range(layers) for k in KV]
+    present = [present_name(i, k) for i in range(layers) for k in KV]
+    return {
+        "infer": Graph(INFER_GRAPH_FILE, (INPUT_IDS, ATTENTION_MASK, *past, *slot_names), (LOGITS, *present)),
+        "train": Graph(TRAIN_GRAPH_FILE, (INPUT_IDS, ATTENTION_MASK, TARGET_INDEX, TARGET_IDS, *slot_names),
+                       (LOSS, *map(grad_name, slot_names))),
+    }
