@@ -18,7 +18,7 @@ import numpy as np
 
 from edgepeft import atomic
 from edgepeft.errors import BundleError
-from edgepeft.names import LORA_A, LORA_B, MANIFEST_FILE, SLOT_KINDS, TASKS
+from edgepeft.names import MANIFEST_FILE, TASKS, slot_kinds
 
 FORMAT = "edgepeft-bundle"
 VERSION = 1
@@ -29,16 +29,16 @@ class Slot:
     """One trainable delta tensor: its name (from ``names.slot_name``), shape, and how it starts."""
 
     name: str
-    kind: str  # one of names.SLOT_KINDS
+    kind: str  # a kind some registered method owns (names.slot_kinds())
     module: str  # module path in the source model
     shape: tuple[int, ...]  # shape in train.onnx; LoRA slots have a dynamic rank in model.onnx
     dtype: str = "float32"
-    rank: int = 0  # LoRA rank (0 for non-LoRA slots)
-    alpha: float = 0.0  # LoRA alpha; the update is (alpha / rank) * B @ A
-    init: str = "zeros"  # zeros | kaiming_uniform
+    rank: int = 0  # LoRA-family rank (0 for other slots)
+    alpha: float = 0.0  # LoRA-family alpha; the update is (alpha / rank) * B @ A
+    init: str = "zeros"  # zeros | ones | kaiming_uniform
 
     def __post_init__(self) -> None:
-        if self.kind not in SLOT_KINDS:
+        if self.kind not in slot_kinds():
             raise BundleError(f"slot {self.name!r}: unknown kind {self.kind!r}")
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
 
@@ -49,17 +49,16 @@ class Slot:
 
     @property
     def neutral_shape(self) -> tuple[int, ...]:
-        """Shape of the value that leaves the base model unchanged: rank 0 for LoRA, else the full shape."""
-        if self.kind == LORA_A:
-            return (0, self.shape[1])
-        if self.kind == LORA_B:
-            return (self.shape[0], 0)
-        return self.shape
+        """Shape of the value that leaves the base model unchanged (rank 0 for LoRA, else the full shape)."""
+        return tuple(neutral_values([self])[self.name].shape)
 
 
 def neutral_values(slots: Iterable[Slot]) -> dict[str, np.ndarray]:
-    """Per slot, the inference-graph value that computes the base model: rank-0 LoRA A/B, zero bias and head deltas."""
-    return {s.name: np.zeros(s.neutral_shape, np.float32) for s in slots}
+    """Per slot, the inference-graph value that computes the base model, as its method declares it
+    (rank-0 LoRA A/B, zero bias and head deltas, IA3 scales of one)."""
+    from edgepeft.methods import owner  # the registry imports this module
+
+    return {s.name: owner(s.kind).neutral(s) for s in slots}
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ class Manifest:
     architecture: str  # e.g. BertForSequenceClassification
     model_type: str  # e.g. bert
     task: str  # names.TASKS
-    method: str  # lora | bitfit | lora+bitfit
+    method: str  # registered method names joined by '+' (edgepeft.methods.parse): lora, lora+bitfit, ia3+head ...
     quantization: str  # none | int8 | int4
     max_length: int
     vocab_size: int
@@ -93,6 +92,7 @@ class Manifest:
     weights: str = "weights.bin"
     train_layers: tuple[int, ...] | None = None  # layers whose slots train (None = all)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form facts (sizes, export time)
+    method_config: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method, its config (older bundles: {})
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -23,7 +23,8 @@ from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from edgepeft.manifest import Slot
-from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, INPUT_IDS, LABELS, LOGITS, LORA_A, LORA_B, LOSS, SEQ_CLS, grad_name
+from edgepeft.methods import owner
+from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, INPUT_IDS, LABELS, LOGITS, LOSS, SEQ_CLS, grad_name
 from edgepeft.exporters.inject import DeltaFeed
 
 
@@ -121,19 +122,20 @@ def export_graphs(model: torch.nn.Module, feed: DeltaFeed, slots: list[Slot], ta
     frozen = list(params.values())
 
     progress("tracing and exporting the training step")
-    train_scales = dict(feed.lora_scale)
+    train_scales = dict(feed.scale)
     train_model = _export(
         train, [*batch, *deltas, *frozen], [*batch_names, *slot_names, *pnames],
         [LOSS, *[grad_name(n) for n in slot_names]], [*batch_dyn, *[None] * len(slots), *[None] * len(pnames)], opset)
 
     progress("tracing and exporting the inference graph")
-    # The inference graph takes a LoRA of any rank (0 = no delta) and no scale: the runtime feeds s*B.
-    feed.lora_scale = {k: 1.0 for k in train_scales}
-    rank_dyn = [{0: r} if s.kind == LORA_A else {1: r} if s.kind == LORA_B else None for s in slots]
+    # The inference graph takes a LoRA of any rank (0 = no delta) and no scale: the runtime folds it in (s*B).
+    feed.scale = {k: 1.0 for k in train_scales}
+    axes = [owner(s.kind).infer_axis(s.kind) for s in slots]  # LoRA's rank axis: a mix concatenates along it
+    rank_dyn = [None if ax is None else {ax: r} for ax in axes]
     try:
         infer_model = _export(
             infer, [*batch[:2], *[d.detach() for d in deltas], *frozen], [*batch_names[:2], *slot_names, *pnames],
             [LOGITS], [*batch_dyn[:2], *rank_dyn, *[None] * len(pnames)], opset)
     finally:
-        feed.lora_scale = train_scales
+        feed.scale = train_scales
     return {"infer": infer_model, "train": train_model}

@@ -1,8 +1,8 @@
 """Fleet aggregation: claim the pending deltas, merge them streaming from the store, publish a version.
 
-The weighted mean (weights: each delta's ``meta.samples``) goes through ``edgepeft.delta.merge``: ΔW
-space for LoRA, plain weighted mean for bias and head slots, output re-factored at the bundle's LoRA
-rank and scale so devices keep training from it. Claiming is one transaction, so every accepted delta
+The weighted mean (weights: each delta's ``meta.samples``) goes through ``edgepeft.delta.merge``, in
+each method's own space: ΔW for LoRA, plain weighted mean for bias and head slots, output re-factored
+at the bundle's LoRA rank and scale so devices keep training from it. Claiming is one transaction, so every accepted delta
 lands in exactly one version; a version whose builder died stays ``building`` and ``recover`` rebuilds
 it from the same deltas and options.
 """
@@ -16,13 +16,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes, delta_from_bytes, replace_meta
-from edgepeft.delta.merge import merge, refactor
+from edgepeft.delta.merge import from_space_parts, is_ranked, merge, space_parts
 from edgepeft.delta.transport import is_packed, unpack
 from edgepeft.errors import HubError
 from edgepeft.hub.robust import RobustOptions, clip_update, trimmed_mean
 from edgepeft.hub.store import BUILDING, Fleet, Store, VersionRec
 from edgepeft.manifest import Manifest
-from edgepeft.names import LORA_A, LORA_B, slot_name, split_slot_name
 
 Pairs = Callable[[], Iterator[tuple[Delta, float]]]  # a fresh pass over (delta, weight)
 
@@ -36,7 +35,7 @@ def parse_delta(data: bytes, where: str, manifest: Manifest) -> Delta:
 
 def bundle_lora(manifest: Manifest) -> tuple[int, float]:
     """(rank, scale) of the bundle's LoRA slots: the shape every published version has."""
-    found = {(s.rank, s.scale) for s in manifest.slots if s.kind in (LORA_A, LORA_B)}
+    found = {(s.rank, s.scale) for s in manifest.slots if s.rank}
     if len(found) > 1:
         raise HubError(f"bundle LoRA slots disagree on (rank, scale): {sorted(found)}")
     return found.pop() if found else (0, 1.0)
@@ -64,9 +63,7 @@ class _Parents:
 def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, memory_mb: float) -> tuple[Delta, dict[str, Any]]:
     """Coordinate-wise trimmed mean in ΔW space, in as many passes over the deltas as the memory budget needs."""
     first, _ = next(pairs())
-    modules = first.lora_modules()
-    keys = [(f"{m}:dW", (first.tensors[slot_name(m, LORA_B)].shape[0], first.tensors[slot_name(m, LORA_A)].shape[1])) for m in modules]
-    keys += [(k, t.shape) for k, t in first.tensors.items() if split_slot_name(k)[1] not in (LORA_A, LORA_B)]
+    keys = [(k, v.shape) for k, v in space_parts(first).items()]  # each method's space (ΔW for LoRA)
     # numbers per delta per pass; ~40 bytes each: the float32 stack, argsort indices, kept values and weights
     budget = max(1, int(memory_mb * 2**20) // (40 * max(n, 1)))
     chunks: list[list[tuple[str, int, int]]] = [[]]  # passes of (key, row_lo, row_hi)
@@ -93,12 +90,9 @@ def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, m
                 raise HubError("aggregation: more deltas than claimed")
             weights[i] = w
             col = 0
+            parts = space_parts(d)
             for key, lo, hi in chunk:
-                if key.endswith(":dW"):
-                    m = key[:-3]
-                    block = d.scale * (d.tensors[slot_name(m, LORA_B)][lo:hi].astype(np.float64) @ d.tensors[slot_name(m, LORA_A)].astype(np.float64))
-                else:
-                    block = d.tensors[key].reshape(result[key].shape[0], -1)[lo:hi]
+                block = parts[key].reshape(result[key].shape[0], -1)[lo:hi]
                 stack[i, col:col + block.size] = block.ravel()
                 col += block.size
             if chunk is chunks[0]:
@@ -114,14 +108,9 @@ def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, m
             size = (hi - lo) * target.shape[1]
             target[lo:hi] = mean[col:col + size].reshape(hi - lo, -1)
             col += size
-    tensors: dict[str, np.ndarray] = {}
-    errors = {}
-    for m in modules:
-        tensors[slot_name(m, LORA_A)], tensors[slot_name(m, LORA_B)], errors[m] = refactor(result[f"{m}:dW"], rank, scale)
-    for k, _ in keys[len(modules):]:
-        tensors[k] = result[k].astype(np.float32)
+    tensors, errors = from_space_parts(first, result, rank, scale)
     f = first.meta
-    out_rank = rank if modules else 0
+    out_rank = rank if is_ranked(first) else 0
     meta = DeltaMeta(base_fingerprint=f.base_fingerprint, method=f.method, rank=out_rank, alpha=scale * out_rank,
                      adapter=f.adapter, samples=samples, creator="merge", extra={"merged_count": str(n)})
     return Delta(tensors, meta), {"total_weight": weights_total, "passes": len(chunks),
