@@ -28,10 +28,14 @@ Pairs = Callable[[], Iterator[tuple[Delta, float]]]  # a fresh pass over (delta,
 
 
 def parse_delta(data: bytes, where: str, manifest: Manifest) -> Delta:
-    """A delta from raw safetensors or packed bytes, fully checked against the bundle manifest."""
+    """A delta from raw safetensors or packed bytes, fully checked against the bundle manifest.
+
+    Shapes must be the bundle's exactly (LoRA at its rank): the manifest then fixes the payload size,
+    which is checked before anything is decompressed.
+    """
     if is_packed(data):
-        return unpack(data, where, manifest=manifest)
-    return delta_from_bytes(data, where, manifest)
+        return unpack(data, where, manifest=manifest, for_training=True)
+    return delta_from_bytes(data, where, manifest, for_training=True)
 
 
 def bundle_lora(manifest: Manifest) -> tuple[int, float]:
