@@ -10,7 +10,8 @@ from pydantic import BaseModel, Field
 
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.hub import aggregate as agg
-from edgepeft.hub.api_device import BINARY_BODY, read_body, version_json
+from edgepeft.hub.api_device import BINARY_BODY, version_json
+from edgepeft.hub.bodies import read_body, spool_body
 from edgepeft.hub.auth import AdminDep, StoreDep
 from edgepeft.hub.bundles import check_bundle_files, files_from_tar
 from edgepeft.hub.store import Fleet, check_name
@@ -51,10 +52,12 @@ def _fleet_json(f: Fleet) -> dict[str, Any]:
 @router.post("/bundles", status_code=201, openapi_extra=BINARY_BODY,
              summary="Register a bundle: a tar (optionally gzip) of its files, flat")
 async def add_bundle(request: Request, who: AdminDep, store: StoreDep) -> dict[str, Any]:
-    data = await read_body(request, request.app.state.max_bundle_bytes)
+    limit = request.app.state.max_bundle_bytes
+    body = await spool_body(request, limit)
 
     def work() -> dict[str, Any]:
-        files = files_from_tar(data)
+        with body:
+            files = files_from_tar(body, limit)  # streamed; members capped by the same limit, unpacked
         text = check_bundle_files(files)
         rec, added = store.add_bundle(text, files)
         return {"fingerprint": rec.fingerprint, "added": added, "files": [{"name": f.name, "size": f.size} for f in rec.files]}

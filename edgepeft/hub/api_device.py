@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Annotated, Any
 
@@ -10,40 +9,19 @@ from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
-from starlette.requests import ClientDisconnect
 
 from edgepeft.delta.format import max_file_bytes
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.hub import aggregate as agg
 from edgepeft.hub.auth import DeviceDep, PrincipalDep, StoreDep
+from edgepeft.hub.bodies import read_body
 from edgepeft.hub.bundles import serve_blob
 from edgepeft.hub.store import DeltaRec, Device, Store, VersionRec, check_name, sha256_hex
 
 router = APIRouter(prefix="/api/v1")
-log = logging.getLogger("edgepeft.hub")
 
 BINARY_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary"}}}}}
-
-
-async def read_body(request: Request, limit: int) -> bytearray:
-    """The request body (not copied again), or 413 as soon as it passes ``limit`` bytes (declared or actual).
-
-    A client that hangs up mid-body is logged in one line and answered 400 (nobody reads the answer).
-    """
-    declared = request.headers.get("content-length")
-    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"body of {declared} bytes is over the {limit}-byte limit")
-    buf = bytearray()
-    try:
-        async for chunk in request.stream():
-            buf += chunk
-            if len(buf) > limit:
-                raise HTTPException(413, f"body is over the {limit}-byte limit")
-    except ClientDisconnect:
-        log.warning("%s %s: client hung up after %d body bytes", request.method, request.url.path, len(buf))
-        raise HTTPException(400, "client disconnected mid-upload") from None
-    return buf
 
 
 def version_json(v: VersionRec, *, with_report: bool = True) -> dict[str, Any]:
