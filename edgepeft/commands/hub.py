@@ -42,6 +42,7 @@ def serve_cmd(store_uri: str, host: str, port: int, admin_token_file: str | None
     import uvicorn
 
     from edgepeft.hub.app import create_app
+    from edgepeft.hub.logs import hub_log_config
     from edgepeft.hub.store import open_store
 
     token = _admin_token(store_uri, admin_token_file)
@@ -50,7 +51,7 @@ def serve_cmd(store_uri: str, host: str, port: int, admin_token_file: str | None
                      status_public=public_status)
     click.echo(f"edgepeft hub on http://{host}:{port} (store {store_uri.split('@')[-1]})", err=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=hub_log_config(log_level), timeout_graceful_shutdown=5)
     finally:
         store.close()
 
@@ -135,6 +136,11 @@ def device_add_cmd(fleet: str, device: str, output: str | None, hub: str, admin_
     """Add DEVICE to FLEET and print its token (shown once; the hub keeps only a hash)."""
     with _admin_client(hub, admin_token_file) as c:
         token = c.request("POST", f"/api/v1/fleets/{fleet}/devices", json={"device": device}).json()["token"]
+    _give_token(device, token, output)
+
+
+def _give_token(device: str, token: str, output: str | None) -> None:
+    """Print a new device token, or write it to ``output`` with mode 600."""
     if output:
         fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -142,6 +148,29 @@ def device_add_cmd(fleet: str, device: str, output: str | None, hub: str, admin_
         click.echo(f"token of {device} written to {output}")
     else:
         click.echo(token)
+
+
+@device_group.command("rotate")
+@click.argument("fleet")
+@click.argument("device")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the new token to this file (mode 600) instead of stdout.")
+@admin_options
+def device_rotate_cmd(fleet: str, device: str, output: str | None, hub: str, admin_token_file: str | None) -> None:
+    """Give DEVICE a new token (shown once); its old token is refused from the next request on."""
+    with _admin_client(hub, admin_token_file) as c:
+        token = c.request("POST", f"/api/v1/fleets/{fleet}/devices/{device}/token").json()["token"]
+    _give_token(device, token, output)
+
+
+@device_group.command("revoke")
+@click.argument("fleet")
+@click.argument("device")
+@admin_options
+def device_revoke_cmd(fleet: str, device: str, hub: str, admin_token_file: str | None) -> None:
+    """Revoke DEVICE's token: every request with it gets 401 from now on (`rotate` issues a new one)."""
+    with _admin_client(hub, admin_token_file) as c:
+        c.request("DELETE", f"/api/v1/fleets/{fleet}/devices/{device}/token")
+    click.echo(f"token of {device} revoked")
 
 
 @hub_group.command("aggregate")

@@ -14,7 +14,7 @@ from edgepeft.hub.api_device import BINARY_BODY, version_json
 from edgepeft.hub.bodies import read_body, spool_body
 from edgepeft.hub.auth import AdminDep, StoreDep
 from edgepeft.hub.bundles import check_bundle_files, files_from_tar
-from edgepeft.hub.store import Fleet, check_name
+from edgepeft.hub.store import NAME_RE, Fleet, check_name
 
 router = APIRouter(prefix="/api/v1")
 
@@ -102,9 +102,30 @@ def add_device(fleet: str, body: DeviceIn, who: AdminDep, store: StoreDep) -> di
     return {"device": body.device, "fleet": fleet, "token": token}
 
 
-@router.get("/fleets/{fleet}/devices", summary="Devices of a fleet and when each was last seen")
+@router.get("/fleets/{fleet}/devices", summary="Devices of a fleet, when each was last seen, and whether it is revoked")
 def list_devices(fleet: str, who: AdminDep, store: StoreDep) -> list[dict[str, Any]]:
-    return [{"device": d.id, "created": d.created, "last_seen": d.last_seen} for d in store.list_devices(fleet)]
+    return [{"device": d.id, "created": d.created, "last_seen": d.last_seen, "revoked": d.revoked}
+            for d in store.list_devices(fleet)]
+
+
+def _member(store, fleet: str, device: str) -> None:
+    d = store.get_device(device) if NAME_RE.match(device) else None
+    if d is None or d.fleet != fleet:
+        raise HTTPException(404, f"no device {device!r} in fleet {fleet!r}")
+
+
+@router.post("/fleets/{fleet}/devices/{device}/token", status_code=201,
+             summary="Rotate a device's token: the new one is in the answer, once; the old one is refused from now on")
+def rotate_token(fleet: str, device: str, who: AdminDep, store: StoreDep) -> dict[str, str]:
+    _member(store, fleet, device)
+    return {"device": device, "fleet": fleet, "token": store.rotate_token(device)}
+
+
+@router.delete("/fleets/{fleet}/devices/{device}/token", summary="Revoke a device's token (401 from the next request on)")
+def revoke_token(fleet: str, device: str, who: AdminDep, store: StoreDep) -> dict[str, Any]:
+    _member(store, fleet, device)
+    store.revoke_device(device)
+    return {"device": device, "fleet": fleet, "revoked": True}
 
 
 @router.get("/fleets/{fleet}/deltas", summary="Accepted deltas of a fleet and the version each went into")

@@ -92,6 +92,11 @@ def whoami(who: DeviceDep, store: StoreDep) -> dict[str, Any]:
     return {"device": d.id, "fleet": d.fleet, "bundle": fleet.bundle if fleet else None, "latest": latest}
 
 
+@router.post("/device/token", status_code=201, summary="Rotate the calling device's own token (the old one stops working)")
+def rotate_own_token(who: DeviceDep, store: StoreDep) -> dict[str, str]:
+    return {"device": who.device.id, "fleet": who.device.fleet, "token": store.rotate_token(who.device.id)}
+
+
 @router.post("/devices/{device_id}/deltas", status_code=201, openapi_extra=BINARY_BODY,
              summary="Upload a delta (safetensors or packed); idempotent by sha256",
              responses={200: {"description": "already stored (a retry)"}, 403: {"description": "not this device"},

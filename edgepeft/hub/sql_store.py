@@ -135,6 +135,10 @@ class SqlStore(Store):
             rows = cur.execute(f"SELECT id, fleet, token_hash, created, last_seen FROM devices {where} ORDER BY id", params).fetchall()
         return [Device(*r) for r in rows]
 
+    def _set_token_hash(self, device_id: str, token_hash: str) -> bool:
+        with self._tx(write=True) as cur:
+            return cur.execute("UPDATE devices SET token_hash = ? WHERE id = ?", (token_hash, device_id)).rowcount == 1
+
     def _touch_device(self, device_id: str, when: float) -> None:
         with self._tx(write=True) as cur:
             cur.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (when, device_id))
