@@ -110,11 +110,13 @@ def fleet_group() -> None:
 @click.option("--staleness", default=2, show_default=True, type=click.IntRange(0), help="Versions a delta's parent may lag behind.")
 @click.option("--clip-norm", type=click.FloatRange(0, min_open=True), help="Default: clip each device's update to this norm.")
 @click.option("--trim", type=click.FloatRange(0, 0.5, max_open=True), help="Default: coordinate-wise trimmed mean fraction.")
+@click.option("--max-samples", type=click.IntRange(1, 10**9), help="Default cap on one delta's weight (else 10000).")
 @admin_options
 def fleet_create_cmd(name: str, fingerprint: str, aggregate_every: int, aggregate_minutes: float, staleness: int,
-                     clip_norm: float | None, trim: float | None, hub: str, admin_token_file: str | None) -> None:
+                     clip_norm: float | None, trim: float | None, max_samples: int | None, hub: str,
+                     admin_token_file: str | None) -> None:
     """Create fleet NAME training a registered bundle."""
-    robust = {k: v for k, v in {"clip_norm": clip_norm, "trim": trim}.items() if v is not None}
+    robust = {k: v for k, v in {"clip_norm": clip_norm, "trim": trim, "max_samples": max_samples}.items() if v is not None}
     body = {"name": name, "bundle": fingerprint, "aggregate_every": aggregate_every,
             "aggregate_minutes": aggregate_minutes, "staleness": staleness, "robust": robust}
     with _admin_client(hub, admin_token_file) as c:
@@ -178,7 +180,7 @@ def device_revoke_cmd(fleet: str, device: str, hub: str, admin_token_file: str |
 @click.option("--adapter", default="default", show_default=True, help="Adapter to aggregate.")
 @click.option("--clip-norm", type=click.FloatRange(0, min_open=True), help="Clip each device's update (ΔW space) to this norm.")
 @click.option("--trim", type=click.FloatRange(0, 0.5, max_open=True), help="Coordinate-wise trimmed mean: fraction cut at each end.")
-@click.option("--max-samples", type=click.IntRange(1), help="Cap on one delta's weight.")
+@click.option("--max-samples", type=click.IntRange(1, 10**9), help="Cap on one delta's weight (default 10000: no device outweighs the fleet).")
 @admin_options
 def aggregate_cmd(fleet: str, adapter: str, clip_norm: float | None, trim: float | None, max_samples: int | None,
                   hub: str, admin_token_file: str | None) -> None:

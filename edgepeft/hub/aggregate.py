@@ -1,6 +1,6 @@
 """Fleet aggregation: claim the pending deltas, merge them streaming from the store, publish a version.
 
-The weighted mean (weights: each delta's ``meta.samples``) goes through ``edgepeft.delta.merge``: ΔW
+The weighted mean (weights: each delta's ``meta.samples``, capped by ``sample_weights``) goes through ``edgepeft.delta.merge``: ΔW
 space for LoRA, plain weighted mean for bias and head slots, output re-factored at the bundle's LoRA
 rank and scale so devices keep training from it. Claiming is one transaction, so every accepted delta
 lands in exactly one version; a version whose builder died stays ``building`` and ``recover`` rebuilds
@@ -9,6 +9,8 @@ it from the same deltas and options.
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
@@ -18,13 +20,33 @@ import numpy as np
 from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes, delta_from_bytes, replace_meta
 from edgepeft.delta.merge import merge, refactor
 from edgepeft.delta.transport import is_packed, unpack
-from edgepeft.errors import HubError
+from edgepeft.errors import DeltaError, HubError
 from edgepeft.hub.robust import RobustOptions, clip_update, trimmed_mean
 from edgepeft.hub.store import BUILDING, Fleet, Store, VersionRec
 from edgepeft.manifest import Manifest
 from edgepeft.names import LORA_A, LORA_B, slot_name, split_slot_name
 
 Pairs = Callable[[], Iterator[tuple[Delta, float]]]  # a fresh pass over (delta, weight)
+
+MAX_SAMPLES_CLAIM = 10**9  # an upload claiming more training samples is refused: no device has seen that many
+DEFAULT_MAX_SAMPLES = 10_000  # one delta weighs at most this much unless the admin sets max_samples
+MEDIAN_MULTIPLE = 4  # ... and at most this many times the median claim of its round
+MAX_ABS_VALUE = 1e4  # a delta value beyond this is refused at upload (LoRA and bias deltas are O(1)):
+#                      the merge then stays finite in float32, so what is published stays readable
+MAX_PUBLISHED_SAMPLES = 10**15  # a published version's samples stay far inside what the delta reader accepts
+
+
+def sample_weights(claims: list[int], max_samples: int | None) -> list[int]:
+    """Aggregation weights from the deltas' self-reported sample counts, capped so no claim outweighs the fleet.
+
+    Default cap: ``MEDIAN_MULTIPLE`` times the round's median claim, and never above ``DEFAULT_MAX_SAMPLES``;
+    an admin's ``max_samples`` replaces it (the override for fleets whose devices really differ that much).
+    """
+    if max_samples is None:
+        cap = min(DEFAULT_MAX_SAMPLES, math.ceil(MEDIAN_MULTIPLE * statistics.median(claims))) if claims else 0
+    else:
+        cap = max_samples
+    return [max(0, min(int(c), cap, MAX_SAMPLES_CLAIM)) for c in claims]
 
 
 def parse_delta(data: bytes, where: str, manifest: Manifest) -> Delta:
@@ -36,6 +58,19 @@ def parse_delta(data: bytes, where: str, manifest: Manifest) -> Delta:
     if is_packed(data):
         return unpack(data, where, manifest=manifest, for_training=True)
     return delta_from_bytes(data, where, manifest, for_training=True)
+
+
+def largest_value(delta: Delta) -> float:
+    """max |x| over every tensor of ``delta`` (0 for an empty delta)."""
+    return max((float(np.abs(t).max(initial=0.0)) for t in delta.tensors.values()), default=0.0)
+
+
+def readable(data: bytes, manifest: Manifest, what: str) -> None:
+    """The invariant behind every publish: a device's own reader (the checks it trains from) accepts ``data``."""
+    try:
+        delta_from_bytes(data, what, manifest, for_training=True)
+    except DeltaError as e:
+        raise HubError(f"refusing to publish {what}: the device reader would refuse it ({e})") from None
 
 
 def bundle_lora(manifest: Manifest) -> tuple[int, float]:
@@ -160,7 +195,9 @@ def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> Ver
         report: dict[str, Any] = {"count": 0, "published": True}
     else:
         options = RobustOptions.from_dict(rec.options)
-        ids = [d.id for d in store.list_deltas(fleet.name, adapter, version=version)]
+        claimed = store.list_deltas(fleet.name, adapter, version=version)
+        ids = [d.id for d in claimed]
+        weights = dict(zip(ids, sample_weights([d.samples for d in claimed], options.max_samples)))
         if not ids:
             raise HubError(f"{fleet.name}/{adapter} v{version}: no deltas were claimed for it")
         parents = _Parents(store, fleet.name, adapter, manifest)
@@ -170,11 +207,12 @@ def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> Ver
             norms.clear()
             for delta_id, data in store.iter_delta_bytes(ids):
                 d = parse_delta(data, f"delta {delta_id[:16]}", manifest)
-                w = float(min(d.meta.samples, options.max_samples) if options.max_samples else d.meta.samples)
+                w = weights[delta_id]
+                d = replace_meta(d, samples=w)  # sums of samples (the version's meta) count capped weights too
                 if options.clip_norm is not None:
                     d, norm = clip_update(d, parents.get(d.meta.parent), options.clip_norm)
                     norms.append(norm)
-                yield d, w
+                yield d, float(w)
 
         merged, stats = combine(pairs, len(ids), manifest, options)
         out = replace_meta(merged, adapter=adapter, version=version, parent=parent, creator="hub")
@@ -183,7 +221,10 @@ def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> Ver
             report["clipped"] = sum(1 for x in norms if x > options.clip_norm)
             report["max_update_norm"] = max(norms)
     report["seconds"] = round(time.perf_counter() - started, 4)
-    store.finish_version(fleet.name, adapter, version, delta_bytes(out), parent=parent, report=report)
+    out = replace_meta(out, samples=min(out.meta.samples, MAX_PUBLISHED_SAMPLES))
+    data = delta_bytes(out)
+    readable(data, manifest, f"{fleet.name}/{adapter} v{version}")
+    store.finish_version(fleet.name, adapter, version, data, parent=parent, report=report)
     got = store.get_version(fleet.name, adapter, version)
     if got is None:
         raise HubError(f"{fleet.name}/{adapter} v{version} vanished while it was built")

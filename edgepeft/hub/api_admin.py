@@ -41,7 +41,8 @@ class AggregateIn(BaseModel):
 
     clip_norm: float | None = Field(None, gt=0, description="clip each device's update (ΔW space) to this norm")
     trim: float | None = Field(None, ge=0, lt=0.5, description="coordinate-wise trimmed mean, fraction cut at each end")
-    max_samples: int | None = Field(None, ge=1, description="cap on one delta's weight")
+    max_samples: int | None = Field(None, ge=1, le=agg.MAX_SAMPLES_CLAIM,
+                                    description=f"cap on one delta's weight (default {agg.DEFAULT_MAX_SAMPLES})")
 
 
 def _fleet_json(f: Fleet) -> dict[str, Any]:

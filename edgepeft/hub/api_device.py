@@ -59,8 +59,11 @@ def accept_delta(store: Store, device: Device, data: bytes, manifest) -> tuple[i
     meta = delta.meta
     if meta.creator and meta.creator != device.id:
         raise HTTPException(403, f"delta says it was made by {meta.creator!r}; a device uploads only as itself")
-    if meta.samples < 1:
-        raise HTTPException(422, "delta has samples=0; its aggregation weight would be zero")
+    if agg.largest_value(delta) > agg.MAX_ABS_VALUE:
+        raise HTTPException(422, f"delta holds a value of magnitude {agg.largest_value(delta):.3g}; the hub accepts at most "
+                                 f"{agg.MAX_ABS_VALUE:g} (LoRA and bias deltas are small)")
+    if not 1 <= meta.samples <= agg.MAX_SAMPLES_CLAIM:
+        raise HTTPException(422, f"delta has samples={meta.samples}; the hub accepts 1..{agg.MAX_SAMPLES_CLAIM}")
     try:
         check_name("adapter", meta.adapter)
     except HubError as e:
