@@ -34,10 +34,10 @@ def depth(obj: Any, limit: int = MAX_DEPTH) -> int:
     return deepest
 
 
-def loads(text: str | bytes, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_DEPTH) -> Any:
+def loads(text: str | bytes, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_DEPTH, allow_nan: bool = False) -> Any:
     """Parse JSON text (bytes must be UTF-8); SchemaError if too big, too deep, not UTF-8 or not JSON.
 
-    NaN and Infinity (which Python's json accepts) are refused.
+    NaN and Infinity (which Python's json writes and accepts) are refused unless ``allow_nan``.
     """
     if len(text) > max_bytes:
         raise SchemaError(f"{len(text)} bytes, over the {max_bytes}-byte cap")
@@ -51,7 +51,7 @@ def loads(text: str | bytes, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int 
         raise SchemaError(f"{name} is not a JSON number")
 
     try:
-        obj = json.loads(text, parse_constant=no_constant)
+        obj = json.loads(text) if allow_nan else json.loads(text, parse_constant=no_constant)
     except json.JSONDecodeError as e:
         raise SchemaError(f"not valid JSON ({e.msg} at line {e.lineno})") from None
     except RecursionError:  # the C parser stops at the interpreter's recursion limit

@@ -9,6 +9,8 @@ it from the same deltas and options.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import statistics
 import time
@@ -17,9 +19,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes, delta_from_bytes, replace_meta
+from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes, delta_from_bytes, meta_to_strings, replace_meta
 from edgepeft.delta.merge import merge, refactor
-from edgepeft.delta.transport import is_packed, unpack
+from edgepeft.delta.transport import is_packed, quantize, unpack
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.hub.robust import RobustOptions, clip_update, trimmed_mean
 from edgepeft.hub.store import BUILDING, Fleet, Store, VersionRec
@@ -63,6 +65,21 @@ def parse_delta(data: bytes, where: str, manifest: Manifest) -> Delta:
 def largest_value(delta: Delta) -> float:
     """max |x| over every tensor of ``delta`` (0 for an empty delta)."""
     return max((float(np.abs(t).max(initial=0.0)) for t in delta.tensors.values()), default=0.0)
+
+
+def content_id(delta: Delta, device: str) -> str:
+    """What makes two uploads the same delta: uploader, every meta field and each tensor's int8 transport form.
+
+    Raw and packed bytes of one delta get the same id (packing stores exactly these int8 values, and
+    re-quantizing unpacked values gives them back), so a delta sent raw and then packed is stored once.
+    Row scales are left out: they may differ in the last float32 bit between the two forms.
+    """
+    h = hashlib.sha256(json.dumps({"device": device, "meta": meta_to_strings(delta.meta)}, sort_keys=True).encode())
+    for name in sorted(delta.tensors):
+        t = delta.tensors[name]
+        h.update(f"\0{name}\0{list(t.shape)}\0".encode())
+        h.update(quantize(t)[1].tobytes())
+    return h.hexdigest()
 
 
 def readable(data: bytes, manifest: Manifest, what: str) -> None:

@@ -22,24 +22,26 @@ router = APIRouter(prefix="/api/v1")
 class FleetIn(BaseModel):
     """A new fleet and its aggregation policy."""
 
-    name: str = Field(description="fleet name: 1-64 letters, digits, _ or -")
-    bundle: str = Field(description="fingerprint of a registered bundle")
-    aggregate_every: int = Field(0, ge=0, description="aggregate when this many deltas are pending (0: not by count)")
-    aggregate_minutes: float = Field(0.0, ge=0, description="aggregate when the oldest pending delta is this old (0: not by time)")
-    staleness: int = Field(2, ge=0, description="refuse deltas trained from a version more than this many behind")
-    robust: dict[str, Any] = Field(default_factory=dict, description="default aggregation options (clip_norm, trim, max_samples)")
+    name: str = Field(max_length=64, description="fleet name: 1-64 letters, digits, _ or -")
+    bundle: str = Field(max_length=64, description="fingerprint of a registered bundle")
+    aggregate_every: int = Field(0, ge=0, le=10**6, description="aggregate when this many deltas are pending (0: not by count)")
+    aggregate_minutes: float = Field(0.0, ge=0, le=10**7, allow_inf_nan=False,
+                                     description="aggregate when the oldest pending delta is this old (0: not by time)")
+    staleness: int = Field(2, ge=0, le=10**6, description="refuse deltas trained from a version more than this many behind")
+    robust: dict[str, Any] = Field(default_factory=dict, max_length=8,
+                                   description="default aggregation options (clip_norm, trim, max_samples, memory_mb)")
 
 
 class DeviceIn(BaseModel):
     """A new device of a fleet."""
 
-    device: str = Field(description="device id: 1-64 letters, digits, _ or -")
+    device: str = Field(max_length=64, description="device id: 1-64 letters, digits, _ or -")
 
 
 class AggregateIn(BaseModel):
     """Options of one aggregation; omitted: the fleet's defaults."""
 
-    clip_norm: float | None = Field(None, gt=0, description="clip each device's update (ΔW space) to this norm")
+    clip_norm: float | None = Field(None, gt=0, allow_inf_nan=False, description="clip each device's update (ΔW space) to this norm")
     trim: float | None = Field(None, ge=0, lt=0.5, description="coordinate-wise trimmed mean, fraction cut at each end")
     max_samples: int | None = Field(None, ge=1, le=agg.MAX_SAMPLES_CLAIM,
                                     description=f"cap on one delta's weight (default {agg.DEFAULT_MAX_SAMPLES})")

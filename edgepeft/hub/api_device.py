@@ -19,6 +19,7 @@ from edgepeft.hub.bundles import serve_blob
 from edgepeft.hub.store import DeltaRec, Device, Store, VersionRec, check_name, sha256_hex
 
 router = APIRouter(prefix="/api/v1")
+MAX_VERSION = 10**9 - 1  # version numbers fit nine digits and every database integer
 
 BINARY_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary"}}}}}
@@ -45,7 +46,8 @@ def manifest_of(request: Request, store: Store, fingerprint: str):
 
 
 def accept_delta(store: Store, device: Device, data: bytes, manifest) -> tuple[int, dict[str, Any]]:
-    """Validate, then store (status, body). Nothing is stored unless every check passed."""
+    """Validate, then store (status, body). Nothing is stored unless every check passed; a delta already stored
+    (the same bytes, or the same content in other bytes) is answered 200 and stored once."""
     sha = sha256_hex(data)
     known = store.get_delta(sha)
     if known is not None:  # a retry of an upload that was accepted: accepted once
@@ -68,21 +70,29 @@ def accept_delta(store: Store, device: Device, data: bytes, manifest) -> tuple[i
         check_name("adapter", meta.adapter)
     except HubError as e:
         raise HTTPException(422, str(e)) from None
+    content = agg.content_id(delta, device.id)
+    same = store.find_content(content)
+    if same is not None:  # the same delta in other bytes (raw, then packed): accepted once
+        return 200, {"id": same.id, "duplicate": True, "adapter": same.adapter, "parent": same.parent}
     fleet = store.get_fleet(device.fleet)
     latest = store.latest_version(device.fleet, meta.adapter)
     why = agg.check_parent(latest.version if latest else 0, meta.parent, fleet.staleness if fleet else 0)
     if why:
         raise HTTPException(409, why)
     rec = DeltaRec(sha, device.fleet, device.id, meta.adapter, meta.parent or 0, meta.samples, len(data), time.time())
-    added = store.add_delta(rec, data)
+    added = store.add_delta(rec, data, content)
     return (201 if added else 200), {"id": sha, "duplicate": not added, "adapter": meta.adapter, "parent": rec.parent}
+
+
+MetricName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
+MetricValue = Annotated[float, Field(allow_inf_nan=False, ge=-1e15, le=1e15)]
 
 
 class MetricsIn(BaseModel):
     """Metric values a device reports, optionally for the adapter version it ran."""
 
-    values: dict[str, float] = Field(max_length=64)
-    version: int | None = None
+    values: dict[MetricName, MetricValue] = Field(max_length=64)
+    version: int | None = Field(None, ge=0, le=MAX_VERSION)
 
 
 @router.get("/device", summary="The calling device: its fleet, bundle and latest adapter versions")
@@ -140,7 +150,7 @@ def list_versions(fleet: str, who: PrincipalDep, store: StoreDep, adapter: str |
 def _resolve(store: Store, fleet: str, adapter: str, version: str) -> VersionRec:
     if version == "latest":
         v = store.latest_version(fleet, adapter)
-    elif version.isdigit():
+    elif version.isascii() and version.isdigit() and len(version) <= 9:  # int() would take '²', '٣' or 10^5000
         v = store.get_version(fleet, adapter, int(version))
     else:
         raise HTTPException(422, "version must be a number or 'latest'")

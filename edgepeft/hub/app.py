@@ -16,6 +16,7 @@ import urllib.parse
 from typing import Annotated, Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
@@ -72,6 +73,11 @@ def create_app(store: Store, *, admin_token: str, max_upload_bytes: int = MAX_UP
     async def _hub_error(request: Request, exc: HubError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422 if isinstance(exc, DeltaError) else 400)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes the input, which may not even be JSON (NaN): one line per problem instead
+        return JSONResponse({"detail": "; ".join(_problem(e) for e in exc.errors()[:5])}, status_code=422)
+
     @app.exception_handler(DeltaError)
     async def _delta_error(request: Request, exc: DeltaError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
@@ -82,6 +88,12 @@ def create_app(store: Store, *, admin_token: str, max_upload_bytes: int = MAX_UP
 
     _status_routes(app, status_public)
     return app
+
+
+def _problem(error: dict[str, Any]) -> str:
+    """One line for one validation error: where (``body.values.loss``) and what is wrong, never the input."""
+    where = ".".join(str(p) for p in error.get("loc", ()))[:120]
+    return f"{where}: {str(error.get('msg', 'invalid'))[:200]}"
 
 
 def _status_routes(app: FastAPI, public: bool) -> None:

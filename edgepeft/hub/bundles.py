@@ -20,7 +20,7 @@ from edgepeft.onnx_refs import check_reads_only
 from edgepeft.hub.store import Store
 
 CHUNK = 1 << 20
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=([0-9]{0,18})-([0-9]{0,18})$", re.ASCII)
 
 
 MAX_MEMBERS = 64  # a bundle is a handful of files

@@ -202,8 +202,13 @@ class Store(ABC):
         """Record that the device was seen at ``when``."""
 
     @abstractmethod
-    def _add_delta(self, rec: DeltaRec, data: bytes) -> bool:
-        """Store the delta's blob and row atomically; False (and nothing changed) if the id exists."""
+    def _add_delta(self, rec: DeltaRec, data: bytes, content: str | None) -> bool:
+        """Store the delta's blob and row (and its content id) atomically; False, nothing changed, if the id
+        or the content id exists."""
+
+    @abstractmethod
+    def find_content(self, content: str) -> DeltaRec | None:
+        """The delta stored under this content id (see ``aggregate.content_id``), if any."""
 
     @abstractmethod
     def get_delta(self, delta_id: str) -> DeltaRec | None:
@@ -324,11 +329,13 @@ class Store(ABC):
         """Record that a device was seen now."""
         self._touch_device(device_id, time.time())
 
-    def add_delta(self, rec: DeltaRec, data: bytes) -> bool:
-        """Store an accepted (already validated) delta; False if these exact bytes are stored already."""
+    def add_delta(self, rec: DeltaRec, data: bytes, content: str | None = None) -> bool:
+        """Store an accepted (already validated) delta; False if these bytes, or this content, are stored already."""
         if rec.id != sha256_hex(data):
             raise HubError("delta id must be the sha256 of its bytes")
-        return self._add_delta(rec, data)
+        if content is not None:
+            check_sha(content)
+        return self._add_delta(rec, data, content)
 
     def delta_bytes(self, delta_id: str) -> bytes:
         """The stored bytes of a delta."""
