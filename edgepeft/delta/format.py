@@ -201,6 +201,28 @@ def check_against_manifest(delta: Delta, manifest: Manifest, where: str, *, for_
             raise DeltaError(f"{where}: tensor {s.name!r} has shape {_shape(got)}, bundle slot needs {need}")
 
 
+def check_shapes(shapes: dict[str, tuple[int, ...]], meta: DeltaMeta, manifest: Manifest, where: str, *,
+                 for_training: bool = False) -> None:
+    """:func:`check_against_manifest` on names and shapes alone, before any tensor is read or decompressed.
+
+    The tensors are zero-strided views (no memory), so exactly the check decoded deltas get runs here.
+    """
+    shells = {name: np.broadcast_to(np.float32(0), shape) for name, shape in shapes.items()}
+    check_against_manifest(Delta(shells, meta), manifest, where, for_training=for_training)
+
+
+def header_cap(manifest: Manifest | None) -> int:
+    """Most header bytes a reader parses: safetensors' own cap, or, given a manifest, room for its slots and meta."""
+    if manifest is None:
+        return safeio.MAX_HEADER_BYTES
+    return 64 * 1024 + sum(2 * len(s.name) + 96 for s in manifest.slots)
+
+
+def max_file_bytes(manifest: Manifest) -> int:
+    """Largest delta file that fits ``manifest`` (float32 at the bundle's shapes, plus its header): an upload cap."""
+    return 8 + header_cap(manifest) + 4 * manifest.trainable_numbers
+
+
 # ---- save / load --------------------------------------------------------------------------------
 
 def delta_bytes(delta: Delta) -> bytes:
@@ -224,7 +246,7 @@ def save_delta(path: str | os.PathLike, delta: Delta) -> None:
 
 def _from_buffer(buf: bytes | mmap.mmap, where: str, manifest: Manifest | None, *, for_training: bool, copy: bool) -> Delta:
     """Parse and fully check delta-file bytes (or a read-only memory map of them)."""
-    header = safeio.parse_header(buf, where)
+    header = safeio.parse_header(buf, where, max_header=header_cap(manifest))
     md = header.metadata
     if md.get("format") != FORMAT:
         raise DeltaError(f"{where}: metadata 'format' is {md.get('format')!r}; not an {FORMAT} file")
@@ -236,6 +258,8 @@ def _from_buffer(buf: bytes | mmap.mmap, where: str, manifest: Manifest | None, 
     names = sorted(e.name for e in header.entries)
     if md.get("slots") != json.dumps(names):
         raise DeltaError(f"{where}: metadata 'slots' does not list the file's tensors")
+    if manifest is not None:  # refuse a delta for another bundle before touching its data
+        check_shapes({e.name: e.shape for e in header.entries}, meta, manifest, where, for_training=for_training)
     tensors = safeio.view_arrays(buf, header)  # read-only views: nothing is copied unless asked
     if md.get("checksum") != checksum(tensors):
         raise DeltaError(f"{where}: checksum mismatch; the file is corrupt or was edited")
