@@ -45,8 +45,8 @@ def synthetic_bundle(out: Path, layers: int, dim: int, rank: int, labels: int, s
     out.mkdir(parents=True, exist_ok=True)
     weights = np.random.default_rng(seed).standard_normal(1024).astype(np.float32).tobytes()
     (out / "weights.bin").write_bytes(weights)
-    (out / "model.onnx").write_bytes(b"placeholder")
-    (out / "train.onnx").write_bytes(b"placeholder")
+    (out / "model.onnx").write_bytes(b"")  # empty ModelProtos: the hub checks, never runs, the graphs
+    (out / "train.onnx").write_bytes(b"")
     slots = []
     for layer in range(layers):
         for m in ("query", "value"):

@@ -19,12 +19,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edgepeft import atomic
+from edgepeft import atomic, schema
 from edgepeft.delta.format import delta_bytes, delta_from_bytes, load_delta, replace_meta
 from edgepeft.devices.client import HubClient, HubRefused
 from edgepeft.devices.outbox import Outbox
 from edgepeft.errors import EdgePeftError, HubError
 from edgepeft.manifest import read_manifest
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _checked(raw: dict[str, Any]) -> dict[str, Any]:
+    """The keys of ``device.toml`` that are present, each checked for type and range (SchemaError otherwise)."""
+    f = schema.Fields(raw)
+    out: dict[str, Any] = {}
+    for key in ("hub", "token", "token_file", "bundle", "data_dir", "state_dir", "adapter"):
+        if key in raw:
+            out[key] = f.text(key, 4096)
+    for key, hi in (("interval_s", 1e7), ("backoff_s", 3600.0), ("backoff_cap_s", 86400.0)):
+        if key in raw:
+            out[key] = f.number(key, 0.0, hi)
+    if "retries" in raw:
+        out["retries"] = f.integer("retries", 0, 100)
+    if "train" in raw:
+        out["train"] = f.typed("train", dict)
+        schema.depth(out["train"], 4)
+    return out
+
 
 TrainFn = Callable[[Path, Path, "Path | None", Path], int]  # (bundle, data, start delta or None, out) -> samples
 DATA_SUFFIXES = (".jsonl", ".csv", ".txt")
@@ -62,16 +83,22 @@ class AgentConfig:
         """Read ``device.toml``; unknown keys are refused by name."""
         p = Path(os.fspath(path))
         try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+            if p.stat().st_size > MAX_CONFIG_BYTES:
+                raise HubError(f"{p}: {p.stat().st_size} bytes; a device config is at most {MAX_CONFIG_BYTES}")
+            raw = tomllib.loads(p.read_bytes().decode("utf-8"))
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(raw) - known)
+            if unknown:
+                raise HubError(f"{p}: unknown key(s) {', '.join(u[:64] for u in unknown)}; known: {', '.join(sorted(known))}")
+            cfg = cls(**_checked(raw))
         except FileNotFoundError:
             raise HubError(f"{p}: no such config file") from None
+        except UnicodeDecodeError as e:
+            raise HubError(f"{p}: not UTF-8 (byte {e.start})") from None
         except tomllib.TOMLDecodeError as e:
             raise HubError(f"{p}: not valid TOML ({e})") from None
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise HubError(f"{p}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        cfg = cls(**raw)
+        except schema.SchemaError as e:
+            raise HubError(f"{p}: {e}") from None
         for name in ("token_file", "bundle", "data_dir", "state_dir"):
             v = getattr(cfg, name)
             if v and not os.path.isabs(v):

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from edgepeft.errors import DeltaError
 
-# Kinds of delta slot. lora_A (r, in) and lora_B (out, r) add s*B@A to a weight; bias (out,) adds
-# to a bias; weight (out, in) is a full additive weight delta (used for classifier heads).
-LORA_A = "lora_A"
-LORA_B = "lora_B"
-BIAS = "bias"
-WEIGHT = "weight"
-SLOT_KINDS = (LORA_A, LORA_B, BIAS, WEIGHT)
+# Kinds of delta slot; each is owned by one registered method (edgepeft.methods), which says what it does.
+LORA_A = "lora_A"  # (r, in)   lora: y += s*(x A^T) B^T
+LORA_B = "lora_B"  # (out, r)
+BIAS = "bias"  # (out,)    bitfit (and the head's bias): y += db
+WEIGHT = "weight"  # (out, in) head: y += x dW^T
+IA3_L = "ia3_l"  # (out,)    ia3: y = base(x) * l
+IA3_FF = "ia3_ff"  # (in,)     ia3 on a feed-forward input: y = base(x * l)
+DORA_A = "dora_A"  # (r, in)   dora: LoRA direction ...
+DORA_B = "dora_B"  # (out, r)
+DORA_M = "dora_m"  # (out,)    ... and the magnitude's change from the base weight's row norms
 
 # Graph inputs and outputs.
 INPUT_IDS = "input_ids"
@@ -39,18 +42,25 @@ CAUSAL_LM = "causal-lm"
 TASKS = (SEQ_CLS, CAUSAL_LM)
 
 
+def slot_kinds() -> tuple[str, ...]:
+    """Every slot kind some registered method owns."""
+    from edgepeft.methods import kinds  # the registry imports this module: import it when asked
+
+    return kinds()
+
+
 def slot_name(module: str, kind: str) -> str:
     """Name of the delta slot of ``kind`` on ``module``."""
-    if kind not in SLOT_KINDS:
-        raise DeltaError(f"unknown slot kind {kind!r}; expected one of {', '.join(SLOT_KINDS)}")
+    if kind not in slot_kinds():
+        raise DeltaError(f"unknown slot kind {kind!r}; expected one of {', '.join(slot_kinds())}")
     return f"{module}.{kind}"
 
 
 def split_slot_name(name: str) -> tuple[str, str]:
     """Inverse of :func:`slot_name`: ``(module, kind)``."""
     module, _, kind = name.rpartition(".")
-    if not module or kind not in SLOT_KINDS:
-        raise DeltaError(f"{name!r} is not a slot name (<module>.<kind>, kind in {', '.join(SLOT_KINDS)})")
+    if not module or kind not in slot_kinds():
+        raise DeltaError(f"{name!r} is not a slot name (<module>.<kind>, kind in {', '.join(slot_kinds())})")
     return module, kind
 
 

@@ -1,4 +1,4 @@
-"""Model families the exporter knows: default LoRA targets, heads, tasks, where the layers are.
+"""Model families the exporter knows: tasks, where the layers are, each method's default targets.
 
 Adding a family is one entry in ``FAMILIES``; generic code never lists architectures by hand.
 """
@@ -6,9 +6,11 @@ Adding a family is one entry in ``FAMILIES``; generic code never lists architect
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 from edgepeft.errors import ExportError
+from edgepeft.methods import matches  # noqa: F401  (PEFT's target rule; re-exported for the exporter)
 from edgepeft.names import CAUSAL_LM, SEQ_CLS
 
 
@@ -19,23 +21,34 @@ class Family:
     name: str
     model_types: tuple[str, ...]  # config.model_type values
     tasks: tuple[str, ...]  # tasks this family can be exported for; the first is the default
-    lora_targets: tuple[str, ...]  # default --targets
-    bitfit_exclude: tuple[str, ...]  # leaf names whose bias gradient is useless (key: softmax shift)
-    head_modules: tuple[str, ...]  # classifier modules that get full weight+bias deltas (seq-cls)
     layer_regex: str  # extracts the layer index from a module path
+    # Per method option, the family's default: "<method>.<option>" -> module patterns or leaf names.
+    # A method reads its own keys (edgepeft.methods.ModelView.default); a new method adds keys here.
+    defaults: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     kv_cache: bool = True  # causal LM: model.onnx takes and returns a KV cache (GPT-2's traced positions specialize)
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("bert", ("bert", "roberta", "xlm-roberta", "electra"), (SEQ_CLS,),
-           ("query", "value"), ("key",), ("classifier", "classifier.dense", "classifier.out_proj"),
-           r"\.layer\.(\d+)\."),
-    Family("distilbert", ("distilbert",), (SEQ_CLS,),
-           ("q_lin", "v_lin"), ("k_lin",), ("pre_classifier", "classifier"), r"\.layer\.(\d+)\."),
-    Family("llama", ("llama", "mistral", "qwen2"), (CAUSAL_LM,),
-           ("q_proj", "v_proj"), ("k_proj",), (), r"\.layers\.(\d+)\."),
-    Family("gpt2", ("gpt2",), (CAUSAL_LM,),
-           ("c_attn",), (), (), r"\.h\.(\d+)\.", kv_cache=False),
+    Family("bert", ("bert", "roberta", "xlm-roberta", "electra"), (SEQ_CLS,), r"\.layer\.(\d+)\.", {
+        "lora.targets": ("query", "value"),
+        "bitfit.exclude": ("key",),  # softmax shift invariance: the key bias gradient is exactly zero
+        "head.modules": ("classifier", "classifier.dense", "classifier.out_proj"),
+        "ia3.targets": ("key", "value", "output.dense"),  # PEFT's defaults (and the feed-forward one below)
+        "ia3.feedforward": ("output.dense",),
+        "dora.targets": ("query", "value"),
+    }),
+    Family("distilbert", ("distilbert",), (SEQ_CLS,), r"\.layer\.(\d+)\.", {
+        "lora.targets": ("q_lin", "v_lin"), "bitfit.exclude": ("k_lin",), "head.modules": ("pre_classifier", "classifier"),
+        "ia3.targets": ("k_lin", "v_lin", "ffn.lin2"), "ia3.feedforward": ("ffn.lin2",), "dora.targets": ("q_lin", "v_lin"),
+    }),
+    Family("llama", ("llama", "mistral", "qwen2"), (CAUSAL_LM,), r"\.layers\.(\d+)\.", {
+        "lora.targets": ("q_proj", "v_proj"), "bitfit.exclude": ("k_proj",),
+        "ia3.targets": ("k_proj", "v_proj", "down_proj"), "ia3.feedforward": ("down_proj",), "dora.targets": ("q_proj", "v_proj"),
+    }),
+    Family("gpt2", ("gpt2",), (CAUSAL_LM,), r"\.h\.(\d+)\.", {
+        "lora.targets": ("c_attn",),
+        "ia3.targets": ("c_attn", "mlp.c_proj"), "ia3.feedforward": ("mlp.c_proj",), "dora.targets": ("c_attn",),
+    }, kv_cache=False),
 )
 
 
@@ -62,10 +75,3 @@ def layer_index(family: Family, module: str) -> int | None:
     """Index of the transformer layer a module belongs to (None outside the layer stack)."""
     m = re.search(family.layer_regex, "." + module + ".")
     return int(m.group(1)) if m else None
-
-
-def matches(module: str, pattern: str) -> bool:
-    """PEFT's rule: a pattern matches a module whose path equals it or ends with '.' + it; regex if it has one of ^$*[."""
-    if any(c in pattern for c in "^$*[(|"):
-        return re.fullmatch(pattern, module) is not None
-    return module == pattern or module.endswith("." + pattern)

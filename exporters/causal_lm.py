@@ -29,7 +29,8 @@ from torch.export import Dim
 from torch.func import functional_call
 
 from edgepeft.manifest import Graph, Slot
-from edgepeft.names import (ATTENTION_MASK, INFER_GRAPH_FILE, INPUT_IDS, LOGITS, LORA_A, LORA_B, LOSS, TARGET_IDS,
+from edgepeft.methods import owner
+from edgepeft.names import (ATTENTION_MASK, INFER_GRAPH_FILE, INPUT_IDS, LOGITS, LOSS, TARGET_IDS,
                             TARGET_INDEX, TRAIN_GRAPH_FILE, grad_name, past_name, present_name)
 from edgepeft.exporters.inject import DeltaFeed
 
@@ -160,15 +161,16 @@ def export_lm_graphs(model: nn.Module, feed: DeltaFeed, slots: list[Slot], param
     fixed = [None] * (len(slots) + len(onnx_names))
 
     progress("tracing and exporting the training step")
-    train_scales = dict(feed.lora_scale)
+    train_scales = dict(feed.scale)
     train_io = lm_graphs(slots, layers)["train"]
     train_model = _export(train, [ids, mask, index, targets, *deltas, *frozen], [*train_io.inputs, *onnx_names],
                           list(train_io.outputs), [{0: b, 1: t}, {0: b, 1: t}, {1: mm}, {1: mm}, *fixed], opset)
 
     progress("tracing and exporting the inference graph" + (" (with a KV cache)" if layers else ""))
-    feed.lora_scale = {k: 1.0 for k in train_scales}  # the runtime feeds s*B
+    feed.scale = {k: 1.0 for k in train_scales}  # the runtime feeds s*B
     past = [torch.randn(2, kv_heads, 3, head_dim, generator=g) for _ in range(2 * layers)]
-    rank_dyn = [{0: r} if s.kind == LORA_A else {1: r} if s.kind == LORA_B else None for s in slots]
+    axes = [owner(s.kind).infer_axis(s.kind) for s in slots]  # LoRA's rank axis: a mix concatenates along it
+    rank_dyn = [None if ax is None else {ax: r} for ax in axes]
     infer_io = lm_graphs(slots, layers)["infer"]
     try:
         infer_model = _export(infer, [ids, mask, *past, *[d.detach() for d in deltas], *frozen],
@@ -176,7 +178,7 @@ def export_lm_graphs(model: nn.Module, feed: DeltaFeed, slots: list[Slot], param
                               [{0: b, 1: t}, {0: b, 1: t}, *[{0: b, 2: p}] * len(past), *rank_dyn,
                                *[None] * len(onnx_names)], opset)
     finally:
-        feed.lora_scale = train_scales
+        feed.scale = train_scales
     return {"infer": infer_model, "train": train_model}
 
 

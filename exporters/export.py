@@ -12,36 +12,38 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from edgepeft.errors import ExportError
 from edgepeft.manifest import Graph, Manifest, neutral_values, write_manifest
 from edgepeft.names import (ATTENTION_MASK, CAUSAL_LM, CHAT_TEMPLATE_FILE, INFER_GRAPH_FILE, INPUT_IDS, LABELS, LOGITS, LOSS, SEQ_CLS,
                             TASKS, TOKENIZER_FILE, TRAIN_GRAPH_FILE, WEIGHTS_FILE, frozen_name, grad_name)
-from edgepeft import atomic
+from edgepeft import atomic, methods
 
-METHODS = ("lora", "bitfit", "lora+bitfit")
 QUANTIZATIONS = ("none", "int8", "int4")
 
 
-def _check_options(model_dir: Path, out_dir: Path, method: str, rank: int, quantize: str, max_length: int,
-                   task: str | None) -> None:
+def _check_options(model_dir: Path, out_dir: Path, method: str, shortcuts: Mapping[str, Any],
+                   method_config: Mapping[str, Any], quantize: str, max_length: int, task: str | None) -> tuple[tuple[methods.Method, ...], dict[str, methods.MethodConfig]]:
     if not model_dir.is_dir():
         raise ExportError(f"{model_dir}: no such model directory")
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir}: no config.json; expected a Hugging Face model directory (save_pretrained output)")
     if out_dir.exists():
         raise ExportError(f"{out_dir}: already exists; remove it or choose another output directory")
-    if method not in METHODS:
-        raise ExportError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if "lora" in method and rank <= 0:
-        raise ExportError(f"rank must be a positive integer, got {rank}")
+    chosen = methods.parse(method)
+    # --rank/--alpha/--targets are shortcuts for the options of those names, for the chosen methods that have
+    # them (so `--method bitfit` ignores the default rank); --method-config entries win over them.
+    takers = {f for m in chosen for f, _ in m.config_cls.help()}
+    given = {k: tuple(v) if k == "targets" else v for k, v in shortcuts.items() if v is not None and k in takers}
+    configs = methods.configs(chosen, {**given, **method_config})
     if quantize not in QUANTIZATIONS:
         raise ExportError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     if max_length < 2:
         raise ExportError(f"max length must be at least 2, got {max_length}")
     if task is not None and task not in TASKS:
         raise ExportError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return chosen, configs
 
 
 def _labels(config, labels: list[str] | None, num_labels: int | None) -> list[str]:
@@ -67,9 +69,10 @@ def export_bundle(
     labels: list[str] | None = None,
     num_labels: int | None = None,
     method: str = "lora",
-    rank: int = 8,
+    rank: int | None = None,
     alpha: float | None = None,
     targets: list[str] | None = None,
+    method_config: Mapping[str, Any] | None = None,
     top_layers: int | str | None = "auto",
     quantize: str = "int8",
     max_length: int = 128,
@@ -79,11 +82,16 @@ def export_bundle(
 ) -> Manifest:
     """Export the model in ``model_dir`` to a bundle in ``out_dir`` and return its manifest.
 
+    ``method``: registered method names joined by '+' (``edgepeft.methods.names()``); ``method_config``:
+    their options, ``{"lora.rank": 4}`` or ``{"rank": 4}`` (every chosen method with that option);
+    ``rank``/``alpha``/``targets`` are shortcuts for those options. Options are checked before the model
+    is loaded, and against the model before anything is traced.
     ``top_layers``: slots only in the last N layers (the backward pass stops there); ``"auto"`` (the
     default, as on the command line) is the top third, at least 2; ``None`` or ``"all"``: every layer.
     """
     model_dir, out_dir = Path(os.fspath(model_dir)), Path(os.fspath(out_dir))
-    _check_options(model_dir, out_dir, method, rank, quantize, max_length, task)
+    chosen, configs = _check_options(model_dir, out_dir, method, {"rank": rank, "alpha": alpha, "targets": targets},
+                                     dict(method_config or {}), quantize, max_length, task)
     t0 = time.perf_counter()
     say = lambda msg: progress(f"[{time.perf_counter() - t0:6.1f}s] {msg}")  # noqa: E731
 
@@ -135,10 +143,9 @@ def export_bundle(
     for p in model.parameters():
         p.requires_grad_(False)
 
-    alpha = float(alpha if alpha is not None else 2 * rank)
     top_layers = resolve_top_layers(len(layers_of(model, family)), top_layers)  # "auto" -> a count; None = every layer
-    slots = plan_slots(model, family, method=method, rank=rank, alpha=alpha,
-                       targets=tuple(targets or family.lora_targets), head=task == SEQ_CLS, top_layers=top_layers)
+    auto = tuple(m for m in methods.get_all() if task in m.auto_tasks and m not in chosen)
+    slots = plan_slots(model, family, chosen=chosen + auto, configs=configs, head=task == SEQ_CLS, top_layers=top_layers)
     if not slots:
         raise ExportError("no delta slots: the method, targets and --top-layers select nothing")
     quant = {}
@@ -187,6 +194,7 @@ def export_bundle(
             extra={"base_parameters": int(sum(p.numel() for p in model.parameters())), "opset": opset,
                    "export_seconds": round(time.perf_counter() - t0, 1), "seed": seed,
                    **({"context_length": int(max_pos)} if task == CAUSAL_LM else {})},
+            method_config={name: c.to_dict() for name, c in configs.items()},
         )
         write_manifest(tmp, manifest)
     say(f"wrote {out_dir}")

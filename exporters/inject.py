@@ -1,11 +1,12 @@
-"""Put delta slots into a torch model: each target linear layer reads its deltas from a shared feed.
+"""Put delta slots into a torch model: each layer with slots reads its deltas from a shared feed.
 
 Deltas are *inputs* of the traced function, not parameters (see shared/notes/train-step-export.md):
-the traced step sets ``feed.tensors`` and runs the model; a ``DeltaLinear`` adds
+the traced step sets ``feed.tensors`` and runs the model; a ``DeltaLinear`` runs, for every method
+with slots on it (in registration order), the method's torch half (``edgepeft.exporters.methods``):
 
-    y = base(x) + scale * (x @ A.T) @ B.T   (lora_A, lora_B)
-        + x @ dW.T                           (weight: full delta, classifier heads)
-        + db                                 (bias)
+    x = pre(x)   (IA3 on a feed-forward input: x * l)
+    y = base(x)
+    y = post(y)  (LoRA: y + s * (x @ A.T) @ B.T; BitFit: y + db; head: y + x @ dW.T; IA3: y * l ...)
 
 for whichever of its slots are present in the feed.
 """
@@ -13,14 +14,16 @@ for whichever of its slots are present in the feed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from edgepeft import methods
 from edgepeft.errors import ExportError
 from edgepeft.manifest import Slot
-from edgepeft.names import BIAS, LORA_A, LORA_B, WEIGHT, slot_name
-from edgepeft.exporters.architectures import Family, layer_index, matches
+from edgepeft.exporters.architectures import Family, layer_index
+from edgepeft.exporters.methods import TorchMethod, torch_method
 
 
 @dataclass
@@ -28,7 +31,7 @@ class DeltaFeed:
     """The tensors the traced function hands to every DeltaLinear, keyed by slot name."""
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    lora_scale: dict[str, float] = field(default_factory=dict)  # per module; 1.0 in the inference graph
+    scale: dict[str, float] = field(default_factory=dict)  # LoRA-family scale per module; 1.0 in the inference graph
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int] | None:
@@ -44,24 +47,24 @@ def linear_dims(module: nn.Module) -> tuple[int, int] | None:
 class DeltaLinear(nn.Module):
     """A frozen linear-like layer plus whatever deltas the feed holds for it."""
 
-    def __init__(self, base: nn.Module, path: str, feed: DeltaFeed) -> None:
+    def __init__(self, base: nn.Module, path: str, feed: DeltaFeed,
+                 groups: Sequence[tuple[TorchMethod, Mapping[str, str]]] = ()) -> None:
         super().__init__()
         self.base = base
         self.path = path
         self.feed = feed
+        self.groups = list(groups)  # (method's torch half, {kind: slot name}) in registration order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         t = self.feed.tensors
-        a, b = t.get(slot_name(self.path, LORA_A)), t.get(slot_name(self.path, LORA_B))
-        if a is not None and b is not None:
-            y = y + ((x @ a.t()) @ b.t()) * self.feed.lora_scale.get(self.path, 1.0)
-        w = t.get(slot_name(self.path, WEIGHT))
-        if w is not None:
-            y = y + x @ w.t()
-        db = t.get(slot_name(self.path, BIAS))
-        if db is not None:
-            y = y + db
+        present = [(h, {k: t[n] for k, n in kinds.items() if n in t}) for h, kinds in self.groups]
+        present = [(h, g) for h, g in present if g]
+        for h, g in present:
+            x = h.pre(self, x, g)
+        y = self.base(x)
+        scale = self.feed.scale.get(self.path, 1.0)
+        for h, g in present:
+            y = h.post(self, x, y, g, scale)
         return y
 
 
@@ -99,57 +102,32 @@ def plan_slots(
     model: nn.Module,
     family: Family,
     *,
-    method: str,
-    rank: int,
-    alpha: float,
-    targets: tuple[str, ...],
+    chosen: Sequence[methods.Method],
+    configs: Mapping[str, methods.MethodConfig],
     head: bool,
     top_layers: int | None,
 ) -> list[Slot]:
-    """Decide every delta slot of the model (pure: does not change the model)."""
+    """Decide every delta slot of the model (pure: does not change the model); each method plans its own."""
     linears = {name: dims for name, mod in model.named_modules() if (dims := linear_dims(mod)) is not None}
     layers = layers_of(model, family)
     keep_layers = set(layers[-top_layers:]) if top_layers else set(layers)  # a count from resolve_top_layers
-
-    def in_scope(name: str) -> bool:
-        return layer_index(family, name) in keep_layers
-
-    slots: list[Slot] = []
-    if "lora" in method:
-        for pattern in targets:
-            if not any(matches(n, pattern) for n in linears):
-                sample = ", ".join(sorted(linears)[:6])
-                raise ExportError(f"target pattern {pattern!r} matches no linear module; modules look like: {sample}, ...")
-        for name, (fin, fout) in linears.items():
-            if any(matches(name, p) for p in targets) and in_scope(name):
-                slots.append(Slot(slot_name(name, LORA_A), LORA_A, name, (rank, fin), rank=rank, alpha=alpha, init="kaiming_uniform"))
-                slots.append(Slot(slot_name(name, LORA_B), LORA_B, name, (fout, rank), rank=rank, alpha=alpha, init="zeros"))
-    if "bitfit" in method:
-        for name, (_, fout) in linears.items():
-            leaf = name.rsplit(".", 1)[-1]
-            if in_scope(name) and leaf not in family.bitfit_exclude:
-                slots.append(Slot(slot_name(name, BIAS), BIAS, name, (fout,)))
-    if head:
-        found = [n for n in linears if n in family.head_modules]
-        if not found:
-            raise ExportError(f"no classifier head found (looked for {', '.join(family.head_modules)})")
-        for name in found:
-            fin, fout = linears[name]
-            slots.append(Slot(slot_name(name, WEIGHT), WEIGHT, name, (fout, fin)))
-            if not any(s.name == slot_name(name, BIAS) for s in slots):
-                slots.append(Slot(slot_name(name, BIAS), BIAS, name, (fout,)))
-    slots.sort(key=lambda s: s.name)
-    return slots
+    view = methods.ModelView(linears, lambda name: layer_index(family, name) in keep_layers, family.defaults, head)
+    slots: dict[str, Slot] = {}
+    for m in chosen:
+        for s in m.plan(view, configs.get(m.name) or m.config_cls()):
+            slots.setdefault(s.name, s)  # the head's bias may be BitFit's slot already
+    return sorted(slots.values(), key=lambda s: s.name)
 
 
 def inject(model: nn.Module, slots: list[Slot]) -> DeltaFeed:
     """Wrap every module that has a slot in a DeltaLinear sharing one feed; return the feed."""
     feed = DeltaFeed()
-    for module in sorted({s.module for s in slots}):
+    for module, groups in methods.by_module(s.name for s in slots).items():
         parent_path, _, leaf = module.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, leaf, DeltaLinear(getattr(parent, leaf), module, feed))
+        hooks = [(torch_method(m.name), kinds) for m, kinds in groups.items()]
+        setattr(parent, leaf, DeltaLinear(getattr(parent, leaf), module, feed, hooks))
     for s in slots:
-        if s.kind == LORA_A:
-            feed.lora_scale[s.module] = s.scale
+        if s.rank:
+            feed.scale[s.module] = s.scale
     return feed

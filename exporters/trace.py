@@ -23,7 +23,8 @@ from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from edgepeft.manifest import Slot
-from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, INPUT_IDS, LABELS, LOGITS, LORA_A, LORA_B, LOSS, SEQ_CLS, grad_name
+from edgepeft.methods import owner
+from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, INPUT_IDS, LABELS, LOGITS, LOSS, SEQ_CLS, grad_name
 from edgepeft.exporters.inject import DeltaFeed
 
 
@@ -33,17 +34,9 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return -logp.gather(1, labels[:, None]).mean()
 
 
-def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over real (unpadded) target tokens. logits (B, T, V)."""
-    logp = logits[:, :-1].log_softmax(-1)  # (B, T-1, V)
-    nll = -logp.gather(2, input_ids[:, 1:, None]).squeeze(2)  # (B, T-1)
-    w = attention_mask[:, 1:].to(logits.dtype)
-    return (nll * w).sum() / w.sum().clamp(min=1.0)
-
-
 def make_functions(model: torch.nn.Module, feed: DeltaFeed, slots: list[Slot], task: str,
                    param_names: list[str]) -> tuple[Callable, Callable]:
-    """The inference function and the training step, both flat: (batch..., deltas..., params...)."""
+    """A classifier's inference function and training step, both flat: (batch..., deltas..., params...)."""
     names = [s.name for s in slots]
     n = len(names)
 
@@ -56,14 +49,10 @@ def make_functions(model: torch.nn.Module, feed: DeltaFeed, slots: list[Slot], t
     def infer(input_ids, attention_mask, *rest):
         return run(input_ids, attention_mask, rest)
 
-    if task == SEQ_CLS:
-        def train(input_ids, attention_mask, labels, *rest):
-            loss = classification_loss(run(input_ids, attention_mask, rest), labels)
-            return (loss, *torch.autograd.grad(loss, rest[:n]))
-    else:
-        def train(input_ids, attention_mask, *rest):
-            loss = causal_lm_loss(run(input_ids, attention_mask, rest), input_ids, attention_mask)
-            return (loss, *torch.autograd.grad(loss, rest[:n]))
+    def train(input_ids, attention_mask, labels, *rest):  # causal LMs: exporters/causal_lm.py
+        loss = classification_loss(run(input_ids, attention_mask, rest), labels)
+        return (loss, *torch.autograd.grad(loss, rest[:n]))
+
     return infer, train
 
 
@@ -125,19 +114,20 @@ def export_graphs(model: torch.nn.Module, feed: DeltaFeed, slots: list[Slot], ta
     frozen = list(params.values())
 
     progress("tracing and exporting the training step")
-    train_scales = dict(feed.lora_scale)
+    train_scales = dict(feed.scale)
     train_model = _export(
         train, [*batch, *deltas, *frozen], [*batch_names, *slot_names, *pnames],
         [LOSS, *[grad_name(n) for n in slot_names]], [*batch_dyn, *[None] * len(slots), *[None] * len(pnames)], opset)
 
     progress("tracing and exporting the inference graph")
-    # The inference graph takes a LoRA of any rank (0 = no delta) and no scale: the runtime feeds s*B.
-    feed.lora_scale = {k: 1.0 for k in train_scales}
-    rank_dyn = [{0: r} if s.kind == LORA_A else {1: r} if s.kind == LORA_B else None for s in slots]
+    # The inference graph takes a LoRA of any rank (0 = no delta) and no scale: the runtime folds it in (s*B).
+    feed.scale = {k: 1.0 for k in train_scales}
+    axes = [owner(s.kind).infer_axis(s.kind) for s in slots]  # LoRA's rank axis: a mix concatenates along it
+    rank_dyn = [None if ax is None else {ax: r} for ax in axes]
     try:
         infer_model = _export(
             infer, [*batch[:2], *[d.detach() for d in deltas], *frozen], [*batch_names[:2], *slot_names, *pnames],
             [LOGITS], [*batch_dyn[:2], *rank_dyn, *[None] * len(pnames)], opset)
     finally:
-        feed.lora_scale = train_scales
+        feed.scale = train_scales
     return {"infer": infer_model, "train": train_model}

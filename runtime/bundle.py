@@ -10,7 +10,8 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edgepeft.errors import BundleError
-from edgepeft.manifest import Manifest, read_manifest
+from edgepeft.manifest import Manifest, files_of, read_manifest
+from edgepeft.onnx_refs import check_reads_only
 
 
 @dataclass(frozen=True)
@@ -62,18 +63,31 @@ class Bundle:
 
 
 def open_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
-    """Read and check a bundle directory; ``verify`` also checks the weights against the fingerprint."""
+    """Read and check a bundle directory: every file it names is a regular file inside it (links are refused);
+    ``verify`` also checks the weights against the fingerprint and that both graphs read exactly those weights."""
     path = Path(os.fspath(path))
     manifest = read_manifest(path)
-    for kind, graph in manifest.graphs.items():
-        if not (path / graph.file).is_file():
-            raise BundleError(f"{path / graph.file}: missing ({kind} graph); re-copy or re-export the bundle")
-    weights = path / manifest.weights
-    if not weights.is_file():
-        raise BundleError(f"{weights}: missing; re-copy or re-export the bundle")
-    if verify and sha256_file(weights) != manifest.fingerprint:
-        raise BundleError(f"{weights}: content does not match the manifest fingerprint; the bundle is corrupt")
+    for name in files_of(manifest):
+        inside(path, name)
+    if verify:
+        weights = path / manifest.weights
+        if sha256_file(weights) != manifest.fingerprint:
+            raise BundleError(f"{weights}: content does not match the manifest fingerprint; the bundle is corrupt")
+        for kind, graph in manifest.graphs.items():
+            check_reads_only((path / graph.file).read_bytes(), manifest.weights, f"{path / graph.file} ({kind} graph)")
     return Bundle(path, manifest)
+
+
+def inside(bundle_dir: Path, name: str) -> Path:
+    """``bundle_dir / name`` if it is a regular file directly inside the bundle, not a link; else BundleError."""
+    p = bundle_dir / name
+    if p.is_symlink():
+        raise BundleError(f"{p}: is a link; bundle files must be regular files inside the bundle")
+    if not p.is_file():
+        raise BundleError(f"{p}: missing; re-copy or re-export the bundle")
+    if p.resolve().parent != bundle_dir.resolve():  # the manifest names flat files; this holds even if that check moved
+        raise BundleError(f"{p}: lies outside the bundle directory")
+    return p
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

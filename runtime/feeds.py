@@ -1,9 +1,10 @@
-"""Delta tensors to graph feeds.
+"""Delta tensors to graph feeds, each slot as its method declares (``Method.neutral`` and ``Method.mix``).
 
-The inference graph computes ``y += (x @ A.T) @ B.T`` with no scale and a LoRA rank that may differ
-per call, so: no delta = rank-0 A and B (exactly the base), a delta = A and ``scale * B``, and a mix
-of deltas = A stacked along the rank and each ``weight * scale * B`` stacked beside it, which is
-``sum_i w_i s_i B_i A_i`` in one pass. The training graph takes A and B as they are.
+The inference graph has no LoRA scale and takes a LoRA rank that may differ per call, so: no delta =
+rank-0 A and B (exactly the base), a delta = A and ``scale * B``, and a mix of deltas = A stacked
+along the rank and each ``weight * scale * B`` stacked beside it, which is ``sum_i w_i s_i B_i A_i``
+in one pass. Vector slots mix as ``neutral + sum_i w_i (t_i - neutral)``; a method that cannot mix
+(DoRA) refuses more than one delta. The training graph takes the slots as they are.
 
 A delta used many times can be turned into its feeds once (:func:`prepare`); a prepared delta alone
 at weight 1 is then fed as it is, with no per-call copy.
@@ -17,7 +18,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from edgepeft.manifest import Manifest, neutral_values
-from edgepeft.names import LORA_A, LORA_B
+from edgepeft.methods import owner
 
 
 class DeltaLike(Protocol):
@@ -45,9 +46,7 @@ def prepare(manifest: Manifest, delta: DeltaLike) -> PreparedDelta:
     already float32, contiguous and aligned, e.g. views of a memory-mapped file), B times the scale."""
     out = {}
     for s in manifest.slots:
-        t = delta.tensors[s.name]
-        if s.kind == LORA_B and delta.scale != 1.0:
-            t = t * np.float32(delta.scale)
+        t = owner(s.kind).fold(s, delta.tensors[s.name], delta.scale)  # LoRA: B times s; others as they are
         out[s.name] = np.require(t, np.float32, ["C", "A"])
     return PreparedDelta(out)
 
@@ -64,14 +63,5 @@ def infer_feeds(manifest: Manifest, deltas: Sequence[DeltaLike] = (), weights: S
     weights = [1.0] * len(deltas) if weights is None else list(weights)
     if len(deltas) == 1 and isinstance(deltas[0], PreparedDelta) and weights == [1.0]:
         return dict(deltas[0].tensors)  # already feeds: no copy
-    out = {}
-    for s in manifest.slots:
-        if s.kind == LORA_A:
-            out[s.name] = np.ascontiguousarray(np.concatenate([d.tensors[s.name] for d in deltas], 0), np.float32)
-        elif s.kind == LORA_B:
-            parts = [d.tensors[s.name] * np.float32(w * d.scale) for d, w in zip(deltas, weights)]
-            out[s.name] = np.ascontiguousarray(np.concatenate(parts, 1), np.float32)
-        else:
-            out[s.name] = sum((d.tensors[s.name] * np.float32(w) for d, w in zip(deltas, weights)),
-                              np.zeros(s.shape, np.float32)).astype(np.float32)
-    return out
+    scales = [d.scale for d in deltas]
+    return {s.name: owner(s.kind).mix(s, [d.tensors[s.name] for d in deltas], weights, scales) for s in manifest.slots}

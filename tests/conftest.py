@@ -89,7 +89,7 @@ def minilm_bundle(tmp_path_factory):
 # ---- hub fixtures (added with the hub, issue 5) --------------------------------------------------
 
 def make_hub_bundle(out: Path, *, seed: int = 0) -> Path:
-    """A synthetic bundle directory the hub can register: manifest, weights and placeholder graphs.
+    """A synthetic bundle directory the hub can register: manifest, weights and empty placeholder graphs.
 
     The hub never runs the graphs, so this is enough for store, API and aggregation tests and costs
     nothing; tests that train use ``bundles("bert")``. Another ``seed`` gives another base fingerprint.
@@ -101,8 +101,8 @@ def make_hub_bundle(out: Path, *, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     weights = np.random.default_rng(seed).standard_normal(256).astype(np.float32).tobytes()
     (out / "weights.bin").write_bytes(weights)
-    (out / "model.onnx").write_bytes(b"placeholder infer graph")
-    (out / "train.onnx").write_bytes(b"placeholder train graph")
+    (out / "model.onnx").write_bytes(b"")  # an empty ModelProto: parses, reads no external data
+    (out / "train.onnx").write_bytes(b"")
     slots = []
     for mod, (o, i) in {"enc.0.q": (16, 24), "enc.0.v": (24, 16)}.items():
         slots += [Slot(f"{mod}.lora_A", "lora_A", mod, (4, i), rank=4, alpha=8.0, init="kaiming_uniform"),

@@ -52,16 +52,19 @@ def test_status_page_in_headless_chromium(tmp_path, hub_bundle):
         store.add_metrics("orchard", dev, {"accuracy": 0.5 + 0.1 * i, "train_loss": 1.0 - 0.2 * i}, version=0)
     agg.aggregate(store, "orchard")
     store.add_metrics("orchard", "pi-north", {"accuracy": 0.8, "train_loss": 0.4}, version=1)
-    server = HubThread(create_app(store, admin_token=ADMIN, policy_interval_s=0))
+    # the page as rendered (signing in by form and cookie is tested in test_hostile_tokens.py)
+    server = HubThread(create_app(store, admin_token=ADMIN, policy_interval_s=0, status_public=True))
+    closed = HubThread(create_app(store, admin_token=ADMIN, policy_interval_s=0))
     try:
-        dom = dump_dom(f"{server.url}/?token={ADMIN}", tmp_path / "profile")
-        denied = dump_dom(f"{server.url}/", tmp_path / "profile2")
+        dom = dump_dom(f"{server.url}/", tmp_path / "profile")
+        denied = dump_dom(f"{closed.url}/", tmp_path / "profile2")
     finally:
         server.stop()
+        closed.stop()
         store.close()
     for text in ("orchard", "vineyard", "pi-north", "pi-south", "cam-7", "v1", "2 delta(s), 21 samples", "published"):
         assert text in dom, text
     assert "never" not in dom.split("Devices")[1].split("Adapter")[0]  # every device was seen
     assert 'data-metric="accuracy"' in dom and 'data-metric="train_loss"' in dom and "<polyline" in dom
     assert "<script" not in dom and "http://" not in dom.replace("http://www.w3.org/2000/svg", "")
-    assert "orchard" not in denied  # no token: no page
+    assert "orchard" not in denied and 'action="/login"' in denied  # no credentials: the login form

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from edgepeft import methods
 from edgepeft.names import TASKS
 
 
@@ -16,6 +17,36 @@ def _csv(ctx, param, value: str | None) -> list[str] | None:
     if not items:
         raise click.BadParameter("expected a comma-separated list")
     return items
+
+
+def _method_config(ctx, param, values: tuple[str, ...]) -> dict[str, object]:
+    """KEY=VALUE pairs, or a JSON file of {key: value} (keys ``option`` or ``method.option``)."""
+    import json
+
+    out: dict[str, object] = {}
+    for v in values:
+        if "=" in v:
+            key, _, val = v.partition("=")
+            if not key.strip():
+                raise click.BadParameter(f"{v!r}: expected KEY=VALUE")
+            out[key.strip()] = val.strip()
+            continue
+        path = Path(v)
+        if not path.is_file():
+            raise click.BadParameter(f"{v!r}: neither KEY=VALUE nor a JSON file")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise click.BadParameter(f"{v}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise click.BadParameter(f"{v}: expected a JSON object of options")
+        out.update(d)
+    return out
+
+
+def _method_help() -> str:
+    lines = [f"{m.name}.{f}: {h}" for m in methods.get_all() for f, h in m.config_cls.help()]
+    return "Method option KEY=VALUE (repeatable), or a JSON file of them; KEY is OPTION or METHOD.OPTION. " + " ".join(lines)
 
 
 def _layers(ctx, param, value: str | None) -> int | str | None:
@@ -33,13 +64,15 @@ def _layers(ctx, param, value: str | None) -> int | str | None:
 @click.option("--task", type=click.Choice(TASKS), help="What the bundle does; inferred from config.json when left out.")
 @click.option("--labels", callback=_csv, help="Comma-separated class names, e.g. rotten,fresh (classification).")
 @click.option("--num-labels", type=click.IntRange(min=2), help="Number of classes when names do not matter.")
-@click.option("--method", type=click.Choice(["lora", "bitfit", "lora+bitfit"]), default="lora", show_default=True,
-              help="Which delta slots the bundle trains.")
-@click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank r.")
+@click.option("--method", default="lora", show_default=True,
+              help=f"Which delta slots the bundle trains: one of {', '.join(methods.names())}, or several joined by "
+                   "'+' (lora+bitfit, ia3+head). A classifier always gets its head.")
+@click.option("--method-config", "method_config", multiple=True, callback=_method_config, help=_method_help())
+@click.option("--rank", type=int, default=8, show_default=True, help="Rank r of the chosen methods that have one (LoRA).")
 @click.option("--alpha", type=float, help="LoRA alpha; the update is (alpha/r)·B·A.  [default: 2·rank]")
 @click.option("--targets", callback=_csv,
-              help="Comma-separated module name patterns for LoRA (PEFT rules: suffix match, or a regex). "
-                   "Defaults: query,value (BERT), q_proj,v_proj (Llama), c_attn (GPT-2).")
+              help="Comma-separated module name patterns of the chosen methods (PEFT rules: suffix match, or a regex). "
+                   "LoRA defaults: query,value (BERT), q_proj,v_proj (Llama), c_attn (GPT-2).")
 @click.option("--top-layers", callback=_layers, default="auto", show_default=True,
               help="Put slots only in the last N layers; the backward pass stops there (faster, less memory). "
                    "'auto': the top third, at least 2 (the top 2 of all-MiniLM-L6-v2's 6); 'all': every layer.")
@@ -49,8 +82,8 @@ def _layers(ctx, param, value: str | None) -> int | str | None:
               help="Longest token sequence the device will feed.")
 @click.option("--opset", type=click.IntRange(min=18), default=20, show_default=True, help="ONNX opset of the graphs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for a freshly initialized classifier head.")
-def export_cmd(model_dir: Path, out_dir: Path, task, labels, num_labels, method, rank, alpha, targets, top_layers,
-               quantize, max_length, opset, seed) -> None:
+def export_cmd(model_dir: Path, out_dir: Path, task, labels, num_labels, method, method_config, rank, alpha, targets,
+               top_layers, quantize, max_length, opset, seed) -> None:
     """Export a local Hugging Face model directory (or a .gguf file) to a bundle.
 
     \b
@@ -71,6 +104,7 @@ def export_cmd(model_dir: Path, out_dir: Path, task, labels, num_labels, method,
             click.echo(f"reading {model_dir} (GGUF) into a float32 model", err=True)
             model_dir = gguf_to_model_dir(model_dir, Path(tmp) / "model")
         manifest = export_bundle(model_dir, out_dir, task=task, labels=labels, num_labels=num_labels, method=method,
+                                 method_config=method_config,
                                  rank=rank, alpha=alpha, targets=targets, top_layers=top_layers, quantize=quantize,
                                  max_length=max_length, opset=opset, seed=seed,
                                  progress=lambda msg: click.echo(msg, err=True))

@@ -42,6 +42,7 @@ def serve_cmd(store_uri: str, host: str, port: int, admin_token_file: str | None
     import uvicorn
 
     from edgepeft.hub.app import create_app
+    from edgepeft.hub.logs import hub_log_config
     from edgepeft.hub.store import open_store
 
     token = _admin_token(store_uri, admin_token_file)
@@ -50,7 +51,7 @@ def serve_cmd(store_uri: str, host: str, port: int, admin_token_file: str | None
                      status_public=public_status)
     click.echo(f"edgepeft hub on http://{host}:{port} (store {store_uri.split('@')[-1]})", err=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=hub_log_config(log_level), timeout_graceful_shutdown=5)
     finally:
         store.close()
 
@@ -109,11 +110,13 @@ def fleet_group() -> None:
 @click.option("--staleness", default=2, show_default=True, type=click.IntRange(0), help="Versions a delta's parent may lag behind.")
 @click.option("--clip-norm", type=click.FloatRange(0, min_open=True), help="Default: clip each device's update to this norm.")
 @click.option("--trim", type=click.FloatRange(0, 0.5, max_open=True), help="Default: coordinate-wise trimmed mean fraction.")
+@click.option("--max-samples", type=click.IntRange(1, 10**9), help="Default cap on one delta's weight (else 10000).")
 @admin_options
 def fleet_create_cmd(name: str, fingerprint: str, aggregate_every: int, aggregate_minutes: float, staleness: int,
-                     clip_norm: float | None, trim: float | None, hub: str, admin_token_file: str | None) -> None:
+                     clip_norm: float | None, trim: float | None, max_samples: int | None, hub: str,
+                     admin_token_file: str | None) -> None:
     """Create fleet NAME training a registered bundle."""
-    robust = {k: v for k, v in {"clip_norm": clip_norm, "trim": trim}.items() if v is not None}
+    robust = {k: v for k, v in {"clip_norm": clip_norm, "trim": trim, "max_samples": max_samples}.items() if v is not None}
     body = {"name": name, "bundle": fingerprint, "aggregate_every": aggregate_every,
             "aggregate_minutes": aggregate_minutes, "staleness": staleness, "robust": robust}
     with _admin_client(hub, admin_token_file) as c:
@@ -135,6 +138,11 @@ def device_add_cmd(fleet: str, device: str, output: str | None, hub: str, admin_
     """Add DEVICE to FLEET and print its token (shown once; the hub keeps only a hash)."""
     with _admin_client(hub, admin_token_file) as c:
         token = c.request("POST", f"/api/v1/fleets/{fleet}/devices", json={"device": device}).json()["token"]
+    _give_token(device, token, output)
+
+
+def _give_token(device: str, token: str, output: str | None) -> None:
+    """Print a new device token, or write it to ``output`` with mode 600."""
     if output:
         fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -144,12 +152,35 @@ def device_add_cmd(fleet: str, device: str, output: str | None, hub: str, admin_
         click.echo(token)
 
 
+@device_group.command("rotate")
+@click.argument("fleet")
+@click.argument("device")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the new token to this file (mode 600) instead of stdout.")
+@admin_options
+def device_rotate_cmd(fleet: str, device: str, output: str | None, hub: str, admin_token_file: str | None) -> None:
+    """Give DEVICE a new token (shown once); its old token is refused from the next request on."""
+    with _admin_client(hub, admin_token_file) as c:
+        token = c.request("POST", f"/api/v1/fleets/{fleet}/devices/{device}/token").json()["token"]
+    _give_token(device, token, output)
+
+
+@device_group.command("revoke")
+@click.argument("fleet")
+@click.argument("device")
+@admin_options
+def device_revoke_cmd(fleet: str, device: str, hub: str, admin_token_file: str | None) -> None:
+    """Revoke DEVICE's token: every request with it gets 401 from now on (`rotate` issues a new one)."""
+    with _admin_client(hub, admin_token_file) as c:
+        c.request("DELETE", f"/api/v1/fleets/{fleet}/devices/{device}/token")
+    click.echo(f"token of {device} revoked")
+
+
 @hub_group.command("aggregate")
 @click.argument("fleet")
 @click.option("--adapter", default="default", show_default=True, help="Adapter to aggregate.")
 @click.option("--clip-norm", type=click.FloatRange(0, min_open=True), help="Clip each device's update (ΔW space) to this norm.")
 @click.option("--trim", type=click.FloatRange(0, 0.5, max_open=True), help="Coordinate-wise trimmed mean: fraction cut at each end.")
-@click.option("--max-samples", type=click.IntRange(1), help="Cap on one delta's weight.")
+@click.option("--max-samples", type=click.IntRange(1, 10**9), help="Cap on one delta's weight (default 10000: no device outweighs the fleet).")
 @admin_options
 def aggregate_cmd(fleet: str, adapter: str, clip_norm: float | None, trim: float | None, max_samples: int | None,
                   hub: str, admin_token_file: str | None) -> None:

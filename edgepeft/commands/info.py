@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from edgepeft.manifest import read_manifest
+from edgepeft.methods import owner
 
 
 def _size(n: float) -> str:
@@ -37,6 +38,9 @@ def info_cmd(bundle: Path, slots: bool) -> None:
         rows.insert(3, ("labels", ", ".join(m.labels)))
     if m.train_layers is not None:
         rows.append(("train layers", ", ".join(map(str, m.train_layers))))
+    for name, cfg in sorted(m.method_config.items()):  # bundles exported before the registry have none
+        if cfg:
+            rows.append((f"{name} options", ", ".join(f"{k}={v}" for k, v in sorted(cfg.items()))))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
@@ -44,4 +48,4 @@ def info_cmd(bundle: Path, slots: bool) -> None:
         click.echo(f"slots ({len(m.slots)}):")
         for s in m.slots:
             extra = f"  r={s.rank} alpha={s.alpha:g}" if s.rank else ""
-            click.echo(f"  {s.name}  {s.kind}  {tuple(s.shape)}{extra}")
+            click.echo(f"  {s.name}  {s.kind} ({owner(s.kind).name})  {tuple(s.shape)}{extra}")

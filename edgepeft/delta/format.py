@@ -1,8 +1,8 @@
 """The delta file: a safetensors file of float32 tensors named by slot, with its facts in the metadata.
 
 ``load_delta`` checks everything before it returns, so nothing is half-applied: the header against
-the buffer (``safeio``), the metadata, a checksum, finiteness, LoRA shape pairing, and, given a
-manifest, the base fingerprint, slot set and shapes.
+the buffer (``safeio``), the metadata, a checksum, finiteness, each method's own checks (LoRA shape
+pairing), and, given a manifest, the base fingerprint, slot set and shapes.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from edgepeft import atomic
 from edgepeft.delta import safeio
 from edgepeft.errors import DeltaError
 from edgepeft.manifest import Manifest
-from edgepeft.names import BIAS, LORA_A, LORA_B, WEIGHT, is_safe_name, slot_name, split_slot_name
+from edgepeft import methods
+from edgepeft.names import LORA_A, LORA_B, is_safe_name, slot_kinds, slot_name, split_slot_name
 
 FORMAT = "edgepeft-delta"
 FORMAT_VERSION = "1"
@@ -40,7 +41,7 @@ class DeltaMeta:
     """Facts about a delta: which base it fits, how it scales, where it sits in an adapter's history."""
 
     base_fingerprint: str
-    method: str = "lora"  # lora | bitfit | lora+bitfit (the bundle's method)
+    method: str = "lora"  # the bundle's method string (lora, lora+bitfit, ia3+head ...)
     rank: int = 0  # LoRA rank of every LoRA module in the file (0 if none)
     alpha: float = 0.0  # LoRA alpha; the update is (alpha / rank) * B @ A
     adapter: str = "default"  # adapter name on the hub
@@ -158,35 +159,25 @@ def _shape(s: tuple[int, ...]) -> str:
 
 
 def check_structure(delta: Delta, where: str) -> None:
-    """Manifest-free checks: slot names, dims per kind, A/B pairs sharing rank meta.rank, finite values."""
+    """Manifest-free checks: slot names, dtype, dims per kind, finite values, then each method's own checks
+    on each module (LoRA: A/B pairs sharing rank meta.rank)."""
     for name in sorted(delta.tensors):
         t = delta.tensors[name]
         try:
             _, kind = split_slot_name(name)
         except DeltaError:
-            raise DeltaError(f"{where}: tensor {name!r} is not a slot name (<module>.<lora_A|lora_B|bias|weight>)") from None
+            raise DeltaError(f"{where}: tensor {name!r} is not a slot name (<module>.<{'|'.join(slot_kinds())}>)") from None
         if t.dtype != np.float32:
             raise DeltaError(f"{where}: tensor {name!r} has dtype {t.dtype}; deltas are float32")
-        want_ndim = 1 if kind == BIAS else 2
+        want_ndim = methods.owner(kind).ndim(kind)
         if t.ndim != want_ndim:
             raise DeltaError(f"{where}: tensor {name!r} has shape {_shape(t.shape)}; a {kind} slot is {want_ndim}-D")
         if not np.isfinite(t).all():
             bad = int(t.size - np.isfinite(t).sum())
             raise DeltaError(f"{where}: tensor {name!r} has {bad} non-finite value(s) (NaN or Inf)")
-    for name in sorted(delta.tensors):
-        module, kind = split_slot_name(name)
-        if kind not in (LORA_A, LORA_B):
-            continue
-        other = slot_name(module, LORA_B if kind == LORA_A else LORA_A)
-        if other not in delta.tensors:
-            raise DeltaError(f"{where}: tensor {name!r} has no partner {other!r}")
-        if kind == LORA_B:
-            continue
-        r_a, r_b = delta.tensors[name].shape[0], delta.tensors[other].shape[1]
-        if r_a != r_b:
-            raise DeltaError(f"{where}: module {module!r}: lora_A has rank {r_a} but lora_B has rank {r_b}")
-        if r_a != delta.meta.rank:
-            raise DeltaError(f"{where}: module {module!r}: LoRA rank {r_a} but metadata 'rank' is {delta.meta.rank}")
+    for module, groups in methods.by_module(delta.tensors).items():
+        for method, kinds in groups.items():
+            method.check_module(module, {k: delta.tensors[n] for k, n in kinds.items()}, delta.meta.rank, where)
 
 
 def check_against_manifest(delta: Delta, manifest: Manifest, where: str, *, for_training: bool = False) -> None:
@@ -205,18 +196,31 @@ def check_against_manifest(delta: Delta, manifest: Manifest, where: str, *, for_
         raise DeltaError(f"{where}: slots do not match the bundle: {'; '.join(parts)}")
     for s in manifest.slots:
         got = delta.tensors[s.name].shape
-        if s.kind in (BIAS, WEIGHT):
-            if got != s.shape:
-                raise DeltaError(f"{where}: tensor {s.name!r} has shape {_shape(got)}, bundle slot needs {_shape(s.shape)}")
-            continue
-        r = got[0] if s.kind == LORA_A else got[1]
-        fixed = s.shape[1] if s.kind == LORA_A else s.shape[0]
-        have_fixed = got[1] if s.kind == LORA_A else got[0]
-        if have_fixed != fixed or (for_training and r != s.rank):
-            need_r = str(s.rank) if for_training else "r"
-            need = f"({need_r}, {fixed})" if s.kind == LORA_A else f"({fixed}, {need_r})"
-            why = " to train" if for_training and have_fixed == fixed else ""
-            raise DeltaError(f"{where}: tensor {s.name!r} has shape {_shape(got)}, bundle slot needs {need}{why}")
+        need = methods.owner(s.kind).check_shape(s, got, for_training)
+        if need is not None:
+            raise DeltaError(f"{where}: tensor {s.name!r} has shape {_shape(got)}, bundle slot needs {need}")
+
+
+def check_shapes(shapes: dict[str, tuple[int, ...]], meta: DeltaMeta, manifest: Manifest, where: str, *,
+                 for_training: bool = False) -> None:
+    """:func:`check_against_manifest` on names and shapes alone, before any tensor is read or decompressed.
+
+    The tensors are zero-strided views (no memory), so exactly the check decoded deltas get runs here.
+    """
+    shells = {name: np.broadcast_to(np.float32(0), shape) for name, shape in shapes.items()}
+    check_against_manifest(Delta(shells, meta), manifest, where, for_training=for_training)
+
+
+def header_cap(manifest: Manifest | None) -> int:
+    """Most header bytes a reader parses: safetensors' own cap, or, given a manifest, room for its slots and meta."""
+    if manifest is None:
+        return safeio.MAX_HEADER_BYTES
+    return 64 * 1024 + sum(2 * len(s.name) + 96 for s in manifest.slots)
+
+
+def max_file_bytes(manifest: Manifest) -> int:
+    """Largest delta file that fits ``manifest`` (float32 at the bundle's shapes, plus its header): an upload cap."""
+    return 8 + header_cap(manifest) + 4 * manifest.trainable_numbers
 
 
 # ---- save / load --------------------------------------------------------------------------------
@@ -242,7 +246,7 @@ def save_delta(path: str | os.PathLike, delta: Delta) -> None:
 
 def _from_buffer(buf: bytes | mmap.mmap, where: str, manifest: Manifest | None, *, for_training: bool, copy: bool) -> Delta:
     """Parse and fully check delta-file bytes (or a read-only memory map of them)."""
-    header = safeio.parse_header(buf, where)
+    header = safeio.parse_header(buf, where, max_header=header_cap(manifest))
     md = header.metadata
     if md.get("format") != FORMAT:
         raise DeltaError(f"{where}: metadata 'format' is {md.get('format')!r}; not an {FORMAT} file")
@@ -254,6 +258,8 @@ def _from_buffer(buf: bytes | mmap.mmap, where: str, manifest: Manifest | None, 
     names = sorted(e.name for e in header.entries)
     if md.get("slots") != json.dumps(names):
         raise DeltaError(f"{where}: metadata 'slots' does not list the file's tensors")
+    if manifest is not None:  # refuse a delta for another bundle before touching its data
+        check_shapes({e.name: e.shape for e in header.entries}, meta, manifest, where, for_training=for_training)
     tensors = safeio.view_arrays(buf, header)  # read-only views: nothing is copied unless asked
     if md.get("checksum") != checksum(tensors):
         raise DeltaError(f"{where}: checksum mismatch; the file is corrupt or was edited")
@@ -298,20 +304,15 @@ def map_delta(path: str | os.PathLike, manifest: Manifest | None = None) -> Delt
 
 
 def delta_from_init(manifest: Manifest, seed: int, adapter: str = "default") -> Delta:
-    """A fresh delta for ``manifest``: LoRA A kaiming-uniform as PEFT does, everything else zeros."""
-    ranks = {(s.rank, s.alpha) for s in manifest.slots if s.kind in (LORA_A, LORA_B)}
+    """A fresh delta for ``manifest``, each slot initialized as its method declares (LoRA A kaiming-uniform as
+    PEFT does, IA3 scales ones, everything else zeros)."""
+    ranks = {(s.rank, s.alpha) for s in manifest.slots if s.rank}
     if len(ranks) > 1:
         raise DeltaError(f"manifest: LoRA slots disagree on (rank, alpha): {sorted(ranks)}; a delta has one scale")
     rank, alpha = ranks.pop() if ranks else (0, 0.0)
     rng = np.random.default_rng(seed)
-    tensors = {}
-    for s in manifest.slots:  # manifest order keeps the random stream stable
-        if s.kind == LORA_A:
-            # torch kaiming_uniform_(a=sqrt(5)): gain sqrt(2/(1+5)), bound gain*sqrt(3/fan_in) = 1/sqrt(in)
-            b = 1.0 / math.sqrt(s.shape[1])
-            tensors[s.name] = rng.uniform(-b, b, size=s.shape).astype(np.float32)
-        else:
-            tensors[s.name] = np.zeros(s.shape, dtype=np.float32)
+    # manifest order keeps the random stream stable
+    tensors = {s.name: methods.owner(s.kind).init(s, rng) for s in manifest.slots}
     meta = DeltaMeta(base_fingerprint=manifest.fingerprint, method=manifest.method, rank=rank, alpha=alpha, adapter=adapter)
     return Delta(tensors, meta)
 

@@ -1,8 +1,9 @@
-"""Aggregate deltas in the space of the full update, streaming, and compare two deltas.
+"""Aggregate deltas in each method's own space, streaming, and compare two deltas.
 
-For LoRA the weighted mean is taken of ΔW = s·B@A per module, not of A and B separately (the mean of
-products is not the product of means), then re-factored to a fixed rank by truncated SVD. Memory is
-one float64 (out, in) accumulator per LoRA module plus one per other slot, whatever the number of
+Each method declares its aggregation space (``Method.to_space``/``from_space``): for LoRA the weighted
+mean is taken of ΔW = s·B@A per module, not of A and B separately (the mean of products is not the
+product of means), then re-factored to a fixed rank by truncated SVD; vectors (bias, head, IA3) are
+averaged as they are. Memory is one float64 accumulator per space part, whatever the number of
 deltas, so the hub can stream thousands from disk.
 """
 
@@ -16,7 +17,9 @@ import numpy as np
 
 from edgepeft.delta.format import Delta, DeltaMeta, check_structure
 from edgepeft.errors import DeltaError
-from edgepeft.names import LORA_A, LORA_B, slot_name, split_slot_name
+from edgepeft import methods
+from edgepeft.methods.lora import refactor  # noqa: F401  (re-exported: the hub and tests use it from here)
+from edgepeft.names import slot_name, split_slot_name
 
 
 @dataclass
@@ -30,40 +33,64 @@ class MergeReport:
     errors: dict[str, float] = field(default_factory=dict)  # module -> ||ΔW - s·B@A||_F / ||ΔW||_F
 
 
+def space_parts(d: Delta) -> dict[str, np.ndarray]:
+    """Every module's update in its method's aggregation space (ΔW for LoRA, the tensor itself for bias and head slots)."""
+    out: dict[str, np.ndarray] = {}
+    for module, groups in methods.by_module(d.tensors).items():
+        for method, kinds in groups.items():
+            out.update(method.to_space(module, {k: d.tensors[n] for k, n in kinds.items()}, d.scale))
+    return out
+
+
+def from_space_parts(first: Delta, space: dict[str, np.ndarray], rank: int, scale: float) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Slots back from space parts shaped like ``first``'s; (tensors, per re-factored module its relative error)."""
+    tensors: dict[str, np.ndarray] = {}
+    errors: dict[str, float] = {}
+    for module, groups in methods.by_module(first.tensors).items():
+        for method, kinds in groups.items():
+            mine = method.to_space(module, {k: first.tensors[n] for k, n in kinds.items()}, first.scale)
+            out, err = method.from_space(module, {k: space[k] for k in mine}, rank, scale)
+            tensors.update({slot_name(module, k): v for k, v in out.items()})
+            if method.ranked:
+                errors[module] = err
+    return tensors, errors
+
+
+def is_ranked(d: Delta) -> bool:
+    """True when some slot of ``d`` belongs to a method that carries the delta's rank (the LoRA family)."""
+    return any(methods.owner(split_slot_name(n)[1]).ranked for n in d.tensors)
+
+
 class _Accumulator:
-    """Running weighted sums of ΔW per LoRA module and of every other slot."""
+    """Running weighted sums of every module's update in its method's aggregation space."""
 
     def __init__(self, first: Delta) -> None:
-        self.first = first.meta
+        self.first = first
         self.slots = set(first.tensors)
-        self.modules = first.lora_modules()
-        self.dw = {m: np.zeros((first.tensors[slot_name(m, LORA_B)].shape[0], first.tensors[slot_name(m, LORA_A)].shape[1])) for m in self.modules}
-        self.other = {n: np.zeros(t.shape) for n, t in first.tensors.items() if split_slot_name(n)[1] not in (LORA_A, LORA_B)}
+        self.ranked = is_ranked(first)
+        self.sums = {k: np.zeros(v.shape) for k, v in space_parts(first).items()}
         self.count, self.total, self.samples, self.max_rank = 0, 0.0, 0, 0
 
     def add(self, d: Delta, w: float) -> None:
         where = f"delta #{self.count + 1} ({d.meta.adapter} v{d.meta.version})"
         check_structure(d, where)
-        if d.meta.base_fingerprint != self.first.base_fingerprint:
-            raise DeltaError(f"{where}: is for base {d.meta.base_fingerprint[:16]}, the first delta for {self.first.base_fingerprint[:16]}")
+        first = self.first.meta
+        if d.meta.base_fingerprint != first.base_fingerprint:
+            raise DeltaError(f"{where}: is for base {d.meta.base_fingerprint[:16]}, the first delta for {first.base_fingerprint[:16]}")
         if set(d.tensors) != self.slots:
             missing, extra = sorted(self.slots - set(d.tensors)), sorted(set(d.tensors) - self.slots)
             raise DeltaError(f"{where}: slots differ from the first delta (missing {missing}, extra {extra})")
         if not (math.isfinite(w) and w >= 0):
             raise DeltaError(f"{where}: weight {w} must be finite and >= 0")
-        for m, acc in self.dw.items():
-            a, b = d.tensors[slot_name(m, LORA_A)], d.tensors[slot_name(m, LORA_B)]
-            if (b.shape[0], a.shape[1]) != acc.shape:
-                raise DeltaError(f"{where}: module {m!r} is {b.shape[0]}x{a.shape[1]}, the first delta's is {acc.shape[0]}x{acc.shape[1]}")
-            acc += (w * d.scale) * (b.astype(np.float64) @ a.astype(np.float64))
-        for n, acc in self.other.items():
-            if d.tensors[n].shape != acc.shape:
-                raise DeltaError(f"{where}: tensor {n!r} has shape {d.tensors[n].shape}, the first delta's {acc.shape}")
-            acc += w * d.tensors[n]
+        for k, v in space_parts(d).items():
+            acc = self.sums[k]
+            if v.shape != acc.shape:
+                raise DeltaError(f"{where}: {k!r} has shape {v.shape}, the first delta's {acc.shape}")
+            acc += w * v
         self.count += 1
         self.total += w
         self.samples += d.meta.samples
-        self.max_rank = max(self.max_rank, d.meta.rank if self.modules else 0)
+        self.max_rank = max(self.max_rank, d.meta.rank if self.ranked else 0)
 
 
 def _pairs(deltas: Iterable[Delta | tuple[Delta, float]], weights: Sequence[float] | None) -> Iterable[tuple[Delta, float]]:
@@ -84,28 +111,6 @@ def _pairs(deltas: Iterable[Delta | tuple[Delta, float]], weights: Sequence[floa
         yield d, float(w)
     if ws is not None and next(ws, None) is not None:
         raise DeltaError("merge: more weights than deltas")
-
-
-def refactor(dw: np.ndarray, rank: int, scale: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """(A (rank, in), B (out, rank), relative error) with scale·B@A the best rank-``rank`` fit of ``dw``."""
-    out_f, in_f = dw.shape
-    u, s, vt = np.linalg.svd(dw, full_matrices=False)
-    k = min(rank, s.size)
-    a = np.zeros((rank, in_f))
-    b = np.zeros((out_f, rank))
-    root = np.sqrt(s[:k] / scale)
-    a[:k] = root[:, None] * vt[:k]
-    b[:, :k] = u[:, :k] * root
-    # Directions with no signal would leave A and B both zero there, where gradients vanish and training
-    # from this version could never use them: give A the unit singular direction at kaiming-init norm
-    # (1/sqrt(3)) and keep B zero, which leaves ΔW unchanged.
-    dead = np.flatnonzero(s[:k] <= (s[0] if s.size else 0.0) * 1e-7)
-    a[dead] = vt[dead] / math.sqrt(3.0)
-    b[:, dead] = 0.0
-    a32, b32 = a.astype(np.float32), b.astype(np.float32)
-    norm = np.linalg.norm(dw)
-    err = np.linalg.norm(dw - scale * (b32.astype(np.float64) @ a32.astype(np.float64)))
-    return a32, b32, float(err / norm) if norm > 0 else float(err)
 
 
 def merge(
@@ -132,17 +137,11 @@ def merge(
         raise DeltaError("merge: weights sum to 0 (every delta has samples=0?); pass explicit weights")
     out_rank = acc.max_rank if rank is None else int(rank)
     out_scale = acc.first.scale if scale is None else float(scale)
-    if acc.modules and (out_rank < 1 or not (math.isfinite(out_scale) and out_scale > 0)):
+    if acc.ranked and (out_rank < 1 or not (math.isfinite(out_scale) and out_scale > 0)):
         raise DeltaError(f"merge: need rank >= 1 and scale > 0 for LoRA output, got rank {out_rank}, scale {out_scale}")
-    tensors: dict[str, np.ndarray] = {}
-    report = MergeReport(acc.count, acc.total, out_rank if acc.modules else 0, out_scale)
-    for m, dw in acc.dw.items():
-        a, b, err = refactor(dw / acc.total, out_rank, out_scale)
-        tensors[slot_name(m, LORA_A)], tensors[slot_name(m, LORA_B)] = a, b
-        report.errors[m] = err
-    for n, s in acc.other.items():
-        tensors[n] = (s / acc.total).astype(np.float32)
-    f = acc.first
+    report = MergeReport(acc.count, acc.total, out_rank if acc.ranked else 0, out_scale)
+    tensors, report.errors = from_space_parts(acc.first, {k: v / acc.total for k, v in acc.sums.items()}, out_rank, out_scale)
+    f = acc.first.meta
     meta = DeltaMeta(
         base_fingerprint=f.base_fingerprint,
         method=f.method,
@@ -165,7 +164,8 @@ def _compare(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def diff(a: Delta, b: Delta) -> dict[str, tuple[float, float]]:
-    """Per key (max |a - b|, ||a - b||_F / ||b||_F): every slot with equal shapes, and ``<module>:dW`` per LoRA module.
+    """Per key (max |a - b|, ||a - b||_F / ||b||_F): every slot with equal shapes, and each method's space part
+    that is not a slot (``<module>:dW`` per LoRA module).
 
     The ΔW rows compare the effective update s·B@A, which is what matters: A and B themselves are only
     defined up to an invertible r×r mixing (a merge or re-factoring changes them, not ΔW).
@@ -177,6 +177,8 @@ def diff(a: Delta, b: Delta) -> dict[str, tuple[float, float]]:
     for n in sorted(a.tensors):
         if a.tensors[n].shape == b.tensors[n].shape:
             out[n] = _compare(a.tensors[n], b.tensors[n])
-    for m in a.lora_modules():
-        out[f"{m}:dW"] = _compare(a.delta_w(m), b.delta_w(m))
+    pa, pb = space_parts(a), space_parts(b)
+    for k in sorted(pa):
+        if k not in out and k in pb and pa[k].shape == pb[k].shape:  # the update of a re-factored pair
+            out[k] = _compare(pa[k], pb[k])
     return out

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
-from edgepeft import atomic
+from edgepeft import atomic, methods
 from edgepeft.delta import safeio
 from edgepeft.delta.format import Delta, DeltaMeta, check_against_manifest, check_structure
 from edgepeft.errors import DeltaError
@@ -71,6 +71,20 @@ def _refuse_unmappable(bad: list[str], where: str) -> None:
         )
 
 
+def _peft_type(delta: Delta, where: str) -> str:
+    """The PEFT method the delta converts as: the one of its methods PEFT has (riders: BitFit, the head)."""
+    own = sorted({m.name: m.peft_type for m in (methods.owner(split_slot_name(n)[1]) for n in delta.tensors)
+                  if m.peft_type}.items())
+    if not own:
+        used = sorted({methods.owner(split_slot_name(n)[1]).name for n in delta.tensors})
+        raise DeltaError(f"{where}: a {'+'.join(used)} delta has no PEFT adapter equivalent: PEFT needs a method that "
+                         f"adapts modules ({', '.join(n for n in methods.names() if methods.get(n).peft_type)}); "
+                         "export the bundle with one of those, or keep the delta in edgepeft form")
+    if len(own) > 1 or own[0][1] != "LORA":
+        raise DeltaError(f"{where}: {'+'.join(n for n, _ in own)} deltas do not convert to PEFT here; LoRA deltas do")
+    return own[0][1]
+
+
 def _base(base_weights: dict[str, np.ndarray] | None, key: str, shape: tuple[int, ...] | None, where: str) -> np.ndarray:
     if base_weights is None:
         raise DeltaError(
@@ -101,6 +115,7 @@ def to_peft(
     where = "to_peft"
     check_structure(delta, where)
     check_against_manifest(delta, manifest, where)
+    _peft_type(delta, where)
     kinds = _modules(delta)
     _refuse_unmappable(_unmappable(kinds), where)
     if manifest.task not in TASK_TYPES:

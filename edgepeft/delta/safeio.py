@@ -60,13 +60,16 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def parse_header(data: bytes, where: str, *, dtypes: tuple[str, ...] = ("F32",)) -> Header:
-    """Check the header of safetensors ``data`` against its buffer; raise DeltaError naming ``where``."""
+def parse_header(data: bytes, where: str, *, dtypes: tuple[str, ...] = ("F32",), max_header: int = MAX_HEADER_BYTES) -> Header:
+    """Check the header of safetensors ``data`` against its buffer; raise DeltaError naming ``where``.
+
+    ``max_header`` caps the JSON before it is parsed (a reader that knows the expected slots passes a small one).
+    """
     if len(data) < 8:
         raise DeltaError(f"{where}: truncated ({len(data)} bytes; a safetensors file has at least 8)")
     (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER_BYTES:
-        raise DeltaError(f"{where}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte cap; not a delta file")
+    if n > max_header:
+        raise DeltaError(f"{where}: header length {n} exceeds the {max_header}-byte cap; not a delta file")
     if 8 + n > len(data):
         raise DeltaError(f"{where}: truncated: header says {n} bytes but the file has {len(data) - 8} after the length")
     try:

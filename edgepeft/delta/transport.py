@@ -26,7 +26,8 @@ try:  # the standard library's zstd (Python 3.14+), or its 2 MB backport (the zs
 except ImportError:
     from backports import zstd
 
-from edgepeft.delta.format import Delta, check_against_manifest, check_structure, meta_from_strings, meta_to_strings
+from edgepeft.delta.format import (Delta, check_against_manifest, check_shapes, check_structure, header_cap, meta_from_strings,
+                                   meta_to_strings)
 from edgepeft.errors import DeltaError
 from edgepeft.manifest import Manifest
 from edgepeft.names import is_safe_name
@@ -73,8 +74,10 @@ def error_bound(delta: Delta) -> float:
 
 def dequantize(scales: np.ndarray, q: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Inverse of :func:`quantize`, float32 of ``shape``."""
+    out = np.empty(q.shape, np.float32)
     with np.errstate(over="ignore"):  # a hostile scale overflows to inf; check_structure refuses it
-        return (q.astype(np.float32) * scales[:, None]).reshape(shape)
+        np.multiply(q, scales[:, None], out=out)  # no float32 copy of q: the product is written in place
+    return out.reshape(shape)
 
 
 def pack(delta: Delta) -> bytes:
@@ -96,39 +99,66 @@ def pack(delta: Delta) -> bytes:
     return MAGIC + zstd.compress(b"".join(parts), options=options)
 
 
-def _decompress(data: bytes, where: str) -> bytes:
-    if len(data) < len(MAGIC) or data[:4] != MAGIC[:4]:
-        raise DeltaError(f"{where}: not a packed delta (bad magic)")
-    if data[4:5] != MAGIC[4:]:
-        raise DeltaError(f"{where}: packed delta version {data[4]}; this edgepeft reads {MAGIC[4]}")
-    frame = data[len(MAGIC) :]
-    try:
-        size = zstd.get_frame_info(frame).decompressed_size
-        frame_bytes = zstd.get_frame_size(frame)
-    except zstd.ZstdError:
-        raise DeltaError(f"{where}: corrupt zstd frame header") from None
-    if size is None or size > MAX_UNPACKED_BYTES:
-        raise DeltaError(f"{where}: zstd frame declares {-1 if size is None else size} bytes; expected 0..{MAX_UNPACKED_BYTES}")
-    if frame_bytes != len(frame):
-        raise DeltaError(f"{where}: {len(frame) - frame_bytes} bytes after the zstd frame")
-    dctx = zstd.ZstdDecompressor()
-    try:
-        out = dctx.decompress(frame, max_length=size)  # content size known and capped: allocates at most that
-    except zstd.ZstdError as e:
-        raise DeltaError(f"{where}: corrupt zstd data ({e})") from None
-    if len(out) != size or not dctx.eof:
-        raise DeltaError(f"{where}: zstd frame does not hold the {size} bytes it declares")
-    return out
+class _Frame:
+    """Reads a zstd frame's content in pieces, never more than asked: the header is checked before the payload exists."""
+
+    def __init__(self, data: bytes, where: str) -> None:
+        if len(data) < len(MAGIC) or data[:4] != MAGIC[:4]:
+            raise DeltaError(f"{where}: not a packed delta (bad magic)")
+        if data[4:5] != MAGIC[4:]:
+            raise DeltaError(f"{where}: packed delta version {data[4]}; this edgepeft reads {MAGIC[4]}")
+        frame = memoryview(data)[len(MAGIC):]
+        try:
+            size = zstd.get_frame_info(frame).decompressed_size
+            frame_bytes = zstd.get_frame_size(frame)
+        except zstd.ZstdError:
+            raise DeltaError(f"{where}: corrupt zstd frame header") from None
+        if size is None or size > MAX_UNPACKED_BYTES:
+            raise DeltaError(f"{where}: zstd frame declares {-1 if size is None else size} bytes; expected 0..{MAX_UNPACKED_BYTES}")
+        if frame_bytes != len(frame):
+            raise DeltaError(f"{where}: {len(frame) - frame_bytes} bytes after the zstd frame")
+        self.where, self.size, self.read_bytes = where, size, 0
+        self._dctx, self._input = zstd.ZstdDecompressor(), frame
+
+    def read(self, n: int) -> bytes:
+        """The next ``n`` bytes of content; DeltaError if the frame ends (or is corrupt) before."""
+        if self.read_bytes + n > self.size:
+            raise DeltaError(f"{self.where}: packed payload is {self.size} bytes, its header describes more")
+        parts, got = [], 0
+        while got < n:
+            try:
+                chunk = self._dctx.decompress(self._input, max_length=n - got)
+            except (zstd.ZstdError, EOFError) as e:
+                raise DeltaError(f"{self.where}: corrupt zstd data ({e})") from None
+            self._input = b""
+            if not chunk:
+                raise DeltaError(f"{self.where}: zstd frame does not hold the {self.size} bytes it declares")
+            parts.append(chunk)
+            got += len(chunk)
+        self.read_bytes += n
+        return b"".join(parts)
+
+    def finish(self) -> None:
+        """Check that the content ended exactly where the header said, and the frame's checksum."""
+        if self.read_bytes != self.size:
+            raise DeltaError(f"{self.where}: packed payload is {self.size} bytes, its header describes {self.read_bytes}")
+        if not self._dctx.eof:
+            try:
+                extra = self._dctx.decompress(self._input, max_length=1)
+            except (zstd.ZstdError, EOFError) as e:
+                raise DeltaError(f"{self.where}: corrupt zstd data ({e})") from None
+            if extra or not self._dctx.eof:
+                raise DeltaError(f"{self.where}: zstd frame does not hold the {self.size} bytes it declares")
 
 
-def _parse_header(payload: bytes, where: str) -> tuple[dict, int]:
-    if len(payload) < 4:
+def _parse_header(frame: _Frame, where: str, cap: int) -> dict:
+    if frame.size < 4:
         raise DeltaError(f"{where}: packed payload truncated")
-    (n,) = struct.unpack("<I", payload[:4])
-    if n > MAX_HEADER_BYTES or 4 + n > len(payload):
-        raise DeltaError(f"{where}: packed header length {n} does not fit the {len(payload)}-byte payload")
+    (n,) = struct.unpack("<I", frame.read(4))
+    if n > cap or 4 + n > frame.size:
+        raise DeltaError(f"{where}: packed header length {n} does not fit the {frame.size}-byte payload")
     try:
-        header = json.loads(payload[4 : 4 + n].decode("utf-8"))
+        header = json.loads(frame.read(n).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise DeltaError(f"{where}: packed header is not valid JSON ({e})") from None
     if not isinstance(header, dict) or header.get("format") != PACKED_FORMAT:
@@ -138,7 +168,7 @@ def _parse_header(payload: bytes, where: str) -> tuple[dict, int]:
         raise DeltaError(f"{where}: packed header 'meta' must map strings to strings")
     if not isinstance(specs, list):
         raise DeltaError(f"{where}: packed header 'tensors' must be a list")
-    return header, 4 + n
+    return header
 
 
 def _tensor_specs(specs: list, where: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -157,31 +187,42 @@ def _tensor_specs(specs: list, where: str) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def unpack(data: bytes, where: str = "packed delta", *, manifest: Manifest | None = None) -> Delta:
-    """Parse transport bytes into a checked Delta (values dequantized; see the module's error bound)."""
-    payload = _decompress(data, where)
-    header, pos = _parse_header(payload, where)
+def payload_size(header_bytes: int, specs: list[tuple[str, tuple[int, ...]]]) -> int:
+    """Exact content size of a packed delta: u32 + header + per tensor one float32 scale and n int8 per row."""
+    return 4 + header_bytes + sum(r * 4 + r * n for r, n in (_rows(s) for _, s in specs))
+
+
+def unpack(data: bytes, where: str = "packed delta", *, manifest: Manifest | None = None, for_training: bool = False) -> Delta:
+    """Parse transport bytes into a checked Delta (values dequantized; see the module's error bound).
+
+    Streams: the header is decompressed first and, given a manifest, its names and shapes are checked
+    against it; then the declared content size must equal what the header describes, and only then
+    is each tensor decompressed, one at a time, straight into its float32 result.
+    """
+    frame = _Frame(data, where)
+    header = _parse_header(frame, where, header_cap(manifest))
     meta = meta_from_strings(header["meta"], where)
     specs = _tensor_specs(header["tensors"], where)
-    need = pos + sum(r * 4 + r * n for r, n in (_rows(s) for _, s in specs))
-    if need != len(payload):
-        raise DeltaError(f"{where}: packed payload is {len(payload)} bytes, its header describes {need}")
+    if manifest is not None:
+        check_shapes(dict(specs), meta, manifest, where, for_training=for_training)
+    need = payload_size(frame.read_bytes - 4, specs)
+    if need != frame.size:
+        raise DeltaError(f"{where}: packed payload is {frame.size} bytes, its header describes {need}")
     tensors = {}
     for name, shape in specs:
         rows, n = _rows(shape)
-        scales = np.frombuffer(payload, dtype="<f4", count=rows, offset=pos).astype(np.float32)
-        pos += rows * 4
-        q = np.frombuffer(payload, dtype=np.int8, count=rows * n, offset=pos).reshape(rows, n)
-        pos += rows * n
+        scales = np.frombuffer(frame.read(rows * 4), dtype="<f4").astype(np.float32)
         if not (np.isfinite(scales).all() and (scales >= 0).all()):
             raise DeltaError(f"{where}: tensor {name!r} has a negative or non-finite row scale")
+        q = np.frombuffer(frame.read(rows * n), dtype=np.int8).reshape(rows, n)
         if (q == -128).any():
             raise DeltaError(f"{where}: tensor {name!r} holds -128, which the packer never writes")
         tensors[name] = dequantize(scales, q, shape)
+    frame.finish()
     delta = Delta(tensors, meta)
     check_structure(delta, where)
     if manifest is not None:
-        check_against_manifest(delta, manifest, where)
+        check_against_manifest(delta, manifest, where, for_training=for_training)
     return delta
 
 

@@ -1,42 +1,97 @@
 """Fleet aggregation: claim the pending deltas, merge them streaming from the store, publish a version.
 
-The weighted mean (weights: each delta's ``meta.samples``) goes through ``edgepeft.delta.merge``: ΔW
-space for LoRA, plain weighted mean for bias and head slots, output re-factored at the bundle's LoRA
-rank and scale so devices keep training from it. Claiming is one transaction, so every accepted delta
+The weighted mean (weights: each delta's ``meta.samples``) goes through ``edgepeft.delta.merge``, in
+each method's own space: ΔW for LoRA, plain weighted mean for bias and head slots, output re-factored
+at the bundle's LoRA rank and scale so devices keep training from it. Claiming is one transaction, so every accepted delta
 lands in exactly one version; a version whose builder died stays ``building`` and ``recover`` rebuilds
 it from the same deltas and options.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import statistics
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes, delta_from_bytes, replace_meta
-from edgepeft.delta.merge import merge, refactor
-from edgepeft.delta.transport import is_packed, unpack
-from edgepeft.errors import HubError
+from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes, delta_from_bytes, meta_to_strings, replace_meta
+from edgepeft.delta.merge import from_space_parts, is_ranked, merge, space_parts
+from edgepeft.delta.transport import is_packed, quantize, unpack
+from edgepeft.errors import DeltaError, HubError
 from edgepeft.hub.robust import RobustOptions, clip_update, trimmed_mean
 from edgepeft.hub.store import BUILDING, Fleet, Store, VersionRec
 from edgepeft.manifest import Manifest
-from edgepeft.names import LORA_A, LORA_B, slot_name, split_slot_name
 
 Pairs = Callable[[], Iterator[tuple[Delta, float]]]  # a fresh pass over (delta, weight)
 
+MAX_SAMPLES_CLAIM = 10**9  # an upload claiming more training samples is refused: no device has seen that many
+DEFAULT_MAX_SAMPLES = 10_000  # one delta weighs at most this much unless the admin sets max_samples
+MEDIAN_MULTIPLE = 4  # ... and at most this many times the median claim of its round
+MAX_ABS_VALUE = 1e4  # a delta value beyond this is refused at upload (LoRA and bias deltas are O(1)):
+#                      the merge then stays finite in float32, so what is published stays readable
+MAX_PUBLISHED_SAMPLES = 10**15  # a published version's samples stay far inside what the delta reader accepts
+
+
+def sample_weights(claims: list[int], max_samples: int | None) -> list[int]:
+    """Aggregation weights from the deltas' self-reported sample counts, capped so no claim outweighs the fleet.
+
+    Default cap: ``MEDIAN_MULTIPLE`` times the round's median claim, and never above ``DEFAULT_MAX_SAMPLES``;
+    an admin's ``max_samples`` replaces it (the override for fleets whose devices really differ that much).
+    """
+    if max_samples is None:
+        cap = min(DEFAULT_MAX_SAMPLES, math.ceil(MEDIAN_MULTIPLE * statistics.median(claims))) if claims else 0
+    else:
+        cap = max_samples
+    return [max(0, min(int(c), cap, MAX_SAMPLES_CLAIM)) for c in claims]
+
 
 def parse_delta(data: bytes, where: str, manifest: Manifest) -> Delta:
-    """A delta from raw safetensors or packed bytes, fully checked against the bundle manifest."""
+    """A delta from raw safetensors or packed bytes, fully checked against the bundle manifest.
+
+    Shapes must be the bundle's exactly (LoRA at its rank): the manifest then fixes the payload size,
+    which is checked before anything is decompressed.
+    """
     if is_packed(data):
-        return unpack(data, where, manifest=manifest)
-    return delta_from_bytes(data, where, manifest)
+        return unpack(data, where, manifest=manifest, for_training=True)
+    return delta_from_bytes(data, where, manifest, for_training=True)
+
+
+def largest_value(delta: Delta) -> float:
+    """max |x| over every tensor of ``delta`` (0 for an empty delta)."""
+    return max((float(np.abs(t).max(initial=0.0)) for t in delta.tensors.values()), default=0.0)
+
+
+def content_id(delta: Delta, device: str) -> str:
+    """What makes two uploads the same delta: uploader, every meta field and each tensor's int8 transport form.
+
+    Raw and packed bytes of one delta get the same id (packing stores exactly these int8 values, and
+    re-quantizing unpacked values gives them back), so a delta sent raw and then packed is stored once.
+    Row scales are left out: they may differ in the last float32 bit between the two forms.
+    """
+    h = hashlib.sha256(json.dumps({"device": device, "meta": meta_to_strings(delta.meta)}, sort_keys=True).encode())
+    for name in sorted(delta.tensors):
+        t = delta.tensors[name]
+        h.update(f"\0{name}\0{list(t.shape)}\0".encode())
+        h.update(quantize(t)[1].tobytes())
+    return h.hexdigest()
+
+
+def readable(data: bytes, manifest: Manifest, what: str) -> None:
+    """The invariant behind every publish: a device's own reader (the checks it trains from) accepts ``data``."""
+    try:
+        delta_from_bytes(data, what, manifest, for_training=True)
+    except DeltaError as e:
+        raise HubError(f"refusing to publish {what}: the device reader would refuse it ({e})") from None
 
 
 def bundle_lora(manifest: Manifest) -> tuple[int, float]:
     """(rank, scale) of the bundle's LoRA slots: the shape every published version has."""
-    found = {(s.rank, s.scale) for s in manifest.slots if s.kind in (LORA_A, LORA_B)}
+    found = {(s.rank, s.scale) for s in manifest.slots if s.rank}
     if len(found) > 1:
         raise HubError(f"bundle LoRA slots disagree on (rank, scale): {sorted(found)}")
     return found.pop() if found else (0, 1.0)
@@ -64,9 +119,7 @@ class _Parents:
 def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, memory_mb: float) -> tuple[Delta, dict[str, Any]]:
     """Coordinate-wise trimmed mean in ΔW space, in as many passes over the deltas as the memory budget needs."""
     first, _ = next(pairs())
-    modules = first.lora_modules()
-    keys = [(f"{m}:dW", (first.tensors[slot_name(m, LORA_B)].shape[0], first.tensors[slot_name(m, LORA_A)].shape[1])) for m in modules]
-    keys += [(k, t.shape) for k, t in first.tensors.items() if split_slot_name(k)[1] not in (LORA_A, LORA_B)]
+    keys = [(k, v.shape) for k, v in space_parts(first).items()]  # each method's space (ΔW for LoRA)
     # numbers per delta per pass; ~40 bytes each: the float32 stack, argsort indices, kept values and weights
     budget = max(1, int(memory_mb * 2**20) // (40 * max(n, 1)))
     chunks: list[list[tuple[str, int, int]]] = [[]]  # passes of (key, row_lo, row_hi)
@@ -93,12 +146,9 @@ def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, m
                 raise HubError("aggregation: more deltas than claimed")
             weights[i] = w
             col = 0
+            parts = space_parts(d)
             for key, lo, hi in chunk:
-                if key.endswith(":dW"):
-                    m = key[:-3]
-                    block = d.scale * (d.tensors[slot_name(m, LORA_B)][lo:hi].astype(np.float64) @ d.tensors[slot_name(m, LORA_A)].astype(np.float64))
-                else:
-                    block = d.tensors[key].reshape(result[key].shape[0], -1)[lo:hi]
+                block = parts[key].reshape(result[key].shape[0], -1)[lo:hi]
                 stack[i, col:col + block.size] = block.ravel()
                 col += block.size
             if chunk is chunks[0]:
@@ -114,14 +164,9 @@ def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, m
             size = (hi - lo) * target.shape[1]
             target[lo:hi] = mean[col:col + size].reshape(hi - lo, -1)
             col += size
-    tensors: dict[str, np.ndarray] = {}
-    errors = {}
-    for m in modules:
-        tensors[slot_name(m, LORA_A)], tensors[slot_name(m, LORA_B)], errors[m] = refactor(result[f"{m}:dW"], rank, scale)
-    for k, _ in keys[len(modules):]:
-        tensors[k] = result[k].astype(np.float32)
+    tensors, errors = from_space_parts(first, result, rank, scale)
     f = first.meta
-    out_rank = rank if modules else 0
+    out_rank = rank if is_ranked(first) else 0
     meta = DeltaMeta(base_fingerprint=f.base_fingerprint, method=f.method, rank=out_rank, alpha=scale * out_rank,
                      adapter=f.adapter, samples=samples, creator="merge", extra={"merged_count": str(n)})
     return Delta(tensors, meta), {"total_weight": weights_total, "passes": len(chunks),
@@ -156,7 +201,9 @@ def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> Ver
         report: dict[str, Any] = {"count": 0, "published": True}
     else:
         options = RobustOptions.from_dict(rec.options)
-        ids = [d.id for d in store.list_deltas(fleet.name, adapter, version=version)]
+        claimed = store.list_deltas(fleet.name, adapter, version=version)
+        ids = [d.id for d in claimed]
+        weights = dict(zip(ids, sample_weights([d.samples for d in claimed], options.max_samples)))
         if not ids:
             raise HubError(f"{fleet.name}/{adapter} v{version}: no deltas were claimed for it")
         parents = _Parents(store, fleet.name, adapter, manifest)
@@ -166,11 +213,12 @@ def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> Ver
             norms.clear()
             for delta_id, data in store.iter_delta_bytes(ids):
                 d = parse_delta(data, f"delta {delta_id[:16]}", manifest)
-                w = float(min(d.meta.samples, options.max_samples) if options.max_samples else d.meta.samples)
+                w = weights[delta_id]
+                d = replace_meta(d, samples=w)  # sums of samples (the version's meta) count capped weights too
                 if options.clip_norm is not None:
                     d, norm = clip_update(d, parents.get(d.meta.parent), options.clip_norm)
                     norms.append(norm)
-                yield d, w
+                yield d, float(w)
 
         merged, stats = combine(pairs, len(ids), manifest, options)
         out = replace_meta(merged, adapter=adapter, version=version, parent=parent, creator="hub")
@@ -179,7 +227,10 @@ def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> Ver
             report["clipped"] = sum(1 for x in norms if x > options.clip_norm)
             report["max_update_norm"] = max(norms)
     report["seconds"] = round(time.perf_counter() - started, 4)
-    store.finish_version(fleet.name, adapter, version, delta_bytes(out), parent=parent, report=report)
+    out = replace_meta(out, samples=min(out.meta.samples, MAX_PUBLISHED_SAMPLES))
+    data = delta_bytes(out)
+    readable(data, manifest, f"{fleet.name}/{adapter} v{version}")
+    store.finish_version(fleet.name, adapter, version, data, parent=parent, report=report)
     got = store.get_version(fleet.name, adapter, version)
     if got is None:
         raise HubError(f"{fleet.name}/{adapter} v{version} vanished while it was built")

@@ -10,10 +10,11 @@ from pydantic import BaseModel, Field
 
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.hub import aggregate as agg
-from edgepeft.hub.api_device import BINARY_BODY, read_body, version_json
+from edgepeft.hub.api_device import BINARY_BODY, version_json
+from edgepeft.hub.bodies import read_body, spool_body
 from edgepeft.hub.auth import AdminDep, StoreDep
 from edgepeft.hub.bundles import check_bundle_files, files_from_tar
-from edgepeft.hub.store import Fleet, check_name
+from edgepeft.hub.store import NAME_RE, Fleet, check_name
 
 router = APIRouter(prefix="/api/v1")
 
@@ -21,26 +22,29 @@ router = APIRouter(prefix="/api/v1")
 class FleetIn(BaseModel):
     """A new fleet and its aggregation policy."""
 
-    name: str = Field(description="fleet name: 1-64 letters, digits, _ or -")
-    bundle: str = Field(description="fingerprint of a registered bundle")
-    aggregate_every: int = Field(0, ge=0, description="aggregate when this many deltas are pending (0: not by count)")
-    aggregate_minutes: float = Field(0.0, ge=0, description="aggregate when the oldest pending delta is this old (0: not by time)")
-    staleness: int = Field(2, ge=0, description="refuse deltas trained from a version more than this many behind")
-    robust: dict[str, Any] = Field(default_factory=dict, description="default aggregation options (clip_norm, trim, max_samples)")
+    name: str = Field(max_length=64, description="fleet name: 1-64 letters, digits, _ or -")
+    bundle: str = Field(max_length=64, description="fingerprint of a registered bundle")
+    aggregate_every: int = Field(0, ge=0, le=10**6, description="aggregate when this many deltas are pending (0: not by count)")
+    aggregate_minutes: float = Field(0.0, ge=0, le=10**7, allow_inf_nan=False,
+                                     description="aggregate when the oldest pending delta is this old (0: not by time)")
+    staleness: int = Field(2, ge=0, le=10**6, description="refuse deltas trained from a version more than this many behind")
+    robust: dict[str, Any] = Field(default_factory=dict, max_length=8,
+                                   description="default aggregation options (clip_norm, trim, max_samples, memory_mb)")
 
 
 class DeviceIn(BaseModel):
     """A new device of a fleet."""
 
-    device: str = Field(description="device id: 1-64 letters, digits, _ or -")
+    device: str = Field(max_length=64, description="device id: 1-64 letters, digits, _ or -")
 
 
 class AggregateIn(BaseModel):
     """Options of one aggregation; omitted: the fleet's defaults."""
 
-    clip_norm: float | None = Field(None, gt=0, description="clip each device's update (ΔW space) to this norm")
+    clip_norm: float | None = Field(None, gt=0, allow_inf_nan=False, description="clip each device's update (ΔW space) to this norm")
     trim: float | None = Field(None, ge=0, lt=0.5, description="coordinate-wise trimmed mean, fraction cut at each end")
-    max_samples: int | None = Field(None, ge=1, description="cap on one delta's weight")
+    max_samples: int | None = Field(None, ge=1, le=agg.MAX_SAMPLES_CLAIM,
+                                    description=f"cap on one delta's weight (default {agg.DEFAULT_MAX_SAMPLES})")
 
 
 def _fleet_json(f: Fleet) -> dict[str, Any]:
@@ -51,10 +55,12 @@ def _fleet_json(f: Fleet) -> dict[str, Any]:
 @router.post("/bundles", status_code=201, openapi_extra=BINARY_BODY,
              summary="Register a bundle: a tar (optionally gzip) of its files, flat")
 async def add_bundle(request: Request, who: AdminDep, store: StoreDep) -> dict[str, Any]:
-    data = await read_body(request, request.app.state.max_bundle_bytes)
+    limit = request.app.state.max_bundle_bytes
+    body = await spool_body(request, limit)
 
     def work() -> dict[str, Any]:
-        files = files_from_tar(data)
+        with body:
+            files = files_from_tar(body, limit)  # streamed; members capped by the same limit, unpacked
         text = check_bundle_files(files)
         rec, added = store.add_bundle(text, files)
         return {"fingerprint": rec.fingerprint, "added": added, "files": [{"name": f.name, "size": f.size} for f in rec.files]}
@@ -99,9 +105,30 @@ def add_device(fleet: str, body: DeviceIn, who: AdminDep, store: StoreDep) -> di
     return {"device": body.device, "fleet": fleet, "token": token}
 
 
-@router.get("/fleets/{fleet}/devices", summary="Devices of a fleet and when each was last seen")
+@router.get("/fleets/{fleet}/devices", summary="Devices of a fleet, when each was last seen, and whether it is revoked")
 def list_devices(fleet: str, who: AdminDep, store: StoreDep) -> list[dict[str, Any]]:
-    return [{"device": d.id, "created": d.created, "last_seen": d.last_seen} for d in store.list_devices(fleet)]
+    return [{"device": d.id, "created": d.created, "last_seen": d.last_seen, "revoked": d.revoked}
+            for d in store.list_devices(fleet)]
+
+
+def _member(store, fleet: str, device: str) -> None:
+    d = store.get_device(device) if NAME_RE.match(device) else None
+    if d is None or d.fleet != fleet:
+        raise HTTPException(404, f"no device {device!r} in fleet {fleet!r}")
+
+
+@router.post("/fleets/{fleet}/devices/{device}/token", status_code=201,
+             summary="Rotate a device's token: the new one is in the answer, once; the old one is refused from now on")
+def rotate_token(fleet: str, device: str, who: AdminDep, store: StoreDep) -> dict[str, str]:
+    _member(store, fleet, device)
+    return {"device": device, "fleet": fleet, "token": store.rotate_token(device)}
+
+
+@router.delete("/fleets/{fleet}/devices/{device}/token", summary="Revoke a device's token (401 from the next request on)")
+def revoke_token(fleet: str, device: str, who: AdminDep, store: StoreDep) -> dict[str, Any]:
+    _member(store, fleet, device)
+    store.revoke_device(device)
+    return {"device": device, "fleet": fleet, "revoked": True}
 
 
 @router.get("/fleets/{fleet}/deltas", summary="Accepted deltas of a fleet and the version each went into")

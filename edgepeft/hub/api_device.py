@@ -10,29 +10,19 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from edgepeft.delta.format import max_file_bytes
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.hub import aggregate as agg
 from edgepeft.hub.auth import DeviceDep, PrincipalDep, StoreDep
+from edgepeft.hub.bodies import read_body
 from edgepeft.hub.bundles import serve_blob
 from edgepeft.hub.store import DeltaRec, Device, Store, VersionRec, check_name, sha256_hex
 
 router = APIRouter(prefix="/api/v1")
+MAX_VERSION = 10**9 - 1  # version numbers fit nine digits and every database integer
 
 BINARY_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary"}}}}}
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, or 413 as soon as it passes ``limit`` bytes (declared or actual)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"body of {declared} bytes is over the {limit}-byte limit")
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise HTTPException(413, f"body is over the {limit}-byte limit")
-    return bytes(buf)
 
 
 def version_json(v: VersionRec, *, with_report: bool = True) -> dict[str, Any]:
@@ -56,7 +46,8 @@ def manifest_of(request: Request, store: Store, fingerprint: str):
 
 
 def accept_delta(store: Store, device: Device, data: bytes, manifest) -> tuple[int, dict[str, Any]]:
-    """Validate, then store (status, body). Nothing is stored unless every check passed."""
+    """Validate, then store (status, body). Nothing is stored unless every check passed; a delta already stored
+    (the same bytes, or the same content in other bytes) is answered 200 and stored once."""
     sha = sha256_hex(data)
     known = store.get_delta(sha)
     if known is not None:  # a retry of an upload that was accepted: accepted once
@@ -70,27 +61,38 @@ def accept_delta(store: Store, device: Device, data: bytes, manifest) -> tuple[i
     meta = delta.meta
     if meta.creator and meta.creator != device.id:
         raise HTTPException(403, f"delta says it was made by {meta.creator!r}; a device uploads only as itself")
-    if meta.samples < 1:
-        raise HTTPException(422, "delta has samples=0; its aggregation weight would be zero")
+    if agg.largest_value(delta) > agg.MAX_ABS_VALUE:
+        raise HTTPException(422, f"delta holds a value of magnitude {agg.largest_value(delta):.3g}; the hub accepts at most "
+                                 f"{agg.MAX_ABS_VALUE:g} (LoRA and bias deltas are small)")
+    if not 1 <= meta.samples <= agg.MAX_SAMPLES_CLAIM:
+        raise HTTPException(422, f"delta has samples={meta.samples}; the hub accepts 1..{agg.MAX_SAMPLES_CLAIM}")
     try:
         check_name("adapter", meta.adapter)
     except HubError as e:
         raise HTTPException(422, str(e)) from None
+    content = agg.content_id(delta, device.id)
+    same = store.find_content(content)
+    if same is not None:  # the same delta in other bytes (raw, then packed): accepted once
+        return 200, {"id": same.id, "duplicate": True, "adapter": same.adapter, "parent": same.parent}
     fleet = store.get_fleet(device.fleet)
     latest = store.latest_version(device.fleet, meta.adapter)
     why = agg.check_parent(latest.version if latest else 0, meta.parent, fleet.staleness if fleet else 0)
     if why:
         raise HTTPException(409, why)
     rec = DeltaRec(sha, device.fleet, device.id, meta.adapter, meta.parent or 0, meta.samples, len(data), time.time())
-    added = store.add_delta(rec, data)
+    added = store.add_delta(rec, data, content)
     return (201 if added else 200), {"id": sha, "duplicate": not added, "adapter": meta.adapter, "parent": rec.parent}
+
+
+MetricName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
+MetricValue = Annotated[float, Field(allow_inf_nan=False, ge=-1e15, le=1e15)]
 
 
 class MetricsIn(BaseModel):
     """Metric values a device reports, optionally for the adapter version it ran."""
 
-    values: dict[str, float] = Field(max_length=64)
-    version: int | None = None
+    values: dict[MetricName, MetricValue] = Field(max_length=64)
+    version: int | None = Field(None, ge=0, le=MAX_VERSION)
 
 
 @router.get("/device", summary="The calling device: its fleet, bundle and latest adapter versions")
@@ -103,6 +105,11 @@ def whoami(who: DeviceDep, store: StoreDep) -> dict[str, Any]:
     return {"device": d.id, "fleet": d.fleet, "bundle": fleet.bundle if fleet else None, "latest": latest}
 
 
+@router.post("/device/token", status_code=201, summary="Rotate the calling device's own token (the old one stops working)")
+def rotate_own_token(who: DeviceDep, store: StoreDep) -> dict[str, str]:
+    return {"device": who.device.id, "fleet": who.device.fleet, "token": store.rotate_token(who.device.id)}
+
+
 @router.post("/devices/{device_id}/deltas", status_code=201, openapi_extra=BINARY_BODY,
              summary="Upload a delta (safetensors or packed); idempotent by sha256",
              responses={200: {"description": "already stored (a retry)"}, 403: {"description": "not this device"},
@@ -112,9 +119,10 @@ async def upload_delta(device_id: str, request: Request, who: DeviceDep, store: 
                        tasks: BackgroundTasks) -> JSONResponse:
     if who.device.id != device_id:
         raise HTTPException(403, f"token is for device {who.device.id!r}, not {device_id!r}")
-    data = await read_body(request, request.app.state.max_upload_bytes)
     fleet = await run_in_threadpool(store.get_fleet, who.device.fleet)
     manifest = await run_in_threadpool(manifest_of, request, store, fleet.bundle)
+    # the bundle fixes the largest valid delta: nothing bigger is even read
+    data = await read_body(request, min(request.app.state.max_upload_bytes, max_file_bytes(manifest)))
     status, body = await run_in_threadpool(accept_delta, store, who.device, data, manifest)
     if status == 201:
         tasks.add_task(request.app.state.policy, who.device.fleet, body["adapter"])
@@ -142,7 +150,7 @@ def list_versions(fleet: str, who: PrincipalDep, store: StoreDep, adapter: str |
 def _resolve(store: Store, fleet: str, adapter: str, version: str) -> VersionRec:
     if version == "latest":
         v = store.latest_version(fleet, adapter)
-    elif version.isdigit():
+    elif version.isascii() and version.isdigit() and len(version) <= 9:  # int() would take '²', '٣' or 10^5000
         v = store.get_version(fleet, adapter, int(version))
     else:
         raise HTTPException(422, "version must be a number or 'latest'")

@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import threading
-from typing import Any, AsyncIterator
+import urllib.parse
+from typing import Annotated, Any, AsyncIterator
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
 
 from edgepeft import __version__
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.hub import aggregate as agg
 from edgepeft.hub import api_admin, api_device
-from edgepeft.hub.auth import PrincipalDep, StoreDep
-from edgepeft.hub.store import hash_token
-from edgepeft.hub.status import render_status
-from edgepeft.hub.store import Store
+from edgepeft.hub.auth import SESSION_COOKIE, SESSION_MAX_AGE_S, StoreDep, bearer, may_see_status, status_session
+from edgepeft.hub.bodies import read_body
+from edgepeft.hub.status import login_page, render_status
+from edgepeft.hub.store import Store, hash_token
 
 log = logging.getLogger("edgepeft.hub")
 
@@ -55,6 +59,8 @@ def create_app(store: Store, *, admin_token: str, max_upload_bytes: int = MAX_UP
                   description="Stores, validates and aggregates fleet deltas; publishes adapter versions devices pull.")
     app.state.store = store
     app.state.admin_hash = hash_token(admin_token)
+    app.state.session = status_session(admin_token)
+    app.state.session_hash = hash_token(app.state.session)
     app.state.max_upload_bytes = int(max_upload_bytes)
     app.state.max_bundle_bytes = int(max_bundle_bytes)
     app.state.manifests = {}
@@ -67,6 +73,11 @@ def create_app(store: Store, *, admin_token: str, max_upload_bytes: int = MAX_UP
     async def _hub_error(request: Request, exc: HubError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422 if isinstance(exc, DeltaError) else 400)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes the input, which may not even be JSON (NaN): one line per problem instead
+        return JSONResponse({"detail": "; ".join(_problem(e) for e in exc.errors()[:5])}, status_code=422)
+
     @app.exception_handler(DeltaError)
     async def _delta_error(request: Request, exc: DeltaError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
@@ -75,19 +86,43 @@ def create_app(store: Store, *, admin_token: str, max_upload_bytes: int = MAX_UP
     def healthz() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
-    if status_public:
-        @app.get("/", tags=["status"], response_class=HTMLResponse, summary="Status page (public)")
-        def status_open(store: StoreDep) -> HTMLResponse:
-            return HTMLResponse(render_status(store))
-    else:
-        @app.get("/", tags=["status"], response_class=HTMLResponse,
-                 summary="Status page (admin token as bearer, or ?token= for a browser)")
-        def status_page(who: PrincipalDep, store: StoreDep) -> HTMLResponse:
-            if not who.admin:
-                raise HTTPException(403, "the status page needs the admin token")
-            return HTMLResponse(render_status(store))
-
+    _status_routes(app, status_public)
     return app
+
+
+def _problem(error: dict[str, Any]) -> str:
+    """One line for one validation error: where (``body.values.loss``) and what is wrong, never the input."""
+    where = ".".join(str(p) for p in error.get("loc", ()))[:120]
+    return f"{where}: {str(error.get('msg', 'invalid'))[:200]}"
+
+
+def _status_routes(app: FastAPI, public: bool) -> None:
+    """``/``: the status page, for the admin bearer or the session cookie its login form sets (public: for all)."""
+
+    @app.get("/", tags=["status"], response_class=HTMLResponse, summary="Status page (admin bearer or login cookie)")
+    def status_page(request: Request, store: StoreDep,
+                    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> HTMLResponse:
+        if public or may_see_status(request, creds):
+            return HTMLResponse(render_status(store))
+        return HTMLResponse(login_page(), status_code=401)
+
+    @app.post("/login", tags=["status"], response_class=HTMLResponse, include_in_schema=False)
+    async def login(request: Request) -> Response:
+        body = await read_body(request, 4096)
+        fields = urllib.parse.parse_qs(body.decode("utf-8", errors="replace"), max_num_fields=4)
+        token = (fields.get("token") or [""])[0]
+        if not hmac.compare_digest(hash_token(token), request.app.state.admin_hash):
+            return HTMLResponse(login_page("wrong token"), status_code=401)
+        r = RedirectResponse("/", status_code=303)
+        r.set_cookie(SESSION_COOKIE, request.app.state.session, max_age=SESSION_MAX_AGE_S, httponly=True,
+                     samesite="strict", secure=request.url.scheme == "https", path="/")
+        return r
+
+    @app.post("/logout", tags=["status"], include_in_schema=False)
+    def logout() -> Response:
+        r = RedirectResponse("/", status_code=303)
+        r.delete_cookie(SESSION_COOKIE, path="/")
+        return r
 
 
 def _store(app: FastAPI) -> Store:

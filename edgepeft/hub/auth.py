@@ -1,11 +1,14 @@
-"""Who is calling: the admin or a device, from ``Authorization: Bearer <token>``.
+"""Who is calling: the admin or a device, from ``Authorization: Bearer <token>`` (never from the URL).
 
 Device tokens are ``<device id>.<secret>``; the store keeps only their sha256 and compares in constant
-time. A missing or wrong token is 401; a valid token asking for what it may not have is 403.
+time, on every request, so a revoked or rotated token fails from the next request on. A missing or
+wrong token is 401; a valid token asking for what it may not have is 403. The status page also takes
+a session cookie set by its login form (``status_session``); it opens that page and nothing else.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 from dataclasses import dataclass
@@ -47,7 +50,7 @@ def _unauthorized(why: str) -> HTTPException:
 def principal(request: Request, store: StoreDep,
               creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
     """Authenticate the caller; 401 without a valid token."""
-    token = creds.credentials if creds is not None else request.query_params.get("token") if request.url.path == "/" else None
+    token = creds.credentials if creds is not None else None  # never from the URL: access logs keep URLs
     if not token:
         raise _unauthorized("missing bearer token")
     if hmac.compare_digest(hash_token(token), request.app.state.admin_hash):
@@ -61,6 +64,22 @@ def principal(request: Request, store: StoreDep,
 
 
 PrincipalDep = Annotated[Principal, Depends(principal)]
+
+SESSION_COOKIE = "edgepeft_status"
+SESSION_MAX_AGE_S = 12 * 3600
+
+
+def status_session(admin_token: str) -> str:
+    """The status page's cookie value: derived from the admin token, useless as a token anywhere else."""
+    return hmac.new(admin_token.encode("utf-8"), b"edgepeft status page session", hashlib.sha256).hexdigest()
+
+
+def may_see_status(request: Request, creds: HTTPAuthorizationCredentials | None) -> bool:
+    """True for the admin token as bearer, or a valid status session cookie."""
+    if creds is not None:
+        return hmac.compare_digest(hash_token(creds.credentials), request.app.state.admin_hash)
+    cookie = request.cookies.get(SESSION_COOKIE, "")
+    return hmac.compare_digest(hash_token(cookie), request.app.state.session_hash)
 
 
 def admin(who: PrincipalDep) -> Principal:

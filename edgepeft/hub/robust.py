@@ -1,7 +1,7 @@
 """Robust aggregation as small pure functions over deltas: update norms, norm clipping, trimmed means.
 
-A device's *update* is its delta minus the version it trained from, measured in the space of the full
-update (ΔW = s·B@A per LoRA module, the tensor itself for bias and head slots).
+A device's *update* is its delta minus the version it trained from, measured in each method's own
+aggregation space (ΔW = s·B@A per LoRA module, the tensor itself for bias and head slots).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import numpy as np
 
 from edgepeft.delta.format import Delta, replace_meta
 from edgepeft.errors import HubError
-from edgepeft.names import LORA_A, LORA_B, slot_name, split_slot_name
+from edgepeft import methods
+from edgepeft.delta.merge import is_ranked, space_parts
+from edgepeft.names import slot_name
 
 
 @dataclass(frozen=True)
@@ -54,50 +56,39 @@ class RobustOptions:
 
 
 def _update_parts(delta: Delta, parent: Delta | None) -> dict[str, np.ndarray]:
-    """Per key, the update in ΔW space: ``<module>:dW`` for LoRA modules, the slot name otherwise."""
-    out = {}
-    for m in delta.lora_modules():
-        out[f"{m}:dW"] = delta.delta_w(m) - (parent.delta_w(m) if parent is not None else 0.0)
-    for n, t in delta.tensors.items():
-        if split_slot_name(n)[1] not in (LORA_A, LORA_B):
-            out[n] = t.astype(np.float64) - (parent.tensors[n].astype(np.float64) if parent is not None else 0.0)
-    return out
+    """Per space part (``<module>:dW`` for LoRA modules, the slot name otherwise), the update in its method's space."""
+    mine = space_parts(delta)
+    if parent is None:
+        return mine
+    theirs = space_parts(parent)
+    return {k: v - theirs[k] for k, v in mine.items()}
 
 
 def update_norm(delta: Delta, parent: Delta | None) -> float:
-    """Frobenius norm of ``delta - parent`` over every slot, LoRA measured as ΔW (parent None = zero)."""
+    """Frobenius norm of ``delta - parent`` over every slot, each in its method's space (parent None = neutral)."""
     return float(math.sqrt(sum(float(np.sum(u * u)) for u in _update_parts(delta, parent).values())))
 
 
 def clip_update(delta: Delta, parent: Delta | None, max_norm: float) -> tuple[Delta, float]:
     """(parent + λ·(delta - parent) with λ = min(1, max_norm / norm), the update's norm).
 
-    Exact in ΔW space without forming ΔW: A' = [A_p; A], B' = [(1-λ)·(s_p/s)·B_p, λ·B] at the delta's
-    scale s, so s·B'@A' = (1-λ)·ΔW_p + λ·ΔW. The rank is the sum of both ranks; merge re-factors it.
+    Exact in each method's space (``Method.lerp``); for LoRA without forming ΔW, so the rank becomes the
+    sum of both ranks, which a merge re-factors.
     """
     norm = update_norm(delta, parent)
     if norm <= max_norm:
         return delta, norm
     lam = max_norm / norm
     tensors: dict[str, np.ndarray] = {}
-    modules = delta.lora_modules()
-    for n, t in delta.tensors.items():
-        if split_slot_name(n)[1] not in (LORA_A, LORA_B):
-            base = parent.tensors[n] if parent is not None else np.zeros_like(t)
-            tensors[n] = (base + lam * (t - base)).astype(np.float32)
-    if parent is None:
-        for m in modules:
-            tensors[slot_name(m, LORA_A)] = delta.tensors[slot_name(m, LORA_A)]
-            tensors[slot_name(m, LORA_B)] = (lam * delta.tensors[slot_name(m, LORA_B)]).astype(np.float32)
+    scales = (delta.scale, parent.scale if parent is not None else delta.scale)
+    for module, groups in methods.by_module(delta.tensors).items():
+        for method, kinds in groups.items():
+            mine = {k: delta.tensors[n] for k, n in kinds.items()}
+            theirs = None if parent is None else {k: parent.tensors[n] for k, n in kinds.items()}
+            tensors.update({slot_name(module, k): v for k, v in method.lerp(module, theirs, mine, lam, scales).items()})
+    if parent is None or not is_ranked(delta):
         return Delta(tensors, delta.meta), norm
     rank = delta.meta.rank + parent.meta.rank
-    ratio = parent.scale / delta.scale
-    for m in modules:
-        a, b = slot_name(m, LORA_A), slot_name(m, LORA_B)
-        tensors[a] = np.concatenate([parent.tensors[a], delta.tensors[a]], axis=0).astype(np.float32)
-        tensors[b] = np.concatenate([(1 - lam) * ratio * parent.tensors[b], lam * delta.tensors[b]], axis=1).astype(np.float32)
-    if not modules:
-        return Delta(tensors, delta.meta), norm
     return replace_meta(Delta(tensors, delta.meta), rank=rank, alpha=delta.scale * rank), norm
 
 

@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS deltas (id TEXT PRIMARY KEY, fleet TEXT NOT NULL, dev
     parent INTEGER NOT NULL, samples BIGINT NOT NULL, size BIGINT NOT NULL, received DOUBLE PRECISION NOT NULL,
     version INTEGER);
 CREATE INDEX IF NOT EXISTS deltas_by_version ON deltas (fleet, adapter, version);
+CREATE TABLE IF NOT EXISTS delta_content (content TEXT PRIMARY KEY, id TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS versions (fleet TEXT NOT NULL, adapter TEXT NOT NULL, version INTEGER NOT NULL,
     state TEXT NOT NULL, created DOUBLE PRECISION NOT NULL, options TEXT NOT NULL, sha256 TEXT, size BIGINT,
     parent INTEGER, report TEXT NOT NULL, PRIMARY KEY (fleet, adapter, version));
@@ -38,6 +39,10 @@ CREATE INDEX IF NOT EXISTS metrics_by_fleet ON metrics (fleet, at);
 
 _DELTA_COLS = "id, fleet, device, adapter, parent, samples, size, received, version"
 _VERSION_COLS = "fleet, adapter, version, state, created, options, sha256, size, parent, report"
+
+
+class _SameContent(Exception):
+    """Raised inside a transaction to roll back a delta whose content another upload stored first."""
 
 
 def _version(row: tuple) -> VersionRec:
@@ -135,21 +140,39 @@ class SqlStore(Store):
             rows = cur.execute(f"SELECT id, fleet, token_hash, created, last_seen FROM devices {where} ORDER BY id", params).fetchall()
         return [Device(*r) for r in rows]
 
+    def _set_token_hash(self, device_id: str, token_hash: str) -> bool:
+        with self._tx(write=True) as cur:
+            return cur.execute("UPDATE devices SET token_hash = ? WHERE id = ?", (token_hash, device_id)).rowcount == 1
+
     def _touch_device(self, device_id: str, when: float) -> None:
         with self._tx(write=True) as cur:
             cur.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (when, device_id))
 
     # ---- deltas ----------------------------------------------------------------------------------
 
-    def _add_delta(self, rec: DeltaRec, data: bytes) -> bool:
-        with self._tx(write=True) as cur:
-            if cur.execute("SELECT 1 FROM deltas WHERE id = ?", (rec.id,)).fetchone():
-                return False
-            self._store_blob(cur, rec.id, data)
-            # two hub processes may race on one retried upload: the primary key settles it
-            return cur.execute(f"INSERT INTO deltas ({_DELTA_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL) ON CONFLICT DO NOTHING",
-                               (rec.id, rec.fleet, rec.device, rec.adapter, rec.parent, rec.samples, rec.size,
-                                rec.received)).rowcount == 1
+    def _add_delta(self, rec: DeltaRec, data: bytes, content: str | None) -> bool:
+        try:
+            with self._tx(write=True) as cur:
+                if cur.execute("SELECT 1 FROM deltas WHERE id = ?", (rec.id,)).fetchone():
+                    return False
+                self._store_blob(cur, rec.id, data)
+                # two hub processes may race on one retried upload: the primary keys settle it
+                if not cur.execute(f"INSERT INTO deltas ({_DELTA_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL) "
+                                   "ON CONFLICT DO NOTHING", (rec.id, rec.fleet, rec.device, rec.adapter, rec.parent,
+                                                              rec.samples, rec.size, rec.received)).rowcount:
+                    return False
+                if content is not None and not cur.execute("INSERT INTO delta_content (content, id) VALUES (?, ?) "
+                                                           "ON CONFLICT DO NOTHING", (content, rec.id)).rowcount:
+                    raise _SameContent  # rolls the delta row back: the other upload of this content won
+                return True
+        except _SameContent:
+            return False
+
+    def find_content(self, content: str) -> DeltaRec | None:
+        with self._tx() as cur:
+            row = cur.execute(f"SELECT {', '.join('d.' + c for c in _DELTA_COLS.split(', '))} FROM delta_content c "
+                              "JOIN deltas d ON d.id = c.id WHERE c.content = ?", (content,)).fetchone()
+        return DeltaRec(*row) if row else None
 
     def get_delta(self, delta_id: str) -> DeltaRec | None:
         with self._tx() as cur:

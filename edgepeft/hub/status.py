@@ -65,6 +65,15 @@ def chart(metrics: list[Metric], width: int = 480, height: int = 160) -> str:
     return "".join(parts)
 
 
+def login_page(error: str = "") -> str:
+    """The login form: the admin token goes in a POST body, never in the URL (access logs keep URLs)."""
+    note = f'<p class="error">{_e(error)}</p>' if error else ""
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>edgepeft hub: sign in</title>"
+            f"<style>{STYLE}</style></head><body><h1>edgepeft hub</h1>{note}"
+            '<form method="post" action="/login"><label>Admin token <input type="password" name="token" '
+            'autocomplete="current-password" required></label> <button type="submit">Sign in</button></form></body></html>')
+
+
 def render_status(store: Store) -> str:
     """The whole page."""
     out = ["<!doctype html><html><head><meta charset='utf-8'><title>edgepeft hub</title>",

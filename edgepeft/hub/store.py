@@ -23,6 +23,7 @@ from edgepeft.manifest import Manifest
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # fleets, devices, adapters
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 BUILDING, PUBLISHED = "building", "published"
+REVOKED = "revoked"  # a device's token_hash once revoked: no sha256 hex digest equals it
 
 
 def check_name(kind: str, name: str) -> str:
@@ -94,6 +95,10 @@ class Device:
     token_hash: str
     created: float
     last_seen: float | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.token_hash == REVOKED
 
 
 @dataclass(frozen=True)
@@ -189,12 +194,21 @@ class Store(ABC):
         """Devices (of one fleet, or all), by id."""
 
     @abstractmethod
+    def _set_token_hash(self, device_id: str, token_hash: str) -> bool:
+        """Replace a device's token hash (rotation, or ``REVOKED``); False if there is no such device."""
+
+    @abstractmethod
     def _touch_device(self, device_id: str, when: float) -> None:
         """Record that the device was seen at ``when``."""
 
     @abstractmethod
-    def _add_delta(self, rec: DeltaRec, data: bytes) -> bool:
-        """Store the delta's blob and row atomically; False (and nothing changed) if the id exists."""
+    def _add_delta(self, rec: DeltaRec, data: bytes, content: str | None) -> bool:
+        """Store the delta's blob and row (and its content id) atomically; False, nothing changed, if the id
+        or the content id exists."""
+
+    @abstractmethod
+    def find_content(self, content: str) -> DeltaRec | None:
+        """The delta stored under this content id (see ``aggregate.content_id``), if any."""
 
     @abstractmethod
     def get_delta(self, delta_id: str) -> DeltaRec | None:
@@ -287,6 +301,18 @@ class Store(ABC):
             raise HubError(f"device {device_id!r} exists already")
         return token
 
+    def rotate_token(self, device_id: str) -> str:
+        """Give a device a new token (shown once); the old one fails from the next request on. Also un-revokes."""
+        token = f"{check_name('device', device_id)}.{secrets.token_urlsafe(32)}"
+        if not self._set_token_hash(device_id, hash_token(token)):
+            raise HubError(f"no device {device_id!r}")
+        return token
+
+    def revoke_device(self, device_id: str) -> None:
+        """Refuse the device's token from the next request on (rotate_token issues a new one)."""
+        if not self._set_token_hash(check_name("device", device_id), REVOKED):
+            raise HubError(f"no device {device_id!r}")
+
     def authenticate(self, token: str) -> Device | None:
         """The device whose token this is, compared in constant time; None otherwise."""
         device_id, sep, _ = token.partition(".")
@@ -296,17 +322,20 @@ class Store(ABC):
         if device is None:
             hmac.compare_digest(hash_token(token), hash_token(""))  # same work whether or not the id exists
             return None
-        return device if hmac.compare_digest(hash_token(token), device.token_hash) else None
+        ok = hmac.compare_digest(hash_token(token), device.token_hash) and not device.revoked
+        return device if ok else None
 
     def touch_device(self, device_id: str) -> None:
         """Record that a device was seen now."""
         self._touch_device(device_id, time.time())
 
-    def add_delta(self, rec: DeltaRec, data: bytes) -> bool:
-        """Store an accepted (already validated) delta; False if these exact bytes are stored already."""
+    def add_delta(self, rec: DeltaRec, data: bytes, content: str | None = None) -> bool:
+        """Store an accepted (already validated) delta; False if these bytes, or this content, are stored already."""
         if rec.id != sha256_hex(data):
             raise HubError("delta id must be the sha256 of its bytes")
-        return self._add_delta(rec, data)
+        if content is not None:
+            check_sha(content)
+        return self._add_delta(rec, data, content)
 
     def delta_bytes(self, delta_id: str) -> bytes:
         """The stored bytes of a delta."""

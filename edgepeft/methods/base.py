@@ -1,0 +1,208 @@
+"""The contract of a PEFT method: what one registered spec declares (numpy only; the torch half is in exporters/methods).
+
+A method owns some slot kinds (``lora_A``, ``bias``, ``ia3_l`` ...); generic code finds a slot's
+method through its kind and asks the method for everything that differs between methods: which slots
+a model gets, their start and neutral values, how several deltas mix in one inference call, and the
+space the hub averages them in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping
+
+import numpy as np
+
+from edgepeft.errors import DeltaError, ExportError
+from edgepeft.manifest import Slot
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with a default and a help string (shown by ``edgepeft export --help``)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of a method's options. Subclasses add fields made with :func:`option`; ``__post_init__`` refuses bad values."""
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], method: str) -> "MethodConfig":
+        """A config from ``{field: value}``; values may be strings (from ``--method-config KEY=VALUE``)."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in options.items():
+            if key not in known:
+                raise ExportError(f"--method-config {method}.{key}: {method} has no such option; it takes: {', '.join(known) or 'none'}")
+            values[key] = _coerce(value, known[key], method)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def help(cls) -> list[tuple[str, str]]:
+        return [(f.name, f.metadata.get("help", "")) for f in dataclasses.fields(cls)]
+
+
+def _coerce(value: Any, f: dataclasses.Field, method: str) -> Any:
+    kind = str(f.type)
+    where = f"--method-config {method}.{f.name}={value}"
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "") and "None" in kind):
+        return None
+    try:
+        if "tuple" in kind:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(v).strip() for v in items if str(v).strip())
+        if "bool" in kind:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if "int" in kind and "float" not in kind:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if "float" in kind:
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError(value)
+            return out
+        return str(value)
+    except (TypeError, ValueError):
+        raise ExportError(f"{where}: expected {kind.replace(' | None', '')}") from None
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What a method may know about the model while it plans slots (no torch)."""
+
+    linears: Mapping[str, tuple[int, int]]  # module path -> (in, out) of every linear-like module
+    in_scope: Callable[[str], bool]  # the module is in a trained layer (--top-layers)
+    defaults: Mapping[str, tuple[str, ...]]  # the family's defaults, e.g. "lora.targets" -> ("query", "value")
+    head: bool  # a classification head is trained
+
+    def default(self, key: str) -> tuple[str, ...]:
+        return tuple(self.defaults.get(key, ()))
+
+
+def matches(module: str, pattern: str) -> bool:
+    """PEFT's rule: a pattern matches a module whose path equals it or ends with '.' + it; regex if it has one of ^$*[(|."""
+    import re
+
+    if any(c in pattern for c in "^$*[(|"):
+        return re.fullmatch(pattern, module) is not None
+    return module == pattern or module.endswith("." + pattern)
+
+
+def select(view: ModelView, patterns: tuple[str, ...], method: str, option_name: str) -> list[str]:
+    """The linear modules in scope that match ``patterns``; a pattern that matches no module at all is refused."""
+    for p in patterns:
+        if not any(matches(n, p) for n in view.linears):
+            sample = ", ".join(sorted(view.linears)[:6])
+            raise ExportError(f"--method-config {method}.{option_name}: pattern {p!r} matches no linear module; "
+                              f"modules look like: {sample}, ...")
+    return [n for n in view.linears if any(matches(n, p) for p in patterns) and view.in_scope(n)]
+
+
+def kaiming_uniform(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """torch's kaiming_uniform_(a=sqrt(5)) on a (rows, fan_in) matrix, as PEFT inits LoRA A: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    b = 1.0 / math.sqrt(shape[1])
+    return rng.uniform(-b, b, size=shape).astype(np.float32)
+
+
+Tensors = dict[str, np.ndarray]  # one module's slots of one method, keyed by kind
+
+
+class Method(ABC):
+    """One PEFT method. Subclasses set the class attributes and implement :meth:`plan`; the rest has defaults
+    that fit an additive vector method (neutral zeros, mixed by weighted sum, averaged as is)."""
+
+    name: ClassVar[str]  # the --method word
+    kinds: ClassVar[tuple[str, ...]]  # slot kinds this method owns (a kind has exactly one owner)
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    ranked: ClassVar[bool] = False  # its slots carry the delta's rank and alpha (meta.rank, meta.alpha)
+    mixable: ClassVar[bool] = True  # several deltas (or a weight other than 1) may be mixed in one call
+    peft_type: ClassVar[str | None] = None  # PEFT's peft_type when PEFT has the method
+    auto_tasks: ClassVar[tuple[str, ...]] = ()  # tasks whose bundles get this method whether named or not (the head)
+
+    @abstractmethod
+    def plan(self, view: ModelView, config: MethodConfig) -> list[Slot]:
+        """Every slot of this method on the model; refuses (ExportError naming the option) what does not fit."""
+
+    # ---- per slot -------------------------------------------------------------------------------
+
+    def fill(self, kind: str) -> float:
+        """The constant that leaves the base model unchanged (0 for additive deltas, 1 for scales)."""
+        return 0.0
+
+    def neutral(self, slot: Slot) -> np.ndarray:
+        """The inference-graph value that computes the base model."""
+        return np.full(slot.shape, self.fill(slot.kind), np.float32)
+
+    def infer_axis(self, kind: str) -> int | None:
+        """The axis of a slot that is dynamic in model.onnx (a mix concatenates along it), or None."""
+        return None
+
+    def ndim(self, kind: str) -> int:
+        """Number of dimensions of a slot of ``kind``."""
+        return 1
+
+    def init(self, slot: Slot, rng: np.random.Generator) -> np.ndarray:
+        """A fresh value for training (``slot.init`` names how)."""
+        if slot.init == "kaiming_uniform":
+            return kaiming_uniform(slot.shape, rng)
+        return np.full(slot.shape, 1.0 if slot.init == "ones" else 0.0, np.float32)
+
+    def check_shape(self, slot: Slot, got: tuple[int, ...], for_training: bool) -> str | None:
+        """What is wrong with a tensor of shape ``got`` for ``slot`` (None: it fits)."""
+        return None if got == slot.shape else _shape(slot.shape)
+
+    def check_module(self, module: str, tensors: Tensors, meta_rank: int, where: str) -> None:
+        """Checks across one module's slots of this method (pairs, shared ranks); nothing by default."""
+
+    # ---- inference mixes --------------------------------------------------------------------------
+
+    def fold(self, slot: Slot, t: np.ndarray, scale: float) -> np.ndarray:
+        """The inference feed of one delta's slot at weight 1 (the graph has no LoRA scale: fold it in here)."""
+        return t
+
+    def mix(self, slot: Slot, parts: list[np.ndarray], weights: list[float], scales: list[float]) -> np.ndarray:
+        """The inference feed of ``slot`` for a weighted mix of deltas (one delta at weight 1: its feed)."""
+        if not self.mixable and (len(parts) > 1 or weights != [1.0]):
+            raise DeltaError(f"{self.name} deltas cannot be mixed or weighted in one call ({slot.module}): "
+                             "use one adapter at weight 1, or merge them into one delta first")
+        fill = np.float32(self.fill(slot.kind))
+        out = np.full(slot.shape, fill, np.float32)
+        for t, w in zip(parts, weights):
+            out += (t - fill) * np.float32(w) if fill else t * np.float32(w)
+        return out
+
+    # ---- hub aggregation ----------------------------------------------------------------------------
+
+    def to_space(self, module: str, tensors: Tensors, scale: float) -> dict[str, np.ndarray]:
+        """The update of one module in the space the hub averages in, float64, keyed by a name unique in the delta.
+        Default: each slot minus its neutral value, keyed by slot name."""
+        return {f"{module}.{k}": t.astype(np.float64) - self.fill(k) for k, t in tensors.items()}
+
+    def from_space(self, module: str, space: dict[str, np.ndarray], rank: int, scale: float) -> tuple[Tensors, float]:
+        """Inverse of :meth:`to_space` (re-factoring where needed): (slots by kind, relative fit error)."""
+        prefix = module + "."
+        return {k[len(prefix):]: (v + self.fill(k[len(prefix):])).astype(np.float32) for k, v in space.items()}, 0.0
+
+    def lerp(self, module: str, parent: Tensors | None, delta: Tensors, lam: float, scales: tuple[float, float]) -> Tensors:
+        """parent + lam * (delta - parent) exactly in the method's space (parent None: the neutral value).
+        ``scales``: (the delta's, the parent's) LoRA scale."""
+        out = {}
+        for k, t in delta.items():
+            base = parent[k] if parent is not None else np.full_like(t, self.fill(k))
+            out[k] = (base + lam * (t - base)).astype(np.float32)
+        return out
+
+
+def _shape(s: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in s) + ("," if len(s) == 1 else "") + ")"

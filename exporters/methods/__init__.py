@@ -1,0 +1,65 @@
+"""The torch half of each method: how its slots enter a layer's forward pass (workstation side only).
+
+Each registered method (``edgepeft.methods``) has one :class:`TorchMethod` here, registered under the
+same name; ``inject.DeltaLayer`` calls ``pre`` (on the layer's input) and ``post`` (on its output) of
+every method with slots on the layer, in registration order.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from edgepeft.errors import ExportError
+from edgepeft.methods import names as method_names
+
+_HOOKS: dict[str, "TorchMethod"] = {}
+
+
+def weight_of(base: nn.Module) -> torch.Tensor:
+    """The frozen weight of a linear-like module as (out, in) (GPT-2's Conv1D stores (in, out))."""
+    return base.weight.t() if type(base).__name__ == "Conv1D" else base.weight
+
+
+def bias_of(base: nn.Module) -> torch.Tensor | None:
+    return getattr(base, "bias", None)
+
+
+class TorchMethod:
+    """A method's forward pass. ``t`` holds the layer's slots of this method by kind; ``scale`` is the
+    delta's LoRA scale (1 in the inference graph, where the runtime folds it into the feeds)."""
+
+    name: ClassVar[str]
+
+    def pre(self, layer: nn.Module, x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        return x
+
+    def post(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, t: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        return y
+
+
+def register_torch(hook: TorchMethod) -> TorchMethod:
+    """Register the torch half of the method ``hook.name``; a second registration is refused."""
+    if hook.name in _HOOKS:
+        raise ValueError(f"torch half of method {hook.name!r} is already registered")
+    _HOOKS[hook.name] = hook
+    return hook
+
+
+def torch_method(name: str) -> TorchMethod:
+    """The torch half of method ``name``."""
+    if name not in _HOOKS:
+        raise ExportError(f"method {name!r} has no torch half registered in edgepeft.exporters.methods")
+    return _HOOKS[name]
+
+
+def _builtin() -> None:
+    import importlib
+
+    for name in method_names():  # one module per method, named like it
+        importlib.import_module(f"edgepeft.exporters.methods.{name}")
+
+
+_builtin()
