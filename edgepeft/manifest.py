@@ -210,6 +210,8 @@ def _manifest_fields(f: schema.Fields) -> dict[str, Any]:
         labels=tuple(labels), eos_token_id=eos,
         tokenizer=f.text("tokenizer", 255, check=_file_name, what=FILE_WHAT, default=None, required=False, nullable=True),
         weights=f.text("weights", 255, check=_file_name, what=FILE_WHAT, default="weights.bin", required=False),
+        chat_template=f.text("chat_template", 255, check=_file_name, what=FILE_WHAT, default=None, required=False,
+                             nullable=True),
         train_layers=None if layers is None else tuple(layers),
         extra=f.typed("extra", dict, default={}, required=False),
     )
@@ -217,7 +219,8 @@ def _manifest_fields(f: schema.Fields) -> dict[str, Any]:
 
 def files_of(manifest: Manifest) -> list[str]:
     """Every file a manifest names (graphs, weights, tokenizer), each once: a flat name inside the bundle."""
-    names = [g.file for g in manifest.graphs.values()] + [manifest.weights] + ([manifest.tokenizer] if manifest.tokenizer else [])
+    names = [g.file for g in manifest.graphs.values()] + [manifest.weights] + [
+        f for f in (manifest.tokenizer, manifest.chat_template) if f]
     return list(dict.fromkeys(names))
 
 
