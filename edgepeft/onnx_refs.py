@@ -105,7 +105,7 @@ def check_reads_only(model: bytes, weights: str, where: str) -> None:
     try:
         locations = external_locations(model)
     except BundleError as e:
-        raise BundleError(f"{where}: {e}") from None
+        raise BundleError(f"{where}: cannot be loaded: {e}; re-copy or re-export the bundle") from None
     other = sorted(locations - {weights})
     if other:
         raise BundleError(f"{where}: the graph reads external data from {other[0][:80]!r}, not the fingerprinted "
