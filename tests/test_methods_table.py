@@ -10,11 +10,16 @@ import numpy as np
 import pytest
 
 import torch_reference
+from peft import PeftModel
 from edgepeft.delta import delta_from_init
 from edgepeft.delta.format import Delta
 from edgepeft.delta.merge import merge
+from edgepeft.delta.peft_format import from_peft, to_peft
+from edgepeft.errors import DeltaError
+from edgepeft.methods import parse
 from edgepeft.names import ATTENTION_MASK, INPUT_IDS, LABELS, LOSS, SEQ_CLS, grad_name
 from edgepeft.runtime.infer import Predictor
+from edgepeft.runtime.weights import bundle_base_weights, read_frozen
 
 CASES = [  # (family, method, quantization)
     ("bert", "lora+bitfit", "none"),
@@ -23,6 +28,11 @@ CASES = [  # (family, method, quantization)
     ("bert", "ia3", "int8"),
     ("llama", "ia3", "none"),
     ("llama", "ia3", "int8"),
+    # --- methods2 (DoRA) ---
+    ("bert", "dora", "none"),
+    ("bert", "dora", "int8"),
+    ("llama", "dora", "none"),
+    ("llama", "dora", "int8"),
 ]
 IDS = [f"{f}-{m}-{q}" for f, m, q in CASES]
 
@@ -95,14 +105,54 @@ def test_train_step_gradients_match_torch_peft(case):
         assert rel(outs[grad_name(s.name)], grads[s.name].reshape(s.shape)) < 1e-4, s.name
 
 
-def test_a_mix_of_two_deltas_equals_their_weighted_merge(case):
+def test_a_mix_of_two_deltas_equals_their_weighted_merge_or_is_refused(case):
     # The inference mix and the hub's aggregation agree: mixing {a: 0.3, b: 0.7} in one call gives the
     # logits of the weighted mean taken in the method's own space (exact: rank a + rank b keeps ΔW).
+    # A method that cannot mix (DoRA) refuses in one line instead.
     family, bundle, model_dir = case
     m = bundle.manifest
     a, b = perturbed(m, 7), perturbed(m, 8)
-    merged, _ = merge([a, b], [0.3, 0.7], rank=2 * max(a.meta.rank, 1), scale=a.scale)
     ids, mask, _ = batch(m, 2, 6)
     p = Predictor(bundle)
+    if not all(meth.mixable for meth in parse(m.method)):
+        with pytest.raises(DeltaError, match="cannot be mixed") as err:
+            p.logits(ids, mask, [a, b], [0.3, 0.7])
+        assert "\n" not in str(err.value)
+        return
+    merged, _ = merge([a, b], [0.3, 0.7], rank=2 * max(a.meta.rank, 1), scale=a.scale, base=bundle_base_weights(bundle))
     mixed = p.logits(ids, mask, [a, b], [0.3, 0.7])
     assert rel(compared(mixed, mask, m.task), compared(p.logits(ids, mask, [merged]), mask, m.task)) < 1e-4
+
+
+def test_the_weighted_merge_is_the_weighted_mean_of_the_dense_models(case):
+    # The hub's mean in each method's own space equals the mean of what PEFT merges into the weights
+    # (merge_and_unload), DoRA's magnitude included; exact at rank a + rank b.
+    family, bundle, model_dir = case
+    m = bundle.manifest
+    a, b = perturbed(m, 7), perturbed(m, 8)
+    merged, _ = merge([a, b], [0.3, 0.7], rank=2 * max(a.meta.rank, 1), scale=a.scale, base=bundle_base_weights(bundle))
+    da, db, dm = (torch_reference.dense_state(model_dir, bundle, d.tensors) for d in (a, b, merged))
+    for k in dm:
+        assert rel(dm[k], 0.3 * da[k] + 0.7 * db[k]) < 1e-5, k
+
+
+def test_peft_round_trip_loads_in_peft_with_our_logits(case, tmp_path):
+    # to-peft writes what PeftModel.from_pretrained loads with our logits; from-peft reads it back to the same delta.
+    # A method PEFT does not have refuses in one line.
+    family, bundle, model_dir = case
+    m = bundle.manifest
+    delta = perturbed(m, 11)
+    base = read_frozen(bundle)
+    if not any(meth.peft_type for meth in parse(m.method)):
+        with pytest.raises(DeltaError, match="no PEFT adapter equivalent"):
+            to_peft(delta, m, tmp_path / "peft", base_weights=base)
+        return
+    to_peft(delta, m, tmp_path / "peft", base_weights=base)
+    model = PeftModel.from_pretrained(torch_reference.load_hf(model_dir, bundle), tmp_path / "peft").eval()
+    ids, mask, _ = batch(m, 2, 7)
+    ours = Predictor(bundle).logits(ids, mask, [delta])
+    assert rel(compared(ours, mask, m.task), compared(torch_reference.logits(model, ids, mask), mask, m.task)) < 1e-4
+    back = from_peft(tmp_path / "peft", m, base_weights=base)
+    assert set(back.tensors) == set(delta.tensors)
+    for k, t in delta.tensors.items():
+        assert rel(back.tensors[k], t) < 1e-5, k

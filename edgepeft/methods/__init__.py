@@ -117,6 +117,7 @@ def _builtin() -> None:
     import edgepeft.methods.head  # noqa: F401
     import edgepeft.methods.bitfit  # noqa: F401
     import edgepeft.methods.ia3  # noqa: F401
+    import edgepeft.methods.dora  # noqa: F401
 
 
 _builtin()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from edgepeft.errors import ExportError
 from edgepeft.manifest import Slot
 from edgepeft.methods import register
@@ -36,6 +38,16 @@ class IA3(Method):
     kinds = (IA3_L, IA3_FF)
     config_cls = IA3Config
     peft_type = "IA3"
+    peft_keys = {IA3_L: "ia3_l", IA3_FF: "ia3_l"}
+
+    def peft_config(self, modules):
+        return {"feedforward_modules": sorted(m for m, kinds in modules.items() if IA3_FF in kinds)}
+
+    def to_peft(self, kind, t, weight):
+        return t[None, :] if kind == IA3_FF else t[:, None]  # PEFT: (1, in) on a feed-forward input, (out, 1) on an output
+
+    def from_peft(self, kind, v, weight, shape):
+        return v.reshape(shape) if v.size == int(np.prod(shape)) else v
 
     def fill(self, kind: str) -> float:
         return 1.0
