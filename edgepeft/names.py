@@ -16,9 +16,9 @@ BIAS = "bias"  # (out,)    bitfit (and the head's bias): y += db
 WEIGHT = "weight"  # (out, in) head: y += x dW^T
 IA3_L = "ia3_l"  # (out,)    ia3: y = base(x) * l
 IA3_FF = "ia3_ff"  # (in,)     ia3 on a feed-forward input: y = base(x * l)
-DORA_A = "dora_A"  # (r, in)   dora: LoRA direction ...
+DORA_A = "dora_A"  # (r, in)   dora: y = g*(x W^T + s*(x A^T) B^T) + b, g = (|W| + dm) / |W + s B A| per row
 DORA_B = "dora_B"  # (out, r)
-DORA_M = "dora_m"  # (out,)    ... and the magnitude's change from the base weight's row norms
+DORA_M = "dora_m"  # (out,)    dora: magnitude minus the base weight's row norm (PEFT's magnitude = |W| + dm)
 
 # Graph inputs and outputs.
 INPUT_IDS = "input_ids"

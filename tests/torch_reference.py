@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers as tf
-from peft import LoraConfig, get_peft_model
+from peft import IA3Config, LoraConfig, get_peft_model
 
-from edgepeft.names import BIAS, LORA_A, LORA_B, SEQ_CLS, WEIGHT, split_slot_name
+from edgepeft.names import BIAS, DORA_A, DORA_B, DORA_M, IA3_FF, IA3_L, LORA_A, LORA_B, SEQ_CLS, WEIGHT, split_slot_name
 from edgepeft.runtime.bundle import Bundle
 from edgepeft.runtime.weights import read_frozen
 
@@ -58,7 +58,8 @@ def with_deltas(model: torch.nn.Module, bundle: Bundle, tensors: dict[str, np.nd
     lora = [s for s in slots if s.kind == LORA_A]
     if lora:
         targets = sorted({s.module for s in lora})
-        cfg = LoraConfig(r=lora[0].rank, lora_alpha=lora[0].alpha, target_modules=targets, lora_dropout=0.0)
+        r = tensors[lora[0].name].shape[0]  # a merge may carry a higher rank than the bundle's, at the same scale
+        cfg = LoraConfig(r=r, lora_alpha=lora[0].scale * r, target_modules=targets, lora_dropout=0.0)
         model = get_peft_model(model, cfg)
         for s in slots:
             if s.kind in (LORA_A, LORA_B):
@@ -67,9 +68,48 @@ def with_deltas(model: torch.nn.Module, bundle: Bundle, tensors: dict[str, np.nd
                 with torch.no_grad():
                     p.copy_(torch.from_numpy(tensors[s.name]))
                 grads_of[s.name] = p
-    for p in grads_of.values():  # get_peft_model froze everything but LoRA
+    dora = [s for s in slots if s.kind == DORA_A]
+    if dora:  # PEFT's DoRA: magnitude = ‖W‖ (its init) + the delta's offset
+        r = tensors[dora[0].name].shape[0]
+        cfg = LoraConfig(r=r, lora_alpha=dora[0].scale * r, target_modules=sorted({s.module for s in dora}),
+                         lora_dropout=0.0, use_dora=True)
+        model = get_peft_model(model, cfg)
+        for s in slots:
+            if s.kind not in (DORA_A, DORA_B, DORA_M):
+                continue
+            layer = model.base_model.model.get_submodule(s.module)
+            if s.kind == DORA_M:
+                p = layer.lora_magnitude_vector["default"].weight
+                w = layer.get_base_layer().weight
+                w = w.t() if getattr(layer, "fan_in_fan_out", False) else w
+                value = torch.linalg.norm(w.detach(), dim=1) + torch.from_numpy(tensors[s.name])
+            else:
+                p = (layer.lora_A if s.kind == DORA_A else layer.lora_B)["default"].weight
+                value = torch.from_numpy(tensors[s.name])
+            with torch.no_grad():
+                p.copy_(value)
+            grads_of[s.name] = p
+    ia3 = [s for s in slots if s.kind in (IA3_L, IA3_FF)]
+    if ia3:
+        cfg = IA3Config(target_modules=sorted({s.module for s in ia3}),
+                        feedforward_modules=sorted({s.module for s in ia3 if s.kind == IA3_FF}))
+        model = get_peft_model(model, cfg)
+        for s in ia3:
+            p = model.base_model.model.get_submodule(s.module).ia3_l["default"]
+            with torch.no_grad():
+                p.copy_(torch.from_numpy(tensors[s.name]).reshape(p.shape))
+            grads_of[s.name] = p
+    for p in grads_of.values():  # get_peft_model froze everything but its own method
         p.requires_grad_(True)
     return model.eval(), grads_of
+
+
+def dense_state(model_dir: Path, bundle: Bundle, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The float parameters of the model with the deltas merged in by PEFT (``merge_and_unload``), float64."""
+    model, _ = with_deltas(load_hf(model_dir, bundle), bundle, tensors)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return {k: v.detach().double().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
 def logits(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -9,20 +9,25 @@ it from the same deltas and options.
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes, delta_from_bytes, replace_meta
+from edgepeft import methods
+from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes, delta_from_bytes, file_meta, replace_meta
 from edgepeft.delta.merge import from_space_parts, is_ranked, merge, space_parts
-from edgepeft.delta.transport import is_packed, unpack
-from edgepeft.errors import HubError
+from edgepeft.delta.transport import is_packed, packed_meta, unpack
+from edgepeft.errors import DeltaError, HubError
+from edgepeft.frozen import BaseWeights, base_weights, frozen_arrays
 from edgepeft.hub.limits import MAX_PUBLISHED_SAMPLES, readable, sample_weights
 from edgepeft.hub.robust import RobustOptions, clip_update, trimmed_mean
-from edgepeft.hub.store import BUILDING, Fleet, Store, VersionRec
+from edgepeft.hub.store import BUILDING, BundleRec, Fleet, Store, VersionRec
 from edgepeft.manifest import Manifest
+from edgepeft.names import WEIGHTS_INDEX_FILE
 
 Pairs = Callable[[], Iterator[tuple[Delta, float]]]  # a fresh pass over (delta, weight)
 
@@ -38,12 +43,48 @@ def parse_delta(data: bytes, where: str, manifest: Manifest) -> Delta:
     return delta_from_bytes(data, where, manifest, for_training=True)
 
 
+def peek_meta(data: bytes, manifest: Manifest) -> DeltaMeta | None:
+    """The meta of an upload from its header alone (None when even that cannot be read)."""
+    try:
+        return packed_meta(data, "upload", manifest) if is_packed(data) else file_meta(data, "upload", manifest)
+    except DeltaError:
+        return None
+
+
+def disagreement(meta: DeltaMeta | None, manifest: Manifest) -> str | None:
+    """Why a delta's method or method config is not the fleet bundle's (None: it agrees, or says nothing)."""
+    if meta is None:
+        return None
+    config = json.dumps(manifest.method_config, sort_keys=True) if manifest.method_config else "its defaults"
+    if meta.method and set(meta.method.split("+")) != set(manifest.method.split("+")):
+        return (f"delta was trained with method {meta.method!r}, but this fleet's bundle trains {manifest.method!r} "
+                f"(config {config}); train it on the fleet's bundle")
+    rank, scale = bundle_lora(manifest)
+    if rank and meta.method and (meta.rank != rank or not math.isclose(meta.scale, scale, rel_tol=1e-6)):
+        return (f"delta has rank {meta.rank}, alpha {meta.alpha:g}, but this fleet's bundle trains {manifest.method} at rank "
+                f"{rank}, alpha {rank * scale:g} (config {config}); train it on the fleet's bundle")
+    return None
+
+
 def bundle_lora(manifest: Manifest) -> tuple[int, float]:
     """(rank, scale) of the bundle's LoRA slots: the shape every published version has."""
     found = {(s.rank, s.scale) for s in manifest.slots if s.rank}
     if len(found) > 1:
         raise HubError(f"bundle LoRA slots disagree on (rank, scale): {sorted(found)}")
     return found.pop() if found else (0, 1.0)
+
+
+def stored_base_weights(store: Store, bundle: BundleRec) -> BaseWeights | None:
+    """The bundle's frozen weights read from the hub's blobs, when one of its methods aggregates against them (DoRA)."""
+    manifest = bundle.manifest
+    if not any(methods.owner(s.kind).needs_base for s in manifest.slots):
+        return None
+    files = {f.name: f.sha256 for f in bundle.files}
+    if WEIGHTS_INDEX_FILE not in files or manifest.weights not in files:
+        raise HubError(f"bundle {bundle.fingerprint[:16]}: {WEIGHTS_INDEX_FILE} or {manifest.weights} is not stored; "
+                       "its method aggregates against the base weights")
+    index = json.loads(store.get_blob(files[WEIGHTS_INDEX_FILE]))
+    return base_weights(frozen_arrays(index, np.frombuffer(store.get_blob(files[manifest.weights]), np.uint8)), manifest)
 
 
 class _Parents:
@@ -65,10 +106,11 @@ class _Parents:
         return self.cache[version]
 
 
-def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, memory_mb: float) -> tuple[Delta, dict[str, Any]]:
+def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, memory_mb: float,
+                   base: BaseWeights | None) -> tuple[Delta, dict[str, Any]]:
     """Coordinate-wise trimmed mean in ΔW space, in as many passes over the deltas as the memory budget needs."""
     first, _ = next(pairs())
-    keys = [(k, v.shape) for k, v in space_parts(first).items()]  # each method's space (ΔW for LoRA)
+    keys = [(k, v.shape) for k, v in space_parts(first, base).items()]  # each method's space (ΔW for LoRA)
     # numbers per delta per pass; ~40 bytes each: the float32 stack, argsort indices, kept values and weights
     budget = max(1, int(memory_mb * 2**20) // (40 * max(n, 1)))
     chunks: list[list[tuple[str, int, int]]] = [[]]  # passes of (key, row_lo, row_hi)
@@ -95,7 +137,7 @@ def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, m
                 raise HubError("aggregation: more deltas than claimed")
             weights[i] = w
             col = 0
-            parts = space_parts(d)
+            parts = space_parts(d, base)
             for key, lo, hi in chunk:
                 block = parts[key].reshape(result[key].shape[0], -1)[lo:hi]
                 stack[i, col:col + block.size] = block.ravel()
@@ -113,7 +155,7 @@ def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, m
             size = (hi - lo) * target.shape[1]
             target[lo:hi] = mean[col:col + size].reshape(hi - lo, -1)
             col += size
-    tensors, errors = from_space_parts(first, result, rank, scale)
+    tensors, errors = from_space_parts(first, result, rank, scale, base)
     f = first.meta
     out_rank = rank if is_ranked(first) else 0
     meta = DeltaMeta(base_fingerprint=f.base_fingerprint, method=f.method, rank=out_rank, alpha=scale * out_rank,
@@ -122,12 +164,13 @@ def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, m
                                   "max_refactor_error": max(errors.values(), default=0.0)}
 
 
-def combine(pairs: Pairs, n: int, manifest: Manifest, options: RobustOptions) -> tuple[Delta, dict[str, Any]]:
+def combine(pairs: Pairs, n: int, manifest: Manifest, options: RobustOptions,
+            base: BaseWeights | None = None) -> tuple[Delta, dict[str, Any]]:
     """Merge one pass of (delta, weight) pairs (clipping already applied) at the bundle's rank and scale."""
     rank, scale = bundle_lora(manifest)
     if options.trim > 0:
-        return _trimmed_merge(pairs, n, options.trim, rank, scale, options.memory_mb)
-    merged, rep = merge(pairs(), rank=rank if rank else None, scale=scale)
+        return _trimmed_merge(pairs, n, options.trim, rank, scale, options.memory_mb, base)
+    merged, rep = merge(pairs(), rank=rank if rank else None, scale=scale, base=base)
     return merged, {"total_weight": rep.total_weight, "passes": 1, "max_refactor_error": max(rep.errors.values(), default=0.0)}
 
 
@@ -156,6 +199,7 @@ def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> Ver
         if not ids:
             raise HubError(f"{fleet.name}/{adapter} v{version}: no deltas were claimed for it")
         parents = _Parents(store, fleet.name, adapter, manifest)
+        base = stored_base_weights(store, bundle)
         norms: list[float] = []
 
         def pairs() -> Iterator[tuple[Delta, float]]:
@@ -165,11 +209,11 @@ def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> Ver
                 w = weights[delta_id]
                 d = replace_meta(d, samples=w)  # sums of samples (the version's meta) count capped weights too
                 if options.clip_norm is not None:
-                    d, norm = clip_update(d, parents.get(d.meta.parent), options.clip_norm)
+                    d, norm = clip_update(d, parents.get(d.meta.parent), options.clip_norm, base)
                     norms.append(norm)
                 yield d, float(w)
 
-        merged, stats = combine(pairs, len(ids), manifest, options)
+        merged, stats = combine(pairs, len(ids), manifest, options, base)
         out = replace_meta(merged, adapter=adapter, version=version, parent=parent, creator="hub")
         report = {"count": len(ids), "samples": merged.meta.samples, **stats, "options": options.to_dict()}
         if norms:

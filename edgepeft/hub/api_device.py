@@ -57,9 +57,13 @@ def accept_delta(store: Store, device: Device, data: bytes, manifest) -> tuple[i
         return 200, {"id": sha, "duplicate": True, "adapter": known.adapter, "parent": known.parent}
     try:
         delta = agg.parse_delta(data, f"upload from {device.id}", manifest)
-    except DeltaError as e:
-        raise HTTPException(422, str(e)) from None
+    except DeltaError as e:  # a delta of another method or config fails the shape checks: say that instead (409)
+        why = agg.disagreement(agg.peek_meta(data, manifest), manifest)
+        raise HTTPException(409 if why else 422, why or str(e)) from None
     meta = delta.meta
+    why = agg.disagreement(meta, manifest)
+    if why:
+        raise HTTPException(409, why)
     if meta.creator and meta.creator != device.id:
         raise HTTPException(403, f"delta says it was made by {meta.creator!r}; a device uploads only as itself")
     if limits.largest_value(delta) > limits.MAX_ABS_VALUE:
@@ -114,7 +118,7 @@ def rotate_own_token(who: DeviceDep, store: StoreDep) -> dict[str, str]:
 @router.post("/devices/{device_id}/deltas", status_code=201, openapi_extra=BINARY_BODY,
              summary="Upload a delta (safetensors or packed); idempotent by sha256",
              responses={200: {"description": "already stored (a retry)"}, 403: {"description": "not this device"},
-                        409: {"description": "stale parent"}, 413: {"description": "too large"},
+                        409: {"description": "stale parent, or the delta's method or method config is not the fleet's"}, 413: {"description": "too large"},
                         422: {"description": "invalid delta"}})
 async def upload_delta(device_id: str, request: Request, who: DeviceDep, store: StoreDep,
                        tasks: BackgroundTasks) -> JSONResponse:
