@@ -16,9 +16,6 @@ BIAS = "bias"  # (out,)    bitfit (and the head's bias): y += db
 WEIGHT = "weight"  # (out, in) head: y += x dW^T
 IA3_L = "ia3_l"  # (out,)    ia3: y = base(x) * l
 IA3_FF = "ia3_ff"  # (in,)     ia3 on a feed-forward input: y = base(x * l)
-DORA_A = "dora_A"  # (r, in)   dora: LoRA direction ...
-DORA_B = "dora_B"  # (out, r)
-DORA_M = "dora_m"  # (out,)    ... and the magnitude's change from the base weight's row norms
 
 # Graph inputs and outputs.
 INPUT_IDS = "input_ids"

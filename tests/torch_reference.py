@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers as tf
-from peft import LoraConfig, get_peft_model
+from peft import IA3Config, LoraConfig, get_peft_model
 
-from edgepeft.names import BIAS, LORA_A, LORA_B, SEQ_CLS, WEIGHT, split_slot_name
+from edgepeft.names import BIAS, IA3_FF, IA3_L, LORA_A, LORA_B, SEQ_CLS, WEIGHT, split_slot_name
 from edgepeft.runtime.bundle import Bundle
 from edgepeft.runtime.weights import read_frozen
 
@@ -67,7 +67,17 @@ def with_deltas(model: torch.nn.Module, bundle: Bundle, tensors: dict[str, np.nd
                 with torch.no_grad():
                     p.copy_(torch.from_numpy(tensors[s.name]))
                 grads_of[s.name] = p
-    for p in grads_of.values():  # get_peft_model froze everything but LoRA
+    ia3 = [s for s in slots if s.kind in (IA3_L, IA3_FF)]
+    if ia3:
+        cfg = IA3Config(target_modules=sorted({s.module for s in ia3}),
+                        feedforward_modules=sorted({s.module for s in ia3 if s.kind == IA3_FF}))
+        model = get_peft_model(model, cfg)
+        for s in ia3:
+            p = model.base_model.model.get_submodule(s.module).ia3_l["default"]
+            with torch.no_grad():
+                p.copy_(torch.from_numpy(tensors[s.name]).reshape(p.shape))
+            grads_of[s.name] = p
+    for p in grads_of.values():  # get_peft_model froze everything but its own method
         p.requires_grad_(True)
     return model.eval(), grads_of
 

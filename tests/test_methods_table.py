@@ -1,0 +1,108 @@
+"""One table of cases (family x method x quantization) that every generic method test runs over.
+
+Adding a method adds rows here, not tests. References are HF + PEFT on the bundle's own (dequantized)
+weights (tests/torch_reference.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import torch_reference
+from edgepeft.delta import delta_from_init
+from edgepeft.delta.format import Delta
+from edgepeft.delta.merge import merge
+from edgepeft.names import ATTENTION_MASK, INPUT_IDS, LABELS, LOSS, SEQ_CLS, grad_name
+from edgepeft.runtime.infer import Predictor
+
+CASES = [  # (family, method, quantization)
+    ("bert", "lora+bitfit", "none"),
+    ("llama", "lora", "int8"),
+    ("bert", "ia3", "none"),
+    ("bert", "ia3", "int8"),
+    ("llama", "ia3", "none"),
+    ("llama", "ia3", "int8"),
+]
+IDS = [f"{f}-{m}-{q}" for f, m, q in CASES]
+
+
+def perturbed(manifest, seed: int) -> Delta:
+    """A trained-looking delta: every slot its start value plus noise (B and scales included)."""
+    d = delta_from_init(manifest, seed)
+    rng = np.random.default_rng(seed + 100)
+    t = {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in d.tensors.items()}
+    return Delta(t, d.meta)
+
+
+def batch(manifest, b: int, t: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, manifest.vocab_size, size=(b, t)).astype(np.int64)
+    mask = np.ones((b, t), np.int64)
+    mask[0, t - 2:] = 0
+    labels = rng.integers(0, max(1, len(manifest.labels)), size=(b,)).astype(np.int64)
+    return ids, mask, labels
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def compared(x: np.ndarray, mask: np.ndarray, task: str) -> np.ndarray:
+    return x if task == SEQ_CLS else x[mask.astype(bool)]  # padded LM positions are not compared
+
+
+@pytest.fixture(params=CASES, ids=IDS)
+def case(request, bundles, model_dirs):
+    family, method, quant = request.param
+    return family, bundles(family, quant, method=method), model_dirs(family)
+
+
+def test_inference_matches_torch_peft(case):
+    family, bundle, model_dir = case
+    m = bundle.manifest
+    delta = perturbed(m, 1)
+    ids, mask, _ = batch(m, 3, 9)
+    ours = Predictor(bundle).logits(ids, mask, [delta])
+    ref, _ = torch_reference.with_deltas(torch_reference.load_hf(model_dir, bundle), bundle, delta.tensors)
+    theirs = torch_reference.logits(ref, ids, mask)
+    assert rel(compared(ours, mask, m.task), compared(theirs, mask, m.task)) < 1e-4
+
+
+def test_no_delta_is_the_base_model(case):
+    family, bundle, model_dir = case
+    m = bundle.manifest
+    ids, mask, _ = batch(m, 2, 7)
+    ours = Predictor(bundle).logits(ids, mask)
+    base = torch_reference.logits(torch_reference.load_hf(model_dir, bundle), ids, mask)
+    assert np.abs(compared(ours, mask, m.task) - compared(base, mask, m.task)).max() < 1e-5
+
+
+def test_train_step_gradients_match_torch_peft(case):
+    family, bundle, model_dir = case
+    m = bundle.manifest
+    delta = perturbed(m, 3)
+    ref, params = torch_reference.with_deltas(torch_reference.load_hf(model_dir, bundle), bundle, delta.tensors)
+    ids, mask, labels = batch(m, 3, 8, seed=5)
+    feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, **delta.tensors}
+    if m.task == SEQ_CLS:
+        feeds[LABELS] = labels
+    sess = bundle.session("train")
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    loss, grads = torch_reference.loss_and_grads(ref, params, m.task, ids, mask, labels)
+    assert abs(float(outs[LOSS]) - loss) <= 1e-4 * abs(loss)
+    for s in m.slots:
+        assert rel(outs[grad_name(s.name)], grads[s.name].reshape(s.shape)) < 1e-4, s.name
+
+
+def test_a_mix_of_two_deltas_equals_their_weighted_merge(case):
+    # The inference mix and the hub's aggregation agree: mixing {a: 0.3, b: 0.7} in one call gives the
+    # logits of the weighted mean taken in the method's own space (exact: rank a + rank b keeps ΔW).
+    family, bundle, model_dir = case
+    m = bundle.manifest
+    a, b = perturbed(m, 7), perturbed(m, 8)
+    merged, _ = merge([a, b], [0.3, 0.7], rank=2 * max(a.meta.rank, 1), scale=a.scale)
+    ids, mask, _ = batch(m, 2, 6)
+    p = Predictor(bundle)
+    mixed = p.logits(ids, mask, [a, b], [0.3, 0.7])
+    assert rel(compared(mixed, mask, m.task), compared(p.logits(ids, mask, [merged]), mask, m.task)) < 1e-4
