@@ -211,7 +211,16 @@ def _manifest_fields(f: schema.Fields) -> dict[str, Any]:
         weights=f.text("weights", 255, check=_file_name, what=FILE_WHAT, default="weights.bin", required=False),
         train_layers=None if layers is None else tuple(layers),
         extra=f.typed("extra", dict, default={}, required=False),
+        method_config=_method_config(f),
     )
+
+
+def _method_config(f: schema.Fields) -> dict[str, dict[str, Any]]:
+    """The per-method options the bundle was exported with (VeRA's seed lives here); {} for older bundles."""
+    out = f.typed("method_config", dict, default={}, required=False)
+    if not all(isinstance(k, str) and isinstance(v, dict) for k, v in out.items()):
+        raise f.bad("method_config", "must map method names to objects of options")
+    return out
 
 
 def files_of(manifest: Manifest) -> list[str]:

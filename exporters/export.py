@@ -151,7 +151,7 @@ def export_bundle(
             quant[frozen_name(name + ".weight")] = QuantSpec(axis=1 if type(mod).__name__ == "Conv1D" else 0)
         elif isinstance(mod, torch.nn.Embedding) and mod.weight.numel() >= 1024:
             quant[frozen_name(name + ".weight")] = QuantSpec(axis=0, embedding=True)
-    feed = inject(model, slots)
+    feed = inject(model, slots, configs)
     wrapped = {s.module for s in slots}
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
 

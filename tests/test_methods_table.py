@@ -13,18 +13,33 @@ import torch_reference
 from edgepeft.delta import delta_from_init
 from edgepeft.delta.format import Delta
 from edgepeft.delta.merge import merge
+from edgepeft.errors import DeltaError
+from edgepeft import methods
 from edgepeft.names import ATTENTION_MASK, INPUT_IDS, LABELS, LOSS, SEQ_CLS, grad_name
 from edgepeft.runtime.infer import Predictor
 
-CASES = [  # (family, method, quantization)
+CASES = [  # (family, method, quantization[, method options])
     ("bert", "lora+bitfit", "none"),
     ("llama", "lora", "int8"),
     ("bert", "ia3", "none"),
     ("bert", "ia3", "int8"),
     ("llama", "ia3", "none"),
     ("llama", "ia3", "int8"),
+    # methods3: VeRA, the r x r core (LoRA-XS), bottleneck adapters
+    ("bert", "vera", "none"),
+    ("bert", "vera", "int8"),
+    ("llama", "vera", "none"),
+    ("llama", "vera", "int8"),
+    ("bert", "loraxs", "none"),
+    ("bert", "loraxs", "int8"),
+    ("llama", "loraxs", "none"),
+    ("llama", "loraxs", "int8"),
+    ("bert", "bottleneck", "none", {"placement": "houlsby", "non_linearity": "gelu"}),
+    ("bert", "bottleneck", "int8"),  # pfeiffer, relu: the defaults
+    ("llama", "bottleneck", "none", {"placement": "houlsby", "non_linearity": "silu", "reduction_factor": 4}),
+    ("llama", "bottleneck", "int8"),
 ]
-IDS = [f"{f}-{m}-{q}" for f, m, q in CASES]
+IDS = ["-".join([f, m, q, *(f"{k}={v}" for k, v in (o[0] if o else {}).items())]) for f, m, q, *o in CASES]
 
 
 def perturbed(manifest, seed: int) -> Delta:
@@ -52,10 +67,28 @@ def compared(x: np.ndarray, mask: np.ndarray, task: str) -> np.ndarray:
     return x if task == SEQ_CLS else x[mask.astype(bool)]  # padded LM positions are not compared
 
 
+def bundle_of(bundles, row: tuple):
+    family, method, quant, *opts = row
+    return bundles(family, quant, method=method, **({"method_config": opts[0]} if opts else {}))
+
+
+def mixable(method: str) -> bool:
+    return all(m.mixable for m in methods.parse(method))
+
+
 @pytest.fixture(params=CASES, ids=IDS)
 def case(request, bundles, model_dirs):
-    family, method, quant = request.param
-    return family, bundles(family, quant, method=method), model_dirs(family)
+    return request.param[0], bundle_of(bundles, request.param), model_dirs(request.param[0])
+
+
+@pytest.fixture(params=[c for c in CASES if mixable(c[1])], ids=[i for c, i in zip(CASES, IDS) if mixable(c[1])])
+def mixable_case(request, bundles, model_dirs):
+    return request.param[0], bundle_of(bundles, request.param), model_dirs(request.param[0])
+
+
+@pytest.fixture(params=[c for c in CASES if not mixable(c[1])], ids=[i for c, i in zip(CASES, IDS) if not mixable(c[1])])
+def unmixable_case(request, bundles):
+    return bundle_of(bundles, request.param)
 
 
 def test_inference_matches_torch_peft(case):
@@ -95,10 +128,10 @@ def test_train_step_gradients_match_torch_peft(case):
         assert rel(outs[grad_name(s.name)], grads[s.name].reshape(s.shape)) < 1e-4, s.name
 
 
-def test_a_mix_of_two_deltas_equals_their_weighted_merge(case):
+def test_a_mix_of_two_deltas_equals_their_weighted_merge(mixable_case):
     # The inference mix and the hub's aggregation agree: mixing {a: 0.3, b: 0.7} in one call gives the
     # logits of the weighted mean taken in the method's own space (exact: rank a + rank b keeps ΔW).
-    family, bundle, model_dir = case
+    family, bundle, model_dir = mixable_case
     m = bundle.manifest
     a, b = perturbed(m, 7), perturbed(m, 8)
     merged, _ = merge([a, b], [0.3, 0.7], rank=2 * max(a.meta.rank, 1), scale=a.scale)
@@ -106,3 +139,12 @@ def test_a_mix_of_two_deltas_equals_their_weighted_merge(case):
     p = Predictor(bundle)
     mixed = p.logits(ids, mask, [a, b], [0.3, 0.7])
     assert rel(compared(mixed, mask, m.task), compared(p.logits(ids, mask, [merged]), mask, m.task)) < 1e-4
+
+
+def test_a_mix_is_refused_in_one_line_where_the_method_has_no_exact_mix(unmixable_case):
+    m = unmixable_case.manifest
+    a, b = perturbed(m, 7), perturbed(m, 8)
+    ids, mask, _ = batch(m, 2, 6)
+    with pytest.raises(DeltaError, match="cannot be mixed") as e:
+        Predictor(unmixable_case).logits(ids, mask, [a, b], [0.3, 0.7])
+    assert "\n" not in str(e.value)

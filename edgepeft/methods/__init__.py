@@ -117,6 +117,10 @@ def _builtin() -> None:
     import edgepeft.methods.head  # noqa: F401
     import edgepeft.methods.bitfit  # noqa: F401
     import edgepeft.methods.ia3  # noqa: F401
+    # methods3
+    import edgepeft.methods.vera  # noqa: F401
+    import edgepeft.methods.loraxs  # noqa: F401
+    import edgepeft.methods.bottleneck  # noqa: F401
 
 
 _builtin()
