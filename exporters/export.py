@@ -152,7 +152,7 @@ def export_bundle(
             quant[frozen_name(name + ".weight")] = QuantSpec(axis=1 if type(mod).__name__ == "Conv1D" else 0)
         elif isinstance(mod, torch.nn.Embedding) and mod.weight.numel() >= 1024:
             quant[frozen_name(name + ".weight")] = QuantSpec(axis=0, embedding=True)
-    feed = inject(model, slots)
+    feed = inject(model, slots, configs)
     wrapped = {s.module for s in slots}
     # GPT-2's Conv1D stores its weight (in, out): recorded so numpy readers of the base weights orient them.
     in_out = sorted(m for m in wrapped if type(model.get_submodule(m).base).__name__ == "Conv1D")

@@ -80,6 +80,16 @@ def test_a_manifest_written_before_the_registry_still_reads(tmp_path):
     (["--method-config", "lora.targets=nope"], ["lora.targets", "'nope' matches no linear module"]),
     (["--method-config", "lora.dropout=0.1"], ["lora.dropout", "no such option"]),
     (["--method", "lora+ia9"], ["unknown method 'ia9'"]),
+    # methods3: VeRA, the r x r core, bottleneck adapters
+    (["--method", "vera", "--method-config", "vera.targets=nope"], ["vera.targets", "'nope' matches no linear module"]),
+    (["--method", "vera", "--method-config", "vera.rank=0"], ["vera.rank", "positive integer"]),
+    (["--method", "loraxs", "--method-config", "loraxs.rank=33"], ["loraxs.rank", "33", "above the width"]),
+    (["--method", "loraxs", "--method-config", "loraxs.targets=nope"], ["loraxs.targets", "'nope' matches no linear module"]),
+    (["--method", "bottleneck", "--method-config", "bottleneck.reduction_factor=33"],
+     ["bottleneck.reduction_factor", "33", "leaves no width"]),
+    (["--method", "bottleneck", "--method-config", "bottleneck.targets=nope"], ["bottleneck.targets", "'nope' matches no linear module"]),
+    (["--method", "bottleneck", "--method-config", "bottleneck.non_linearity=swish"], ["bottleneck.non_linearity", "'swish'"]),
+    (["--method", "bottleneck", "--method-config", "bottleneck.placement=middle"], ["bottleneck.placement", "houlsby, pfeiffer"]),
 ])
 def test_a_bad_method_option_is_refused_in_one_line_before_tracing_writing_nothing(args, words, model_dirs, tmp_path,
                                                                                      capsys, monkeypatch):

@@ -14,14 +14,14 @@ from peft import PeftModel
 from edgepeft.delta import delta_from_init
 from edgepeft.delta.format import Delta
 from edgepeft.delta.merge import merge
+from edgepeft import methods
 from edgepeft.delta.peft_format import from_peft, to_peft
 from edgepeft.errors import DeltaError
-from edgepeft.methods import parse
 from edgepeft.names import ATTENTION_MASK, INPUT_IDS, LABELS, LOSS, SEQ_CLS, grad_name
 from edgepeft.runtime.infer import Predictor
 from edgepeft.runtime.weights import bundle_base_weights, read_frozen
 
-CASES = [  # (family, method, quantization)
+CASES = [  # (family, method, quantization[, method options])
     ("bert", "lora+bitfit", "none"),
     ("llama", "lora", "int8"),
     ("bert", "ia3", "none"),
@@ -33,8 +33,21 @@ CASES = [  # (family, method, quantization)
     ("bert", "dora", "int8"),
     ("llama", "dora", "none"),
     ("llama", "dora", "int8"),
+    # methods3: VeRA, the r x r core (LoRA-XS), bottleneck adapters
+    ("bert", "vera", "none"),
+    ("bert", "vera", "int8"),
+    ("llama", "vera", "none"),
+    ("llama", "vera", "int8"),
+    ("bert", "loraxs", "none"),
+    ("bert", "loraxs", "int8"),
+    ("llama", "loraxs", "none"),
+    ("llama", "loraxs", "int8"),
+    ("bert", "bottleneck", "none", {"placement": "houlsby", "non_linearity": "gelu"}),
+    ("bert", "bottleneck", "int8"),  # pfeiffer, relu: the defaults
+    ("llama", "bottleneck", "none", {"placement": "houlsby", "non_linearity": "silu", "reduction_factor": 4}),
+    ("llama", "bottleneck", "int8"),
 ]
-IDS = [f"{f}-{m}-{q}" for f, m, q in CASES]
+IDS = ["-".join([f, m, q, *(f"{k}={v}" for k, v in (o[0] if o else {}).items())]) for f, m, q, *o in CASES]
 
 
 def perturbed(manifest, seed: int) -> Delta:
@@ -62,10 +75,37 @@ def compared(x: np.ndarray, mask: np.ndarray, task: str) -> np.ndarray:
     return x if task == SEQ_CLS else x[mask.astype(bool)]  # padded LM positions are not compared
 
 
+def bundle_of(bundles, row: tuple):
+    family, method, quant, *opts = row
+    return bundles(family, quant, method=method, **({"method_config": opts[0]} if opts else {}))
+
+
+def mixable(method: str) -> bool:
+    return all(m.mixable for m in methods.parse(method))
+
+
 @pytest.fixture(params=CASES, ids=IDS)
 def case(request, bundles, model_dirs):
-    family, method, quant = request.param
-    return family, bundles(family, quant, method=method), model_dirs(family)
+    return request.param[0], bundle_of(bundles, request.param), model_dirs(request.param[0])
+
+
+@pytest.fixture(params=[c for c in CASES if mixable(c[1])], ids=[i for c, i in zip(CASES, IDS) if mixable(c[1])])
+def mixable_case(request, bundles, model_dirs):
+    return request.param[0], bundle_of(bundles, request.param), model_dirs(request.param[0])
+
+
+def exact_mean(method: str) -> bool:
+    return all(m.exact_mean for m in methods.parse(method))
+
+
+@pytest.fixture(params=[c for c in CASES if exact_mean(c[1])], ids=[i for c, i in zip(CASES, IDS) if exact_mean(c[1])])
+def exact_mean_case(request, bundles, model_dirs):
+    return request.param[0], bundle_of(bundles, request.param), model_dirs(request.param[0])
+
+
+@pytest.fixture(params=[c for c in CASES if not mixable(c[1])], ids=[i for c, i in zip(CASES, IDS) if not mixable(c[1])])
+def unmixable_case(request, bundles):
+    return bundle_of(bundles, request.param)
 
 
 def test_inference_matches_torch_peft(case):
@@ -105,29 +145,23 @@ def test_train_step_gradients_match_torch_peft(case):
         assert rel(outs[grad_name(s.name)], grads[s.name].reshape(s.shape)) < 1e-4, s.name
 
 
-def test_a_mix_of_two_deltas_equals_their_weighted_merge_or_is_refused(case):
+def test_a_mix_of_two_deltas_equals_their_weighted_merge(mixable_case):
     # The inference mix and the hub's aggregation agree: mixing {a: 0.3, b: 0.7} in one call gives the
     # logits of the weighted mean taken in the method's own space (exact: rank a + rank b keeps ΔW).
-    # A method that cannot mix (DoRA) refuses in one line instead.
-    family, bundle, model_dir = case
+    family, bundle, model_dir = mixable_case
     m = bundle.manifest
     a, b = perturbed(m, 7), perturbed(m, 8)
     ids, mask, _ = batch(m, 2, 6)
     p = Predictor(bundle)
-    if not all(meth.mixable for meth in parse(m.method)):
-        with pytest.raises(DeltaError, match="cannot be mixed") as err:
-            p.logits(ids, mask, [a, b], [0.3, 0.7])
-        assert "\n" not in str(err.value)
-        return
     merged, _ = merge([a, b], [0.3, 0.7], rank=2 * max(a.meta.rank, 1), scale=a.scale, base=bundle_base_weights(bundle))
     mixed = p.logits(ids, mask, [a, b], [0.3, 0.7])
     assert rel(compared(mixed, mask, m.task), compared(p.logits(ids, mask, [merged]), mask, m.task)) < 1e-4
 
 
-def test_the_weighted_merge_is_the_weighted_mean_of_the_dense_models(case):
+def test_the_weighted_merge_is_the_weighted_mean_of_the_dense_models(exact_mean_case):
     # The hub's mean in each method's own space equals the mean of what PEFT merges into the weights
     # (merge_and_unload), DoRA's magnitude included; exact at rank a + rank b.
-    family, bundle, model_dir = case
+    family, bundle, model_dir = exact_mean_case
     m = bundle.manifest
     a, b = perturbed(m, 7), perturbed(m, 8)
     merged, _ = merge([a, b], [0.3, 0.7], rank=2 * max(a.meta.rank, 1), scale=a.scale, base=bundle_base_weights(bundle))
@@ -143,7 +177,7 @@ def test_peft_round_trip_loads_in_peft_with_our_logits(case, tmp_path):
     m = bundle.manifest
     delta = perturbed(m, 11)
     base = read_frozen(bundle)
-    if not any(meth.peft_type for meth in parse(m.method)):
+    if not any(meth.peft_type for meth in methods.parse(m.method)):
         with pytest.raises(DeltaError, match="no PEFT adapter equivalent"):
             to_peft(delta, m, tmp_path / "peft", base_weights=base)
         return
@@ -156,3 +190,12 @@ def test_peft_round_trip_loads_in_peft_with_our_logits(case, tmp_path):
     assert set(back.tensors) == set(delta.tensors)
     for k, t in delta.tensors.items():
         assert rel(back.tensors[k], t) < 1e-5, k
+
+
+def test_a_mix_is_refused_in_one_line_where_the_method_has_no_exact_mix(unmixable_case):
+    m = unmixable_case.manifest
+    a, b = perturbed(m, 7), perturbed(m, 8)
+    ids, mask, _ = batch(m, 2, 6)
+    with pytest.raises(DeltaError, match="cannot be mixed") as e:
+        Predictor(unmixable_case).logits(ids, mask, [a, b], [0.3, 0.7])
+    assert "\n" not in str(e.value)

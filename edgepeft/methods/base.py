@@ -129,6 +129,7 @@ class Method(ABC):
     mixable: ClassVar[bool] = True  # several deltas (or a weight other than 1) may be mixed in one call
     peft_type: ClassVar[str | None] = None  # PEFT's peft_type when PEFT has the method
     auto_tasks: ClassVar[tuple[str, ...]] = ()  # tasks whose bundles get this method whether named or not (the head)
+    exact_mean: ClassVar[bool] = True  # the hub's mean in its space is the mean of the dense updates (VeRA: only with a shared d)
     needs_base: ClassVar[bool] = False  # its aggregation space depends on the module's frozen weight (DoRA's row norms)
     peft_keys: ClassVar[Mapping[str, str]] = {}  # slot kind -> PEFT's tensor name on the module (no adapter name)
 
