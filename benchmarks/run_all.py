@@ -5,7 +5,7 @@ writes ``benchmarks/results/summary.md`` (every target with its measured ratio, 
 date, the machine and this command) and PNG plots beside it. Plots need matplotlib:
 ``pip install -e ".[bench]"`` (or ``pip install -c constraints.txt matplotlib``).
 
-    python benchmarks/run_all.py                       # everything (about 20 minutes on 2 cores)
+    python benchmarks/run_all.py                       # everything (about 13 minutes on 2 cores)
     python benchmarks/run_all.py --quick               # a smoke run of every part (minutes)
     python benchmarks/run_all.py --only train_step,footprint
     python benchmarks/run_all.py --table-only          # re-render summary.md and plots from the JSON
@@ -104,7 +104,7 @@ def summary(command: str, seconds: float | None) -> str:
     dates = sorted(x["date"] for x in r.values() if x)
     lines = ["# edgepeft vs torch + PEFT: measured side by side", "",
              f"- date: {dates[-1] if dates else 'n/a'} (UTC; oldest result in this table: {dates[0] if dates else 'n/a'})",
-             f"- machine: {machine()}",
+             f"- machine: {', '.join(sorted({x['machine'] for x in r.values() if x})) or machine()}",  # the one that measured
              f"- command: `{command}`" + (f" ({seconds / 60:.1f} minutes)" if seconds else
                                           " (sections measured by separate runs: each names its date and settings)"),
              "- model: all-MiniLM-L6-v2 (22.7M parameters); every ratio is edgepeft ÷ torch + PEFT, measured in the same run,",
