@@ -14,7 +14,7 @@
 #   4. a fresh aarch64 venv and the device install, `pip install .` with no index: no torch;
 #   5. a tiny BERT bundle (int8) and data exported on x86 by the workstation venv, then on each
 #      machine `edgepeft train` (6 epochs of 96 rows, 1 thread, seed 0), `edgepeft infer` and a logits probe;
-#   6. scripts/device_compare.py: per-step losses, trained deltas and logits agree within float
+#   6. scripts/device_compare.py: the logged losses, trained deltas and logits agree within float
 #      tolerance; the comparison (and the timings) is written to OUTPUT.
 # It takes a few minutes (the emulated pip install is most of it).
 set -euo pipefail

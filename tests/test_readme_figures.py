@@ -3,7 +3,8 @@
 ``figures()`` is the mapping, one entry per README phrase: the phrase as README writes it, rendered
 from the results files. A rerun of a benchmark that changes a number fails here until README says
 the new number; a new number written into README's measured sections without an entry fails too.
-summary.md is checked the same way: it must be what ``run_all.py --table-only`` renders from the JSON.
+summary.md is checked the same way: it must be what ``run_all.py --table-only`` renders from the JSON;
+the demo transcript must be lines of ``benchmarks/results/demo.txt`` (the output of the run it shows).
 """
 
 from __future__ import annotations
@@ -177,6 +178,19 @@ def test_every_number_in_the_measured_sections_has_a_results_entry():
     numbers = re.findall(r"(?<![\w.])\d[\d,]*(?:\.\d+)?", _measured_sections())
     unchecked = sorted({n.rstrip(",") for n in numbers} - known)
     assert not unchecked, f"README quotes numbers no results entry checks (add them to figures()): {unchecked}"
+
+
+def _demo_block() -> list[str]:
+    """The lines of README's demo transcript (the code block after "What `scripts/demo.sh` printed")."""
+    after = README.split("What `scripts/demo.sh` printed", 1)[1]
+    return after.split("```", 2)[1].strip("\n").splitlines()
+
+
+def test_readme_demo_transcript_is_the_committed_demo_run():
+    # the hub's port changes every run; every other line, figures included, is benchmarks/results/demo.txt's
+    ran = set((RESULTS / "demo.txt").read_text().splitlines())
+    stale = [line for line in _demo_block() if not line.startswith("== hub: http") and line not in ran]
+    assert len(_demo_block()) > 10 and not stale, f"README's demo transcript is stale: {stale}"
 
 
 def test_summary_md_is_rendered_from_the_results_files():
