@@ -5,7 +5,7 @@ writes ``benchmarks/results/summary.md`` (every target with its measured ratio, 
 date, the machine and this command) and PNG plots beside it. Plots need matplotlib:
 ``pip install -e ".[bench]"`` (or ``pip install -c constraints.txt matplotlib``).
 
-    python benchmarks/run_all.py                       # everything (about 20 minutes on 2 cores)
+    python benchmarks/run_all.py                       # everything (about 13 minutes on 2 cores)
     python benchmarks/run_all.py --quick               # a smoke run of every part (minutes)
     python benchmarks/run_all.py --only train_step,footprint
     python benchmarks/run_all.py --table-only          # re-render summary.md and plots from the JSON
@@ -104,7 +104,7 @@ def summary(command: str, seconds: float | None) -> str:
     dates = sorted(x["date"] for x in r.values() if x)
     lines = ["# edgepeft vs torch + PEFT: measured side by side", "",
              f"- date: {dates[-1] if dates else 'n/a'} (UTC; oldest result in this table: {dates[0] if dates else 'n/a'})",
-             f"- machine: {machine()}",
+             f"- machine: {', '.join(sorted({x['machine'] for x in r.values() if x})) or machine()}",  # the one that measured
              f"- command: `{command}`" + (f" ({seconds / 60:.1f} minutes)" if seconds else
                                           " (sections measured by separate runs: each names its date and settings)"),
              "- model: all-MiniLM-L6-v2 (22.7M parameters); every ratio is edgepeft ÷ torch + PEFT, measured in the same run,",
@@ -155,10 +155,30 @@ def summary(command: str, seconds: float | None) -> str:
                                                     ("padded tokens", "padded_tokens_per_epoch"),
                                                     ("× shuffled", "tokens_ratio_vs_shuffled"),
                                                     ("padding share", "padding_share")]).rstrip()]
+    lines += devices()
     notes = RESULTS / "notes.md"
     if notes.is_file():
         lines += ["", notes.read_text().rstrip()]
     return "\n".join(lines) + "\n"
+
+
+def devices() -> list[str]:
+    """Summary lines of the device scripts' committed outputs (scripts/device-*.sh; not run by this command)."""
+    lines = ["", "## Devices (scripts/device-aarch64.sh, scripts/device-pi-profile.sh)", ""]
+    a, p = _load("device_aarch64"), _load("device_pi")
+    if a:
+        lines.append(f"- aarch64 under qemu-user ({a['emulator']}), {a['device']['machine']} vs {a['reference']['machine']}, "
+                     f"onnxruntime {a['device']['onnxruntime']}: agree {a['agree']}; largest loss difference "
+                     f"{a['max_abs_loss_diff']:.4f}, delta {a['max_rel_delta_diff']:.1e} relative, logits "
+                     f"{a['max_abs_logit_diff']:.1e}; validation accuracy {' % → '.join(map(str, a['val_accuracy_pct_before_after']['device']))} %; "
+                     f"device install {a['device_install_seconds']} s, {a['device_venv_mb']} MB.")
+    if p:
+        lines.append(f"- Raspberry-Pi-like profile, measured {p['date']} ({p['profile']['cpu']}; {p['memory_cap_mb']} MB "
+                     f"{p['profile']['memory']}): {p['steps']} steps at {p['steps_per_s']} steps/s, peak RSS "
+                     f"{p['peak_rss_mb']:.0f} MB (cgroup {p['cgroup_peak_mb_training']:.0f} MB, {p['oom_kills']} OOM kills) "
+                     f"with {p['memory_plan']}; test accuracy {100 * p['test_accuracy']:.1f} % "
+                     f"(base {100 * p['base_test_accuracy']:.1f} %).")
+    return lines if a or p else []
 
 
 def plots() -> list[Path]:

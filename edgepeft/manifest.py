@@ -214,7 +214,16 @@ def _manifest_fields(f: schema.Fields) -> dict[str, Any]:
                              nullable=True),
         train_layers=None if layers is None else tuple(layers),
         extra=f.typed("extra", dict, default={}, required=False),
+        method_config=_method_config(f),
     )
+
+
+def _method_config(f: schema.Fields) -> dict[str, dict[str, Any]]:
+    """Per method, its options as exported (older bundles: {}); each method's config class checks the values."""
+    raw = f.typed("method_config", dict, default={}, required=False)
+    if len(raw) > 16 or not all(isinstance(k, str) and k.isidentifier() and isinstance(v, dict) for k, v in raw.items()):
+        raise f.bad("method_config", "must map method names to objects of their options")
+    return raw
 
 
 def files_of(manifest: Manifest) -> list[str]:

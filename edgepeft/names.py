@@ -16,9 +16,17 @@ BIAS = "bias"  # (out,)    bitfit (and the head's bias): y += db
 WEIGHT = "weight"  # (out, in) head: y += x dW^T
 IA3_L = "ia3_l"  # (out,)    ia3: y = base(x) * l
 IA3_FF = "ia3_ff"  # (in,)     ia3 on a feed-forward input: y = base(x * l)
-DORA_A = "dora_A"  # (r, in)   dora: LoRA direction ...
+DORA_A = "dora_A"  # (r, in)   dora: y = g*(x W^T + s*(x A^T) B^T) + b, g = (|W| + dm) / |W + s B A| per row
 DORA_B = "dora_B"  # (out, r)
-DORA_M = "dora_m"  # (out,)    ... and the magnitude's change from the base weight's row norms
+DORA_M = "dora_m"  # (out,)    dora: magnitude minus the base weight's row norm (PEFT's magnitude = |W| + dm)
+# methods3: VeRA, the r x r core (LoRA-XS) and bottleneck adapters
+VERA_D = "vera_d"  # (r,)      vera: y += b * ((d * (x A^T)) B^T), A and B frozen and shared
+VERA_B = "vera_b"  # (out,)
+XS_R = "xs_R"  # (r, r)    loraxs: y += ((x V^T) R^T) U^T, U = U_r S_r and V^T = V_r^T frozen (SVD of W)
+ADAPTER_DOWN = "adapter_down"  # (m, out)  bottleneck: y += up(act(down(y)))
+ADAPTER_DOWN_BIAS = "adapter_down_bias"  # (m,)
+ADAPTER_UP = "adapter_up"  # (out, m)
+ADAPTER_UP_BIAS = "adapter_up_bias"  # (out,)
 
 # Graph inputs and outputs.
 INPUT_IDS = "input_ids"

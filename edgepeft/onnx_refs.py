@@ -1,16 +1,21 @@
 """Which files an ONNX graph reads: the ``location`` of every external-data tensor, without onnx.
 
-The device has no ``onnx`` package, so this walks the protobuf wire format itself, descending only into
-the messages that can hold a tensor (onnx/onnx.proto3 field numbers) and skipping every other field by
-its length. It lets a reader prove that both graphs of a bundle read exactly the fingerprinted weights
-file, and nothing else.
+The device has no ``onnx`` package, but it has protobuf (onnxruntime's own dependency): each message is
+parsed as an empty message whose fields all stay unknown, and only the fields that can lead to a tensor
+(onnx/onnx.proto3 field numbers) are descended into. It lets a reader prove that both graphs of a
+bundle read exactly the fingerprinted weights file, and nothing else.
 """
 
 from __future__ import annotations
 
+from google.protobuf import empty_pb2
+from google.protobuf.message import DecodeError
+from google.protobuf.unknown_fields import UnknownFieldSet
+
 from edgepeft.errors import BundleError
 
 MAX_DEPTH = 64  # subgraphs (If, Loop, Scan bodies) nest; anything deeper is not a real model
+_LENGTH_DELIMITED = 2
 
 # message -> {field number: message type of that field}; tensors are where external data lives
 _MODEL, _GRAPH, _NODE, _ATTR, _TENSOR, _SPARSE, _FUNC, _TRAINING, _ENTRY = range(9)
@@ -27,67 +32,32 @@ _CHILDREN = {
 }
 
 
-class _Bad(ValueError):
-    pass
+def _fields(buf: bytes) -> list[tuple[int, int, object]]:
+    """(field number, wire type, data) of each field of one serialized message."""
+    msg = empty_pb2.Empty()
+    msg.ParseFromString(buf)
+    return [(f.field_number, f.wire_type, f.data) for f in UnknownFieldSet(msg)]
 
 
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise _Bad("truncated or overlong varint")
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(buf: memoryview):
-    """(field number, wire type, value: int or memoryview) of each field of one message."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = None, pos + 8
-        elif wire == 5:
-            value, pos = None, pos + 4
-        elif wire == 2:
-            n, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + n], pos + n
-        else:
-            raise _Bad(f"wire type {wire} (groups are not used by ONNX)")
-        if pos > len(buf) or number == 0:
-            raise _Bad("truncated field")
-        yield number, wire, value
-
-
-def _entry(buf: memoryview) -> tuple[str, str]:
-    key = value = ""
-    for number, wire, v in _fields(buf):
-        if wire == 2 and number in (1, 2):
-            text = bytes(v).decode("utf-8", errors="replace")
-            key, value = (text, value) if number == 1 else (key, text)
-    return key, value
+def _entry(buf: bytes) -> tuple[str, str]:
+    """(key, value) of a StringStringEntryProto."""
+    found = {n: bytes(v).decode("utf-8", errors="replace") for n, w, v in _fields(buf) if w == _LENGTH_DELIMITED}
+    return found.get(1, ""), found.get(2, "")
 
 
 def external_locations(model: bytes) -> set[str]:
     """The ``location`` of every external-data tensor anywhere in a serialized ModelProto; BundleError if unparsable."""
     found: set[str] = set()
-    stack = [(memoryview(model), _MODEL, 0)]
+    stack = [(bytes(model), _MODEL, 0)]
     try:
         while stack:
             buf, kind, depth = stack.pop()
             if depth > MAX_DEPTH:
-                raise _Bad(f"graphs nested deeper than {MAX_DEPTH}")
+                raise BundleError(f"not a readable ONNX model (graphs nested deeper than {MAX_DEPTH})")
             children = _CHILDREN[kind]
             for number, wire, value in _fields(buf):
                 child = children.get(number)
-                if child is None or wire != 2:
+                if child is None or wire != _LENGTH_DELIMITED:
                     continue
                 if child == _ENTRY:
                     key, loc = _entry(value)
@@ -95,8 +65,8 @@ def external_locations(model: bytes) -> set[str]:
                         found.add(loc)
                 else:
                     stack.append((value, child, depth + 1))
-    except _Bad as e:
-        raise BundleError(f"not a readable ONNX model ({e})") from None
+    except DecodeError:
+        raise BundleError("not a readable ONNX model (its protobuf wire format is corrupt)") from None
     return found
 
 
@@ -105,7 +75,7 @@ def check_reads_only(model: bytes, weights: str, where: str) -> None:
     try:
         locations = external_locations(model)
     except BundleError as e:
-        raise BundleError(f"{where}: {e}") from None
+        raise BundleError(f"{where}: cannot be loaded: {e}; re-copy or re-export the bundle") from None
     other = sorted(locations - {weights})
     if other:
         raise BundleError(f"{where}: the graph reads external data from {other[0][:80]!r}, not the fingerprinted "

@@ -35,19 +35,24 @@ FAMILIES: tuple[Family, ...] = (
         "head.modules": ("classifier", "classifier.dense", "classifier.out_proj"),
         "ia3.targets": ("key", "value", "output.dense"),  # PEFT's defaults (and the feed-forward one below)
         "ia3.feedforward": ("output.dense",),
-        "dora.targets": ("query", "value"),
+        # methods3: bottleneck adapters (attention output, feed-forward output; "output.dense" alone would match both)
+        "bottleneck.houlsby": ("attention.output.dense", r".*\.layer\.\d+\.output\.dense"),
+        "bottleneck.pfeiffer": (r".*\.layer\.\d+\.output\.dense",),
     }),
     Family("distilbert", ("distilbert",), (SEQ_CLS,), r"\.layer\.(\d+)\.", {
         "lora.targets": ("q_lin", "v_lin"), "bitfit.exclude": ("k_lin",), "head.modules": ("pre_classifier", "classifier"),
-        "ia3.targets": ("k_lin", "v_lin", "ffn.lin2"), "ia3.feedforward": ("ffn.lin2",), "dora.targets": ("q_lin", "v_lin"),
+        "ia3.targets": ("k_lin", "v_lin", "ffn.lin2"), "ia3.feedforward": ("ffn.lin2",),
+        "bottleneck.houlsby": ("attention.out_lin", "ffn.lin2"), "bottleneck.pfeiffer": ("ffn.lin2",),  # methods3
     }),
     Family("llama", ("llama", "mistral", "qwen2"), (CAUSAL_LM,), r"\.layers\.(\d+)\.", {
         "lora.targets": ("q_proj", "v_proj"), "bitfit.exclude": ("k_proj",),
-        "ia3.targets": ("k_proj", "v_proj", "down_proj"), "ia3.feedforward": ("down_proj",), "dora.targets": ("q_proj", "v_proj"),
+        "ia3.targets": ("k_proj", "v_proj", "down_proj"), "ia3.feedforward": ("down_proj",),
+        "bottleneck.houlsby": ("o_proj", "down_proj"), "bottleneck.pfeiffer": ("down_proj",),  # methods3
     }),
     Family("gpt2", ("gpt2",), (CAUSAL_LM,), r"\.h\.(\d+)\.", {
         "lora.targets": ("c_attn",),
-        "ia3.targets": ("c_attn", "mlp.c_proj"), "ia3.feedforward": ("mlp.c_proj",), "dora.targets": ("c_attn",),
+        "ia3.targets": ("c_attn", "mlp.c_proj"), "ia3.feedforward": ("mlp.c_proj",),
+        "bottleneck.houlsby": ("attn.c_proj", "mlp.c_proj"), "bottleneck.pfeiffer": ("mlp.c_proj",),  # methods3
     }, kv_cache=False),
 )
 

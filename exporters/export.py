@@ -19,6 +19,7 @@ from edgepeft.manifest import Graph, Manifest, neutral_values, write_manifest
 from edgepeft.names import (ATTENTION_MASK, CAUSAL_LM, CHAT_TEMPLATE_FILE, INFER_GRAPH_FILE, INPUT_IDS, LABELS, LOGITS, LOSS, SEQ_CLS,
                             TASKS, TOKENIZER_FILE, TRAIN_GRAPH_FILE, WEIGHTS_FILE, frozen_name, grad_name)
 from edgepeft import atomic, methods
+from edgepeft.frozen import IN_OUT_KEY
 
 QUANTIZATIONS = ("none", "int8", "int4")
 
@@ -154,8 +155,10 @@ def export_bundle(
             quant[frozen_name(name + ".weight")] = QuantSpec(axis=1 if type(mod).__name__ == "Conv1D" else 0)
         elif isinstance(mod, torch.nn.Embedding) and mod.weight.numel() >= 1024:
             quant[frozen_name(name + ".weight")] = QuantSpec(axis=0, embedding=True)
-    feed = inject(model, slots)
+    feed = inject(model, slots, configs)
     wrapped = {s.module for s in slots}
+    # GPT-2's Conv1D stores its weight (in, out): recorded so numpy readers of the base weights orient them.
+    in_out = sorted(m for m in wrapped if type(model.get_submodule(m).base).__name__ == "Conv1D")
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
     def canonical(name: str) -> str:  # "x.query.base.weight" -> "x.query.weight"
@@ -193,7 +196,8 @@ def export_bundle(
             train_layers=None if top_layers is None else tuple(sorted({i for s in slots if (i := _layer(family, s.module)) is not None})),
             extra={"base_parameters": int(sum(p.numel() for p in model.parameters())), "opset": opset,
                    "export_seconds": round(time.perf_counter() - t0, 1), "seed": seed,
-                   **({"context_length": int(max_pos)} if task == CAUSAL_LM else {})},
+                   **({"context_length": int(max_pos)} if task == CAUSAL_LM else {}),
+                   **({IN_OUT_KEY: in_out} if in_out else {})},
             method_config={name: c.to_dict() for name, c in configs.items()},
         )
         write_manifest(tmp, manifest)

@@ -54,6 +54,7 @@ class DeltaLinear(nn.Module):
         self.path = path
         self.feed = feed
         self.groups = list(groups)  # (method's torch half, {kind: slot name}) in registration order
+        self.configs: dict[str, methods.MethodConfig] = {}  # per method, its options (set by inject)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.feed.tensors
@@ -119,14 +120,26 @@ def plan_slots(
     return sorted(slots.values(), key=lambda s: s.name)
 
 
-def inject(model: nn.Module, slots: list[Slot]) -> DeltaFeed:
-    """Wrap every module that has a slot in a DeltaLinear sharing one feed; return the feed."""
+def inject(model: nn.Module, slots: list[Slot], configs: Mapping[str, methods.MethodConfig] | None = None) -> DeltaFeed:
+    """Wrap every module that has a slot in a DeltaLinear sharing one feed, add each method's frozen tensors
+    as buffers (``TorchMethod.frozen``); return the feed."""
     feed = DeltaFeed()
     for module, groups in methods.by_module(s.name for s in slots).items():
         parent_path, _, leaf = module.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         hooks = [(torch_method(m.name), kinds) for m, kinds in groups.items()]
         setattr(parent, leaf, DeltaLinear(getattr(parent, leaf), module, feed, hooks))
+    for m in methods.get_all():
+        mine = [s for s in slots if methods.owner(s.kind) is m]
+        if not mine:
+            continue
+        bases = {s.module: model.get_submodule(s.module).base for s in mine}
+        config = (configs or {}).get(m.name) or m.config_cls()
+        for module in bases:
+            model.get_submodule(module).configs[m.name] = config
+        for path, tensors in sorted(torch_method(m.name).frozen(mine, bases, config).items()):  # "" (the root) first
+            for name, t in tensors.items():
+                model.get_submodule(path).register_buffer(name, t)
     for s in slots:
         if s.rank:
             feed.scale[s.module] = s.scale

@@ -73,8 +73,8 @@ def open_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
         weights = path / manifest.weights
         if sha256_file(weights) != manifest.fingerprint:
             raise BundleError(f"{weights}: content does not match the manifest fingerprint; the bundle is corrupt")
-        for kind, graph in manifest.graphs.items():
-            check_reads_only((path / graph.file).read_bytes(), manifest.weights, f"{path / graph.file} ({kind} graph)")
+        for graph in manifest.graphs.values():
+            check_reads_only((path / graph.file).read_bytes(), manifest.weights, str(path / graph.file))
     return Bundle(path, manifest)
 
 

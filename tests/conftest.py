@@ -54,9 +54,9 @@ def bundles(model_dirs, tmp_path_factory):
 
     def get(kind: str, quantize: str = "none", method: str | None = None, **kw):
         method = method or ("lora+bitfit" if kind in ("bert", "roberta", "distilbert") else "lora")
-        key = (kind, quantize, method, tuple(sorted(kw.items())))
+        key = (kind, quantize, method, repr(sorted(kw.items())))  # repr: method_config is a dict
         if key not in cache:
-            out = root / "-".join(map(str, [kind, quantize, method.replace("+", "_"), *kw.values()]))
+            out = root / "-".join(map(str, [kind, quantize, method.replace("+", "_"), len(cache)]))
             export_bundle(model_dirs(kind), out, quantize=quantize, method=method, rank=4, alpha=8, **kw)
             cache[key] = open_bundle(out)
         return cache[key]

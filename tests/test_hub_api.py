@@ -211,3 +211,27 @@ def test_store_swapped_through_dependency_override(hub, tmp_path):
         client.app.dependency_overrides.clear()
         other.close()
     assert len(client.get("/api/v1/fleets", headers=H(ADMIN)).json()) == 2
+
+
+def _with_rank(manifest, device, rank: int, alpha: float) -> bytes:
+    """A delta whose LoRA pairs have another rank and alpha than the fleet's bundle (another method config)."""
+    from edgepeft.delta.format import Delta
+
+    d = delta_from_init(manifest, 0)
+    t = {k: (v[:rank] if k.endswith("lora_A") else v[:, :rank] if k.endswith("lora_B") else v) for k, v in d.tensors.items()}
+    return delta_bytes(replace_meta(Delta(t, d.meta), rank=rank, alpha=alpha, creator=device, samples=10))
+
+
+@pytest.mark.parametrize("odd, says", [
+    (lambda m: delta_bytes(replace_meta(delta_from_init(m, 0), method="ia3", creator="a", samples=10)), "trained with method 'ia3'"),
+    (lambda m: _with_rank(m, "a", 2, 4.0), "rank 2, alpha 4, but this fleet's bundle trains lora+bitfit at rank 4, alpha 8"),
+    (lambda m: _with_rank(m, "a", 4, 16.0), "rank 4, alpha 16, but this fleet's bundle trains lora+bitfit at rank 4, alpha 8"),
+    (lambda m: pack(replace_meta(delta_from_init(m, 0), method="dora", creator="a", samples=10)), "trained with method 'dora'"),
+], ids=["method", "rank", "alpha", "packed-method"])
+def test_a_delta_of_another_method_or_config_is_refused_with_409_saying_why(hub, odd, says):
+    client, manifest, tokens, store = hub
+    assert client.post("/api/v1/devices/b/deltas", content=make_delta(manifest, "b"), headers=H(tokens["b"])).status_code == 201
+    r = client.post("/api/v1/devices/a/deltas", content=odd(manifest), headers=H(tokens["a"]))
+    assert r.status_code == 409, r.text
+    assert says in r.json()["detail"] and "\n" not in r.json()["detail"]
+    assert [d.device for d in store.list_deltas("f1")] == ["b"]  # the odd one is not stored

@@ -80,6 +80,16 @@ def test_a_manifest_written_before_the_registry_still_reads(tmp_path):
     (["--method-config", "lora.targets=nope"], ["lora.targets", "'nope' matches no linear module"]),
     (["--method-config", "lora.dropout=0.1"], ["lora.dropout", "no such option"]),
     (["--method", "lora+ia9"], ["unknown method 'ia9'"]),
+    # methods3: VeRA, the r x r core, bottleneck adapters
+    (["--method", "vera", "--method-config", "vera.targets=nope"], ["vera.targets", "'nope' matches no linear module"]),
+    (["--method", "vera", "--method-config", "vera.rank=0"], ["vera.rank", "positive integer"]),
+    (["--method", "loraxs", "--method-config", "loraxs.rank=33"], ["loraxs.rank", "33", "above the width"]),
+    (["--method", "loraxs", "--method-config", "loraxs.targets=nope"], ["loraxs.targets", "'nope' matches no linear module"]),
+    (["--method", "bottleneck", "--method-config", "bottleneck.reduction_factor=33"],
+     ["bottleneck.reduction_factor", "33", "leaves no width"]),
+    (["--method", "bottleneck", "--method-config", "bottleneck.targets=nope"], ["bottleneck.targets", "'nope' matches no linear module"]),
+    (["--method", "bottleneck", "--method-config", "bottleneck.non_linearity=swish"], ["bottleneck.non_linearity", "'swish'"]),
+    (["--method", "bottleneck", "--method-config", "bottleneck.placement=middle"], ["bottleneck.placement", "houlsby, pfeiffer"]),
 ])
 def test_a_bad_method_option_is_refused_in_one_line_before_tracing_writing_nothing(args, words, model_dirs, tmp_path,
                                                                                      capsys, monkeypatch):
@@ -110,3 +120,17 @@ def test_method_options_from_a_json_file_reach_the_manifest(model_dirs, tmp_path
     assert m.method_config["lora"] == {"rank": 8, "alpha": 4.0, "targets": ["query"]}
     assert {s.module.rsplit(".", 1)[-1] for s in m.slots if s.kind == "lora_A"} == {"query"}
     assert {s.scale for s in m.slots if s.rank} == {0.5}
+
+
+def test_to_peft_of_a_bitfit_only_delta_is_refused_in_one_line(tmp_path):
+    # PEFT refuses a directory that adapts no module ("No modules were targeted for adaptation"): say so here.
+    from edgepeft.delta import delta_from_init
+    from edgepeft.delta.peft_format import to_peft
+    from edgepeft.errors import DeltaError
+
+    slot = Slot("enc.0.q.bias", "bias", "enc.0.q", (8,))
+    m = Manifest(fingerprint="f" * 64, source="s", architecture="A", model_type="bert", task="sequence-classification",
+                 method="bitfit", quantization="none", max_length=8, vocab_size=10, pad_token_id=0, slots=(slot,), graphs={})
+    with pytest.raises(DeltaError, match="a bitfit delta has no PEFT adapter equivalent") as e:
+        to_peft(delta_from_init(m, 0), m, tmp_path / "peft")
+    assert "\n" not in str(e.value) and not (tmp_path / "peft").exists()

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers as tf
-from peft import LoraConfig, get_peft_model
+from peft import IA3Config, LoraConfig, VeraConfig, get_peft_model
 
-from edgepeft.names import BIAS, LORA_A, LORA_B, SEQ_CLS, WEIGHT, split_slot_name
+from edgepeft.names import BIAS, DORA_A, DORA_B, DORA_M, IA3_FF, IA3_L, LORA_A, LORA_B, SEQ_CLS, WEIGHT, split_slot_name
+from edgepeft.names import ADAPTER_DOWN, ADAPTER_DOWN_BIAS, ADAPTER_UP, ADAPTER_UP_BIAS, VERA_B, VERA_D, XS_R
 from edgepeft.runtime.bundle import Bundle
 from edgepeft.runtime.weights import read_frozen
 
@@ -58,7 +59,8 @@ def with_deltas(model: torch.nn.Module, bundle: Bundle, tensors: dict[str, np.nd
     lora = [s for s in slots if s.kind == LORA_A]
     if lora:
         targets = sorted({s.module for s in lora})
-        cfg = LoraConfig(r=lora[0].rank, lora_alpha=lora[0].alpha, target_modules=targets, lora_dropout=0.0)
+        r = tensors[lora[0].name].shape[0]  # a merge may carry a higher rank than the bundle's, at the same scale
+        cfg = LoraConfig(r=r, lora_alpha=lora[0].scale * r, target_modules=targets, lora_dropout=0.0)
         model = get_peft_model(model, cfg)
         for s in slots:
             if s.kind in (LORA_A, LORA_B):
@@ -67,9 +69,119 @@ def with_deltas(model: torch.nn.Module, bundle: Bundle, tensors: dict[str, np.nd
                 with torch.no_grad():
                     p.copy_(torch.from_numpy(tensors[s.name]))
                 grads_of[s.name] = p
-    for p in grads_of.values():  # get_peft_model froze everything but LoRA
+    dora = [s for s in slots if s.kind == DORA_A]
+    if dora:  # PEFT's DoRA: magnitude = ‖W‖ (its init) + the delta's offset
+        r = tensors[dora[0].name].shape[0]
+        cfg = LoraConfig(r=r, lora_alpha=dora[0].scale * r, target_modules=sorted({s.module for s in dora}),
+                         lora_dropout=0.0, use_dora=True)
+        model = get_peft_model(model, cfg)
+        for s in slots:
+            if s.kind not in (DORA_A, DORA_B, DORA_M):
+                continue
+            layer = model.base_model.model.get_submodule(s.module)
+            if s.kind == DORA_M:
+                p = layer.lora_magnitude_vector["default"].weight
+                w = layer.get_base_layer().weight
+                w = w.t() if getattr(layer, "fan_in_fan_out", False) else w
+                value = torch.linalg.norm(w.detach(), dim=1) + torch.from_numpy(tensors[s.name])
+            else:
+                p = (layer.lora_A if s.kind == DORA_A else layer.lora_B)["default"].weight
+                value = torch.from_numpy(tensors[s.name])
+            with torch.no_grad():
+                p.copy_(value)
+            grads_of[s.name] = p
+    ia3 = [s for s in slots if s.kind in (IA3_L, IA3_FF)]
+    if ia3:
+        cfg = IA3Config(target_modules=sorted({s.module for s in ia3}),
+                        feedforward_modules=sorted({s.module for s in ia3 if s.kind == IA3_FF}))
+        model = get_peft_model(model, cfg)
+        for s in ia3:
+            p = model.base_model.model.get_submodule(s.module).ia3_l["default"]
+            with torch.no_grad():
+                p.copy_(torch.from_numpy(tensors[s.name]).reshape(p.shape))
+            grads_of[s.name] = p
+    # methods3: VeRA. PEFT draws A and B itself from the seed in the manifest: parity also proves the
+    # bundle's stored projections are PEFT's.
+    vera = [s for s in slots if s.kind == VERA_D]
+    if vera:
+        opts = bundle.manifest.method_config["vera"]
+        cfg = VeraConfig(r=vera[0].shape[0], target_modules=sorted({s.module for s in vera}),
+                         projection_prng_key=opts["seed"], d_initial=opts["d_initial"], vera_dropout=0.0)
+        model = get_peft_model(model, cfg)
+        for s in slots:
+            if s.kind in (VERA_D, VERA_B):
+                layer = model.base_model.model.get_submodule(s.module)
+                p = (layer.vera_lambda_d if s.kind == VERA_D else layer.vera_lambda_b)["default"]
+                with torch.no_grad():
+                    p.copy_(torch.from_numpy(tensors[s.name]))
+                grads_of[s.name] = p
+    # methods3: the r x r core (LoRA-XS) has no PEFT counterpart: a plain torch module, y = W x + U_r S_r R V_r^T x,
+    # on the bundle's stored factors.
+    xs = [s for s in slots if s.kind == XS_R]
+    if xs:
+        frozen = read_frozen(bundle)
+        for s in xs:
+            parent, _, leaf = s.module.rpartition(".")
+            owner_ = model.get_submodule(parent)
+            core = CoreRxR(getattr(owner_, leaf), frozen[f"{s.module}.xs_U"], frozen[f"{s.module}.xs_V"], tensors[s.name])
+            setattr(owner_, leaf, core)
+            grads_of[s.name] = core.r
+    # methods3: bottleneck adapters: a plain torch module after the targeted projection.
+    adapters = [s for s in slots if s.kind == ADAPTER_DOWN]
+    if adapters:
+        act = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "tanh": torch.nn.Tanh, "silu": torch.nn.SiLU}[
+            bundle.manifest.method_config["bottleneck"]["non_linearity"]]()
+        for s in adapters:
+            parent, _, leaf = s.module.rpartition(".")
+            owner_ = model.get_submodule(parent)
+            ad = BottleneckAdapter(getattr(owner_, leaf), act, *(tensors[f"{s.module}.{k}"] for k in
+                                   (ADAPTER_DOWN, ADAPTER_DOWN_BIAS, ADAPTER_UP, ADAPTER_UP_BIAS)))
+            setattr(owner_, leaf, ad)
+            for k, p in zip((ADAPTER_DOWN, ADAPTER_DOWN_BIAS, ADAPTER_UP, ADAPTER_UP_BIAS),
+                            (ad.down.weight, ad.down.bias, ad.up.weight, ad.up.bias)):
+                grads_of[f"{s.module}.{k}"] = p
+    for p in grads_of.values():  # get_peft_model froze everything but its own method
         p.requires_grad_(True)
     return model.eval(), grads_of
+
+
+def dense_state(model_dir: Path, bundle: Bundle, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The float parameters of the model with the deltas merged in by PEFT (``merge_and_unload``), float64."""
+    model, _ = with_deltas(load_hf(model_dir, bundle), bundle, tensors)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return {k: v.detach().double().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+class CoreRxR(torch.nn.Module):
+    """LoRA-XS by its definition: base(x) + x (U_r S_r R V_r^T)^T, with R trainable."""
+
+    def __init__(self, base: torch.nn.Module, us: np.ndarray, vt: np.ndarray, r: np.ndarray) -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer("us", torch.from_numpy(np.array(us)))
+        self.register_buffer("vt", torch.from_numpy(np.array(vt)))
+        self.r = torch.nn.Parameter(torch.from_numpy(np.array(r)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + x @ (self.us @ self.r @ self.vt).t()
+
+
+class BottleneckAdapter(torch.nn.Module):
+    """An adapter after a projection, as Houlsby et al. write it: h + up(act(down(h))), h = base(x)."""
+
+    def __init__(self, base: torch.nn.Module, act: torch.nn.Module, dw, db, uw, ub) -> None:
+        super().__init__()
+        self.base, self.act = base, act
+        self.down = torch.nn.Linear(dw.shape[1], dw.shape[0])
+        self.up = torch.nn.Linear(uw.shape[1], uw.shape[0])
+        with torch.no_grad():
+            for p, v in ((self.down.weight, dw), (self.down.bias, db), (self.up.weight, uw), (self.up.bias, ub)):
+                p.copy_(torch.from_numpy(np.array(v)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base(x)
+        return h + self.up(self.act(self.down(h)))
 
 
 def logits(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

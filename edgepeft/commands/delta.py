@@ -128,15 +128,24 @@ def _weights(text: str | None, n: int) -> list[float] | None:
 @click.option("--weights", default=None, help="Comma-separated weights, one per file (default: each delta's sample count).")
 @click.option("--rank", type=click.IntRange(min=1), default=None, help="LoRA rank of the result (default: the largest input rank).")
 @click.option("--scale", type=float, default=None, help="LoRA scale alpha/rank of the result (default: the first delta's).")
-def merge_cmd(files: tuple[str, ...], out: str, weights: str | None, rank: int | None, scale: float | None) -> None:
+@click.option("--bundle", type=click.Path(file_okay=False), default=None,
+              help="Bundle directory; needed for methods that aggregate against the base weights (DoRA).")
+def merge_cmd(files: tuple[str, ...], out: str, weights: str | None, rank: int | None, scale: float | None,
+              bundle: str | None) -> None:
     """Merge deltas FILES in the space of the full update (weighted mean of s*B@A, re-factored by SVD)."""
     ws = _weights(weights, len(files))
+    base = None
+    if bundle is not None:
+        from edgepeft.runtime.bundle import open_bundle
+        from edgepeft.runtime.weights import bundle_base_weights
+
+        base = bundle_base_weights(open_bundle(bundle))
 
     def stream() -> Iterator[fmt.Delta]:  # one delta in memory at a time
         for f in files:
             yield read_any(f)
 
-    merged, report = merge(stream(), ws, rank=rank, scale=scale)
+    merged, report = merge(stream(), ws, rank=rank, scale=scale, base=base)
     fmt.save_delta(out, merged)
     click.echo(f"merged {report.count} deltas (total weight {report.total_weight:g}) -> rank {report.rank}, scale {report.scale:g}")
     for m, e in report.errors.items():

@@ -244,6 +244,11 @@ def save_delta(path: str | os.PathLike, delta: Delta) -> None:
     atomic.write_bytes(path, delta_bytes(delta))
 
 
+def file_meta(data: bytes, where: str, manifest: Manifest | None = None) -> DeltaMeta:
+    """The meta of delta-file bytes, reading only the (capped) header."""
+    return meta_from_strings(safeio.parse_header(data, where, max_header=header_cap(manifest)).metadata, where)
+
+
 def _from_buffer(buf: bytes | mmap.mmap, where: str, manifest: Manifest | None, *, for_training: bool, copy: bool) -> Delta:
     """Parse and fully check delta-file bytes (or a read-only memory map of them)."""
     header = safeio.parse_header(buf, where, max_header=header_cap(manifest))

@@ -18,6 +18,7 @@ import numpy as np
 from edgepeft.delta.format import Delta, DeltaMeta, check_structure
 from edgepeft.errors import DeltaError
 from edgepeft import methods
+from edgepeft.frozen import BaseWeights
 from edgepeft.methods.lora import refactor  # noqa: F401  (re-exported: the hub and tests use it from here)
 from edgepeft.names import slot_name, split_slot_name
 
@@ -33,23 +34,31 @@ class MergeReport:
     errors: dict[str, float] = field(default_factory=dict)  # module -> ||ΔW - s·B@A||_F / ||ΔW||_F
 
 
-def space_parts(d: Delta) -> dict[str, np.ndarray]:
-    """Every module's update in its method's aggregation space (ΔW for LoRA, the tensor itself for bias and head slots)."""
+def base_of(method: methods.Method, module: str, base: BaseWeights | None) -> np.ndarray | None:
+    """The module's frozen weight for a method that aggregates against it (DoRA), else None."""
+    return base(module) if method.needs_base and base is not None else None
+
+
+def space_parts(d: Delta, base: BaseWeights | None = None) -> dict[str, np.ndarray]:
+    """Every module's update in its method's aggregation space (ΔW for LoRA, the tensor itself for bias and head slots).
+    ``base``: the bundle's frozen weights, for methods that need them (DoRA); they refuse without."""
     out: dict[str, np.ndarray] = {}
     for module, groups in methods.by_module(d.tensors).items():
         for method, kinds in groups.items():
-            out.update(method.to_space(module, {k: d.tensors[n] for k, n in kinds.items()}, d.scale))
+            out.update(method.to_space(module, {k: d.tensors[n] for k, n in kinds.items()}, d.scale, base_of(method, module, base)))
     return out
 
 
-def from_space_parts(first: Delta, space: dict[str, np.ndarray], rank: int, scale: float) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def from_space_parts(first: Delta, space: dict[str, np.ndarray], rank: int, scale: float,
+                     base: BaseWeights | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Slots back from space parts shaped like ``first``'s; (tensors, per re-factored module its relative error)."""
     tensors: dict[str, np.ndarray] = {}
     errors: dict[str, float] = {}
     for module, groups in methods.by_module(first.tensors).items():
         for method, kinds in groups.items():
-            mine = method.to_space(module, {k: first.tensors[n] for k, n in kinds.items()}, first.scale)
-            out, err = method.from_space(module, {k: space[k] for k in mine}, rank, scale)
+            w = base_of(method, module, base)
+            mine = method.to_space(module, {k: first.tensors[n] for k, n in kinds.items()}, first.scale, w)
+            out, err = method.from_space(module, {k: space[k] for k in mine}, rank, scale, w)
             tensors.update({slot_name(module, k): v for k, v in out.items()})
             if method.ranked:
                 errors[module] = err
@@ -64,11 +73,12 @@ def is_ranked(d: Delta) -> bool:
 class _Accumulator:
     """Running weighted sums of every module's update in its method's aggregation space."""
 
-    def __init__(self, first: Delta) -> None:
+    def __init__(self, first: Delta, base: BaseWeights | None) -> None:
         self.first = first
+        self.base = base
         self.slots = set(first.tensors)
         self.ranked = is_ranked(first)
-        self.sums = {k: np.zeros(v.shape) for k, v in space_parts(first).items()}
+        self.sums = {k: np.zeros(v.shape) for k, v in space_parts(first, base).items()}
         self.count, self.total, self.samples, self.max_rank = 0, 0.0, 0, 0
 
     def add(self, d: Delta, w: float) -> None:
@@ -82,7 +92,7 @@ class _Accumulator:
             raise DeltaError(f"{where}: slots differ from the first delta (missing {missing}, extra {extra})")
         if not (math.isfinite(w) and w >= 0):
             raise DeltaError(f"{where}: weight {w} must be finite and >= 0")
-        for k, v in space_parts(d).items():
+        for k, v in space_parts(d, self.base).items():
             acc = self.sums[k]
             if v.shape != acc.shape:
                 raise DeltaError(f"{where}: {k!r} has shape {v.shape}, the first delta's {acc.shape}")
@@ -119,17 +129,19 @@ def merge(
     *,
     rank: int | None = None,
     scale: float | None = None,
+    base: BaseWeights | None = None,
 ) -> tuple[Delta, MergeReport]:
     """Weighted mean of deltas (weights default to meta.samples), LoRA re-factored to ``rank`` in ΔW space.
 
     ``deltas`` may be any iterable (a generator reading files keeps memory flat) of deltas or
     (delta, weight) pairs. ``rank`` defaults to the largest input rank, ``scale`` (the output's
-    alpha/rank) to the first delta's; the output has alpha = scale * rank.
+    alpha/rank) to the first delta's; the output has alpha = scale * rank. ``base``: the bundle's frozen
+    weights (``edgepeft.frozen``), needed by methods whose space depends on them (DoRA).
     """
     acc = None
     for d, w in _pairs(deltas, weights):
         if acc is None:
-            acc = _Accumulator(d)
+            acc = _Accumulator(d, base)
         acc.add(d, w)
     if acc is None:
         raise DeltaError("merge: no deltas given")
@@ -140,7 +152,7 @@ def merge(
     if acc.ranked and (out_rank < 1 or not (math.isfinite(out_scale) and out_scale > 0)):
         raise DeltaError(f"merge: need rank >= 1 and scale > 0 for LoRA output, got rank {out_rank}, scale {out_scale}")
     report = MergeReport(acc.count, acc.total, out_rank if acc.ranked else 0, out_scale)
-    tensors, report.errors = from_space_parts(acc.first, {k: v / acc.total for k, v in acc.sums.items()}, out_rank, out_scale)
+    tensors, report.errors = from_space_parts(acc.first, {k: v / acc.total for k, v in acc.sums.items()}, out_rank, out_scale, base)
     f = acc.first.meta
     meta = DeltaMeta(
         base_fingerprint=f.base_fingerprint,
@@ -163,7 +175,7 @@ def _compare(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return max_abs, nd / ny if ny > 0 else (0.0 if nd == 0 else math.inf)
 
 
-def diff(a: Delta, b: Delta) -> dict[str, tuple[float, float]]:
+def diff(a: Delta, b: Delta, base: BaseWeights | None = None) -> dict[str, tuple[float, float]]:
     """Per key (max |a - b|, ||a - b||_F / ||b||_F): every slot with equal shapes, and each method's space part
     that is not a slot (``<module>:dW`` per LoRA module).
 
@@ -177,7 +189,7 @@ def diff(a: Delta, b: Delta) -> dict[str, tuple[float, float]]:
     for n in sorted(a.tensors):
         if a.tensors[n].shape == b.tensors[n].shape:
             out[n] = _compare(a.tensors[n], b.tensors[n])
-    pa, pb = space_parts(a), space_parts(b)
+    pa, pb = space_parts(a, base), space_parts(b, base)
     for k in sorted(pa):
         if k not in out and k in pb and pa[k].shape == pb[k].shape:  # the update of a re-factored pair
             out[k] = _compare(pa[k], pb[k])

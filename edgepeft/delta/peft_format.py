@@ -26,16 +26,17 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Any, Iterable
 
 import numpy as np
 import safetensors.numpy
 
-from edgepeft import atomic, methods
+from edgepeft import atomic, frozen, methods
 from edgepeft.delta import safeio
 from edgepeft.delta.format import Delta, DeltaMeta, check_against_manifest, check_structure
 from edgepeft.errors import DeltaError
 from edgepeft.manifest import Manifest
-from edgepeft.names import BIAS, CAUSAL_LM, LORA_A, LORA_B, SEQ_CLS, WEIGHT, slot_name, split_slot_name
+from edgepeft.names import BIAS, CAUSAL_LM, SEQ_CLS, WEIGHT, slot_name, split_slot_name
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -44,6 +45,7 @@ TASK_TYPES = {SEQ_CLS: "SEQ_CLS", CAUSAL_LM: "CAUSAL_LM"}
 MAX_CONFIG_BYTES = 1024 * 1024
 
 _LORA_KEY = re.compile(r"^(?P<m>.+)\.(?P<ab>lora_A|lora_B)(?:\.[^.]+)?\.(?P<p>weight|bias)$")
+_ADAPTER_INFIX = re.compile(r"^(.+\.(?:lora_A|lora_B))\.[^.]+(?=\.weight$)")
 _FULL_KEY = re.compile(r"^(?P<m>.+?)(?:\.modules_to_save(?:\.[^.]+)?)?\.(?P<p>weight|bias)$")
 
 
@@ -55,34 +57,43 @@ def _modules(delta: Delta) -> dict[str, set[str]]:
     return out
 
 
-def _unmappable(kinds_by_module: dict[str, set[str]]) -> list[str]:
+def _unmappable(kinds_by_module: dict[str, set[str]], adapted: set[str]) -> list[str]:
     bad = []
     for m, kinds in sorted(kinds_by_module.items()):
-        if LORA_A in kinds and WEIGHT in kinds:
+        if m in adapted and WEIGHT in kinds:
             bad += [slot_name(m, k) for k in sorted(kinds)]
     return bad
 
 
-def _refuse_unmappable(bad: list[str], where: str) -> None:
+def _refuse_unmappable(bad: list[str], where: str, method: methods.Method) -> None:
     if bad:
+        label = "LoRA" if method.peft_type == "LORA" else method.peft_type
         raise DeltaError(
-            f"{where}: slot(s) with no PEFT LoRA equivalent: {', '.join(bad)} "
-            "(PEFT wraps a module either with LoRA or as a full modules_to_save copy, not both)"
+            f"{where}: slot(s) with no PEFT {label} equivalent: {', '.join(bad)} "
+            "(PEFT wraps a module either with its method or as a full modules_to_save copy, not both)"
         )
 
 
-def _peft_type(delta: Delta, where: str) -> str:
-    """The PEFT method the delta converts as: the one of its methods PEFT has (riders: BitFit, the head)."""
-    own = sorted({m.name: m.peft_type for m in (methods.owner(split_slot_name(n)[1]) for n in delta.tensors)
-                  if m.peft_type}.items())
+def _peft_method(kinds: Iterable[str], where: str) -> methods.Method:
+    """The PEFT method slots of ``kinds`` convert as: the one of their methods PEFT has (riders: BitFit, the head)."""
+    used = {methods.owner(k) for k in kinds}
+    own = sorted((m for m in used if m.peft_type), key=lambda m: m.name)
     if not own:
-        used = sorted({methods.owner(split_slot_name(n)[1]).name for n in delta.tensors})
-        raise DeltaError(f"{where}: a {'+'.join(used)} delta has no PEFT adapter equivalent: PEFT needs a method that "
-                         f"adapts modules ({', '.join(n for n in methods.names() if methods.get(n).peft_type)}); "
+        raise DeltaError(f"{where}: a {'+'.join(sorted(m.name for m in used))} delta has no PEFT adapter equivalent: PEFT needs a method "
+                         f"that adapts modules ({', '.join(n for n in methods.names() if methods.get(n).peft_type)}); "
                          "export the bundle with one of those, or keep the delta in edgepeft form")
-    if len(own) > 1 or own[0][1] != "LORA":
-        raise DeltaError(f"{where}: {'+'.join(n for n, _ in own)} deltas do not convert to PEFT here; LoRA deltas do")
-    return own[0][1]
+    if len(own) > 1:
+        raise DeltaError(f"{where}: {'+'.join(m.name for m in own)} deltas do not convert to one PEFT adapter; PEFT loads one method per adapter")
+    return own[0]
+
+
+def _module_weight(base_weights: dict[str, np.ndarray] | None, manifest: Manifest, method: methods.Method,
+                   module: str, where: str) -> np.ndarray | None:
+    """The module's frozen (out, in) weight for a method whose PEFT values depend on it (DoRA's magnitude)."""
+    if not method.needs_base:
+        return None
+    _base(base_weights, f"{module}.weight", None, where)  # refuses without base weights, naming the key
+    return frozen.base_weights(base_weights or {}, manifest)(module)
 
 
 def _base(base_weights: dict[str, np.ndarray] | None, key: str, shape: tuple[int, ...] | None, where: str) -> np.ndarray:
@@ -115,32 +126,38 @@ def to_peft(
     where = "to_peft"
     check_structure(delta, where)
     check_against_manifest(delta, manifest, where)
-    _peft_type(delta, where)
+    method = _peft_method((split_slot_name(n)[1] for n in delta.tensors), where)
     kinds = _modules(delta)
-    _refuse_unmappable(_unmappable(kinds), where)
+    adapted = sorted(m for m, k in kinds.items() if k & set(method.peft_keys))
+    _refuse_unmappable(_unmappable(kinds, set(adapted)), where, method)
     if manifest.task not in TASK_TYPES:
         raise DeltaError(f"{where}: task {manifest.task!r} has no PEFT task_type")
-    lora = sorted(m for m, k in kinds.items() if LORA_A in k)
+    lora_family = method.peft_type == "LORA"
     heads = sorted(m for m, k in kinds.items() if WEIGHT in k)
-    bitfit = sorted(m for m, k in kinds.items() if BIAS in k and LORA_A not in k and WEIGHT not in k)
-    bias_all = bool(bitfit)  # biases beyond LoRA modules: PEFT's bias="all", which stores them whole
-    lora_bias = not bias_all and any(BIAS in kinds[m] for m in lora)
+    bitfit = sorted(m for m, k in kinds.items() if BIAS in k and m not in adapted and WEIGHT not in k)
+    if not lora_family and (bitfit or any(BIAS in kinds[m] for m in adapted)):
+        raise DeltaError(f"{where}: PEFT's {method.peft_type} adapter has no bias option, so the {method.name} delta's "
+                         "BitFit bias slots cannot be written; export the bundle without bitfit to convert")
+    bias_all = bool(bitfit)  # biases beyond adapted modules: PEFT's bias="all", which stores them whole
+    lora_bias = lora_family and not bias_all and any(BIAS in kinds[m] for m in adapted)
     scale = delta.scale
     if lora_bias and scale == 0:
         raise DeltaError(f"{where}: LoRA alpha is 0, so PEFT's lora_B.bias (scaled by alpha/r) cannot carry a bias delta")
     t = delta.tensors
     out: dict[str, np.ndarray] = {}
     if bias_all:
-        for m in sorted(set(bitfit) | {m for m in lora if BIAS in kinds[m]}):
+        for m in sorted(set(bitfit) | {m for m in adapted if BIAS in kinds[m]}):
             b = t[slot_name(m, BIAS)]
-            key = f"{m}.base_layer.bias" if m in lora else f"{m}.bias"
+            key = f"{m}.base_layer.bias" if m in adapted else f"{m}.bias"
             out[PREFIX + key] = _base(base_weights, f"{m}.bias", b.shape, where) + b
-    for m in lora:
-        out[f"{PREFIX}{m}.lora_A.weight"] = t[slot_name(m, LORA_A)]
-        out[f"{PREFIX}{m}.lora_B.weight"] = t[slot_name(m, LORA_B)]
+    for m in adapted:
+        weight = _module_weight(base_weights, manifest, method, m, where)
+        for kind in sorted(kinds[m] & set(method.peft_keys)):
+            out[f"{PREFIX}{m}.{method.peft_keys[kind]}"] = method.to_peft(kind, t[slot_name(m, kind)], weight)
         if lora_bias:  # PEFT gives every target a lora_B bias once lora_bias is on; zero where we have none
             b = t.get(slot_name(m, BIAS))
-            out[f"{PREFIX}{m}.lora_B.bias"] = (b / scale if b is not None else np.zeros(t[slot_name(m, LORA_B)].shape[0])).astype(np.float32)
+            rows = out[f"{PREFIX}{m}.lora_B.weight"].shape[0]
+            out[f"{PREFIX}{m}.lora_B.bias"] = (b / scale if b is not None else np.zeros(rows)).astype(np.float32)
     for m in heads:
         w = t[slot_name(m, WEIGHT)]
         out[f"{PREFIX}{m}.weight"] = _base(base_weights, f"{m}.weight", w.shape, where) + w
@@ -149,35 +166,34 @@ def to_peft(
             out[f"{PREFIX}{m}.bias"] = _base(base_weights, f"{m}.bias", b.shape, where) + b
         elif base_weights is not None and f"{m}.bias" in base_weights:
             out[f"{PREFIX}{m}.bias"] = _base(base_weights, f"{m}.bias", None, where)
-    alpha = delta.meta.alpha
-    config = {
-        "peft_type": "LORA",
+    mine = {m: kinds[m] & set(method.peft_keys) for m in adapted}
+    common = {
+        "peft_type": method.peft_type,
         "task_type": TASK_TYPES[manifest.task],
         "base_model_name_or_path": manifest.source,
-        "r": delta.meta.rank,
-        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         # exact module paths, not leaf names: leaf names would also wrap modules the bundle does not train
-        "target_modules": lora,
+        "target_modules": adapted,
         "modules_to_save": heads or None,
-        "bias": "all" if bias_all else "none",
-        "lora_bias": lora_bias,
-        "lora_dropout": 0.0,
         "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
         "inference_mode": True,
-        "rank_pattern": {},
-        "alpha_pattern": {},
     }
+    if lora_family:
+        alpha = delta.meta.alpha
+        config = {**common, "r": delta.meta.rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+                  "bias": "all" if bias_all else "none", "lora_bias": lora_bias, "lora_dropout": 0.0, "use_rslora": False,
+                  "use_dora": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
+    else:
+        config = {**common, "init_ia3_weights": True}
+    config.update(method.peft_config(mine))
     out_dir = Path(os.fspath(out_dir))
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
     atomic.write_bytes(out_dir / WEIGHTS_FILE, safetensors.numpy.save(tensors, metadata={"format": "pt"}))
     atomic.write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _read_config(path: Path) -> tuple[int, float]:
-    """(r, alpha in our convention: the update is alpha / r * B @ A) from a PEFT LoRA config."""
+def _read_config(path: Path, method: methods.Method) -> tuple[int, float]:
+    """(r, alpha in our convention: the update is alpha / r * B @ A; 0, 0 for methods without a rank) from a
+    PEFT adapter config, which must be of ``method`` (the bundle's PEFT method)."""
     where = path.name
     if not path.is_file():
         raise DeltaError(f"{path}: missing; is {path.parent} a PEFT adapter directory?")
@@ -187,16 +203,23 @@ def _read_config(path: Path) -> tuple[int, float]:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise DeltaError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        raise DeltaError(f"{where}: peft_type is {cfg.get('peft_type') if isinstance(cfg, dict) else None!r}; only LORA converts")
+    got = cfg.get("peft_type") if isinstance(cfg, dict) else None
+    if got != method.peft_type:
+        raise DeltaError(f"{where}: peft_type is {got!r}; the bundle's {method.name} slots take {method.peft_type!r}")
+    want_dora = bool(method.peft_config({}).get("use_dora", False))
+    if method.peft_type == "LORA" and bool(cfg.get("use_dora")) != want_dora:
+        raise DeltaError(f"{where}: 'use_dora' is {bool(cfg.get('use_dora'))}; the bundle's {method.name} slots need "
+                         f"{want_dora} (export the bundle with --method {'dora' if cfg.get('use_dora') else 'lora'})")
+    if method.peft_type != "LORA":
+        return 0, 0.0
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
         raise DeltaError(f"{where}: 'r' is {r!r}; expected a positive integer")
     if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)):
         raise DeltaError(f"{where}: 'lora_alpha' is {alpha!r}; expected a number")
-    for key in ("use_dora", "rank_pattern", "alpha_pattern"):
+    for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
-            raise DeltaError(f"{where}: '{key}' is set; edgepeft deltas have one rank and scale and no DoRA")
+            raise DeltaError(f"{where}: '{key}' is set; edgepeft deltas have one rank and scale")
     if cfg.get("use_rslora"):  # PEFT scales by alpha/sqrt(r); keep the same update with our alpha/r
         alpha = alpha * math.sqrt(r)
     return r, float(alpha)
@@ -223,9 +246,11 @@ def from_peft(
     """Read a PEFT LoRA adapter directory into a Delta that fits ``manifest`` (checked like load_delta)."""
     d = Path(os.fspath(adapter_dir))
     where = d.name or str(d)
-    r, alpha = _read_config(d / CONFIG_FILE)
-    scale = alpha / r
+    method = _peft_method((sl.kind for sl in manifest.slots), where)
+    r, alpha = _read_config(d / CONFIG_FILE, method)
+    scale = alpha / r if r else 1.0
     want = {s.name: s for s in manifest.slots}
+    own = {f"{s.module}.{method.peft_keys[s.kind]}": s for s in manifest.slots if s.kind in method.peft_keys}
     got: dict[str, np.ndarray] = {}
     stray: list[str] = []
 
@@ -238,11 +263,14 @@ def from_peft(
 
     for key, value in sorted(_read_weights(d / WEIGHTS_FILE).items()):
         k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        if mt := _LORA_KEY.match(k):
+        plain = _ADAPTER_INFIX.sub(r"\1", k)  # <m>.lora_A.<adapter>.weight -> <m>.lora_A.weight
+        if plain in own:
+            sl = own[plain]
+            weight = _module_weight(base_weights, manifest, method, sl.module, where)
+            put(sl.name, method.from_peft(sl.kind, value, weight, sl.shape), key)
+        elif mt := _LORA_KEY.match(k):
             m, ab, p = mt["m"], mt["ab"], mt["p"]
-            if p == "weight" and slot_name(m, ab) in want:
-                put(slot_name(m, ab), value, key)
-            elif p == "bias" and ab == LORA_B and slot_name(m, BIAS) in want:
+            if p == "bias" and ab == "lora_B" and slot_name(m, BIAS) in want:
                 put(slot_name(m, BIAS), value * scale, key)
             elif p == "weight" or np.any(value):  # a zero lora bias is what PEFT writes for untrained targets
                 stray.append(key)
@@ -265,10 +293,12 @@ def from_peft(
             f"{where}: adapter has nothing for bundle slot(s) {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}; "
             "pass fill_missing=True (CLI: --fill-missing) to treat them as zero"
         )
-    for name in missing:
+    for name in missing:  # each slot's neutral value (LoRA-family pairs at the adapter's rank)
         s = want[name]
-        shape = (r, s.shape[1]) if s.kind == LORA_A else (s.shape[0], r) if s.kind == LORA_B else s.shape
-        got[name] = np.zeros(shape, dtype=np.float32)
+        owner = methods.owner(s.kind)
+        axis = owner.infer_axis(s.kind)
+        shape = tuple(r if i == axis else n for i, n in enumerate(s.shape))
+        got[name] = np.full(shape, owner.fill(s.kind), dtype=np.float32)
     meta = DeltaMeta(base_fingerprint=manifest.fingerprint, method=manifest.method, rank=r, alpha=alpha, adapter=adapter, creator="peft")
     delta = Delta(got, meta)
     check_structure(delta, where)

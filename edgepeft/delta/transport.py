@@ -26,7 +26,7 @@ try:  # the standard library's zstd (Python 3.14+), or its 2 MB backport (the zs
 except ImportError:
     from backports import zstd
 
-from edgepeft.delta.format import (Delta, check_against_manifest, check_shapes, check_structure, header_cap, meta_from_strings,
+from edgepeft.delta.format import (Delta, DeltaMeta, check_against_manifest, check_shapes, check_structure, header_cap, meta_from_strings,
                                    meta_to_strings)
 from edgepeft.errors import DeltaError
 from edgepeft.manifest import Manifest
@@ -224,6 +224,11 @@ def unpack(data: bytes, where: str = "packed delta", *, manifest: Manifest | Non
     if manifest is not None:
         check_against_manifest(delta, manifest, where, for_training=for_training)
     return delta
+
+
+def packed_meta(data: bytes, where: str, manifest: Manifest | None = None) -> DeltaMeta:
+    """The meta of transport bytes, reading only the (capped) header: nothing else is decompressed."""
+    return meta_from_strings(_parse_header(_Frame(data, where), where, header_cap(manifest))["meta"], where)
 
 
 def is_packed(data: bytes) -> bool:

@@ -1,53 +1,35 @@
 """Fleet aggregation: claim the pending deltas, merge them streaming from the store, publish a version.
 
-The weighted mean (weights: each delta's ``meta.samples``) goes through ``edgepeft.delta.merge``, in
-each method's own space: ΔW for LoRA, plain weighted mean for bias and head slots, output re-factored
-at the bundle's LoRA rank and scale so devices keep training from it. Claiming is one transaction, so every accepted delta
+The weighted mean (weights: each delta's ``meta.samples``, capped by ``limits.sample_weights``) goes through ``edgepeft.delta.merge``, in
+each method's own space: ΔW for LoRA, plain weighted mean for bias and head slots, output re-factored at the bundle's LoRA
+rank and scale so devices keep training from it. Claiming is one transaction, so every accepted delta
 lands in exactly one version; a version whose builder died stays ``building`` and ``recover`` rebuilds
 it from the same deltas and options.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import statistics
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes, delta_from_bytes, meta_to_strings, replace_meta
+from edgepeft import methods
+from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes, delta_from_bytes, file_meta, replace_meta
 from edgepeft.delta.merge import from_space_parts, is_ranked, merge, space_parts
-from edgepeft.delta.transport import is_packed, quantize, unpack
+from edgepeft.delta.transport import is_packed, packed_meta, unpack
 from edgepeft.errors import DeltaError, HubError
+from edgepeft.frozen import BaseWeights, base_weights, frozen_arrays
+from edgepeft.hub.limits import MAX_PUBLISHED_SAMPLES, readable, sample_weights
 from edgepeft.hub.robust import RobustOptions, clip_update, trimmed_mean
-from edgepeft.hub.store import BUILDING, Fleet, Store, VersionRec
+from edgepeft.hub.store import BUILDING, BundleRec, Fleet, Store, VersionRec
 from edgepeft.manifest import Manifest
+from edgepeft.names import WEIGHTS_INDEX_FILE
 
 Pairs = Callable[[], Iterator[tuple[Delta, float]]]  # a fresh pass over (delta, weight)
-
-MAX_SAMPLES_CLAIM = 10**9  # an upload claiming more training samples is refused: no device has seen that many
-DEFAULT_MAX_SAMPLES = 10_000  # one delta weighs at most this much unless the admin sets max_samples
-MEDIAN_MULTIPLE = 4  # ... and at most this many times the median claim of its round
-MAX_ABS_VALUE = 1e4  # a delta value beyond this is refused at upload (LoRA and bias deltas are O(1)):
-#                      the merge then stays finite in float32, so what is published stays readable
-MAX_PUBLISHED_SAMPLES = 10**15  # a published version's samples stay far inside what the delta reader accepts
-
-
-def sample_weights(claims: list[int], max_samples: int | None) -> list[int]:
-    """Aggregation weights from the deltas' self-reported sample counts, capped so no claim outweighs the fleet.
-
-    Default cap: ``MEDIAN_MULTIPLE`` times the round's median claim, and never above ``DEFAULT_MAX_SAMPLES``;
-    an admin's ``max_samples`` replaces it (the override for fleets whose devices really differ that much).
-    """
-    if max_samples is None:
-        cap = min(DEFAULT_MAX_SAMPLES, math.ceil(MEDIAN_MULTIPLE * statistics.median(claims))) if claims else 0
-    else:
-        cap = max_samples
-    return [max(0, min(int(c), cap, MAX_SAMPLES_CLAIM)) for c in claims]
 
 
 def parse_delta(data: bytes, where: str, manifest: Manifest) -> Delta:
@@ -61,32 +43,27 @@ def parse_delta(data: bytes, where: str, manifest: Manifest) -> Delta:
     return delta_from_bytes(data, where, manifest, for_training=True)
 
 
-def largest_value(delta: Delta) -> float:
-    """max |x| over every tensor of ``delta`` (0 for an empty delta)."""
-    return max((float(np.abs(t).max(initial=0.0)) for t in delta.tensors.values()), default=0.0)
-
-
-def content_id(delta: Delta, device: str) -> str:
-    """What makes two uploads the same delta: uploader, every meta field and each tensor's int8 transport form.
-
-    Raw and packed bytes of one delta get the same id (packing stores exactly these int8 values, and
-    re-quantizing unpacked values gives them back), so a delta sent raw and then packed is stored once.
-    Row scales are left out: they may differ in the last float32 bit between the two forms.
-    """
-    h = hashlib.sha256(json.dumps({"device": device, "meta": meta_to_strings(delta.meta)}, sort_keys=True).encode())
-    for name in sorted(delta.tensors):
-        t = delta.tensors[name]
-        h.update(f"\0{name}\0{list(t.shape)}\0".encode())
-        h.update(quantize(t)[1].tobytes())
-    return h.hexdigest()
-
-
-def readable(data: bytes, manifest: Manifest, what: str) -> None:
-    """The invariant behind every publish: a device's own reader (the checks it trains from) accepts ``data``."""
+def peek_meta(data: bytes, manifest: Manifest) -> DeltaMeta | None:
+    """The meta of an upload from its header alone (None when even that cannot be read)."""
     try:
-        delta_from_bytes(data, what, manifest, for_training=True)
-    except DeltaError as e:
-        raise HubError(f"refusing to publish {what}: the device reader would refuse it ({e})") from None
+        return packed_meta(data, "upload", manifest) if is_packed(data) else file_meta(data, "upload", manifest)
+    except DeltaError:
+        return None
+
+
+def disagreement(meta: DeltaMeta | None, manifest: Manifest) -> str | None:
+    """Why a delta's method or method config is not the fleet bundle's (None: it agrees, or says nothing)."""
+    if meta is None:
+        return None
+    config = json.dumps(manifest.method_config, sort_keys=True) if manifest.method_config else "its defaults"
+    if meta.method and set(meta.method.split("+")) != set(manifest.method.split("+")):
+        return (f"delta was trained with method {meta.method!r}, but this fleet's bundle trains {manifest.method!r} "
+                f"(config {config}); train it on the fleet's bundle")
+    rank, scale = bundle_lora(manifest)
+    if rank and meta.method and (meta.rank != rank or not math.isclose(meta.scale, scale, rel_tol=1e-6)):
+        return (f"delta has rank {meta.rank}, alpha {meta.alpha:g}, but this fleet's bundle trains {manifest.method} at rank "
+                f"{rank}, alpha {rank * scale:g} (config {config}); train it on the fleet's bundle")
+    return None
 
 
 def bundle_lora(manifest: Manifest) -> tuple[int, float]:
@@ -95,6 +72,19 @@ def bundle_lora(manifest: Manifest) -> tuple[int, float]:
     if len(found) > 1:
         raise HubError(f"bundle LoRA slots disagree on (rank, scale): {sorted(found)}")
     return found.pop() if found else (0, 1.0)
+
+
+def stored_base_weights(store: Store, bundle: BundleRec) -> BaseWeights | None:
+    """The bundle's frozen weights read from the hub's blobs, when one of its methods aggregates against them (DoRA)."""
+    manifest = bundle.manifest
+    if not any(methods.owner(s.kind).needs_base for s in manifest.slots):
+        return None
+    files = {f.name: f.sha256 for f in bundle.files}
+    if WEIGHTS_INDEX_FILE not in files or manifest.weights not in files:
+        raise HubError(f"bundle {bundle.fingerprint[:16]}: {WEIGHTS_INDEX_FILE} or {manifest.weights} is not stored; "
+                       "its method aggregates against the base weights")
+    index = json.loads(store.get_blob(files[WEIGHTS_INDEX_FILE]))
+    return base_weights(frozen_arrays(index, np.frombuffer(store.get_blob(files[manifest.weights]), np.uint8)), manifest)
 
 
 class _Parents:
@@ -116,10 +106,11 @@ class _Parents:
         return self.cache[version]
 
 
-def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, memory_mb: float) -> tuple[Delta, dict[str, Any]]:
+def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, memory_mb: float,
+                   base: BaseWeights | None) -> tuple[Delta, dict[str, Any]]:
     """Coordinate-wise trimmed mean in ΔW space, in as many passes over the deltas as the memory budget needs."""
     first, _ = next(pairs())
-    keys = [(k, v.shape) for k, v in space_parts(first).items()]  # each method's space (ΔW for LoRA)
+    keys = [(k, v.shape) for k, v in space_parts(first, base).items()]  # each method's space (ΔW for LoRA)
     # numbers per delta per pass; ~40 bytes each: the float32 stack, argsort indices, kept values and weights
     budget = max(1, int(memory_mb * 2**20) // (40 * max(n, 1)))
     chunks: list[list[tuple[str, int, int]]] = [[]]  # passes of (key, row_lo, row_hi)
@@ -146,7 +137,7 @@ def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, m
                 raise HubError("aggregation: more deltas than claimed")
             weights[i] = w
             col = 0
-            parts = space_parts(d)
+            parts = space_parts(d, base)
             for key, lo, hi in chunk:
                 block = parts[key].reshape(result[key].shape[0], -1)[lo:hi]
                 stack[i, col:col + block.size] = block.ravel()
@@ -164,7 +155,7 @@ def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, m
             size = (hi - lo) * target.shape[1]
             target[lo:hi] = mean[col:col + size].reshape(hi - lo, -1)
             col += size
-    tensors, errors = from_space_parts(first, result, rank, scale)
+    tensors, errors = from_space_parts(first, result, rank, scale, base)
     f = first.meta
     out_rank = rank if is_ranked(first) else 0
     meta = DeltaMeta(base_fingerprint=f.base_fingerprint, method=f.method, rank=out_rank, alpha=scale * out_rank,
@@ -173,12 +164,13 @@ def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, m
                                   "max_refactor_error": max(errors.values(), default=0.0)}
 
 
-def combine(pairs: Pairs, n: int, manifest: Manifest, options: RobustOptions) -> tuple[Delta, dict[str, Any]]:
+def combine(pairs: Pairs, n: int, manifest: Manifest, options: RobustOptions,
+            base: BaseWeights | None = None) -> tuple[Delta, dict[str, Any]]:
     """Merge one pass of (delta, weight) pairs (clipping already applied) at the bundle's rank and scale."""
     rank, scale = bundle_lora(manifest)
     if options.trim > 0:
-        return _trimmed_merge(pairs, n, options.trim, rank, scale, options.memory_mb)
-    merged, rep = merge(pairs(), rank=rank if rank else None, scale=scale)
+        return _trimmed_merge(pairs, n, options.trim, rank, scale, options.memory_mb, base)
+    merged, rep = merge(pairs(), rank=rank if rank else None, scale=scale, base=base)
     return merged, {"total_weight": rep.total_weight, "passes": 1, "max_refactor_error": max(rep.errors.values(), default=0.0)}
 
 
@@ -207,6 +199,7 @@ def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> Ver
         if not ids:
             raise HubError(f"{fleet.name}/{adapter} v{version}: no deltas were claimed for it")
         parents = _Parents(store, fleet.name, adapter, manifest)
+        base = stored_base_weights(store, bundle)
         norms: list[float] = []
 
         def pairs() -> Iterator[tuple[Delta, float]]:
@@ -216,11 +209,11 @@ def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> Ver
                 w = weights[delta_id]
                 d = replace_meta(d, samples=w)  # sums of samples (the version's meta) count capped weights too
                 if options.clip_norm is not None:
-                    d, norm = clip_update(d, parents.get(d.meta.parent), options.clip_norm)
+                    d, norm = clip_update(d, parents.get(d.meta.parent), options.clip_norm, base)
                     norms.append(norm)
                 yield d, float(w)
 
-        merged, stats = combine(pairs, len(ids), manifest, options)
+        merged, stats = combine(pairs, len(ids), manifest, options, base)
         out = replace_meta(merged, adapter=adapter, version=version, parent=parent, creator="hub")
         report = {"count": len(ids), "samples": merged.meta.samples, **stats, "options": options.to_dict()}
         if norms:

@@ -85,8 +85,8 @@ def check_bundle_files(files: dict[str, bytes]) -> str:
             raise HubError(f"bundle upload lacks {', '.join(missing)}")
         if hashlib.sha256(files[manifest.weights]).hexdigest() != manifest.fingerprint:
             raise HubError(f"bundle upload: {manifest.weights} does not match the manifest fingerprint; the bundle is corrupt")
-        for kind, graph in manifest.graphs.items():
-            check_reads_only(files[graph.file], manifest.weights, f"bundle upload: {graph.file} ({kind} graph)")
+        for graph in manifest.graphs.values():
+            check_reads_only(files[graph.file], manifest.weights, f"bundle upload: {graph.file}")
     except BundleError as e:
         raise HubError(str(e)) from None
     return files[MANIFEST_FILE].decode("utf-8")

@@ -15,7 +15,8 @@ import numpy as np
 from edgepeft.delta.format import Delta, replace_meta
 from edgepeft.errors import HubError
 from edgepeft import methods
-from edgepeft.delta.merge import is_ranked, space_parts
+from edgepeft.delta.merge import base_of, is_ranked, space_parts
+from edgepeft.frozen import BaseWeights
 from edgepeft.names import slot_name
 
 
@@ -55,27 +56,27 @@ class RobustOptions:
         return asdict(self)
 
 
-def _update_parts(delta: Delta, parent: Delta | None) -> dict[str, np.ndarray]:
+def _update_parts(delta: Delta, parent: Delta | None, base: BaseWeights | None) -> dict[str, np.ndarray]:
     """Per space part (``<module>:dW`` for LoRA modules, the slot name otherwise), the update in its method's space."""
-    mine = space_parts(delta)
+    mine = space_parts(delta, base)
     if parent is None:
         return mine
-    theirs = space_parts(parent)
+    theirs = space_parts(parent, base)
     return {k: v - theirs[k] for k, v in mine.items()}
 
 
-def update_norm(delta: Delta, parent: Delta | None) -> float:
+def update_norm(delta: Delta, parent: Delta | None, base: BaseWeights | None = None) -> float:
     """Frobenius norm of ``delta - parent`` over every slot, each in its method's space (parent None = neutral)."""
-    return float(math.sqrt(sum(float(np.sum(u * u)) for u in _update_parts(delta, parent).values())))
+    return float(math.sqrt(sum(float(np.sum(u * u)) for u in _update_parts(delta, parent, base).values())))
 
 
-def clip_update(delta: Delta, parent: Delta | None, max_norm: float) -> tuple[Delta, float]:
+def clip_update(delta: Delta, parent: Delta | None, max_norm: float, base: BaseWeights | None = None) -> tuple[Delta, float]:
     """(parent + λ·(delta - parent) with λ = min(1, max_norm / norm), the update's norm).
 
     Exact in each method's space (``Method.lerp``); for LoRA without forming ΔW, so the rank becomes the
     sum of both ranks, which a merge re-factors.
     """
-    norm = update_norm(delta, parent)
+    norm = update_norm(delta, parent, base)
     if norm <= max_norm:
         return delta, norm
     lam = max_norm / norm
@@ -85,7 +86,7 @@ def clip_update(delta: Delta, parent: Delta | None, max_norm: float) -> tuple[De
         for method, kinds in groups.items():
             mine = {k: delta.tensors[n] for k, n in kinds.items()}
             theirs = None if parent is None else {k: parent.tensors[n] for k, n in kinds.items()}
-            tensors.update({slot_name(module, k): v for k, v in method.lerp(module, theirs, mine, lam, scales).items()})
+            tensors.update({slot_name(module, k): v for k, v in method.lerp(module, theirs, mine, lam, scales, base_of(method, module, base)).items()})
     if parent is None or not is_ranked(delta):
         return Delta(tensors, delta.meta), norm
     rank = delta.meta.rank + parent.meta.rank

@@ -208,7 +208,7 @@ class Store(ABC):
 
     @abstractmethod
     def find_content(self, content: str) -> DeltaRec | None:
-        """The delta stored under this content id (see ``aggregate.content_id``), if any."""
+        """The delta stored under this content id (see ``limits.content_id``), if any."""
 
     @abstractmethod
     def get_delta(self, delta_id: str) -> DeltaRec | None:

@@ -116,6 +116,11 @@ def _builtin() -> None:
     import edgepeft.methods.lora  # noqa: F401  (each module registers itself)
     import edgepeft.methods.head  # noqa: F401
     import edgepeft.methods.bitfit  # noqa: F401
+    import edgepeft.methods.ia3  # noqa: F401
+    import edgepeft.methods.dora  # noqa: F401
+    import edgepeft.methods.vera  # noqa: F401
+    import edgepeft.methods.loraxs  # noqa: F401
+    import edgepeft.methods.bottleneck  # noqa: F401
 
 
 _builtin()

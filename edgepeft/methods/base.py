@@ -129,6 +129,9 @@ class Method(ABC):
     mixable: ClassVar[bool] = True  # several deltas (or a weight other than 1) may be mixed in one call
     peft_type: ClassVar[str | None] = None  # PEFT's peft_type when PEFT has the method
     auto_tasks: ClassVar[tuple[str, ...]] = ()  # tasks whose bundles get this method whether named or not (the head)
+    exact_mean: ClassVar[bool] = True  # the hub's mean in its space is the mean of the dense updates (VeRA: only with a shared d)
+    needs_base: ClassVar[bool] = False  # its aggregation space depends on the module's frozen weight (DoRA's row norms)
+    peft_keys: ClassVar[Mapping[str, str]] = {}  # slot kind -> PEFT's tensor name on the module (no adapter name)
 
     @abstractmethod
     def plan(self, view: ModelView, config: MethodConfig) -> list[Slot]:
@@ -182,19 +185,36 @@ class Method(ABC):
             out += (t - fill) * np.float32(w) if fill else t * np.float32(w)
         return out
 
+    # ---- PEFT mapping -------------------------------------------------------------------------------
+
+    def peft_config(self, modules: Mapping[str, set[str]]) -> dict[str, Any]:
+        """adapter_config.json fields this method adds, given {module: its slot kinds of this method}."""
+        return {}
+
+    def to_peft(self, kind: str, t: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
+        """A slot's value as PEFT stores it (``weight``: the module's frozen (out, in) weight when ``needs_base``)."""
+        return t
+
+    def from_peft(self, kind: str, v: np.ndarray, weight: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+        """Inverse of :meth:`to_peft`; ``shape``: the slot's shape."""
+        return v
+
     # ---- hub aggregation ----------------------------------------------------------------------------
 
-    def to_space(self, module: str, tensors: Tensors, scale: float) -> dict[str, np.ndarray]:
+    def to_space(self, module: str, tensors: Tensors, scale: float, base: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The update of one module in the space the hub averages in, float64, keyed by a name unique in the delta.
-        Default: each slot minus its neutral value, keyed by slot name."""
+        Default: each slot minus its neutral value, keyed by slot name. ``base``: the module's frozen weight
+        (out, in), given only to methods that declare ``needs_base``."""
         return {f"{module}.{k}": t.astype(np.float64) - self.fill(k) for k, t in tensors.items()}
 
-    def from_space(self, module: str, space: dict[str, np.ndarray], rank: int, scale: float) -> tuple[Tensors, float]:
+    def from_space(self, module: str, space: dict[str, np.ndarray], rank: int, scale: float,
+                   base: np.ndarray | None = None) -> tuple[Tensors, float]:
         """Inverse of :meth:`to_space` (re-factoring where needed): (slots by kind, relative fit error)."""
         prefix = module + "."
         return {k[len(prefix):]: (v + self.fill(k[len(prefix):])).astype(np.float32) for k, v in space.items()}, 0.0
 
-    def lerp(self, module: str, parent: Tensors | None, delta: Tensors, lam: float, scales: tuple[float, float]) -> Tensors:
+    def lerp(self, module: str, parent: Tensors | None, delta: Tensors, lam: float, scales: tuple[float, float],
+             base: np.ndarray | None = None) -> Tensors:
         """parent + lam * (delta - parent) exactly in the method's space (parent None: the neutral value).
         ``scales``: (the delta's, the parent's) LoRA scale."""
         out = {}

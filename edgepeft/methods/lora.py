@@ -121,17 +121,19 @@ class LowRank(Method):
         """The full update s·B@A, (out, in), float64."""
         return scale * (tensors[self.b_kind].astype(np.float64) @ tensors[self.a_kind].astype(np.float64))
 
-    def to_space(self, module: str, tensors: Tensors, scale: float) -> dict[str, np.ndarray]:
+    def to_space(self, module: str, tensors: Tensors, scale: float, base: np.ndarray | None = None) -> dict[str, np.ndarray]:
         rest = {k: t for k, t in tensors.items() if k not in (self.a_kind, self.b_kind)}
         return {f"{module}:dW": self.delta_w(tensors, scale), **super().to_space(module, rest, scale)}
 
-    def from_space(self, module: str, space: dict[str, np.ndarray], rank: int, scale: float) -> tuple[Tensors, float]:
+    def from_space(self, module: str, space: dict[str, np.ndarray], rank: int, scale: float,
+                   base: np.ndarray | None = None) -> tuple[Tensors, float]:
         rest = {k: v for k, v in space.items() if k != f"{module}:dW"}
         out, _ = super().from_space(module, rest, rank, scale)
         out[self.a_kind], out[self.b_kind], err = refactor(space[f"{module}:dW"], rank, scale)
         return out, err
 
-    def lerp(self, module: str, parent: Tensors | None, delta: Tensors, lam: float, scales: tuple[float, float]) -> Tensors:
+    def lerp(self, module: str, parent: Tensors | None, delta: Tensors, lam: float, scales: tuple[float, float],
+             base: np.ndarray | None = None) -> Tensors:
         # Exact without forming ΔW: A' = [A_p; A], B' = [(1-λ)·(s_p/s)·B_p, λ·B] at the delta's scale s, so
         # s·B'@A' = (1-λ)·ΔW_p + λ·ΔW. The rank is the sum of both ranks; a merge re-factors it.
         ab = (self.a_kind, self.b_kind)
@@ -151,6 +153,7 @@ class Lora(LowRank):
     a_kind, b_kind = LORA_A, LORA_B
     config_cls = LoraConfig
     peft_type = "LORA"
+    peft_keys = {LORA_A: "lora_A.weight", LORA_B: "lora_B.weight"}
 
     def plan(self, view: ModelView, config: MethodConfig) -> list[Slot]:
         assert isinstance(config, LoraConfig)

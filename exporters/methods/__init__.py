@@ -7,12 +7,14 @@ every method with slots on the layer, in registration order.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from edgepeft.errors import ExportError
+from edgepeft.manifest import Slot
+from edgepeft.methods import MethodConfig
 from edgepeft.methods import names as method_names
 
 _HOOKS: dict[str, "TorchMethod"] = {}
@@ -38,6 +40,13 @@ class TorchMethod:
 
     def post(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, t: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         return y
+
+    def frozen(self, slots: Sequence[Slot], bases: Mapping[str, nn.Module], config: MethodConfig) -> dict[str, dict[str, torch.Tensor]]:
+        """Frozen tensors the method adds to the bundle (VeRA's shared projections, LoRA-XS's SVD factors), as
+        ``{module path: {buffer name: tensor}}``; ``""`` is the model root. They become buffers there, so export stores
+        them in weights.bin (fingerprinted) like the base weights; one tensor object under several paths is stored once,
+        under the first path in module order (the root first). ``bases``: each slotted module's frozen base layer."""
+        return {}
 
 
 def register_torch(hook: TorchMethod) -> TorchMethod:

@@ -1,0 +1,201 @@
+"""One table of cases (family x method x quantization) that every generic method test runs over.
+
+Adding a method adds rows here, not tests. References are HF + PEFT on the bundle's own (dequantized)
+weights (tests/torch_reference.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import torch_reference
+from peft import PeftModel
+from edgepeft.delta import delta_from_init
+from edgepeft.delta.format import Delta
+from edgepeft.delta.merge import merge
+from edgepeft import methods
+from edgepeft.delta.peft_format import from_peft, to_peft
+from edgepeft.errors import DeltaError
+from edgepeft.names import ATTENTION_MASK, INPUT_IDS, LABELS, LOSS, SEQ_CLS, grad_name
+from edgepeft.runtime.infer import Predictor
+from edgepeft.runtime.weights import bundle_base_weights, read_frozen
+
+CASES = [  # (family, method, quantization[, method options])
+    ("bert", "lora+bitfit", "none"),
+    ("llama", "lora", "int8"),
+    ("bert", "ia3", "none"),
+    ("bert", "ia3", "int8"),
+    ("llama", "ia3", "none"),
+    ("llama", "ia3", "int8"),
+    # --- methods2 (DoRA) ---
+    ("bert", "dora", "none"),
+    ("bert", "dora", "int8"),
+    ("llama", "dora", "none"),
+    ("llama", "dora", "int8"),
+    # methods3: VeRA, the r x r core (LoRA-XS), bottleneck adapters
+    ("bert", "vera", "none"),
+    ("bert", "vera", "int8"),
+    ("llama", "vera", "none"),
+    ("llama", "vera", "int8"),
+    ("bert", "loraxs", "none"),
+    ("bert", "loraxs", "int8"),
+    ("llama", "loraxs", "none"),
+    ("llama", "loraxs", "int8"),
+    ("bert", "bottleneck", "none", {"placement": "houlsby", "non_linearity": "gelu"}),
+    ("bert", "bottleneck", "int8"),  # pfeiffer, relu: the defaults
+    ("llama", "bottleneck", "none", {"placement": "houlsby", "non_linearity": "silu", "reduction_factor": 4}),
+    ("llama", "bottleneck", "int8"),
+]
+IDS = ["-".join([f, m, q, *(f"{k}={v}" for k, v in (o[0] if o else {}).items())]) for f, m, q, *o in CASES]
+
+
+def perturbed(manifest, seed: int) -> Delta:
+    """A trained-looking delta: every slot its start value plus noise (B and scales included)."""
+    d = delta_from_init(manifest, seed)
+    rng = np.random.default_rng(seed + 100)
+    t = {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in d.tensors.items()}
+    return Delta(t, d.meta)
+
+
+def batch(manifest, b: int, t: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, manifest.vocab_size, size=(b, t)).astype(np.int64)
+    mask = np.ones((b, t), np.int64)
+    mask[0, t - 2:] = 0
+    labels = rng.integers(0, max(1, len(manifest.labels)), size=(b,)).astype(np.int64)
+    return ids, mask, labels
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def compared(x: np.ndarray, mask: np.ndarray, task: str) -> np.ndarray:
+    return x if task == SEQ_CLS else x[mask.astype(bool)]  # padded LM positions are not compared
+
+
+def bundle_of(bundles, row: tuple):
+    family, method, quant, *opts = row
+    return bundles(family, quant, method=method, **({"method_config": opts[0]} if opts else {}))
+
+
+def mixable(method: str) -> bool:
+    return all(m.mixable for m in methods.parse(method))
+
+
+@pytest.fixture(params=CASES, ids=IDS)
+def case(request, bundles, model_dirs):
+    return request.param[0], bundle_of(bundles, request.param), model_dirs(request.param[0])
+
+
+@pytest.fixture(params=[c for c in CASES if mixable(c[1])], ids=[i for c, i in zip(CASES, IDS) if mixable(c[1])])
+def mixable_case(request, bundles, model_dirs):
+    return request.param[0], bundle_of(bundles, request.param), model_dirs(request.param[0])
+
+
+def exact_mean(method: str) -> bool:
+    return all(m.exact_mean for m in methods.parse(method))
+
+
+@pytest.fixture(params=[c for c in CASES if exact_mean(c[1])], ids=[i for c, i in zip(CASES, IDS) if exact_mean(c[1])])
+def exact_mean_case(request, bundles, model_dirs):
+    return request.param[0], bundle_of(bundles, request.param), model_dirs(request.param[0])
+
+
+@pytest.fixture(params=[c for c in CASES if not mixable(c[1])], ids=[i for c, i in zip(CASES, IDS) if not mixable(c[1])])
+def unmixable_case(request, bundles):
+    return bundle_of(bundles, request.param)
+
+
+def test_inference_matches_torch_peft(case):
+    family, bundle, model_dir = case
+    m = bundle.manifest
+    delta = perturbed(m, 1)
+    ids, mask, _ = batch(m, 3, 9)
+    ours = Predictor(bundle).logits(ids, mask, [delta])
+    ref, _ = torch_reference.with_deltas(torch_reference.load_hf(model_dir, bundle), bundle, delta.tensors)
+    theirs = torch_reference.logits(ref, ids, mask)
+    assert rel(compared(ours, mask, m.task), compared(theirs, mask, m.task)) < 1e-4
+
+
+def test_no_delta_is_the_base_model(case):
+    family, bundle, model_dir = case
+    m = bundle.manifest
+    ids, mask, _ = batch(m, 2, 7)
+    ours = Predictor(bundle).logits(ids, mask)
+    base = torch_reference.logits(torch_reference.load_hf(model_dir, bundle), ids, mask)
+    assert np.abs(compared(ours, mask, m.task) - compared(base, mask, m.task)).max() < 1e-5
+
+
+def test_train_step_gradients_match_torch_peft(case):
+    family, bundle, model_dir = case
+    m = bundle.manifest
+    delta = perturbed(m, 3)
+    ref, params = torch_reference.with_deltas(torch_reference.load_hf(model_dir, bundle), bundle, delta.tensors)
+    ids, mask, labels = batch(m, 3, 8, seed=5)
+    feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, **delta.tensors}
+    if m.task == SEQ_CLS:
+        feeds[LABELS] = labels
+    sess = bundle.session("train")
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    loss, grads = torch_reference.loss_and_grads(ref, params, m.task, ids, mask, labels)
+    assert abs(float(outs[LOSS]) - loss) <= 1e-4 * abs(loss)
+    for s in m.slots:
+        assert rel(outs[grad_name(s.name)], grads[s.name].reshape(s.shape)) < 1e-4, s.name
+
+
+def test_a_mix_of_two_deltas_equals_their_weighted_merge(mixable_case):
+    # The inference mix and the hub's aggregation agree: mixing {a: 0.3, b: 0.7} in one call gives the
+    # logits of the weighted mean taken in the method's own space (exact: rank a + rank b keeps ΔW).
+    family, bundle, model_dir = mixable_case
+    m = bundle.manifest
+    a, b = perturbed(m, 7), perturbed(m, 8)
+    ids, mask, _ = batch(m, 2, 6)
+    p = Predictor(bundle)
+    merged, _ = merge([a, b], [0.3, 0.7], rank=2 * max(a.meta.rank, 1), scale=a.scale, base=bundle_base_weights(bundle))
+    mixed = p.logits(ids, mask, [a, b], [0.3, 0.7])
+    assert rel(compared(mixed, mask, m.task), compared(p.logits(ids, mask, [merged]), mask, m.task)) < 1e-4
+
+
+def test_the_weighted_merge_is_the_weighted_mean_of_the_dense_models(exact_mean_case):
+    # The hub's mean in each method's own space equals the mean of what PEFT merges into the weights
+    # (merge_and_unload), DoRA's magnitude included; exact at rank a + rank b.
+    family, bundle, model_dir = exact_mean_case
+    m = bundle.manifest
+    a, b = perturbed(m, 7), perturbed(m, 8)
+    merged, _ = merge([a, b], [0.3, 0.7], rank=2 * max(a.meta.rank, 1), scale=a.scale, base=bundle_base_weights(bundle))
+    da, db, dm = (torch_reference.dense_state(model_dir, bundle, d.tensors) for d in (a, b, merged))
+    for k in dm:
+        assert rel(dm[k], 0.3 * da[k] + 0.7 * db[k]) < 1e-5, k
+
+
+def test_peft_round_trip_loads_in_peft_with_our_logits(case, tmp_path):
+    # to-peft writes what PeftModel.from_pretrained loads with our logits; from-peft reads it back to the same delta.
+    # A method PEFT does not have refuses in one line.
+    family, bundle, model_dir = case
+    m = bundle.manifest
+    delta = perturbed(m, 11)
+    base = read_frozen(bundle)
+    if not any(meth.peft_type for meth in methods.parse(m.method)):
+        with pytest.raises(DeltaError, match="no PEFT adapter equivalent"):
+            to_peft(delta, m, tmp_path / "peft", base_weights=base)
+        return
+    to_peft(delta, m, tmp_path / "peft", base_weights=base)
+    model = PeftModel.from_pretrained(torch_reference.load_hf(model_dir, bundle), tmp_path / "peft").eval()
+    ids, mask, _ = batch(m, 2, 7)
+    ours = Predictor(bundle).logits(ids, mask, [delta])
+    assert rel(compared(ours, mask, m.task), compared(torch_reference.logits(model, ids, mask), mask, m.task)) < 1e-4
+    back = from_peft(tmp_path / "peft", m, base_weights=base)
+    assert set(back.tensors) == set(delta.tensors)
+    for k, t in delta.tensors.items():
+        assert rel(back.tensors[k], t) < 1e-5, k
+
+
+def test_a_mix_is_refused_in_one_line_where_the_method_has_no_exact_mix(unmixable_case):
+    m = unmixable_case.manifest
+    a, b = perturbed(m, 7), perturbed(m, 8)
+    ids, mask, _ = batch(m, 2, 6)
+    with pytest.raises(DeltaError, match="cannot be mixed") as e:
+        Predictor(unmixable_case).logits(ids, mask, [a, b], [0.3, 0.7])
+    assert "\n" not in str(e.value)

@@ -1,0 +1,202 @@
+"""Every measured figure README.md quotes equals its value in benchmarks/results/: a stale number fails.
+
+``figures()`` is the mapping, one entry per README phrase: the phrase as README writes it, rendered
+from the results files. A rerun of a benchmark that changes a number fails here until README says
+the new number; a new number written into README's measured sections without an entry fails too.
+summary.md is checked the same way: it must be what ``run_all.py --table-only`` renders from the JSON;
+the demo transcript must be lines of ``benchmarks/results/demo.txt`` (the output of the run it shows).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = (ROOT / "README.md").read_text()
+
+
+def _flat(text: str) -> str:
+    """Whitespace runs as one space: README's line wrapping is not part of a figure."""
+    return " ".join(text.split())
+
+
+def _json(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def _row(name: str, config: str, key: str = "config") -> dict:
+    return next(r for r in _json(name)["rows"] if r[key] == config)
+
+
+def _mb(x: float) -> str:
+    return f"{x:.0f} MB"
+
+
+def figures() -> dict[str, str]:
+    """README's wording of each figure it quotes (key: where it stands), rendered from results/*.json."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run_all  # the same rendering summary.md uses for the targets
+
+    results = {n: run_all._load(n) for n in run_all.BENCHMARKS}
+    targets = {t["target"]: t for t in run_all.targets(results)}
+    step = {r["config"]: r for r in _json("train_step")["rows"]}
+    torch_sdpa, ours = step["torch+peft fp32, SDPA attention"], step["edgepeft int8"]
+    torch_top2, ours_top2 = step["torch+peft fp32 SDPA, top 2 layers"], step["edgepeft int8, top 2 layers"]
+    fp_ours = _row("footprint", "edgepeft device install (pip install .)")
+    fp_torch = _row("footprint", "torch + transformers + peft")
+    inf_torch, inf_ours = _row("inference", "torch+peft fp32 (SDPA)"), _row("inference", "edgepeft int8")
+    delta = _row("delta_bytes", "default export")
+    rt = _json("train_rotten_tomatoes")
+    rt_ours, rt_torch = (_row("train_rotten_tomatoes", s, "side") for s in ("edgepeft int8 (onnxruntime)", "torch + PEFT fp32"))
+    adapters = _json("adapters")
+    small, large = adapters["speed"]
+    memory = {m["adapters"]: m["over_base_mb"] for m in adapters["memory"]}
+    hub = _json("hub")
+    agg = {a["deltas"]: a for a in hub["aggregation"] if not a["options"]}
+    export = {r["config"].split(" ")[0]: r for r in _json("export")["rows"]}
+    levers = {r["config"]: r for r in _json("levers")["rows"]}
+    run = _json("run")
+
+    def target(name: str) -> str:  # README's targets table rows read as summary.md's
+        t = targets[name]
+        return f"| {t['bound']} | {t['shown']} | {'**met**' if t['met'] else 'not met'} |"
+
+    def ratio(a: float, b: float, digits: int = 2) -> str:
+        return f"{a / b:.{digits}f}×"
+
+    return {
+        "measured: date": f"{_json('time_to_accuracy')['date'][:10]}; every ratio",
+        "measured: machine": f"this project's machine ({_json('time_to_accuracy')['machine']})",
+        "measured: run_all duration": f"`python benchmarks/run_all.py` ({run['seconds'] / 60:.0f} minutes;",
+        **{f"target: {name}": target(name) for name in targets},
+        "per step on par": f"the two engines are on par ({ratio(rt_ours['steps_per_s'], rt_torch['steps_per_s'])} torch's steps per second)",
+        "more: train step every layer":
+            f"| {torch_sdpa['step_ms']:.0f} ms, {_mb(torch_sdpa['peak_rss_mb'])} peak | {ours['step_ms']:.0f} ms, "
+            f"{_mb(ours['peak_rss_mb'])} peak | {ratio(ours['step_ms'], torch_sdpa['step_ms'])}, "
+            f"{ratio(ours['peak_rss_mb'], torch_sdpa['peak_rss_mb'])} |",
+        "more: train step top 2 layers":
+            f"| {torch_top2['step_ms']:.0f} ms, {_mb(torch_top2['peak_rss_mb'])} peak | {ours_top2['step_ms']:.0f} ms, "
+            f"{_mb(ours_top2['peak_rss_mb'])} peak | {ratio(ours_top2['step_ms'], torch_top2['step_ms'])}, "
+            f"{ratio(ours_top2['peak_rss_mb'], torch_top2['peak_rss_mb'])} |",
+        "more: memory after loading":
+            f"| {_mb(torch_sdpa['rss_after_load_mb'])} | {_mb(ours['rss_after_load_mb'])} | "
+            f"{ratio(ours['rss_after_load_mb'], torch_sdpa['rss_after_load_mb'])} |",
+        "more: memory after import":
+            f"| {_mb(fp_torch['rss_after_import_mb'])} | {_mb(fp_ours['rss_after_import_mb'])} | {fp_ours['rss_ratio_vs_torch']:.2f}× |",
+        "more: inference":
+            "| " + " / ".join(f"{inf_torch[k + ' ms']:.1f}" for k in ("base", "one LoRA", "mix of two")) + " ms | "
+            + " / ".join(f"{inf_ours[k + ' ms']:.1f}" for k in ("base", "one LoRA", "mix of two")) + " ms | "
+            + " / ".join(f"{inf_ours[k + ' ratio_vs_torch']:.2f}" for k in ("base", "one LoRA", "mix of two")) + "× |",
+        "more: delta that travels":
+            f"| {delta['peft_adapter_bytes_torch'] / 1000:.1f} KB | {delta['delta_packed_bytes'] / 1000:.1f} KB packed | "
+            f"{delta['packed_vs_peft_adapter']:.2f}× |",
+        "full epoch: accuracy":
+            f"edgepeft int8 **{100 * rt_ours['test_accuracy']:.2f} %** test accuracy\n  vs torch + PEFT fp32 "
+            f"**{100 * rt_torch['test_accuracy']:.2f} %** ({rt['accuracy_gap_points']:.2f} points), "
+            f"{ratio(rt_ours['steps_per_s'], rt_torch['steps_per_s'])} the steps per second",
+        "full epoch: memory":
+            f"**{ratio(rt_ours['peak_rss_mb'], rt_torch['peak_rss_mb'])} the peak\n  memory** "
+            f"({rt_ours['peak_rss_mb']:.0f} vs {rt_torch['peak_rss_mb']:.0f} MB)",
+        "full epoch: training time":
+            f"training runs of {rt_ours['train_wall_s']:.0f} s and {rt_torch['train_wall_s']:.0f} s",
+        "adapters: cost per call":
+            f"one active LoRA\n  costs {small['lora_overhead_pct']:.1f} % per call at batch 1 × 32 tokens and "
+            f"{large['lora_overhead_pct']:.1f} % at 8 × 128",
+        "adapters: onnxruntime LoraAdapter":
+            f"on the same graph: {small['ort_adapter_overhead_pct']:.1f} % / {large['ort_adapter_overhead_pct']:.1f} %".replace("-", "−"),
+        "adapters: switching":
+            f"takes\n  {small['switch_extra_ms']:.1f} ms / {large['switch_extra_ms']:.0f} ms more (≤ "
+            f"{100 * max(s['switch_extra_ms'] / s['none_ms'] for s in (small, large)):.0f} %",
+        "adapters: adding one":
+            f"adding one (map, check, prepare) {min(s['load_ms'] for s in (small, large)):.0f}-"
+            f"{max(s['load_ms'] for s in (small, large)):.0f} ms",
+        "adapters: memory":
+            f"1 / 10 / 100 adapters add {memory[1]:.0f} / {memory[10]:.0f} / {memory[100]:.0f} MB to an "
+            f"{adapters['base_rss_mb']:.0f} MB base",
+        "hub: uploads":
+            f"{hub['uploads']['devices']} devices uploading packed\n  deltas concurrently on loopback: "
+            f"{hub['uploads']['uploads_per_s']:.0f} uploads/s, p50 {hub['uploads']['latency_ms']['p50']:.0f} ms, "
+            f"p99 {hub['uploads']['latency_ms']['p99'] / 1000:.2f} s",
+        "hub: aggregation":
+            f"aggregating 1,000 deltas {agg[1000]['seconds']:.2f} s, 10,000 deltas {agg[10000]['seconds']:.1f} s, with the\n  "
+            f"same {max(agg[1000]['peak_python_heap_mb'], agg[10000]['peak_python_heap_mb']):.1f} MB of Python heap",
+        "export":
+            f"{export['edgepeft']['seconds']:.0f} s and {_mb(export['edgepeft']['peak_rss_mb'])} peak for the int8 bundle with both "
+            f"graphs, {export['edgepeft']['time_ratio_vs_plain']:.1f}× the\n  time of a plain fp32 `torch.onnx.export` of the "
+            f"inference graph alone; {export['edgepeft']['size_mb']} MB instead of {export['torch.onnx.export,']['size_mb']} MB",
+        "tour: top 2 layers lever":
+            f"{levers['top 2 layers']['step_ratio']:.2f}× the time and {levers['top 2 layers']['peak_ratio']:.2f}× the peak\nmemory",
+        **device_figures(),
+    }
+
+
+def device_figures() -> dict[str, str]:
+    """The Devices section: the aarch64 (qemu) run and the Raspberry-Pi-like profile."""
+    a, p = _json("device_aarch64"), _json("device_pi")
+    acc = a["val_accuracy_pct_before_after"]
+    on = "on both" if acc["device"] == acc["reference"] else "(x86: {} % → {} %)".format(*acc["reference"])
+    return {
+        "devices: aarch64 agreement":
+            f"every logged training loss equal to x86's (largest difference {a['max_abs_loss_diff']:.4f}), the "
+            f"trained deltas within {a['max_rel_delta_diff']:.0e} relative, the logits within {a['max_abs_logit_diff']:.0e}, "
+            f"the same predictions; validation accuracy {acc['device'][0]} % → {acc['device'][1]} % {on}",
+        "devices: pi profile":
+            f"{p['steps_per_s']:.2f} steps/s, peak RSS {p['peak_rss_mb']:.0f} MB with `--memory-budget "
+            f"{p['memory_budget_mb']}` under a {p['memory_cap_mb']} MB cap (the cgroup's own peak "
+            f"{p['cgroup_peak_mb_training']:.0f} MB, {p['oom_kills']} OOM kills), test accuracy "
+            f"{100 * p['test_accuracy']:.1f} % (base {100 * p['base_test_accuracy']:.1f} %)",
+    }
+
+
+FIGURES = figures()
+
+
+@pytest.mark.parametrize("where", sorted(FIGURES))
+def test_readme_quotes_the_results_file(where):
+    assert _flat(FIGURES[where]) in _flat(README), f"README.md is stale at '{where}': the results say {FIGURES[where]!r}"
+
+
+def _measured_sections() -> str:
+    """README's sections that quote benchmark figures."""
+    parts = re.split(r"^## ", README, flags=re.M)
+    return "\n".join(p for p in parts if p.startswith(("Measured", "Devices")))
+
+
+# Numbers in those sections that are settings or bounds, not measurements.
+SETTINGS = {"1", "2", "3", "4", "6", "8", "16", "32", "64", "75", "96", "128", "1,200", "0.33", "0.4", "0.2", "0.5"}
+
+
+def test_every_number_in_the_measured_sections_has_a_results_entry():
+    rendered = " ".join(FIGURES.values())
+    known = set(re.findall(r"\d[\d,]*(?:\.\d+)?", rendered)) | SETTINGS
+    numbers = re.findall(r"(?<![\w.])\d[\d,]*(?:\.\d+)?", _measured_sections())
+    unchecked = sorted({n.rstrip(",") for n in numbers} - known)
+    assert not unchecked, f"README quotes numbers no results entry checks (add them to figures()): {unchecked}"
+
+
+def _demo_block() -> list[str]:
+    """The lines of README's demo transcript (the code block after "What `scripts/demo.sh` printed")."""
+    after = README.split("What `scripts/demo.sh` printed", 1)[1]
+    return after.split("```", 2)[1].strip("\n").splitlines()
+
+
+def test_readme_demo_transcript_is_the_committed_demo_run():
+    # the hub's port changes every run; every other line, figures included, is benchmarks/results/demo.txt's
+    ran = set((RESULTS / "demo.txt").read_text().splitlines())
+    stale = [line for line in _demo_block() if not line.startswith("== hub: http") and line not in ran]
+    assert len(_demo_block()) > 10 and not stale, f"README's demo transcript is stale: {stale}"
+
+
+def test_summary_md_is_rendered_from_the_results_files():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run_all
+
+    run = _json("run")
+    assert (RESULTS / "summary.md").read_text() == run_all.summary(run["command"], run["seconds"]), \
+        "benchmarks/results/summary.md is stale: python benchmarks/run_all.py --table-only"
