@@ -77,6 +77,9 @@ def _refuse_unmappable(bad: list[str], where: str, method: methods.Method) -> No
 def _peft_method(kinds: Iterable[str], where: str) -> methods.Method:
     """The PEFT method slots of ``kinds`` convert as: the one of their methods PEFT has (riders: BitFit, the head)."""
     used = {methods.owner(k) for k in kinds}
+    pending = sorted(m.name for m in used if m.peft_type and not m.peft_keys)
+    if pending:  # PEFT has the method, edgepeft has no tensor mapping for it yet (VeRA: PEFT also stores A and B)
+        raise DeltaError(f"{where}: {'+'.join(pending)} deltas do not convert to a PEFT adapter yet; keep the delta in edgepeft form")
     own = sorted((m for m in used if m.peft_type), key=lambda m: m.name)
     if not own:
         raise DeltaError(f"{where}: a {'+'.join(sorted(m.name for m in used))} delta has no PEFT adapter equivalent: PEFT needs a method "
