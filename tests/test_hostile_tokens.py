@@ -11,8 +11,7 @@ import pytest
 import uvicorn
 from cli_helpers import run_cli
 from conftest import free_port
-from fastapi.testclient import TestClient
-from test_hub_api import ADMIN, H, bundle_tar, hub  # noqa: F401  (the hub fixture)
+from test_hub_api import ADMIN, H, hub  # noqa: F401  (the hub fixture)
 
 from edgepeft.hub.app import create_app
 from edgepeft.hub.auth import SESSION_COOKIE

@@ -10,9 +10,10 @@ from pydantic import BaseModel, Field
 
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.hub import aggregate as agg
+from edgepeft.hub import limits
 from edgepeft.hub.api_device import BINARY_BODY, version_json
-from edgepeft.hub.bodies import read_body, spool_body
 from edgepeft.hub.auth import AdminDep, StoreDep
+from edgepeft.hub.bodies import read_body, spool_body
 from edgepeft.hub.bundles import check_bundle_files, files_from_tar
 from edgepeft.hub.store import NAME_RE, Fleet, check_name
 
@@ -43,8 +44,8 @@ class AggregateIn(BaseModel):
 
     clip_norm: float | None = Field(None, gt=0, allow_inf_nan=False, description="clip each device's update (ΔW space) to this norm")
     trim: float | None = Field(None, ge=0, lt=0.5, description="coordinate-wise trimmed mean, fraction cut at each end")
-    max_samples: int | None = Field(None, ge=1, le=agg.MAX_SAMPLES_CLAIM,
-                                    description=f"cap on one delta's weight (default {agg.DEFAULT_MAX_SAMPLES})")
+    max_samples: int | None = Field(None, ge=1, le=limits.MAX_SAMPLES_CLAIM,
+                                    description=f"cap on one delta's weight (default {limits.DEFAULT_MAX_SAMPLES})")
 
 
 def _fleet_json(f: Fleet) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from edgepeft.delta.format import max_file_bytes
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.hub import aggregate as agg
+from edgepeft.hub import limits
 from edgepeft.hub.auth import DeviceDep, PrincipalDep, StoreDep
 from edgepeft.hub.bodies import read_body
 from edgepeft.hub.bundles import serve_blob
@@ -61,16 +62,16 @@ def accept_delta(store: Store, device: Device, data: bytes, manifest) -> tuple[i
     meta = delta.meta
     if meta.creator and meta.creator != device.id:
         raise HTTPException(403, f"delta says it was made by {meta.creator!r}; a device uploads only as itself")
-    if agg.largest_value(delta) > agg.MAX_ABS_VALUE:
-        raise HTTPException(422, f"delta holds a value of magnitude {agg.largest_value(delta):.3g}; the hub accepts at most "
-                                 f"{agg.MAX_ABS_VALUE:g} (LoRA and bias deltas are small)")
-    if not 1 <= meta.samples <= agg.MAX_SAMPLES_CLAIM:
-        raise HTTPException(422, f"delta has samples={meta.samples}; the hub accepts 1..{agg.MAX_SAMPLES_CLAIM}")
+    if limits.largest_value(delta) > limits.MAX_ABS_VALUE:
+        raise HTTPException(422, f"delta holds a value of magnitude {limits.largest_value(delta):.3g}; the hub accepts at most "
+                                 f"{limits.MAX_ABS_VALUE:g} (LoRA and bias deltas are small)")
+    if not 1 <= meta.samples <= limits.MAX_SAMPLES_CLAIM:
+        raise HTTPException(422, f"delta has samples={meta.samples}; the hub accepts 1..{limits.MAX_SAMPLES_CLAIM}")
     try:
         check_name("adapter", meta.adapter)
     except HubError as e:
         raise HTTPException(422, str(e)) from None
-    content = agg.content_id(delta, device.id)
+    content = limits.content_id(delta, device.id)
     same = store.find_content(content)
     if same is not None:  # the same delta in other bytes (raw, then packed): accepted once
         return 200, {"id": same.id, "duplicate": True, "adapter": same.adapter, "parent": same.parent}

@@ -1,0 +1,68 @@
+"""What the hub does not take on trust from a device: sample claims, value sizes, byte-level identity,
+and the one invariant behind every publish (a device's own reader accepts the version).
+
+Sample weights are capped here and nowhere else; the ΔW math in ``aggregate`` and ``delta.merge`` only
+sees the capped weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+
+import numpy as np
+
+from edgepeft.delta.format import Delta, delta_from_bytes, meta_to_strings
+from edgepeft.delta.transport import quantize
+from edgepeft.errors import DeltaError, HubError
+from edgepeft.manifest import Manifest
+
+MAX_SAMPLES_CLAIM = 10**9  # an upload claiming more training samples is refused: no device has seen that many
+DEFAULT_MAX_SAMPLES = 10_000  # one delta weighs at most this much unless the admin sets max_samples
+MEDIAN_MULTIPLE = 4  # ... and at most this many times the median claim of its round
+MAX_ABS_VALUE = 1e4  # a delta value beyond this is refused at upload (LoRA and bias deltas are O(1)):
+#                      the merge then stays finite in float32, so what is published stays readable
+MAX_PUBLISHED_SAMPLES = 10**15  # a published version's samples stay far inside what the delta reader accepts
+
+
+def sample_weights(claims: list[int], max_samples: int | None) -> list[int]:
+    """Aggregation weights from the deltas' self-reported sample counts, capped so no claim outweighs the fleet.
+
+    Default cap: ``MEDIAN_MULTIPLE`` times the round's median claim, and never above ``DEFAULT_MAX_SAMPLES``;
+    an admin's ``max_samples`` replaces it (the override for fleets whose devices really differ that much).
+    """
+    if max_samples is None:
+        cap = min(DEFAULT_MAX_SAMPLES, math.ceil(MEDIAN_MULTIPLE * statistics.median(claims))) if claims else 0
+    else:
+        cap = max_samples
+    return [max(0, min(int(c), cap, MAX_SAMPLES_CLAIM)) for c in claims]
+
+
+def largest_value(delta: Delta) -> float:
+    """max |x| over every tensor of ``delta`` (0 for an empty delta)."""
+    return max((float(np.abs(t).max(initial=0.0)) for t in delta.tensors.values()), default=0.0)
+
+
+def content_id(delta: Delta, device: str) -> str:
+    """What makes two uploads the same delta: uploader, every meta field and each tensor's int8 transport form.
+
+    Raw and packed bytes of one delta get the same id (packing stores exactly these int8 values, and
+    re-quantizing unpacked values gives them back), so a delta sent raw and then packed is stored once.
+    Row scales are left out: they may differ in the last float32 bit between the two forms.
+    """
+    h = hashlib.sha256(json.dumps({"device": device, "meta": meta_to_strings(delta.meta)}, sort_keys=True).encode())
+    for name in sorted(delta.tensors):
+        t = delta.tensors[name]
+        h.update(f"\0{name}\0{list(t.shape)}\0".encode())
+        h.update(quantize(t)[1].tobytes())
+    return h.hexdigest()
+
+
+def readable(data: bytes, manifest: Manifest, what: str) -> None:
+    """The invariant behind every publish: a device's own reader (the checks it trains from) accepts ``data``."""
+    try:
+        delta_from_bytes(data, what, manifest, for_training=True)
+    except DeltaError as e:
+        raise HubError(f"refusing to publish {what}: the device reader would refuse it ({e})") from None
