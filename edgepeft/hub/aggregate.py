@@ -17,7 +17,7 @@ import numpy as np
 
 from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes, delta_from_bytes, replace_meta
 from edgepeft.delta.merge import from_space_parts, is_ranked, merge, space_parts
-from edgepeft.delta.transport import is_packed, unpack
+from edgepeft.delta.transport import is_packed, pack, unpack
 from edgepeft.errors import HubError
 from edgepeft.hub.limits import MAX_PUBLISHED_SAMPLES, readable, sample_weights
 from edgepeft.hub.robust import RobustOptions, clip_update, trimmed_mean
@@ -177,8 +177,11 @@ def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> Ver
             report["max_update_norm"] = max(norms)
     report["seconds"] = round(time.perf_counter() - started, 4)
     out = replace_meta(out, samples=min(out.meta.samples, MAX_PUBLISHED_SAMPLES))
-    data = delta_bytes(out)
+    data = delta_bytes(out)  # the exact float32 version: the parent the hub clips against, and form=raw
     readable(data, manifest, f"{fleet.name}/{adapter} v{version}")
+    wire = pack(out)  # what devices pull by default (int8 + zstd); its sha256 is the one pulls check
+    readable(wire, manifest, f"{fleet.name}/{adapter} v{version} (packed)")
+    report["packed"] = {"sha256": store.put_blob(wire), "size": len(wire)}
     store.finish_version(fleet.name, adapter, version, data, parent=parent, report=report)
     got = store.get_version(fleet.name, adapter, version)
     if got is None:

@@ -15,7 +15,7 @@ import statistics
 import numpy as np
 
 from edgepeft.delta.format import Delta, delta_from_bytes, meta_to_strings
-from edgepeft.delta.transport import quantize
+from edgepeft.delta.transport import is_packed, quantize, unpack
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.manifest import Manifest
 
@@ -63,6 +63,9 @@ def content_id(delta: Delta, device: str) -> str:
 def readable(data: bytes, manifest: Manifest, what: str) -> None:
     """The invariant behind every publish: a device's own reader (the checks it trains from) accepts ``data``."""
     try:
-        delta_from_bytes(data, what, manifest, for_training=True)
+        if is_packed(data):
+            unpack(data, what, manifest=manifest, for_training=True)
+        else:
+            delta_from_bytes(data, what, manifest, for_training=True)
     except DeltaError as e:
         raise HubError(f"refusing to publish {what}: the device reader would refuse it ({e})") from None
