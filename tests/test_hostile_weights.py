@@ -37,7 +37,7 @@ def test_a_device_claiming_a_billion_samples_weighs_at_most_the_default_cap(hub)
 
 
 def test_the_median_cap_binds_in_a_fleet_of_small_claims():
-    assert limits.sample_weights([100, 100, 100, 10**9], None) == [100, 100, 100, 400]
+    assert limits.sample_weights([100, 100, 100, 10**9], None) == [100, 100, 100, 100]  # no more than the median claim
     assert limits.sample_weights([100, 10**9], 10**9) == [100, 10**9]  # the admin's override replaces the default
     assert limits.sample_weights([5], None) == [5]
 

@@ -221,9 +221,9 @@ class Store(ABC):
 
     @abstractmethod
     def _claim_version(self, fleet: str, adapter: str, options: dict[str, Any], created: float,
-                       take_pending: bool) -> tuple[int, list[str]] | None:
+                       take_pending: bool, limit: int | None = None) -> tuple[int, list[str]] | None:
         """Atomically: next version number, a ``building`` row, and (with ``take_pending``) every pending
-        delta claimed for it. None when ``take_pending`` and nothing is pending."""
+        delta, or the first ``limit`` by arrival, claimed for it. None when ``take_pending`` and nothing is pending."""
 
     @abstractmethod
     def _finish_version(self, fleet: str, adapter: str, version: int, data: bytes, sha: str,
@@ -358,12 +358,15 @@ class Store(ABC):
                 return v
         return None
 
-    def claim_version(self, fleet: str, adapter: str, options: dict[str, Any], *, take_pending: bool = True) -> tuple[int, list[str]] | None:
-        """Reserve the next version of an adapter and (by default) claim every pending delta for it."""
+    def claim_version(self, fleet: str, adapter: str, options: dict[str, Any], *, take_pending: bool = True,
+                      limit: int | None = None) -> tuple[int, list[str]] | None:
+        """Reserve the next version of an adapter and (by default) claim every pending delta, or the first ``limit``."""
         check_name("adapter", adapter)
         if self.get_fleet(fleet) is None:
             raise HubError(f"no fleet {fleet!r}")
-        return self._claim_version(fleet, adapter, dict(options), time.time(), take_pending)
+        if limit is not None and limit < 1:
+            raise HubError(f"limit must be >= 1, got {limit}")
+        return self._claim_version(fleet, adapter, dict(options), time.time(), take_pending, limit)
 
     def finish_version(self, fleet: str, adapter: str, version: int, data: bytes, *, parent: int | None,
                        report: dict[str, Any]) -> bool:
