@@ -34,7 +34,8 @@ from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes
 from edgepeft.delta.transport import pack
 from edgepeft.hub import aggregate as agg
 from edgepeft.hub.robust import RobustOptions
-from edgepeft.hub.store import DeltaRec, open_store, sha256_hex
+from edgepeft.hub.backends import open_store
+from edgepeft.hub.store import DeltaRec, sha256_hex
 from edgepeft.manifest import Graph, Manifest, Slot, write_manifest
 
 ADMIN = "bench-admin-token-0123456789abcdef"

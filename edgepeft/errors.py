@@ -27,3 +27,11 @@ class TrainError(EdgePeftError):
 
 class HubError(EdgePeftError):
     """The hub refused a request or cannot be reached."""
+
+
+class NotFoundError(HubError):
+    """The hub has no such fleet, device, bundle or version (HTTP 404)."""
+
+
+class ConflictError(HubError):
+    """The name is taken, or the request contradicts what the hub holds (HTTP 409)."""

@@ -14,7 +14,7 @@ from edgepeft.devices.client import HubClient, HubRefused, backoff_delay
 from edgepeft.devices.outbox import Outbox
 from edgepeft.errors import HubError
 from edgepeft.hub.app import create_app
-from edgepeft.hub.store import open_store
+from edgepeft.hub.backends import open_store
 from edgepeft.manifest import read_manifest
 
 ADMIN = "admin-token-for-tests-0123456789"

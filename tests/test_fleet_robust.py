@@ -13,7 +13,8 @@ from edgepeft.delta.format import Delta, delta_bytes, delta_from_init, replace_m
 from edgepeft.delta.merge import merge
 from edgepeft.hub import aggregate as agg
 from edgepeft.hub import limits
-from edgepeft.hub.store import DeltaRec, open_store, sha256_hex
+from edgepeft.hub.backends import open_store
+from edgepeft.hub.store import DeltaRec, sha256_hex
 from edgepeft.runtime.data import load_dataset
 from edgepeft.runtime.evaluate import evaluate
 from edgepeft.runtime.infer import Predictor

@@ -31,7 +31,8 @@ from edgepeft.devices.agent import Agent, AgentConfig, runtime_train_fn
 from edgepeft.devices.client import HubClient, HubRefused
 from edgepeft.delta.transport import is_packed
 from edgepeft.hub.aggregate import parse_delta
-from edgepeft.hub.store import open_store, sha256_hex
+from edgepeft.hub.backends import open_store
+from edgepeft.hub.store import sha256_hex
 from edgepeft.manifest import read_manifest
 
 DEVICES = 50

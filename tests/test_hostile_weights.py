@@ -15,7 +15,8 @@ from edgepeft.delta.format import delta_bytes, delta_from_bytes, delta_from_init
 from edgepeft.hub import aggregate as agg
 from edgepeft.hub import limits
 from edgepeft.errors import HubError
-from edgepeft.hub.store import DeltaRec, open_store, sha256_hex
+from edgepeft.hub.backends import open_store
+from edgepeft.hub.store import DeltaRec, sha256_hex
 from edgepeft.manifest import read_manifest
 
 

@@ -10,7 +10,8 @@ import pytest
 from edgepeft.delta.format import delta_bytes, delta_from_bytes, delta_from_init, replace_meta
 from edgepeft.hub import aggregate as agg
 from edgepeft.hub.robust import RobustOptions, clip_update, trimmed_mean, update_norm
-from edgepeft.hub.store import DeltaRec, open_store, sha256_hex
+from edgepeft.hub.backends import open_store
+from edgepeft.hub.store import DeltaRec, sha256_hex
 from edgepeft.errors import HubError
 from edgepeft.manifest import read_manifest
 

@@ -43,7 +43,7 @@ def serve_cmd(store_uri: str, host: str, port: int, admin_token_file: str | None
 
     from edgepeft.hub.app import create_app
     from edgepeft.hub.logs import hub_log_config
-    from edgepeft.hub.store import open_store
+    from edgepeft.hub.backends import open_store
 
     token = _admin_token(store_uri, admin_token_file)
     store = open_store(store_uri)
