@@ -39,7 +39,7 @@ from common import write_result  # noqa: E402
 from edgepeft.delta.format import delta_bytes, max_file_bytes, meta_to_strings, replace_meta
 from edgepeft.delta.transport import MAGIC, PACKED_FORMAT, pack
 from edgepeft.hub.app import create_app
-from edgepeft.hub.store import open_store
+from edgepeft.hub.backends import open_store
 
 ADMIN = "bench-admin-token-0123456789abcdef"
 

@@ -34,7 +34,8 @@ from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes
 from edgepeft.delta.transport import pack
 from edgepeft.hub import aggregate as agg
 from edgepeft.hub.robust import RobustOptions
-from edgepeft.hub.store import DeltaRec, open_store, sha256_hex
+from edgepeft.hub.backends import open_store
+from edgepeft.hub.store import DeltaRec, sha256_hex
 from edgepeft.manifest import Graph, Manifest, Slot, write_manifest
 
 ADMIN = "bench-admin-token-0123456789abcdef"
@@ -150,8 +151,11 @@ def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Pa
 
 # ---- aggregation --------------------------------------------------------------------------------
 
+PLAIN = {"clip_median": None, "trim": 0.0}  # the plain weighted mean (not the hub's robust default)
+
+
 def bench_aggregation(n: int, work: Path, options: dict | None = None) -> dict:
-    root = work / f"agg-{n}-{'-'.join(sorted(options or {})) or 'mean'}"
+    root = work / f"agg-{n}-{'-'.join(sorted(options or {})) or 'defaults'}"
     manifest = synthetic_bundle(root / "bundle", layers=1, dim=32, rank=4, labels=3)
     store = open_store(str(root / "store"))
     files = {p.name: p.read_bytes() for p in (root / "bundle").iterdir()}
@@ -200,10 +204,11 @@ def main() -> None:
         print(json.dumps(result["uploads"]), flush=True)
         result["aggregation"] = []
         for n in (int(x) for x in args.aggregate.split(",")):
-            result["aggregation"].append(bench_aggregation(n, work))
+            result["aggregation"].append(bench_aggregation(n, work, PLAIN))  # the streaming mean, as README states it
             print(json.dumps(result["aggregation"][-1]), flush=True)
         first = int(args.aggregate.split(",")[0])
         result["aggregation"].append(bench_aggregation(first, work, {"clip_norm": 0.5, "trim": 0.1}))
+        result["aggregation"].append(bench_aggregation(first, work, {}))  # the hub's defaults: median clipping, 20 % trim
         print(json.dumps(result["aggregation"][-1]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")

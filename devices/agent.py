@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgepeft import atomic, schema
-from edgepeft.delta.format import delta_bytes, delta_from_bytes, load_delta, replace_meta
+from edgepeft.delta.format import Delta, delta_bytes, delta_from_bytes, load_delta, replace_meta
+from edgepeft.delta.transport import is_packed, pack, unpack
 from edgepeft.devices.client import HubClient, HubRefused
 from edgepeft.devices.outbox import Outbox
 from edgepeft.errors import EdgePeftError, HubError
-from edgepeft.manifest import read_manifest
+from edgepeft.manifest import Manifest, read_manifest
 
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -39,12 +40,21 @@ def _checked(raw: dict[str, Any]) -> dict[str, Any]:
     for key, hi in (("interval_s", 1e7), ("backoff_s", 3600.0), ("backoff_cap_s", 86400.0)):
         if key in raw:
             out[key] = f.number(key, 0.0, hi)
+    if "raw" in raw:
+        out["raw"] = f.typed("raw", bool)
     if "retries" in raw:
         out["retries"] = f.integer("retries", 0, 100)
     if "train" in raw:
         out["train"] = f.typed("train", dict)
         schema.depth(out["train"], 4)
     return out
+
+
+def wire_delta(data: bytes, where: str, manifest: Manifest) -> Delta:
+    """A delta from what travels (packed transport form, or safetensors), checked against the bundle."""
+    if is_packed(data):
+        return unpack(data, where, manifest=manifest)
+    return delta_from_bytes(data, where, manifest)
 
 
 TrainFn = Callable[[Path, Path, "Path | None", Path], int]  # (bundle, data, start delta or None, out) -> samples
@@ -70,6 +80,7 @@ class AgentConfig:
     retries: int = _help(6, "Retries per request (exponential backoff with jitter).")
     backoff_s: float = _help(0.5, "First backoff delay; doubles per retry up to backoff_cap_s.")
     backoff_cap_s: float = _help(60.0, "Longest backoff delay.")
+    raw: bool = _help(False, "Push the float32 safetensors delta instead of the packed (int8 + zstd) transport form.")
     train: dict[str, Any] = _help(None, "Options of the device trainer (runtime.trainer.TrainConfig fields).")
 
     def __post_init__(self) -> None:
@@ -146,6 +157,8 @@ class RoundReport:
     sent: int = 0
     rejected: int = 0
     pending: int = 0
+    bytes_up: int = 0  # delta bytes the hub accepted this round
+    bytes_down: int = 0  # version bytes pulled this round
     unimproved: int = 0  # data files whose training did not beat the starting delta (nothing pushed)
     loss: float | None = None  # training loss of the last delta trained, when the trainer reports it
     offline: str | None = None  # the last connection problem, if any
@@ -204,9 +217,9 @@ class Agent:
             self.client.download_bundle(me["bundle"], bundle)
         latest = me.get("latest", {}).get(self.config.adapter)
         if latest and latest != self.version:
-            version, data = self.client.download_version(me["fleet"], self.config.adapter, latest)
-            delta_from_bytes(data, f"{self.config.adapter} v{version}", read_manifest(bundle))  # check before use
-            atomic.write_bytes(self.adapter_path, data)
+            version, data = self.client.download_version(me["fleet"], self.config.adapter, latest)  # sha256 checked
+            d = wire_delta(data, f"{self.config.adapter} v{version}", read_manifest(bundle))  # check before use
+            atomic.write_bytes(self.adapter_path, delta_bytes(d))  # kept decoded: what the trainer starts from
             self.state["version"] = version
             report.pulled = True
         self._save_state()
@@ -241,7 +254,7 @@ class Agent:
                     continue
                 d = replace_meta(d, creator=self.client.device_id, parent=self.version, adapter=self.config.adapter,
                                  samples=int(d.meta.samples or samples), version=0)
-                self.outbox.put(delta_bytes(d), key)
+                self.outbox.put(delta_bytes(d) if self.config.raw else pack(d), key)
                 try:
                     report.loss = float(d.meta.extra["train_loss"])
                 except (KeyError, ValueError):
@@ -254,6 +267,14 @@ class Agent:
     def run_once(self) -> RoundReport:
         """One round: push what waits, pull, train on new data, push."""
         report = RoundReport()
+        up, down = self.client.bytes_up, self.client.bytes_down
+        try:
+            self._round(report)
+        finally:
+            report.bytes_up, report.bytes_down = self.client.bytes_up - up, self.client.bytes_down - down
+        return report
+
+    def _round(self, report: RoundReport) -> None:
         self.flush(report)
         try:
             self.pull(report)
@@ -275,7 +296,6 @@ class Agent:
                 self.client.report(values, self.version)
             except HubError:
                 pass  # metrics are best effort
-        return report
 
     def run(self, rounds: int | None = None, on_round: Callable[[RoundReport], None] | None = None) -> None:
         """Rounds every ``interval_s`` seconds, forever or ``rounds`` times."""

@@ -6,6 +6,7 @@ Transport errors, 429 and 5xx are retried; other 4xx are the hub's final answer 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import time
@@ -50,6 +51,8 @@ class HubClient:
         self.http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport,
                                  headers={"Authorization": f"Bearer {self.token}"})
         self.attempts = 0  # requests sent, retries included (for tests and stats)
+        self.bytes_up = 0  # delta bytes accepted by the hub (pushes)
+        self.bytes_down = 0  # version bytes downloaded (pulls)
 
     @property
     def device_id(self) -> str:
@@ -93,17 +96,28 @@ class HubClient:
 
     def push(self, data: bytes) -> dict[str, Any]:
         """Upload delta bytes (safetensors or packed) as this device; a retried upload is stored once."""
-        return self.request("POST", f"/api/v1/devices/{self.device_id}/deltas", content=data,
-                            headers={"Content-Type": "application/octet-stream"}).json()
+        r = self.request("POST", f"/api/v1/devices/{self.device_id}/deltas", content=data,
+                         headers={"Content-Type": "application/octet-stream"}).json()
+        self.bytes_up += len(data)
+        return r
 
     def versions(self, fleet: str, adapter: str | None = None) -> list[dict[str, Any]]:
         """Published versions of the fleet."""
         params = {"adapter": adapter} if adapter else None
         return self.request("GET", f"/api/v1/fleets/{fleet}/versions", params=params).json()
 
-    def download_version(self, fleet: str, adapter: str, version: int | str = "latest") -> tuple[int, bytes]:
-        """(version number, safetensors bytes) of an adapter version."""
-        r = self.request("GET", f"/api/v1/fleets/{fleet}/adapters/{adapter}/versions/{version}")
+    def download_version(self, fleet: str, adapter: str, version: int | str = "latest", *,
+                         raw: bool = False) -> tuple[int, bytes]:
+        """(version number, bytes) of an adapter version: its packed transport form, or safetensors with ``raw``.
+
+        The bytes are checked against the sha256 the hub states for them (HubError on a mismatch).
+        """
+        r = self.request("GET", f"/api/v1/fleets/{fleet}/adapters/{adapter}/versions/{version}",
+                         params={"form": "raw"} if raw else None)
+        stated = r.headers.get("x-edgepeft-sha256")
+        if stated is None or hashlib.sha256(r.content).hexdigest() != stated:
+            raise HubError(f"{fleet}/{adapter} v{version}: downloaded bytes do not match the sha256 the hub states; retry")
+        self.bytes_down += len(r.content)
         return int(r.headers["x-edgepeft-version"]), r.content
 
     def report(self, values: dict[str, float], version: int | None = None) -> None:
@@ -112,8 +126,6 @@ class HubClient:
 
     def download_bundle(self, fingerprint: str, dest: str | os.PathLike) -> Path:
         """Fetch a bundle into ``dest``, resuming partial files with range requests; checked by sha256."""
-        import hashlib
-
         dest = Path(os.fspath(dest))
         info = self.request("GET", f"/api/v1/bundles/{fingerprint}").json()
         dest.mkdir(parents=True, exist_ok=True)

@@ -31,3 +31,11 @@ class HubError(EdgePeftError):
 
 class GenerationError(EdgePeftError):
     """Text generation cannot run as asked (sampling options out of range, a bundle that is not a causal LM)."""
+
+
+class NotFoundError(HubError):
+    """The hub has no such fleet, device, bundle or version (HTTP 404)."""
+
+
+class ConflictError(HubError):
+    """The name is taken, or the request contradicts what the hub holds (HTTP 409)."""

@@ -170,7 +170,7 @@ def hub_store_uri(request, tmp_path):
 @pytest.fixture
 def hub_store(hub_store_uri):
     """An open store on each backend (see hub_store_uri)."""
-    from edgepeft.hub.store import open_store
+    from edgepeft.hub.backends import open_store
 
     store = open_store(hub_store_uri)
     yield store

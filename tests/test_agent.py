@@ -14,7 +14,7 @@ from edgepeft.devices.client import HubClient, HubRefused, backoff_delay
 from edgepeft.devices.outbox import Outbox
 from edgepeft.errors import HubError
 from edgepeft.hub.app import create_app
-from edgepeft.hub.store import open_store
+from edgepeft.hub.backends import open_store
 from edgepeft.manifest import read_manifest
 
 ADMIN = "admin-token-for-tests-0123456789"
@@ -167,3 +167,47 @@ def test_agent_config_refuses_unknown_keys(tmp_path):
     (tmp_path / "d.toml").write_text('hub = "http://127.0.0.1:1"\ntokn = "x"\n')
     with pytest.raises(HubError, match="tokn"):
         AgentConfig.from_toml(tmp_path / "d.toml")
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_agent_pushes_packed_by_default_and_raw_when_configured(hub, tmp_path, hub_bundle, raw):
+    from edgepeft.delta.transport import is_packed
+
+    proxy, store, tokens, manifest, server = hub
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text('{"text": "w1", "label": "a"}\n')
+    cfg = AgentConfig(hub=proxy.url, token=tokens["d1"], bundle=str(hub_bundle), data_dir=str(tmp_path / "data"),
+                      state_dir=str(tmp_path / "state"), retries=1, backoff_s=0.01, raw=raw)
+    r = Agent(cfg, train_fn=_stub_train(manifest)[0]).run_once()
+    (rec,) = store.list_deltas("f")
+    assert is_packed(store.delta_bytes(rec.id)) is not raw and r.bytes_up == rec.size
+
+
+def test_pull_is_the_packed_version_and_its_sha256_is_checked(hub, tmp_path, hub_bundle):
+    import hashlib
+
+    from edgepeft.delta.format import delta_from_bytes
+    from edgepeft.delta.transport import is_packed, unpack
+    from edgepeft.hub import aggregate as agg
+
+    proxy, store, tokens, manifest, server = hub
+    store.add_delta(*_stored(a_delta(manifest, "d1")))
+    v = agg.aggregate(store, "f")
+    with HubClient(proxy.url, tokens["d2"], retries=0) as c:
+        number, packed = c.download_version("f", "default")
+        _, raw = c.download_version("f", "default", raw=True)
+        assert number == 1 and is_packed(packed) and hashlib.sha256(packed).hexdigest() == v.report["packed"]["sha256"]
+        assert hashlib.sha256(raw).hexdigest() == v.sha256 and len(packed) < len(raw)
+        exact, wire = delta_from_bytes(raw, "raw"), unpack(packed, "packed")
+        for name, t in exact.tensors.items():  # within the transport's stated bound: max|row| / 254 (+ rounding)
+            np.testing.assert_allclose(wire.tensors[name], t, rtol=0, atol=float(np.abs(t).max()) / 250 + 1e-12)
+        c.http.event_hooks["response"] = [lambda r: r.headers.__setitem__("x-edgepeft-sha256", "0" * 64)]
+        with pytest.raises(HubError, match="sha256"):
+            c.download_version("f", "default")
+
+
+def _stored(d):
+    from edgepeft.hub.store import DeltaRec, sha256_hex
+
+    data = delta_bytes(d)
+    return DeltaRec(sha256_hex(data), "f", d.meta.creator, d.meta.adapter, 0, d.meta.samples, len(data), 0.0), data

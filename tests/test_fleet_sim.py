@@ -29,8 +29,10 @@ import pytest
 from conftest import FlakyProxy, free_port
 from edgepeft.devices.agent import Agent, AgentConfig, runtime_train_fn
 from edgepeft.devices.client import HubClient, HubRefused
+from edgepeft.delta.transport import is_packed
 from edgepeft.hub.aggregate import parse_delta
-from edgepeft.hub.store import open_store, sha256_hex
+from edgepeft.hub.backends import open_store
+from edgepeft.hub.store import sha256_hex
 from edgepeft.manifest import read_manifest
 
 DEVICES = 50
@@ -167,6 +169,8 @@ def test_fleet_simulation(bundles, sim_store, tmp_path):
                         hubs[0].start()
                 reports = [f.result() for f in futures]
             assert all(r.trained == 1 for r in reports), [r for r in reports if r.trained != 1][:3]
+            print(f"round {rnd + 1}: {sum(r.bytes_up for r in reports) / DEVICES / 1024:.1f} KB up, "
+                  f"{sum(r.bytes_down for r in reports) / DEVICES / 1024:.1f} KB down per device")
             assert all(r.pending == 0 for r in reports), [r.offline for r in reports if r.pending][:3]
 
             # duplicated retries and corrupted payloads, sent straight to a hub
@@ -213,6 +217,10 @@ def test_fleet_simulation(bundles, sim_store, tmp_path):
         with ThreadPoolExecutor(4) as pool:
             finals = list(pool.map(run, list(agents)))
         assert all(r.version == ROUNDS for r in finals), sorted({r.version for r in finals})
+        with admin(hubs[0].url) as a:
+            last = a.versions("main", "default")[-1]
+        assert all(r.bytes_down == last["packed_size"] for r in finals)  # each pulled the packed form, once
+        assert all(is_packed(data) for sent in pushed.values() for data in sent)  # and pushed packed
 
         # ---- afterwards, straight from the store ------------------------------------------------------
         store = open_store(uri)

@@ -19,7 +19,7 @@ from test_fuzz_readers import mutated
 from edgepeft.delta.transport import pack
 from edgepeft.hub.aggregate import parse_delta
 from edgepeft.hub.app import create_app
-from edgepeft.hub.store import open_store
+from edgepeft.hub.backends import open_store
 
 EXAMPLES = int(os.environ.get("EDGEPEFT_FUZZ_EXAMPLES", "12"))  # per operation; raise it to dig deeper
 

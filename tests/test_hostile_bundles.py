@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgepeft.errors import BundleError, HubError
 from edgepeft.hub.app import create_app
 from edgepeft.hub.bundles import MAX_MEMBERS, check_bundle_files, files_from_tar
-from edgepeft.hub.store import open_store
+from edgepeft.hub.backends import open_store
 from edgepeft.onnx_refs import external_locations
 from edgepeft.runtime.bundle import open_bundle
 

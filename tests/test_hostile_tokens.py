@@ -93,7 +93,7 @@ def test_redaction_of_secret_query_values():
 @pytest.fixture
 def served(tmp_path, hub_bundle):
     """A hub under real uvicorn with the hub's log config (what `edgepeft hub serve` runs), logging to files."""
-    from edgepeft.hub.store import open_store
+    from edgepeft.hub.backends import open_store
 
     store = open_store(str(tmp_path / "store"))
     port = free_port()

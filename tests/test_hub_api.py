@@ -13,7 +13,7 @@ from edgepeft.delta.format import delta_bytes, delta_from_init, replace_meta
 from edgepeft.delta.transport import pack
 from edgepeft.hub.app import create_app
 from edgepeft.hub.auth import get_store
-from edgepeft.hub.store import open_store
+from edgepeft.hub.backends import open_store
 from edgepeft.manifest import read_manifest
 
 ADMIN = "admin-token-for-tests-0123456789"

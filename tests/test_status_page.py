@@ -12,7 +12,8 @@ from conftest import HubThread
 from edgepeft.delta.format import delta_bytes, delta_from_init, replace_meta
 from edgepeft.hub import aggregate as agg
 from edgepeft.hub.app import create_app
-from edgepeft.hub.store import DeltaRec, open_store, sha256_hex
+from edgepeft.hub.backends import open_store
+from edgepeft.hub.store import DeltaRec, sha256_hex
 from edgepeft.manifest import read_manifest
 
 ADMIN = "status-admin-token-0123456789"

@@ -43,7 +43,7 @@ def serve_cmd(store_uri: str, host: str, port: int, admin_token_file: str | None
 
     from edgepeft.hub.app import create_app
     from edgepeft.hub.logs import hub_log_config
-    from edgepeft.hub.store import open_store
+    from edgepeft.hub.backends import open_store
 
     token = _admin_token(store_uri, admin_token_file)
     store = open_store(store_uri)
@@ -109,8 +109,8 @@ def fleet_group() -> None:
 @click.option("--aggregate-minutes", default=0.0, type=click.FloatRange(0), help="Aggregate when the oldest pending delta is this old (0: off).")
 @click.option("--staleness", default=2, show_default=True, type=click.IntRange(0), help="Versions a delta's parent may lag behind.")
 @click.option("--clip-norm", type=click.FloatRange(0, min_open=True), help="Default: clip each device's update to this norm.")
-@click.option("--trim", type=click.FloatRange(0, 0.5, max_open=True), help="Default: coordinate-wise trimmed mean fraction.")
-@click.option("--max-samples", type=click.IntRange(1, 10**9), help="Default cap on one delta's weight (else 10000).")
+@click.option("--trim", type=click.FloatRange(0, 0.5, max_open=True), help="Default: coordinate-wise trimmed mean fraction (else 0.2).")
+@click.option("--max-samples", type=click.IntRange(1, 10**9), help="Default cap on one delta's weight (else the median claim of its version, at most 10000).")
 @admin_options
 def fleet_create_cmd(name: str, fingerprint: str, aggregate_every: int, aggregate_minutes: float, staleness: int,
                      clip_norm: float | None, trim: float | None, max_samples: int | None, hub: str,
@@ -180,7 +180,7 @@ def device_revoke_cmd(fleet: str, device: str, hub: str, admin_token_file: str |
 @click.option("--adapter", default="default", show_default=True, help="Adapter to aggregate.")
 @click.option("--clip-norm", type=click.FloatRange(0, min_open=True), help="Clip each device's update (ΔW space) to this norm.")
 @click.option("--trim", type=click.FloatRange(0, 0.5, max_open=True), help="Coordinate-wise trimmed mean: fraction cut at each end.")
-@click.option("--max-samples", type=click.IntRange(1, 10**9), help="Cap on one delta's weight (default 10000: no device outweighs the fleet).")
+@click.option("--max-samples", type=click.IntRange(1, 10**9), help="Cap on one delta's weight (default: the median claim, at most 10000).")
 @admin_options
 def aggregate_cmd(fleet: str, adapter: str, clip_norm: float | None, trim: float | None, max_samples: int | None,
                   hub: str, admin_token_file: str | None) -> None:

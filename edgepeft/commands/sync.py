@@ -38,14 +38,21 @@ def push_cmd(delta: str, packed: bool, hub: str, token_file: str | None) -> None
 @click.argument("adapter")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the delta file.")
 @click.option("--version", default="latest", show_default=True, help="Version number, or latest.")
+@click.option("--packed", is_flag=True, help="Write the packed transport form as pulled (default: the decoded delta file).")
 @device_options
-def pull_cmd(adapter: str, output: str, version: str, hub: str, token_file: str | None) -> None:
-    """Download a version of ADAPTER from this device's fleet."""
+def pull_cmd(adapter: str, output: str, version: str, packed: bool, hub: str, token_file: str | None) -> None:
+    """Download a version of ADAPTER from this device's fleet (packed on the wire, its sha256 checked)."""
+    from edgepeft.delta.format import delta_bytes
+    from edgepeft.delta.transport import is_packed, unpack
+
     with _client(hub, token_file) as c:
         fleet = c.me()["fleet"]
         number, data = c.download_version(fleet, adapter, version)
+    pulled = len(data)
+    if not packed and is_packed(data):
+        data = delta_bytes(unpack(data, f"{fleet}/{adapter} v{number}"))
     atomic.write_bytes(output, data)
-    click.echo(f"{fleet}/{adapter} v{number} -> {output} ({len(data)} bytes)")
+    click.echo(f"{fleet}/{adapter} v{number} -> {output} ({pulled} bytes pulled, sha256 checked; {len(data)} written)")
 
 
 @click.group("agent", context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,14 +64,18 @@ def agent_group() -> None:
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True), help="device.toml of this device.")
 @click.option("--once", is_flag=True, help="Run one round and exit.")
 @click.option("--rounds", type=click.IntRange(1), help="Run this many rounds, then exit (default: forever).")
-def agent_run_cmd(config_path: str, once: bool, rounds: int | None) -> None:
+@click.option("--raw", is_flag=True, help="Push float32 safetensors deltas instead of the packed form (or raw = true in device.toml).")
+def agent_run_cmd(config_path: str, once: bool, rounds: int | None, raw: bool) -> None:
     """Pull the latest adapter, train on new local data, push the delta; repeat every interval_s."""
     from edgepeft.devices.agent import Agent, AgentConfig, RoundReport
 
-    agent = Agent(AgentConfig.from_toml(config_path))
+    config = AgentConfig.from_toml(config_path)
+    config.raw = config.raw or raw
+    agent = Agent(config)
 
     def show(r: RoundReport) -> None:
-        line = f"v{r.version or 0}: pulled={'yes' if r.pulled else 'no'} trained={r.trained} sent={r.sent} pending={r.pending}"
+        line = (f"v{r.version or 0}: pulled={'yes' if r.pulled else 'no'} trained={r.trained} sent={r.sent} pending={r.pending} "
+                f"up={r.bytes_up} B down={r.bytes_down} B")
         if r.rejected:
             line += f" rejected={r.rejected}"
         if r.offline:

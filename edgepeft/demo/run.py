@@ -130,13 +130,16 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
         say(f"   fleet {FLEET!r}: {cfg.devices} devices, bundle {fp[:12]}")
 
         train_rows = split["train"]
+        results["wire"] = []
         for r in range(cfg.rounds):
+            up = down = 0
             say(f"== round {r + 1}: each device trains on {cfg.per_device} new snippets of its own, then pushes")
             for i, (name, agent, trained, home) in enumerate(agents):
                 lo = (r * cfg.devices + i) * cfg.per_device
                 write_jsonl(home / "data" / f"round{r + 1}.jsonl", train_rows[lo: lo + cfg.per_device])
                 t0 = time.perf_counter()
                 rep = agent.run_once()
+                up, down = up + rep.bytes_up, down + rep.bytes_down
                 tmp = home / "state" / "last.delta"
                 tmp.write_bytes(trained["delta"])
                 acc = accuracy([load_delta(tmp, bundle.manifest)])
@@ -146,7 +149,12 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
             rep = v.get("report", {})
             say(f"== hub: aggregated {rep.get('count')} deltas ({rep.get('samples')} samples) into version {v['version']}")
             for name, agent, _, home in agents:
-                agent.run_once()  # pulls the new version (nothing new to train)
+                rep = agent.run_once()  # pulls the new version (nothing new to train)
+                up, down = up + rep.bytes_up, down + rep.bytes_down
+            n = len(agents)
+            results["wire"].append({"round": r + 1, "up_bytes_per_device": up / n, "down_bytes_per_device": down / n})
+            say(f"== wire, round {r + 1}: {up / n / 1024:.1f} KB up and {down / n / 1024:.1f} KB down per device "
+                f"(packed int8 + zstd; sha256 of every pull checked)")
             versions = {agent.version for _, agent, _, _ in agents}
             pulled = agents[0][1].adapter_path
             stage(f"round {r + 1} fleet version v{v['version']} (pulled by all: {versions == {v['version']}})",
@@ -160,7 +168,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
             hub.kill()
     base, final = results["stages"][0]["accuracy"], results["stages"][-1]["accuracy"]
     say(f"== done: held-out accuracy {100 * base:.1f} % (base) -> {100 * final:.1f} % (fleet adapter); "
-        f"only deltas travelled ({_delta_kb(agents[0][1].adapter_path)} KB each)")
+        f"only deltas travelled ({_delta_kb(agents[0][1].adapter_path)} KB as float32, packed on the wire)")
     return results
 
 

@@ -20,12 +20,12 @@ import numpy as np
 from edgepeft import methods
 from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes, delta_from_bytes, file_meta, replace_meta
 from edgepeft.delta.merge import from_space_parts, is_ranked, merge, space_parts
-from edgepeft.delta.transport import is_packed, packed_meta, unpack
+from edgepeft.delta.transport import is_packed, pack, packed_meta, unpack
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.frozen import BaseWeights, base_weights, frozen_arrays
-from edgepeft.hub.limits import MAX_PUBLISHED_SAMPLES, readable, sample_weights
-from edgepeft.hub.robust import RobustOptions, clip_update, trimmed_mean
-from edgepeft.hub.store import BUILDING, BundleRec, Fleet, Store, VersionRec
+from edgepeft.hub.limits import MAX_PUBLISHED_SAMPLES, readable, sample_weights, staleness_factor
+from edgepeft.hub.robust import RobustOptions, clip_update, trimmed_mean, update_norm
+from edgepeft.hub.store import BUILDING, BundleRec, DeltaRec, Fleet, Store, VersionRec
 from edgepeft.manifest import Manifest
 from edgepeft.names import WEIGHTS_INDEX_FILE
 
@@ -74,19 +74,6 @@ def bundle_lora(manifest: Manifest) -> tuple[int, float]:
     return found.pop() if found else (0, 1.0)
 
 
-def stored_base_weights(store: Store, bundle: BundleRec) -> BaseWeights | None:
-    """The bundle's frozen weights read from the hub's blobs, when one of its methods aggregates against them (DoRA)."""
-    manifest = bundle.manifest
-    if not any(methods.owner(s.kind).needs_base for s in manifest.slots):
-        return None
-    files = {f.name: f.sha256 for f in bundle.files}
-    if WEIGHTS_INDEX_FILE not in files or manifest.weights not in files:
-        raise HubError(f"bundle {bundle.fingerprint[:16]}: {WEIGHTS_INDEX_FILE} or {manifest.weights} is not stored; "
-                       "its method aggregates against the base weights")
-    index = json.loads(store.get_blob(files[WEIGHTS_INDEX_FILE]))
-    return base_weights(frozen_arrays(index, np.frombuffer(store.get_blob(files[manifest.weights]), np.uint8)), manifest)
-
-
 class _Parents:
     """Published versions by number, parsed, a few kept (deltas span at most the staleness window)."""
 
@@ -104,6 +91,19 @@ class _Parents:
             while len(self.cache) > self.keep:
                 self.cache.popitem(last=False)
         return self.cache[version]
+
+
+def stored_base_weights(store: Store, bundle: BundleRec) -> BaseWeights | None:
+    """The bundle's frozen weights read from the hub's blobs, when one of its methods aggregates against them (DoRA)."""
+    manifest = bundle.manifest
+    if not any(methods.owner(s.kind).needs_base for s in manifest.slots):
+        return None
+    files = {f.name: f.sha256 for f in bundle.files}
+    if WEIGHTS_INDEX_FILE not in files or manifest.weights not in files:
+        raise HubError(f"bundle {bundle.fingerprint[:16]}: {WEIGHTS_INDEX_FILE} or {manifest.weights} is not stored; "
+                       "its method aggregates against the base weights")
+    index = json.loads(store.get_blob(files[WEIGHTS_INDEX_FILE]))
+    return base_weights(frozen_arrays(index, np.frombuffer(store.get_blob(files[manifest.weights]), np.uint8)), manifest)
 
 
 def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, memory_mb: float,
@@ -174,6 +174,51 @@ def combine(pairs: Pairs, n: int, manifest: Manifest, options: RobustOptions,
     return merged, {"total_weight": rep.total_weight, "passes": 1, "max_refactor_error": max(rep.errors.values(), default=0.0)}
 
 
+def _merge_claimed(store: Store, claimed: list[DeltaRec], latest: int, manifest: Manifest, options: RobustOptions,
+                   parents: "_Parents", base: BaseWeights | None) -> tuple[Delta, dict[str, Any]]:
+    """Merge the claimed deltas: capped sample weights, each times its staleness factor, updates clipped.
+
+    Staleness of a delta = ``latest`` (the newest version published before this one) - its parent version;
+    its merge weight is its capped samples times ``limits.staleness_factor`` (FedBuff's 1/sqrt(1 + s)).
+    Clipping: to ``clip_norm``, else to ``clip_median`` times the median update norm of these deltas (one
+    extra pass over them, reading one at a time).
+    """
+    ids = [d.id for d in claimed]
+    capped = sample_weights([d.samples for d in claimed], options.max_samples, [d.device for d in claimed])  # in ids order
+
+    def read() -> Iterator[tuple[float, Delta]]:
+        for w, (delta_id, data) in zip(capped, store.iter_delta_bytes(ids)):
+            yield w, parse_delta(data, f"delta {delta_id[:16]}", manifest)
+
+    bound = options.clip_norm
+    if bound is None and options.clip_median is not None:
+        median = float(np.median([update_norm(d, parents.get(d.meta.parent), base) for _, d in read()]))
+        bound = options.clip_median * median if median > 0 else None
+    norms: list[float] = []
+    stale: list[int] = []
+
+    def pairs() -> Iterator[tuple[Delta, float]]:
+        norms.clear()
+        stale.clear()
+        for w, d in read():
+            behind = max(0, latest - (d.meta.parent or 0))
+            if behind:
+                stale.append(behind)
+            parent = parents.get(d.meta.parent)
+            d = replace_meta(d, samples=math.ceil(w))  # the version's samples count capped weights too
+            if bound is not None:
+                d, norm = clip_update(d, parent, bound, base)
+                norms.append(norm)
+            yield d, w * staleness_factor(behind)
+
+    merged, stats = combine(pairs, len(ids), manifest, options, base)
+    report = {"count": len(ids), "samples": merged.meta.samples, **stats, "options": options.to_dict(),
+              "stale": len(stale), "max_staleness": max(stale, default=0)}
+    if norms:
+        report.update(clip_bound=bound, clipped=sum(1 for x in norms if x > bound), max_update_norm=max(norms))
+    return merged, report
+
+
 def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> VersionRec:
     """Merge the deltas claimed for a ``building`` version and publish it."""
     rec = store.get_version(fleet.name, adapter, version)
@@ -194,35 +239,19 @@ def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> Ver
     else:
         options = RobustOptions.from_dict(rec.options)
         claimed = store.list_deltas(fleet.name, adapter, version=version)
-        ids = [d.id for d in claimed]
-        weights = dict(zip(ids, sample_weights([d.samples for d in claimed], options.max_samples)))
-        if not ids:
+        if not claimed:
             raise HubError(f"{fleet.name}/{adapter} v{version}: no deltas were claimed for it")
         parents = _Parents(store, fleet.name, adapter, manifest)
-        base = stored_base_weights(store, bundle)
-        norms: list[float] = []
-
-        def pairs() -> Iterator[tuple[Delta, float]]:
-            norms.clear()
-            for delta_id, data in store.iter_delta_bytes(ids):
-                d = parse_delta(data, f"delta {delta_id[:16]}", manifest)
-                w = weights[delta_id]
-                d = replace_meta(d, samples=w)  # sums of samples (the version's meta) count capped weights too
-                if options.clip_norm is not None:
-                    d, norm = clip_update(d, parents.get(d.meta.parent), options.clip_norm, base)
-                    norms.append(norm)
-                yield d, float(w)
-
-        merged, stats = combine(pairs, len(ids), manifest, options, base)
+        merged, report = _merge_claimed(store, claimed, parent or 0, manifest, options, parents,
+                                       stored_base_weights(store, bundle))
         out = replace_meta(merged, adapter=adapter, version=version, parent=parent, creator="hub")
-        report = {"count": len(ids), "samples": merged.meta.samples, **stats, "options": options.to_dict()}
-        if norms:
-            report["clipped"] = sum(1 for x in norms if x > options.clip_norm)
-            report["max_update_norm"] = max(norms)
     report["seconds"] = round(time.perf_counter() - started, 4)
     out = replace_meta(out, samples=min(out.meta.samples, MAX_PUBLISHED_SAMPLES))
-    data = delta_bytes(out)
+    data = delta_bytes(out)  # the exact float32 version: the parent the hub clips against, and form=raw
     readable(data, manifest, f"{fleet.name}/{adapter} v{version}")
+    wire = pack(out)  # what devices pull by default (int8 + zstd); its sha256 is the one pulls check
+    readable(wire, manifest, f"{fleet.name}/{adapter} v{version} (packed)")
+    report["packed"] = {"sha256": store.put_blob(wire), "size": len(wire)}
     store.finish_version(fleet.name, adapter, version, data, parent=parent, report=report)
     got = store.get_version(fleet.name, adapter, version)
     if got is None:
@@ -231,12 +260,16 @@ def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> Ver
 
 
 def aggregate(store: Store, fleet: str, adapter: str = "default", options: dict[str, Any] | None = None) -> VersionRec | None:
-    """Aggregate every pending delta of an adapter into a new version; None when nothing is pending."""
+    """Aggregate pending deltas of an adapter into a new version; None when nothing is pending.
+
+    A fleet with ``aggregate_every = K`` makes each version from the first K pending deltas by arrival (FedBuff's
+    buffer; later ones wait for the next version and count by their staleness); otherwise every pending delta.
+    """
     f = store.get_fleet(fleet)
     if f is None:
         raise HubError(f"no fleet {fleet!r}")
     opts = RobustOptions.from_dict(f.robust if options is None else options)
-    claim = store.claim_version(fleet, adapter, opts.to_dict())
+    claim = store.claim_version(fleet, adapter, opts.to_dict(), limit=f.aggregate_every or None)
     if claim is None:
         return None
     return build_version(store, f, adapter, claim[0])
@@ -284,11 +317,12 @@ def due(store: Store, fleet: Fleet, adapter: str, now: float | None = None) -> b
 
 
 def maybe_aggregate(store: Store, fleet: str, adapter: str = "default") -> VersionRec | None:
-    """Aggregate if the fleet's policy says so."""
+    """Aggregate while the fleet's policy says so (a buffer of K per version); the last version made, or None."""
     f = store.get_fleet(fleet)
-    if f is None or not due(store, f, adapter):
-        return None
-    return aggregate(store, fleet, adapter)
+    made = None
+    while f is not None and due(store, f, adapter):
+        made = aggregate(store, fleet, adapter) or made
+    return made
 
 
 def check_parent(latest: int, parent: int | None, staleness: int) -> str | None:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from edgepeft.errors import DeltaError, HubError
+from edgepeft.errors import NotFoundError
 from edgepeft.hub import aggregate as agg
 from edgepeft.hub import limits
 from edgepeft.hub.api_device import BINARY_BODY, version_json
@@ -66,10 +66,7 @@ async def add_bundle(request: Request, who: AdminDep, store: StoreDep) -> dict[s
         rec, added = store.add_bundle(text, files)
         return {"fingerprint": rec.fingerprint, "added": added, "files": [{"name": f.name, "size": f.size} for f in rec.files]}
 
-    try:
-        return await run_in_threadpool(work)
-    except HubError as e:
-        raise HTTPException(422, str(e)) from None
+    return await run_in_threadpool(work)  # a HubError is answered by the app's one mapping (http_errors)
 
 
 @router.get("/bundles", summary="Registered bundles")
@@ -81,12 +78,9 @@ def list_bundles(who: AdminDep, store: StoreDep) -> list[dict[str, Any]]:
 def create_fleet(body: FleetIn, who: AdminDep, store: StoreDep) -> dict[str, Any]:
     from edgepeft.hub.robust import RobustOptions
 
-    try:
-        RobustOptions.from_dict(body.robust)
-        f = store.create_fleet(body.name, body.bundle, aggregate_every=body.aggregate_every,
-                               aggregate_minutes=body.aggregate_minutes, staleness=body.staleness, robust=body.robust)
-    except HubError as e:
-        raise HTTPException(409 if "exists" in str(e) else 422, str(e)) from None
+    RobustOptions.from_dict(body.robust)  # errors: typed, answered by the app's one mapping (http_errors)
+    f = store.create_fleet(body.name, body.bundle, aggregate_every=body.aggregate_every,
+                           aggregate_minutes=body.aggregate_minutes, staleness=body.staleness, robust=body.robust)
     return _fleet_json(f)
 
 
@@ -97,12 +91,7 @@ def list_fleets(who: AdminDep, store: StoreDep) -> list[dict[str, Any]]:
 
 @router.post("/fleets/{fleet}/devices", status_code=201, summary="Add a device; its token is in the answer, once")
 def add_device(fleet: str, body: DeviceIn, who: AdminDep, store: StoreDep) -> dict[str, str]:
-    if store.get_fleet(fleet) is None:
-        raise HTTPException(404, f"no fleet {fleet!r}")
-    try:
-        token = store.add_device(fleet, body.device)
-    except HubError as e:
-        raise HTTPException(409 if "exists" in str(e) else 422, str(e)) from None
+    token = store.add_device(fleet, body.device)  # no fleet: 404, taken: 409 (http_errors)
     return {"device": body.device, "fleet": fleet, "token": token}
 
 
@@ -143,11 +132,7 @@ def list_deltas(fleet: str, who: AdminDep, store: StoreDep, pending: bool = Fals
 async def publish(fleet: str, adapter: str, request: Request, who: AdminDep, store: StoreDep) -> dict[str, Any]:
     data = await read_body(request, request.app.state.max_upload_bytes)
     _check_fleet(store, fleet, adapter)
-    try:
-        v = await run_in_threadpool(agg.publish, store, fleet, adapter, data)
-    except DeltaError as e:
-        raise HTTPException(422, str(e)) from None
-    return version_json(v)
+    return version_json(await run_in_threadpool(agg.publish, store, fleet, adapter, data))
 
 
 @router.post("/fleets/{fleet}/adapters/{adapter}/aggregate", status_code=201,
@@ -159,11 +144,8 @@ def aggregate(fleet: str, adapter: str, who: AdminDep, store: StoreDep, request:
     options = dict(f.robust)
     if body is not None:
         options.update({k: v for k, v in body.model_dump().items() if v is not None})
-    try:
-        with request.app.state.aggregate_lock:
-            v = agg.aggregate(store, fleet, adapter, options)
-    except (HubError, DeltaError) as e:
-        raise HTTPException(422, str(e)) from None
+    with request.app.state.aggregate_lock:
+        v = agg.aggregate(store, fleet, adapter, options)
     if v is None:
         raise HTTPException(409, f"no pending deltas for {fleet}/{adapter}")
     return version_json(v)
@@ -171,8 +153,5 @@ def aggregate(fleet: str, adapter: str, who: AdminDep, store: StoreDep, request:
 
 def _check_fleet(store, fleet: str, adapter: str) -> None:
     if store.get_fleet(fleet) is None:
-        raise HTTPException(404, f"no fleet {fleet!r}")
-    try:
-        check_name("adapter", adapter)
-    except HubError as e:
-        raise HTTPException(422, str(e)) from None
+        raise NotFoundError(f"no fleet {fleet!r}")
+    check_name("adapter", adapter)

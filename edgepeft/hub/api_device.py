@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -28,8 +28,10 @@ BINARY_BODY = {"requestBody": {"required": True, "content": {"application/octet-
 
 def version_json(v: VersionRec, *, with_report: bool = True) -> dict[str, Any]:
     """What clients see of a version."""
+    packed = v.report.get("packed") or {}
     out = {"fleet": v.fleet, "adapter": v.adapter, "version": v.version, "state": v.state, "sha256": v.sha256,
-           "size": v.size, "parent": v.parent, "created": v.created}
+           "size": v.size, "packed_sha256": packed.get("sha256"), "packed_size": packed.get("size"),
+           "parent": v.parent, "created": v.created}
     if with_report:
         out["report"] = v.report
     return out
@@ -174,13 +176,21 @@ def version_info(fleet: str, adapter: str, version: str, who: PrincipalDep, stor
     return out
 
 
-@router.get("/fleets/{fleet}/adapters/{adapter}/versions/{version}", summary="Download a version (safetensors delta)",
+@router.get("/fleets/{fleet}/adapters/{adapter}/versions/{version}",
+            summary="Download a version: its packed transport form (default), or the float32 safetensors delta with form=raw",
             response_class=Response, responses={200: {"content": {"application/octet-stream": {}}}})
 def download_version(fleet: str, adapter: str, version: str, who: PrincipalDep, store: StoreDep,
-                     range: Annotated[str | None, Header()] = None) -> Response:
+                     range: Annotated[str | None, Header()] = None,
+                     form: Literal["packed", "raw"] = "packed") -> Response:
     _fleet_access(who, fleet)
     v = _resolve(store, fleet, adapter, version)
-    return serve_blob(store, v.sha256, v.size, range, "application/octet-stream", {"X-Edgepeft-Version": str(v.version)})
+    headers = {"X-Edgepeft-Version": str(v.version)}
+    packed = v.report.get("packed")
+    if form == "raw" or not packed:  # versions published before the packed form was kept are served raw
+        sha, size = v.sha256, v.size
+    else:
+        sha, size = packed["sha256"], packed["size"]
+    return serve_blob(store, sha, size, range, "application/octet-stream", {**headers, "X-Edgepeft-Sha256": sha})
 
 
 @router.get("/bundles/{fingerprint}", summary="A bundle's manifest and file list")

@@ -22,11 +22,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.security import HTTPAuthorizationCredentials
 
 from edgepeft import __version__
-from edgepeft.errors import DeltaError, HubError
+from edgepeft.errors import DeltaError, EdgePeftError, HubError
 from edgepeft.hub import aggregate as agg
 from edgepeft.hub import api_admin, api_device
 from edgepeft.hub.auth import SESSION_COOKIE, SESSION_MAX_AGE_S, StoreDep, bearer, may_see_status, status_session
 from edgepeft.hub.bodies import read_body
+from edgepeft.hub.http_errors import http_status
 from edgepeft.hub.status import login_page, render_status
 from edgepeft.hub.store import Store, hash_token
 
@@ -69,18 +70,14 @@ def create_app(store: Store, *, admin_token: str, max_upload_bytes: int = MAX_UP
     app.include_router(api_admin.router, tags=["admin"])
     app.include_router(api_device.router, tags=["device"])
 
-    @app.exception_handler(HubError)
-    async def _hub_error(request: Request, exc: HubError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422 if isinstance(exc, DeltaError) else 400)
+    @app.exception_handler(EdgePeftError)
+    async def _edgepeft_error(request: Request, exc: EdgePeftError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=http_status(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own answer echoes the input, which may not even be JSON (NaN): one line per problem instead
         return JSONResponse({"detail": "; ".join(_problem(e) for e in exc.errors()[:5])}, status_code=422)
-
-    @app.exception_handler(DeltaError)
-    async def _delta_error(request: Request, exc: DeltaError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
 
     @app.get("/healthz", tags=["status"], summary="Liveness")
     def healthz() -> dict[str, str]:

@@ -22,16 +22,22 @@ from edgepeft.names import slot_name
 
 @dataclass(frozen=True)
 class RobustOptions:
-    """How an aggregation defends against outlier devices; the defaults are a plain weighted mean."""
+    """How an aggregation defends against outlier devices. On by default: each update clipped to the median update norm
+    of its version, then a coordinate-wise 20 % trimmed mean (clipping alone stops a scaled delta, not a sign-flipped one
+    of typical norm: tests/test_fleet_robust.py); ``{"clip_median": None, "trim": 0}`` is the plain weighted mean."""
 
     clip_norm: float | None = None  # clip each device's update to this Frobenius norm (over every slot, ΔW space)
-    trim: float = 0.0  # coordinate-wise trimmed mean: fraction of values cut at each end (0 <= trim < 0.5)
+    clip_median: float | None = 1.0  # without clip_norm: clip to this multiple of the round's median update norm
+    #   (an adaptive bound, the median quantile of Andrew et al. 2021 re-estimated every version; None: off)
+    trim: float = 0.2  # coordinate-wise trimmed mean: fraction of values cut at each end (0 <= trim < 0.5; none below 5 deltas)
     max_samples: int | None = None  # cap on one delta's aggregation weight (its meta.samples)
     memory_mb: float = 256.0  # working set of the trimmed mean; more deltas mean more passes, not more memory
 
     def __post_init__(self) -> None:
         if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
             raise HubError(f"clip_norm must be a positive number, got {self.clip_norm}")
+        if self.clip_median is not None and not (math.isfinite(self.clip_median) and self.clip_median > 0):
+            raise HubError(f"clip_median must be a positive number, got {self.clip_median}")
         if not (0.0 <= self.trim < 0.5):
             raise HubError(f"trim must be in [0, 0.5), got {self.trim}")
         if self.max_samples is not None and self.max_samples < 1:

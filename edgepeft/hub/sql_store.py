@@ -198,13 +198,14 @@ class SqlStore(Store):
     # ---- versions --------------------------------------------------------------------------------
 
     def _claim_version(self, fleet: str, adapter: str, options: dict[str, Any], created: float,
-                       take_pending: bool) -> tuple[int, list[str]] | None:
+                       take_pending: bool, limit: int | None = None) -> tuple[int, list[str]] | None:
         with self._tx(write=True) as cur:
             self._lock_fleet(cur, fleet)
             ids: list[str] = []
             if take_pending:
                 ids = [r[0] for r in cur.execute("SELECT id FROM deltas WHERE fleet = ? AND adapter = ? AND version IS NULL "
-                                                  "ORDER BY received, id", (fleet, adapter)).fetchall()]
+                                                  "ORDER BY received, id" + (f" LIMIT {int(limit)}" if limit else ""),
+                                                  (fleet, adapter)).fetchall()]
                 if not ids:
                     return None
             (latest,) = cur.execute("SELECT COALESCE(MAX(version), 0) FROM versions WHERE fleet = ? AND adapter = ?",
@@ -212,10 +213,16 @@ class SqlStore(Store):
             version = int(latest) + 1
             cur.execute(f"INSERT INTO versions ({_VERSION_COLS}) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?)",
                         (fleet, adapter, version, BUILDING, created, dumps(options), "{}"))
-            if take_pending:
-                # rows committed since the SELECT above are claimed too; the ids are re-read below
+            if take_pending and limit:  # the first ``limit`` by arrival (FedBuff's buffer of K), by id
+                for i in range(0, len(ids), 500):
+                    chunk = ids[i:i + 500]
+                    cur.execute(f"UPDATE deltas SET version = ? WHERE version IS NULL AND id IN ({', '.join('?' * len(chunk))})",
+                                (version, *chunk))
+            elif take_pending:
+                # rows committed since the SELECT above are claimed too
                 cur.execute("UPDATE deltas SET version = ? WHERE fleet = ? AND adapter = ? AND version IS NULL",
                             (version, fleet, adapter))
+            if take_pending:
                 ids = [r[0] for r in cur.execute("SELECT id FROM deltas WHERE fleet = ? AND adapter = ? AND version = ? "
                                                   "ORDER BY received, id", (fleet, adapter, version)).fetchall()]
             return version, ids

@@ -1,8 +1,8 @@
 """The hub's storage interface: a few primitives each backend implements, convenience built on them.
 
 Public methods validate their arguments, then call a ``_hook``. Blobs are content-addressed: their
-name is the hex sha256 of their bytes, never anything taken from a request. ``open_store`` picks the
-backend by URI: ``sqlite:///path/dir`` or a plain directory, ``postgresql://...``.
+name is the hex sha256 of their bytes, never anything taken from a request. The backends import this module,
+never the reverse: ``edgepeft.hub.backends.open_store`` picks one by URI.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from edgepeft.errors import HubError
+from edgepeft.errors import ConflictError, HubError, NotFoundError
 from edgepeft.manifest import Manifest
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # fleets, devices, adapters
@@ -221,9 +221,9 @@ class Store(ABC):
 
     @abstractmethod
     def _claim_version(self, fleet: str, adapter: str, options: dict[str, Any], created: float,
-                       take_pending: bool) -> tuple[int, list[str]] | None:
+                       take_pending: bool, limit: int | None = None) -> tuple[int, list[str]] | None:
         """Atomically: next version number, a ``building`` row, and (with ``take_pending``) every pending
-        delta claimed for it. None when ``take_pending`` and nothing is pending."""
+        delta, or the first ``limit`` by arrival, claimed for it. None when ``take_pending`` and nothing is pending."""
 
     @abstractmethod
     def _finish_version(self, fleet: str, adapter: str, version: int, data: bytes, sha: str,
@@ -288,30 +288,30 @@ class Store(ABC):
             raise HubError("aggregate_every, aggregate_minutes and staleness must be >= 0")
         fleet = Fleet(name, bundle, int(aggregate_every), float(aggregate_minutes), int(staleness), dict(robust or {}), time.time())
         if not self._add_fleet(fleet):
-            raise HubError(f"fleet {name!r} exists already")
+            raise ConflictError(f"fleet {name!r} exists already")
         return fleet
 
     def add_device(self, fleet: str, device_id: str) -> str:
         """Add a device to a fleet; returns its token, which is shown once and stored only hashed."""
         check_name("device", device_id)
         if self.get_fleet(fleet) is None:
-            raise HubError(f"no fleet {fleet!r}")
+            raise NotFoundError(f"no fleet {fleet!r}")
         token = f"{device_id}.{secrets.token_urlsafe(32)}"
         if not self._add_device(Device(device_id, fleet, hash_token(token), time.time())):
-            raise HubError(f"device {device_id!r} exists already")
+            raise ConflictError(f"device {device_id!r} exists already")
         return token
 
     def rotate_token(self, device_id: str) -> str:
         """Give a device a new token (shown once); the old one fails from the next request on. Also un-revokes."""
         token = f"{check_name('device', device_id)}.{secrets.token_urlsafe(32)}"
         if not self._set_token_hash(device_id, hash_token(token)):
-            raise HubError(f"no device {device_id!r}")
+            raise NotFoundError(f"no device {device_id!r}")
         return token
 
     def revoke_device(self, device_id: str) -> None:
         """Refuse the device's token from the next request on (rotate_token issues a new one)."""
         if not self._set_token_hash(check_name("device", device_id), REVOKED):
-            raise HubError(f"no device {device_id!r}")
+            raise NotFoundError(f"no device {device_id!r}")
 
     def authenticate(self, token: str) -> Device | None:
         """The device whose token this is, compared in constant time; None otherwise."""
@@ -358,12 +358,15 @@ class Store(ABC):
                 return v
         return None
 
-    def claim_version(self, fleet: str, adapter: str, options: dict[str, Any], *, take_pending: bool = True) -> tuple[int, list[str]] | None:
-        """Reserve the next version of an adapter and (by default) claim every pending delta for it."""
+    def claim_version(self, fleet: str, adapter: str, options: dict[str, Any], *, take_pending: bool = True,
+                      limit: int | None = None) -> tuple[int, list[str]] | None:
+        """Reserve the next version of an adapter and (by default) claim every pending delta, or the first ``limit``."""
         check_name("adapter", adapter)
         if self.get_fleet(fleet) is None:
-            raise HubError(f"no fleet {fleet!r}")
-        return self._claim_version(fleet, adapter, dict(options), time.time(), take_pending)
+            raise NotFoundError(f"no fleet {fleet!r}")
+        if limit is not None and limit < 1:
+            raise HubError(f"limit must be >= 1, got {limit}")
+        return self._claim_version(fleet, adapter, dict(options), time.time(), take_pending, limit)
 
     def finish_version(self, fleet: str, adapter: str, version: int, data: bytes, *, parent: int | None,
                        report: dict[str, Any]) -> bool:
@@ -384,20 +387,3 @@ class Store(ABC):
 def dumps(obj: Any) -> str:
     """JSON for the store's text columns."""
     return json.dumps(obj, sort_keys=True)
-
-
-def open_store(uri: str) -> Store:
-    """Open the store named by ``uri``: ``sqlite:///dir``, a plain directory path, or ``postgresql://...``."""
-    if uri.startswith(("postgresql://", "postgres://")):
-        from edgepeft.hub.postgres_store import PostgresStore
-
-        return PostgresStore(uri)
-    if uri.startswith("sqlite://"):
-        uri = uri[len("sqlite://"):]
-        if not uri.startswith("/"):
-            raise HubError(f"sqlite store URI needs an absolute path (sqlite:///path/dir), got sqlite://{uri}")
-    elif "://" in uri:
-        raise HubError(f"unknown store URI scheme in {uri!r}; use sqlite:///dir, a directory, or postgresql://...")
-    from edgepeft.hub.sqlite_store import SqliteStore
-
-    return SqliteStore(uri)

@@ -1,0 +1,17 @@
+"""The one place where edgepeft's typed errors become HTTP statuses (the app's exception handlers use it)."""
+
+from __future__ import annotations
+
+from edgepeft.errors import ConflictError, DeltaError, EdgePeftError, NotFoundError
+
+STATUS: tuple[tuple[type[EdgePeftError], int], ...] = (
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (DeltaError, 422),  # a delta that is corrupt, hostile, or does not fit the bundle
+)
+DEFAULT_STATUS = 422  # any other refusal: the request asked for something invalid
+
+
+def http_status(exc: EdgePeftError) -> int:
+    """The HTTP status a request that raised ``exc`` is answered with."""
+    return next((status for kind, status in STATUS if isinstance(exc, kind)), DEFAULT_STATUS)
