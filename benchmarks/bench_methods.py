@@ -12,7 +12,7 @@ start (edgepeft's fresh delta written as a PEFT adapter by ``to_peft`` and loade
 SAME batches in the same order (the edgepeft child writes the batches it trained on; the torch child
 replays them), in eval mode (edgepeft's graphs have no dropout). Each run is its own process.
 
-    python benchmarks/bench_methods.py [--quick] [--steps 150] [--train-rows 1500] [--test-rows 1000]
+    python benchmarks/bench_methods.py [--quick] [--steps 80] [--train-rows 1200] [--test-rows 500] [--budget-min 0]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -28,9 +29,11 @@ from bench_train_rotten_tomatoes import MAJORITY, data_files  # noqa: E402
 from common import CACHE, RESULTS, minilm_bundle, run_child, write_result  # noqa: E402
 
 # name -> (the bundle's --method, the PEFT method of the same name or None for edgepeft-only rows)
-METHODS = {"lora r=8": ("lora+head", "lora"), "ia3": ("ia3+head", "ia3"), "dora r=8": ("dora+head", "dora"),
-           "vera r=256": ("vera+head", "vera"), "loraxs r=8": ("loraxs+head", None), "bitfit": ("bitfit+head", None),
-           "bottleneck (pfeiffer, /16)": ("bottleneck+head", None), "head only": ("head", None)}
+# name -> (the bundle's --method, the PEFT method of the same name or None for edgepeft-only rows); run in this
+# order (the targets' methods first), so a run cut short by --budget-min still answers the targets
+METHODS = {"lora r=8": ("lora+head", "lora"), "loraxs r=8": ("loraxs+head", None), "ia3": ("ia3+head", "ia3"),
+           "dora r=8": ("dora+head", "dora"), "vera r=256": ("vera+head", "vera"), "head only": ("head", None),
+           "bitfit": ("bitfit+head", None), "bottleneck (pfeiffer, /16)": ("bottleneck+head", None)}
 SMALL_DELTA_BYTES = 2048  # the target: a method this small within 1.5 points of LoRA r=8
 
 EDGEPEFT_CHILD = """
@@ -118,17 +121,26 @@ print("RESULT", json.dumps({"test_accuracy": right / len(data["test"]), "steps":
 
 def test_file(path: Path, rows: int) -> Path:
     """The first ``rows`` rows of the test split, beside it."""
+    from edgepeft import atomic
+
     out = path.with_name(f"test-{rows}.jsonl")
-    out.write_text("".join(open(path).readlines()[:rows]))
+    atomic.write_text(out, "".join(open(path).readlines()[:rows]))  # atomic: runs may share the cache
     return out
 
 
-def run(args: argparse.Namespace, hp: dict) -> list[dict]:
-    """One edgepeft child per method, then a torch + PEFT child on the batches it used where PEFT has the method."""
+def run(args: argparse.Namespace, hp: dict, save) -> list[dict]:
+    """One edgepeft child per method, then a torch + PEFT child on the batches it used where PEFT has the method;
+    ``save(rows)`` after each method; no new method starts after ``args.budget_min`` minutes."""
     files = data_files(args.train_rows, args.seed)
     test = test_file(files["test"], args.test_rows)
-    rows = []
+    rows, t0 = [], time.monotonic()
     for name, (method, peft_name) in METHODS.items():
+        if args.methods and name not in args.methods.split(","):
+            continue
+        if args.budget_min and time.monotonic() - t0 > 60 * args.budget_min:
+            rows.append({"method": name, "bundle_method": method, "peft": peft_name, "error": f"not run: the {args.budget_min}-minute budget was spent"})
+            continue
+        save(rows)
         bundle = minilm_bundle("int8", method, top_layers=None, rank=None)
         order = CACHE / f"methods-order-{method.replace('+', '_')}.json"
         argv = [str(bundle), str(files["train"]), str(test), str(order), json.dumps(hp)]
@@ -231,38 +243,49 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="300 training rows, 20 steps, 200 test rows (a smoke run)")
-    ap.add_argument("--steps", type=int, default=150, help="optimizer steps for every method")
-    ap.add_argument("--train-rows", type=int, default=1500, help="first N rows of the seeded training split")
-    ap.add_argument("--test-rows", type=int, default=1000, help="first N rows of the test split")
+    ap.add_argument("--steps", type=int, default=80, help="optimizer steps for every method")
+    ap.add_argument("--train-rows", type=int, default=1200, help="first N rows of the seeded training split")
+    ap.add_argument("--test-rows", type=int, default=500, help="first N rows of the test split")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0, help="seed of the split, the data order and the fresh delta")
     ap.add_argument("--threads", type=int, default=0, help="compute threads on both sides (0: each library's default)")
+    ap.add_argument("--budget-min", type=float, default=0, help="start no new method after this many minutes (0: no limit)")
+    ap.add_argument("--methods", default="", help=f"comma-separated subset of: {','.join(METHODS)}")
+    ap.add_argument("--out", default="methods", help="results/<out>.json (and .png)")
     ap.add_argument("--table-only", action="store_true", help="print the table and redraw the plot from results/methods.json")
     args = ap.parse_args(argv)
-    if args.table_only:
-        rows = json.loads((RESULTS / "methods.json").read_text())["rows"]
-        print(table(rows))
-        plot(rows, RESULTS / "methods.png")
+    if args.table_only:  # also recomputes the targets (after rows of several runs were put together)
+        result = json.loads((RESULTS / f"{args.out}.json").read_text())
+        result["targets"] = targets(result["rows"])
+        (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(table(result["rows"]))
+        print(json.dumps(result["targets"]))
+        plot(result["rows"], RESULTS / f"{args.out}.png")
         return
     if args.quick:
         args.train_rows, args.steps, args.test_rows = 300, 20, 200
     hp = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": 0.01, "max_grad_norm": 1.0,
           "seed": args.seed, "schedule": "linear, no warmup", "threads": args.threads}
     load_before = os.getloadavg()
-    rows = run(args, hp)
-    result = {
-        "benchmark": "Rotten Tomatoes, all-MiniLM-L6-v2: every method + head, edgepeft int8 vs torch + PEFT fp32",
-        "settings": {**hp, "train_rows": args.train_rows, "test_rows": args.test_rows, "quick": args.quick,
-                     "bundle": "int8, slots in every layer, max_length 128, each method's default options"},
-        "setup": "same start (edgepeft's fresh delta via to_peft), same batches in the same order, torch in eval mode; "
-                 "test accuracy of the delta after the last step; s/step = the step loop's seconds / steps",
-        "majority_class_accuracy": MAJORITY,
-        "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        "targets": targets(rows), "rows": rows,
-    }
-    name = "methods" + ("_quick" if args.quick else "")
-    write_result(name, result)
+    name = args.out + ("_quick" if args.quick else "")
+
+    def save(rows: list[dict]) -> dict:
+        result = {
+            "benchmark": "Rotten Tomatoes, all-MiniLM-L6-v2: every method + head, edgepeft int8 vs torch + PEFT fp32",
+            "settings": {**hp, "train_rows": args.train_rows, "test_rows": args.test_rows, "quick": args.quick,
+                         "bundle": "int8, slots in every layer, max_length 128, each method's default options"},
+            "setup": "same start (edgepeft's fresh delta via to_peft), same batches in the same order, torch in eval mode; "
+                     "test accuracy of the delta after the last step; s/step = the step loop's seconds / steps",
+            "majority_class_accuracy": MAJORITY,
+            "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+            "targets": targets(rows), "rows": rows,
+        }
+        write_result(name, result)
+        return result
+
+    rows = run(args, hp, save)
+    result = save(rows)
     print(table(rows))
     print(json.dumps(result["targets"]))
     try:
