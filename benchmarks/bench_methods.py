@@ -203,7 +203,8 @@ def table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "edgepeft" not in r:
-            out.append(f"| {r['method']} | failed: see methods.json | | | | | | |")
+            why = "not run" if r["error"].startswith("not run") else "failed (error in the JSON)"
+            out.append(f"| {r['method']} | {why} | | | | | | |")
             continue
         e, t = r["edgepeft"], r["torch_peft"]
         theirs = f"{100 * t['test_accuracy']:.2f} %" if t else "—"
@@ -253,10 +254,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget-min", type=float, default=0, help="start no new method after this many minutes (0: no limit)")
     ap.add_argument("--methods", default="", help=f"comma-separated subset of: {','.join(METHODS)}")
     ap.add_argument("--out", default="methods", help="results/<out>.json (and .png)")
+    ap.add_argument("--merge", default="", help="with --table-only: add the rows of these results/<name>.json runs")
     ap.add_argument("--table-only", action="store_true", help="print the table and redraw the plot from results/methods.json")
     args = ap.parse_args(argv)
     if args.table_only:  # also recomputes the targets (after rows of several runs were put together)
         result = json.loads((RESULTS / f"{args.out}.json").read_text())
+        for extra in filter(None, args.merge.split(",")):  # rows of a concurrent --methods run, in METHODS order
+            result["rows"] += json.loads((RESULTS / f"{extra}.json").read_text())["rows"]
+            result["merged_from"] = [*result.get("merged_from", []), f"{extra}.json"]
+        have = {r["method"]: r for r in result["rows"] if "edgepeft" in r}
+        result["rows"] = [have.get(n) or {"method": n, "bundle_method": m, "peft": p, "error": "not run (the run was stopped)"}
+                          for n, (m, p) in METHODS.items()]
         result["targets"] = targets(result["rows"])
         (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
         print(table(result["rows"]))
