@@ -33,7 +33,7 @@ from common import CACHE, RESULTS, minilm_bundle, run_child, write_result  # noq
 # order (the targets' methods first), so a run cut short by --budget-min still answers the targets
 METHODS = {"lora r=8": ("lora+head", "lora"), "loraxs r=8": ("loraxs+head", None), "ia3": ("ia3+head", "ia3"),
            "dora r=8": ("dora+head", "dora"), "vera r=256": ("vera+head", "vera"), "head only": ("head", None),
-           "bitfit": ("bitfit+head", None), "bottleneck (pfeiffer, /16)": ("bottleneck+head", None)}
+           "bitfit": ("bitfit+head", None), "bottleneck (pfeiffer /16)": ("bottleneck+head", None)}
 SMALL_DELTA_BYTES = 2048  # the target: a method this small within 1.5 points of LoRA r=8
 
 EDGEPEFT_CHILD = """
