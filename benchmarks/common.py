@@ -45,12 +45,12 @@ def exporter_version() -> str:
 
 
 def minilm_bundle(quantize: str = "int8", method: str = "lora+bitfit", *, top_layers: int | None = None,
-                  max_length: int = 128, rank: int = 8) -> Path:
+                  max_length: int = 128, rank: int | None = 8) -> Path:
     """Path of an exported all-MiniLM-L6-v2 bundle (rotten/fresh head), exported once per exporter version
-    into benchmarks/.cache (older exports of the same configuration are removed)."""
+    into benchmarks/.cache (older exports of the same configuration are removed). ``rank=None``: each method's own default."""
     import shutil
 
-    name = f"minilm-{quantize}-{method.replace('+', '_')}-r{rank}-L{max_length}" + (f"-top{top_layers}" if top_layers else "")
+    name = f"minilm-{quantize}-{method.replace('+', '_')}{f'-r{rank}' if rank else ''}-L{max_length}" + (f"-top{top_layers}" if top_layers else "")
     out = CACHE / f"{name}-x{exporter_version()}"
     for stale in CACHE.glob(f"{name}*"):
         if stale != out and re.fullmatch(re.escape(name) + r"(-x[0-9a-f]{8})?", stale.name):

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine  # noqa: E402
 
 # Run order: the headline numbers first, the slow workstation export last.
-BENCHMARKS = ["footprint", "delta_bytes", "time_to_accuracy", "train_step", "inference", "profile", "levers", "export"]
+BENCHMARKS = ["footprint", "delta_bytes", "time_to_accuracy", "train_step", "inference", "profile", "levers", "methods", "export"]
 QUICK_SKIPS = {"export"}  # an export takes minutes: --quick keeps the last export.json
 
 
@@ -55,6 +55,7 @@ def targets(r: dict[str, dict | None]) -> list[dict]:
     tta, fp, db = r.get("time_to_accuracy"), r.get("footprint"), _row(r.get("delta_bytes"), "default export")
     ours, theirs = _row(tta, "edgepeft defaults"), _row(tta, "torch+peft usual recipe")
     fp32 = _row(tta, "edgepeft defaults with fp32 weights")
+    mt = (r.get("methods") or {}).get("targets", {})
     dev, ref = _row(fp, "edgepeft device install (pip install .)"), _row(fp, "torch + transformers + peft")
     specs = [  # (target, bound, value, test, how it reads) -- value and reading as lambdas: results may be missing
         ("time to accuracy vs torch + PEFT", "≤ 0.33×", lambda: _time_ratio(ours, theirs), lambda v: v <= 0.33,
@@ -70,6 +71,10 @@ def targets(r: dict[str, dict | None]) -> list[dict]:
         ("int8 test accuracy vs fp32 (same recipe and steps)", "within 1 point",
          lambda: round(100 * (ours["test_accuracy"] - fp32["test_accuracy"]), 2), lambda v: abs(v) <= 1.0,
          lambda v: f"{v:+.2f} points ({100 * ours['test_accuracy']:.1f} % vs {100 * fp32['test_accuracy']:.1f} %)"),
+        ("every method vs torch + PEFT running it (same start and batches)", "within 1 point", lambda: mt["largest_gap_points"],
+         lambda v: v <= 1.0, lambda v: f"largest gap {v:.2f} points"),
+        ("a method with a ≤ 2 KB packed delta vs LoRA r=8", "within 1.5 points", lambda: mt["best_small_delta_points_below_lora"],
+         lambda v: v <= 1.5, lambda v: f"{mt['best_small_delta']}: {v:+.2f} points below LoRA"),
     ]
     out = []
     for name, bound, value, test, reads in specs:
@@ -129,6 +134,9 @@ def summary(command: str, seconds: float | None) -> str:
         ("inference", "5. Inference latency per call (batch 1, 32 tokens)", [("engine", "config"), ("base ms", "base ms"),
          ("× torch", "base ratio_vs_torch"), ("one LoRA ms", "one LoRA ms"), ("× torch", "one LoRA ratio_vs_torch"),
          ("mix of two ms", "mix of two ms"), ("× torch", "mix of two ratio_vs_torch"), ("RSS after load MB", "rss_after_load_mb")]),
+        ("methods", "Methods: every method + head, same step budget", [("method", "method"), ("test acc", "test_accuracy"),
+         ("torch + PEFT test acc", "torch_peft_test_accuracy"), ("gap (points)", "gap_points"), ("trainable", "trainable"),
+         ("packed delta bytes", "packed_bytes"), ("s/step", "step_s"), ("peak RSS MB", "peak_rss_mb")]),
         ("export", "6. Export (workstation side)", [("export", "config"), ("seconds", "seconds"), ("× plain", "time_ratio_vs_plain"),
          ("peak RSS MB", "peak_rss_mb"), ("size MB", "size_mb")]),
         ("levers", "Levers, one at a time (edgepeft train step, batch 16, length 48)", [("change", "config"), ("step ms", "step_ms"),

@@ -1,0 +1,306 @@
+"""Every PEFT method on Rotten Tomatoes: all-MiniLM-L6-v2 int8 on the device trainer, beside torch + PEFT fp32.
+
+Each method trains with the 2-class head (``<method>+head``; ``head`` alone is the head only), its
+slots in every layer (the bundle is exported with ``top_layers=None``, as PEFT targets every layer),
+for the same number of optimizer steps (batch 16, AdamW, linear decay, clipping 1.0) on the same
+training rows. Reported per method: test accuracy of the last delta, trainable numbers, the packed
+delta's bytes (``edgepeft.delta.pack``: what travels to the hub), seconds per step and peak RSS.
+
+For the methods PEFT has (lora, ia3, dora, vera), torch + PEFT trains the same method from the SAME
+start (edgepeft's fresh delta written as a PEFT adapter by ``to_peft`` and loaded trainable with
+``PeftModel.from_pretrained``: the same LoRA A, VeRA projections, DoRA magnitudes and head) on the
+SAME batches in the same order (the edgepeft child writes the batches it trained on; the torch child
+replays them), in eval mode (edgepeft's graphs have no dropout). Each run is its own process.
+
+    python benchmarks/bench_methods.py [--quick] [--steps 80] [--train-rows 1200] [--test-rows 500] [--budget-min 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_train_rotten_tomatoes import MAJORITY, data_files  # noqa: E402
+from common import CACHE, RESULTS, minilm_bundle, run_child, write_result  # noqa: E402
+
+# name -> (the bundle's --method, the PEFT method of the same name or None for edgepeft-only rows)
+# name -> (the bundle's --method, the PEFT method of the same name or None for edgepeft-only rows); run in this
+# order (the targets' methods first), so a run cut short by --budget-min still answers the targets
+METHODS = {"lora r=8": ("lora+head", "lora"), "loraxs r=8": ("loraxs+head", None), "ia3": ("ia3+head", "ia3"),
+           "dora r=8": ("dora+head", "dora"), "vera r=256": ("vera+head", "vera"), "head only": ("head", None),
+           "bitfit": ("bitfit+head", None), "bottleneck (pfeiffer /16)": ("bottleneck+head", None)}
+SMALL_DELTA_BYTES = 2048  # the target: a method this small within 1.5 points of LoRA r=8
+
+EDGEPEFT_CHILD = """
+import json, sys, time
+from pathlib import Path
+import numpy as np
+from edgepeft.delta import pack
+from edgepeft.runtime import data as D
+from edgepeft.runtime.bundle import open_bundle
+from edgepeft.runtime.evaluate import evaluate
+from edgepeft.runtime.infer import Predictor
+from edgepeft.runtime.text import load_tokenizer
+from edgepeft.runtime.trainer import TrainConfig, Trainer
+bundle, train, test, order_file, hp = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
+used, plain_batch = [], D.Dataset.batch
+def recording_batch(self, index, max_length=None):  # records the training batches edgepeft really uses
+    if self.path == Path(train):
+        used.append([int(i) for i in index])
+    return plain_batch(self, index, max_length)
+D.Dataset.batch = recording_batch
+b = open_bundle(bundle)
+tok = load_tokenizer(b)
+train_ds = D.load_dataset(train, b.manifest, tok)
+cfg = TrainConfig(epochs=1000, max_steps=hp["steps"], batch_size=hp["batch_size"], lr=hp["lr"], weight_decay=hp["weight_decay"],
+                  max_grad_norm=hp["max_grad_norm"], seed=hp["seed"], schedule="linear", threads=hp["threads"])
+res = Trainer(b, train_ds, cfg).fit()
+D.Dataset.batch = plain_batch
+Path(order_file).write_text(json.dumps(used))
+delta, s = res.delta, res.summary
+m = evaluate(Predictor(b), D.load_dataset(test, b.manifest, tok), [delta])
+print("RESULT", json.dumps({"test_accuracy": m["accuracy"], "steps": s.steps, "step_s": s.seconds / s.steps,
+                            "trainable": int(sum(v.size for v in delta.tensors.values())), "packed_bytes": len(pack(delta)),
+                            "train_loss": s.train_loss}))
+"""
+
+TORCH_CHILD = """
+import json, os, sys, tempfile, time
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch, transformers
+from peft import PeftModel
+from edgepeft.delta import delta_from_init
+from edgepeft.delta.peft_format import to_peft
+from edgepeft.demo.assets import minilm_dir
+from edgepeft.runtime.bundle import open_bundle
+from edgepeft.runtime.data import eval_batches, load_dataset
+from edgepeft.runtime.text import load_tokenizer
+from edgepeft.runtime.weights import read_frozen
+bundle, train, test, order_file, hp = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
+transformers.logging.set_verbosity_error()
+if hp["threads"]:
+    torch.set_num_threads(hp["threads"])
+b = open_bundle(bundle)
+tok = load_tokenizer(b)
+data = {"train": load_dataset(train, b.manifest, tok), "test": load_dataset(test, b.manifest, tok)}
+order = json.load(open(order_file))
+adapter = tempfile.mkdtemp()
+to_peft(delta_from_init(b.manifest, hp["seed"]), b.manifest, adapter, base_weights=read_frozen(b))  # edgepeft's start
+model = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2, attn_implementation="eager")
+model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+model.eval()  # no dropout, as in edgepeft's graphs
+params = [p for p in model.parameters() if p.requires_grad]
+opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"], betas=(0.9, 0.999), eps=1e-8)
+sched = transformers.get_linear_schedule_with_warmup(opt, 0, len(order))
+def tensors(ds, idx):
+    return {k: torch.from_numpy(v) for k, v in ds.batch(idx).items()}
+t0 = time.perf_counter()
+for idx in order:
+    t = tensors(data["train"], idx)
+    loss = torch.nn.functional.cross_entropy(model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits, t["labels"])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, hp["max_grad_norm"])
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+loop_s = time.perf_counter() - t0
+right = 0
+with torch.no_grad():
+    for idx in eval_batches(data["test"].lengths, 32):
+        t = tensors(data["test"], idx)
+        right += int((model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits.argmax(-1) == t["labels"]).sum())
+print("RESULT", json.dumps({"test_accuracy": right / len(data["test"]), "steps": len(order), "step_s": loop_s / len(order),
+                            "trainable": int(sum(p.numel() for p in params))}))
+"""
+
+
+def test_file(path: Path, rows: int) -> Path:
+    """The first ``rows`` rows of the test split, beside it."""
+    from edgepeft import atomic
+
+    out = path.with_name(f"test-{rows}.jsonl")
+    atomic.write_text(out, "".join(open(path).readlines()[:rows]))  # atomic: runs may share the cache
+    return out
+
+
+def run(args: argparse.Namespace, hp: dict, save) -> list[dict]:
+    """One edgepeft child per method, then a torch + PEFT child on the batches it used where PEFT has the method;
+    ``save(rows)`` after each method; no new method starts after ``args.budget_min`` minutes."""
+    files = data_files(args.train_rows, args.seed)
+    test = test_file(files["test"], args.test_rows)
+    rows, t0 = [], time.monotonic()
+    for name, (method, peft_name) in METHODS.items():
+        if args.methods and name not in args.methods.split(","):
+            continue
+        if args.budget_min and time.monotonic() - t0 > 60 * args.budget_min:
+            rows.append({"method": name, "bundle_method": method, "peft": peft_name, "error": f"not run: the {args.budget_min}-minute budget was spent"})
+            continue
+        save(rows)
+        bundle = minilm_bundle("int8", method, top_layers=None, rank=None)
+        order = CACHE / f"methods-order-{method.replace('+', '_')}.json"
+        argv = [str(bundle), str(files["train"]), str(test), str(order), json.dumps(hp)]
+        try:
+            ours = run_child(EDGEPEFT_CHILD, *argv)
+        except RuntimeError as e:  # one method's failure is a row that says so, not a lost run
+            print(f"{name}: edgepeft failed: {e}", file=sys.stderr, flush=True)
+            rows.append({"method": name, "bundle_method": method, "peft": peft_name, "error": str(e)[-600:]})
+            continue
+        row = {"method": name, "bundle_method": method, "peft": peft_name, "edgepeft": _side(ours), "torch_peft": None}
+        print(f"{name}: edgepeft {ours['test_accuracy']:.4f}, {ours['packed_bytes']} B packed", file=sys.stderr, flush=True)
+        if peft_name:
+            try:
+                theirs = run_child(TORCH_CHILD, *argv)
+            except RuntimeError as e:
+                print(f"{name}: torch + PEFT failed: {e}", file=sys.stderr, flush=True)
+                row["torch_error"] = str(e)[-600:]
+                rows.append({**row, **_flat(row)})
+                continue
+            row["torch_peft"] = _side(theirs)
+            row["gap_points"] = round(100 * (theirs["test_accuracy"] - ours["test_accuracy"]), 2)
+            print(f"{name}: torch + PEFT {theirs['test_accuracy']:.4f}", file=sys.stderr, flush=True)
+        rows.append({**row, **_flat(row)})
+    return rows
+
+
+def _flat(row: dict) -> dict:
+    """The columns run_all.py's summary table reads (it shows flat rows)."""
+    e, t = row["edgepeft"], row["torch_peft"]
+    return {"test_accuracy": e["test_accuracy"], "torch_peft_test_accuracy": t and t["test_accuracy"],
+            "trainable": e["trainable"], "packed_bytes": e["packed_bytes"], "step_s": e["step_s"], "peak_rss_mb": e["peak_rss_mb"]}
+
+
+def _side(res: dict) -> dict:
+    keep = {"test_accuracy": 4, "step_s": 4, "peak_rss_mb": 1, "train_loss": 4}
+    return {**{k: round(res[k], n) for k, n in keep.items() if k in res},
+            **{k: res[k] for k in ("steps", "trainable", "packed_bytes") if k in res}}
+
+
+def targets(rows: list[dict]) -> dict:
+    """Met or missed: every PEFT method within 1 point of torch + PEFT; a <= 2 KB method within 1.5 points of LoRA."""
+    complete = all("edgepeft" in r and (r["torch_peft"] or not r["peft"]) for r in rows)  # a failed run is a missed target
+    rows = [r for r in rows if "edgepeft" in r]
+    paired = [r for r in rows if r["torch_peft"]]
+    lora = next((r for r in rows if r["bundle_method"] == "lora+head"), {"edgepeft": {"test_accuracy": float("nan")}})["edgepeft"]["test_accuracy"]
+    small = [r for r in rows if r["edgepeft"]["packed_bytes"] <= SMALL_DELTA_BYTES]
+    best = max(small, key=lambda r: r["edgepeft"]["test_accuracy"], default=None)
+    return {
+        "every_peft_method_within_1_point": complete and all(abs(r["gap_points"]) <= 1.0 for r in paired),
+        "largest_gap_points": max((abs(r["gap_points"]) for r in paired), default=None),
+        "best_small_delta": best and best["method"],
+        "best_small_delta_points_below_lora": best and round(100 * (lora - best["edgepeft"]["test_accuracy"]), 2),
+        "small_delta_within_1_5_points_of_lora": bool(best) and 100 * (lora - best["edgepeft"]["test_accuracy"]) <= 1.5,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table printed and copied into the README."""
+    out = ["| method | test acc. | torch + PEFT | gap (pts) | trainable | packed delta B | s/step (ours / torch) | peak RSS MB (ours / torch) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "edgepeft" not in r:
+            why = "not run" if r["error"].startswith("not run") else "failed (error in the JSON)"
+            out.append(f"| {r['method']} | {why} | | | | | | |")
+            continue
+        e, t = r["edgepeft"], r["torch_peft"]
+        theirs = f"{100 * t['test_accuracy']:.2f} %" if t else "—"
+        step = f"{e['step_s']} / {t['step_s']}" if t else f"{e['step_s']}"
+        peak = f"{e['peak_rss_mb']} / {t['peak_rss_mb']}" if t else f"{e['peak_rss_mb']}"
+        out.append(f"| {r['method']} | {100 * e['test_accuracy']:.2f} % | {theirs} | {r.get('gap_points', '—')} | "
+                   f"{e['trainable']:,} | {e['packed_bytes']:,} | {step} | {peak} |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Test accuracy against packed delta bytes (log x), torch + PEFT beside where it exists."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in (r for r in rows if "edgepeft" in r):
+        x, y = r["edgepeft"]["packed_bytes"], 100 * r["edgepeft"]["test_accuracy"]
+        ax.scatter(x, y, color="C0", zorder=3)
+        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if r["torch_peft"]:
+            ax.scatter(x, 100 * r["torch_peft"]["test_accuracy"], color="C1", marker="x", zorder=3)
+    ax.scatter([], [], color="C0", label="edgepeft int8 (device trainer)")
+    ax.scatter([], [], color="C1", marker="x", label="torch + PEFT fp32, same method and start")
+    ax.axvline(SMALL_DELTA_BYTES, color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("packed delta bytes (what travels to the hub)")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title("Rotten Tomatoes, all-MiniLM-L6-v2, same step budget per method")
+    ax.legend(fontsize=8, loc="upper left")  # the low-accuracy rows crowd the bottom
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="300 training rows, 20 steps, 200 test rows (a smoke run)")
+    ap.add_argument("--steps", type=int, default=80, help="optimizer steps for every method")
+    ap.add_argument("--train-rows", type=int, default=1200, help="first N rows of the seeded training split")
+    ap.add_argument("--test-rows", type=int, default=500, help="first N rows of the test split")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the split, the data order and the fresh delta")
+    ap.add_argument("--threads", type=int, default=0, help="compute threads on both sides (0: each library's default)")
+    ap.add_argument("--budget-min", type=float, default=0, help="start no new method after this many minutes (0: no limit)")
+    ap.add_argument("--methods", default="", help=f"comma-separated subset of: {','.join(METHODS)}")
+    ap.add_argument("--out", default="methods", help="results/<out>.json (and .png)")
+    ap.add_argument("--merge", default="", help="with --table-only: add the rows of these results/<name>.json runs")
+    ap.add_argument("--table-only", action="store_true", help="print the table and redraw the plot from results/methods.json")
+    args = ap.parse_args(argv)
+    if args.table_only:  # also recomputes the targets (after rows of several runs were put together)
+        result = json.loads((RESULTS / f"{args.out}.json").read_text())
+        for extra in filter(None, args.merge.split(",")):  # rows of a concurrent --methods run, in METHODS order
+            result["rows"] += json.loads((RESULTS / f"{extra}.json").read_text())["rows"]
+            result["merged_from"] = [*result.get("merged_from", []), f"{extra}.json"]
+        have = {r["method"]: r for r in result["rows"] if "edgepeft" in r}
+        result["rows"] = [have.get(n) or {"method": n, "bundle_method": m, "peft": p, "error": "not run (the run was stopped)"}
+                          for n, (m, p) in METHODS.items()]
+        result["targets"] = targets(result["rows"])
+        (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(table(result["rows"]))
+        print(json.dumps(result["targets"]))
+        plot(result["rows"], RESULTS / f"{args.out}.png")
+        return
+    if args.quick:
+        args.train_rows, args.steps, args.test_rows = 300, 20, 200
+    hp = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": 0.01, "max_grad_norm": 1.0,
+          "seed": args.seed, "schedule": "linear, no warmup", "threads": args.threads}
+    load_before = os.getloadavg()
+    name = args.out + ("_quick" if args.quick else "")
+
+    def save(rows: list[dict]) -> dict:
+        result = {
+            "benchmark": "Rotten Tomatoes, all-MiniLM-L6-v2: every method + head, edgepeft int8 vs torch + PEFT fp32",
+            "settings": {**hp, "train_rows": args.train_rows, "test_rows": args.test_rows, "quick": args.quick,
+                         "bundle": "int8, slots in every layer, max_length 128, each method's default options"},
+            "setup": "same start (edgepeft's fresh delta via to_peft), same batches in the same order, torch in eval mode; "
+                     "test accuracy of the delta after the last step; s/step = the step loop's seconds / steps",
+            "majority_class_accuracy": MAJORITY,
+            "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+            "targets": targets(rows), "rows": rows,
+        }
+        write_result(name, result)
+        return result
+
+    rows = run(args, hp, save)
+    result = save(rows)
+    print(table(rows))
+    print(json.dumps(result["targets"]))
+    try:
+        plot(rows, RESULTS / f"{name}.png")
+    except ImportError:
+        print("no plot: pip install -c constraints.txt matplotlib", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
