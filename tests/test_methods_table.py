@@ -17,6 +17,7 @@ from edgepeft.delta.merge import merge
 from edgepeft import methods
 from edgepeft.delta.peft_format import from_peft, to_peft
 from edgepeft.errors import DeltaError
+from edgepeft.runtime.lm_targets import loss_chunks, train_feeds
 from edgepeft.names import ATTENTION_MASK, INPUT_IDS, LABELS, LOSS, SEQ_CLS, grad_name
 from edgepeft.runtime.infer import Predictor
 from edgepeft.runtime.weights import bundle_base_weights, read_frozen
@@ -135,9 +136,11 @@ def test_train_step_gradients_match_torch_peft(case):
     ref, params = torch_reference.with_deltas(torch_reference.load_hf(model_dir, bundle), bundle, delta.tensors)
     ids, mask, labels = batch(m, 3, 8, seed=5)
     feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, **delta.tensors}
+    sess = bundle.session("train")
     if m.task == SEQ_CLS:
         feeds[LABELS] = labels
-    sess = bundle.session("train")
+    else:  # the graph scores the positions the runtime hands it: here every real token, as HF's loss does
+        feeds.update(train_feeds(feeds, loss_chunks(sess)))
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     loss, grads = torch_reference.loss_and_grads(ref, params, m.task, ids, mask, labels)
     assert abs(float(outs[LOSS]) - loss) <= 1e-4 * abs(loss)

@@ -71,11 +71,12 @@ class Vera(Method):
             have, other = (VERA_D, VERA_B) if VERA_D in tensors else (VERA_B, VERA_D)
             raise DeltaError(f"{where}: tensor {slot_name(module, have)!r} has no partner {slot_name(module, other)!r}")
 
-    def to_space(self, module: str, tensors: Tensors, scale: float) -> dict[str, np.ndarray]:
+    def to_space(self, module: str, tensors: Tensors, scale: float, base: np.ndarray | None = None) -> dict[str, np.ndarray]:
         d, b = tensors[VERA_D].astype(np.float64), tensors[VERA_B].astype(np.float64)
         return {f"{module}:bd": np.outer(b, d), f"{module}:d": d}  # d alone: the mean's sign, norm, and d where b = 0
 
-    def from_space(self, module: str, space: dict[str, np.ndarray], rank: int, scale: float) -> tuple[Tensors, float]:
+    def from_space(self, module: str, space: dict[str, np.ndarray], rank: int, scale: float,
+                   base: np.ndarray | None = None) -> tuple[Tensors, float]:
         c, mean_d = space[f"{module}:bd"], space[f"{module}:d"]
         total = float(np.linalg.norm(c))
         if total == 0:
@@ -87,7 +88,8 @@ class Vera(Method):
         err = float(np.linalg.norm(c - np.outer(b, d))) / total
         return {VERA_D: d.astype(np.float32), VERA_B: b.astype(np.float32)}, err
 
-    def lerp(self, module: str, parent: Tensors | None, delta: Tensors, lam: float, scales: tuple[float, float]) -> Tensors:
+    def lerp(self, module: str, parent: Tensors | None, delta: Tensors, lam: float, scales: tuple[float, float],
+             base: np.ndarray | None = None) -> Tensors:
         # parent + λ(delta − parent) in C = b dᵀ space, brought back by the same rank-1 fit as the hub's mean.
         new = self.to_space(module, delta, 1.0)
         old = self.to_space(module, parent, 1.0) if parent is not None else {
