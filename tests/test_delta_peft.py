@@ -339,3 +339,30 @@ def test_peft_bias_all_adapter_converts_and_untranslatable_biases_are_refused(bu
     model.save_pretrained(tmp_path / "ln")
     with pytest.raises(DeltaError, match=f"no slot in the bundle: base_model.model.{ln}"):
         from_peft(tmp_path / "ln", b.manifest, base_weights=base)
+
+
+def _vera_adapter(bundles, tmp_path):
+    from edgepeft.runtime.weights import read_frozen
+
+    bundle = bundles("bert", method="vera")
+    base = read_frozen(bundle)
+    to_peft(delta_from_init(bundle.manifest, 3), bundle.manifest, tmp_path / "vera", base_weights=base)
+    return bundle.manifest, base, tmp_path / "vera"
+
+
+def test_from_peft_refuses_a_vera_adapter_of_another_projection_seed(bundles, tmp_path):
+    manifest, base, d = _vera_adapter(bundles, tmp_path)
+    cfg = json.loads((d / CONFIG_FILE).read_text())
+    (d / CONFIG_FILE).write_text(json.dumps({**cfg, "projection_prng_key": cfg["projection_prng_key"] + 1}))
+    with pytest.raises(DeltaError, match="projection_prng_key is 1, the bundle's is 0") as e:
+        from_peft(d, manifest, base_weights=base)
+    assert "\n" not in str(e.value)
+
+
+def test_from_peft_refuses_vera_projections_that_are_not_the_bundles(bundles, tmp_path):
+    manifest, base, d = _vera_adapter(bundles, tmp_path)
+    t = safetensors.numpy.load_file(d / WEIGHTS_FILE)
+    t["base_model.vera_A"] = t["base_model.vera_A"] * np.float32(1.5)
+    (d / WEIGHTS_FILE).write_bytes(safetensors.numpy.save(t))
+    with pytest.raises(DeltaError, match="'base_model.vera_A' is not the bundle's vera_A"):
+        from_peft(d, manifest, base_weights=base)

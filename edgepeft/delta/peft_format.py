@@ -8,6 +8,10 @@ Mapping (PEFT keys carry the ``base_model.model.`` prefix; PEFT's saved files dr
 - head modules (a ``<m>.weight`` slot, e.g. the classifier)  <->  ``modules_to_save``: PEFT stores the
   FULL module (``<m>.weight``, ``<m>.bias``), so converting needs the base weights (base + delta out,
   full - base in).
+- other methods map their slots through the method's ``peft_keys`` (IA3's ``ia3_l``, DoRA's
+  ``lora_magnitude_vector``, VeRA's ``vera_lambda_d`` / ``vera_lambda_b``); VeRA's shared frozen
+  projections travel as ``base_model.vera_A`` / ``vera_B`` (``save_projection``), taken from the bundle
+  and, reading, required to equal the bundle's.
 - BitFit bias slots on modules without LoRA (``attention.output.dense.bias``, ...)  <->  PEFT's
   ``bias: "all"``, which stores biases whole: ``<m>.bias`` (``<m>.base_layer.bias`` on a LoRA module)
   = base + delta. Needs the base weights too; in this mode every bias slot is written that way.
@@ -77,9 +81,6 @@ def _refuse_unmappable(bad: list[str], where: str, method: methods.Method) -> No
 def _peft_method(kinds: Iterable[str], where: str) -> methods.Method:
     """The PEFT method slots of ``kinds`` convert as: the one of their methods PEFT has (riders: BitFit, the head)."""
     used = {methods.owner(k) for k in kinds}
-    pending = sorted(m.name for m in used if m.peft_type and not m.peft_keys)
-    if pending:  # PEFT has the method, edgepeft has no tensor mapping for it yet (VeRA: PEFT also stores A and B)
-        raise DeltaError(f"{where}: {'+'.join(pending)} deltas do not convert to a PEFT adapter yet; keep the delta in edgepeft form")
     own = sorted((m for m in used if m.peft_type), key=lambda m: m.name)
     if not own:
         raise DeltaError(f"{where}: a {'+'.join(sorted(m.name for m in used))} delta has no PEFT adapter equivalent: PEFT needs a method "
@@ -161,6 +162,8 @@ def to_peft(
             b = t.get(slot_name(m, BIAS))
             rows = out[f"{PREFIX}{m}.lora_B.weight"].shape[0]
             out[f"{PREFIX}{m}.lora_B.bias"] = (b / scale if b is not None else np.zeros(rows)).astype(np.float32)
+    for name in method.peft_shared:  # frozen tensors PEFT keeps in the adapter file (VeRA's shared projections)
+        out[f"base_model.{name}"] = _base(base_weights, name, None, where)
     for m in heads:
         w = t[slot_name(m, WEIGHT)]
         out[f"{PREFIX}{m}.weight"] = _base(base_weights, f"{m}.weight", w.shape, where) + w
@@ -186,17 +189,17 @@ def to_peft(
                   "bias": "all" if bias_all else "none", "lora_bias": lora_bias, "lora_dropout": 0.0, "use_rslora": False,
                   "use_dora": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
     else:
-        config = {**common, "init_ia3_weights": True}
-    config.update(method.peft_config(mine))
+        config = dict(common)
+    config.update(method.peft_config(mine, manifest.method_config.get(method.name, {})))
     out_dir = Path(os.fspath(out_dir))
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
     atomic.write_bytes(out_dir / WEIGHTS_FILE, safetensors.numpy.save(tensors, metadata={"format": "pt"}))
     atomic.write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _read_config(path: Path, method: methods.Method) -> tuple[int, float]:
+def _read_config(path: Path, method: methods.Method, options: dict[str, Any]) -> tuple[int, float]:
     """(r, alpha in our convention: the update is alpha / r * B @ A; 0, 0 for methods without a rank) from a
-    PEFT adapter config, which must be of ``method`` (the bundle's PEFT method)."""
+    PEFT adapter config, which must be of ``method`` (the bundle's PEFT method, with its recorded ``options``)."""
     where = path.name
     if not path.is_file():
         raise DeltaError(f"{path}: missing; is {path.parent} a PEFT adapter directory?")
@@ -209,7 +212,8 @@ def _read_config(path: Path, method: methods.Method) -> tuple[int, float]:
     got = cfg.get("peft_type") if isinstance(cfg, dict) else None
     if got != method.peft_type:
         raise DeltaError(f"{where}: peft_type is {got!r}; the bundle's {method.name} slots take {method.peft_type!r}")
-    want_dora = bool(method.peft_config({}).get("use_dora", False))
+    method.check_peft_config(cfg, options, where)
+    want_dora = bool(method.peft_config({}, options).get("use_dora", False))
     if method.peft_type == "LORA" and bool(cfg.get("use_dora")) != want_dora:
         raise DeltaError(f"{where}: 'use_dora' is {bool(cfg.get('use_dora'))}; the bundle's {method.name} slots need "
                          f"{want_dora} (export the bundle with --method {'dora' if cfg.get('use_dora') else 'lora'})")
@@ -250,7 +254,7 @@ def from_peft(
     d = Path(os.fspath(adapter_dir))
     where = d.name or str(d)
     method = _peft_method((sl.kind for sl in manifest.slots), where)
-    r, alpha = _read_config(d / CONFIG_FILE, method)
+    r, alpha = _read_config(d / CONFIG_FILE, method, manifest.method_config.get(method.name, {}))
     scale = alpha / r if r else 1.0
     want = {s.name: s for s in manifest.slots}
     own = {f"{s.module}.{method.peft_keys[s.kind]}": s for s in manifest.slots if s.kind in method.peft_keys}
@@ -264,7 +268,13 @@ def from_peft(
             raise DeltaError(f"{where}: {key!r} maps to slot {slot!r} a second time (several adapters in one file?)")
         got[slot] = value.astype(np.float32)
 
+    shared = {f"base_model.{name}": name for name in method.peft_shared}
     for key, value in sorted(_read_weights(d / WEIGHTS_FILE).items()):
+        if key in shared:  # must be the bundle's own: the slots mean nothing with other projections
+            if not _equals_base(base_weights, shared[key], value.astype(np.float32)):
+                raise DeltaError(f"{where}: {key!r} is not the bundle's {shared[key]} ({'no base weights given' if base_weights is None else 'another seed or rank'}); "
+                                 "the adapter was made with other shared projections")
+            continue
         k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         plain = _ADAPTER_INFIX.sub(r"\1", k)  # <m>.lora_A.<adapter>.weight -> <m>.lora_A.weight
         if plain in own:

@@ -132,6 +132,7 @@ class Method(ABC):
     exact_mean: ClassVar[bool] = True  # the hub's mean in its space is the mean of the dense updates (VeRA: only with a shared d)
     needs_base: ClassVar[bool] = False  # its aggregation space depends on the module's frozen weight (DoRA's row norms)
     peft_keys: ClassVar[Mapping[str, str]] = {}  # slot kind -> PEFT's tensor name on the module (no adapter name)
+    peft_shared: ClassVar[tuple[str, ...]] = ()  # frozen bundle tensors PEFT's file also holds, as base_model.<name> (VeRA's A, B)
 
     @abstractmethod
     def plan(self, view: ModelView, config: MethodConfig) -> list[Slot]:
@@ -187,9 +188,13 @@ class Method(ABC):
 
     # ---- PEFT mapping -------------------------------------------------------------------------------
 
-    def peft_config(self, modules: Mapping[str, set[str]]) -> dict[str, Any]:
-        """adapter_config.json fields this method adds, given {module: its slot kinds of this method}."""
+    def peft_config(self, modules: Mapping[str, set[str]], options: Mapping[str, Any]) -> dict[str, Any]:
+        """adapter_config.json fields this method adds, given {module: its slot kinds of this method} and the
+        method's options as the manifest records them (``method_config``)."""
         return {}
+
+    def check_peft_config(self, cfg: Mapping[str, Any], options: Mapping[str, Any], where: str) -> None:
+        """Refuse (DeltaError) a PEFT adapter config this bundle's slots cannot hold; nothing by default."""
 
     def to_peft(self, kind: str, t: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
         """A slot's value as PEFT stores it (``weight``: the module's frozen (out, in) weight when ``needs_base``)."""

@@ -58,7 +58,7 @@ class Dora(LowRank):
     needs_base = True
     peft_keys = {DORA_A: "lora_A.weight", DORA_B: "lora_B.weight", DORA_M: "lora_magnitude_vector"}
 
-    def peft_config(self, modules):
+    def peft_config(self, modules, options):
         return {"use_dora": True}
 
     def to_peft(self, kind: str, t: np.ndarray, weight: np.ndarray | None) -> np.ndarray:

@@ -40,8 +40,8 @@ class IA3(Method):
     peft_type = "IA3"
     peft_keys = {IA3_L: "ia3_l", IA3_FF: "ia3_l"}
 
-    def peft_config(self, modules):
-        return {"feedforward_modules": sorted(m for m, kinds in modules.items() if IA3_FF in kinds)}
+    def peft_config(self, modules, options):
+        return {"feedforward_modules": sorted(m for m, kinds in modules.items() if IA3_FF in kinds), "init_ia3_weights": True}
 
     def to_peft(self, kind, t, weight):
         return t[None, :] if kind == IA3_FF else t[:, None]  # PEFT: (1, in) on a feed-forward input, (out, 1) on an output

@@ -45,6 +45,20 @@ class Vera(Method):
     mixable = False
     exact_mean = False  # exact only when the fleet shares d (tests/test_method_spaces.py)
     peft_type = "VERA"
+    peft_keys = {VERA_D: "vera_lambda_d", VERA_B: "vera_lambda_b"}
+    peft_shared = ("vera_A", "vera_B")  # save_projection=True: the adapter file carries the bundle's own A and B
+
+    def peft_config(self, modules, options):
+        return {"r": int(options.get("rank", VeraConfig.rank)), "projection_prng_key": int(options.get("seed", VeraConfig.seed)),
+                "save_projection": True, "d_initial": float(options.get("d_initial", VeraConfig.d_initial)),
+                "vera_dropout": 0.0, "bias": "none", "init_weights": True}
+
+    def check_peft_config(self, cfg, options, where):
+        want = {"r": int(options.get("rank", VeraConfig.rank)), "projection_prng_key": int(options.get("seed", VeraConfig.seed))}
+        bad = [f"{k} is {cfg.get(k)!r}, the bundle's is {v}" for k, v in want.items() if cfg.get(k) != v]
+        if bad:
+            raise DeltaError(f"{where}: {'; '.join(bad)}: the adapter's shared projections are not the bundle's "
+                             "(export the bundle with --method-config vera.rank=R vera.seed=KEY to match)")
 
     def plan(self, view: ModelView, config: MethodConfig) -> list[Slot]:
         assert isinstance(config, VeraConfig)
