@@ -9,6 +9,7 @@ if [ -f .ci/system-deps.sh ]; then bash .ci/system-deps.sh; fi
 if [ -f .ci/postgres.sh ] && [ -z "${EDGEPEFT_TEST_POSTGRES:-}" ]; then
   eval "$(bash .ci/postgres.sh)"
 fi
-python -m pytest -q -p no:cacheprovider "$@"
+# One worker per core (pytest-xdist); the workers share each tiny bundle (tests/conftest.py built_once).
+python -m pytest -q -p no:cacheprovider -n "${EDGEPEFT_TEST_WORKERS:-auto}" "$@"
 # The device install: plain `pip install .` in a fresh venv (no torch) trains on a bundle.
 if [ -f .ci/device-install.sh ]; then bash .ci/device-install.sh; fi

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -28,36 +32,58 @@ def random_delta(manifest, seed: int = 0, magnitude: float = 0.1) -> ArrayDelta:
     return ArrayDelta(t, lora[0].scale if lora else 1.0)
 
 
+def shared_root(tmp_path_factory, name: str) -> Path:
+    """A folder for artifacts built once per test run: shared by all pytest-xdist workers of the run
+    (their base temp folders have one parent per run), the session's own without xdist."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / name
+        root.mkdir(exist_ok=True)
+        return root
+    return tmp_path_factory.mktemp(name)
+
+
+def built_once(out: Path, build: Callable[[Path], object]) -> Path:
+    """``out``, built by ``build(folder)`` the first time any worker asks: under a file lock, into a
+    scratch folder renamed into place, so a worker never sees half an artifact."""
+    from filelock import FileLock
+
+    with FileLock(str(out) + ".lock"):
+        if not out.exists():
+            scratch = out.with_name(out.name + ".part")
+            shutil.rmtree(scratch, ignore_errors=True)
+            build(scratch)
+            scratch.rename(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     from tiny_models import make_model
 
-    root = tmp_path_factory.mktemp("models")
-    cache: dict[str, Path] = {}
+    root = shared_root(tmp_path_factory, "models")
 
     def get(kind: str) -> Path:
-        if kind not in cache:
-            cache[kind] = make_model(kind, root)
-        return cache[kind]
+        return built_once(root / f"{kind}.model", lambda scratch: make_model(kind, scratch)) / kind
 
     return get
 
 
 @pytest.fixture(scope="session")
 def bundles(model_dirs, tmp_path_factory):
-    """bundles(kind, quantize="none", method=...) -> opened Bundle, exported once per session."""
+    """bundles(kind, quantize="none", method=...) -> opened Bundle, exported once per test run."""
     from edgepeft.exporters.export import export_bundle
     from edgepeft.runtime.bundle import open_bundle
 
-    root = tmp_path_factory.mktemp("bundles")
+    root = shared_root(tmp_path_factory, "bundles")
     cache = {}
 
     def get(kind: str, quantize: str = "none", method: str | None = None, **kw):
         method = method or ("lora+bitfit" if kind in ("bert", "roberta", "distilbert") else "lora")
         key = (kind, quantize, method, repr(sorted(kw.items())))  # repr: method_config is a dict
         if key not in cache:
-            out = root / "-".join(map(str, [kind, quantize, method.replace("+", "_"), len(cache)]))
-            export_bundle(model_dirs(kind), out, quantize=quantize, method=method, rank=4, alpha=8, **kw)
+            name = f"{kind}-{quantize}-{method.replace('+', '_')}-{hashlib.sha1(repr(key).encode()).hexdigest()[:10]}"
+            out = built_once(root / name, lambda scratch: export_bundle(
+                model_dirs(kind), scratch, quantize=quantize, method=method, rank=4, alpha=8, **kw))
             cache[key] = open_bundle(out)
         return cache[key]
 
@@ -69,19 +95,15 @@ def minilm_bundle(tmp_path_factory):
     """minilm_bundle(quantize="int8") -> Path of a real all-MiniLM-L6-v2 bundle with the export defaults
     (LoRA r=8 on query/value of the top 2 layers) + BitFit + a rotten/fresh head, exported once per
     session: the slow real-model tests share it."""
-    root = tmp_path_factory.mktemp("minilm")
-    cache: dict[str, Path] = {}
+    root = shared_root(tmp_path_factory, "minilm")
 
     def get(quantize: str = "int8") -> Path:
-        if quantize not in cache:
-            from edgepeft.demo.assets import minilm_dir
-            from edgepeft.exporters.export import export_bundle
+        from edgepeft.demo.assets import minilm_dir
+        from edgepeft.exporters.export import export_bundle
 
-            out = root / f"minilm-{quantize}.bundle"
-            export_bundle(minilm_dir(), out, quantize=quantize, method="lora+bitfit", labels=["rotten", "fresh"],
-                          max_length=128, rank=8)
-            cache[quantize] = out
-        return cache[quantize]
+        return built_once(root / f"minilm-{quantize}.bundle", lambda scratch: export_bundle(
+            minilm_dir(), scratch, quantize=quantize, method="lora+bitfit", labels=["rotten", "fresh"],
+            max_length=128, rank=8))
 
     return get
 
