@@ -45,21 +45,26 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bundles(model_dirs, tmp_path_factory):
-    """bundles(kind, quantize="none", method=...) -> opened Bundle, exported once per session."""
-    from edgepeft.exporters.export import export_bundle
+    """bundles(kind, quantize="none", method=...) -> opened Bundle, exported once per session.
+
+    One trace writes all three quantizations (export_bundles), so fp32 / int8 / int4 rows of a model cost one export.
+    """
+    from edgepeft.exporters.export import QUANTIZATIONS, export_bundles
     from edgepeft.runtime.bundle import open_bundle
+    from tiny_models import ENCODERS
 
     root = tmp_path_factory.mktemp("bundles")
     cache = {}
 
     def get(kind: str, quantize: str = "none", method: str | None = None, **kw):
-        method = method or ("lora+bitfit" if kind in ("bert", "roberta", "distilbert") else "lora")
-        key = (kind, quantize, method, repr(sorted(kw.items())))  # repr: method_config is a dict
+        method = method or ("lora+bitfit" if kind in ENCODERS else "lora")
+        key = (kind, method, repr(sorted(kw.items())))  # repr: method_config is a dict
         if key not in cache:
-            out = root / "-".join(map(str, [kind, quantize, method.replace("+", "_"), len(cache)]))
-            export_bundle(model_dirs(kind), out, quantize=quantize, method=method, rank=4, alpha=8, **kw)
-            cache[key] = open_bundle(out)
-        return cache[key]
+            stem = "-".join(map(str, [kind, method.replace("+", "_"), len(cache)]))
+            outs = {q: root / f"{stem}-{q}" for q in QUANTIZATIONS}
+            export_bundles(model_dirs(kind), outs, method=method, rank=4, alpha=8, **kw)
+            cache[key] = {q: open_bundle(out) for q, out in outs.items()}
+        return cache[key][quantize]
 
     return get
 

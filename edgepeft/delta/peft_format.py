@@ -36,12 +36,12 @@ from edgepeft.delta import safeio
 from edgepeft.delta.format import Delta, DeltaMeta, check_against_manifest, check_structure
 from edgepeft.errors import DeltaError
 from edgepeft.manifest import Manifest
-from edgepeft.names import BIAS, CAUSAL_LM, SEQ_CLS, WEIGHT, slot_name, split_slot_name
+from edgepeft.names import BIAS, CAUSAL_LM, SEQ_CLS, TOKEN_CLS, WEIGHT, slot_name, split_slot_name
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-TASK_TYPES = {SEQ_CLS: "SEQ_CLS", CAUSAL_LM: "CAUSAL_LM"}
+TASK_TYPES = {SEQ_CLS: "SEQ_CLS", TOKEN_CLS: "TOKEN_CLS", CAUSAL_LM: "CAUSAL_LM"}
 MAX_CONFIG_BYTES = 1024 * 1024
 
 _LORA_KEY = re.compile(r"^(?P<m>.+)\.(?P<ab>lora_A|lora_B)(?:\.[^.]+)?\.(?P<p>weight|bias)$")
