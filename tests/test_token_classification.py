@@ -86,8 +86,9 @@ def test_token_f1_leaves_out_the_outside_label():
     assert token_f1(pred, gold, outside=None) == pytest.approx(0.5)  # no O label: token accuracy
 
 
-def test_tiny_bert_learns_to_tag_words_on_an_int8_base(tagger):
-    b, train, val = tagger
+def test_tiny_bert_learns_to_tag_words_on_an_int4_base(tagger, bundles):
+    _, train, val = tagger  # same tokenizer and labels: the data read for the int8 bundle is the int4 bundle's
+    b = bundles("bert-token", "int4", method="lora+bitfit")
     r = Trainer(b, train, TrainConfig(epochs=6, lr=3e-2, batch_size=16), val=val).fit()
     assert r.summary.before["accuracy"] < 0.6
     assert r.summary.after["accuracy"] >= 0.9

@@ -176,7 +176,7 @@ def to_peft(
         "base_model_name_or_path": manifest.source,
         # exact module paths, not leaf names: leaf names would also wrap modules the bundle does not train
         "target_modules": adapted,
-        "modules_to_save": heads or None,
+        "modules_to_save": _saved_modules(heads) or None,
         "fan_in_fan_out": False,
         "inference_mode": True,
     }
@@ -192,6 +192,16 @@ def to_peft(
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
     atomic.write_bytes(out_dir / WEIGHTS_FILE, safetensors.numpy.save(tensors, metadata={"format": "pt"}))
     atomic.write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# PEFT adds its classifier names to modules_to_save and keeps that whole module: a head inside one (RoBERTa's and
+# ELECTRA's classifier.dense / classifier.out_proj) is saved under it, or PEFT finds the same weights twice.
+PEFT_HEAD_NAMES = ("classifier", "score")
+
+
+def _saved_modules(heads: list[str]) -> list[str]:
+    """modules_to_save for these head modules: each, or the PEFT-kept classifier it sits in."""
+    return sorted({next((h for h in PEFT_HEAD_NAMES if m.startswith(h + ".")), m) for m in heads})
 
 
 def _read_config(path: Path, method: methods.Method) -> tuple[int, float]:
