@@ -46,8 +46,11 @@ TOKENIZER_FILE = "tokenizer.json"
 
 # Tasks.
 SEQ_CLS = "sequence-classification"
+TOKEN_CLS = "token-classification"  # a label per token (BIO tags): logits (B, T, C), labels (B, T)
 CAUSAL_LM = "causal-lm"
-TASKS = (SEQ_CLS, CAUSAL_LM)
+TASKS = (SEQ_CLS, TOKEN_CLS, CAUSAL_LM)
+CLASSIFICATION_TASKS = (SEQ_CLS, TOKEN_CLS)  # tasks with a classifier head and named labels
+IGNORED_LABEL = -100  # a token without a label (special tokens, later sub-words, padding): HF's ignore_index
 
 
 def slot_kinds() -> tuple[str, ...]:

@@ -1,6 +1,8 @@
 """Model families the exporter knows: tasks, where the layers are, each method's default targets.
 
-Adding a family is one entry in ``FAMILIES``; generic code never lists architectures by hand.
+Adding a family is one entry in ``FAMILIES`` (and its rows in tests/test_methods_table.py: a family no test
+exports is not listed); generic code never lists architectures by hand. Which task a checkpoint's head is
+for, and which ``AutoModelFor...`` class loads it, is optimum's ``TasksManager``'s answer, not ours.
 """
 
 from __future__ import annotations
@@ -11,7 +13,12 @@ from typing import Mapping
 
 from edgepeft.errors import ExportError
 from edgepeft.methods import matches  # noqa: F401  (PEFT's target rule; re-exported for the exporter)
-from edgepeft.names import CAUSAL_LM, SEQ_CLS
+from edgepeft.names import CAUSAL_LM, SEQ_CLS, TOKEN_CLS
+
+# Our task names and optimum's (TasksManager) for the same thing.
+OPTIMUM_TASKS = {SEQ_CLS: "text-classification", TOKEN_CLS: "token-classification", CAUSAL_LM: "text-generation"}
+# A checkpoint with no head (optimum: feature-extraction) is exported for its family's default task, head freshly made.
+HEADLESS = "feature-extraction"
 
 
 @dataclass(frozen=True)
@@ -29,7 +36,7 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("bert", ("bert", "roberta", "xlm-roberta", "electra"), (SEQ_CLS,), r"\.layer\.(\d+)\.", {
+    Family("bert", ("bert", "roberta", "xlm-roberta", "electra"), (SEQ_CLS, TOKEN_CLS), r"\.layer\.(\d+)\.", {
         "lora.targets": ("query", "value"),
         "bitfit.exclude": ("key",),  # softmax shift invariance: the key bias gradient is exactly zero
         "head.modules": ("classifier", "classifier.dense", "classifier.out_proj"),
@@ -67,13 +74,34 @@ def family_for(model_type: str) -> Family:
 
 
 def infer_task(family: Family, architectures: list[str] | None) -> str:
-    """The task implied by the config's ``architectures`` (falls back to the family default)."""
+    """The task of the config's ``architectures`` (optimum's TasksManager reads the class); a head the
+    family cannot export is refused, naming the tasks it can; no head at all: the family default."""
+    import transformers
+    from optimum.exporters.tasks import TasksManager
+
+    ours = {v: k for k, v in OPTIMUM_TASKS.items()}
     for arch in architectures or []:
-        if arch.endswith("ForSequenceClassification"):
-            return SEQ_CLS
-        if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
-            return CAUSAL_LM
+        cls = getattr(transformers, arch, None)
+        if cls is None:
+            continue  # remote code or a class this transformers lacks: the --task option decides
+        try:
+            task = TasksManager.infer_task_from_model(cls)
+        except (ValueError, KeyError):
+            continue
+        if task == HEADLESS:
+            break
+        if ours.get(task) not in family.tasks:
+            raise ExportError(f"{arch} is a {task} model, which edgepeft cannot export; a {family.name} model "
+                              f"supports: {', '.join(family.tasks)} (pass --task to export the base with a new head)")
+        return ours[task]
     return family.tasks[0]
+
+
+def model_class(task: str) -> type:
+    """The ``transformers`` auto class that loads a model for ``task`` (TasksManager's choice)."""
+    from optimum.exporters.tasks import TasksManager
+
+    return TasksManager.get_model_class_for_task(OPTIMUM_TASKS[task])
 
 
 def layer_index(family: Family, module: str) -> int | None:

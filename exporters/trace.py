@@ -24,7 +24,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from edgepeft.manifest import Slot
 from edgepeft.methods import owner
-from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, INPUT_IDS, LABELS, LOGITS, LOSS, SEQ_CLS, grad_name
+from edgepeft.names import (ATTENTION_MASK, CAUSAL_LM, CLASSIFICATION_TASKS, IGNORED_LABEL, INPUT_IDS, LABELS, LOGITS, LOSS,
+                            TOKEN_CLS, grad_name)
 from edgepeft.exporters.inject import DeltaFeed
 
 
@@ -32,6 +33,14 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     """Mean cross-entropy, by hand. logits (B, C), labels (B,)."""
     logp = logits.log_softmax(-1)
     return -logp.gather(1, labels[:, None]).mean()
+
+
+def token_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labelled tokens (labels != IGNORED_LABEL), by hand. logits (B, T, C), labels (B, T)."""
+    keep = labels != IGNORED_LABEL
+    logp = logits.log_softmax(-1)
+    nll = -logp.gather(2, labels.clamp(min=0)[..., None])[..., 0]  # (B, T); ignored positions read class 0, then drop
+    return (nll * keep).sum() / keep.sum().clamp(min=1)
 
 
 def make_functions(model: torch.nn.Module, feed: DeltaFeed, slots: list[Slot], task: str,
@@ -50,7 +59,8 @@ def make_functions(model: torch.nn.Module, feed: DeltaFeed, slots: list[Slot], t
         return run(input_ids, attention_mask, rest)
 
     def train(input_ids, attention_mask, labels, *rest):  # causal LMs: exporters/causal_lm.py
-        loss = classification_loss(run(input_ids, attention_mask, rest), labels)
+        loss_fn = token_classification_loss if task == TOKEN_CLS else classification_loss
+        loss = loss_fn(run(input_ids, attention_mask, rest), labels)
         return (loss, *torch.autograd.grad(loss, rest[:n]))
 
     return infer, train
@@ -63,7 +73,12 @@ def _example_batch(task: str, vocab: int, labels: int) -> list[torch.Tensor]:
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 6:] = 0
     batch = [ids, mask]
-    if task == SEQ_CLS:
+    if task == TOKEN_CLS:  # some ignored positions, as real batches have (specials, later sub-words, padding)
+        tags = torch.randint(0, max(1, labels), (2, 8), generator=g)
+        tags[:, 0] = IGNORED_LABEL
+        tags[1, 6:] = IGNORED_LABEL
+        batch.append(tags)
+    elif task in CLASSIFICATION_TASKS:
         batch.append(torch.tensor([0, max(0, labels - 1)]))
     return batch
 
@@ -107,8 +122,8 @@ def export_graphs(model: torch.nn.Module, feed: DeltaFeed, slots: list[Slot], ta
     b, t, r = Dim("batch", min=1), Dim("seq", min=1), Dim("rank", min=0)
     batch_dyn: list[dict | None] = [{0: b, 1: t}, {0: b, 1: t}]
     batch_names = [INPUT_IDS, ATTENTION_MASK]
-    if task == SEQ_CLS:
-        batch_dyn.append({0: b})
+    if task in CLASSIFICATION_TASKS:
+        batch_dyn.append({0: b, 1: t} if task == TOKEN_CLS else {0: b})
         batch_names.append(LABELS)
     slot_names = [s.name for s in slots]
     frozen = list(params.values())

@@ -28,6 +28,11 @@ class SessionConfig:
         so.inter_op_num_threads = 1
         so.enable_cpu_mem_arena = self.arena
         so.log_severity_level = 3
+        # onnxruntime fuses a quantized weight feeding a MatMul directly (GPT-2's Conv1D; Linear weights pass a
+        # Transpose first) into MatMulNBits, which by default quantizes the activations to int8 too (accuracy
+        # level 4): logits and gradients then drift ~1e-3 from the bundle's own weights. Level 1 keeps the packed
+        # weights and computes in float32, as every other graph here does.
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         so.graph_optimization_level = {
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,

@@ -21,7 +21,7 @@ import numpy as np
 
 from edgepeft.errors import DataError
 from edgepeft.manifest import Manifest
-from edgepeft.names import CAUSAL_LM, SEQ_CLS
+from edgepeft.names import CAUSAL_LM, IGNORED_LABEL, SEQ_CLS, TOKEN_CLS
 from edgepeft.runtime.lm_targets import LOSS_MASK
 from edgepeft.runtime.text import pad_batch
 
@@ -50,6 +50,7 @@ class Dataset:
     sha256: str  # of the file's bytes: a resumed run checks it trains on the same data
     pad_id: int = 0
     loss_masks: list[list[int]] | None = None  # causal LM: 1 per token that is a target (instruction data: the completion)
+    token_labels: list[list[int]] | None = None  # token classification: a label per token, IGNORED_LABEL where none
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -59,7 +60,7 @@ class Dataset:
         return np.fromiter((len(s) for s in self.ids), dtype=np.int64, count=len(self.ids))
 
     def batch(self, index: np.ndarray | list[int], max_length: int | None = None) -> dict[str, np.ndarray]:
-        """The padded batch of examples ``index``: ids and mask (B, T) padded to the longest row, labels (B,)."""
+        """The padded batch of examples ``index``: ids and mask (B, T) padded to the longest row, labels (B,) or (B, T)."""
         seqs = [self.ids[i][:max_length] if max_length else self.ids[i] for i in index]
         ids, mask = pad_batch(seqs, self.pad_id)
         out = {"input_ids": ids, "attention_mask": mask}
@@ -68,6 +69,9 @@ class Dataset:
                 [self.loss_masks[i][:max_length] if max_length else self.loss_masks[i] for i in index], 0)[0]
         if self.labels is not None:
             out["labels"] = self.labels[np.asarray(index, dtype=np.int64)]
+        if self.token_labels is not None:  # padding carries no label
+            out["labels"] = pad_batch([self.token_labels[i][:max_length] if max_length else self.token_labels[i]
+                                       for i in index], IGNORED_LABEL)[0]
         return out
 
 
@@ -182,6 +186,10 @@ def read_rows(path: str | os.PathLike, manifest: Manifest) -> list[Row]:
 def load_dataset(path: str | os.PathLike, manifest: Manifest, tokenizer, *, bundle_path: Path | None = None) -> Dataset:
     """Read, check and tokenize a data file for this bundle (``bundle_path``: where its chat template is)."""
     path = Path(os.fspath(path))
+    if manifest.task == TOKEN_CLS:  # a label per word (runtime/token_data.py)
+        from edgepeft.runtime.token_data import load_token_dataset
+
+        return load_token_dataset(path, manifest, tokenizer)
     if manifest.task == CAUSAL_LM and FORMATS.get(path.suffix.lower()) == "jsonl" and path.is_file():
         return _load_lm_jsonl(path, manifest, tokenizer, bundle_path)
     rows = read_rows(path, manifest)

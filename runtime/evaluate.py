@@ -1,5 +1,5 @@
 """Metrics of a bundle + delta on a dataset with the inference graph: accuracy for classification,
-loss and perplexity for a causal LM."""
+token accuracy and F1 for token classification, loss and perplexity for a causal LM."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgepeft.names import SEQ_CLS
+from edgepeft.names import IGNORED_LABEL, SEQ_CLS, TOKEN_CLS
 from edgepeft.runtime.data import Dataset, eval_batches
 from edgepeft.runtime.feeds import DeltaLike
 from edgepeft.runtime.infer import Predictor
@@ -33,9 +33,43 @@ def _lm_nll(logits: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> flo
     return total
 
 
+def token_f1(pred: np.ndarray, gold: np.ndarray, outside: int | None) -> float:
+    """Micro F1 over the labelled tokens, the outside label ("O" of BIO tags) not counted as a class.
+
+    Equals scikit-learn's ``f1_score(gold, pred, labels=<all but O>, average="micro")``; without an
+    outside label every class counts and the micro F1 is the token accuracy.
+    """
+    if outside is None:
+        return float((pred == gold).mean()) if len(gold) else 0.0
+    hits = int(((pred == gold) & (gold != outside)).sum())
+    return 2 * hits / max(1, int((pred != outside).sum()) + int((gold != outside).sum()))
+
+
+def _token_metrics(predictor: Predictor, data: Dataset, deltas: Sequence[DeltaLike], batch_size: int,
+                   max_length: int | None) -> dict[str, float]:
+    """Loss, accuracy and F1 over the labelled tokens (first sub-word of each word)."""
+    nll, preds, golds = 0.0, [], []
+    for index in eval_batches(data.lengths, batch_size):
+        b = data.batch(index, max_length)
+        logits = predictor.logits(b["input_ids"], b["attention_mask"], deltas)  # (B, T, C)
+        keep = b["labels"] != IGNORED_LABEL
+        z, y = logits[keep], b["labels"][keep]  # (N, C), (N,)
+        nll -= float(_log_softmax(z)[np.arange(len(y)), y].sum())
+        preds.append(z.argmax(-1))
+        golds.append(y)
+    pred, gold = np.concatenate(preds), np.concatenate(golds)
+    labels = predictor.manifest.labels
+    outside = labels.index("O") if "O" in labels else None
+    return {"accuracy": float((pred == gold).mean()) if len(gold) else 0.0, "f1": token_f1(pred, gold, outside),
+            "loss": nll / max(1, len(gold)), "tokens": float(len(gold)), "examples": float(len(data))}
+
+
 def evaluate(predictor: Predictor, data: Dataset, deltas: Sequence[DeltaLike] = (), *, batch_size: int = 32,
              max_length: int | None = None) -> dict[str, float]:
-    """``accuracy`` and ``loss`` (classification) or ``loss`` and ``perplexity`` (causal LM), plus ``examples``."""
+    """``accuracy`` and ``loss`` (classification; token classification adds ``f1`` and ``tokens``) or ``loss`` and
+    ``perplexity`` (causal LM), plus ``examples``."""
+    if data.task == TOKEN_CLS:
+        return _token_metrics(predictor, data, deltas, batch_size, max_length)
     nll, count, correct = 0.0, 0, 0
     if data.task != SEQ_CLS:  # a causal LM's logits are (B, T, V): keep one batch of them under LM_EVAL_LOGITS_MB
         longest = int(min(data.lengths.max(), max_length or data.lengths.max()))
@@ -69,6 +103,8 @@ def describe(metrics: dict[str, float] | None) -> str:
     """Metrics as a short phrase (``accuracy 91.0 %, loss 0.312``)."""
     if not metrics:
         return "n/a"
+    if "f1" in metrics:
+        return f"token accuracy {100 * metrics['accuracy']:.1f} %, F1 {100 * metrics['f1']:.1f} %, loss {metrics['loss']:.4f}"
     if "accuracy" in metrics:
         return f"accuracy {100 * metrics['accuracy']:.1f} %, loss {metrics['loss']:.4f}"
     return f"loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}"

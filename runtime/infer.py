@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, INPUT_IDS, LOGITS, SEQ_CLS
+from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, INPUT_IDS, LOGITS, SEQ_CLS, TOKEN_CLS
 from edgepeft.runtime.bundle import Bundle, SessionConfig
 from edgepeft.runtime.feeds import DeltaLike, infer_feeds, neutral_feeds
 from edgepeft.runtime.kv_cache import cache_specs, empty_cache
@@ -69,6 +69,25 @@ class Predictor:
             probs = softmax(self.logits(ids, mask, deltas, weights))
             for p in probs:
                 out.append(Prediction(labels[int(p.argmax())], {l: float(v) for l, v in zip(labels, p)}))
+        return out
+
+    def tag(self, texts: Sequence[str], deltas: Sequence[DeltaLike] = (), weights: Sequence[float] | None = None,
+            batch_size: int = 32) -> list[list[tuple[str, str]]]:
+        """(word, label) for each whitespace-separated word of each text: the label of its first sub-word token."""
+        if self.manifest.task != TOKEN_CLS:
+            raise ValueError("tag() needs a token-classification bundle")
+        out: list[list[tuple[str, str]]] = []
+        for i in range(0, len(texts), batch_size):
+            words = [t.split() for t in texts[i:i + batch_size]]
+            encs = self.tokenizer.encode_batch(words, is_pretokenized=True)
+            ids, mask = pad_batch([e.ids for e in encs], self.manifest.pad_token_id)
+            best = self.logits(ids, mask, deltas, weights).argmax(-1)  # (B, T)
+            for ws, e, row in zip(words, encs, best):
+                first = {}
+                for t, w in enumerate(e.word_ids):
+                    if w is not None:
+                        first.setdefault(w, t)
+                out.append([(w, self.manifest.labels[int(row[first[k]])] if k in first else "") for k, w in enumerate(ws)])
         return out
 
     def generate(self, prompt: str, max_new_tokens: int = 20, deltas: Sequence[DeltaLike] = (),

@@ -21,7 +21,7 @@ import numpy as np
 from edgepeft.delta import Delta, delta_from_init
 from edgepeft.delta.format import checksum, now_iso
 from edgepeft.errors import TrainError
-from edgepeft.names import ATTENTION_MASK, INPUT_IDS, LABELS, LOSS, SEQ_CLS, grad_name
+from edgepeft.names import ATTENTION_MASK, IGNORED_LABEL, INPUT_IDS, LABELS, LOSS, SEQ_CLS, TOKEN_CLS, grad_name
 from edgepeft.runtime import checkpoint as ckpt
 from edgepeft.runtime import memory
 from edgepeft.runtime.bundle import Bundle, SessionConfig
@@ -173,6 +173,8 @@ class Trainer:
         feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ones((b, t), np.int64), **self.params}
         if self.manifest.task == SEQ_CLS:
             feeds[LABELS] = np.zeros(b, np.int64)
+        elif self.manifest.task == TOKEN_CLS:
+            feeds[LABELS] = np.zeros((b, t), np.int64)
         else:
             feeds.update(train_feeds(feeds, loss_chunks(self.session)))
         return memory.peak_during(lambda: self.session.run(None, feeds))
@@ -185,8 +187,11 @@ class Trainer:
     # ---- one optimizer step ---------------------------------------------------------------------
 
     def _weight(self, b: dict[str, np.ndarray]) -> int:
-        # the graph's loss is a mean over examples (classification) or real target tokens (LM)
-        return len(b[INPUT_IDS]) if LABELS in b else scored(b[LOSS_MASK])
+        # the graph's loss is a mean over examples (classification), labelled tokens (token classification)
+        # or real target tokens (LM)
+        if LABELS in b:
+            return int((b[LABELS] != IGNORED_LABEL).sum()) if b[LABELS].ndim == 2 else len(b[INPUT_IDS])
+        return scored(b[LOSS_MASK])
 
     def _split(self, index: np.ndarray) -> list[np.ndarray]:
         """One batch as train-graph runs: by example count, or by padded tokens under a memory budget."""
@@ -200,7 +205,7 @@ class Trainer:
         outputs = [LOSS] + [grad_name(n) for n in names]
         micro = [self.train.batch(mb, self.plan.max_length) for idx in group for mb in self._split(idx)]
         weights = [self._weight(b) for b in micro]
-        total_w = sum(weights)
+        total_w = max(1, sum(weights))  # a batch whose labelled words were all truncated away weighs 0
         loss, grads = 0.0, None
         chunks = loss_chunks(self.session)
         for b, w in zip(micro, weights):

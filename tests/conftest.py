@@ -70,22 +70,26 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bundles(model_dirs, tmp_path_factory):
-    """bundles(kind, quantize="none", method=...) -> opened Bundle, exported once per test run."""
-    from edgepeft.exporters.export import export_bundle
+    """bundles(kind, quantize="none", method=...) -> opened Bundle, exported once per test run.
+
+    One trace writes all three quantizations (export_bundles), so fp32 / int8 / int4 rows of a model cost one export.
+    """
+    from edgepeft.exporters.export import QUANTIZATIONS, export_bundles
     from edgepeft.runtime.bundle import open_bundle
+    from tiny_models import ENCODERS
 
     root = shared_root(tmp_path_factory, "bundles")
     cache = {}
 
     def get(kind: str, quantize: str = "none", method: str | None = None, **kw):
-        method = method or ("lora+bitfit" if kind in ("bert", "roberta", "distilbert") else "lora")
-        key = (kind, quantize, method, repr(sorted(kw.items())))  # repr: method_config is a dict
+        method = method or ("lora+bitfit" if kind in ENCODERS else "lora")
+        key = (kind, method, repr(sorted(kw.items())))  # repr: method_config is a dict
         if key not in cache:
-            name = f"{kind}-{quantize}-{method.replace('+', '_')}-{hashlib.sha1(repr(key).encode()).hexdigest()[:10]}"
-            out = built_once(root / name, lambda scratch: export_bundle(
-                model_dirs(kind), scratch, quantize=quantize, method=method, rank=4, alpha=8, **kw))
-            cache[key] = open_bundle(out)
-        return cache[key]
+            name = f"{kind}-{method.replace('+', '_')}-{hashlib.sha1(repr(key).encode()).hexdigest()[:10]}"
+            out = built_once(root / name, lambda scratch: export_bundles(
+                model_dirs(kind), {q: scratch / q for q in QUANTIZATIONS}, method=method, rank=4, alpha=8, **kw))
+            cache[key] = {q: open_bundle(out / q) for q in QUANTIZATIONS}
+        return cache[key][quantize]
 
     return get
 

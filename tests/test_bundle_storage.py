@@ -59,6 +59,16 @@ def test_int4_bundle_runs_and_stores_int4(bundles):
     assert np.abs(a - ref).max() < 0.25 * np.abs(ref).max()
 
 
+def test_one_export_writes_each_quantization_as_its_own_bundle(bundles):
+    # export_bundles traces once: the bundles share slots and graph inputs and differ in how weights are stored
+    b = {q: bundles("bert", q) for q in ("none", "int8", "int4")}
+    assert {q: x.manifest.quantization for q, x in b.items()} == {"none": "none", "int8": "int8", "int4": "int4"}
+    assert len({x.manifest.fingerprint for x in b.values()}) == 3
+    assert len({x.path for x in b.values()}) == 3
+    assert b["none"].manifest.slots == b["int8"].manifest.slots == b["int4"].manifest.slots
+    assert b["none"].manifest.graphs == b["int8"].manifest.graphs == b["int4"].manifest.graphs
+
+
 def test_a_bundle_with_corrupt_weights_is_refused(bundles, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(bundles("bert").path, copy)

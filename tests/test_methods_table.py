@@ -1,6 +1,6 @@
 """One table of cases (family x method x quantization) that every generic method test runs over.
 
-Adding a method adds rows here, not tests. References are HF + PEFT on the bundle's own (dequantized)
+Adding a method or a model family adds rows here, not tests. References are HF + PEFT on the bundle's own (dequantized)
 weights (tests/torch_reference.py).
 """
 
@@ -18,7 +18,7 @@ from edgepeft import methods
 from edgepeft.delta.peft_format import from_peft, to_peft
 from edgepeft.errors import DeltaError
 from edgepeft.runtime.lm_targets import loss_chunks, train_feeds
-from edgepeft.names import ATTENTION_MASK, INPUT_IDS, LABELS, LOSS, SEQ_CLS, grad_name
+from edgepeft.names import ATTENTION_MASK, CLASSIFICATION_TASKS, IGNORED_LABEL, INPUT_IDS, LABELS, LOSS, SEQ_CLS, TOKEN_CLS, grad_name
 from edgepeft.runtime.infer import Predictor
 from edgepeft.runtime.weights import bundle_base_weights, read_frozen
 
@@ -48,6 +48,15 @@ CASES = [  # (family, method, quantization[, method options])
     ("llama", "bottleneck", "none", {"placement": "houlsby", "non_linearity": "silu", "reduction_factor": 4}),
     ("llama", "bottleneck", "int8"),
 ]
+# Every family the exporter accepts (exporters/architectures.py), fp32 / int8 / int4, with its default method;
+# GPT-2 (Conv1D, weights stored (in, out)) with each method that applies. int8 / int4 rows compare against
+# HF + PEFT on the bundle's own dequantized weights, so the tolerance stays tight. One export writes all three.
+FAMILY_METHODS = [("bert", "lora+bitfit"), ("roberta", "lora+bitfit"), ("xlm-roberta", "lora+bitfit"),
+                  ("electra", "lora+bitfit"), ("distilbert", "lora+bitfit"), ("llama", "lora"), ("mistral", "lora"),
+                  ("qwen2", "lora"), ("gpt2", "lora"), ("gpt2", "ia3"), ("gpt2", "bitfit")]
+CASES += [(f, m, q) for f, m in FAMILY_METHODS for q in ("none", "int8", "int4") if (f, m, q) not in CASES]
+# Token classification (tiny_models' "<family>-token": a ForTokenClassification checkpoint; the task is inferred from it).
+CASES += [("bert-token", "lora+bitfit", q) for q in ("none", "int8", "int4")]
 IDS = ["-".join([f, m, q, *(f"{k}={v}" for k, v in (o[0] if o else {}).items())]) for f, m, q, *o in CASES]
 
 
@@ -64,7 +73,12 @@ def batch(manifest, b: int, t: int, seed: int = 0):
     ids = rng.integers(4, manifest.vocab_size, size=(b, t)).astype(np.int64)
     mask = np.ones((b, t), np.int64)
     mask[0, t - 2:] = 0
-    labels = rng.integers(0, max(1, len(manifest.labels)), size=(b,)).astype(np.int64)
+    if manifest.task == TOKEN_CLS:  # a tag per token; the first token (a special one) and padding carry none
+        labels = rng.integers(0, len(manifest.labels), size=(b, t)).astype(np.int64)
+        labels[:, 0] = IGNORED_LABEL
+        labels[mask == 0] = IGNORED_LABEL
+    else:
+        labels = rng.integers(0, max(1, len(manifest.labels)), size=(b,)).astype(np.int64)
     return ids, mask, labels
 
 
@@ -137,7 +151,7 @@ def test_train_step_gradients_match_torch_peft(case):
     ids, mask, labels = batch(m, 3, 8, seed=5)
     feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, **delta.tensors}
     sess = bundle.session("train")
-    if m.task == SEQ_CLS:
+    if m.task in CLASSIFICATION_TASKS:
         feeds[LABELS] = labels
     else:  # the graph scores the positions the runtime hands it: here every real token, as HF's loss does
         feeds.update(train_feeds(feeds, loss_chunks(sess)))
@@ -203,3 +217,17 @@ def test_a_mix_is_refused_in_one_line_where_the_method_has_no_exact_mix(unmixabl
     with pytest.raises(DeltaError, match="cannot be mixed") as e:
         Predictor(unmixable_case).logits(ids, mask, [a, b], [0.3, 0.7])
     assert "\n" not in str(e.value)
+
+
+def test_every_model_type_the_exporter_accepts_is_proven_here_at_every_quantization():
+    # A model type the exporter accepts has rows here (fp32, int8, int4), or it is not accepted; a family's other
+    # tasks have rows on its first model type (token classification: "bert-token").
+    from edgepeft.exporters.architectures import FAMILIES
+
+    rows = {(f, q) for f, _, q, *_ in CASES}
+    for fam in FAMILIES:
+        for t in fam.model_types:
+            assert all((t, q) in rows for q in ("none", "int8", "int4")), t
+        for task in fam.tasks[1:]:
+            assert task == TOKEN_CLS and all((f"{fam.model_types[0]}-token", q) in rows for q in ("none", "int8", "int4"))
+    assert {t for fam in FAMILIES for t in fam.model_types} == {f.removesuffix("-token") for f, _ in rows}

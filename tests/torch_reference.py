@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import transformers as tf
 from peft import IA3Config, LoraConfig, VeraConfig, get_peft_model
 
-from edgepeft.names import BIAS, DORA_A, DORA_B, DORA_M, IA3_FF, IA3_L, LORA_A, LORA_B, SEQ_CLS, WEIGHT, split_slot_name
+from edgepeft.names import (BIAS, DORA_A, DORA_B, DORA_M, IA3_FF, IA3_L, IGNORED_LABEL, LORA_A, LORA_B, SEQ_CLS, TOKEN_CLS, WEIGHT,
+                            split_slot_name)
 from edgepeft.names import ADAPTER_DOWN, ADAPTER_DOWN_BIAS, ADAPTER_UP, ADAPTER_UP_BIAS, VERA_B, VERA_D, XS_R
 from edgepeft.runtime.bundle import Bundle
 from edgepeft.runtime.weights import read_frozen
@@ -24,8 +25,9 @@ def load_hf(model_dir: Path, bundle: Bundle) -> torch.nn.Module:
     """The HF model of the bundle, with exactly the bundle's (dequantized) frozen weights."""
     tf.logging.set_verbosity_error()
     m = bundle.manifest
-    if m.task == SEQ_CLS:
-        model = tf.AutoModelForSequenceClassification.from_pretrained(
+    if m.task in (SEQ_CLS, TOKEN_CLS):
+        auto = tf.AutoModelForTokenClassification if m.task == TOKEN_CLS else tf.AutoModelForSequenceClassification
+        model = auto.from_pretrained(
             model_dir, num_labels=len(m.labels), ignore_mismatched_sizes=True, attn_implementation="eager")
     else:
         model = tf.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
@@ -190,13 +192,16 @@ def logits(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray) -> np.ndar
 
 
 def loss_and_grads(model, grads_of, task: str, ids: np.ndarray, mask: np.ndarray, labels: np.ndarray | None):
-    """Standard torch losses (F.cross_entropy / HF's own LM loss) and autograd gradients."""
+    """Standard torch losses (F.cross_entropy, ignore_index for unlabelled tokens / HF's own LM loss) and autograd gradients."""
     for p in grads_of.values():
         p.grad = None
     ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
     if task == SEQ_CLS:
         out = model(input_ids=ids_t, attention_mask=mask_t).logits
         loss = F.cross_entropy(out, torch.from_numpy(labels))
+    elif task == TOKEN_CLS:
+        out = model(input_ids=ids_t, attention_mask=mask_t).logits  # (B, T, C)
+        loss = F.cross_entropy(out.flatten(0, 1), torch.from_numpy(labels).flatten(), ignore_index=IGNORED_LABEL)
     else:
         loss = model(input_ids=ids_t, attention_mask=mask_t, labels=ids_t.masked_fill(mask_t == 0, -100)).loss
     loss.backward()

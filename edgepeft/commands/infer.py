@@ -19,7 +19,7 @@ from edgepeft.commands.chat import make_sampling, sampling_options
 @sampling_options
 def infer_cmd(bundle: Path, texts: tuple[str, ...], deltas: tuple[Path, ...], weights: str | None, as_chat: bool,
               max_new_tokens, temperature, top_p, top_k, seed, stop) -> None:
-    """Classify TEXTS (labels with probabilities) or continue them (causal LM, streamed).
+    """Classify TEXTS (labels with probabilities), tag their words (token classification) or continue them (causal LM).
 
     \b
     Examples:
@@ -28,7 +28,7 @@ def infer_cmd(bundle: Path, texts: tuple[str, ...], deltas: tuple[Path, ...], we
       edgepeft infer smollm2.bundle --chat --temperature 0.7 --seed 1 "Write a haiku about tea"
     """
     from edgepeft.delta import load_delta
-    from edgepeft.names import SEQ_CLS
+    from edgepeft.names import SEQ_CLS, TOKEN_CLS
     from edgepeft.runtime.bundle import open_bundle
     from edgepeft.runtime.infer import Predictor
 
@@ -47,6 +47,9 @@ def infer_cmd(bundle: Path, texts: tuple[str, ...], deltas: tuple[Path, ...], we
         for text, pred in zip(texts, predictor.classify(list(texts), loaded, mix)):
             ranked = sorted(pred.probabilities.items(), key=lambda lp: -lp[1])
             click.echo(f"{pred.label}\t" + "  ".join(f"{l}={v:.3f}" for l, v in ranked) + f"\t{text}")
+    elif b.manifest.task == TOKEN_CLS:  # word/LABEL per word
+        for tagged in predictor.tag(list(texts), loaded, mix):
+            click.echo(" ".join(f"{w}/{l}" for w, l in tagged))
     else:
         from edgepeft.errors import GenerationError
         from edgepeft.runtime.chat_data import load_chat_template, render

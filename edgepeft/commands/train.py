@@ -135,10 +135,10 @@ def train_cmd(bundle: Path, data: Path, val: Path | None, start: Path | None, ou
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Examples per inference run.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="onnxruntime intra-op threads (0: all cores).")
 def eval_cmd(bundle: Path, data: Path, delta_path: Path | None, batch_size: int, threads: int) -> None:
-    """Print the metrics of BUNDLE (+ a delta) on a data file: accuracy, or loss and perplexity."""
+    """Print the metrics of BUNDLE (+ a delta) on a data file: accuracy (token classification: and F1), or loss and perplexity."""
     b = open_bundle(bundle)
     ds = load_dataset(data, b.manifest, load_tokenizer(b), bundle_path=b.path)
     deltas = [load_delta(delta_path, b.manifest)] if delta_path is not None else []
     metrics = evaluate(Predictor(b, SessionConfig(threads=threads)), ds, deltas, batch_size=batch_size)
     for k, v in metrics.items():
-        click.echo(f"{k:<11} {int(v) if k == 'examples' else round(v, 6)}")
+        click.echo(f"{k:<11} {int(v) if k in ('examples', 'tokens') else round(v, 6)}")

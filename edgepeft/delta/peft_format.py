@@ -40,12 +40,12 @@ from edgepeft.delta import safeio
 from edgepeft.delta.format import Delta, DeltaMeta, check_against_manifest, check_structure
 from edgepeft.errors import DeltaError
 from edgepeft.manifest import Manifest
-from edgepeft.names import BIAS, CAUSAL_LM, SEQ_CLS, WEIGHT, slot_name, split_slot_name
+from edgepeft.names import BIAS, CAUSAL_LM, SEQ_CLS, TOKEN_CLS, WEIGHT, slot_name, split_slot_name
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-TASK_TYPES = {SEQ_CLS: "SEQ_CLS", CAUSAL_LM: "CAUSAL_LM"}
+TASK_TYPES = {SEQ_CLS: "SEQ_CLS", TOKEN_CLS: "TOKEN_CLS", CAUSAL_LM: "CAUSAL_LM"}
 MAX_CONFIG_BYTES = 1024 * 1024
 
 _LORA_KEY = re.compile(r"^(?P<m>.+)\.(?P<ab>lora_A|lora_B)(?:\.[^.]+)?\.(?P<p>weight|bias)$")
@@ -179,7 +179,7 @@ def to_peft(
         "base_model_name_or_path": manifest.source,
         # exact module paths, not leaf names: leaf names would also wrap modules the bundle does not train
         "target_modules": adapted,
-        "modules_to_save": heads or None,
+        "modules_to_save": _saved_modules(heads) or None,
         "fan_in_fan_out": False,
         "inference_mode": True,
     }
@@ -195,6 +195,16 @@ def to_peft(
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
     atomic.write_bytes(out_dir / WEIGHTS_FILE, safetensors.numpy.save(tensors, metadata={"format": "pt"}))
     atomic.write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# PEFT adds its classifier names to modules_to_save and keeps that whole module: a head inside one (RoBERTa's and
+# ELECTRA's classifier.dense / classifier.out_proj) is saved under it, or PEFT finds the same weights twice.
+PEFT_HEAD_NAMES = ("classifier", "score")
+
+
+def _saved_modules(heads: list[str]) -> list[str]:
+    """modules_to_save for these head modules: each, or the PEFT-kept classifier it sits in."""
+    return sorted({next((h for h in PEFT_HEAD_NAMES if m.startswith(h + ".")), m) for m in heads})
 
 
 def _read_config(path: Path, method: methods.Method, options: dict[str, Any]) -> tuple[int, float]:
