@@ -79,6 +79,7 @@ def export_bundle(
     max_length: int = 128,
     opset: int = 20,
     seed: int = 0,
+    source: str | os.PathLike | None = None,
     progress: Callable[[str], None] = lambda msg: None,
 ) -> Manifest:
     """Export the model in ``model_dir`` to a bundle in ``out_dir`` and return its manifest.
@@ -89,6 +90,8 @@ def export_bundle(
     is loaded, and against the model before anything is traced.
     ``top_layers``: slots only in the last N layers (the backward pass stops there); ``"auto"`` (the
     default, as on the command line) is the top third, at least 2; ``None`` or ``"all"``: every layer.
+    ``source``: what the manifest records as the model's origin (default ``model_dir``; the CLI gives the
+    GGUF file it converted, since ``model_dir`` is then a temporary folder).
     """
     model_dir, out_dir = Path(os.fspath(model_dir)), Path(os.fspath(out_dir))
     chosen, configs = _check_options(model_dir, out_dir, method, {"rank": rank, "alpha": alpha, "targets": targets},
@@ -184,7 +187,7 @@ def export_bundle(
         batch = [INPUT_IDS, ATTENTION_MASK] + ([LABELS] if task == SEQ_CLS else [])
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         manifest = Manifest(
-            fingerprint=fingerprint, source=str(model_dir.resolve()), architecture=type(model).__name__,
+            fingerprint=fingerprint, source=str(Path(os.fspath(source or model_dir)).resolve()), architecture=type(model).__name__,
             model_type=config.model_type, task=task, method=method, quantization=quantize, max_length=max_length,
             vocab_size=vocab, pad_token_id=int(pad), slots=tuple(slots), labels=tuple(label_names),
             eos_token_id=tokenizer.eos_token_id, tokenizer=TOKENIZER_FILE, weights=WEIGHTS_FILE,
