@@ -89,10 +89,11 @@ def targets(r: dict[str, dict | None]) -> list[dict]:
         ("SmolLM2-135M: generation tokens/s vs torch (base / with the LoRA delta)", "≥ 1.0×",
          lambda: min(lr["gen_base"], lr["gen_lora"]), lambda v: v >= 1.0,
          lambda v: f"{lr['gen_base']:.2f}× / {lr['gen_lora']:.2f}×"),
-        ("SmolLM2-135M: export time vs a plain torch.onnx.export of the inference graph", "≤ 3×",
-         lambda: lx["int8"]["time_ratio_vs_plain"], lambda v: v <= 3.0,
-         lambda v: f"{v:.1f}× ({lx['int8']['export_s']:.0f} s vs {lx['plain']['plain_export_s']:.0f} s; "
-                   f"peak {lx['int8']['export_peak_mb']:.0f} MB vs {lx['plain']['plain_export_peak_mb']:.0f} MB)"),
+        ("SmolLM2-135M: export time vs a plain torch.onnx.export of the inference graph (CPU seconds)", "≤ 3×",
+         lambda: lx["int8"]["cpu_ratio_vs_plain"], lambda v: v <= 3.0,
+         lambda v: f"{v:.2f}× ({lx['int8']['export_cpu_s']:.0f} s vs {lx['plain']['plain_export_cpu_s']:.0f} s; wall "
+                   f"{lx['int8']['export_s']:.0f} s vs {lx['plain']['plain_export_s']:.0f} s; peak "
+                   f"{lx['int8']['export_peak_mb']:.0f} MB vs {lx['plain']['plain_export_peak_mb']:.0f} MB)"),
     ]
     out = []
     for name, bound, value, test, reads in specs:
@@ -158,7 +159,7 @@ def summary(command: str, seconds: float | None) -> str:
         ("export", "6. Export (workstation side)", [("export", "config"), ("seconds", "seconds"), ("× plain", "time_ratio_vs_plain"),
          ("peak RSS MB", "peak_rss_mb"), ("size MB", "size_mb")]),
         ("llm", "7. SmolLM2-135M-Instruct: LoRA r=8 on q/v of the top 10 of 30 layers, batch 4 × 256", [
-         ("side", "config"), ("s/step", "step_s"), ("peak RSS MB (training)", "train_peak_mb"),
+         ("side", "config"), ("s/step", "step_s"), ("CPU s/step", "step_cpu_s"), ("peak RSS MB (training)", "train_peak_mb"),
          ("RSS before training MB", "rss_before_train_mb"), ("val ppl before", "val_ppl_before"),
          ("val ppl after", "val_ppl_after"), ("tokens/s base", "gen_base_tokens_per_s"),
          ("tokens/s with LoRA", "gen_lora_tokens_per_s")]),
@@ -184,12 +185,13 @@ def summary(command: str, seconds: float | None) -> str:
         if name == "llm" and res.get("export"):
             x = res["export"]
             rows = [{"config": "torch.onnx.export, inference only (fp32)", "seconds": x["plain"]["plain_export_s"],
-                     "peak_rss_mb": x["plain"]["plain_export_peak_mb"], "time_ratio_vs_plain": 1.0}]
+                     "cpu_s": x["plain"]["plain_export_cpu_s"], "peak_rss_mb": x["plain"]["plain_export_peak_mb"]}] \
+                if "plain" in x else []
             rows += [{"config": f"edgepeft export --quantize {q} (inference + train step)", "seconds": x[q]["export_s"],
-                      "peak_rss_mb": x[q]["export_peak_mb"], "time_ratio_vs_plain": x[q]["time_ratio_vs_plain"]}
-                     for q in ("int8", "int4") if q in x]
-            lines += ["", _table(rows, [("export of the GGUF", "config"), ("seconds", "seconds"),
-                                        ("× plain", "time_ratio_vs_plain"), ("peak RSS MB", "peak_rss_mb")]).rstrip()]
+                      "cpu_s": x[q]["export_cpu_s"], "cpu_ratio_vs_plain": x[q].get("cpu_ratio_vs_plain"),
+                      "peak_rss_mb": x[q]["export_peak_mb"]} for q in ("int8", "int4") if q in x]
+            lines += ["", _table(rows, [("export of the GGUF", "config"), ("wall s", "seconds"), ("CPU s", "cpu_s"),
+                                        ("CPU × plain", "cpu_ratio_vs_plain"), ("peak RSS MB", "peak_rss_mb")]).rstrip()]
         if name == "levers" and res.get("bucketing"):
             lines += ["", _table(res["bucketing"], [("batching (one epoch of RT train, batch 16)", "config"),
                                                     ("padded tokens", "padded_tokens_per_epoch"),
