@@ -85,7 +85,7 @@ def targets(r: dict[str, dict | None]) -> list[dict]:
          lambda v: f"{v:.2f}× ({le['step_s']:.2f} s vs {lt['step_s']:.2f} s)"),
         ("SmolLM2-135M: validation perplexity after the same steps vs torch + PEFT", "within 2 %",
          lambda: round(100 * (lr["val_ppl_after"] - 1), 2), lambda v: abs(v) <= 2.0,
-         lambda v: f"{v:+.2f} % ({le['val_ppl_after']:.2f} vs {lt['val_ppl_after']:.2f}; both from {le['val_ppl_before']:.2f})"),
+         lambda v: f"{v:+.2f} % ({le['val_ppl_after']:.2f} vs {lt['val_ppl_after']:.2f}, from {le['val_ppl_before']:.2f} and {lt['val_ppl_before']:.2f})"),
         ("SmolLM2-135M: generation tokens/s vs torch (base / with the LoRA delta)", "≥ 1.0×",
          lambda: min(lr["gen_base"], lr["gen_lora"]), lambda v: v >= 1.0,
          lambda v: f"{lr['gen_base']:.2f}× / {lr['gen_lora']:.2f}×"),

@@ -170,7 +170,7 @@ def llm_figures() -> dict[str, str]:
     def cells(key: str, fmt: str) -> str:
         return f"| {fmt.format(t[key])} | {fmt.format(e[key])} | {e[key] / t[key]:.2f}× |"
 
-    gen = [f"{s['gen_tokens_per_s']['base']:.1f} / {s['gen_tokens_per_s']['lora']:.1f}" for s in (t, e)]
+    gen = [f"{s['gen_tokens_per_s']['base']:.2f} / {s['gen_tokens_per_s']['lora']:.2f}" for s in (t, e)]
     p = x.get("plain")
     plain = (f"{p['plain_export_s']:.0f} / {p['plain_export_cpu_s']:.0f} s, {p['plain_export_peak_mb']:.0f} MB "
              "(`torch.onnx.export`, inference only)") if p else "not measured"
@@ -207,7 +207,7 @@ def _measured_sections() -> str:
 
 # Numbers in those sections that are settings or bounds, not measurements.
 SETTINGS = {"1", "2", "3", "4", "6", "8", "16", "32", "64", "75", "96", "128", "1,200", "0.33", "0.4", "0.2", "0.5",
-            "135", "256"}  # 135: SmolLM2-135M, a model name; 256: the batch length
+            "30", "135", "256"}  # SmolLM2-135M: its name, its 30 layers; 256: the batch length
 
 
 def test_every_number_in_the_measured_sections_has_a_results_entry():
