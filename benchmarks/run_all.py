@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine  # noqa: E402
 
 # Run order: the headline numbers first, the slow workstation export last.
-BENCHMARKS = ["footprint", "delta_bytes", "time_to_accuracy", "train_step", "inference", "profile", "levers", "methods", "export"]
-QUICK_SKIPS = {"export"}  # an export takes minutes: --quick keeps the last export.json
+BENCHMARKS = ["footprint", "delta_bytes", "time_to_accuracy", "train_step", "inference", "profile", "levers", "methods", "export",
+              "llm"]
+QUICK_SKIPS = {"export", "llm"}  # an export takes minutes (SmolLM2's: tens of them): --quick keeps the last results
 
 
 def _load(name: str) -> dict | None:
@@ -56,6 +57,9 @@ def targets(r: dict[str, dict | None]) -> list[dict]:
     ours, theirs = _row(tta, "edgepeft defaults"), _row(tta, "torch+peft usual recipe")
     fp32 = _row(tta, "edgepeft defaults with fp32 weights")
     mt = (r.get("methods") or {}).get("targets", {})
+    llm = r.get("llm") or {}
+    lr, lt, lx = (llm.get("ratios") or {}).get("edgepeft_int8", {}), llm.get("torch_peft_fp32"), (llm.get("export") or {})
+    le = llm.get("edgepeft_int8")
     dev, ref = _row(fp, "edgepeft device install (pip install .)"), _row(fp, "torch + transformers + peft")
     specs = [  # (target, bound, value, test, how it reads) -- value and reading as lambdas: results may be missing
         ("time to accuracy vs torch + PEFT", "≤ 0.33×", lambda: _time_ratio(ours, theirs), lambda v: v <= 0.33,
@@ -75,6 +79,21 @@ def targets(r: dict[str, dict | None]) -> list[dict]:
          lambda v: v <= 1.0, lambda v: f"largest gap {v:.2f} points"),
         ("a method with a ≤ 2 KB packed delta vs LoRA r=8", "within 1.5 points", lambda: mt["best_small_delta_points_below_lora"],
          lambda v: v <= 1.5, lambda v: f"{mt['best_small_delta']}: {v:+.2f} points below LoRA"),
+        ("SmolLM2-135M: peak training memory vs torch + PEFT (batch 4 × 256)", "≤ 0.4×", lambda: lr["train_peak"],
+         lambda v: v <= 0.4, lambda v: f"{v:.2f}× ({le['train_peak_mb']:.0f} MB vs {lt['train_peak_mb']:.0f} MB)"),
+        ("SmolLM2-135M: train step time vs torch + PEFT", "≤ 1.0×", lambda: lr["step_time"], lambda v: v <= 1.0,
+         lambda v: f"{v:.2f}× ({le['step_s']:.2f} s vs {lt['step_s']:.2f} s)"),
+        ("SmolLM2-135M: validation perplexity after the same steps vs torch + PEFT", "within 2 %",
+         lambda: round(100 * (lr["val_ppl_after"] - 1), 2), lambda v: abs(v) <= 2.0,
+         lambda v: f"{v:+.2f} % ({le['val_ppl_after']:.2f} vs {lt['val_ppl_after']:.2f}, from {le['val_ppl_before']:.2f} and {lt['val_ppl_before']:.2f})"),
+        ("SmolLM2-135M: generation tokens/s vs torch (base / with the LoRA delta)", "≥ 1.0×",
+         lambda: min(lr["gen_base"], lr["gen_lora"]), lambda v: v >= 1.0,
+         lambda v: f"{lr['gen_base']:.2f}× / {lr['gen_lora']:.2f}×"),
+        ("SmolLM2-135M: export time vs a plain torch.onnx.export of the inference graph (CPU seconds)", "≤ 3×",
+         lambda: lx["int8"]["cpu_ratio_vs_plain"], lambda v: v <= 3.0,
+         lambda v: f"{v:.2f}× ({lx['int8']['export_cpu_s']:.0f} s vs {lx['plain']['plain_export_cpu_s']:.0f} s; wall "
+                   f"{lx['int8']['export_s']:.0f} s vs {lx['plain']['plain_export_s']:.0f} s; peak "
+                   f"{lx['int8']['export_peak_mb']:.0f} MB vs {lx['plain']['plain_export_peak_mb']:.0f} MB)"),
     ]
     out = []
     for name, bound, value, test, reads in specs:
@@ -139,6 +158,11 @@ def summary(command: str, seconds: float | None) -> str:
          ("packed delta bytes", "packed_bytes"), ("s/step", "step_s"), ("peak RSS MB", "peak_rss_mb")]),
         ("export", "6. Export (workstation side)", [("export", "config"), ("seconds", "seconds"), ("× plain", "time_ratio_vs_plain"),
          ("peak RSS MB", "peak_rss_mb"), ("size MB", "size_mb")]),
+        ("llm", "7. SmolLM2-135M-Instruct: LoRA r=8 on q/v of the top 10 of 30 layers, batch 4 × 256", [
+         ("side", "config"), ("s/step", "step_s"), ("CPU s/step", "step_cpu_s"), ("peak RSS MB (training)", "train_peak_mb"),
+         ("RSS before training MB", "rss_before_train_mb"), ("val ppl before", "val_ppl_before"),
+         ("val ppl after", "val_ppl_after"), ("tokens/s base", "gen_base_tokens_per_s"),
+         ("tokens/s with LoRA", "gen_lora_tokens_per_s")]),
         ("levers", "Levers, one at a time (edgepeft train step, batch 16, length 48)", [("change", "config"), ("step ms", "step_ms"),
          ("× default", "step_ratio"), ("peak RSS MB", "peak_rss_mb"), ("× default", "peak_ratio"), ("GFLOP", "gflop")]),
     ]
@@ -158,6 +182,16 @@ def summary(command: str, seconds: float | None) -> str:
                           _table(row["ops"], [("operator", "op"), ("ms per step", "ms_per_step"), ("share", "share")]).rstrip(), ""]
             continue
         lines.append(_table(res["rows"], cols).rstrip())
+        if name == "llm" and res.get("export"):
+            x = res["export"]
+            rows = [{"config": "torch.onnx.export, inference only (fp32)", "seconds": x["plain"]["plain_export_s"],
+                     "cpu_s": x["plain"]["plain_export_cpu_s"], "peak_rss_mb": x["plain"]["plain_export_peak_mb"]}] \
+                if "plain" in x else []
+            rows += [{"config": f"edgepeft export --quantize {q} (inference + train step)", "seconds": x[q]["export_s"],
+                      "cpu_s": x[q]["export_cpu_s"], "cpu_ratio_vs_plain": x[q].get("cpu_ratio_vs_plain"),
+                      "peak_rss_mb": x[q]["export_peak_mb"]} for q in ("int8", "int4") if q in x]
+            lines += ["", _table(rows, [("export of the GGUF", "config"), ("wall s", "seconds"), ("CPU s", "cpu_s"),
+                                        ("CPU × plain", "cpu_ratio_vs_plain"), ("peak RSS MB", "peak_rss_mb")]).rstrip()]
         if name == "levers" and res.get("bucketing"):
             lines += ["", _table(res["bucketing"], [("batching (one epoch of RT train, batch 16)", "config"),
                                                     ("padded tokens", "padded_tokens_per_epoch"),

@@ -90,6 +90,7 @@ def export_bundles(
     max_length: int = 128,
     opset: int = 20,
     seed: int = 0,
+    source: str | os.PathLike | None = None,
     progress: Callable[[str], None] = lambda msg: None,
 ) -> dict[str, Manifest]:
     """Export the model in ``model_dir`` once per quantization, ``{"int8": out_dir, ...}``; return the manifests.
@@ -103,6 +104,8 @@ def export_bundles(
     is loaded, and against the model before anything is traced.
     ``top_layers``: slots only in the last N layers (the backward pass stops there); ``"auto"`` (the
     default, as on the command line) is the top third, at least 2; ``None`` or ``"all"``: every layer.
+    ``source``: what the manifest records as the model's origin (default ``model_dir``; the CLI gives the
+    GGUF file it converted, since ``model_dir`` is then a temporary folder).
     """
     model_dir, outs = Path(os.fspath(model_dir)), {q: Path(os.fspath(o)) for q, o in outs.items()}
     chosen, configs = _check_options(model_dir, outs, method, {"rank": rank, "alpha": alpha, "targets": targets},
@@ -201,7 +204,7 @@ def export_bundles(
             if chat is not None:
                 atomic.write_text(tmp / CHAT_TEMPLATE_FILE, json.dumps(chat, indent=1, sort_keys=True))
             manifest = Manifest(
-                fingerprint=fingerprint, source=str(model_dir.resolve()), architecture=type(model).__name__,
+                fingerprint=fingerprint, source=str(Path(os.fspath(source or model_dir)).resolve()), architecture=type(model).__name__,
                 model_type=config.model_type, task=task, method=method, quantization=quantize, max_length=max_length,
                 vocab_size=vocab, pad_token_id=int(pad), slots=tuple(slots), labels=tuple(label_names),
                 eos_token_id=tokenizer.eos_token_id, tokenizer=TOKENIZER_FILE, weights=WEIGHTS_FILE,

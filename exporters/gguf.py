@@ -29,6 +29,7 @@ def gguf_to_model_dir(path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # one progress line per phase is the exporter's
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -65,7 +65,8 @@ def figures() -> dict[str, str]:
 
     def target(name: str) -> str:  # README's targets table rows read as summary.md's
         t = targets[name]
-        return f"| {t['bound']} | {t['shown']} | {'**met**' if t['met'] else 'not met'} |"
+        met = "n/a" if t["met"] is None else "**met**" if t["met"] else "not met"
+        return f"| {t['bound']} | {t['shown']} | {met} |"
 
     def ratio(a: float, b: float, digits: int = 2) -> str:
         return f"{a / b:.{digits}f}×"
@@ -137,6 +138,7 @@ def figures() -> dict[str, str]:
         "tour: top 2 layers lever":
             f"{levers['top 2 layers']['step_ratio']:.2f}× the time and {levers['top 2 layers']['peak_ratio']:.2f}× the peak\nmemory",
         **device_figures(),
+        **llm_figures(),
     }
 
 
@@ -158,6 +160,37 @@ def device_figures() -> dict[str, str]:
     }
 
 
+def llm_figures() -> dict[str, str]:
+    """The Small LLMs measured section: SmolLM2-135M-Instruct beside torch + PEFT (its targets rows come from run_all)."""
+    if not (RESULTS / "llm.json").is_file():  # not measured yet: README says so, and quotes no figure
+        return {}
+    r = _json("llm")
+    e, t, x = r["edgepeft_int8"], r["torch_peft_fp32"], r["export"]
+
+    def cells(key: str, fmt: str) -> str:
+        return f"| {fmt.format(t[key])} | {fmt.format(e[key])} | {e[key] / t[key]:.2f}× |"
+
+    gen = [f"{s['gen_tokens_per_s']['base']:.2f} / {s['gen_tokens_per_s']['lora']:.2f}" for s in (t, e)]
+    p = x.get("plain")
+    plain = (f"{p['plain_export_s']:.0f} / {p['plain_export_cpu_s']:.0f} s, {p['plain_export_peak_mb']:.0f} MB "
+             "(`torch.onnx.export`, inference only)") if p else "not measured"
+    cpu_ratio = f"{x['int8']['cpu_ratio_vs_plain']:.2f}× CPU" if p else "—"
+    return {
+        "llm: setting": f"{r['steps']} AdamW steps on each side",
+        "llm: step": "| train step, batch 4 × 256 tokens " + cells("step_s", "{:.2f} s"),
+        "llm: step cpu": "| the same in CPU seconds (all threads) " + cells("step_cpu_s", "{:.2f} s"),
+        "llm: peak": "| peak RSS while training " + cells("train_peak_mb", "{:.0f} MB"),
+        "llm: before training": "| RSS before the first step (weights, sessions, runtime) " + cells("rss_before_train_mb", "{:.0f} MB"),
+        "llm: perplexity":
+            f"| validation perplexity before → after | {t['val_ppl_before']:.2f} → {t['val_ppl_after']:.2f} | "
+            f"{e['val_ppl_before']:.2f} → {e['val_ppl_after']:.2f} | {e['val_ppl_after'] / t['val_ppl_after']:.3f}× |",
+        "llm: generation": f"| generation tokens/s, base / with the LoRA delta | {gen[0]} | {gen[1]} | "
+                           + " / ".join(f"{r['ratios']['edgepeft_int8'][k]:.2f}" for k in ("gen_base", "gen_lora")) + "× |",
+        "llm: export": f"| export of the GGUF, wall / CPU seconds, peak RSS | {plain} | {x['int8']['export_s']:.0f} / "
+                       f"{x['int8']['export_cpu_s']:.0f} s, {x['int8']['export_peak_mb']:.0f} MB (both graphs) | {cpu_ratio} |",
+    }
+
+
 FIGURES = figures()
 
 
@@ -169,11 +202,12 @@ def test_readme_quotes_the_results_file(where):
 def _measured_sections() -> str:
     """README's sections that quote benchmark figures."""
     parts = re.split(r"^## ", README, flags=re.M)
-    return "\n".join(p for p in parts if p.startswith(("Measured", "Devices")))
+    return "\n".join(p for p in parts if p.startswith(("Measured", "Devices", "Small LLMs, measured")))
 
 
 # Numbers in those sections that are settings or bounds, not measurements.
-SETTINGS = {"1", "2", "3", "4", "6", "8", "16", "32", "64", "75", "96", "128", "1,200", "0.33", "0.4", "0.2", "0.5"}
+SETTINGS = {"1", "2", "3", "4", "6", "8", "16", "32", "64", "75", "96", "128", "1,200", "0.33", "0.4", "0.2", "0.5",
+            "30", "135", "256"}  # SmolLM2-135M: its name, its 30 layers; 256: the batch length
 
 
 def test_every_number_in_the_measured_sections_has_a_results_entry():

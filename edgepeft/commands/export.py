@@ -99,6 +99,7 @@ def export_cmd(model_dir: Path, out_dir: Path, task, labels, num_labels, method,
 
     if rank <= 0:
         raise click.BadParameter(f"must be a positive integer, got {rank}", param_hint="--rank")
+    source = model_dir  # the manifest records what the user gave, not the temporary conversion
     with tempfile.TemporaryDirectory(prefix="edgepeft-gguf-") as tmp:
         if is_gguf(model_dir):  # a GGUF file: dequantized to a float32 model directory first
             click.echo(f"reading {model_dir} (GGUF) into a float32 model", err=True)
@@ -106,7 +107,7 @@ def export_cmd(model_dir: Path, out_dir: Path, task, labels, num_labels, method,
         manifest = export_bundle(model_dir, out_dir, task=task, labels=labels, num_labels=num_labels, method=method,
                                  method_config=method_config,
                                  rank=rank, alpha=alpha, targets=targets, top_layers=top_layers, quantize=quantize,
-                                 max_length=max_length, opset=opset, seed=seed,
+                                 max_length=max_length, opset=opset, seed=seed, source=source,
                                  progress=lambda msg: click.echo(msg, err=True))
     click.echo(f"{out_dir}: {manifest.task}, {len(manifest.slots)} slots, "
                f"{manifest.trainable_numbers:,} trainable numbers, {manifest.quantization} weights")
