@@ -146,9 +146,12 @@ def export_bundle(
 
     top_layers = resolve_top_layers(len(layers_of(model, family)), top_layers)  # "auto" -> a count; None = every layer
     auto = tuple(m for m in methods.get_all() if task in m.auto_tasks and m not in chosen)
-    slots = plan_slots(model, family, chosen=chosen + auto, configs=configs, head=task == SEQ_CLS, top_layers=top_layers)
+    slots = plan_slots(model, family, chosen=chosen + auto, configs=configs, head=task == SEQ_CLS, top_layers=top_layers,
+                       max_length=max_length)
     if not slots:
         raise ExportError("no delta slots: the method, targets and --top-layers select nothing")
+    virtual = methods.virtual_tokens(slots)  # positions the virtual tokens take from every call (issue 14)
+    max_length -= virtual  # the user's tokens: what the runtime truncates to
     quant = {}
     for name, mod in model.named_modules():
         if (dims := linear_dims(mod)) is not None:
@@ -156,7 +159,7 @@ def export_bundle(
         elif isinstance(mod, torch.nn.Embedding) and mod.weight.numel() >= 1024:
             quant[frozen_name(name + ".weight")] = QuantSpec(axis=0, embedding=True)
     feed = inject(model, slots, configs)
-    wrapped = {s.module for s in slots}
+    wrapped = {s.module for s in slots if not methods.owner(s.kind).virtual}  # virtual tokens wrap no module
     # GPT-2's Conv1D stores its weight (in, out): recorded so numpy readers of the base weights orient them.
     in_out = sorted(m for m in wrapped if type(model.get_submodule(m).base).__name__ == "Conv1D")
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -196,7 +199,8 @@ def export_bundle(
             train_layers=None if top_layers is None else tuple(sorted({i for s in slots if (i := _layer(family, s.module)) is not None})),
             extra={"base_parameters": int(sum(p.numel() for p in model.parameters())), "opset": opset,
                    "export_seconds": round(time.perf_counter() - t0, 1), "seed": seed,
-                   **({"context_length": int(max_pos)} if task == CAUSAL_LM else {}),
+                   **({"context_length": int(max_pos) - virtual} if task == CAUSAL_LM else {}),
+                   **({"virtual_tokens": virtual} if virtual else {}),
                    **({IN_OUT_KEY: in_out} if in_out else {})},
             method_config={name: c.to_dict() for name, c in configs.items()},
         )

@@ -16,7 +16,7 @@ import numpy as np
 
 from edgepeft.errors import GenerationError
 from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, INPUT_IDS, LOGITS
-from edgepeft.runtime.feeds import DeltaLike
+from edgepeft.runtime.feeds import DeltaLike, after_prefill
 from edgepeft.runtime.infer import Predictor
 from edgepeft.runtime.kv_cache import empty_cache, next_cache
 from edgepeft.runtime.text import untruncated
@@ -103,6 +103,7 @@ class Generator:
             if p.cache:
                 out = dict(zip(self._outputs, p.session.run(self._outputs, feeds)))
                 cache = next_cache(p.cache, out)
+                slots = after_prefill(p.manifest, slots)  # the cache carries the virtual tokens from here on
             else:
                 out = {LOGITS: p.session.run([LOGITS], feeds)[0]}
             nxt = choose(out[LOGITS][0, -1], sampling, rng)
