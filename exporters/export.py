@@ -101,7 +101,7 @@ def export_bundle(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from edgepeft.exporters.architectures import family_for, infer_task
-    from edgepeft.exporters.causal_lm import cache_layers, lm_graphs
+    from edgepeft.exporters.causal_lm import cache_layers, kv_shape, lm_graphs
     from edgepeft.exporters.chat_template import derive_pieces
     from edgepeft.exporters.inject import inject, layers_of, linear_dims, plan_slots, resolve_top_layers
     from edgepeft.exporters.trace import export_graphs
@@ -196,11 +196,11 @@ def export_bundle(
                 "infer": Graph(INFER_GRAPH_FILE, (INPUT_IDS, ATTENTION_MASK, *slot_names), (LOGITS,)),
                 "train": Graph(TRAIN_GRAPH_FILE, (*batch, *slot_names), (LOSS, *map(grad_name, slot_names))),
             },
-            train_layers=None if top_layers is None else tuple(sorted({i for s in slots if (i := _layer(family, s.module)) is not None})),
+            train_layers=None if top_layers is None or virtual else tuple(sorted({i for s in slots if (i := _layer(family, s.module)) is not None})),
             extra={"base_parameters": int(sum(p.numel() for p in model.parameters())), "opset": opset,
                    "export_seconds": round(time.perf_counter() - t0, 1), "seed": seed,
                    **({"context_length": int(max_pos) - virtual} if task == CAUSAL_LM else {}),
-                   **({"virtual_tokens": virtual} if virtual else {}),
+                   **({"virtual_tokens": virtual, "kv_shape": list(kv_shape(config))} if virtual else {}),
                    **({IN_OUT_KEY: in_out} if in_out else {})},
             method_config={name: c.to_dict() for name, c in configs.items()},
         )
