@@ -33,7 +33,10 @@ from common import CACHE, RESULTS, minilm_bundle, run_child, write_result  # noq
 # order (the targets' methods first), so a run cut short by --budget-min still answers the targets
 METHODS = {"lora r=8": ("lora+head", "lora"), "loraxs r=8": ("loraxs+head", None), "ia3": ("ia3+head", "ia3"),
            "dora r=8": ("dora+head", "dora"), "vera r=256": ("vera+head", "vera"), "head only": ("head", None),
-           "bitfit": ("bitfit+head", None), "bottleneck (pfeiffer /16)": ("bottleneck+head", None)}
+           "bitfit": ("bitfit+head", None), "bottleneck (pfeiffer /16)": ("bottleneck+head", None),
+           # issue 14: virtual tokens, PEFT's defaults for the rest (P-tuning's MLP encoder, prefix without projection)
+           "prompt tuning (20 tokens)": ("prompt+head", "prompt"), "p-tuning (20 tokens)": ("ptuning+head", "ptuning"),
+           "prefix tuning (20 tokens)": ("prefix+head", "prefix")}
 SMALL_DELTA_BYTES = 2048  # the target: a method this small within 1.5 points of LoRA r=8
 
 EDGEPEFT_CHILD = """
@@ -92,7 +95,24 @@ order = json.load(open(order_file))
 adapter = tempfile.mkdtemp()
 to_peft(delta_from_init(b.manifest, hp["seed"]), b.manifest, adapter, base_weights=read_frozen(b))  # edgepeft's start
 model = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2, attn_implementation="eager")
-model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+if "ptuning" in b.manifest.method:  # PEFT's adapter holds the encoder's output only: build the encoder, copy the start
+    from peft import PromptEncoderConfig, get_peft_model
+    t = {k.rpartition(".")[2]: v for k, v in delta_from_init(b.manifest, hp["seed"]).tensors.items() if k.startswith("prompt_encoder.")}
+    model = get_peft_model(model, PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=t["pt_embedding"].shape[0],
+                                                      encoder_hidden_size=t["pt_w0"].shape[0]))
+    enc = model.prompt_encoder["default"]
+    names = {"pt_embedding": "embedding.weight", "pt_w0": "mlp_head.0.weight", "pt_b0": "mlp_head.0.bias", "pt_w1": "mlp_head.2.weight",
+             "pt_b1": "mlp_head.2.bias", "pt_w2": "mlp_head.4.weight", "pt_b2": "mlp_head.4.bias"}
+    from safetensors.torch import load_file
+    with torch.no_grad():
+        for k, path in names.items():
+            enc.get_parameter(path).copy_(torch.from_numpy(t[k]))
+        for k, v in load_file(os.path.join(adapter, "adapter_model.safetensors")).items():  # the bundle's head
+            if k != "prompt_embeddings":
+                module, _, leaf = k.removeprefix("base_model.").rpartition(".")
+                getattr(model.base_model.get_submodule(module).modules_to_save["default"], leaf).copy_(v)
+else:
+    model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
 model.eval()  # no dropout, as in edgepeft's graphs
 params = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"], betas=(0.9, 0.999), eps=1e-8)
