@@ -200,7 +200,9 @@ def export_bundle(
             extra={"base_parameters": int(sum(p.numel() for p in model.parameters())), "opset": opset,
                    "export_seconds": round(time.perf_counter() - t0, 1), "seed": seed,
                    **({"context_length": int(max_pos) - virtual} if task == CAUSAL_LM else {}),
-                   **({"virtual_tokens": virtual, "kv_shape": list(kv_shape(config))} if virtual else {}),
+                   **({"virtual_tokens": virtual, "kv_shape": list(kv_shape(config)),  # what PEFT's config and the text init need
+                       "input_embeddings": next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)}
+                      if virtual else {}),
                    **({IN_OUT_KEY: in_out} if in_out else {})},
             method_config={name: c.to_dict() for name, c in configs.items()},
         )

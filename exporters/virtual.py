@@ -40,12 +40,12 @@ class VirtualInputs:
     def with_prefix(self, prefix: torch.Tensor) -> "VirtualInputs":
         """``prefix`` (V, 2·L·K) in PEFT's layout at the head of every layer's cache."""
         layers, heads, d = self.kv
-        b, v = self.embeds.shape[0], prefix.shape[0]
-        kv = prefix.to(self.embeds.dtype).reshape(v, 2 * layers, heads, d).permute(1, 2, 0, 3)  # (2L, heads, V, D)
-        kv = kv.unsqueeze(1).expand(-1, b, -1, -1, -1)  # (2L, B, heads, V, D)
-        if self.past:
-            return replace(self, past=tuple(torch.cat([kv[i], old], 2) for i, old in enumerate(self.past)))
-        return replace(self, past=tuple(kv[i] for i in range(2 * layers)))
+        kv = prefix.to(self.embeds.dtype).reshape(prefix.shape[0], 2 * layers, heads, d).permute(1, 2, 0, 3)  # (2L, heads, V, D)
+        if self.past:  # each row's copy takes its batch size from the cache it heads (B, heads, V + P, D)
+            return replace(self, past=tuple(torch.cat([kv[i].unsqueeze(0).expand(old.shape[0], -1, -1, -1), old], 2)
+                                            for i, old in enumerate(self.past)))
+        b = self.embeds.shape[0]
+        return replace(self, past=tuple(kv[i].unsqueeze(0).expand(b, -1, -1, -1) for i in range(2 * layers)))
 
 
 def model_inputs(model: nn.Module, feed: DeltaFeed, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -28,6 +28,7 @@ from edgepeft.runtime.bundle import Bundle, SessionConfig
 from edgepeft.runtime.data import Dataset, plan_batches, split_batch, split_by_tokens
 from edgepeft.runtime.evaluate import evaluate, score
 from edgepeft.runtime.infer import Predictor
+from edgepeft.runtime.prompt_init import with_text_init
 from edgepeft.runtime.lm_targets import LOSS_MASK, first_target, loss_chunks, scored, train_feeds
 from edgepeft.runtime.optim import SCHEDULES, AdamW, clip_by_global_norm, lr_at
 
@@ -180,7 +181,7 @@ class Trainer:
     def _fresh_delta(self) -> Delta:
         if self.start is not None:
             return Delta({k: np.array(v, np.float32) for k, v in self.start.tensors.items()}, self.start.meta)
-        return delta_from_init(self.manifest, self.config.seed)
+        return with_text_init(self.bundle, delta_from_init(self.manifest, self.config.seed))  # a prompt's text init
 
     # ---- one optimizer step ---------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ CASES = [  # (family, method, quantization[, method options])
     ("llama", "bottleneck", "none", {"placement": "houlsby", "non_linearity": "silu", "reduction_factor": 4}),
     ("llama", "bottleneck", "int8"),
     # issue 14: virtual tokens (each method on both families, fp32 on one and int8 on the other)
-    ("bert", "prompt", "int8", {"num_virtual_tokens": 4}),
+    ("bert", "prompt", "int8", {"num_virtual_tokens": 4, "init": "text", "init_text": "w5"}),
     ("llama", "prompt", "none", {"num_virtual_tokens": 4}),
     ("bert", "ptuning", "none", {"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
     ("llama", "ptuning", "int8", {"num_virtual_tokens": 4, "encoder_hidden_size": 16}),

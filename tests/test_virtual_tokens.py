@@ -4,13 +4,20 @@ the room they take from --max-length, and a causal LM's cache carrying them afte
 from __future__ import annotations
 
 import numpy as np
+from peft import PromptTuningConfig, get_peft_model
 
+import torch_reference
 from cli_helpers import error_lines, run_cli
 from test_methods_table import perturbed
+from edgepeft.delta import delta_from_init
+from edgepeft.names import PROMPT, PROMPT_MODULE, slot_name
+from edgepeft.runtime.prompt_init import with_text_init
 from edgepeft.runtime.generate import Generator, Sampling
 from edgepeft.runtime.infer import Predictor
 
-LLAMA_PROMPT = dict(method="prompt", method_config={"num_virtual_tokens": 4})  # a row of the table: exported once
+# rows of the table (tests/test_methods_table.py): exported once per session
+LLAMA_PROMPT = dict(method="prompt", method_config={"num_virtual_tokens": 4})
+BERT_TEXT_PROMPT = dict(method="prompt", method_config={"num_virtual_tokens": 4, "init": "text", "init_text": "w5"})
 
 
 def test_more_virtual_tokens_than_max_length_leaves_room_for_is_one_line_and_writes_nothing(capsys, model_dirs, tmp_path):
@@ -44,3 +51,13 @@ def test_generation_feeds_the_prompt_once_and_matches_full_forwards(bundles):
         want.append(nxt)
         ids.append(nxt)
     assert got and got == want
+
+
+def test_a_text_init_is_peft_s_text_init_on_the_bundle_s_own_embeddings(bundles, model_dirs):
+    # "w5" is 3 tokens with [CLS] and [SEP]: repeated, then cut to the 4 virtual tokens, as PEFT does
+    bundle = bundles("bert", "int8", **BERT_TEXT_PROMPT)
+    ours = with_text_init(bundle, delta_from_init(bundle.manifest, 0)).tensors[slot_name(PROMPT_MODULE, PROMPT)]
+    cfg = PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4, prompt_tuning_init="TEXT",
+                             prompt_tuning_init_text="w5", tokenizer_name_or_path=str(model_dirs("bert")))
+    peft = get_peft_model(torch_reference.load_hf(model_dirs("bert"), bundle), cfg)
+    np.testing.assert_array_equal(ours, peft.prompt_encoder["default"].embedding.weight.detach().numpy())

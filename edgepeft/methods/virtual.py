@@ -67,8 +67,9 @@ class VirtualTokens(Method):
         return np.zeros(slot.shape, np.float32)
 
     def init(self, slot: Slot, rng: np.random.Generator) -> np.ndarray:
-        """PEFT's starts: embeddings N(0, 1) (torch.nn.Embedding), weights kaiming-uniform (torch.nn.Linear), biases 0."""
-        if slot.init == "normal":
+        """PEFT's starts: embeddings N(0, 1) (torch.nn.Embedding), weights kaiming-uniform (torch.nn.Linear), biases 0.
+        A prompt with a text init draws N(0, 1) here too: runtime/prompt_init.py replaces it where the bundle is at hand."""
+        if slot.init in ("normal", "text"):
             return rng.standard_normal(slot.shape).astype(np.float32)
         if slot.init == "kaiming_uniform":
             return kaiming_uniform(slot.shape, rng)
