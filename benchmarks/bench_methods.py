@@ -95,18 +95,23 @@ order = json.load(open(order_file))
 adapter = tempfile.mkdtemp()
 to_peft(delta_from_init(b.manifest, hp["seed"]), b.manifest, adapter, base_weights=read_frozen(b))  # edgepeft's start
 model = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2, attn_implementation="eager")
-if "ptuning" in b.manifest.method:  # PEFT's adapter holds the encoder's output only: build the encoder, copy the start
-    from peft import PromptEncoderConfig, get_peft_model
-    t = {k.rpartition(".")[2]: v for k, v in delta_from_init(b.manifest, hp["seed"]).tensors.items() if k.startswith("prompt_encoder.")}
-    model = get_peft_model(model, PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=t["pt_embedding"].shape[0],
-                                                      encoder_hidden_size=t["pt_w0"].shape[0]))
-    enc = model.prompt_encoder["default"]
-    names = {"pt_embedding": "embedding.weight", "pt_w0": "mlp_head.0.weight", "pt_b0": "mlp_head.0.bias", "pt_w1": "mlp_head.2.weight",
-             "pt_b1": "mlp_head.2.bias", "pt_w2": "mlp_head.4.weight", "pt_b2": "mlp_head.4.bias"}
+if any(s.module == "prompt_encoder" for s in b.manifest.slots):
+    # PEFT loads no prompt-learning adapter trainable, and its file holds only an encoder's output: build the
+    # method from the adapter's config and copy edgepeft's start into its prompt encoder (and head copy)
+    from peft import PeftConfig, get_peft_model
     from safetensors.torch import load_file
+    cfg = PeftConfig.from_pretrained(adapter)
+    cfg.inference_mode = False
+    model = get_peft_model(model, cfg)
+    enc = model.prompt_encoder["default"]
+    names = {"prompt_embeddings": "embedding.weight", "prefix_embeddings": "embedding.weight", "pt_embedding": "embedding.weight",
+             "pt_w0": "mlp_head.0.weight", "pt_b0": "mlp_head.0.bias", "pt_w1": "mlp_head.2.weight", "pt_b1": "mlp_head.2.bias",
+             "pt_w2": "mlp_head.4.weight", "pt_b2": "mlp_head.4.bias"}
     with torch.no_grad():
-        for k, path in names.items():
-            enc.get_parameter(path).copy_(torch.from_numpy(t[k]))
+        for k, v in delta_from_init(b.manifest, hp["seed"]).tensors.items():
+            module, _, kind = k.rpartition(".")
+            if module == "prompt_encoder":
+                enc.get_parameter(names[kind]).copy_(torch.from_numpy(v))
         for k, v in load_file(os.path.join(adapter, "adapter_model.safetensors")).items():  # the bundle's head
             if k != "prompt_embeddings":
                 module, _, leaf = k.removeprefix("base_model.").rpartition(".")

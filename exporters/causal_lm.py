@@ -29,7 +29,7 @@ from torch.export import Dim
 from torch.func import functional_call
 
 from edgepeft.manifest import Graph, Slot
-from edgepeft.methods import virtual_tokens
+from edgepeft.methods import owner, virtual_tokens
 from edgepeft.names import (ATTENTION_MASK, INFER_GRAPH_FILE, INPUT_IDS, LOGITS, LOSS, TARGET_IDS,
                             TARGET_INDEX, TRAIN_GRAPH_FILE, grad_name, past_name, present_name)
 from edgepeft.exporters.inject import DeltaFeed
@@ -111,20 +111,22 @@ def make_lm_functions(model: nn.Module, feed: DeltaFeed, slots: list[Slot],
     decoder = _Decoder(model, feed)
     names = [s.name for s in slots]
     n, layers = len(names), cache_layers(model.config)
+    inames = [s.name for s in infer_slots(slots, layers)]
     pnames = ["lm." + p for p in param_names]
     # PEFT scores the first user token from the last virtual one: the train graph's position t predicts token t
     prompted = virtual_tokens(slots, "sequence") > 0
 
-    def run(input_ids, attention_mask, rest, past=()):
-        feed.tensors = dict(zip(names, rest[:n]))
-        return functional_call(decoder, dict(zip(pnames, rest[n:])), (input_ids, attention_mask, tuple(past)))
+    def run(input_ids, attention_mask, rest, past=(), slot_names=names):
+        k = len(slot_names)
+        feed.tensors = dict(zip(slot_names, rest[:k]))
+        return functional_call(decoder, dict(zip(pnames, rest[k:])), (input_ids, attention_mask, tuple(past)))
 
     def infer(input_ids, attention_mask, *rest):
         if not layers:  # no cache: logits of the whole sequence, as before issue 16
             hidden, w, b, _, skip = run(input_ids, attention_mask, rest)
             return hidden[:, skip:] @ w.t() + (b if b is not None else 0.0)
         past, rest = rest[:2 * layers], rest[2 * layers:]
-        hidden, w, b, cache, skip = run(input_ids, attention_mask, rest, past)
+        hidden, w, b, cache, skip = run(input_ids, attention_mask, rest, past, inames)
         logits = hidden[:, skip:] @ w.t() + (b if b is not None else 0.0)  # (B, T, V): the user's positions
         present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
         return (logits, *present)
@@ -160,6 +162,7 @@ def export_lm_graphs(model: nn.Module, feed: DeltaFeed, slots: list[Slot], param
     targets[-1, -1] = -1
     deltas = _example_deltas(slots)
     frozen = list(params.values())
+    ideltas = [d for s, d in zip(slots, deltas) if s in infer_slots(slots, layers)]
     b, t, p, mm = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=0), Dim("scored", min=1)
     fixed = [None] * (len(slots) + len(onnx_names))
 
@@ -172,10 +175,10 @@ def export_lm_graphs(model: nn.Module, feed: DeltaFeed, slots: list[Slot], param
     progress("tracing and exporting the inference graph" + (" (with a KV cache)" if layers else ""))
     feed.scale = {k: 1.0 for k in train_scales}  # the runtime feeds s*B
     past = [torch.randn(2, kv_heads, 3, head_dim, generator=g) for _ in range(2 * layers)]
-    rank_dyn = infer_dims(slots)
+    rank_dyn = infer_dims(infer_slots(slots, layers))
     infer_io = lm_graphs(slots, layers)["infer"]
     try:
-        infer_model = _export(infer, [ids, mask, *past, *[d.detach() for d in deltas], *frozen],
+        infer_model = _export(infer, [ids, mask, *past, *[d.detach() for d in ideltas], *frozen],
                               [*infer_io.inputs, *onnx_names], list(infer_io.outputs),
                               [{0: b, 1: t}, {0: b, 1: t}, *[{0: b, 2: p}] * len(past), *rank_dyn,
                                *[None] * len(onnx_names)], opset)
@@ -184,13 +187,20 @@ def export_lm_graphs(model: nn.Module, feed: DeltaFeed, slots: list[Slot], param
     return {"infer": infer_model, "train": train_model}
 
 
+def infer_slots(slots: list[Slot] | tuple[Slot, ...], layers: int) -> list[Slot]:
+    """The slots model.onnx takes: with a KV cache, a prefix is not one of them but the cache of a call's start
+    (the runtime feeds it as the past keys and values: runtime/kv_cache.py), as PEFT hands it to the model."""
+    return [s for s in slots if not (layers and owner(s.kind).virtual == "prefix")]
+
+
 def lm_graphs(slots: list[Slot] | tuple[Slot, ...], layers: int) -> dict[str, Graph]:
     """The manifest's graph entries of a causal LM: inputs and outputs of model.onnx and train.onnx."""
     slot_names = [s.name for s in slots]
+    infer_names = [s.name for s in infer_slots(slots, layers)]
     past = [past_name(i, k) for i in range(layers) for k in KV]
     present = [present_name(i, k) for i in range(layers) for k in KV]
     return {
-        "infer": Graph(INFER_GRAPH_FILE, (INPUT_IDS, ATTENTION_MASK, *past, *slot_names), (LOGITS, *present)),
+        "infer": Graph(INFER_GRAPH_FILE, (INPUT_IDS, ATTENTION_MASK, *past, *infer_names), (LOGITS, *present)),
         "train": Graph(TRAIN_GRAPH_FILE, (INPUT_IDS, ATTENTION_MASK, TARGET_INDEX, TARGET_IDS, *slot_names),
                        (LOSS, *map(grad_name, slot_names))),
     }

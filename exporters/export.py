@@ -172,7 +172,8 @@ def export_bundle(
     vocab = int(config.vocab_size)
     graphs = export_graphs(model, feed, slots, task, params, onnx_names, vocab=vocab,
                            num_labels=len(label_names), opset=opset, progress=say)
-    add_input_defaults(graphs["infer"], neutral_values(slots))  # model.onnx runs with no delta fed
+    inputs = {i.name for i in graphs["infer"].graph.input}  # a causal LM's prefix is its cache, not an input
+    add_input_defaults(graphs["infer"], neutral_values([s for s in slots if s.name in inputs]))  # runs with no delta fed
 
     say(f"storing frozen weights ({quantize})")
     arrays = dict(zip(onnx_names, load_params(params).values()))

@@ -41,10 +41,8 @@ class VirtualInputs:
         """``prefix`` (V, 2·L·K) in PEFT's layout at the head of every layer's cache."""
         layers, heads, d = self.kv
         kv = prefix.to(self.embeds.dtype).reshape(prefix.shape[0], 2 * layers, heads, d).permute(1, 2, 0, 3)  # (2L, heads, V, D)
-        if self.past:  # each row's copy takes its batch size from the cache it heads (B, heads, V + P, D)
-            return replace(self, past=tuple(torch.cat([kv[i].unsqueeze(0).expand(old.shape[0], -1, -1, -1), old], 2)
-                                            for i, old in enumerate(self.past)))
         b = self.embeds.shape[0]
+        # a call with a KV cache gets no prefix here: the runtime feeds it as that cache (exporters/causal_lm.infer_slots)
         return replace(self, past=tuple(kv[i].unsqueeze(0).expand(b, -1, -1, -1) for i in range(2 * layers)))
 
 

@@ -70,5 +70,5 @@ def infer_feeds(manifest: Manifest, deltas: Sequence[DeltaLike] = (), weights: S
 def after_prefill(manifest: Manifest, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The slot feeds of a causal LM's calls after the first: its KV cache now holds the virtual tokens (prompts,
     prefixes), so they are fed empty; every other slot as before."""
-    virtual = {s.name: owner(s.kind).neutral(s) for s in manifest.slots if owner(s.kind).virtual}
+    virtual = {s.name: owner(s.kind).neutral(s) for s in manifest.slots if owner(s.kind).virtual and s.name in feeds}
     return {**feeds, **virtual} if virtual else feeds

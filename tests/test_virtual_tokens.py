@@ -4,6 +4,7 @@ the room they take from --max-length, and a causal LM's cache carrying them afte
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from peft import PromptTuningConfig, get_peft_model
 
 import torch_reference
@@ -17,6 +18,7 @@ from edgepeft.runtime.infer import Predictor
 
 # rows of the table (tests/test_methods_table.py): exported once per session
 LLAMA_PROMPT = dict(method="prompt", method_config={"num_virtual_tokens": 4})
+LLAMA_PREFIX = dict(method="prefix", method_config={"num_virtual_tokens": 4})  # int8
 BERT_TEXT_PROMPT = dict(method="prompt", method_config={"num_virtual_tokens": 4, "init": "text", "init_text": "w5"})
 
 
@@ -36,10 +38,11 @@ def test_virtual_tokens_take_their_positions_from_the_users_tokens(bundles):
     assert m.extra["context_length"] == 64 - 4
 
 
-def test_generation_feeds_the_prompt_once_and_matches_full_forwards(bundles):
-    # The cached path feeds the prompt on the first call only (the cache holds it after); every token it picks is
-    # the greedy choice of a full forward over prompt + text so far.
-    bundle = bundles("llama", "none", **LLAMA_PROMPT)
+@pytest.mark.parametrize("quant, method", [("none", LLAMA_PROMPT), ("int8", LLAMA_PREFIX)], ids=["prompt", "prefix"])
+def test_generation_feeds_virtual_tokens_once_and_matches_full_forwards(bundles, quant, method):
+    # The cached path feeds the prompt (or starts from the prefix as its cache) on the first call only; every token
+    # it picks is the greedy choice of a full forward over the virtual tokens + the text so far.
+    bundle = bundles("llama", quant, **method)
     delta = perturbed(bundle.manifest, 5)
     p = Predictor(bundle)
     prompt = [2, 10, 11, 12]
