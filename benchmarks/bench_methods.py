@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace, hp: dict, save) -> list[dict]:
         argv = [str(bundle), str(files["train"]), str(test), str(order), json.dumps(hp)]
         try:
             ours = run_child(EDGEPEFT_CHILD, *argv)
-        except RuntimeError as e:  # one method's failure is a row that says so, not a lost run
+        except (RuntimeError, subprocess.TimeoutExpired) as e:  # one method's failure is a row that says so, not a lost run
             print(f"{name}: edgepeft failed: {e}", file=sys.stderr, flush=True)
             rows.append({"method": name, "bundle_method": method, "peft": peft_name, "error": str(e)[-600:]})
             continue
@@ -180,7 +181,7 @@ def run(args: argparse.Namespace, hp: dict, save) -> list[dict]:
         if peft_name:
             try:
                 theirs = run_child(TORCH_CHILD, *argv)
-            except RuntimeError as e:
+            except (RuntimeError, subprocess.TimeoutExpired) as e:  # a child past its time limit too
                 print(f"{name}: torch + PEFT failed: {e}", file=sys.stderr, flush=True)
                 row["torch_error"] = str(e)[-600:]
                 rows.append({**row, **_flat(row)})
