@@ -24,7 +24,7 @@ BERT_TEXT_PROMPT = dict(method="prompt", method_config={"num_virtual_tokens": 4,
 
 def test_more_virtual_tokens_than_max_length_leaves_room_for_is_one_line_and_writes_nothing(capsys, model_dirs, tmp_path):
     out = tmp_path / "b"
-    r = run_cli(capsys, "export", model_dirs("bert"), out, "--method", "prompt", "--method-config",
+    r = run_cli(capsys, "export", model_dirs("bert"), "-o", out, "--method", "prompt", "--method-config",
                 "num_virtual_tokens=16", "--max-length", "16")
     assert r.code != 0
     lines = error_lines(r)
