@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,10 @@ from common import CACHE, RESULTS, minilm_bundle, run_child, write_result  # noq
 # order (the targets' methods first), so a run cut short by --budget-min still answers the targets
 METHODS = {"lora r=8": ("lora+head", "lora"), "loraxs r=8": ("loraxs+head", None), "ia3": ("ia3+head", "ia3"),
            "dora r=8": ("dora+head", "dora"), "vera r=256": ("vera+head", "vera"), "head only": ("head", None),
-           "bitfit": ("bitfit+head", None), "bottleneck (pfeiffer /16)": ("bottleneck+head", None)}
+           "bitfit": ("bitfit+head", None), "bottleneck (pfeiffer /16)": ("bottleneck+head", None),
+           # issue 14: virtual tokens, PEFT's defaults for the rest (P-tuning's MLP encoder, prefix without projection)
+           "prompt tuning (20 tokens)": ("prompt+head", "prompt"), "p-tuning (20 tokens)": ("ptuning+head", "ptuning"),
+           "prefix tuning (20 tokens)": ("prefix+head", "prefix")}
 SMALL_DELTA_BYTES = 2048  # the target: a method this small within 1.5 points of LoRA r=8
 
 EDGEPEFT_CHILD = """
@@ -92,7 +96,29 @@ order = json.load(open(order_file))
 adapter = tempfile.mkdtemp()
 to_peft(delta_from_init(b.manifest, hp["seed"]), b.manifest, adapter, base_weights=read_frozen(b))  # edgepeft's start
 model = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2, attn_implementation="eager")
-model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+if any(s.module == "prompt_encoder" for s in b.manifest.slots):
+    # PEFT loads no prompt-learning adapter trainable, and its file holds only an encoder's output: build the
+    # method from the adapter's config and copy edgepeft's start into its prompt encoder (and head copy)
+    from peft import PeftConfig, get_peft_model
+    from safetensors.torch import load_file
+    cfg = PeftConfig.from_pretrained(adapter)
+    cfg.inference_mode = False
+    model = get_peft_model(model, cfg)
+    enc = model.prompt_encoder["default"]
+    names = {"prompt_embeddings": "embedding.weight", "prefix_embeddings": "embedding.weight", "pt_embedding": "embedding.weight",
+             "pt_w0": "mlp_head.0.weight", "pt_b0": "mlp_head.0.bias", "pt_w1": "mlp_head.2.weight", "pt_b1": "mlp_head.2.bias",
+             "pt_w2": "mlp_head.4.weight", "pt_b2": "mlp_head.4.bias"}
+    with torch.no_grad():
+        for k, v in delta_from_init(b.manifest, hp["seed"]).tensors.items():
+            module, _, kind = k.rpartition(".")
+            if module == "prompt_encoder":
+                enc.get_parameter(names[kind]).copy_(torch.from_numpy(v))
+        for k, v in load_file(os.path.join(adapter, "adapter_model.safetensors")).items():  # the bundle's head
+            if k != "prompt_embeddings":
+                module, _, leaf = k.removeprefix("base_model.").rpartition(".")
+                getattr(model.base_model.get_submodule(module).modules_to_save["default"], leaf).copy_(v)
+else:
+    model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
 model.eval()  # no dropout, as in edgepeft's graphs
 params = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"], betas=(0.9, 0.999), eps=1e-8)
@@ -146,7 +172,7 @@ def run(args: argparse.Namespace, hp: dict, save) -> list[dict]:
         argv = [str(bundle), str(files["train"]), str(test), str(order), json.dumps(hp)]
         try:
             ours = run_child(EDGEPEFT_CHILD, *argv)
-        except RuntimeError as e:  # one method's failure is a row that says so, not a lost run
+        except (RuntimeError, subprocess.TimeoutExpired) as e:  # one method's failure is a row that says so, not a lost run
             print(f"{name}: edgepeft failed: {e}", file=sys.stderr, flush=True)
             rows.append({"method": name, "bundle_method": method, "peft": peft_name, "error": str(e)[-600:]})
             continue
@@ -155,7 +181,7 @@ def run(args: argparse.Namespace, hp: dict, save) -> list[dict]:
         if peft_name:
             try:
                 theirs = run_child(TORCH_CHILD, *argv)
-            except RuntimeError as e:
+            except (RuntimeError, subprocess.TimeoutExpired) as e:  # a child past its time limit too
                 print(f"{name}: torch + PEFT failed: {e}", file=sys.stderr, flush=True)
                 row["torch_error"] = str(e)[-600:]
                 rows.append({**row, **_flat(row)})

@@ -27,6 +27,23 @@ ADAPTER_DOWN = "adapter_down"  # (m, out)  bottleneck: y += up(act(down(y)))
 ADAPTER_DOWN_BIAS = "adapter_down_bias"  # (m,)
 ADAPTER_UP = "adapter_up"  # (out, m)
 ADAPTER_UP_BIAS = "adapter_up_bias"  # (out,)
+# issue 14: virtual tokens (prompt, ptuning) and key/value prefixes (prefix); V virtual tokens, H hidden size,
+# h the encoder's hidden size, K = key/value heads x head dim, L layers. Their module is PROMPT_MODULE.
+PROMPT = "prompt_embeddings"  # (V, H)    prompt: inputs_embeds = [P; embed(ids)]
+PT_EMBEDDING = "pt_embedding"  # (V, H)    ptuning: P = W2 relu(W1 relu(W0 E + b0) + b1) + b2 (PEFT's MLP encoder)
+PT_W0 = "pt_w0"  # (h, H)
+PT_B0 = "pt_b0"  # (h,)
+PT_W1 = "pt_w1"  # (h, h)
+PT_B1 = "pt_b1"  # (h,)
+PT_W2 = "pt_w2"  # (H, h)
+PT_B2 = "pt_b2"  # (H,)
+PREFIX = "prefix_embeddings"  # (V, 2LK) prefix: per token [k_0 v_0 k_1 v_1 ...], each layer's cache starts with them
+PX_EMBEDDING = "px_embedding"  # (V, K)    prefix with projection: past = W1 tanh(W0 E + b0) + b1
+PX_W0 = "px_w0"  # (h, K)
+PX_B0 = "px_b0"  # (h,)
+PX_W1 = "px_w1"  # (2LK, h)
+PX_B1 = "px_b1"  # (2LK,)
+PROMPT_MODULE = "prompt_encoder"  # the module path of every virtual-token slot (PEFT's prompt_encoder)
 
 # Graph inputs and outputs.
 INPUT_IDS = "input_ids"

@@ -29,10 +29,11 @@ from torch.export import Dim
 from torch.func import functional_call
 
 from edgepeft.manifest import Graph, Slot
-from edgepeft.methods import owner
+from edgepeft.methods import owner, virtual_tokens
 from edgepeft.names import (ATTENTION_MASK, INFER_GRAPH_FILE, INPUT_IDS, LOGITS, LOSS, TARGET_IDS,
                             TARGET_INDEX, TRAIN_GRAPH_FILE, grad_name, past_name, present_name)
 from edgepeft.exporters.inject import DeltaFeed
+from edgepeft.exporters.virtual import model_inputs
 
 LOSS_CHUNKS = 16  # chunks of the scored positions: each holds 1/16 of the (N, V) logits at a time
 KV = ("key", "value")
@@ -72,17 +73,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 class _Decoder(nn.Module):
-    """The model's decoder stack and output head, callable apart (so the train step skips the full logits)."""
+    """The model's decoder stack and output head, callable apart (so the train step skips the full logits).
+    Returns (hidden, head weight, head bias, cache, leading virtual positions of hidden)."""
 
-    def __init__(self, lm: nn.Module) -> None:
+    def __init__(self, lm: nn.Module, feed: DeltaFeed) -> None:
         super().__init__()
         self.lm = lm
+        self.feed = feed
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache=None):
-        out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                                 use_cache=cache is not None)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: tuple = ()):
+        kwargs, skip = model_inputs(self.lm, self.feed, input_ids, attention_mask, past)
+        out = self.lm.base_model(**kwargs, use_cache="past_key_values" in kwargs)
         head = self.lm.get_output_embeddings()
-        return out.last_hidden_state, head.weight, getattr(head, "bias", None), out.past_key_values
+        return out.last_hidden_state, head.weight, getattr(head, "bias", None), out.past_key_values, skip
 
 
 def kv_shape(config) -> tuple[int, int, int]:
@@ -105,31 +108,33 @@ def cache_layers(config) -> int:
 def make_lm_functions(model: nn.Module, feed: DeltaFeed, slots: list[Slot],
                       param_names: list[str]) -> tuple[Callable, Callable]:
     """The flat inference function (batch, past..., deltas..., params...) and train step (batch, targets, deltas..., params...)."""
-    from transformers import DynamicCache
-
-    decoder = _Decoder(model)
+    decoder = _Decoder(model, feed)
     names = [s.name for s in slots]
     n, layers = len(names), cache_layers(model.config)
+    inames = [s.name for s in infer_slots(slots, layers)]
     pnames = ["lm." + p for p in param_names]
+    # PEFT scores the first user token from the last virtual one: the train graph's position t predicts token t
+    prompted = virtual_tokens(slots, "sequence") > 0
 
-    def run(input_ids, attention_mask, rest, cache=None):
-        feed.tensors = dict(zip(names, rest[:n]))
-        return functional_call(decoder, dict(zip(pnames, rest[n:])), (input_ids, attention_mask, cache))
+    def run(input_ids, attention_mask, rest, past=(), slot_names=names):
+        k = len(slot_names)
+        feed.tensors = dict(zip(slot_names, rest[:k]))
+        return functional_call(decoder, dict(zip(pnames, rest[k:])), (input_ids, attention_mask, tuple(past)))
 
     def infer(input_ids, attention_mask, *rest):
         if not layers:  # no cache: logits of the whole sequence, as before issue 16
-            hidden, w, b, _ = run(input_ids, attention_mask, rest)
-            return hidden @ w.t() + (b if b is not None else 0.0)
+            hidden, w, b, _, skip = run(input_ids, attention_mask, rest)
+            return hidden[:, skip:] @ w.t() + (b if b is not None else 0.0)
         past, rest = rest[:2 * layers], rest[2 * layers:]
-        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(layers)], config=model.config)
-        full_mask = torch.cat([attention_mask.new_ones(past[0].shape[0], past[0].shape[2]), attention_mask], 1)
-        hidden, w, b, cache = run(input_ids, full_mask, rest, cache)
-        logits = hidden @ w.t() + (b if b is not None else 0.0)  # (B, T, V)
+        hidden, w, b, cache, skip = run(input_ids, attention_mask, rest, past, inames)
+        logits = hidden[:, skip:] @ w.t() + (b if b is not None else 0.0)  # (B, T, V): the user's positions
         present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
         return (logits, *present)
 
     def train(input_ids, attention_mask, target_index, target_ids, *rest):
-        hidden, w, b, _ = run(input_ids, attention_mask, rest)  # (B, T, H)
+        hidden, w, b, _, skip = run(input_ids, attention_mask, rest)  # (B, V + T, H)
+        if prompted:  # the states that predict the user's tokens 0 .. T-1
+            hidden = hidden[:, skip - 1:skip - 1 + input_ids.shape[1]]  # (B, T, H)
         flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
         picked = flat.index_select(0, target_index.reshape(-1)).reshape(*target_index.shape, flat.shape[-1])  # (K, M, H)
         loss = ChunkedLinearCrossEntropy.apply(picked, w, b, target_ids)
@@ -142,7 +147,7 @@ def export_lm_graphs(model: nn.Module, feed: DeltaFeed, slots: list[Slot], param
                      onnx_names: list[str], *, vocab: int, opset: int,
                      progress: Callable[[str], None]) -> dict[str, onnx.ModelProto]:
     """``{"infer": ..., "train": ...}`` of a causal LM; frozen weights are still graph inputs here."""
-    from edgepeft.exporters.trace import _example_deltas, _export
+    from edgepeft.exporters.trace import _example_deltas, _export, infer_dims
 
     infer, train = make_lm_functions(model, feed, slots, list(params))
     _, kv_heads, head_dim = kv_shape(model.config)
@@ -157,7 +162,8 @@ def export_lm_graphs(model: nn.Module, feed: DeltaFeed, slots: list[Slot], param
     targets[-1, -1] = -1
     deltas = _example_deltas(slots)
     frozen = list(params.values())
-    b, t, p, r, mm = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=0), Dim("rank", min=0), Dim("scored", min=1)
+    ideltas = [d for s, d in zip(slots, deltas) if s in infer_slots(slots, layers)]
+    b, t, p, mm = Dim("batch", min=1), Dim("seq", min=1), Dim("past", min=0), Dim("scored", min=1)
     fixed = [None] * (len(slots) + len(onnx_names))
 
     progress("tracing and exporting the training step")
@@ -169,11 +175,10 @@ def export_lm_graphs(model: nn.Module, feed: DeltaFeed, slots: list[Slot], param
     progress("tracing and exporting the inference graph" + (" (with a KV cache)" if layers else ""))
     feed.scale = {k: 1.0 for k in train_scales}  # the runtime feeds s*B
     past = [torch.randn(2, kv_heads, 3, head_dim, generator=g) for _ in range(2 * layers)]
-    axes = [owner(s.kind).infer_axis(s.kind) for s in slots]  # LoRA's rank axis: a mix concatenates along it
-    rank_dyn = [None if ax is None else {ax: r} for ax in axes]
+    rank_dyn = infer_dims(infer_slots(slots, layers))
     infer_io = lm_graphs(slots, layers)["infer"]
     try:
-        infer_model = _export(infer, [ids, mask, *past, *[d.detach() for d in deltas], *frozen],
+        infer_model = _export(infer, [ids, mask, *past, *[d.detach() for d in ideltas], *frozen],
                               [*infer_io.inputs, *onnx_names], list(infer_io.outputs),
                               [{0: b, 1: t}, {0: b, 1: t}, *[{0: b, 2: p}] * len(past), *rank_dyn,
                                *[None] * len(onnx_names)], opset)
@@ -182,13 +187,20 @@ def export_lm_graphs(model: nn.Module, feed: DeltaFeed, slots: list[Slot], param
     return {"infer": infer_model, "train": train_model}
 
 
+def infer_slots(slots: list[Slot] | tuple[Slot, ...], layers: int) -> list[Slot]:
+    """The slots model.onnx takes: with a KV cache, a prefix is not one of them but the cache of a call's start
+    (the runtime feeds it as the past keys and values: runtime/kv_cache.py), as PEFT hands it to the model."""
+    return [s for s in slots if not (layers and owner(s.kind).virtual == "prefix")]
+
+
 def lm_graphs(slots: list[Slot] | tuple[Slot, ...], layers: int) -> dict[str, Graph]:
     """The manifest's graph entries of a causal LM: inputs and outputs of model.onnx and train.onnx."""
     slot_names = [s.name for s in slots]
+    infer_names = [s.name for s in infer_slots(slots, layers)]
     past = [past_name(i, k) for i in range(layers) for k in KV]
     present = [present_name(i, k) for i in range(layers) for k in KV]
     return {
-        "infer": Graph(INFER_GRAPH_FILE, (INPUT_IDS, ATTENTION_MASK, *past, *slot_names), (LOGITS, *present)),
+        "infer": Graph(INFER_GRAPH_FILE, (INPUT_IDS, ATTENTION_MASK, *past, *infer_names), (LOGITS, *present)),
         "train": Graph(TRAIN_GRAPH_FILE, (INPUT_IDS, ATTENTION_MASK, TARGET_INDEX, TARGET_IDS, *slot_names),
                        (LOSS, *map(grad_name, slot_names))),
     }

@@ -118,7 +118,7 @@ def export_bundles(
     from transformers import AutoConfig, AutoTokenizer
 
     from edgepeft.exporters.architectures import family_for, infer_task, model_class
-    from edgepeft.exporters.causal_lm import cache_layers, lm_graphs
+    from edgepeft.exporters.causal_lm import cache_layers, kv_shape, lm_graphs
     from edgepeft.exporters.chat_template import derive_pieces
     from edgepeft.exporters.inject import inject, layers_of, linear_dims, plan_slots, resolve_top_layers
     from edgepeft.exporters.trace import export_graphs
@@ -163,9 +163,12 @@ def export_bundles(
 
     top_layers = resolve_top_layers(len(layers_of(model, family)), top_layers)  # "auto" -> a count; None = every layer
     auto = tuple(m for m in methods.get_all() if task in m.auto_tasks and m not in chosen)
-    slots = plan_slots(model, family, chosen=chosen + auto, configs=configs, head=task in CLASSIFICATION_TASKS, top_layers=top_layers)
+    slots = plan_slots(model, family, chosen=chosen + auto, configs=configs, head=task in CLASSIFICATION_TASKS, top_layers=top_layers,
+                       max_length=max_length)
     if not slots:
         raise ExportError("no delta slots: the method, targets and --top-layers select nothing")
+    virtual = methods.virtual_tokens(slots)  # positions the virtual tokens take from every call (issue 14)
+    max_length -= virtual  # the user's tokens: what the runtime truncates to
     quant = {}
     for name, mod in model.named_modules():
         if (dims := linear_dims(mod)) is not None:
@@ -173,7 +176,7 @@ def export_bundles(
         elif isinstance(mod, torch.nn.Embedding) and mod.weight.numel() >= 1024:
             quant[frozen_name(name + ".weight")] = QuantSpec(axis=0, embedding=True)
     feed = inject(model, slots, configs)
-    wrapped = {s.module for s in slots}
+    wrapped = {s.module for s in slots if not methods.owner(s.kind).virtual}  # virtual tokens wrap no module
     # GPT-2's Conv1D stores its weight (in, out): recorded so numpy readers of the base weights orient them.
     in_out = sorted(m for m in wrapped if type(model.get_submodule(m).base).__name__ == "Conv1D")
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -186,7 +189,8 @@ def export_bundles(
     vocab = int(config.vocab_size)
     graphs = export_graphs(model, feed, slots, task, params, onnx_names, vocab=vocab,
                            num_labels=len(label_names), opset=opset, progress=say)
-    add_input_defaults(graphs["infer"], neutral_values(slots))  # model.onnx runs with no delta fed
+    inputs = {i.name for i in graphs["infer"].graph.input}  # a causal LM's prefix is its cache, not an input
+    add_input_defaults(graphs["infer"], neutral_values([s for s in slots if s.name in inputs]))  # runs with no delta fed
 
     arrays = dict(zip(onnx_names, load_params(params).values()))
     slot_names = [s.name for s in slots]
@@ -213,10 +217,13 @@ def export_bundles(
                     "infer": Graph(INFER_GRAPH_FILE, (INPUT_IDS, ATTENTION_MASK, *slot_names), (LOGITS,)),
                     "train": Graph(TRAIN_GRAPH_FILE, (*batch, *slot_names), (LOSS, *map(grad_name, slot_names))),
                 },
-                train_layers=None if top_layers is None else tuple(sorted({i for s in slots if (i := _layer(family, s.module)) is not None})),
+                train_layers=None if top_layers is None or virtual else tuple(sorted({i for s in slots if (i := _layer(family, s.module)) is not None})),
                 extra={"base_parameters": int(sum(p.numel() for p in model.parameters())), "opset": opset,
                        "export_seconds": round(time.perf_counter() - t0, 1), "seed": seed,
-                       **({"context_length": int(max_pos)} if task == CAUSAL_LM else {}),
+                       **({"context_length": int(max_pos) - virtual} if task == CAUSAL_LM else {}),
+                       **({"virtual_tokens": virtual, "kv_shape": list(kv_shape(config)),  # what PEFT's config and the text init need
+                           "input_embeddings": next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)}
+                          if virtual else {}),
                        **({IN_OUT_KEY: in_out} if in_out else {})},
                 method_config={name: c.to_dict() for name, c in configs.items()},
             )

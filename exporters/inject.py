@@ -32,6 +32,8 @@ class DeltaFeed:
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     scale: dict[str, float] = field(default_factory=dict)  # LoRA-family scale per module; 1.0 in the inference graph
+    # virtual-token methods (exporters/virtual.py): (torch half, {kind: slot name}, config), in registration order
+    virtual: list[tuple[TorchMethod, dict[str, str], methods.MethodConfig]] = field(default_factory=list)
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int] | None:
@@ -107,12 +109,18 @@ def plan_slots(
     configs: Mapping[str, methods.MethodConfig],
     head: bool,
     top_layers: int | None,
+    max_length: int = 0,
 ) -> list[Slot]:
     """Decide every delta slot of the model (pure: does not change the model); each method plans its own."""
+    from edgepeft.exporters.causal_lm import kv_shape
+
     linears = {name: dims for name, mod in model.named_modules() if (dims := linear_dims(mod)) is not None}
     layers = layers_of(model, family)
     keep_layers = set(layers[-top_layers:]) if top_layers else set(layers)  # a count from resolve_top_layers
-    view = methods.ModelView(linears, lambda name: layer_index(family, name) in keep_layers, family.defaults, head)
+    n_layers, kv_heads, head_dim = kv_shape(model.config)
+    view = methods.ModelView(linears, lambda name: layer_index(family, name) in keep_layers, family.defaults, head,
+                             hidden=int(model.get_input_embeddings().embedding_dim), layers=n_layers, kv_heads=kv_heads,
+                             head_dim=head_dim, max_length=max_length)
     slots: dict[str, Slot] = {}
     for m in chosen:
         for s in m.plan(view, configs.get(m.name) or m.config_cls()):
@@ -124,7 +132,7 @@ def inject(model: nn.Module, slots: list[Slot], configs: Mapping[str, methods.Me
     """Wrap every module that has a slot in a DeltaLinear sharing one feed, add each method's frozen tensors
     as buffers (``TorchMethod.frozen``); return the feed."""
     feed = DeltaFeed()
-    for module, groups in methods.by_module(s.name for s in slots).items():
+    for module, groups in methods.by_module(s.name for s in slots if not methods.owner(s.kind).virtual).items():
         parent_path, _, leaf = module.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         hooks = [(torch_method(m.name), kinds) for m, kinds in groups.items()]
@@ -133,8 +141,11 @@ def inject(model: nn.Module, slots: list[Slot], configs: Mapping[str, methods.Me
         mine = [s for s in slots if methods.owner(s.kind) is m]
         if not mine:
             continue
-        bases = {s.module: model.get_submodule(s.module).base for s in mine}
         config = (configs or {}).get(m.name) or m.config_cls()
+        if m.virtual:  # it changes the model's input, not a module (exporters/virtual.py)
+            feed.virtual.append((torch_method(m.name), {s.kind: s.name for s in mine}, config))
+            continue
+        bases = {s.module: model.get_submodule(s.module).base for s in mine}
         for module in bases:
             model.get_submodule(module).configs[m.name] = config
         for path, tensors in sorted(torch_method(m.name).frozen(mine, bases, config).items()):  # "" (the root) first

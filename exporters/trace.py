@@ -27,6 +27,7 @@ from edgepeft.methods import owner
 from edgepeft.names import (ATTENTION_MASK, CAUSAL_LM, CLASSIFICATION_TASKS, IGNORED_LABEL, INPUT_IDS, LABELS, LOGITS, LOSS,
                             TOKEN_CLS, grad_name)
 from edgepeft.exporters.inject import DeltaFeed
+from edgepeft.exporters.virtual import model_inputs
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -48,12 +49,12 @@ def make_functions(model: torch.nn.Module, feed: DeltaFeed, slots: list[Slot], t
     """A classifier's inference function and training step, both flat: (batch..., deltas..., params...)."""
     names = [s.name for s in slots]
     n = len(names)
+    classifier = _Classifier(model, feed)
+    pnames = ["model." + p for p in param_names]
 
     def run(input_ids: torch.Tensor, attention_mask: torch.Tensor, rest: tuple) -> torch.Tensor:
         feed.tensors = dict(zip(names, rest[:n]))
-        params = dict(zip(param_names, rest[n:]))
-        out = functional_call(model, params, (), {"input_ids": input_ids, "attention_mask": attention_mask})
-        return out.logits
+        return functional_call(classifier, dict(zip(pnames, rest[n:])), (input_ids, attention_mask))
 
     def infer(input_ids, attention_mask, *rest):
         return run(input_ids, attention_mask, rest)
@@ -64,6 +65,31 @@ def make_functions(model: torch.nn.Module, feed: DeltaFeed, slots: list[Slot], t
         return (loss, *torch.autograd.grad(loss, rest[:n]))
 
     return infer, train
+
+
+class _Classifier(torch.nn.Module):
+    """The classifier called with the call's model inputs (virtual tokens grow the sequence: exporters/virtual.py)."""
+
+    def __init__(self, model: torch.nn.Module, feed: DeltaFeed) -> None:
+        super().__init__()
+        self.model = model
+        self.feed = feed
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        kwargs, _ = model_inputs(self.model, self.feed, input_ids, attention_mask)
+        return self.model(**kwargs).logits  # (B, C): PEFT's pooler reads the first position, a virtual token
+
+
+def infer_dims(slots: list[Slot]) -> list[dict | None]:
+    """model.onnx's dynamic slot axes: LoRA's rank (a mix concatenates along it), each virtual-token method's V
+    (0 after a causal LM's first call, whose cache then holds them)."""
+    rank = Dim("rank", min=0)
+    out: list[dict | None] = []
+    for s in slots:
+        m = owner(s.kind)
+        ax = m.infer_axis(s.kind)
+        out.append(None if ax is None else {ax: Dim(f"virtual_{m.name}", min=0) if m.virtual else rank})
+    return out
 
 
 def _example_batch(task: str, vocab: int, labels: int) -> list[torch.Tensor]:
@@ -139,7 +165,7 @@ def export_graphs(model: torch.nn.Module, feed: DeltaFeed, slots: list[Slot], ta
     pnames = onnx_names  # graph input names of the frozen weights (original module paths)
     batch = _example_batch(task, vocab, num_labels)
     deltas = _example_deltas(slots)
-    b, t, r = Dim("batch", min=1), Dim("seq", min=1), Dim("rank", min=0)
+    b, t = Dim("batch", min=1), Dim("seq", min=1)
     batch_dyn: list[dict | None] = [{0: b, 1: t}, {0: b, 1: t}]
     batch_names = [INPUT_IDS, ATTENTION_MASK]
     if task in CLASSIFICATION_TASKS:
@@ -157,8 +183,7 @@ def export_graphs(model: torch.nn.Module, feed: DeltaFeed, slots: list[Slot], ta
     progress("tracing and exporting the inference graph")
     # The inference graph takes a LoRA of any rank (0 = no delta) and no scale: the runtime folds it in (s*B).
     feed.scale = {k: 1.0 for k in train_scales}
-    axes = [owner(s.kind).infer_axis(s.kind) for s in slots]  # LoRA's rank axis: a mix concatenates along it
-    rank_dyn = [None if ax is None else {ax: r} for ax in axes]
+    rank_dyn = infer_dims(slots)
     try:
         infer_model = _export(
             infer, [*batch[:2], *[d.detach() for d in deltas], *frozen], [*batch_names[:2], *slot_names, *pnames],

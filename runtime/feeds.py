@@ -65,3 +65,10 @@ def infer_feeds(manifest: Manifest, deltas: Sequence[DeltaLike] = (), weights: S
         return dict(deltas[0].tensors)  # already feeds: no copy
     scales = [d.scale for d in deltas]
     return {s.name: owner(s.kind).mix(s, [d.tensors[s.name] for d in deltas], weights, scales) for s in manifest.slots}
+
+
+def after_prefill(manifest: Manifest, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The slot feeds of a causal LM's calls after the first: its KV cache now holds the virtual tokens (prompts,
+    prefixes), so they are fed empty; every other slot as before."""
+    virtual = {s.name: owner(s.kind).neutral(s) for s in manifest.slots if owner(s.kind).virtual and s.name in feeds}
+    return {**feeds, **virtual} if virtual else feeds

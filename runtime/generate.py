@@ -16,9 +16,9 @@ import numpy as np
 
 from edgepeft.errors import GenerationError
 from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, INPUT_IDS, LOGITS
-from edgepeft.runtime.feeds import DeltaLike
+from edgepeft.runtime.feeds import DeltaLike, after_prefill
 from edgepeft.runtime.infer import Predictor
-from edgepeft.runtime.kv_cache import empty_cache, next_cache
+from edgepeft.runtime.kv_cache import first_call, next_cache
 from edgepeft.runtime.text import untruncated
 
 
@@ -91,10 +91,9 @@ class Generator:
                weights: Sequence[float] | None = None) -> Iterator[int]:
         """New token ids after ``prompt``, one at a time, until end-of-sequence, the limit or the context is full."""
         p = self.predictor
-        slots = p.slot_feeds(deltas, weights)
+        cache, slots = first_call(p.manifest, p.cache, 1, p.slot_feeds(deltas, weights))  # a prefix is the first cache
         rng = np.random.default_rng(sampling.seed)
         ids = list(prompt)
-        cache = empty_cache(p.cache, 1)
         step = np.asarray([ids], np.int64)
         for _ in range(sampling.max_new_tokens):
             if len(ids) >= self.context:
@@ -103,6 +102,7 @@ class Generator:
             if p.cache:
                 out = dict(zip(self._outputs, p.session.run(self._outputs, feeds)))
                 cache = next_cache(p.cache, out)
+                slots = after_prefill(p.manifest, slots)  # the cache carries the virtual tokens from here on
             else:
                 out = {LOGITS: p.session.run([LOGITS], feeds)[0]}
             nxt = choose(out[LOGITS][0, -1], sampling, rng)

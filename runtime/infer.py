@@ -14,7 +14,7 @@ import numpy as np
 from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, INPUT_IDS, LOGITS, SEQ_CLS, TOKEN_CLS
 from edgepeft.runtime.bundle import Bundle, SessionConfig
 from edgepeft.runtime.feeds import DeltaLike, infer_feeds, neutral_feeds
-from edgepeft.runtime.kv_cache import cache_specs, empty_cache
+from edgepeft.runtime.kv_cache import cache_specs, first_call
 from edgepeft.runtime.text import encode, load_tokenizer, pad_batch
 
 
@@ -49,8 +49,8 @@ class Predictor:
     def logits(self, ids: np.ndarray, mask: np.ndarray, deltas: Sequence[DeltaLike] = (),
                weights: Sequence[float] | None = None) -> np.ndarray:
         """Raw logits for a padded batch: (B, C) for classification, (B, T, V) for causal LM."""
-        feeds = {INPUT_IDS: ids.astype(np.int64), ATTENTION_MASK: mask.astype(np.int64), **empty_cache(self.cache, len(ids))}
-        feeds.update(self.slot_feeds(deltas, weights))
+        cache, slots = first_call(self.manifest, self.cache, len(ids), self.slot_feeds(deltas, weights))  # a prefix is the cache
+        feeds = {INPUT_IDS: ids.astype(np.int64), ATTENTION_MASK: mask.astype(np.int64), **cache, **slots}
         return self.session.run([LOGITS], feeds)[0]
 
     def slot_feeds(self, deltas: Sequence[DeltaLike] = (), weights: Sequence[float] | None = None) -> dict[str, np.ndarray]:

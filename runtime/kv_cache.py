@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from edgepeft.names import past_name, present_name
+from edgepeft.manifest import Manifest
+from edgepeft.methods import owner
+from edgepeft.names import past_name, present_name, split_slot_name
 
 PAST_PREFIX = past_name(0, "key").split(".")[0] + "."
 
@@ -40,6 +42,24 @@ def cache_specs(session: ort.InferenceSession) -> list[CacheSpec]:
 def empty_cache(specs: list[CacheSpec], batch: int) -> dict[str, np.ndarray]:
     """Feeds of an empty cache (P = 0) for ``batch`` sequences."""
     return {s.past: np.zeros((batch, s.heads, 0, s.head_dim), np.float32) for s in specs}
+
+
+def first_call(manifest: Manifest, specs: list[CacheSpec], batch: int,
+               slots: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(cache feeds, slot feeds) of a causal LM's first call. A prefix-tuning delta's prefix (V, 2·L·K, PEFT's layout:
+    per token layer 0's keys, its values, layer 1's keys ...) is the cache the call starts from, as PEFT hands it to
+    the model: model.onnx takes no prefix input. Without one, an empty cache."""
+    graph = set(manifest.graphs["infer"].inputs)
+    prefix = {split_slot_name(n)[1]: t for n, t in slots.items() if n not in graph}
+    rest = {n: t for n, t in slots.items() if n in graph}
+    if not prefix or not specs:
+        return empty_cache(specs, batch), rest
+    p = owner(next(iter(prefix))).to_peft_prompt(prefix)  # (V, 2·L·K), the projection run where the bundle has one
+    v = p.shape[0]
+    p = p.reshape(v, len(specs), specs[0].heads, specs[0].head_dim)  # specs run layer by layer, key then value
+    cache = {s.past: np.ascontiguousarray(np.broadcast_to(p[:, j].transpose(1, 0, 2)[None], (batch, s.heads, v, s.head_dim)),
+                                          np.float32) for j, s in enumerate(specs)}
+    return cache, rest
 
 
 def next_cache(specs: list[CacheSpec], outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -28,7 +28,8 @@ from edgepeft.runtime.bundle import Bundle, SessionConfig
 from edgepeft.runtime.data import Dataset, plan_batches, split_batch, split_by_tokens
 from edgepeft.runtime.evaluate import evaluate, score
 from edgepeft.runtime.infer import Predictor
-from edgepeft.runtime.lm_targets import LOSS_MASK, loss_chunks, scored, train_feeds
+from edgepeft.runtime.prompt_init import with_text_init
+from edgepeft.runtime.lm_targets import LOSS_MASK, first_target, loss_chunks, scored, train_feeds
 from edgepeft.runtime.optim import SCHEDULES, AdamW, clip_by_global_norm, lr_at
 
 
@@ -176,13 +177,13 @@ class Trainer:
         elif self.manifest.task == TOKEN_CLS:
             feeds[LABELS] = np.zeros((b, t), np.int64)
         else:
-            feeds.update(train_feeds(feeds, loss_chunks(self.session)))
+            feeds.update(train_feeds(feeds, loss_chunks(self.session), first_target(self.manifest)))
         return memory.peak_during(lambda: self.session.run(None, feeds))
 
     def _fresh_delta(self) -> Delta:
         if self.start is not None:
             return Delta({k: np.array(v, np.float32) for k, v in self.start.tensors.items()}, self.start.meta)
-        return delta_from_init(self.manifest, self.config.seed)
+        return with_text_init(self.bundle, delta_from_init(self.manifest, self.config.seed))  # a prompt's text init
 
     # ---- one optimizer step ---------------------------------------------------------------------
 
@@ -191,7 +192,7 @@ class Trainer:
         # or real target tokens (LM)
         if LABELS in b:
             return int((b[LABELS] != IGNORED_LABEL).sum()) if b[LABELS].ndim == 2 else len(b[INPUT_IDS])
-        return scored(b[LOSS_MASK])
+        return scored(b[LOSS_MASK], first_target(self.manifest))
 
     def _split(self, index: np.ndarray) -> list[np.ndarray]:
         """One batch as train-graph runs: by example count, or by padded tokens under a memory budget."""
@@ -209,7 +210,7 @@ class Trainer:
         loss, grads = 0.0, None
         chunks = loss_chunks(self.session)
         for b, w in zip(micro, weights):
-            feeds = b if LABELS in b else train_feeds(b, chunks)  # a causal LM scores only its target tokens
+            feeds = b if LABELS in b else train_feeds(b, chunks, first_target(self.manifest))  # a causal LM scores only its target tokens
             out = self.session.run(outputs, {**feeds, **self.params})
             f = w / total_w  # 1.0 without accumulation: the gradients are used exactly as the graph gave them
             loss += f * float(out[0])

@@ -17,7 +17,7 @@ from edgepeft.delta.merge import merge
 from edgepeft import methods
 from edgepeft.delta.peft_format import from_peft, to_peft
 from edgepeft.errors import DeltaError
-from edgepeft.runtime.lm_targets import loss_chunks, train_feeds
+from edgepeft.runtime.lm_targets import first_target, loss_chunks, train_feeds
 from edgepeft.names import ATTENTION_MASK, CLASSIFICATION_TASKS, IGNORED_LABEL, INPUT_IDS, LABELS, LOSS, SEQ_CLS, TOKEN_CLS, grad_name
 from edgepeft.runtime.infer import Predictor
 from edgepeft.runtime.weights import bundle_base_weights, read_frozen
@@ -47,6 +47,13 @@ CASES = [  # (family, method, quantization[, method options])
     ("bert", "bottleneck", "int8"),  # pfeiffer, relu: the defaults
     ("llama", "bottleneck", "none", {"placement": "houlsby", "non_linearity": "silu", "reduction_factor": 4}),
     ("llama", "bottleneck", "int8"),
+    # issue 14: virtual tokens (each method on both families, fp32 on one and int8 on the other)
+    ("bert", "prompt", "int8", {"num_virtual_tokens": 4, "init": "text", "init_text": "w5"}),
+    ("llama", "prompt", "none", {"num_virtual_tokens": 4}),
+    ("bert", "ptuning", "none", {"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
+    ("llama", "ptuning", "int8", {"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
+    ("bert", "prefix", "none", {"num_virtual_tokens": 4, "projection": True, "encoder_hidden_size": 16}),
+    ("llama", "prefix", "int8", {"num_virtual_tokens": 4}),
 ]
 # Every family the exporter accepts (exporters/architectures.py), fp32 / int8 / int4, with its default method;
 # GPT-2 (Conv1D, weights stored (in, out)) with each method that applies. int8 / int4 rows compare against
@@ -154,7 +161,7 @@ def test_train_step_gradients_match_torch_peft(case):
     if m.task in CLASSIFICATION_TASKS:
         feeds[LABELS] = labels
     else:  # the graph scores the positions the runtime hands it: here every real token, as HF's loss does
-        feeds.update(train_feeds(feeds, loss_chunks(sess)))
+        feeds.update(train_feeds(feeds, loss_chunks(sess), first_target(m)))
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     loss, grads = torch_reference.loss_and_grads(ref, params, m.task, ids, mask, labels)
     assert abs(float(outs[LOSS]) - loss) <= 1e-4 * abs(loss)
@@ -194,7 +201,7 @@ def test_peft_round_trip_loads_in_peft_with_our_logits(case, tmp_path):
     m = bundle.manifest
     delta = perturbed(m, 11)
     base = read_frozen(bundle)
-    if not any(meth.peft_keys for meth in methods.parse(m.method)):
+    if not any(meth.peft_keys or meth.virtual for meth in methods.parse(m.method)):  # virtual: PEFT's prompt learning
         with pytest.raises(DeltaError, match="no PEFT adapter equivalent") as e:
             to_peft(delta, m, tmp_path / "peft", base_weights=base)
         assert "\n" not in str(e.value)
@@ -204,6 +211,11 @@ def test_peft_round_trip_loads_in_peft_with_our_logits(case, tmp_path):
     ids, mask, _ = batch(m, 2, 7)
     ours = Predictor(bundle).logits(ids, mask, [delta])
     assert rel(compared(ours, mask, m.task), compared(torch_reference.logits(model, ids, mask), mask, m.task)) < 1e-4
+    if sum(methods.owner(s.kind).virtual is not None for s in m.slots) > 1:  # PEFT keeps a prompt encoder's output only
+        with pytest.raises(DeltaError, match="holds only the encoder's output") as e:
+            from_peft(tmp_path / "peft", m, base_weights=base)
+        assert "\n" not in str(e.value)
+        return
     back = from_peft(tmp_path / "peft", m, base_weights=base)
     assert set(back.tensors) == set(delta.tensors)
     for k, t in delta.tensors.items():

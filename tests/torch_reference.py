@@ -12,11 +12,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers as tf
-from peft import IA3Config, LoraConfig, VeraConfig, get_peft_model
+from peft import (IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, VeraConfig,
+                  get_peft_model)
 
 from edgepeft.names import (BIAS, DORA_A, DORA_B, DORA_M, IA3_FF, IA3_L, IGNORED_LABEL, LORA_A, LORA_B, SEQ_CLS, TOKEN_CLS, WEIGHT,
                             split_slot_name)
 from edgepeft.names import ADAPTER_DOWN, ADAPTER_DOWN_BIAS, ADAPTER_UP, ADAPTER_UP_BIAS, VERA_B, VERA_D, XS_R
+from edgepeft import methods
+from edgepeft.names import PREFIX, PROMPT, PT_B0, PT_B1, PT_B2, PT_EMBEDDING, PT_W0, PT_W1, PT_W2, PX_B0, PX_B1, PX_EMBEDDING, PX_W0, PX_W1
 from edgepeft.runtime.bundle import Bundle
 from edgepeft.runtime.weights import read_frozen
 
@@ -47,6 +50,8 @@ def with_deltas(model: torch.nn.Module, bundle: Bundle, tensors: dict[str, np.nd
     grads_of: dict[str, torch.nn.Parameter] = {}
     for s in slots:
         module, kind = split_slot_name(s.name)
+        if kind not in (BIAS, WEIGHT):
+            continue
         lin = model.get_submodule(module)
         if kind == BIAS:
             with torch.no_grad():
@@ -142,9 +147,46 @@ def with_deltas(model: torch.nn.Module, bundle: Bundle, tensors: dict[str, np.nd
             for k, p in zip((ADAPTER_DOWN, ADAPTER_DOWN_BIAS, ADAPTER_UP, ADAPTER_UP_BIAS),
                             (ad.down.weight, ad.down.bias, ad.up.weight, ad.up.bias)):
                 grads_of[f"{s.module}.{k}"] = p
+    # issue 14: prompt tuning, P-tuning, prefix tuning: PEFT's own prompt encoder holds the slots
+    if any(methods.owner(s.kind).virtual for s in slots):
+        model = _prompt_learning(model, bundle, tensors, grads_of)
     for p in grads_of.values():  # get_peft_model froze everything but its own method
         p.requires_grad_(True)
     return model.eval(), grads_of
+
+
+def _prompt_learning(model, bundle: Bundle, tensors: dict[str, np.ndarray], grads_of: dict) -> torch.nn.Module:
+    """PEFT's prompt-learning model with the slots' values in its prompt encoder (and in its copy of the head)."""
+    m = bundle.manifest
+    (name, opts), = [(n, c) for n, c in m.method_config.items() if methods.get(n).virtual]
+    t = {split_slot_name(s.name)[1]: s.name for s in m.slots if methods.owner(s.kind).virtual}
+    task = "SEQ_CLS" if m.task == SEQ_CLS else "CAUSAL_LM"
+    v = opts["num_virtual_tokens"]
+    if name == "prompt":
+        cfg = PromptTuningConfig(task_type=task, num_virtual_tokens=v)
+        params = {PROMPT: "embedding.weight"}
+    elif name == "ptuning":
+        cfg = PromptEncoderConfig(task_type=task, num_virtual_tokens=v, encoder_reparameterization_type="MLP",
+                                  encoder_hidden_size=tensors[t[PT_W0]].shape[0])
+        params = {PT_EMBEDDING: "embedding.weight", PT_W0: "mlp_head.0.weight", PT_B0: "mlp_head.0.bias",
+                  PT_W1: "mlp_head.2.weight", PT_B1: "mlp_head.2.bias", PT_W2: "mlp_head.4.weight", PT_B2: "mlp_head.4.bias"}
+    else:
+        proj = opts["projection"]
+        cfg = PrefixTuningConfig(task_type=task, num_virtual_tokens=v, prefix_projection=proj,
+                                 encoder_hidden_size=tensors[t[PX_W0]].shape[0] if proj else 8)
+        params = ({PX_EMBEDDING: "embedding.weight", PX_W0: "transform.0.weight", PX_B0: "transform.0.bias",
+                   PX_W1: "transform.2.weight", PX_B1: "transform.2.bias"} if proj else {PREFIX: "embedding.weight"})
+    model = get_peft_model(model, cfg)
+    encoder = model.prompt_encoder["default"]
+    for kind, path in params.items():
+        p = encoder.get_parameter(path)
+        with torch.no_grad():
+            p.copy_(torch.from_numpy(tensors[t[kind]]))
+        grads_of[t[kind]] = p
+    for s in m.slots:  # PEFT trains a copy of the classifier (modules_to_save), made from the delta-added weights
+        if s.kind in (WEIGHT, BIAS) and hasattr(copy := model.base_model.get_submodule(s.module), "modules_to_save"):
+            grads_of[s.name] = getattr(copy.modules_to_save["default"], s.kind)
+    return model
 
 
 def dense_state(model_dir: Path, bundle: Bundle, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -188,7 +230,8 @@ class BottleneckAdapter(torch.nn.Module):
 
 def logits(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    return out[:, -ids.shape[1]:] if out.ndim == 3 else out  # PEFT's prompt tuning also returns the virtual positions
 
 
 def loss_and_grads(model, grads_of, task: str, ids: np.ndarray, mask: np.ndarray, labels: np.ndarray | None):

@@ -38,6 +38,7 @@ import safetensors.numpy
 from edgepeft import atomic, frozen, methods
 from edgepeft.delta import safeio
 from edgepeft.delta.format import Delta, DeltaMeta, check_against_manifest, check_structure
+from edgepeft.delta.peft_prompts import from_peft_prompt, prompt_method, to_peft_prompt
 from edgepeft.errors import DeltaError
 from edgepeft.manifest import Manifest
 from edgepeft.names import BIAS, CAUSAL_LM, SEQ_CLS, TOKEN_CLS, WEIGHT, slot_name, split_slot_name
@@ -130,6 +131,9 @@ def to_peft(
     where = "to_peft"
     check_structure(delta, where)
     check_against_manifest(delta, manifest, where)
+    prompt = prompt_method(split_slot_name(n)[1] for n in delta.tensors)
+    if prompt is not None:  # prompt tuning, P-tuning, prefix tuning: PEFT's prompt-learning form (peft_prompts.py)
+        return to_peft_prompt(delta, manifest, out_dir, prompt, base_weights=base_weights)
     method = _peft_method((split_slot_name(n)[1] for n in delta.tensors), where)
     kinds = _modules(delta)
     adapted = sorted(m for m, k in kinds.items() if k & set(method.peft_keys))
@@ -207,18 +211,23 @@ def _saved_modules(heads: list[str]) -> list[str]:
     return sorted({next((h for h in PEFT_HEAD_NAMES if m.startswith(h + ".")), m) for m in heads})
 
 
+def _load_config(path: Path) -> Any:
+    """The parsed adapter_config.json, refused in one line when missing, oversized or not JSON."""
+    if not path.is_file():
+        raise DeltaError(f"{path}: missing; is {path.parent} a PEFT adapter directory?")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise DeltaError(f"{path.name}: larger than {MAX_CONFIG_BYTES} bytes; not an adapter config")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DeltaError(f"{path.name}: not valid JSON ({e})") from None
+
+
 def _read_config(path: Path, method: methods.Method, options: dict[str, Any]) -> tuple[int, float]:
     """(r, alpha in our convention: the update is alpha / r * B @ A; 0, 0 for methods without a rank) from a
     PEFT adapter config, which must be of ``method`` (the bundle's PEFT method, with its recorded ``options``)."""
     where = path.name
-    if not path.is_file():
-        raise DeltaError(f"{path}: missing; is {path.parent} a PEFT adapter directory?")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise DeltaError(f"{where}: larger than {MAX_CONFIG_BYTES} bytes; not an adapter config")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise DeltaError(f"{where}: not valid JSON ({e})") from None
+    cfg = _load_config(path)
     got = cfg.get("peft_type") if isinstance(cfg, dict) else None
     if got != method.peft_type:
         raise DeltaError(f"{where}: peft_type is {got!r}; the bundle's {method.name} slots take {method.peft_type!r}")
@@ -263,6 +272,11 @@ def from_peft(
     """Read a PEFT LoRA adapter directory into a Delta that fits ``manifest`` (checked like load_delta)."""
     d = Path(os.fspath(adapter_dir))
     where = d.name or str(d)
+    prompt = prompt_method(sl.kind for sl in manifest.slots)
+    if prompt is not None:
+        cfg = _load_config(d / CONFIG_FILE)
+        return from_peft_prompt(cfg if isinstance(cfg, dict) else {}, _read_weights(d / WEIGHTS_FILE), manifest, prompt,
+                                where, base_weights=base_weights, adapter=adapter)
     method = _peft_method((sl.kind for sl in manifest.slots), where)
     r, alpha = _read_config(d / CONFIG_FILE, method, manifest.method_config.get(method.name, {}))
     scale = alpha / r if r else 1.0

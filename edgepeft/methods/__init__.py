@@ -13,7 +13,7 @@ from edgepeft.errors import DeltaError, ExportError
 from edgepeft.methods.base import MethodConfig, Method, ModelView, matches, option, select
 
 __all__ = ["Method", "MethodConfig", "ModelView", "matches", "option", "select", "register", "get", "names",
-           "owner", "kinds", "parse", "configs", "by_module", "get_all"]
+           "owner", "kinds", "parse", "configs", "by_module", "get_all", "virtual_tokens"]
 
 _METHODS: dict[str, Method] = {}
 _OWNERS: dict[str, Method] = {}
@@ -99,6 +99,12 @@ def configs(methods: Iterable[Method], options: Mapping[str, Any]) -> dict[str, 
     return {m.name: m.config_cls.from_options(per[m.name], m.name) for m in methods}
 
 
+def virtual_tokens(slots: Iterable, where: str | None = None) -> int:
+    """Virtual tokens the slots put before the user's (``where``: "sequence" or "prefix" only; None: both)."""
+    return sum(s.shape[0] for s in slots if (m := owner(s.kind)).virtual and (where is None or m.virtual == where)
+               and m.infer_axis(s.kind) == 0)
+
+
 def by_module(names_: Iterable[str]) -> dict[str, dict[Method, dict[str, str]]]:
     """Slot names grouped as {module: {method: {kind: slot name}}}, methods in registration order."""
     from edgepeft.names import split_slot_name
@@ -121,6 +127,9 @@ def _builtin() -> None:
     import edgepeft.methods.vera  # noqa: F401
     import edgepeft.methods.loraxs  # noqa: F401
     import edgepeft.methods.bottleneck  # noqa: F401
+    import edgepeft.methods.prompt  # noqa: F401  (issue 14: virtual tokens enter before any layer)
+    import edgepeft.methods.ptuning  # noqa: F401
+    import edgepeft.methods.prefix  # noqa: F401
 
 
 _builtin()

@@ -85,6 +85,12 @@ class ModelView:
     in_scope: Callable[[str], bool]  # the module is in a trained layer (--top-layers)
     defaults: Mapping[str, tuple[str, ...]]  # the family's defaults, e.g. "lora.targets" -> ("query", "value")
     head: bool  # a classification head is trained
+    # issue 14: what virtual-token methods plan from (0 where a caller does not say)
+    hidden: int = 0  # the model's hidden size (width of a token embedding)
+    layers: int = 0  # transformer layers
+    kv_heads: int = 0  # key/value heads per layer
+    head_dim: int = 0  # width of one head
+    max_length: int = 0  # --max-length: positions a call may use, virtual tokens included
 
     def default(self, key: str) -> tuple[str, ...]:
         return tuple(self.defaults.get(key, ()))
@@ -133,6 +139,9 @@ class Method(ABC):
     needs_base: ClassVar[bool] = False  # its aggregation space depends on the module's frozen weight (DoRA's row norms)
     peft_keys: ClassVar[Mapping[str, str]] = {}  # slot kind -> PEFT's tensor name on the module (no adapter name)
     peft_shared: ClassVar[tuple[str, ...]] = ()  # frozen bundle tensors PEFT's file also holds, as base_model.<name> (VeRA's A, B)
+    # issue 14: where the method's slots enter the model instead of a module: "sequence" (virtual tokens before the
+    # user's, PEFT's prompt learning) or "prefix" (keys and values at the head of every layer's cache); None: a module.
+    virtual: ClassVar[str | None] = None
 
     @abstractmethod
     def plan(self, view: ModelView, config: MethodConfig) -> list[Slot]:

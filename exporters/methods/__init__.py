@@ -41,6 +41,10 @@ class TorchMethod:
     def post(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, t: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         return y
 
+    def inputs(self, x, t: dict[str, torch.Tensor], config: MethodConfig):
+        """A virtual-token method's change to the model's input (``exporters.virtual.VirtualInputs`` in and out)."""
+        return x
+
     def frozen(self, slots: Sequence[Slot], bases: Mapping[str, nn.Module], config: MethodConfig) -> dict[str, dict[str, torch.Tensor]]:
         """Frozen tensors the method adds to the bundle (VeRA's shared projections, LoRA-XS's SVD factors), as
         ``{module path: {buffer name: tensor}}``; ``""`` is the model root. They become buffers there, so export stores
