@@ -1,13 +1,15 @@
 """Hub benchmark: upload throughput and latency for 64 concurrent devices, aggregation time and memory.
 
-    python benchmarks/bench_hub.py [--store sqlite|URI] [--devices 64] [--uploads 8] [--out benchmarks/results/hub.json]
+    python benchmarks/bench_hub.py [--store sqlite|URI] [--devices 64] [--uploads 8] [--client-procs 4]
+                                   [--out benchmarks/results/hub.json]
 
 Uploads: a hub subprocess (``edgepeft hub serve``, uvicorn, one worker) on loopback; every device sends
 distinct packed deltas of a synthetic MiniLM-sized adapter (6 layers, LoRA r=8 on query and value of
-384x384, biases, a 2-label head) over its own HTTP connection, all devices at once.
+384x384, biases, a 2-label head) over its own HTTP connection, all devices at once, the devices spread
+over ``--client-procs`` client processes (asyncio in each).
 Aggregation: small synthetic deltas (2 LoRA modules 32x32 r=4, a bias, a 3x32 head) stored in a
 SQLite store, then one ``aggregate`` over all of them; time of the whole call (claim, stream from the
-store, merge, publish) and the Python-heap peak (tracemalloc) of the merge pass.
+store, merge, publish) and the Python-heap peak (tracemalloc) of the merge pass; with ``--aggregate-real``, the same for MiniLM-sized packed deltas.
 """
 
 from __future__ import annotations
@@ -107,9 +109,20 @@ async def _upload_all(url: str, tokens: dict[str, str], bodies: dict[str, list[b
     return time.perf_counter() - t0, latencies, ok
 
 
-def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Path) -> dict:
+def _client_process(url: str, tokens: dict[str, str], first: int, per_device: int, bundle: str, ready, out) -> None:
+    """One client process: its devices' packed deltas made first, then all uploaded at once when every process is ready."""
+    from edgepeft.manifest import read_manifest
+
+    manifest = read_manifest(bundle)
+    bodies = {d: [pack(random_delta(manifest, (first + i) * 1000 + k, d)) for k in range(per_device)] for i, d in enumerate(tokens)}
+    ready.wait()  # every process has its bodies: the clock starts for all at once
+    wall, lat, ok = asyncio.run(_upload_all(url, tokens, bodies))
+    out.put((wall, lat, ok, float(np.mean([len(b) for bs in bodies.values() for b in bs]))))
+
+
+def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Path, procs: int = 4) -> dict:
     bundle = work / "bundle"
-    manifest = synthetic_bundle(bundle, layers=6, dim=384, rank=8, labels=2)
+    synthetic_bundle(bundle, layers=6, dim=384, rank=8, labels=2)
     uri = store_uri or f"sqlite://{work / 'hub'}"
     (work / "admin.token").write_text(ADMIN)
     port = _free_port()
@@ -134,12 +147,27 @@ def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Pa
         admin.post("/api/v1/fleets", json={"name": "bench", "bundle": fp}).raise_for_status()
         tokens = {f"d{i:03d}": admin.post("/api/v1/fleets/bench/devices", json={"device": f"d{i:03d}"}).json()["token"]
                   for i in range(devices)}
-        bodies = {d: [pack(random_delta(manifest, i * 1000 + k, d)) for k in range(per_device)] for i, d in enumerate(tokens)}
-        size = float(np.mean([len(b) for bs in bodies.values() for b in bs]))
-        wall, lat, ok = asyncio.run(_upload_all(url, tokens, bodies))
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        ready, out = ctx.Barrier(procs + 1), ctx.Queue()
+        names = list(tokens)
+        parts = [names[i::procs] for i in range(procs)]
+        workers = [ctx.Process(target=_client_process, args=(url, {d: tokens[d] for d in part}, i * len(part), per_device,
+                                                             str(bundle), ready, out)) for i, part in enumerate(parts)]
+        for w in workers:
+            w.start()
+        ready.wait()
+        got = [out.get(timeout=600) for _ in workers]
+        for w in workers:
+            w.join()
+        wall = max(g[0] for g in got)
+        lat = [x for g in got for x in g[1]]
+        ok = sum(g[2] for g in got)
+        size = float(np.mean([g[3] for g in got]))
         total = devices * per_device
         lat_ms = np.array(lat) * 1000
-        return {"store": uri.split("://")[0], "devices": devices, "uploads": total, "accepted": ok,
+        return {"store": uri.split("://")[0], "devices": devices, "client_processes": procs, "uploads": total, "accepted": ok,
                 "packed_delta_bytes": round(size), "seconds": round(wall, 3), "uploads_per_s": round(total / wall, 1),
                 "latency_ms": {"p50": round(float(np.percentile(lat_ms, 50)), 1), "p99": round(float(np.percentile(lat_ms, 99)), 1),
                                "max": round(float(lat_ms.max()), 1)}}
@@ -154,9 +182,11 @@ def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Pa
 PLAIN = {"clip_median": None, "trim": 0.0}  # the plain weighted mean (not the hub's robust default)
 
 
-def bench_aggregation(n: int, work: Path, options: dict | None = None) -> dict:
-    root = work / f"agg-{n}-{'-'.join(sorted(options or {})) or 'defaults'}"
-    manifest = synthetic_bundle(root / "bundle", layers=1, dim=32, rank=4, labels=3)
+def bench_aggregation(n: int, work: Path, options: dict | None = None, real_size: bool = False) -> dict:
+    """``real_size``: MiniLM-sized packed deltas (as devices send them) instead of the small synthetic ones."""
+    root = work / f"agg-{n}-{'-'.join(sorted(options or {})) or 'defaults'}{'-real' if real_size else ''}"
+    manifest = synthetic_bundle(root / "bundle", layers=6, dim=384, rank=8, labels=2) if real_size else \
+        synthetic_bundle(root / "bundle", layers=1, dim=32, rank=4, labels=3)
     store = open_store(str(root / "store"))
     files = {p.name: p.read_bytes() for p in (root / "bundle").iterdir()}
     store.add_bundle(files["manifest.json"].decode(), files)
@@ -164,7 +194,8 @@ def bench_aggregation(n: int, work: Path, options: dict | None = None) -> dict:
     t = time.perf_counter()
     size = 0
     for i in range(n):
-        data = delta_bytes(random_delta(manifest, i, f"d{i % 500}"))
+        d = random_delta(manifest, i, f"d{i % 500}")
+        data = pack(d) if real_size else delta_bytes(d)
         size = len(data)
         store.add_delta(DeltaRec(sha256_hex(data), "f", f"d{i % 500}", "default", 0, 1 + i % 50, len(data), float(i)), data)
     fill = time.perf_counter() - t
@@ -184,7 +215,7 @@ def bench_aggregation(n: int, work: Path, options: dict | None = None) -> dict:
     v = agg.aggregate(store, "f", options=options)
     seconds = time.perf_counter() - t
     store.close()
-    return {"deltas": n, "delta_bytes": size, "options": options or {}, "seconds": round(seconds, 3),
+    return {"deltas": n, "delta_bytes": size, "options": options or {}, "real_size": real_size, "seconds": round(seconds, 3),
             "deltas_per_s": round(n / seconds, 1), "peak_python_heap_mb": round(peak / 2**20, 2),
             "aggregated": v.report["count"], "store_fill_seconds": round(fill, 1)}
 
@@ -194,13 +225,15 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="store URI for the upload part (default: a SQLite store in a temp dir)")
     ap.add_argument("--devices", type=int, default=64, help="concurrent devices")
     ap.add_argument("--uploads", type=int, default=8, help="uploads per device")
+    ap.add_argument("--client-procs", type=int, default=4, help="client processes the devices are spread over")
     ap.add_argument("--aggregate", default="1000,10000", help="delta counts for the aggregation part")
+    ap.add_argument("--aggregate-real", default="1000", help="delta counts for aggregating MiniLM-sized packed deltas")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "hub.json"), help="result JSON")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
         work = Path(tmp)
         result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-                  "uploads": bench_uploads(args.store, args.devices, args.uploads, work)}
+                  "uploads": bench_uploads(args.store, args.devices, args.uploads, work, args.client_procs)}
         print(json.dumps(result["uploads"]), flush=True)
         result["aggregation"] = []
         for n in (int(x) for x in args.aggregate.split(",")):
@@ -210,6 +243,9 @@ def main() -> None:
         result["aggregation"].append(bench_aggregation(first, work, {"clip_norm": 0.5, "trim": 0.1}))
         result["aggregation"].append(bench_aggregation(first, work, {}))  # the hub's defaults: median clipping, 20 % trim
         print(json.dumps(result["aggregation"][-1]), flush=True)
+        for n in (int(x) for x in args.aggregate_real.split(",") if x):
+            result["aggregation"].append(bench_aggregation(n, work, PLAIN, real_size=True))
+            print(json.dumps(result["aggregation"][-1]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     print(f"wrote {args.out}")

@@ -198,6 +198,7 @@ def summary(command: str, seconds: float | None) -> str:
                                                     ("× shuffled", "tokens_ratio_vs_shuffled"),
                                                     ("padding share", "padding_share")]).rstrip()]
     lines += devices()
+    lines += fleet()
     notes = RESULTS / "notes.md"
     if notes.is_file():
         lines += ["", notes.read_text().rstrip()]
@@ -221,6 +222,25 @@ def devices() -> list[str]:
                      f"with {p['memory_plan']}; test accuracy {100 * p['test_accuracy']:.1f} % "
                      f"(base {100 * p['base_test_accuracy']:.1f} %).")
     return lines if a or p else []
+
+
+def fleet() -> list[str]:
+    """Summary lines of the fleet run (benchmarks/bench_fleet.py, ~15 minutes; not run by this command)."""
+    f = _load("fleet")
+    if not f:
+        return []
+    curve = ", ".join(f"{100 * r['accuracy']:.1f}" for r in f["per_round"])
+    c = f["centralized"]
+    return ["", "## Fleet (python benchmarks/bench_fleet.py)", "",
+            f"- measured {f['date']}: {f['devices']} devices (ranks {', '.join(map(str, f['ranks']))}), Dirichlet α = {f['alpha']} "
+            f"label-skewed Rotten Tomatoes shards, {f['devices_per_round']} devices training {f['rows_per_round']} new rows each "
+            f"per round, {f['rounds']} rounds; "
+            f"held-out accuracy per version (%): {curve}; centralized on the union ({c['rows']} rows, {c['steps']} steps) "
+            f"{100 * c['accuracy']:.1f} % ({f['gap_points']:+.2f} points above the fleet).",
+            f"- per device per round: {f['bytes_per_device_round']['up'] / 1000:.1f} KB up, "
+            f"{f['bytes_per_device_round']['down'] / 1000:.1f} KB down; faults survived: "
+            + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in f["faults"].items())
+            + f"; {f['accepted']} deltas accepted, {f['accepted_lost']} lost, {f['accepted_double_counted']} double-counted."]
 
 
 def plots() -> list[Path]:

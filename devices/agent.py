@@ -217,7 +217,8 @@ class Agent:
             self.client.download_bundle(me["bundle"], bundle)
         latest = me.get("latest", {}).get(self.config.adapter)
         if latest and latest != self.version:
-            version, data = self.client.download_version(me["fleet"], self.config.adapter, latest)  # sha256 checked
+            rank = (self.config.train or {}).get("rank") or None  # a device of a lower rank pulls the version refitted to it
+            version, data = self.client.download_version(me["fleet"], self.config.adapter, latest, rank=rank)  # sha256 checked
             d = wire_delta(data, f"{self.config.adapter} v{version}", read_manifest(bundle))  # check before use
             atomic.write_bytes(self.adapter_path, delta_bytes(d))  # kept decoded: what the trainer starts from
             self.state["version"] = version

@@ -107,13 +107,14 @@ class HubClient:
         return self.request("GET", f"/api/v1/fleets/{fleet}/versions", params=params).json()
 
     def download_version(self, fleet: str, adapter: str, version: int | str = "latest", *,
-                         raw: bool = False) -> tuple[int, bytes]:
-        """(version number, bytes) of an adapter version: its packed transport form, or safetensors with ``raw``.
+                         raw: bool = False, rank: int | None = None) -> tuple[int, bytes]:
+        """(version number, bytes) of an adapter version: its packed transport form, or safetensors with ``raw``;
+        ``rank``: refitted to that lower LoRA rank (a fleet of mixed ranks keeps each one it takes).
 
         The bytes are checked against the sha256 the hub states for them (HubError on a mismatch).
         """
         r = self.request("GET", f"/api/v1/fleets/{fleet}/adapters/{adapter}/versions/{version}",
-                         params={"form": "raw"} if raw else None)
+                         params={**({"form": "raw"} if raw else {}), **({"rank": rank} if rank else {})} or None)
         stated = r.headers.get("x-edgepeft-sha256")
         if stated is None or hashlib.sha256(r.content).hexdigest() != stated:
             raise HubError(f"{fleet}/{adapter} v{version}: downloaded bytes do not match the sha256 the hub states; retry")

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgepeft.delta import Delta, delta_from_init
+from edgepeft.delta import ranks
 from edgepeft.delta.format import checksum, now_iso
 from edgepeft.errors import TrainError
 from edgepeft.names import ATTENTION_MASK, IGNORED_LABEL, INPUT_IDS, LABELS, LOSS, SEQ_CLS, TOKEN_CLS, grad_name
@@ -52,6 +53,8 @@ class TrainConfig:
     micro_batch: int = _help(0, "Most examples per train-graph run; larger batches accumulate gradients (0: whole batch; a memory budget may lower it).")
     max_grad_norm: float = _help(1.0, "Clip gradients to this global L2 norm (0: no clipping).")
     seed: int = _help(0, "Seed of the data order and of a fresh delta's LoRA A init.")
+    rank: int = _help(0, "LoRA rank to train, at most the bundle's (0: the starting delta's, else the bundle's); a lower rank "
+                         "trains the bundle's graph with the factors past it held at zero, so the delta is that rank exactly.")
     eval_every: int = _help(0, "Evaluate on the validation data every N steps (0: at the end of each epoch).")
     patience: int = _help(0, "Stop after N evaluations without improvement (0: never stop early).")
     checkpoint_every: int = _help(100, "Write a checkpoint every N steps (and always at the end).")
@@ -66,7 +69,7 @@ class TrainConfig:
             if v < 1:
                 raise TrainError(f"{name.replace('_', '-')} must be at least 1, got {v}")
         for name in ("max_steps", "micro_batch", "eval_every", "patience", "checkpoint_every", "threads", "warmup",
-                     "weight_decay", "max_grad_norm", "memory_budget_mb"):
+                     "weight_decay", "max_grad_norm", "memory_budget_mb", "rank"):
             if getattr(self, name) < 0:
                 raise TrainError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -140,6 +143,13 @@ class Trainer:
         self.steps_per_epoch = -(-batches // config.grad_accum)
         total = config.epochs * self.steps_per_epoch
         self.total = min(total, config.max_steps) if config.max_steps else total
+        self.full_rank = ranks.bundle_rank(m)
+        self.rank = config.rank or (start.meta.rank if start is not None and start.meta.rank else self.full_rank)
+        if self.full_rank and self.rank > self.full_rank:
+            raise TrainError(f"rank {self.rank} is above the bundle's LoRA rank {self.full_rank}; choose at most {self.full_rank}")
+        if start is not None and start.meta.rank and start.meta.rank != self.rank:
+            raise TrainError(f"the starting delta has rank {start.meta.rank}, this run trains rank {self.rank}; "
+                             f"pull the version at rank {self.rank} (edgepeft pull --rank {self.rank}) or train at {start.meta.rank}")
         w = config.warmup
         self.warmup_steps = int(round(w * self.total)) if w < 1 else int(w)
 
@@ -181,9 +191,12 @@ class Trainer:
         return memory.peak_during(lambda: self.session.run(None, feeds))
 
     def _fresh_delta(self) -> Delta:
+        """The starting delta at the bundle's rank (a lower-rank one zero-padded: the padding stays zero)."""
         if self.start is not None:
-            return Delta({k: np.array(v, np.float32) for k, v in self.start.tensors.items()}, self.start.meta)
-        return with_text_init(self.bundle, delta_from_init(self.manifest, self.config.seed))  # a prompt's text init
+            d = Delta({k: np.array(v, np.float32) for k, v in self.start.tensors.items()}, self.start.meta)
+        else:  # a fresh rank-r delta is the first r factors of the bundle's fresh init (a prompt's text init)
+            d = ranks.cut_rank(with_text_init(self.bundle, delta_from_init(self.manifest, self.config.seed)), self.rank, exact=False)
+        return ranks.pad_rank(d, self.full_rank)
 
     # ---- one optimizer step ---------------------------------------------------------------------
 
@@ -371,7 +384,8 @@ class Trainer:
             steps_per_s=steps_done / seconds if seconds > 0 else 0.0, peak_rss_mb=memory.peak_rss_mb(),
             train_loss=float(np.mean(self.losses)) if self.losses else float("nan"), before=self.before, after=after,
             best_step=best_step, stopped_early=self.stopped, resumed_at=resumed_at, memory=self.plan)
-        return TrainResult(Delta({k: np.array(v, np.float32) for k, v in tensors.items()}, meta), summary)
+        out = Delta({k: np.array(v, np.float32) for k, v in tensors.items()}, meta)
+        return TrainResult(ranks.cut_rank(out, self.rank), summary)
 
     def _extra(self, after: dict[str, float] | None) -> dict[str, str]:
         extra = {"steps": str(self.step), "train_loss": f"{np.mean(self.losses):.6g}" if self.losses else "nan"}

@@ -296,13 +296,18 @@ def test_wrong_bias_shape_refused(tmp_path):
     assert "tensor 'head.bias' has shape (4,), bundle slot needs (3,)" in refused(tmp_path, delta_bytes(d), make_manifest())
 
 
-def test_other_rank_loads_for_inference_but_not_for_training(tmp_path):
+def test_a_lower_rank_loads_for_training_and_a_higher_one_only_for_inference(tmp_path):
+    # a lower rank trains on the bundle's graph zero-padded (delta/ranks.py); a higher one cannot
     m2 = make_manifest(rank=2)
     d = replace_meta(make_delta(manifest=m2), rank=2)
     (tmp_path / "r2.delta").write_bytes(delta_bytes(d))
-    assert load_delta(tmp_path / "r2.delta", make_manifest()).meta.rank == 2
-    msg = refused(tmp_path, delta_bytes(d), make_manifest(), for_training=True)
-    assert "has shape (2, 32), bundle slot needs (4, 32) to train" in msg
+    assert load_delta(tmp_path / "r2.delta", make_manifest(), for_training=True).meta.rank == 2
+    m8 = make_manifest(rank=8)
+    d8 = replace_meta(make_delta(manifest=m8), rank=8)
+    (tmp_path / "r8.delta").write_bytes(delta_bytes(d8))
+    assert load_delta(tmp_path / "r8.delta", make_manifest()).meta.rank == 8
+    msg = refused(tmp_path, delta_bytes(d8), make_manifest(), for_training=True)
+    assert "has shape (8, 32), bundle slot needs (4, 32) to train (rank at most 4)" in msg
 
 
 # ---- fuzz ---------------------------------------------------------------------------------------

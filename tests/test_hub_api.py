@@ -224,7 +224,8 @@ def _with_rank(manifest, device, rank: int, alpha: float) -> bytes:
 
 @pytest.mark.parametrize("odd, says", [
     (lambda m: delta_bytes(replace_meta(delta_from_init(m, 0), method="ia3", creator="a", samples=10)), "trained with method 'ia3'"),
-    (lambda m: _with_rank(m, "a", 2, 4.0), "rank 2, alpha 4, but this fleet's bundle trains lora+bitfit at rank 4, alpha 8"),
+    # same scale, lower rank: a rank the fleet could take (hub/mixed_ranks.py), but this fleet takes only the bundle's
+    (lambda m: _with_rank(m, "a", 2, 4.0), "delta has LoRA rank 2, but this fleet takes rank 4 of its lora+bitfit bundle"),
     (lambda m: _with_rank(m, "a", 4, 16.0), "rank 4, alpha 16, but this fleet's bundle trains lora+bitfit at rank 4, alpha 8"),
     (lambda m: pack(replace_meta(delta_from_init(m, 0), method="dora", creator="a", samples=10)), "trained with method 'dora'"),
 ], ids=["method", "rank", "alpha", "packed-method"])

@@ -58,7 +58,8 @@ def figures() -> dict[str, str]:
     small, large = adapters["speed"]
     memory = {m["adapters"]: m["over_base_mb"] for m in adapters["memory"]}
     hub = _json("hub")
-    agg = {a["deltas"]: a for a in hub["aggregation"] if not a["options"]}
+    agg = {a["deltas"]: a for a in hub["aggregation"] if a["options"] == {"clip_median": None, "trim": 0.0} and not a["real_size"]}
+    before = hub["before"]["uploads"]
     export = {r["config"].split(" ")[0]: r for r in _json("export")["rows"]}
     levers = {r["config"]: r for r in _json("levers")["rows"]}
     run = _json("run")
@@ -125,12 +126,16 @@ def figures() -> dict[str, str]:
             f"1 / 10 / 100 adapters add {memory[1]:.0f} / {memory[10]:.0f} / {memory[100]:.0f} MB to an "
             f"{adapters['base_rss_mb']:.0f} MB base",
         "hub: uploads":
-            f"{hub['uploads']['devices']} devices uploading packed\n  deltas concurrently on loopback: "
-            f"{hub['uploads']['uploads_per_s']:.0f} uploads/s, p50 {hub['uploads']['latency_ms']['p50']:.0f} ms, "
-            f"p99 {hub['uploads']['latency_ms']['p99'] / 1000:.2f} s",
+            f"{hub['uploads']['devices']} devices in {hub['uploads']['client_processes']} client processes uploading packed deltas "
+            f"concurrently on loopback: {hub['uploads']['uploads_per_s']:.0f} uploads/s, p50 "
+            f"{hub['uploads']['latency_ms']['p50']:.0f} ms, p99 {hub['uploads']['latency_ms']['p99'] / 1000:.2f} s (the code "
+            f"before this version's upload path, back to back on the same machine: {before['uploads_per_s']:.0f} uploads/s, p50 "
+            f"{before['latency_ms']['p50']:.0f} ms, p99 {before['latency_ms']['p99'] / 1000:.2f} s)",
+        "hub: command": f"(`{hub['command']}`",
         "hub: aggregation":
-            f"aggregating 1,000 deltas {agg[1000]['seconds']:.2f} s, 10,000 deltas {agg[10000]['seconds']:.1f} s, with the\n  "
-            f"same {max(agg[1000]['peak_python_heap_mb'], agg[10000]['peak_python_heap_mb']):.1f} MB of Python heap",
+            f"aggregating (plain mean) 1,000 small deltas {agg[1000]['seconds']:.2f} s with {agg[1000]['peak_python_heap_mb']:.1f} MB "
+            "of Python heap",
+        **fleet_figures(),
         "export":
             f"{export['edgepeft']['seconds']:.0f} s and {_mb(export['edgepeft']['peak_rss_mb'])} peak for the int8 bundle with both "
             f"graphs, {export['edgepeft']['time_ratio_vs_plain']:.1f}× the\n  time of a plain fp32 `torch.onnx.export` of the "
@@ -139,6 +144,26 @@ def figures() -> dict[str, str]:
             f"{levers['top 2 layers']['step_ratio']:.2f}× the time and {levers['top 2 layers']['peak_ratio']:.2f}× the peak\nmemory",
         **device_figures(),
         **llm_figures(),
+    }
+
+
+def fleet_figures() -> dict[str, str]:
+    """The fleet run (benchmarks/bench_fleet.py)."""
+    f = _json("fleet")
+    c, b = f["centralized"], f["bytes_per_device_round"]
+    faults = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in f["faults"].items())
+    return {
+        "fleet: run":
+            f"{f['devices']} devices at LoRA rank {', '.join(map(str, f['ranks']))} (one rank-{max(f['ranks'])} bundle), Dirichlet "
+            f"α = {f['alpha']} label-skewed shards, {f['devices_per_round']} devices training {f['rows_per_round']} new rows each "
+            f"per round for {f['rounds']} rounds ({f['fleet_seconds'] / 60:.0f} minutes)",
+        "fleet: accuracy":
+            f"held-out accuracy ({f['held_out']} rows) per version " + " / ".join(f"{100 * r['accuracy']:.1f}" for r in f["per_round"])
+            + f" %, against {100 * c['accuracy']:.1f} % for centralized training on the union of the devices' rows "
+            f"({c['rows']:,} rows, {c['steps']} steps)",
+        "fleet: wire and faults":
+            f"{b['up'] / 1000:.1f} KB up and {b['down'] / 1000:.1f} KB down per device per round; faults survived: {faults}; "
+            f"{f['accepted']} deltas accepted, {f['accepted_lost']} lost, {f['accepted_double_counted']} double-counted",
     }
 
 

@@ -102,6 +102,14 @@ def fleet_group() -> None:
     """Fleets on the hub."""
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    """Comma-separated integers of an option."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers, e.g. 4,8,16", param_hint=option) from None
+
+
 @fleet_group.command("create")
 @click.argument("name")
 @click.option("--bundle", "fingerprint", required=True, help="Fingerprint of a registered bundle.")
@@ -111,14 +119,17 @@ def fleet_group() -> None:
 @click.option("--clip-norm", type=click.FloatRange(0, min_open=True), help="Default: clip each device's update to this norm.")
 @click.option("--trim", type=click.FloatRange(0, 0.5, max_open=True), help="Default: coordinate-wise trimmed mean fraction (else 0.2).")
 @click.option("--max-samples", type=click.IntRange(1, 10**9), help="Default cap on one delta's weight (else the median claim of its version, at most 10000).")
+@click.option("--ranks", default="", help="LoRA ranks devices may train at, comma-separated, each at most the bundle's "
+                                          "(e.g. 4,8,16 on a rank-16 bundle; default: the bundle's rank only).")
 @admin_options
 def fleet_create_cmd(name: str, fingerprint: str, aggregate_every: int, aggregate_minutes: float, staleness: int,
-                     clip_norm: float | None, trim: float | None, max_samples: int | None, hub: str,
+                     clip_norm: float | None, trim: float | None, max_samples: int | None, ranks: str, hub: str,
                      admin_token_file: str | None) -> None:
     """Create fleet NAME training a registered bundle."""
     robust = {k: v for k, v in {"clip_norm": clip_norm, "trim": trim, "max_samples": max_samples}.items() if v is not None}
     body = {"name": name, "bundle": fingerprint, "aggregate_every": aggregate_every,
-            "aggregate_minutes": aggregate_minutes, "staleness": staleness, "robust": robust}
+            "aggregate_minutes": aggregate_minutes, "staleness": staleness, "robust": robust,
+            "ranks": _int_list(ranks, "--ranks")}
     with _admin_client(hub, admin_token_file) as c:
         c.request("POST", "/api/v1/fleets", json=body)
     click.echo(f"fleet {name} created")

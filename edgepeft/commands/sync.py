@@ -39,15 +39,16 @@ def push_cmd(delta: str, packed: bool, hub: str, token_file: str | None) -> None
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the delta file.")
 @click.option("--version", default="latest", show_default=True, help="Version number, or latest.")
 @click.option("--packed", is_flag=True, help="Write the packed transport form as pulled (default: the decoded delta file).")
+@click.option("--rank", type=click.IntRange(1), default=None, help="A lower LoRA rank the fleet takes: the version refitted to it (train with the same --rank).")
 @device_options
-def pull_cmd(adapter: str, output: str, version: str, packed: bool, hub: str, token_file: str | None) -> None:
+def pull_cmd(adapter: str, output: str, version: str, packed: bool, rank: int | None, hub: str, token_file: str | None) -> None:
     """Download a version of ADAPTER from this device's fleet (packed on the wire, its sha256 checked)."""
     from edgepeft.delta.format import delta_bytes
     from edgepeft.delta.transport import is_packed, unpack
 
     with _client(hub, token_file) as c:
         fleet = c.me()["fleet"]
-        number, data = c.download_version(fleet, adapter, version)
+        number, data = c.download_version(fleet, adapter, version, rank=rank)
     pulled = len(data)
     if not packed and is_packed(data):
         data = delta_bytes(unpack(data, f"{fleet}/{adapter} v{number}"))

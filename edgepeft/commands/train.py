@@ -98,6 +98,7 @@ def _summary(s: TrainSummary, out: Path) -> str:
 @_opt("--micro-batch", field="micro_batch", type=click.IntRange(min=0))
 @_opt("--max-grad-norm", field="max_grad_norm", type=click.FloatRange(min=0))
 @_opt("--seed", field="seed", type=int)
+@_opt("--rank", field="rank", type=click.IntRange(min=0))
 @_opt("--eval-every", field="eval_every", type=click.IntRange(min=0))
 @_opt("--patience", field="patience", type=click.IntRange(min=0))
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path, file_okay=False), default=None, help="Folder for the checkpoint (deltas, optimizer, data position); none if not given.")

@@ -192,8 +192,10 @@ def payload_size(header_bytes: int, specs: list[tuple[str, tuple[int, ...]]]) ->
     return 4 + header_bytes + sum(r * 4 + r * n for r, n in (_rows(s) for _, s in specs))
 
 
-def unpack(data: bytes, where: str = "packed delta", *, manifest: Manifest | None = None, for_training: bool = False) -> Delta:
+def unpack(data: bytes, where: str = "packed delta", *, manifest: Manifest | None = None, for_training: bool = False,
+           codes: dict[str, np.ndarray] | None = None) -> Delta:
     """Parse transport bytes into a checked Delta (values dequantized; see the module's error bound).
+    ``codes``: filled with each tensor's int8 values as stored (what ``quantize`` gives; the hub's content id uses them).
 
     Streams: the header is decompressed first and, given a manifest, its names and shapes are checked
     against it; then the declared content size must equal what the header describes, and only then
@@ -218,6 +220,8 @@ def unpack(data: bytes, where: str = "packed delta", *, manifest: Manifest | Non
         if (q == -128).any():
             raise DeltaError(f"{where}: tensor {name!r} holds -128, which the packer never writes")
         tensors[name] = dequantize(scales, q, shape)
+        if codes is not None:
+            codes[name] = q
     frame.finish()
     delta = Delta(tensors, meta)
     check_structure(delta, where)

@@ -23,6 +23,7 @@ from edgepeft.delta.merge import from_space_parts, is_ranked, merge, space_parts
 from edgepeft.delta.transport import is_packed, pack, packed_meta, unpack
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.frozen import BaseWeights, base_weights, frozen_arrays
+from edgepeft.hub import mixed_ranks
 from edgepeft.hub.limits import MAX_PUBLISHED_SAMPLES, readable, sample_weights, staleness_factor
 from edgepeft.hub.robust import RobustOptions, clip_update, trimmed_mean, update_norm
 from edgepeft.hub.store import BUILDING, BundleRec, DeltaRec, Fleet, Store, VersionRec
@@ -32,14 +33,14 @@ from edgepeft.names import WEIGHTS_INDEX_FILE
 Pairs = Callable[[], Iterator[tuple[Delta, float]]]  # a fresh pass over (delta, weight)
 
 
-def parse_delta(data: bytes, where: str, manifest: Manifest) -> Delta:
+def parse_delta(data: bytes, where: str, manifest: Manifest, codes: dict[str, np.ndarray] | None = None) -> Delta:
     """A delta from raw safetensors or packed bytes, fully checked against the bundle manifest.
 
-    Shapes must be the bundle's exactly (LoRA at its rank): the manifest then fixes the payload size,
-    which is checked before anything is decompressed.
+    Shapes must be the bundle's (LoRA at most at its rank): the manifest then bounds the payload size,
+    which is checked before anything is decompressed. ``codes``: filled with a packed delta's int8 values.
     """
     if is_packed(data):
-        return unpack(data, where, manifest=manifest, for_training=True)
+        return unpack(data, where, manifest=manifest, for_training=True, codes=codes)
     return delta_from_bytes(data, where, manifest, for_training=True)
 
 
@@ -51,8 +52,9 @@ def peek_meta(data: bytes, manifest: Manifest) -> DeltaMeta | None:
         return None
 
 
-def disagreement(meta: DeltaMeta | None, manifest: Manifest) -> str | None:
-    """Why a delta's method or method config is not the fleet bundle's (None: it agrees, or says nothing)."""
+def disagreement(meta: DeltaMeta | None, manifest: Manifest, ranks: tuple[int, ...] = ()) -> str | None:
+    """Why a delta's method or method config is not the fleet bundle's (None: it agrees, or says nothing).
+    ``ranks``: the LoRA ranks the fleet takes (empty: the bundle's own)."""
     if meta is None:
         return None
     config = json.dumps(manifest.method_config, sort_keys=True) if manifest.method_config else "its defaults"
@@ -60,10 +62,10 @@ def disagreement(meta: DeltaMeta | None, manifest: Manifest) -> str | None:
         return (f"delta was trained with method {meta.method!r}, but this fleet's bundle trains {manifest.method!r} "
                 f"(config {config}); train it on the fleet's bundle")
     rank, scale = bundle_lora(manifest)
-    if rank and meta.method and (meta.rank != rank or not math.isclose(meta.scale, scale, rel_tol=1e-6)):
+    if rank and meta.method and not math.isclose(meta.scale, scale, rel_tol=1e-6):
         return (f"delta has rank {meta.rank}, alpha {meta.alpha:g}, but this fleet's bundle trains {manifest.method} at rank "
                 f"{rank}, alpha {rank * scale:g} (config {config}); train it on the fleet's bundle")
-    return None
+    return mixed_ranks.refusal(meta, ranks, manifest) if rank and meta.method else None
 
 
 def bundle_lora(manifest: Manifest) -> tuple[int, float]:
@@ -77,9 +79,9 @@ def bundle_lora(manifest: Manifest) -> tuple[int, float]:
 class _Parents:
     """Published versions by number, parsed, a few kept (deltas span at most the staleness window)."""
 
-    def __init__(self, store: Store, fleet: str, adapter: str, manifest: Manifest, keep: int = 4) -> None:
+    def __init__(self, store: Store, fleet: str, adapter: str, manifest: Manifest, keep: int = 12) -> None:
         self.store, self.fleet, self.adapter, self.manifest, self.keep = store, fleet, adapter, manifest, keep
-        self.cache: OrderedDict[int, Delta | None] = OrderedDict()
+        self.cache: OrderedDict[int | tuple[int, int], Delta | None] = OrderedDict()
 
     def get(self, version: int | None) -> Delta | None:
         if not version:
@@ -91,6 +93,18 @@ class _Parents:
             while len(self.cache) > self.keep:
                 self.cache.popitem(last=False)
         return self.cache[version]
+
+    def at_rank(self, version: int, rank: int) -> Delta | None:
+        """The version as a device of ``rank`` pulled it (its packed rank form), cached like the full versions."""
+        key = (version, rank)
+        if key not in self.cache:
+            rec = self.store.get_version(self.fleet, self.adapter, version)
+            form = None if rec is None else (rec.report.get("ranks") or {}).get(str(rank))
+            self.cache[key] = None if form is None else \
+                parse_delta(self.store.get_blob(form["sha256"]), f"{self.adapter} v{version} at rank {rank}", self.manifest)
+            while len(self.cache) > self.keep:
+                self.cache.popitem(last=False)
+        return self.cache[key]
 
 
 def stored_base_weights(store: Store, bundle: BundleRec) -> BaseWeights | None:
@@ -185,10 +199,13 @@ def _merge_claimed(store: Store, claimed: list[DeltaRec], latest: int, manifest:
     """
     ids = [d.id for d in claimed]
     capped = sample_weights([d.samples for d in claimed], options.max_samples, [d.device for d in claimed])  # in ids order
+    full, _ = bundle_lora(manifest)
 
     def read() -> Iterator[tuple[float, Delta]]:
         for w, (delta_id, data) in zip(capped, store.iter_delta_bytes(ids)):
-            yield w, parse_delta(data, f"delta {delta_id[:16]}", manifest)
+            d = parse_delta(data, f"delta {delta_id[:16]}", manifest)
+            # a lower-rank device trained from the version's rank-r form: count its update on the full version
+            yield w, mixed_ranks.measured_from_start(d, full, parents.at_rank, parents.get(d.meta.parent))
 
     bound = options.clip_norm
     if bound is None and options.clip_median is not None:
@@ -247,6 +264,7 @@ def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> Ver
         out = replace_meta(merged, adapter=adapter, version=version, parent=parent, creator="hub")
     report["seconds"] = round(time.perf_counter() - started, 4)
     out = replace_meta(out, samples=min(out.meta.samples, MAX_PUBLISHED_SAMPLES))
+    report["ranks"] = mixed_ranks.rank_forms(out, fleet.ranks, store.put_blob)  # what devices of each lower rank pull
     data = delta_bytes(out)  # the exact float32 version: the parent the hub clips against, and form=raw
     readable(data, manifest, f"{fleet.name}/{adapter} v{version}")
     wire = pack(out)  # what devices pull by default (int8 + zstd); its sha256 is the one pulls check

@@ -31,6 +31,8 @@ class FleetIn(BaseModel):
     staleness: int = Field(2, ge=0, le=10**6, description="refuse deltas trained from a version more than this many behind")
     robust: dict[str, Any] = Field(default_factory=dict, max_length=8,
                                    description="default aggregation options (clip_norm, trim, max_samples, memory_mb)")
+    ranks: list[int] = Field(default_factory=list, max_length=16,
+                             description="LoRA ranks devices may train at, each at most the bundle's (empty: the bundle's only)")
 
 
 class DeviceIn(BaseModel):
@@ -50,7 +52,7 @@ class AggregateIn(BaseModel):
 
 def _fleet_json(f: Fleet) -> dict[str, Any]:
     return {"name": f.name, "bundle": f.bundle, "aggregate_every": f.aggregate_every, "aggregate_minutes": f.aggregate_minutes,
-            "staleness": f.staleness, "robust": f.robust, "created": f.created}
+            "staleness": f.staleness, "robust": f.robust, "ranks": list(f.ranks), "created": f.created}
 
 
 @router.post("/bundles", status_code=201, openapi_extra=BINARY_BODY,
@@ -80,7 +82,8 @@ def create_fleet(body: FleetIn, who: AdminDep, store: StoreDep) -> dict[str, Any
 
     RobustOptions.from_dict(body.robust)  # errors: typed, answered by the app's one mapping (http_errors)
     f = store.create_fleet(body.name, body.bundle, aggregate_every=body.aggregate_every,
-                           aggregate_minutes=body.aggregate_minutes, staleness=body.staleness, robust=body.robust)
+                           aggregate_minutes=body.aggregate_minutes, staleness=body.staleness, robust=body.robust,
+                           ranks=body.ranks)
     return _fleet_json(f)
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Request
+from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from edgepeft.delta.format import max_file_bytes
+from edgepeft.delta.ranks import bundle_rank
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.hub import aggregate as agg
 from edgepeft.hub import limits
@@ -57,13 +58,16 @@ def accept_delta(store: Store, device: Device, data: bytes, manifest) -> tuple[i
         if known.device != device.id:
             raise HTTPException(403, "these bytes were uploaded by another device")
         return 200, {"id": sha, "duplicate": True, "adapter": known.adapter, "parent": known.parent}
+    fleet = store.get_fleet(device.fleet)
+    ranks = fleet.ranks if fleet else ()
+    codes: dict = {}
     try:
-        delta = agg.parse_delta(data, f"upload from {device.id}", manifest)
+        delta = agg.parse_delta(data, f"upload from {device.id}", manifest, codes)
     except DeltaError as e:  # a delta of another method or config fails the shape checks: say that instead (409)
-        why = agg.disagreement(agg.peek_meta(data, manifest), manifest)
+        why = agg.disagreement(agg.peek_meta(data, manifest), manifest, ranks)
         raise HTTPException(409 if why else 422, why or str(e)) from None
     meta = delta.meta
-    why = agg.disagreement(meta, manifest)
+    why = agg.disagreement(meta, manifest, ranks)
     if why:
         raise HTTPException(409, why)
     if meta.creator and meta.creator != device.id:
@@ -77,11 +81,10 @@ def accept_delta(store: Store, device: Device, data: bytes, manifest) -> tuple[i
         check_name("adapter", meta.adapter)
     except HubError as e:
         raise HTTPException(422, str(e)) from None
-    content = limits.content_id(delta, device.id)
+    content = limits.content_id(delta, device.id, codes if codes else None)
     same = store.find_content(content)
     if same is not None:  # the same delta in other bytes (raw, then packed): accepted once
         return 200, {"id": same.id, "duplicate": True, "adapter": same.adapter, "parent": same.parent}
-    fleet = store.get_fleet(device.fleet)
     latest = store.latest_version(device.fleet, meta.adapter)
     why = agg.check_parent(latest.version if latest else 0, meta.parent, fleet.staleness if fleet else 0)
     if why:
@@ -181,16 +184,31 @@ def version_info(fleet: str, adapter: str, version: str, who: PrincipalDep, stor
             response_class=Response, responses={200: {"content": {"application/octet-stream": {}}}})
 def download_version(fleet: str, adapter: str, version: str, who: PrincipalDep, store: StoreDep,
                      range: Annotated[str | None, Header()] = None,
-                     form: Literal["packed", "raw"] = "packed") -> Response:
+                     form: Literal["packed", "raw"] = "packed",
+                     rank: Annotated[int | None, Query(ge=1, le=4096, description="a lower LoRA rank the fleet takes: the version refitted to it")] = None) -> Response:
     _fleet_access(who, fleet)
     v = _resolve(store, fleet, adapter, version)
     headers = {"X-Edgepeft-Version": str(v.version)}
     packed = v.report.get("packed")
-    if form == "raw" or not packed:  # versions published before the packed form was kept are served raw
+    forms = v.report.get("ranks") or {}
+    if rank is not None and str(rank) in forms:  # the version refitted to the device's rank at build time
+        f = forms[str(rank)]
+        sha, size = (f["raw_sha256"], f["raw_size"]) if form == "raw" else (f["sha256"], f["size"])
+    elif rank is not None and rank != _own_rank(store, v):
+        raise HTTPException(404, f"{fleet}/{adapter} v{v.version} has no rank-{rank} form; it is kept at rank "
+                                 f"{_own_rank(store, v)} and {', '.join(sorted(forms)) or 'no other rank'}")
+    elif form == "raw" or not packed:  # versions published before the packed form was kept are served raw
         sha, size = v.sha256, v.size
     else:
         sha, size = packed["sha256"], packed["size"]
     return serve_blob(store, sha, size, range, "application/octet-stream", {**headers, "X-Edgepeft-Sha256": sha})
+
+
+def _own_rank(store: Store, v: VersionRec) -> int:
+    """The LoRA rank a version is stored at (its fleet bundle's)."""
+    f = store.get_fleet(v.fleet)
+    rec = store.get_bundle(f.bundle) if f else None
+    return bundle_rank(rec.manifest) if rec else 0
 
 
 @router.get("/bundles/{fingerprint}", summary="A bundle's manifest and file list")

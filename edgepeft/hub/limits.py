@@ -64,18 +64,19 @@ def largest_value(delta: Delta) -> float:
     return max((float(np.abs(t).max(initial=0.0)) for t in delta.tensors.values()), default=0.0)
 
 
-def content_id(delta: Delta, device: str) -> str:
+def content_id(delta: Delta, device: str, codes: dict[str, np.ndarray] | None = None) -> str:
     """What makes two uploads the same delta: uploader, every meta field and each tensor's int8 transport form.
 
     Raw and packed bytes of one delta get the same id (packing stores exactly these int8 values, and
     re-quantizing unpacked values gives them back), so a delta sent raw and then packed is stored once.
-    Row scales are left out: they may differ in the last float32 bit between the two forms.
+    Row scales are left out: they may differ in the last float32 bit between the two forms. ``codes``: the int8
+    values of a packed upload as it stored them (the same values; quantizing again would only repeat the work).
     """
     h = hashlib.sha256(json.dumps({"device": device, "meta": meta_to_strings(delta.meta)}, sort_keys=True).encode())
     for name in sorted(delta.tensors):
         t = delta.tensors[name]
         h.update(f"\0{name}\0{list(t.shape)}\0".encode())
-        h.update(quantize(t)[1].tobytes())
+        h.update((codes[name] if codes is not None else quantize(t)[1]).tobytes())
     return h.hexdigest()
 
 

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from edgepeft.errors import HubError
-from edgepeft.hub.sql_store import SCHEMA, Pool, SqlStore
+from edgepeft.hub.sql_store import ADDED_COLUMNS, SCHEMA, Pool, SqlStore
 from edgepeft.hub.store import check_name
 
 BLOB_SCHEMA = """
@@ -61,6 +61,8 @@ class PostgresStore(SqlStore):
             for stmt in (SCHEMA + ";" + BLOB_SCHEMA).split(";"):
                 if stmt.strip():
                     cur.execute(stmt)
+            for table, column, definition in ADDED_COLUMNS:
+                cur.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}")
 
     def _connect(self) -> Any:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 from abc import abstractmethod
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from edgepeft.hub.store import (BUILDING, PUBLISHED, BundleFile, BundleRec, DeltaRec, Device, Fleet, Metric, Store,
                                 VersionRec, dumps)
@@ -21,7 +21,7 @@ CREATE TABLE IF NOT EXISTS bundle_files (fingerprint TEXT NOT NULL, name TEXT NO
     size BIGINT NOT NULL, PRIMARY KEY (fingerprint, name));
 CREATE TABLE IF NOT EXISTS fleets (name TEXT PRIMARY KEY, bundle TEXT NOT NULL, aggregate_every INTEGER NOT NULL,
     aggregate_minutes DOUBLE PRECISION NOT NULL, staleness INTEGER NOT NULL, robust TEXT NOT NULL,
-    created DOUBLE PRECISION NOT NULL);
+    created DOUBLE PRECISION NOT NULL, ranks TEXT NOT NULL DEFAULT '[]');
 CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, fleet TEXT NOT NULL, token_hash TEXT NOT NULL,
     created DOUBLE PRECISION NOT NULL, last_seen DOUBLE PRECISION);
 CREATE TABLE IF NOT EXISTS deltas (id TEXT PRIMARY KEY, fleet TEXT NOT NULL, device TEXT NOT NULL, adapter TEXT NOT NULL,
@@ -36,6 +36,9 @@ CREATE TABLE IF NOT EXISTS metrics (fleet TEXT NOT NULL, device TEXT NOT NULL, n
     value DOUBLE PRECISION NOT NULL, version INTEGER, at DOUBLE PRECISION NOT NULL);
 CREATE INDEX IF NOT EXISTS metrics_by_fleet ON metrics (fleet, at);
 """
+
+# columns added after a store's first release: (table, column, definition), added to stores made before them
+ADDED_COLUMNS = (("fleets", "ranks", "TEXT NOT NULL DEFAULT '[]'"),)
 
 _DELTA_COLS = "id, fleet, device, adapter, parent, samples, size, received, version"
 _VERSION_COLS = "fleet, adapter, version, state, created, options, sha256, size, parent, report"
@@ -105,16 +108,16 @@ class SqlStore(Store):
 
     def _add_fleet(self, fleet: Fleet) -> bool:
         with self._tx(write=True) as cur:
-            return cur.execute("INSERT INTO fleets (name, bundle, aggregate_every, aggregate_minutes, staleness, robust, created) "
-                               "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            return cur.execute("INSERT INTO fleets (name, bundle, aggregate_every, aggregate_minutes, staleness, robust, created, ranks) "
+                               "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                                (fleet.name, fleet.bundle, fleet.aggregate_every, fleet.aggregate_minutes, fleet.staleness,
-                                dumps(fleet.robust), fleet.created)).rowcount == 1
+                                dumps(fleet.robust), fleet.created, dumps(list(fleet.ranks)))).rowcount == 1
 
     def _fleets(self, where: str, params: tuple) -> list[Fleet]:
         with self._tx() as cur:
-            rows = cur.execute("SELECT name, bundle, aggregate_every, aggregate_minutes, staleness, robust, created "
+            rows = cur.execute("SELECT name, bundle, aggregate_every, aggregate_minutes, staleness, robust, created, ranks "
                                f"FROM fleets {where} ORDER BY name", params).fetchall()
-        return [Fleet(n, b, e, m, s, json.loads(r), c) for n, b, e, m, s, r, c in rows]
+        return [Fleet(n, b, e, m, s, json.loads(r), c, tuple(json.loads(k))) for n, b, e, m, s, r, c, k in rows]
 
     def get_fleet(self, name: str) -> Fleet | None:
         found = self._fleets("WHERE name = ?", (name,))
@@ -150,23 +153,38 @@ class SqlStore(Store):
 
     # ---- deltas ----------------------------------------------------------------------------------
 
+    blobs_in_transaction = True  # False: blobs are files, written (atomically) before the write lock is taken
+
     def _add_delta(self, rec: DeltaRec, data: bytes, content: str | None) -> bool:
-        try:
-            with self._tx(write=True) as cur:
-                if cur.execute("SELECT 1 FROM deltas WHERE id = ?", (rec.id,)).fetchone():
-                    return False
+        if not self.blobs_in_transaction:
+            # the file's fsync is the slowest part of an upload: done outside the lock, uploads fsync in parallel; a
+            # blob whose row never commits is unreferenced and harmless, and a row never names a missing blob
+            self._store_blob(None, rec.id, data)
+
+        def job(cur: Any) -> bool:
+            if cur.execute("SELECT 1 FROM deltas WHERE id = ?", (rec.id,)).fetchone():
+                return False
+            if self.blobs_in_transaction:
                 self._store_blob(cur, rec.id, data)
-                # two hub processes may race on one retried upload: the primary keys settle it
-                if not cur.execute(f"INSERT INTO deltas ({_DELTA_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL) "
-                                   "ON CONFLICT DO NOTHING", (rec.id, rec.fleet, rec.device, rec.adapter, rec.parent,
-                                                              rec.samples, rec.size, rec.received)).rowcount:
-                    return False
-                if content is not None and not cur.execute("INSERT INTO delta_content (content, id) VALUES (?, ?) "
-                                                           "ON CONFLICT DO NOTHING", (content, rec.id)).rowcount:
-                    raise _SameContent  # rolls the delta row back: the other upload of this content won
-                return True
+            # two hub processes may race on one retried upload: the primary keys settle it
+            if not cur.execute(f"INSERT INTO deltas ({_DELTA_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL) "
+                               "ON CONFLICT DO NOTHING", (rec.id, rec.fleet, rec.device, rec.adapter, rec.parent,
+                                                          rec.samples, rec.size, rec.received)).rowcount:
+                return False
+            if content is not None and not cur.execute("INSERT INTO delta_content (content, id) VALUES (?, ?) "
+                                                       "ON CONFLICT DO NOTHING", (content, rec.id)).rowcount:
+                raise _SameContent  # rolls the delta row back: the other upload of this content won
+            return True
+
+        try:
+            return bool(self._write(job))
         except _SameContent:
             return False
+
+    def _write(self, job: Callable[[Any], Any]) -> Any:
+        """``job(cursor)`` in a write transaction of its own (a backend may share one among concurrent writes)."""
+        with self._tx(write=True) as cur:
+            return job(cur)
 
     def find_content(self, content: str) -> DeltaRec | None:
         with self._tx() as cur:
@@ -251,6 +269,18 @@ class SqlStore(Store):
             rows = cur.execute(f"SELECT {_VERSION_COLS} FROM versions WHERE {' AND '.join(where)} ORDER BY adapter, version",
                                tuple(params)).fetchall()
         return [_version(r) for r in rows]
+
+    def get_version(self, fleet: str, adapter: str, version: int) -> VersionRec | None:
+        with self._tx() as cur:  # one row by its key, not every version parsed
+            row = cur.execute(f"SELECT {_VERSION_COLS} FROM versions WHERE fleet = ? AND adapter = ? AND version = ?",
+                              (fleet, adapter, version)).fetchone()
+        return _version(row) if row else None
+
+    def latest_version(self, fleet: str, adapter: str) -> VersionRec | None:
+        with self._tx() as cur:  # every upload asks this: one row, not every version's report parsed
+            row = cur.execute(f"SELECT {_VERSION_COLS} FROM versions WHERE fleet = ? AND adapter = ? AND state = ? "
+                              "ORDER BY version DESC LIMIT 1", (fleet, adapter, PUBLISHED)).fetchone()
+        return _version(row) if row else None
 
     # ---- metrics ---------------------------------------------------------------------------------
 

@@ -15,7 +15,8 @@ from typing import Any, Iterator
 
 from edgepeft import atomic
 from edgepeft.errors import HubError
-from edgepeft.hub.sql_store import SCHEMA, Pool, SqlStore
+from edgepeft.hub.group_commit import GroupCommit
+from edgepeft.hub.sql_store import ADDED_COLUMNS, SCHEMA, Pool, SqlStore
 from edgepeft.hub.store import check_sha
 
 DB_FILE = "hub.sqlite3"
@@ -33,10 +34,14 @@ class SqliteStore(SqlStore):
             raise HubError(f"{self.root}: cannot create the store directory ({e.strerror})") from None
         self._db = self.root / DB_FILE
         self._pool = Pool(self._connect, pool_size)
+        self._group = GroupCommit(self._tx)
         with self._tx(write=True) as cur:
             for stmt in SCHEMA.split(";"):
                 if stmt.strip():
                     cur.execute(stmt)
+            for table, column, definition in ADDED_COLUMNS:
+                if column not in {row[1] for row in cur.execute(f"PRAGMA table_info({table})")}:
+                    cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -59,6 +64,11 @@ class SqliteStore(SqlStore):
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    blobs_in_transaction = False  # blob files are written and fsynced before BEGIN IMMEDIATE (see SqlStore._add_delta)
+
+    def _write(self, job: Any) -> Any:
+        return self._group.run(job)  # concurrent uploads share a commit: one WAL fsync per batch (hub/group_commit.py)
 
     def _lock_fleet(self, cur: Any, fleet: str) -> None:
         pass  # BEGIN IMMEDIATE already serializes every writer

@@ -15,9 +15,10 @@ import secrets
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from edgepeft.errors import ConflictError, HubError, NotFoundError
+from edgepeft.hub.mixed_ranks import check_ranks
 from edgepeft.manifest import Manifest
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # fleets, devices, adapters
@@ -84,6 +85,7 @@ class Fleet:
     staleness: int = 2  # refuse deltas whose parent is more than this many versions behind the latest
     robust: dict[str, Any] = field(default_factory=dict)  # default aggregation options (aggregate.RobustOptions)
     created: float = 0.0
+    ranks: tuple[int, ...] = ()  # LoRA ranks devices may train at (empty: the bundle's rank only); see delta/ranks.py
 
 
 @dataclass(frozen=True)
@@ -279,14 +281,17 @@ class Store(ABC):
         return (rec if added else self.get_bundle(rec.fingerprint) or rec), added
 
     def create_fleet(self, name: str, bundle: str, *, aggregate_every: int = 0, aggregate_minutes: float = 0.0,
-                     staleness: int = 2, robust: dict[str, Any] | None = None) -> Fleet:
-        """Create a fleet training ``bundle`` (a registered fingerprint)."""
+                     staleness: int = 2, robust: dict[str, Any] | None = None, ranks: Iterable[int] = ()) -> Fleet:
+        """Create a fleet training ``bundle`` (a registered fingerprint); ``ranks``: LoRA ranks its devices may train at."""
         check_name("fleet", name)
-        if self.get_bundle(bundle) is None:
+        rec = self.get_bundle(bundle)
+        if rec is None:
             raise HubError(f"no bundle {bundle[:16]!r} is registered; register it first (edgepeft hub bundle add)")
         if aggregate_every < 0 or aggregate_minutes < 0 or staleness < 0:
             raise HubError("aggregate_every, aggregate_minutes and staleness must be >= 0")
-        fleet = Fleet(name, bundle, int(aggregate_every), float(aggregate_minutes), int(staleness), dict(robust or {}), time.time())
+        allowed = check_ranks(ranks, rec.manifest)
+        fleet = Fleet(name, bundle, int(aggregate_every), float(aggregate_minutes), int(staleness), dict(robust or {}), time.time(),
+                      allowed)
         if not self._add_fleet(fleet):
             raise ConflictError(f"fleet {name!r} exists already")
         return fleet

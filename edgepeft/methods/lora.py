@@ -90,11 +90,12 @@ class LowRank(Method):
         r = got[0] if is_a else got[1]
         fixed = slot.shape[1] if is_a else slot.shape[0]
         have_fixed = got[1] if is_a else got[0]
-        if have_fixed == fixed and (not for_training or r == slot.rank):
+        # a lower rank trains too: zero-padded to the bundle's rank, the padding keeps a zero gradient (delta/ranks.py)
+        if have_fixed == fixed and (not for_training or 1 <= r <= slot.rank):
             return None
         need_r = str(slot.rank) if for_training else "r"
         need = f"({need_r}, {fixed})" if is_a else f"({fixed}, {need_r})"
-        return need + (" to train" if for_training and have_fixed == fixed else "")
+        return need + (f" to train (rank at most {slot.rank})" if for_training and have_fixed == fixed else "")
 
     def check_module(self, module: str, tensors: Tensors, meta_rank: int, where: str) -> None:
         a, b = tensors.get(self.a_kind), tensors.get(self.b_kind)

@@ -1,0 +1,324 @@
+"""A fleet of 100 devices against a real hub: non-IID Rotten Tomatoes, real training, faults, one malicious device.
+
+    python benchmarks/bench_fleet.py [--devices 100] [--rounds 6] [--per-round 12] [--rows 32] [--quick]
+
+The hub is ``edgepeft hub serve`` (uvicorn, SQLite store) in its own process on loopback. Every device is
+the real sync agent (``devices/agent.py``: on-disk outbox and state, packed pushes, sha256-checked pulls)
+training the real MiniLM int8 bundle (LoRA on query/value of the top 2 layers + BitFit + head, exported at
+rank 16) with the device trainer; the devices choose rank 4, 8 or 16 in turn (the fleet takes all three).
+They run as light tasks: agent objects, four at a time in threads of this process, sharing one
+onnxruntime session per graph (a session keeps no state between runs; 100 copies would only cost memory).
+
+Data: the training split is cut into 100 label-skewed shards by a Dirichlet split (α = 0.3 per label).
+Each round a sample of ``--per-round`` devices trains (cross-device federated learning; the malicious one
+every round): each gets ``--rows`` new rows of its shard (cycling) and trains one epoch on them (a few steps).
+Faults every round, each on other devices: drops (the hub unreachable for the round: the delta waits in
+the outbox and goes up a round late, weighted down for its staleness), restarts (the agent object is
+thrown away after training, before pushing, and rebuilt from its state folder), slow devices (push after
+the version was aggregated: stale by one), a device offline for 3 rounds (its delta is refused as too stale
+and its data retrained), duplicate pushes (the same bytes again: stored once), and one malicious device
+that sends its update sign-flipped and scaled by 10 claiming 10,000 samples. The hub runs its defaults
+(updates clipped to the median norm, 20 % trimmed mean, sample caps, staleness weights).
+
+Reported: held-out accuracy of each published version (as devices pull it), against centralized training
+on the union of the rows the devices were given (the trainer's defaults, one pass over the union); bytes per device per round
+it took part in, up and down; faults survived; accepted deltas lost or double-counted (the hub's versions
+against every acceptance the devices saw).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import minilm_bundle, write_result  # noqa: E402
+
+from edgepeft.delta.format import Delta, load_delta, replace_meta, save_delta  # noqa: E402
+from edgepeft.delta.transport import unpack  # noqa: E402
+from edgepeft.demo.assets import rotten_tomatoes_split, write_jsonl  # noqa: E402
+from edgepeft.demo.run import _bundle_tar, _start_hub  # noqa: E402
+from edgepeft.devices.agent import Agent, AgentConfig, RoundReport  # noqa: E402
+from edgepeft.devices.client import HubClient, HubRefused  # noqa: E402
+from edgepeft.runtime.bundle import open_bundle  # noqa: E402
+from edgepeft.runtime.data import load_dataset  # noqa: E402
+from edgepeft.runtime.infer import Predictor  # noqa: E402
+from edgepeft.runtime.text import load_tokenizer  # noqa: E402
+from edgepeft.runtime.trainer import TrainConfig, Trainer  # noqa: E402
+
+FLEET, RANKS, LABELS = "bench", (4, 8, 16), ("rotten", "fresh")
+TRAIN = {"epochs": 1, "batch_size": 16, "lr": 1e-2, "threads": 1, "checkpoint_every": 0}  # a few steps a round: a larger lr
+CENTRAL = {"epochs": 1, "batch_size": 16, "threads": 2, "checkpoint_every": 0}  # the trainer's defaults (lr 2e-3), one pass
+
+
+def dirichlet_shards(rows: list[tuple[str, str]], devices: int, alpha: float, seed: int,
+                     min_rows: int = 16) -> list[list[tuple[str, str]]]:
+    """Label-skewed shards: each label's rows spread over devices by proportions drawn from Dirichlet(α)."""
+    rng = np.random.default_rng(seed)
+    shards: list[list[tuple[str, str]]] = [[] for _ in range(devices)]
+    for label in LABELS:
+        mine = [r for r in rows if r[1] == label]
+        cuts = (np.cumsum(rng.dirichlet([alpha] * devices)) * len(mine)).astype(int)[:-1]
+        for i, part in enumerate(np.split(np.array(rng.permutation(len(mine))), cuts)):
+            shards[i] += [mine[j] for j in part]
+    for small in sorted(range(devices), key=lambda i: len(shards[i])):  # at α = 0.3 some draws are empty: every device
+        while len(shards[small]) < min_rows:                            # gets a few rows, taken from the largest shard
+            shards[small].append(max(shards, key=len).pop())
+    for s in shards:
+        rng.shuffle(s)
+    return shards
+
+
+def shared_bundle(path: Path):
+    """The bundle opened once, its sessions built once and shared by every simulated device."""
+    b = open_bundle(path)
+    cache: dict = {}
+    plain = b.session
+
+    def session(kind, config=None):
+        key = (kind, config)
+        if key not in cache:
+            cache[key] = plain(kind, config) if config is not None else plain(kind)
+        return cache[key]
+
+    object.__setattr__(b, "session", session)  # the frozen Bundle, one session per (graph, settings) for all devices
+    return b
+
+
+def train_fn(bundle, options: dict, malicious: bool = False):
+    """An agent train_fn on the shared bundle; the malicious one sends -10 × its update, claiming 10,000 samples."""
+    tok = load_tokenizer(bundle)
+
+    def train(_bundle_dir: Path, data: Path, start: Path | None, out: Path) -> int:
+        start_delta = load_delta(start, bundle.manifest, for_training=True) if start else None
+        d = Trainer(bundle, load_dataset(data, bundle.manifest, tok), TrainConfig(**options), start=start_delta).fit().delta
+        if malicious:
+            base = start_delta.tensors if start_delta else {k: np.zeros_like(v) for k, v in d.tensors.items()}
+            flip = {k: (v if k.endswith("lora_A") else base[k] - 10.0 * (v - base[k])).astype(np.float32) for k, v in d.tensors.items()}
+            d = replace_meta(Delta(flip, d.meta), samples=10_000)
+        save_delta(out, d)
+        return int(d.meta.samples)
+
+    return train
+
+
+class Device:
+    """One simulated device: its agent (rebuilt on a restart), shard, rank and what the hub accepted from it."""
+
+    def __init__(self, name: str, token: str, home: Path, url: str, bundle, shard, rank: int, malicious: bool) -> None:
+        self.name, self.home, self.shard, self.rank, self.malicious = name, home, shard, rank, malicious
+        self.cfg = AgentConfig(hub=url, token=token, bundle=str(bundle.path), data_dir=str(home / "data"),
+                               state_dir=str(home / "state"), retries=3, backoff_s=0.05, backoff_cap_s=0.5,
+                               train={**TRAIN, "rank": rank, "creator": name})
+        self.fn = train_fn(bundle, self.cfg.train, malicious)
+        self.accepted: list[str] = []
+        self.last: bytes | None = None  # the last bytes pushed (a duplicate push resends them)
+        self.seen: set[tuple[str, str]] = set()  # every row it was given: the union is what centralized training gets
+        self.agents: list[Agent] = []  # every agent object it ran (a restart builds a new one): their bytes add up
+        self.refused = 0  # deltas the hub refused (too stale), whose data the agent trains again
+        self.agent = self.build()
+
+    def build(self, url: str | None = None) -> Agent:
+        cfg = self.cfg if url is None else AgentConfig(**{**self.cfg.__dict__, "hub": url, "retries": 0})
+        agent = Agent(cfg, train_fn=self.fn)
+        push = agent.client.push
+
+        def recording(data: bytes) -> dict:
+            body = push(data)
+            self.last = data
+            if not body.get("duplicate"):
+                self.accepted.append(body["id"])
+            return body
+
+        agent.client.push = recording
+        self.agents.append(agent)
+        return agent
+
+    def restart(self) -> None:
+        """A new agent object from the state folder, as a restarted device process would make."""
+        self.agent.client.close()
+        self.agent = self.build()
+
+    def new_rows(self, rnd: int, rows: int) -> None:
+        lo = (rnd * rows) % max(1, len(self.shard))
+        pick = (self.shard * (1 + rows // max(1, len(self.shard)) + 1))[lo:lo + rows]
+        self.seen.update(pick)
+        write_jsonl(self.home / "data" / f"round{rnd:03d}.jsonl", pick)
+
+    def count(self, rep: RoundReport) -> None:
+        self.refused += rep.rejected
+
+    def bytes(self) -> tuple[int, int]:
+        return sum(a.client.bytes_up for a in self.agents), sum(a.client.bytes_down for a in self.agents)
+
+
+def run(args: argparse.Namespace, work: Path) -> dict:
+    path = minilm_bundle("int8", "lora+bitfit", top_layers=2, max_length=64, rank=max(RANKS))
+    bundle = shared_bundle(path)
+    split = rotten_tomatoes_split(seed=0)
+    held = split["test"][: args.eval_rows]
+    predictor = Predictor(bundle)
+
+    def accuracy(deltas) -> float:
+        preds = predictor.classify([t for t, _ in held], deltas)
+        return float(np.mean([p.label == l for p, (_, l) in zip(preds, held)]))
+
+    shards = dirichlet_shards(split["train"], args.devices, args.alpha, seed=0)
+    hub_dir = work / "hub"
+    port = int(os.environ.get("BENCH_FLEET_PORT", "0")) or _free_port()
+    url = f"http://127.0.0.1:{port}"
+    hub = _start_hub(hub_dir, port, work / "hub.log")
+    faults = {"drops": 0, "restarts": 0, "slow": 0, "duplicates_sent": 0, "refused_stale": 0, "malicious_rounds": 0}
+    try:
+        admin = HubClient(url, (hub_dir / "admin.token").read_text().strip(), retries=2)
+        fp = admin.request("POST", "/api/v1/bundles", content=_bundle_tar(path)).json()["fingerprint"]
+        admin.request("POST", "/api/v1/fleets", json={"name": FLEET, "bundle": fp, "staleness": 2, "ranks": list(RANKS)})
+        devices = []
+        for i in range(args.devices):
+            name = f"dev{i:03d}"
+            token = admin.request("POST", f"/api/v1/fleets/{FLEET}/devices", json={"device": name}).json()["token"]
+            (work / name / "data").mkdir(parents=True)
+            devices.append(Device(name, token, work / name, url, bundle, shards[i], RANKS[i % len(RANKS)], i == args.devices - 1))
+        rng = np.random.default_rng(1)
+        dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there: a dropped connection
+        evil, offline = devices[-1], devices[1]  # offline: cut off in round 2, away in rounds 3-5, back in round 6
+        rounds, t_start, participations = [], time.perf_counter(), 0
+        for r in range(args.rounds):
+            t0 = time.perf_counter()
+            # a sample of the fleet trains each round (cross-device FL); the malicious device always, the offline one
+            # when its script says
+            pool_ = [d for d in devices if d not in (evil, offline)]
+            order = [pool_[j] for j in rng.permutation(len(pool_))[:args.per_round - 1]] + [evil]
+            if r in (1, 5):
+                order.append(offline)
+            participations += len(order)
+            k = max(1, len(order) // 12)
+            drop = {d.name for d in order[:k]} | ({offline.name} if r == 1 else set())
+            restart = {d.name for d in order[k:2 * k]}
+            slow = {d.name for d in order[2 * k:3 * k]}
+            dup = {d.name for d in order[3 * k:4 * k]}
+
+            def one(d: Device) -> None:
+                d.new_rows(r, args.rows)
+                if d.name in drop:
+                    cut_off = d.build(dead)
+                    d.count(cut_off.run_once())  # trains from what it has; the delta waits in the outbox
+                    cut_off.client.close()
+                    d.restart()  # the usual agent again, from what the cut-off one left on disk
+                elif d.name in restart:
+                    rep = RoundReport()
+                    d.agent.pull(rep)
+                    d.agent.train(rep)  # in the outbox, then the process dies before pushing
+                    d.restart()
+                    d.count(rep)
+                    d.count(d.agent.run_once())
+                elif d.name in slow:
+                    rep = RoundReport()
+                    d.agent.pull(rep)
+                    d.agent.train(rep)
+                    d.count(rep)  # pushes after this round's version is made
+                else:
+                    d.count(d.agent.run_once())
+                    if d.name in dup and d.last:  # a retry whose answer was lost: the same bytes again, stored once
+                        d.agent.client.push(d.last)
+
+            with ThreadPoolExecutor(args.workers) as pool:
+                list(pool.map(one, order))
+            faults["drops"] += len(drop)
+            faults["restarts"] += len(restart)
+            faults["slow"] += len(slow)
+            faults["duplicates_sent"] += len(dup)
+            faults["malicious_rounds"] += 1
+            v = admin.request("POST", f"/api/v1/fleets/{FLEET}/adapters/default/aggregate", json=None).json()
+            for d in devices:
+                if d.name in slow:
+                    rep = RoundReport()
+                    d.agent.flush(rep)
+                    d.count(rep)
+            pulled = HubClient(url, devices[0].cfg.token).download_version(FLEET, "default", v["version"])[1]
+            acc = accuracy([unpack(pulled, manifest=bundle.manifest)])
+            rep = v["report"]
+            rounds.append({"round": r + 1, "version": v["version"], "accuracy": round(acc, 4), "merged": rep["count"],
+                           "stale": rep.get("stale", 0), "clipped": rep.get("clipped", 0), "seconds": round(time.perf_counter() - t0, 1)})
+            print(json.dumps(rounds[-1]), file=sys.stderr, flush=True)
+        for d in devices:  # the last round: every device pushes what waits, and one more version takes it all
+            d.count(d.agent.run_once() if d.agent.outbox.pending() else RoundReport())
+        faults["refused_stale"] = sum(d.refused for d in devices)
+        try:  # one more version takes what the last round left pending (409: nothing was)
+            admin.request("POST", f"/api/v1/fleets/{FLEET}/adapters/default/aggregate", json=None)
+        except HubRefused as e:
+            if e.status != 409:
+                raise
+        versions = admin.request("GET", f"/api/v1/fleets/{FLEET}/versions").json()
+        in_versions: list[str] = []
+        for ver in versions:
+            info = admin.request("GET", f"/api/v1/fleets/{FLEET}/adapters/default/versions/{ver['version']}/info").json()
+            in_versions += info.get("deltas", [])
+        accepted = [a for d in devices for a in d.accepted]
+        lost = sorted(set(accepted) - set(in_versions))
+        doubled = len(in_versions) - len(set(in_versions))
+        wall = time.perf_counter() - t_start
+    finally:
+        hub.terminate()
+        hub.wait(20)
+    union = sorted({row for d in devices for row in d.seen})  # every row the fleet's devices were given
+    central = centralized(bundle, union, accuracy, work)
+    n = participations
+    return {"devices": args.devices, "rounds": args.rounds, "devices_per_round": args.per_round, "rows_per_round": args.rows,
+            "alpha": args.alpha, "participations": participations,
+            "ranks": list(RANKS), "train": TRAIN, "held_out": len(held), "per_round": rounds,
+            "fleet_accuracy": rounds[-1]["accuracy"], "centralized": central,
+            "gap_points": round(100 * (central["accuracy"] - rounds[-1]["accuracy"]), 2),
+            "bytes_per_device_round": {"up": round(sum(d.bytes()[0] for d in devices) / n),
+                                       "down": round(sum(d.bytes()[1] for d in devices) / n)},
+            "faults": faults, "accepted": len(accepted), "accepted_lost": len(lost), "accepted_double_counted": doubled,
+            "fleet_seconds": round(wall, 1)}
+
+
+def centralized(bundle, union, accuracy, work: Path) -> dict:
+    """One pass over the union of the devices' data with the trainer's defaults at the bundle's rank (16)."""
+    data = load_dataset(write_jsonl(work / "union.jsonl", union), bundle.manifest, load_tokenizer(bundle))
+    t0 = time.perf_counter()
+    result = Trainer(bundle, data, TrainConfig(**CENTRAL)).fit()
+    return {"rows": len(union), "steps": result.summary.steps, "accuracy": round(accuracy([result.delta]), 4),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--per-round", type=int, default=12, help="devices that train in a round (sampled; the malicious one always)")
+    ap.add_argument("--rows", type=int, default=32, help="new rows per device per round (batch 16: 2 steps)")
+    ap.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration of the label split")
+    ap.add_argument("--eval-rows", type=int, default=300)
+    ap.add_argument("--workers", type=int, default=4, help="devices training at once")
+    ap.add_argument("--quick", action="store_true", help="12 devices, 2 rounds: a smoke run (results not written)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.devices, args.rounds, args.per_round, args.eval_rows = 12, 2, 6, 100
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
+        result = run(args, Path(tmp))
+    print(json.dumps(result, indent=1))
+    if not args.quick:
+        print(f"wrote {write_result('fleet', result)}")
+
+
+if __name__ == "__main__":
+    main()
