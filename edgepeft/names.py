@@ -27,6 +27,7 @@ ADAPTER_DOWN = "adapter_down"  # (m, out)  bottleneck: y += up(act(down(y)))
 ADAPTER_DOWN_BIAS = "adapter_down_bias"  # (m,)
 ADAPTER_UP = "adapter_up"  # (out, m)
 ADAPTER_UP_BIAS = "adapter_up_bias"  # (out,)
+BN_SCALE = "bn_scale"  # (C,)      bn: y = bn(x) + ds * (x - mean) / sqrt(var + eps), running statistics frozen
 
 # Graph inputs and outputs.
 INPUT_IDS = "input_ids"
@@ -34,6 +35,7 @@ ATTENTION_MASK = "attention_mask"
 LABELS = "labels"
 LOSS = "loss"
 LOGITS = "logits"
+PIXEL_VALUES = "pixel_values"  # image classification: (B, C, H, W) float32, normalized as the manifest's "image" says
 GRAD_PREFIX = "grad."
 
 # Files of a bundle.
@@ -47,7 +49,9 @@ TOKENIZER_FILE = "tokenizer.json"
 # Tasks.
 SEQ_CLS = "sequence-classification"
 CAUSAL_LM = "causal-lm"
-TASKS = (SEQ_CLS, CAUSAL_LM)
+IMAGE_CLS = "image-classification"
+TASKS = (SEQ_CLS, CAUSAL_LM, IMAGE_CLS)
+CLASSIFICATION = (SEQ_CLS, IMAGE_CLS)  # tasks whose train graph takes labels and whose model has a classifier head
 
 
 def slot_kinds() -> tuple[str, ...]:

@@ -25,6 +25,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from edgepeft.manifest import Slot
 from edgepeft.methods import owner
 from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, INPUT_IDS, LABELS, LOGITS, LOSS, SEQ_CLS, grad_name
+from edgepeft.exporters import conv_grad
 from edgepeft.exporters.inject import DeltaFeed
 
 
@@ -76,7 +77,8 @@ def _example_deltas(slots: list[Slot]) -> list[torch.Tensor]:
 
 # Backward ops such as silu_backward have no ONNX translation; decomposing them (and the loss) into
 # core aten ops while tracing gives graphs the exporter can translate.
-_DECOMPOSITIONS = torch._decomp.core_aten_decompositions()
+# A CNN's convolution_backward has no translation either: exporters/conv_grad.py writes it as forward convolutions.
+_DECOMPOSITIONS = {**torch._decomp.core_aten_decompositions(), **conv_grad.decompositions()}
 
 
 def _export(fn: Callable, args: list[torch.Tensor], input_names: list[str], output_names: list[str],

@@ -121,6 +121,7 @@ def _builtin() -> None:
     import edgepeft.methods.vera  # noqa: F401
     import edgepeft.methods.loraxs  # noqa: F401
     import edgepeft.methods.bottleneck  # noqa: F401
+    import edgepeft.methods.bn  # noqa: F401  (convolutional models)
 
 
 _builtin()

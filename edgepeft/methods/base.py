@@ -85,6 +85,11 @@ class ModelView:
     in_scope: Callable[[str], bool]  # the module is in a trained layer (--top-layers)
     defaults: Mapping[str, tuple[str, ...]]  # the family's defaults, e.g. "lora.targets" -> ("query", "value")
     head: bool  # a classification head is trained
+    # Convolutional models (exporters/modules.py): a Conv2d is linear-like with in = in_channels/groups * kh * kw, so
+    # the LoRA family's (r, in) x (out, r) factors, mixes and ΔW space hold unchanged; these say what else it is.
+    norms: Mapping[str, int] = field(default_factory=dict)  # BatchNorm module path -> channels
+    groups: Mapping[str, int] = field(default_factory=dict)  # grouped (depthwise) convolution path -> groups
+    no_bias: frozenset[str] = frozenset()  # linear-like modules without a bias of their own (BitFit leaves them)
 
     def default(self, key: str) -> tuple[str, ...]:
         return tuple(self.defaults.get(key, ()))

@@ -10,13 +10,13 @@ from edgepeft.errors import ExportError
 from edgepeft.manifest import Slot
 from edgepeft.methods import register
 from edgepeft.methods.base import Method, MethodConfig, ModelView
-from edgepeft.names import BIAS, SEQ_CLS, WEIGHT, slot_name
+from edgepeft.names import BIAS, CLASSIFICATION, WEIGHT, slot_name
 
 
 class Head(Method):
     name = "head"
     kinds = (WEIGHT,)
-    auto_tasks = (SEQ_CLS,)
+    auto_tasks = CLASSIFICATION
 
     def ndim(self, kind: str) -> int:
         return 2
