@@ -26,7 +26,7 @@ from edgepeft.errors import ExportError
 from edgepeft.manifest import Graph, Manifest, Slot, neutral_values, write_manifest
 from edgepeft.names import (IMAGE_CLS, INFER_GRAPH_FILE, LABELS, LOGITS, LOSS, PIXEL_VALUES, TRAIN_GRAPH_FILE, WEIGHTS_FILE,
                             frozen_name, grad_name)
-from edgepeft.exporters.inject import DeltaFeed, canonical_param, inject
+from edgepeft.exporters.inject import DeltaFeed, canonical_param, inject, resolve_top_layers
 from edgepeft.exporters.trace import _export, classification_loss
 from edgepeft.exporters.weights import QuantSpec, add_input_defaults, load_params, save_bundle_graphs
 
@@ -46,6 +46,9 @@ def check_layers(module: nn.Module) -> None:
         own = list(mod.named_parameters(recurse=False))
         leaf = not any(True for _ in mod.children())
         if isinstance(mod, KNOWN_LAYERS) or (not leaf and not own):
+            continue
+        # A weightless re-implementation of a known kind (EfficientNet's own Identity) is traced as what it computes.
+        if leaf and not own and not list(mod.buffers()) and type(mod).__name__ in {k.__name__ for k in KNOWN_LAYERS}:
             continue
         kinds = ", ".join(sorted({k.__name__ for k in KNOWN_LAYERS}))
         raise ExportError(f"layer {name or '(root)'!r} is a {type(mod).__name__}, which the convolutional exporter does "
@@ -70,13 +73,12 @@ def layer_stack(module: nn.Module, layer_regex: str | None) -> tuple[str, Callab
     return layer_regex, index
 
 
-def model_view(module: nn.Module, index: Callable[[str], int | None], top_layers: int | None,
+def model_view(module: nn.Module, index: Callable[[str], int | None], top_layers: int | str | None,
                defaults: Mapping[str, tuple[str, ...]]) -> tuple[methods.ModelView, tuple[int, ...]]:
     """What the methods see, and the trained layers: the last ``top_layers`` layers and every module after them."""
     names = [n for n, _ in module.named_modules()]
     layers = sorted({i for n in names if (i := index(n)) is not None})
-    if top_layers is not None and not 0 < top_layers <= max(1, len(layers)):
-        raise ExportError(f"--top-layers {top_layers}: the model has {len(layers)} layers")
+    top_layers = resolve_top_layers(len(layers), top_layers) if layers else None  # "auto": the top third, at least 2
     kept = tuple(layers[-top_layers:]) if top_layers and layers else tuple(layers)
     first = min((k for k, n in enumerate(names) if index(n) in kept[:1]), default=0) if top_layers and kept else 0
     order = {n: k for k, n in enumerate(names)}
@@ -133,7 +135,7 @@ def export_bundle(
     head: str,
     method: str = "lora",
     method_config: Mapping[str, Any] | None = None,
-    top_layers: int | None = None,
+    top_layers: int | str | None = None,
     layer_regex: str | None = None,
     defaults: Mapping[str, tuple[str, ...]] | None = None,
     mean: Sequence[float] = (0.0,),
@@ -148,7 +150,7 @@ def export_bundle(
 
     ``head``: path of its final Linear, replaced by a fresh one over ``labels``; ``top_layers``: slots only
     in the last N layers of the stack (``layer_regex``, default the longest Sequential/ModuleList) and after
-    it, so the backward pass stops there (None: everywhere); ``defaults``: method option defaults such as
+    it, so the backward pass stops there (None or "all": everywhere, "auto": the top third); ``defaults``: method option defaults such as
     ``{"lora.targets": (...)}`` (LoRA's default: every ungrouped convolution in scope); ``mean``/``std``:
     the per-channel normalization of pixels in [0, 1] the device applies. The module is changed in place.
     """

@@ -129,3 +129,14 @@ def test_manifest_records_the_image_input_and_the_planned_slots(cnn_bundle):
     assert ("fc", WEIGHT) in kinds and not any(mod == "dw" for mod, _ in kinds)
     stem_a = m.slot("stem.lora_A")
     assert stem_a.shape == (2, 3 * 3 * 3)  # PEFT's A conv (r, in, kh, kw), flattened
+
+
+def test_cli_vision_export_refuses_an_unknown_model_or_a_missing_weights_file_in_one_line(tmp_path, capsys):
+    from cli_helpers import error_lines, run_cli
+
+    r = run_cli(capsys, "export", "--vision", "resnet-9000", "--weights", tmp_path / "w.pth", "--labels", "a,b", "-o", tmp_path / "b")
+    assert r.code != 0 and error_lines(r) == ["Error: --vision 'resnet-9000': unknown model; known: efficientnet-lite0"]
+    r = run_cli(capsys, "export", "--vision", "efficientnet-lite0", "--weights", tmp_path / "w.pth", "--labels", "a,b",
+                "-o", tmp_path / "b")
+    assert r.code != 0 and error_lines(r) == [f"Error: --weights {tmp_path / 'w.pth'}: no such file"]
+    assert not (tmp_path / "b").exists()
