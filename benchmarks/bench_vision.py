@@ -3,7 +3,9 @@
 Two methods, each with the fresh 10-class head: LoRA r=8 on the 1x1 convolutions of the top blocks and
 the head convolution (PEFT's lora.Conv2d), and BatchNorm tuning (γ and β, running statistics frozen)
 of the same blocks. edgepeft trains an int8 bundle with numpy + onnxruntime; torch trains the fp32
-model (PEFT for LoRA; for BN tuning plain torch with those γ, β trainable, as PEFT has no such method),
+model (PEFT for LoRA, on the package's 1x1 convolutions rebuilt as plain nn.Conv2d with the same weights, as
+PEFT cannot re-instantiate the package's padding conv class; for BN tuning plain torch with those γ, β
+trainable, as PEFT has no such method),
 from the SAME start (edgepeft's fresh delta loaded into PEFT's lora_A/lora_B and the same head) on the
 SAME batches in the same order (the edgepeft child writes them; the torch child replays them), both
 in eval mode (BatchNorm statistics frozen), no augmentation, AdamW without weight decay, linear decay,
@@ -11,12 +13,13 @@ clipping 1.0. Fashion-MNIST's 28x28 gray images are resized to 64x64 and repeate
 two shared cores afford; the model takes any size). Every run is its own process, which reports its
 peak RSS; time to accuracy counts training steps only (evaluations excluded).
 
-    python benchmarks/bench_vision.py [--quick] [--steps 100] [--train 2000] [--test 1000] [--size 64] [--top-blocks 4]
+    python benchmarks/bench_vision.py [--quick] [--steps 60] [--train 2000] [--test 500] [--size 64] [--top-blocks 4] [--methods ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -94,6 +97,12 @@ torch.set_num_threads(args["threads"] or torch.get_num_threads())
 m = bundle.manifest
 model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=args["weights"])
 model._fc = nn.Linear(model._fc.in_features, len(m.labels))
+for name, mod in list(model.named_modules()):  # PEFT cannot rebuild the package's padding conv class: its 1x1
+    if type(mod).__name__ == "Conv2dStaticSamePadding" and mod.kernel_size == (1, 1):  # convs are plain convs
+        plain = nn.Conv2d(mod.in_channels, mod.out_channels, 1, stride=mod.stride, bias=mod.bias is not None)
+        plain.load_state_dict({k: v for k, v in mod.state_dict().items() if not k.startswith("static_padding")})
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, plain)
 frozen = read_frozen(bundle)  # the same fresh head as the bundle's
 with torch.no_grad():
     model._fc.weight.copy_(torch.from_numpy(np.array(frozen["_fc.weight"]))); model._fc.bias.copy_(torch.from_numpy(np.array(frozen["_fc.bias"])))
@@ -179,40 +188,49 @@ def time_to(curve: list[list[float]], target: float) -> float | None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--train", type=int, default=2000)
-    ap.add_argument("--test", type=int, default=1000)
+    ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--top-blocks", type=int, default=4)
     ap.add_argument("--every", type=int, default=20, help="Evaluate on the test images every N steps.")
+    ap.add_argument("--methods", default=",".join(METHODS), help="Which methods to run now (comma-separated); the "
+                    "others are taken from earlier runs with the same settings, so two processes may split the work.")
     ap.add_argument("--quick", action="store_true", help="A smoke run: 10 steps on 200 images.")
     a = ap.parse_args(argv)
     if a.quick:
         a.steps, a.train, a.test, a.every = 10, 200, 200, 5
     CACHE.mkdir(exist_ok=True)
+    settings = {k: v for k, v in vars(a).items() if k not in ("quick", "methods")}
     rows = []
     for name, method in METHODS.items():
-        b = bundle(method, a.size, a.top_blocks)
-        common = {"train_file": str(FASHION / "train-images-idx3-ubyte.gz"), "test_file": str(FASHION / "t10k-images-idx3-ubyte.gz"),
-                  "train": a.train, "test": a.test, "steps": a.steps, "batch": a.batch, "lr": a.lr, "every": a.every,
-                  "start": str(CACHE / "vision-start.delta"), "order": str(CACHE / "vision-order.json"),
-                  "weights": str(weights_file()), "threads": 0}
-        ours = run_child(EDGEPEFT_CHILD, str(b), json.dumps(common))
-        print(f"{name}: edgepeft {ours['test_accuracy']:.4f}, {ours['step_s']:.3f} s/step, {ours['peak_rss_mb']:.0f} MB",
-              file=sys.stderr, flush=True)
-        theirs = run_child(TORCH_CHILD, str(b), json.dumps(common))
-        print(f"{name}: torch    {theirs['test_accuracy']:.4f}, {theirs['step_s']:.3f} s/step, {theirs['peak_rss_mb']:.0f} MB",
-              file=sys.stderr, flush=True)
-        from edgepeft.manifest import read_manifest
+        b = bundle(method, a.size, a.top_blocks) if name in a.methods.split(",") else None
+        done = CACHE / f"vision-{method}-{exporter_version()}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]}.json"
+        if b is not None and not done.is_file():
+            tag = method.replace("+", "_")
+            common = {"train_file": str(FASHION / "train-images-idx3-ubyte.gz"), "test_file": str(FASHION / "t10k-images-idx3-ubyte.gz"),
+                      "train": a.train, "test": a.test, "steps": a.steps, "batch": a.batch, "lr": a.lr, "every": a.every,
+                      "start": str(CACHE / f"vision-start-{tag}.delta"), "order": str(CACHE / f"vision-order-{tag}.json"),
+                      "weights": str(weights_file()), "threads": 0}
+            ours = run_child(EDGEPEFT_CHILD, str(b), json.dumps(common))
+            print(f"{name}: edgepeft {ours['test_accuracy']:.4f}, {ours['step_s']:.3f} s/step, {ours['peak_rss_mb']:.0f} MB",
+                  file=sys.stderr, flush=True)
+            theirs = run_child(TORCH_CHILD, str(b), json.dumps(common))
+            print(f"{name}: torch    {theirs['test_accuracy']:.4f}, {theirs['step_s']:.3f} s/step, {theirs['peak_rss_mb']:.0f} MB",
+                  file=sys.stderr, flush=True)
+            from edgepeft.manifest import read_manifest
 
-        m = read_manifest(b)
-        rows.append({"method": name, "bundle_method": method, "trainable": m.trainable_numbers,
-                     "edgepeft": _side(ours), "torch_peft": _side(theirs)})
+            done.write_text(json.dumps({"method": name, "bundle_method": method, "trainable": read_manifest(b).trainable_numbers,
+                                        "edgepeft": _side(ours), "torch_peft": _side(theirs)}))
+        if done.is_file():
+            rows.append(json.loads(done.read_text()))
+    if len(rows) < len(METHODS):
+        print(f"{len(rows)} of {len(METHODS)} methods measured with these settings; results written when all are", file=sys.stderr)
+        return
     payload = {"model": "EfficientNet-Lite0 (ImageNet), int8 bundle vs fp32 torch", "data": "Fashion-MNIST",
-               "settings": {k: v for k, v in vars(a).items() if k != "quick"}, "quick": a.quick,
-               "target_accuracy": TARGET_ACCURACY, "rows": rows, "targets": targets(rows)}
+               "settings": settings, "quick": a.quick, "target_accuracy": TARGET_ACCURACY, "rows": rows, "targets": targets(rows)}
     path = write_result("vision_quick" if a.quick else "vision", payload)
     print(table(payload))
     print(f"wrote {path}")
