@@ -44,6 +44,7 @@ PX_B0 = "px_b0"  # (h,)
 PX_W1 = "px_w1"  # (2LK, h)
 PX_B1 = "px_b1"  # (2LK,)
 PROMPT_MODULE = "prompt_encoder"  # the module path of every virtual-token slot (PEFT's prompt_encoder)
+BN_SCALE = "bn_scale"  # (C,)      bn: y = bn(x) + ds * (x - mean) / sqrt(var + eps), running statistics frozen
 
 # Graph inputs and outputs.
 INPUT_IDS = "input_ids"
@@ -51,6 +52,7 @@ ATTENTION_MASK = "attention_mask"
 LABELS = "labels"
 LOSS = "loss"
 LOGITS = "logits"
+PIXEL_VALUES = "pixel_values"  # image classification: (B, C, H, W) float32, normalized as the manifest's "image" says
 GRAD_PREFIX = "grad."
 
 # Files of a bundle.
@@ -65,8 +67,9 @@ TOKENIZER_FILE = "tokenizer.json"
 SEQ_CLS = "sequence-classification"
 TOKEN_CLS = "token-classification"  # a label per token (BIO tags): logits (B, T, C), labels (B, T)
 CAUSAL_LM = "causal-lm"
-TASKS = (SEQ_CLS, TOKEN_CLS, CAUSAL_LM)
-CLASSIFICATION_TASKS = (SEQ_CLS, TOKEN_CLS)  # tasks with a classifier head and named labels
+IMAGE_CLS = "image-classification"
+TASKS = (SEQ_CLS, TOKEN_CLS, CAUSAL_LM, IMAGE_CLS)
+CLASSIFICATION_TASKS = (SEQ_CLS, TOKEN_CLS, IMAGE_CLS)  # tasks with a classifier head, named labels and labels in the train graph
 IGNORED_LABEL = -100  # a token without a label (special tokens, later sub-words, padding): HF's ignore_index
 
 

@@ -120,7 +120,7 @@ def export_bundles(
     from edgepeft.exporters.architectures import family_for, infer_task, model_class
     from edgepeft.exporters.causal_lm import cache_layers, kv_shape, lm_graphs
     from edgepeft.exporters.chat_template import derive_pieces
-    from edgepeft.exporters.inject import inject, layers_of, linear_dims, plan_slots, resolve_top_layers
+    from edgepeft.exporters.inject import canonical_param, inject, layers_of, linear_dims, plan_slots, resolve_top_layers
     from edgepeft.exporters.trace import export_graphs
     from edgepeft.exporters.weights import QuantSpec, add_input_defaults, load_params, save_bundle_graphs
 
@@ -181,11 +181,7 @@ def export_bundles(
     in_out = sorted(m for m in wrapped if type(model.get_submodule(m).base).__name__ == "Conv1D")
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
-    def canonical(name: str) -> str:  # "x.query.base.weight" -> "x.query.weight"
-        mod, _, leaf = name.rpartition(".")
-        return f"{mod[:-5]}.{leaf}" if mod.endswith(".base") and mod[:-5] in wrapped else name
-
-    onnx_names = [frozen_name(canonical(n)) for n in params]
+    onnx_names = [frozen_name(canonical_param(n, wrapped)) for n in params]
     vocab = int(config.vocab_size)
     graphs = export_graphs(model, feed, slots, task, params, onnx_names, vocab=vocab,
                            num_labels=len(label_names), opset=opset, progress=say)

@@ -71,6 +71,12 @@ class DeltaLinear(nn.Module):
         return y
 
 
+def canonical_param(name: str, wrapped: set[str]) -> str:
+    """A parameter's path in the source model: ``x.query.base.weight`` -> ``x.query.weight`` for a wrapped module."""
+    mod, _, leaf = name.rpartition(".")
+    return f"{mod[:-5]}.{leaf}" if mod.endswith(".base") and mod[:-5] in wrapped else name
+
+
 def auto_top_layers(n_layers: int) -> int:
     """The export default: slots in the top third of the layers, at least 2 (all-MiniLM-L6-v2: the top 2 of 6).
 

@@ -77,7 +77,7 @@ class Dataset:
 
 # ---- reading ------------------------------------------------------------------------------------
 
-def _label(value: object, labels: tuple[str, ...], where: str) -> int:
+def label_index(value: object, labels: tuple[str, ...], where: str) -> int:
     """A label index from a name or an index; names win when a label is itself a number."""
     if isinstance(value, bool) or value is None:
         raise DataError(f"{where}: label {value!r} is not a label name or index")
@@ -165,7 +165,7 @@ def _row(text: object, label: object, has_label: bool, manifest: Manifest, where
         return Row(text, None, line)  # a causal LM ignores any label
     if not has_label:
         raise DataError(f"{where}: no label; a classification bundle needs one of {', '.join(manifest.labels)}")
-    return Row(text, _label(label, manifest.labels, where), line)
+    return Row(text, label_index(label, manifest.labels, where), line)
 
 
 def read_rows(path: str | os.PathLike, manifest: Manifest) -> list[Row]:

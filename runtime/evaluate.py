@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgepeft.names import IGNORED_LABEL, SEQ_CLS, TOKEN_CLS
+from edgepeft.names import CAUSAL_LM, CLASSIFICATION_TASKS, IGNORED_LABEL, SEQ_CLS, TOKEN_CLS
 from edgepeft.runtime.data import Dataset, eval_batches
 from edgepeft.runtime.feeds import DeltaLike
 from edgepeft.runtime.infer import Predictor
@@ -71,14 +71,14 @@ def evaluate(predictor: Predictor, data: Dataset, deltas: Sequence[DeltaLike] = 
     if data.task == TOKEN_CLS:
         return _token_metrics(predictor, data, deltas, batch_size, max_length)
     nll, count, correct = 0.0, 0, 0
-    if data.task != SEQ_CLS:  # a causal LM's logits are (B, T, V): keep one batch of them under LM_EVAL_LOGITS_MB
+    if data.task == CAUSAL_LM:  # a causal LM's logits are (B, T, V): keep one batch of them under LM_EVAL_LOGITS_MB
         longest = int(min(data.lengths.max(), max_length or data.lengths.max()))
         rows = LM_EVAL_LOGITS_MB * 2**20 // (4 * longest * predictor.manifest.vocab_size)
         batch_size = max(1, min(batch_size, int(rows)))
     for index in eval_batches(data.lengths, batch_size):
         b = data.batch(index, max_length)
-        logits = predictor.logits(b["input_ids"], b["attention_mask"], deltas)
-        if data.task == SEQ_CLS:
+        logits = predictor.batch_logits(b, deltas)
+        if data.task in CLASSIFICATION_TASKS:
             logp = _log_softmax(logits)
             y = b["labels"]  # (B,)
             nll -= float(logp[np.arange(len(y)), y].sum())
@@ -89,7 +89,7 @@ def evaluate(predictor: Predictor, data: Dataset, deltas: Sequence[DeltaLike] = 
             nll += _lm_nll(logits[:, :-1], b["input_ids"][:, 1:], w)
             count += int(w.sum())
     loss = nll / max(1, count)
-    if data.task == SEQ_CLS:
+    if data.task in CLASSIFICATION_TASKS:
         return {"accuracy": correct / max(1, count), "loss": loss, "examples": float(len(data))}
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "examples": float(len(data))}
 

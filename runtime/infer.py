@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, INPUT_IDS, LOGITS, SEQ_CLS, TOKEN_CLS
+from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, INPUT_IDS, LOGITS, PIXEL_VALUES, SEQ_CLS, TOKEN_CLS
 from edgepeft.runtime.bundle import Bundle, SessionConfig
 from edgepeft.runtime.feeds import DeltaLike, infer_feeds, neutral_feeds
 from edgepeft.runtime.kv_cache import cache_specs, first_call
@@ -52,6 +52,18 @@ class Predictor:
         cache, slots = first_call(self.manifest, self.cache, len(ids), self.slot_feeds(deltas, weights))  # a prefix is the cache
         feeds = {INPUT_IDS: ids.astype(np.int64), ATTENTION_MASK: mask.astype(np.int64), **cache, **slots}
         return self.session.run([LOGITS], feeds)[0]
+
+    def image_logits(self, pixels: np.ndarray, deltas: Sequence[DeltaLike] = (),
+                     weights: Sequence[float] | None = None) -> np.ndarray:
+        """Raw logits (B, C) for a batch of normalized images (B, channels, H, W) (runtime/images.py makes them)."""
+        feeds = {PIXEL_VALUES: np.ascontiguousarray(pixels, np.float32), **self.slot_feeds(deltas, weights)}
+        return self.session.run([LOGITS], feeds)[0]
+
+    def batch_logits(self, batch: dict[str, np.ndarray], deltas: Sequence[DeltaLike] = ()) -> np.ndarray:
+        """Logits of a dataset batch (runtime/data.py or runtime/images.py), whichever input it carries."""
+        if PIXEL_VALUES in batch:
+            return self.image_logits(batch[PIXEL_VALUES], deltas)
+        return self.logits(batch[INPUT_IDS], batch[ATTENTION_MASK], deltas)
 
     def slot_feeds(self, deltas: Sequence[DeltaLike] = (), weights: Sequence[float] | None = None) -> dict[str, np.ndarray]:
         """The delta-slot feeds of a call: the neutral ones (built once) when there is no delta."""

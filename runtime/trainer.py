@@ -22,12 +22,14 @@ from edgepeft.delta import Delta, delta_from_init
 from edgepeft.delta import ranks
 from edgepeft.delta.format import checksum, now_iso
 from edgepeft.errors import TrainError
-from edgepeft.names import ATTENTION_MASK, IGNORED_LABEL, INPUT_IDS, LABELS, LOSS, SEQ_CLS, TOKEN_CLS, grad_name
+from edgepeft.names import ATTENTION_MASK, IGNORED_LABEL, IMAGE_CLS, INPUT_IDS, LABELS, LOSS, PIXEL_VALUES, SEQ_CLS, TOKEN_CLS, grad_name
 from edgepeft.runtime import checkpoint as ckpt
 from edgepeft.runtime import memory
 from edgepeft.runtime.bundle import Bundle, SessionConfig
 from edgepeft.runtime.data import Dataset, plan_batches, split_batch, split_by_tokens
 from edgepeft.runtime.evaluate import evaluate, score
+from edgepeft.runtime.image_data import ImageDataset
+from edgepeft.runtime.images import ImageSpec
 from edgepeft.runtime.infer import Predictor
 from edgepeft.runtime.prompt_init import with_text_init
 from edgepeft.runtime.lm_targets import LOSS_MASK, first_target, loss_chunks, scored, train_feeds
@@ -128,7 +130,8 @@ class TrainResult:
 class Trainer:
     """Trains the delta slots of one bundle on one dataset."""
 
-    def __init__(self, bundle: Bundle, train: Dataset, config: TrainConfig | None = None, *, val: Dataset | None = None,
+    def __init__(self, bundle: Bundle, train: Dataset | ImageDataset, config: TrainConfig | None = None, *,
+                 val: Dataset | ImageDataset | None = None,
                  start: Delta | None = None, checkpoint_dir: str | os.PathLike | None = None,
                  on_progress: Callable[[Progress], None] | None = None) -> None:
         m, config = bundle.manifest, config or TrainConfig()
@@ -180,6 +183,11 @@ class Trainer:
             self.session = self.bundle.session("train", self.plan.session)
 
     def _probe(self, b: int, t: int) -> float:
+        if self.manifest.task == IMAGE_CLS:  # an image batch's size does not depend on t
+            spec = ImageSpec.of(self.manifest)
+            feeds = {PIXEL_VALUES: np.zeros((b, spec.channels, spec.height, spec.width), np.float32),
+                     LABELS: np.zeros(b, np.int64), **self.params}
+            return memory.peak_during(lambda: self.session.run(None, feeds))
         ids = np.full((b, t), max(self.manifest.pad_token_id + 1, 4) % self.manifest.vocab_size, np.int64)
         feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ones((b, t), np.int64), **self.params}
         if self.manifest.task == SEQ_CLS:
@@ -204,7 +212,7 @@ class Trainer:
         # the graph's loss is a mean over examples (classification), labelled tokens (token classification)
         # or real target tokens (LM)
         if LABELS in b:
-            return int((b[LABELS] != IGNORED_LABEL).sum()) if b[LABELS].ndim == 2 else len(b[INPUT_IDS])
+            return int((b[LABELS] != IGNORED_LABEL).sum()) if b[LABELS].ndim == 2 else len(b[LABELS])
         return scored(b[LOSS_MASK], first_target(self.manifest))
 
     def _split(self, index: np.ndarray) -> list[np.ndarray]:

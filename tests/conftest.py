@@ -312,3 +312,22 @@ class HubThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+# ---- convolutional bundles (issue 13, vision) -------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def cnn_bundle(tmp_path_factory):
+    """The tiny CNN (tests/tiny_cnn.py) exported once per session and quantization: LoRA + BN + head."""
+    from tiny_cnn import export_tiny
+
+    made: dict[str, Path] = {}
+
+    def get(quantize: str = "none") -> Path:
+        if quantize not in made:
+            out = tmp_path_factory.mktemp(f"cnn-{quantize}") / "bundle"
+            export_tiny(out, quantize)
+            made[quantize] = out
+        return made[quantize]
+
+    return get

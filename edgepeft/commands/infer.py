@@ -11,7 +11,7 @@ from edgepeft.commands.chat import make_sampling, sampling_options
 
 @click.command("infer")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.argument("texts", nargs=-1, required=True)
+@click.argument("texts", nargs=-1, required=True)  # image bundles: image files (.png, .jpg, .npy)
 @click.option("--delta", "deltas", multiple=True, type=click.Path(path_type=Path),
               help="Delta file to apply; repeat to mix several (with --weights).")
 @click.option("--weights", help="Comma-separated mixing weights for repeated --delta (default: all 1).")
@@ -19,7 +19,8 @@ from edgepeft.commands.chat import make_sampling, sampling_options
 @sampling_options
 def infer_cmd(bundle: Path, texts: tuple[str, ...], deltas: tuple[Path, ...], weights: str | None, as_chat: bool,
               max_new_tokens, temperature, top_p, top_k, seed, stop) -> None:
-    """Classify TEXTS (labels with probabilities), tag their words (token classification) or continue them (causal LM).
+    """Classify TEXTS (labels with probabilities), tag their words (token classification) or continue them (causal LM,
+    streamed); image bundles classify image files.
 
     \b
     Examples:
@@ -28,7 +29,7 @@ def infer_cmd(bundle: Path, texts: tuple[str, ...], deltas: tuple[Path, ...], we
       edgepeft infer smollm2.bundle --chat --temperature 0.7 --seed 1 "Write a haiku about tea"
     """
     from edgepeft.delta import load_delta
-    from edgepeft.names import SEQ_CLS, TOKEN_CLS
+    from edgepeft.names import IMAGE_CLS, SEQ_CLS, TOKEN_CLS
     from edgepeft.runtime.bundle import open_bundle
     from edgepeft.runtime.infer import Predictor
 
@@ -43,7 +44,16 @@ def infer_cmd(bundle: Path, texts: tuple[str, ...], deltas: tuple[Path, ...], we
         if len(mix) != len(loaded):
             raise click.BadParameter(f"{len(mix)} weights for {len(loaded)} deltas", param_hint="--weights")
     predictor = Predictor(b)
-    if b.manifest.task == SEQ_CLS:
+    if b.manifest.task == IMAGE_CLS:  # TEXTS are image files
+        from edgepeft.runtime.images import ImageSpec, image_file, to_model_input
+        from edgepeft.runtime.infer import softmax
+
+        spec, labels = ImageSpec.of(b.manifest), b.manifest.labels
+        for name in texts:
+            p = softmax(predictor.image_logits(to_model_input(image_file(Path(name))[None], spec), loaded, mix))[0]
+            ranked = sorted(zip(labels, p), key=lambda lp: -lp[1])
+            click.echo(f"{ranked[0][0]}\t" + "  ".join(f"{l}={v:.3f}" for l, v in ranked) + f"\t{name}")
+    elif b.manifest.task == SEQ_CLS:
         for text, pred in zip(texts, predictor.classify(list(texts), loaded, mix)):
             ranked = sorted(pred.probabilities.items(), key=lambda lp: -lp[1])
             click.echo(f"{pred.label}\t" + "  ".join(f"{l}={v:.3f}" for l, v in ranked) + f"\t{text}")

@@ -17,7 +17,10 @@ import click
 from edgepeft.delta import load_delta, save_delta
 from edgepeft.errors import TrainError
 from edgepeft.runtime.bundle import SessionConfig, open_bundle
+from edgepeft.names import IMAGE_CLS
 from edgepeft.runtime.data import load_dataset
+from edgepeft.runtime.image_data import load_image_dataset
+from edgepeft.runtime.images import Augment
 from edgepeft.runtime.evaluate import describe, evaluate
 from edgepeft.runtime.infer import Predictor
 from edgepeft.runtime.text import load_tokenizer
@@ -81,9 +84,16 @@ def _summary(s: TrainSummary, out: Path) -> str:
     return "\n".join(lines)
 
 
+def _load(path: Path, b, augment: Augment | None = None, seed: int = 0):
+    """The data set at ``path`` for bundle ``b``: images for an image bundle, else text through its tokenizer."""
+    if b.manifest.task == IMAGE_CLS:
+        return load_image_dataset(path, b.manifest, augment=augment, seed=seed)
+    return load_dataset(path, b.manifest, load_tokenizer(b), bundle_path=b.path)
+
+
 @click.command("train")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="Training data: .jsonl, .csv (text,label header) or .txt (causal LM).")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Training data: .jsonl, .csv (text,label header) or .txt (causal LM); for an image bundle a folder of class folders, an image,label .csv, IDX or .npy images.")
 @click.option("--val", type=click.Path(path_type=Path), default=None, help="Validation data (same formats) for accuracy / perplexity, early stopping and keeping the best delta.")
 @click.option("--delta", "start", type=click.Path(path_type=Path), default=None, help="Delta to start from (default: a fresh one).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Delta file to write (atomically, at the end).")
@@ -108,9 +118,11 @@ def _summary(s: TrainSummary, out: Path) -> str:
 @_opt("--threads", field="threads", type=click.IntRange(min=0))
 @_opt("--adapter", field="adapter", type=str)
 @_opt("--creator", field="creator", type=str)
+@click.option("--crop-pad", type=click.IntRange(min=0), default=0, show_default=True, help="Images: random crops after padding each side by this many pixels (0: none).")
+@click.option("--flip", is_flag=True, help="Images: random horizontal flips.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 def train_cmd(bundle: Path, data: Path, val: Path | None, start: Path | None, out: Path, checkpoint_dir: Path | None,
-              resume: bool, quiet: bool, **options: object) -> None:
+              resume: bool, crop_pad: int, flip: bool, quiet: bool, **options: object) -> None:
     """Train a delta for BUNDLE on local data, with numpy + onnxruntime only."""
     if resume and checkpoint_dir is None:
         raise click.UsageError("--resume needs --checkpoint-dir")
@@ -118,9 +130,11 @@ def train_cmd(bundle: Path, data: Path, val: Path | None, start: Path | None, ou
         raise TrainError(f"{out}: is a directory; -o names the delta file to write")
     config = TrainConfig(**options)
     b = open_bundle(bundle)
-    tok = load_tokenizer(b)
-    train = load_dataset(data, b.manifest, tok, bundle_path=b.path)
-    val_ds = load_dataset(val, b.manifest, tok, bundle_path=b.path) if val is not None else None
+    augment = Augment(crop_pad, flip) if crop_pad or flip else None
+    if (crop_pad or flip) and b.manifest.task != IMAGE_CLS:
+        raise TrainError("--crop-pad and --flip augment images; this bundle is a " + b.manifest.task + " bundle")
+    train = _load(data, b, augment, config.seed)
+    val_ds = _load(val, b) if val is not None else None
     start_delta = load_delta(start, b.manifest, for_training=True) if start is not None else None
     trainer = Trainer(b, train, config, val=val_ds, start=start_delta, checkpoint_dir=checkpoint_dir,
                       on_progress=_ProgressLine(quiet))
@@ -138,7 +152,7 @@ def train_cmd(bundle: Path, data: Path, val: Path | None, start: Path | None, ou
 def eval_cmd(bundle: Path, data: Path, delta_path: Path | None, batch_size: int, threads: int) -> None:
     """Print the metrics of BUNDLE (+ a delta) on a data file: accuracy (token classification: and F1), or loss and perplexity."""
     b = open_bundle(bundle)
-    ds = load_dataset(data, b.manifest, load_tokenizer(b), bundle_path=b.path)
+    ds = _load(data, b)
     deltas = [load_delta(delta_path, b.manifest)] if delta_path is not None else []
     metrics = evaluate(Predictor(b, SessionConfig(threads=threads)), ds, deltas, batch_size=batch_size)
     for k, v in metrics.items():

@@ -130,6 +130,7 @@ def _builtin() -> None:
     import edgepeft.methods.prompt  # noqa: F401  (issue 14: virtual tokens enter before any layer)
     import edgepeft.methods.ptuning  # noqa: F401
     import edgepeft.methods.prefix  # noqa: F401
+    import edgepeft.methods.bn  # noqa: F401  (convolutional models)
 
 
 _builtin()

@@ -91,6 +91,11 @@ class ModelView:
     kv_heads: int = 0  # key/value heads per layer
     head_dim: int = 0  # width of one head
     max_length: int = 0  # --max-length: positions a call may use, virtual tokens included
+    # Convolutional models (exporters/modules.py): a Conv2d is linear-like with in = in_channels/groups * kh * kw, so
+    # the LoRA family's (r, in) x (out, r) factors, mixes and ΔW space hold unchanged; these say what else it is.
+    norms: Mapping[str, int] = field(default_factory=dict)  # BatchNorm module path -> channels
+    groups: Mapping[str, int] = field(default_factory=dict)  # grouped (depthwise) convolution path -> groups
+    no_bias: frozenset[str] = frozenset()  # linear-like modules without a bias of their own (BitFit leaves them)
 
     def default(self, key: str) -> tuple[str, ...]:
         return tuple(self.defaults.get(key, ()))

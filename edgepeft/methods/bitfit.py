@@ -27,7 +27,9 @@ class BitFit(Method):
     def plan(self, view: ModelView, config: MethodConfig) -> list[Slot]:
         assert isinstance(config, BitFitConfig)
         exclude = config.exclude if config.exclude is not None else view.default("bitfit.exclude")
-        return [Slot(slot_name(name, BIAS), BIAS, name, (fout,)) for name, (_, fout) in view.linears.items()
+        # A CNN's shifts live in its BatchNorms (the convolutions before them have no bias): both are trained.
+        sized = {**{n: fout for n, (_, fout) in view.linears.items() if n not in view.no_bias}, **view.norms}
+        return [Slot(slot_name(name, BIAS), BIAS, name, (fout,)) for name, fout in sized.items()
                 if view.in_scope(name) and name.rsplit(".", 1)[-1] not in exclude]
 
 

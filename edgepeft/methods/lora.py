@@ -161,6 +161,10 @@ class Lora(LowRank):
         alpha = float(config.alpha if config.alpha is not None else 2 * config.rank)
         slots: list[Slot] = []
         for name in select(view, config.targets or view.default("lora.targets"), self.name, "targets"):
+            if view.groups.get(name, 1) > 1:  # PEFT's lora.Conv2d needs rank % groups == 0: no low-rank update there
+                raise ExportError(f"--method-config lora.targets: {name} is a grouped (depthwise) convolution "
+                                  f"(groups={view.groups[name]}); PEFT's LoRA on it needs the rank divisible by the groups, "
+                                  "which is no low-rank update; target the 1x1 and full convolutions instead")
             fin, fout = view.linears[name]
             slots += self.low_rank_slots(name, fin, fout, config.rank, alpha)
         return slots

@@ -1,0 +1,156 @@
+"""Labelled image data for an image-classification bundle: the same interface as runtime/data.py's Dataset.
+
+Sources (by what the path is):
+- a folder of class folders, ``root/<label>/<image>.png`` (Pillow decodes; the folders name the labels);
+- a ``.csv`` label file with the columns ``image,label`` (image paths relative to the file);
+- an IDX images file (``*-images-idx3-ubyte[.gz]``) beside its labels file (``*-labels-idx1-ubyte[.gz]``);
+- a ``.npy`` images array beside ``<stem>.labels.npy``.
+Labels are bundle label names or indices. Everything is checked before anything trains: an image that
+does not decode, a label the bundle lacks, or data with a single class is a DataError naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgepeft.errors import DataError
+from edgepeft.manifest import Manifest
+from edgepeft.names import IMAGE_CLS, LABELS, PIXEL_VALUES
+from edgepeft.runtime.data import label_index
+from edgepeft.runtime.images import (IMAGE_SUFFIXES, Augment, ImageSpec, as_nhwc, decode_image, image_file, read_idx,
+                                     read_npy, resize, to_model_input)
+
+
+@dataclass
+class ImageDataset:
+    """uint8 images (N, H, W, C) and label indices; ``batch`` makes the model input, augmented when ``augment`` is set."""
+
+    path: Path
+    images: np.ndarray
+    labels: np.ndarray
+    spec: ImageSpec
+    sha256: str
+    augment: Augment | None = None
+    seed: int = 0
+    task: str = field(default=IMAGE_CLS)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.ones(len(self), np.int64)  # every image is one "token" long: no length buckets
+
+    def batch(self, index: np.ndarray | list[int], max_length: int | None = None) -> dict[str, np.ndarray]:
+        """The model input and labels of images ``index``; augmentation is seeded by the batch, so a resumed run repeats it."""
+        index = np.asarray(index, np.int64)
+        rng = np.random.default_rng([self.seed, *index.tolist()]) if self.augment else None
+        return {PIXEL_VALUES: to_model_input(self.images[index], self.spec, self.augment, rng), LABELS: self.labels[index]}
+
+    def subset(self, index: np.ndarray) -> "ImageDataset":
+        """The images ``index`` as a data set of their own (benchmarks draw training sets of a chosen size)."""
+        return ImageDataset(self.path, self.images[index], self.labels[index], self.spec, self.sha256 + f":{len(index)}",
+                            self.augment, self.seed)
+
+
+def _folder(root: Path, manifest: Manifest) -> tuple[list[np.ndarray], np.ndarray]:
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    images, labels = [], []
+    for d in classes:
+        label = label_index(d.name, manifest.labels, str(d))
+        files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{d}: a class folder with no images ({', '.join(IMAGE_SUFFIXES)})")
+        images += [decode_image(f) for f in files]
+        labels += [label] * len(files)
+    return images, np.array(labels, np.int64)
+
+
+def _csv(path: Path, manifest: Manifest) -> tuple[list[np.ndarray], np.ndarray]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows or [h.strip().lower() for h in rows[0]][:2] != ["image", "label"]:
+        raise DataError(f"{path}:1: the header must be image,label")
+    images, labels = [], []
+    for n, row in enumerate(rows[1:], 2):
+        if not row:
+            continue
+        if len(row) < 2:
+            raise DataError(f"{path}:{n}: expected image,label")
+        file = path.parent / row[0].strip()
+        if not file.is_file():
+            raise DataError(f"{path}:{n}: no such image {file}")
+        images.append(image_file(file))
+        labels.append(label_index(row[1].strip(), manifest.labels, f"{path}:{n}"))
+    return images, np.array(labels, np.int64)
+
+
+def _arrays(path: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    if "-images-idx" in path.name:
+        label_path = path.with_name(path.name.replace("-images-idx3", "-labels-idx1"))
+        reader = read_idx
+    else:
+        label_path = path.with_name(path.stem + ".labels.npy")
+        reader = read_npy
+    if not label_path.is_file():
+        raise DataError(f"{path}: no labels beside it; expected {label_path.name}")
+    images, labels = reader(path), reader(label_path)
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{label_path}: {labels.shape} labels for {len(images)} images; expected one label per image")
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{label_path}: labels must be integer indices, got {labels.dtype}")
+    bad = np.flatnonzero((labels < 0) | (labels >= len(manifest.labels)))
+    if bad.size:
+        raise DataError(f"{label_path}: label {int(labels[bad[0]])} at row {int(bad[0])} is out of range; "
+                        f"the bundle has {len(manifest.labels)} labels")
+    return as_nhwc(images, str(path)), labels.astype(np.int64)
+
+
+def _stack(images: list[np.ndarray], spec: ImageSpec, where: str) -> np.ndarray:
+    """One uint8 array: as stored when every image has one size, else each resized to the bundle's size."""
+    images = [as_nhwc(a[None], where)[0] for a in images]
+    if len({a.shape for a in images}) == 1:
+        return np.stack(images)
+    return np.stack([np.rint(resize(a[None], spec.height, spec.width)[0]).astype(np.uint8)
+                     if a.shape[:2] != (spec.height, spec.width) else a for a in images])
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def load_image_dataset(path: str | os.PathLike, manifest: Manifest, *, augment: Augment | None = None,
+                       seed: int = 0, min_classes: int = 2) -> ImageDataset:
+    """Read and check labelled images for this bundle (sources: the module docstring)."""
+    path = Path(os.fspath(path))
+    spec = ImageSpec.of(manifest)
+    if path.is_dir():
+        images, labels = _folder(path, manifest)
+        images = _stack(images, spec, str(path)) if images else np.zeros((0, 1, 1, 1), np.uint8)
+    elif not path.is_file():
+        raise DataError(f"{path}: no such image folder or data file")
+    elif path.suffix.lower() == ".csv":
+        images, labels = _csv(path, manifest)
+        images = _stack(images, spec, str(path)) if images else np.zeros((0, 1, 1, 1), np.uint8)
+    elif "-images-idx" in path.name or path.suffix == ".npy":
+        images, labels = _arrays(path, manifest)
+    else:
+        raise DataError(f"{path}: unknown image data; give a folder of class folders, an image,label .csv, "
+                        "an IDX images file or a .npy images array")
+    if len(labels) == 0:
+        raise DataError(f"{path}: no images")
+    if len(np.unique(labels)) < min_classes:
+        raise DataError(f"{path}: every image is labelled {manifest.labels[int(labels[0])]!r}; "
+                        f"a classifier learns nothing from one class, give images of at least {min_classes}")
+    return ImageDataset(path, images, labels, spec, _digest(path), augment, seed)

@@ -1,0 +1,165 @@
+"""Images on the device, numpy only: read IDX and .npy arrays, decode PNG/JPEG (Pillow, the ``vision`` extra),
+resize, random crop and flip, normalize into the (B, C, H, W) float32 a bundle's ``pixel_values`` takes.
+
+Images are kept as uint8 (N, H, W, C) at their stored size and turned into model input one batch at a
+time, so a data set costs its bytes, not its float32 copies at the model's resolution.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgepeft.errors import DataError
+from edgepeft.manifest import Manifest
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a bundle's model takes: channels, size, and the per-channel normalization of pixels in [0, 1]."""
+
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> "ImageSpec":
+        i = manifest.extra.get("image")
+        if not isinstance(i, dict):
+            raise DataError(f"the bundle is a {manifest.task} bundle; image data needs an image-classification bundle")
+        return cls(int(i["channels"]), int(i["height"]), int(i["width"]), tuple(i["mean"]), tuple(i["std"]))
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training-time augmentation: a random crop after padding each side by ``crop_pad`` pixels, a random horizontal flip."""
+
+    crop_pad: int = 0
+    flip: bool = False
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX array (MNIST's format, gzipped or not)."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot be read as IDX ({e})") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_TYPES or not 1 <= raw[3] <= 4:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    ndim, dtype = raw[3], np.dtype(_IDX_TYPES[raw[2]])
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
+    start = 4 + 4 * ndim
+    if len(raw) != start + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize:
+        raise DataError(f"{path}: IDX header says {dims} of {dtype}, the file holds {len(raw) - start} data bytes")
+    return np.frombuffer(raw, dtype, offset=start).reshape(dims)
+
+
+def read_npy(path: Path) -> np.ndarray:
+    """A .npy array (no pickles)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: cannot be read as .npy ({str(e).splitlines()[0]})") from None
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """A PNG/JPEG/... file as uint8 (H, W, C) with Pillow (``pip install "edgepeft[vision]"``)."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise DataError(f"{path}: decoding images needs Pillow; pip install \"edgepeft[vision]\", or give IDX/.npy arrays") from None
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+            a = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: not a decodable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def image_file(path: Path) -> np.ndarray:
+    """One image as uint8 (H, W, C) from an image file or a .npy array."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such image file")
+    a = read_npy(path) if path.suffix.lower() == ".npy" else decode_image(path)
+    return as_nhwc(a[None], str(path))[0]
+
+
+def as_nhwc(images: np.ndarray, where: str) -> np.ndarray:
+    """(N, H, W) or (N, H, W, C) uint8 images; floats in [0, 1] are scaled to uint8."""
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or 0 in images.shape:
+        raise DataError(f"{where}: images of shape {images.shape}; expected (N, H, W) or (N, H, W, C) with C 1, 3 or 4")
+    if images.dtype.kind == "f":
+        if not np.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+            raise DataError(f"{where}: float images must lie in [0, 1]")
+        return np.rint(images * 255).astype(np.uint8)
+    if images.dtype != np.uint8:
+        raise DataError(f"{where}: images of dtype {images.dtype}; expected uint8, or floats in [0, 1]")
+    return images
+
+
+def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # half-pixel centres (PIL's and torch's align_corners=False): source = (i + 0.5) * n_in / n_out - 0.5
+    src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, (src - lo).astype(np.float32)
+
+
+def resize(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of (N, H, W, C) images to (N, height, width, C), float32."""
+    x = images.astype(np.float32)
+    if x.shape[1:3] == (height, width):
+        return x
+    lo, hi, f = _axis_weights(x.shape[1], height)
+    x = x[:, lo] * (1 - f)[None, :, None, None] + x[:, hi] * f[None, :, None, None]
+    lo, hi, f = _axis_weights(x.shape[2], width)
+    return x[:, :, lo] * (1 - f)[None, None, :, None] + x[:, :, hi] * f[None, None, :, None]
+
+
+def match_channels(x: np.ndarray, channels: int) -> np.ndarray:
+    """Gray to RGB by repetition, RGB(A) to gray by the mean, alpha dropped."""
+    c = x.shape[-1]
+    if c == 4:
+        x, c = x[..., :3], 3
+    if c == channels:
+        return x
+    if c == 1:
+        return np.repeat(x, channels, axis=-1)
+    if channels == 1:
+        return x.mean(-1, keepdims=True)
+    raise DataError(f"images have {c} channels, the bundle takes {channels}")
+
+
+def augment(x: np.ndarray, aug: Augment, rng: np.random.Generator) -> np.ndarray:
+    """Random crop (zero padding of ``crop_pad``) and horizontal flip, per image."""
+    n, h, w, _ = x.shape
+    if aug.crop_pad:
+        p = aug.crop_pad
+        padded = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+        dy, dx = rng.integers(0, 2 * p + 1, n), rng.integers(0, 2 * p + 1, n)
+        x = np.stack([padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    if aug.flip:
+        flip = rng.random(n) < 0.5
+        x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
+    return x
+
+
+def to_model_input(images: np.ndarray, spec: ImageSpec, aug: Augment | None = None,
+                   rng: np.random.Generator | None = None) -> np.ndarray:
+    """uint8 (N, H, W, C) images -> the bundle's normalized float32 (N, channels, height, width)."""
+    x = match_channels(resize(images, spec.height, spec.width), spec.channels)
+    if aug is not None and rng is not None:
+        x = augment(x, aug, rng)
+    x = (x / np.float32(255.0) - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), np.float32)

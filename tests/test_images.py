@@ -1,0 +1,66 @@
+"""The device's image pipeline (numpy only): readers, resize, channels, augmentation, normalization, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from edgepeft.errors import DataError
+from edgepeft.runtime.images import Augment, ImageSpec, augment, decode_image, read_idx, resize, to_model_input
+
+
+def idx_bytes(a: np.ndarray) -> bytes:
+    return b"\0\0\x08" + bytes([a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape) + a.astype(np.uint8).tobytes()
+
+
+def test_idx_reads_gzipped_and_plain_files(tmp_path):
+    a = np.random.default_rng(0).integers(0, 256, (5, 7, 6)).astype(np.uint8)
+    (tmp_path / "x-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(a)))
+    (tmp_path / "x-images-idx3-ubyte").write_bytes(idx_bytes(a))
+    np.testing.assert_array_equal(read_idx(tmp_path / "x-images-idx3-ubyte.gz"), a)
+    np.testing.assert_array_equal(read_idx(tmp_path / "x-images-idx3-ubyte"), a)
+
+
+def test_idx_with_a_header_that_lies_about_its_size_is_refused(tmp_path):
+    a = np.zeros((5, 4, 4), np.uint8)
+    (tmp_path / "bad").write_bytes(idx_bytes(a)[:-3])
+    with pytest.raises(DataError, match=r"bad: IDX header says \(5, 4, 4\)"):
+        read_idx(tmp_path / "bad")
+
+
+def test_bilinear_resize_matches_torch_interpolate():
+    x = np.random.default_rng(1).integers(0, 256, (2, 28, 28, 3)).astype(np.uint8)
+    for h, w in ((64, 64), (17, 40)):
+        ref = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2).float(), size=(h, w),
+                                              mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_allclose(resize(x, h, w), ref, atol=1e-3)
+
+
+def test_model_input_is_normalized_nchw_with_gray_repeated_to_rgb():
+    spec = ImageSpec(3, 4, 4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    gray = np.full((2, 4, 4, 1), 255, np.uint8)
+    x = to_model_input(gray, spec)
+    assert x.shape == (2, 3, 4, 4) and x.dtype == np.float32
+    np.testing.assert_allclose(x, 2.0)  # (1 - 0.5) / 0.25
+
+
+def test_flip_mirrors_and_crop_shifts_within_the_padding():
+    x = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3, 1)
+    flipped = augment(x, Augment(flip=True), np.random.default_rng(0))
+    for a, b in zip(flipped, x):
+        assert np.array_equal(a, b) or np.array_equal(a, b[:, ::-1])
+    cropped = augment(x, Augment(crop_pad=1), np.random.default_rng(0))
+    assert cropped.shape == x.shape
+    for a, b in zip(cropped, x):  # every kept pixel is a pixel of the image, shifted by at most 1
+        assert set(a.ravel()) - {0.0} <= set(b.ravel())
+
+
+def test_an_image_that_does_not_decode_is_named(tmp_path):
+    bad = tmp_path / "cat.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(DataError, match=r"cat\.png: not a decodable image"):
+        decode_image(bad)
