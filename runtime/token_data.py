@@ -16,7 +16,7 @@ from typing import Iterator
 from edgepeft.errors import DataError
 from edgepeft.manifest import Manifest
 from edgepeft.names import IGNORED_LABEL
-from edgepeft.runtime.data import Dataset, _label, _lines
+from edgepeft.runtime.data import Dataset, _lines, label_index
 
 
 def _words(obj: dict, where: str) -> list[str]:
@@ -54,7 +54,7 @@ def read_token_rows(path: Path, manifest: Manifest) -> Iterator[tuple[int, list[
             raise DataError(f"{where}: 'labels' must be a list with one label per word")
         if len(labels) != len(words):
             raise DataError(f"{where}: {len(labels)} labels for {len(words)} words; give one label per word")
-        yield n, words, [_label(v, manifest.labels, where) for v in labels]
+        yield n, words, [label_index(v, manifest.labels, where) for v in labels]
 
 
 def align(word_ids: list[int | None], word_labels: list[int]) -> list[int]:
