@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 
 from edgepeft.errors import DataError
 from edgepeft.manifest import Manifest
+from edgepeft.runtime.data import jsonl_objects
 from edgepeft.runtime.text import untruncated
 
 ROLES = ("system", "user", "assistant")
@@ -128,14 +129,7 @@ def lm_rows(path: Path, lines: Iterator[tuple[int, str]], tokenizer: Tokenizer, 
             max_length: int) -> Iterator[tuple[int, list[int], list[int]]]:
     """(line, ids, target flags) of every row of a causal-LM JSONL file, truncated to ``max_length`` tokens."""
     tok = untruncated(tokenizer)  # a too-long prompt must be seen, not cut
-    for n, line in lines:
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for n, where, obj in jsonl_objects(path, lines):
         segs = row_segments(obj, pieces, where)
         plain = len(segs) == 1 or pieces is None
         ids, flags = encode_segments(tok, segs, plain_text=plain)

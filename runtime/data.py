@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -115,8 +115,10 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 raise DataError(f"{path}:{n}: not valid UTF-8") from None
 
 
-def _read_jsonl(path: Path, manifest: Manifest) -> Iterator[Row]:
-    for n, line in _lines(path):
+def jsonl_objects(path: Path, lines: Iterable[tuple[int, str]] | None = None) -> Iterator[tuple[int, str, Any]]:
+    """(line number, "path:line", parsed value) of each non-blank line of a JSONL file (``lines``: its
+    numbered lines when already open); invalid JSON is a DataError naming its line."""
+    for n, line in lines if lines is not None else _lines(path):
         if not line.strip():
             continue
         where = f"{path}:{n}"
@@ -124,6 +126,11 @@ def _read_jsonl(path: Path, manifest: Manifest) -> Iterator[Row]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        yield n, where, obj
+
+
+def _read_jsonl(path: Path, manifest: Manifest) -> Iterator[Row]:
+    for n, where, obj in jsonl_objects(path):
         if not isinstance(obj, dict) or "text" not in obj:
             raise DataError(f"{where}: expected an object with a 'text' key, like {{\"text\": \"...\", \"label\": \"...\"}}")
         yield _row(obj.get("text"), obj.get("label"), "label" in obj, manifest, where, n)

@@ -9,14 +9,13 @@ the metrics skip them), as Hugging Face's token-classification recipe does.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Iterator
 
 from edgepeft.errors import DataError
 from edgepeft.manifest import Manifest
 from edgepeft.names import IGNORED_LABEL
-from edgepeft.runtime.data import Dataset, _lines, label_index
+from edgepeft.runtime.data import Dataset, jsonl_objects, label_index
 
 
 def _words(obj: dict, where: str) -> list[str]:
@@ -38,14 +37,7 @@ def read_token_rows(path: Path, manifest: Manifest) -> Iterator[tuple[int, list[
     if path.suffix.lower() not in (".jsonl", ".ndjson"):
         raise DataError(f"{path}: a token-classification bundle reads .jsonl rows like "
                         '{"tokens": ["John", "lives"], "labels": ["B-PER", "O"]}')
-    for n, line in _lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for n, where, obj in jsonl_objects(path):
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object")
         words = _words(obj, where)
