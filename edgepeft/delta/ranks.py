@@ -11,6 +11,7 @@ and a version is refitted to each rank by truncated SVD (the best rank-r fit, Ec
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 
@@ -45,33 +46,32 @@ def pad_rank(d: Delta, rank: int) -> Delta:
         return d
     if d.meta.rank > rank:
         raise DeltaError(f"delta has rank {d.meta.rank}, above the bundle's {rank}; refit it to at most {rank}")
-    out = {}
-    for n, t in d.tensors.items():
-        axis = _rank_axis(n)
-        if axis is None:
-            out[n] = t
-            continue
+
+    def pad(n: str, t: np.ndarray, axis: int) -> np.ndarray:
         width = [(0, 0)] * t.ndim
         width[axis] = (0, rank - t.shape[axis])
-        out[n] = np.pad(t, width).astype(np.float32)
-    return _with_rank(d, out, rank)
+        return np.pad(t, width).astype(np.float32)
+
+    return _with_rank(d, _map_factors(d, pad), rank)
 
 
 def cut_rank(d: Delta, rank: int, *, exact: bool = True) -> Delta:
     """Inverse of :func:`pad_rank`: the first ``rank`` factors; with ``exact``, refuses when the cut-off part is not zero."""
     if not d.meta.rank or d.meta.rank == rank:
         return d
-    out = {}
-    for n, t in d.tensors.items():
-        axis = _rank_axis(n)
-        if axis is None:
-            out[n] = t
-            continue
+
+    def cut(n: str, t: np.ndarray, axis: int) -> np.ndarray:
         keep, drop = np.split(t, [rank], axis=axis)
         if exact and np.any(drop):
             raise DeltaError(f"{n}: factors past rank {rank} are not zero; this delta has a higher rank than {rank}")
-        out[n] = np.ascontiguousarray(keep)
-    return _with_rank(d, out, rank)
+        return np.ascontiguousarray(keep)
+
+    return _with_rank(d, _map_factors(d, cut), rank)
+
+
+def _map_factors(d: Delta, fn: Callable[[str, np.ndarray, int], np.ndarray]) -> dict[str, np.ndarray]:
+    """``d``'s tensors with ``fn(name, tensor, rank axis)`` applied to each LoRA factor; other slots as they are."""
+    return {n: t if (axis := _rank_axis(n)) is None else fn(n, t, axis) for n, t in d.tensors.items()}
 
 
 def refit(d: Delta, rank: int) -> tuple[Delta, float]:
