@@ -80,7 +80,7 @@ def decode_image(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             im = im.convert("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
             a = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:  # a bomb: before decoding
         raise DataError(f"{path}: not a decodable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return a[:, :, None] if a.ndim == 2 else a
 

@@ -64,3 +64,15 @@ def test_an_image_that_does_not_decode_is_named(tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(DataError, match=r"cat\.png: not a decodable image"):
         decode_image(bad)
+
+
+def test_an_image_too_large_to_decode_safely_is_refused_in_one_line(tmp_path, monkeypatch):
+    # Pillow refuses a decompression bomb (more than 2x MAX_IMAGE_PIXELS) before decoding; say so per file.
+    from PIL import Image
+
+    big = tmp_path / "bomb.png"
+    Image.new("L", (64, 64)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 = 4096 > 2 x 1000
+    with pytest.raises(DataError, match=r"bomb\.png: not a decodable image") as e:
+        decode_image(big)
+    assert "\n" not in str(e.value)
