@@ -46,7 +46,7 @@ FAMILIES: tuple[Family, ...] = (
         "bottleneck.houlsby": ("attention.output.dense", r".*\.layer\.\d+\.output\.dense"),
         "bottleneck.pfeiffer": (r".*\.layer\.\d+\.output\.dense",),
     }),
-    Family("distilbert", ("distilbert",), (SEQ_CLS,), r"\.layer\.(\d+)\.", {
+    Family("distilbert", ("distilbert",), (SEQ_CLS, TOKEN_CLS), r"\.layer\.(\d+)\.", {
         "lora.targets": ("q_lin", "v_lin"), "bitfit.exclude": ("k_lin",), "head.modules": ("pre_classifier", "classifier"),
         "ia3.targets": ("k_lin", "v_lin", "ffn.lin2"), "ia3.feedforward": ("ffn.lin2",),
         "bottleneck.houlsby": ("attention.out_lin", "ffn.lin2"), "bottleneck.pfeiffer": ("ffn.lin2",),  # methods3

@@ -64,6 +64,7 @@ FAMILY_METHODS = [("bert", "lora+bitfit"), ("roberta", "lora+bitfit"), ("xlm-rob
 CASES += [(f, m, q) for f, m in FAMILY_METHODS for q in ("none", "int8", "int4") if (f, m, q) not in CASES]
 # Token classification (tiny_models' "<family>-token": a ForTokenClassification checkpoint; the task is inferred from it).
 CASES += [("bert-token", "lora+bitfit", q) for q in ("none", "int8", "int4")]
+CASES += [(f"{f}-token", "lora+bitfit", "int8") for f in ("roberta", "distilbert")]  # other heads' layouts, int8
 IDS = ["-".join([f, m, q, *(f"{k}={v}" for k, v in (o[0] if o else {}).items())]) for f, m, q, *o in CASES]
 
 
