@@ -15,9 +15,16 @@ split of ``edgepeft.demo.assets.rotten_tomatoes_split(0)`` (majority class 57.8 
   query/value in every layer + head, the same shuffled batches in the same order); the difference
   to the torch run is the engine (and dropout, which the graphs do not have).
 
-Each run is its own process; runs alternate order between rounds.
+- **edgepeft defaults with fp32 / int4 weights**: the defaults on another quantization of the same base.
 
-    python benchmarks/bench_time_to_accuracy.py [--steps 200] [--eval-every 25] [--target 0.75] [--quick]
+Every configuration runs once per seed (``--seeds``, default 0,1,2: the seed drives LoRA's init, the
+head's init and the batch order on both sides; the data split stays seed 0's). Rows report the median
+over seeds and the spread (min-max); the time ratio's spread pairs each seed's edgepeft run with the
+torch run of the same seed. Beside the first time validation accuracy reaches the target, rows report
+when it *holds* there (the first evaluation after which it never falls below the target again).
+Each run is its own process; runs alternate order between seeds.
+
+    python benchmarks/bench_time_to_accuracy.py [--steps 200] [--eval-every 25] [--target 0.75] [--seeds 0,1,2] [--quick]
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import CACHE, DEFAULT_BUNDLE, ROOT, median, minilm_bundle, run_child, write_result  # noqa: E402
 
-BATCH, LR, SEED = 16, 2e-3, 0
+BATCH, LR, SEED = 16, 2e-3, 0  # SEED: the data split; each run's own seed is cfg["seed"]
 EVAL_BATCH = 16  # the trainer evaluates at its batch size; HF's Trainer default is 8
 IDENTICAL_BUNDLE = {"quantize": "none", "method": "lora", "top_layers": None}
 
@@ -80,7 +87,9 @@ def _loop(step_fn, eval_fn, batches, cfg: dict) -> dict:
             print(f"  step {step}: val {acc:.3f} after {train_s:.1f} s", file=sys.stderr, flush=True)
             if reached is None and acc >= cfg["target"]:
                 reached = {"step": step, "train_s": round(train_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1)}
-    return {"curve": curve, "reached": reached, "train_s": round(train_s, 2), "test_accuracy": round(eval_fn("test"), 4),
+    held = next((c for i, c in enumerate(curve) if all(d["val_accuracy"] >= cfg["target"] for d in curve[i:])), None)
+    return {"curve": curve, "reached": reached, "held": held and {"step": held["step"], "train_s": held["train_s"]},
+            "train_s": round(train_s, 2), "test_accuracy": round(eval_fn("test"), 4),
             "rss_after_load_mb": round(load_rss, 1), "tokens": cfg.get("tokens", 0)}
 
 
@@ -96,7 +105,7 @@ def torch_child(cfg: dict) -> dict:
     from edgepeft.demo.assets import minilm_dir
 
     transformers.logging.set_verbosity_error()
-    torch.manual_seed(SEED)
+    torch.manual_seed(cfg["seed"])
     tok = transformers.AutoTokenizer.from_pretrained(minilm_dir())
     model = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2, attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=cfg["dropout"], task_type="SEQ_CLS",
@@ -160,14 +169,14 @@ def edgepeft_child(cfg: dict) -> dict:
         for k in ("val", "test"):
             d, n = data[k], cfg["eval_rows"]
             data[k] = type(d)(d.path, d.task, d.ids[:n], d.labels[:n], d.lines[:n], d.sha256, d.pad_id)
-    delta = delta_from_init(b.manifest, SEED)
+    delta = delta_from_init(b.manifest, cfg["seed"])
     params = delta.tensors
     opt = AdamW(params, weight_decay=0.01)
     names = [s.name for s in b.manifest.slots]
     outputs = ["loss"] + [grad_name(n) for n in names]
     batches = cfg["batches"]
     if batches is None:  # the trainer's own batching: length buckets, epoch after epoch
-        rng, batches = np.random.default_rng(SEED), []
+        rng, batches = np.random.default_rng(cfg["seed"]), []
         while len(batches) < cfg["steps"]:
             batches += plan_batches(data["train"].lengths, BATCH, rng, **cfg.get("bucketing", {}))
         batches = batches[:cfg["steps"]]
@@ -186,17 +195,19 @@ def edgepeft_child(cfg: dict) -> dict:
     return _loop(step_fn, eval_fn, batches, cfg)
 
 
-def configs(steps: int, eval_every: int, target: float, eval_rows: int = 0) -> dict[str, tuple[str, dict]]:
-    """Every run this benchmark knows; the default selection is DEFAULT_RUNS, the others are levers."""
+def configs(steps: int, eval_every: int, target: float, eval_rows: int = 0, seed: int = 0) -> dict[str, tuple[str, dict]]:
+    """Every run this benchmark knows, at one seed; the default selection is DEFAULT_RUNS, the others are levers."""
     data = {k: str(v) for k, v in data_files().items()}
     n_train = sum(1 for _ in open(data["train"]))
-    order = shuffled_batches(n_train, steps, SEED)
-    common = {"data": data, "steps": steps, "eval_every": eval_every, "target": target, "lr": LR, "eval_rows": eval_rows}
+    order = shuffled_batches(n_train, steps, seed)
+    common = {"data": data, "steps": steps, "eval_every": eval_every, "target": target, "lr": LR, "eval_rows": eval_rows,
+              "seed": seed}
     ours = lambda **spec: {**common, "batches": None, "bundle": {**DEFAULT_BUNDLE, **spec}}  # noqa: E731
     return {
         "torch+peft usual recipe": ("torch_child", {**common, "batches": order, "dropout": 0.1}),
         "edgepeft defaults": ("edgepeft_child", ours()),
         "edgepeft defaults with fp32 weights": ("edgepeft_child", ours(quantize="none")),
+        "edgepeft defaults with int4 weights": ("edgepeft_child", ours(quantize="int4")),
         "edgepeft at identical configuration": ("edgepeft_child", {**common, "batches": order,
                                                                  "bundle": IDENTICAL_BUNDLE}),
         # levers, run with --runs
@@ -209,43 +220,57 @@ def configs(steps: int, eval_every: int, target: float, eval_rows: int = 0) -> d
 
 
 DEFAULT_RUNS = ["torch+peft usual recipe", "edgepeft defaults", "edgepeft defaults with fp32 weights",
-                "edgepeft at identical configuration"]
+                "edgepeft defaults with int4 weights", "edgepeft at identical configuration"]
+REFERENCE = "torch+peft usual recipe"
 
 
-def run_configs(cfgs: dict[str, tuple[str, dict]], rounds: int = 1) -> dict[str, list[dict]]:
-    """Each configuration in its own process, order alternating between rounds."""
-    runs: dict[str, list[dict]] = {k: [] for k in cfgs}
-    for r in range(rounds):
+def run_configs(per_seed: list[dict[str, tuple[str, dict]]]) -> dict[str, list[dict]]:
+    """Each configuration of each seed in its own process, order alternating between seeds."""
+    runs: dict[str, list[dict]] = {k: [] for k in per_seed[0]}
+    for r, cfgs in enumerate(per_seed):
         for name in (list(cfgs) if r % 2 == 0 else list(reversed(cfgs))):
             fn, cfg = cfgs[name]
             if isinstance(cfg.get("bundle"), dict):  # exported (once) only when the run is picked
                 cfg = {**cfg, "bundle": str(minilm_bundle(**cfg["bundle"]))}
             code = f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); import bench_time_to_accuracy as b; " \
                    f"print('RESULT', json.dumps(b.{fn}(json.loads(sys.argv[1]))))"
-            print(f"{name} ...", file=sys.stderr, flush=True)
+            print(f"{name}, seed {cfg['seed']} ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             res = run_child(code, json.dumps(cfg), stream_stderr=True)
-            res["wall_s"] = round(time.perf_counter() - t0, 1)
+            res["wall_s"], res["seed"] = round(time.perf_counter() - t0, 1), cfg["seed"]
             runs[name].append(res)
     return runs
 
 
+def _spread(xs: list[float], digits: int = 1) -> list[float]:
+    return [round(min(xs), digits), round(max(xs), digits)]
+
+
 def summarize(runs: dict[str, list[dict]], ref: str) -> list[dict]:
+    """One row per configuration: medians over seeds, with the min-max spread where a run can differ."""
     rows = []
     for name, rs in runs.items():
-        hit = [r["reached"] for r in rs if r["reached"]]
-        rows.append({"config": name,
-                     "seconds_to_target": round(median([h["train_s"] for h in hit]), 1) if len(hit) == len(rs) else None,
-                     "steps_to_target": int(median([h["step"] for h in hit])) if len(hit) == len(rs) else None,
+        every = lambda key: [r[key] for r in rs] if all(r[key] for r in rs) else None  # noqa: E731
+        hit, held = every("reached"), every("held")
+        rows.append({"config": name, "seeds": [r["seed"] for r in rs],
+                     "seconds_to_target": round(median([h["train_s"] for h in hit]), 1) if hit else None,
+                     "seconds_to_target_spread": _spread([h["train_s"] for h in hit]) if hit else None,
+                     "steps_to_target": int(median([h["step"] for h in hit])) if hit else None,
+                     "seconds_to_hold": round(median([h["train_s"] for h in held]), 1) if held else None,
                      "peak_rss_mb": round(median([r["peak_rss_mb"] for r in rs]), 1),
                      "train_s_all_steps": round(median([r["train_s"] for r in rs]), 1),
                      "padded_tokens": int(median([r["tokens"] for r in rs])),
                      "test_accuracy": round(median([r["test_accuracy"] for r in rs]), 4),
+                     "test_accuracy_spread": _spread([r["test_accuracy"] for r in rs], 4),
                      "best_val_accuracy": round(median([max(c["val_accuracy"] for c in r["curve"]) for r in rs]), 4)})
     base = next(r for r in rows if r["config"] == ref)
+    base_runs = {r["seed"]: r for r in runs[ref]}
     for r in rows:
         ok = r["seconds_to_target"] is not None and base["seconds_to_target"]
         r["time_ratio_vs_torch"] = round(r["seconds_to_target"] / base["seconds_to_target"], 3) if ok else None
+        paired = [o["reached"]["train_s"] / base_runs[o["seed"]]["reached"]["train_s"] for o in runs[r["config"]]
+                  if o["reached"] and base_runs.get(o["seed"], {}).get("reached")]
+        r["time_ratio_spread"] = _spread(paired, 3) if ok and len(paired) == len(r["seeds"]) else None
         r["peak_ratio_vs_torch"] = round(r["peak_rss_mb"] / base["peak_rss_mb"], 3)
         r["test_accuracy_delta_vs_torch"] = round(100 * (r["test_accuracy"] - base["test_accuracy"]), 2)
     return rows
@@ -256,26 +281,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps of every run (batch 16)")
     ap.add_argument("--eval-every", type=int, default=25, help="validation every N steps (clock stopped)")
     ap.add_argument("--target", type=float, default=0.75, help="validation accuracy to reach")
-    ap.add_argument("--rounds", type=int, default=1, help="fresh processes per configuration")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; every configuration runs once per seed")
     ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated runs (see configs())")
     ap.add_argument("--out", default="time_to_accuracy", help="results/<out>.json")
     ap.add_argument("--eval-rows", type=int, default=0, help="evaluate on the first N validation/test rows (0: all)")
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 20 steps, 200 evaluation rows, a low target")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 20 steps, 200 evaluation rows, a low target, seed 0 only")
     args = ap.parse_args(argv)
     eval_rows = args.eval_rows
     if args.quick:
-        args.steps, args.eval_every, args.target, eval_rows = 20, 10, 0.6, 200
-    known = configs(args.steps, args.eval_every, args.target, eval_rows)
+        args.steps, args.eval_every, args.target, eval_rows, args.seeds = 20, 10, 0.6, 200, "0"
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    known = [configs(args.steps, args.eval_every, args.target, eval_rows, seed) for seed in seeds]
     picked = [n.strip() for n in args.runs.split(",") if n.strip()]
-    if bad := [n for n in picked if n not in known]:
-        ap.error(f"unknown run(s) {bad}; known: {list(known)}")
-    cfgs = {n: known[n] for n in picked}
-    runs = run_configs(cfgs, args.rounds)
-    rows = summarize(runs, "torch+peft usual recipe" if "torch+peft usual recipe" in runs else picked[0])
+    if bad := [n for n in picked if n not in known[0]]:
+        ap.error(f"unknown run(s) {bad}; known: {list(known[0])}")
+    runs = run_configs([{n: k[n] for n in picked} for k in known])
+    rows = summarize(runs, REFERENCE if REFERENCE in runs else picked[0])
     write_result(args.out, {
         "benchmark": f"time to {args.target:.0%} validation accuracy, Rotten Tomatoes, all-MiniLM-L6-v2",
         "steps": args.steps, "eval_every": args.eval_every, "target": args.target, "batch": BATCH, "lr": LR,
-        "eval_rows": eval_rows or "all",
+        "eval_rows": eval_rows or "all", "seeds": seeds,
         "default_bundle": DEFAULT_BUNDLE, "rows": rows, "raw": runs})
     for r in rows:
         print(r)
