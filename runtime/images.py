@@ -8,6 +8,7 @@ time, so a data set costs its bytes, not its float32 copies at the model's resol
 from __future__ import annotations
 
 import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from edgepeft.errors import DataError
 from edgepeft.manifest import Manifest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+MAX_IDX_BYTES = 1 << 31  # 2 GiB: far above any image set a device trains on, far below a gzip bomb's output
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -46,20 +48,28 @@ class Augment:
     flip: bool = False
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX array (MNIST's format, gzipped or not)."""
+def read_idx(path: Path, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
+    """An IDX array (MNIST's format, gzipped or not), read as a stream: a file decompresses only as far as its
+    header's size (at most ``max_bytes``), so a gzip bomb or a lying header costs bounded memory."""
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            magic = f.read(4)
+            if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in _IDX_TYPES or not 1 <= magic[3] <= 4:
+                raise DataError(f"{path}: not an IDX file (bad magic number)")
+            ndim, dtype = magic[3], np.dtype(_IDX_TYPES[magic[2]])
+            head = f.read(4 * ndim)
+            dims = tuple(int(d) for d in np.frombuffer(head, ">u4", len(head) // 4))
+            size = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+            if len(dims) != ndim or size > max_bytes:
+                raise DataError(f"{path}: IDX header says {dims} of {dtype}: " +
+                                ("truncated" if len(dims) != ndim else f"{size:,} bytes, above the {max_bytes:,}-byte limit"))
+            data = f.read(size + 1)  # one byte more: data after the array is a lie of the header too
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: cannot be read as IDX ({e})") from None
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_TYPES or not 1 <= raw[3] <= 4:
-        raise DataError(f"{path}: not an IDX file (bad magic number)")
-    ndim, dtype = raw[3], np.dtype(_IDX_TYPES[raw[2]])
-    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
-    start = 4 + 4 * ndim
-    if len(raw) != start + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize:
-        raise DataError(f"{path}: IDX header says {dims} of {dtype}, the file holds {len(raw) - start} data bytes")
-    return np.frombuffer(raw, dtype, offset=start).reshape(dims)
+    if len(data) != size:
+        raise DataError(f"{path}: IDX header says {dims} of {dtype}, the file holds {'more than ' * (len(data) > size)}"
+                        f"{min(len(data), size)} data bytes")
+    return np.frombuffer(data, dtype).reshape(dims)
 
 
 def read_npy(path: Path) -> np.ndarray:

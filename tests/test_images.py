@@ -32,6 +32,17 @@ def test_idx_with_a_header_that_lies_about_its_size_is_refused(tmp_path):
         read_idx(tmp_path / "bad")
 
 
+def test_gzipped_idx_decompresses_only_as_far_as_its_header_allows(tmp_path):
+    a = np.zeros((5, 4, 4), np.uint8)
+    (tmp_path / "bomb.gz").write_bytes(gzip.compress(idx_bytes(a) + bytes(50_000_000)))  # 50 MB behind 80 bytes
+    with pytest.raises(DataError, match=r"bomb.gz: IDX header says \(5, 4, 4\) of uint8, the file holds more than 80"):
+        read_idx(tmp_path / "bomb.gz")
+    big = np.zeros((1000, 10, 10), np.uint8)
+    (tmp_path / "big.gz").write_bytes(gzip.compress(idx_bytes(big)))
+    with pytest.raises(DataError, match="100,000 bytes, above the 1,000-byte limit"):
+        read_idx(tmp_path / "big.gz", max_bytes=1000)
+
+
 def test_bilinear_resize_matches_torch_interpolate():
     x = np.random.default_rng(1).integers(0, 256, (2, 28, 28, 3)).astype(np.uint8)
     for h, w in ((64, 64), (17, 40)):
