@@ -45,7 +45,7 @@ from common import minilm_bundle, write_result  # noqa: E402
 from edgepeft.delta.format import Delta, load_delta, replace_meta, save_delta  # noqa: E402
 from edgepeft.delta.transport import unpack  # noqa: E402
 from edgepeft.demo.assets import rotten_tomatoes_split, write_jsonl  # noqa: E402
-from edgepeft.demo.run import _bundle_tar, _start_hub  # noqa: E402
+from edgepeft.hub.local import bundle_tar, free_port, start_hub  # noqa: E402
 from edgepeft.devices.agent import Agent, AgentConfig, RoundReport  # noqa: E402
 from edgepeft.devices.client import HubClient, HubRefused  # noqa: E402
 from edgepeft.runtime.bundle import open_bundle  # noqa: E402
@@ -173,13 +173,13 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
     shards = dirichlet_shards(split["train"], args.devices, args.alpha, seed=0)
     hub_dir = work / "hub"
-    port = int(os.environ.get("BENCH_FLEET_PORT", "0")) or _free_port()
+    port = int(os.environ.get("BENCH_FLEET_PORT", "0")) or free_port()
     url = f"http://127.0.0.1:{port}"
-    hub = _start_hub(hub_dir, port, work / "hub.log")
+    hub = start_hub(hub_dir, port, work / "hub.log")
     faults = {"drops": 0, "restarts": 0, "slow": 0, "duplicates_sent": 0, "refused_stale": 0, "malicious_rounds": 0}
     try:
         admin = HubClient(url, (hub_dir / "admin.token").read_text().strip(), retries=2)
-        fp = admin.request("POST", "/api/v1/bundles", content=_bundle_tar(path)).json()["fingerprint"]
+        fp = admin.request("POST", "/api/v1/bundles", content=bundle_tar(path)).json()["fingerprint"]
         admin.request("POST", "/api/v1/fleets", json={"name": FLEET, "bundle": fp, "staleness": 2, "ranks": list(RANKS)})
         devices = []
         for i in range(args.devices):
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             (work / name / "data").mkdir(parents=True)
             devices.append(Device(name, token, work / name, url, bundle, shards[i], RANKS[i % len(RANKS)], i == args.devices - 1))
         rng = np.random.default_rng(1)
-        dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there: a dropped connection
+        dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: a dropped connection
         evil, offline = devices[-1], devices[1]  # offline: cut off in round 2, away in rounds 3-5, back in round 6
         rounds, t_start, participations = [], time.perf_counter(), 0
         for r in range(args.rounds):
@@ -290,14 +290,6 @@ def centralized(bundle, union, accuracy, work: Path) -> dict:
     result = Trainer(bundle, data, TrainConfig(**CENTRAL)).fit()
     return {"rows": len(union), "steps": result.summary.steps, "accuracy": round(accuracy([result.delta]), 4),
             "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> None:

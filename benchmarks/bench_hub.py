@@ -17,13 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import io
 import json
 import os
 import platform
-import subprocess
-import sys
-import tarfile
 import tempfile
 import time
 import tracemalloc
@@ -37,6 +33,7 @@ from edgepeft.delta.transport import pack
 from edgepeft.hub import aggregate as agg
 from edgepeft.hub.robust import RobustOptions
 from edgepeft.hub.backends import open_store
+from edgepeft.hub.local import bundle_tar, free_port, start_hub
 from edgepeft.hub.store import DeltaRec, sha256_hex
 from edgepeft.manifest import Graph, Manifest, Slot, write_manifest
 
@@ -78,14 +75,6 @@ def random_delta(manifest: Manifest, seed: int, creator: str) -> Delta:
 
 # ---- uploads ------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def _device(url: str, token: str, device: str, bodies: list[bytes], latencies: list[float], start: asyncio.Event) -> int:
     ok = 0
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
@@ -125,25 +114,12 @@ def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Pa
     synthetic_bundle(bundle, layers=6, dim=384, rank=8, labels=2)
     uri = store_uri or f"sqlite://{work / 'hub'}"
     (work / "admin.token").write_text(ADMIN)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(work / "hub.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "edgepeft.cli", "hub", "serve", "--store", uri, "--port", str(port),
-                             "--admin-token-file", str(work / "admin.token"), "--policy-interval", "0", "--log-level", "warning"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = start_hub(uri, port, work / "hub.log", "--admin-token-file", str(work / "admin.token"), "--policy-interval", "0")
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
         admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for p in sorted(bundle.iterdir()):
-                tar.add(p, arcname=p.name)
-        fp = admin.post("/api/v1/bundles", content=buf.getvalue()).json()["fingerprint"]
+        fp = admin.post("/api/v1/bundles", content=bundle_tar(bundle)).json()["fingerprint"]
         admin.post("/api/v1/fleets", json={"name": "bench", "bundle": fp}).raise_for_status()
         tokens = {f"d{i:03d}": admin.post("/api/v1/fleets/bench/devices", json={"device": f"d{i:03d}"}).json()["token"]
                   for i in range(devices)}
@@ -174,7 +150,6 @@ def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Pa
     finally:
         proc.terminate()
         proc.wait(20)
-        log.close()
 
 
 # ---- aggregation --------------------------------------------------------------------------------

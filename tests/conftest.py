@@ -13,6 +13,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
+from edgepeft.hub.local import free_port
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 
@@ -281,12 +283,6 @@ class FlakyProxy:
         self.sock.close()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class HubThread:

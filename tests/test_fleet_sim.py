@@ -11,27 +11,23 @@ runs the latest version.
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import random
 import subprocess
-import sys
-import tarfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import httpx
 import pytest
 
-from conftest import FlakyProxy, free_port
+from conftest import FlakyProxy
 from edgepeft.devices.agent import Agent, AgentConfig, runtime_train_fn
 from edgepeft.devices.client import HubClient, HubRefused
 from edgepeft.delta.transport import is_packed
 from edgepeft.hub.aggregate import parse_delta
 from edgepeft.hub.backends import open_store
+from edgepeft.hub.local import bundle_tar, free_port, start_hub
 from edgepeft.hub.store import sha256_hex
 from edgepeft.manifest import read_manifest
 
@@ -51,20 +47,8 @@ class HubProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "edgepeft.cli", "hub", "serve", "--store", self.uri, "--port", str(self.port),
-               "--admin-token-file", str(self.token_file), "--policy-interval", "0", "--log-level", "warning"]
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise RuntimeError(f"hub did not start; log:\n{self.log.read_text()[-3000:]}")
+        self.proc = start_hub(self.uri, self.port, self.log, "--admin-token-file", str(self.token_file),
+                              "--policy-interval", "0")
 
     def kill(self) -> None:
         self.proc.kill()  # SIGKILL: no graceful shutdown, in-flight requests die
@@ -115,12 +99,8 @@ def test_fleet_simulation(bundles, sim_store, tmp_path):
     rng = random.Random(0)
     try:
         # ---- setup through the admin API ---------------------------------------------------------
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for p in sorted(bundle.iterdir()):
-                tar.add(p, arcname=p.name)
         with admin(hubs[0].url) as a:
-            fp = a.request("POST", "/api/v1/bundles", content=buf.getvalue()).json()["fingerprint"]
+            fp = a.request("POST", "/api/v1/bundles", content=bundle_tar(bundle)).json()["fingerprint"]
             a.request("POST", "/api/v1/fleets", json={"name": "main", "bundle": fp, "staleness": 2})
             a.request("POST", "/api/v1/fleets", json={"name": "other", "bundle": fp})
             tokens = {f"dev{i:02d}": a.request("POST", "/api/v1/fleets/main/devices", json={"device": f"dev{i:02d}"}).json()["token"]

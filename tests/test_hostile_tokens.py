@@ -10,7 +10,7 @@ import httpx
 import pytest
 import uvicorn
 from cli_helpers import run_cli
-from conftest import free_port
+from edgepeft.hub.local import free_port
 from test_hub_api import ADMIN, H, hub  # noqa: F401  (the hub fixture)
 
 from edgepeft.hub.app import create_app

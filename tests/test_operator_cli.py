@@ -11,7 +11,7 @@ import time
 import httpx
 import numpy as np
 
-from conftest import free_port
+from edgepeft.hub.local import free_port
 from edgepeft.delta.format import delta_from_init, load_delta, replace_meta, save_delta
 from synthetic_tasks import word_group_rows, write_jsonl
 

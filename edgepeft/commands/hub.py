@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import secrets
-import tarfile
 from pathlib import Path
 
 import click
@@ -87,13 +85,10 @@ def bundle_group() -> None:
 @admin_options
 def bundle_add_cmd(bundle_dir: str, hub: str, admin_token_file: str | None) -> None:
     """Register BUNDLE_DIR (uploaded as a tar); prints its fingerprint."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for p in sorted(Path(bundle_dir).iterdir()):
-            if p.is_file() and not p.name.startswith("."):
-                tar.add(p, arcname=p.name)
+    from edgepeft.hub.local import bundle_tar
+
     with _admin_client(hub, admin_token_file) as c:
-        r = c.request("POST", "/api/v1/bundles", content=buf.getvalue()).json()
+        r = c.request("POST", "/api/v1/bundles", content=bundle_tar(Path(bundle_dir))).json()
     click.echo(r["fingerprint"])
 
 

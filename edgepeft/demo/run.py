@@ -10,15 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import httpx
-
 from edgepeft.demo.assets import minilm_dir, rotten_tomatoes_split, write_jsonl
+from edgepeft.hub.local import bundle_tar, free_port, start_hub
 
 FLEET = "demo"
 
@@ -35,31 +33,6 @@ class DemoConfig:
     epochs: int = 2
     port: int = 0  # 0: pick a free port
     train: dict = field(default_factory=lambda: {"batch_size": 16, "lr": 2e-3, "warmup": 0.1})
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_hub(store: Path, port: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "edgepeft.cli", "hub", "serve", "--store", str(store), "--port", str(port),
-           "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/healthz"
-    for _ in range(200):
-        if proc.poll() is not None:
-            raise RuntimeError(f"the hub exited; see {log}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"the hub did not answer on {url}; see {log}")
 
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
@@ -100,13 +73,13 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
 
     hub_dir = work / "hub"
     shutil.rmtree(hub_dir, ignore_errors=True)
-    port = cfg.port or _free_port()
+    port = cfg.port or free_port()
     url = f"http://127.0.0.1:{port}"
     say(f"== hub: {url} (SQLite store in {hub_dir})")
-    hub = _start_hub(hub_dir, port, work / "hub.log")
+    hub = start_hub(hub_dir, port, work / "hub.log")
     try:
         admin = HubClient(url, (hub_dir / "admin.token").read_text().strip(), retries=2)
-        tar = _bundle_tar(bundle_dir)
+        tar = bundle_tar(bundle_dir)
         fp = admin.request("POST", "/api/v1/bundles", content=tar).json()["fingerprint"]
         admin.request("POST", "/api/v1/fleets", json={"name": FLEET, "bundle": fp, "staleness": cfg.rounds})
         agents = []
@@ -174,18 +147,6 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
 
 def _delta_kb(path: Path) -> str:
     return f"{path.stat().st_size / 1024:.0f}" if path.is_file() else "?"
-
-
-def _bundle_tar(bundle_dir: Path) -> bytes:
-    import io
-    import tarfile
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for p in sorted(bundle_dir.iterdir()):
-            if p.is_file() and not p.name.startswith("."):
-                tar.add(p, arcname=p.name)
-    return buf.getvalue()
 
 
 if __name__ == "__main__":  # python -m edgepeft.demo.run
