@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -28,6 +29,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import write_result  # noqa: E402
 from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes
 from edgepeft.delta.transport import pack
 from edgepeft.hub import aggregate as agg
@@ -195,6 +198,20 @@ def bench_aggregation(n: int, work: Path, options: dict | None = None, real_size
             "aggregated": v.report["count"], "store_fill_seconds": round(fill, 1)}
 
 
+def bench_blas(n: int) -> None:
+    """The merge at the hub's one BLAS thread (aggregate.MERGE_BLAS_THREADS) and at the library's default, in one process."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-hub-blas-") as tmp:
+        for threads in (1, None):
+            agg.MERGE_BLAS_THREADS = threads
+            rows.append({"blas_threads": threads or "default",
+                         **bench_aggregation(n, Path(tmp) / str(threads), PLAIN, real_size=True)})
+            print(json.dumps(rows[-1]), flush=True)
+    write_result("hub_blas", {
+        "load_average": round(os.getloadavg()[0], 2), "command": f"python benchmarks/bench_hub.py --blas {n}", "rows": rows,
+        "speedup_one_thread": round(rows[1]["seconds"] / rows[0]["seconds"], 2)})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", default=None, help="store URI for the upload part (default: a SQLite store in a temp dir)")
@@ -204,7 +221,11 @@ def main() -> None:
     ap.add_argument("--aggregate", default="1000,10000", help="delta counts for the aggregation part")
     ap.add_argument("--aggregate-real", default="1000", help="delta counts for aggregating MiniLM-sized packed deltas")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "hub.json"), help="result JSON")
+    ap.add_argument("--blas", type=int, default=0, metavar="N", help="only this: aggregate N MiniLM-sized deltas with one "
+                    "BLAS thread (the hub's setting) and with the BLAS default, side by side; writes results/hub_blas.json")
     args = ap.parse_args()
+    if args.blas:
+        return bench_blas(args.blas)
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
         work = Path(tmp)
         result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},

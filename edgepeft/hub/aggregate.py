@@ -16,6 +16,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from edgepeft import methods
 from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes, delta_from_bytes, file_meta, replace_meta
@@ -29,6 +30,11 @@ from edgepeft.hub.robust import RobustOptions, clip_update, trimmed_mean, update
 from edgepeft.hub.store import BUILDING, BundleRec, DeltaRec, Fleet, Store, VersionRec
 from edgepeft.manifest import Manifest
 from edgepeft.names import WEIGHTS_INDEX_FILE
+
+# A merge multiplies small factors (d x r @ r x d) and takes d x d SVDs: a BLAS thread pool spinning against the
+# hub's request handling made 1,000 MiniLM-size deltas 16x slower than one thread (benchmarks/results/hub.json,
+# "blas"). None: the BLAS library's default.
+MERGE_BLAS_THREADS: int | None = 1
 
 Pairs = Callable[[], Iterator[tuple[Delta, float]]]  # a fresh pass over (delta, weight)
 
@@ -259,8 +265,9 @@ def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> Ver
         if not claimed:
             raise HubError(f"{fleet.name}/{adapter} v{version}: no deltas were claimed for it")
         parents = _Parents(store, fleet.name, adapter, manifest)
-        merged, report = _merge_claimed(store, claimed, parent or 0, manifest, options, parents,
-                                       stored_base_weights(store, bundle))
+        with threadpool_limits(MERGE_BLAS_THREADS, user_api="blas"):
+            merged, report = _merge_claimed(store, claimed, parent or 0, manifest, options, parents,
+                                           stored_base_weights(store, bundle))
         out = replace_meta(merged, adapter=adapter, version=version, parent=parent, creator="hub")
     report["seconds"] = round(time.perf_counter() - started, 4)
     out = replace_meta(out, samples=min(out.meta.samples, MAX_PUBLISHED_SAMPLES))
