@@ -12,7 +12,7 @@ start (edgepeft's fresh delta written as a PEFT adapter by ``to_peft`` and loade
 SAME batches in the same order (the edgepeft child writes the batches it trained on; the torch child
 replays them), in eval mode (edgepeft's graphs have no dropout). Each run is its own process.
 
-    python benchmarks/bench_methods.py [--quick] [--steps 80] [--train-rows 1200] [--test-rows 500] [--budget-min 0]
+    python benchmarks/bench_methods.py [--quick] [--steps 200] [--train-rows 1200] [--test-rows 500] [--budget-min 0]
 """
 
 from __future__ import annotations
@@ -24,20 +24,36 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_train_rotten_tomatoes import MAJORITY, data_files  # noqa: E402
 from common import CACHE, RESULTS, minilm_bundle, run_child, write_result  # noqa: E402
 
-# name -> (the bundle's --method, the PEFT method of the same name or None for edgepeft-only rows)
-# name -> (the bundle's --method, the PEFT method of the same name or None for edgepeft-only rows); run in this
-# order (the targets' methods first), so a run cut short by --budget-min still answers the targets
-METHODS = {"lora r=8": ("lora+head", "lora"), "loraxs r=8": ("loraxs+head", None), "ia3": ("ia3+head", "ia3"),
-           "dora r=8": ("dora+head", "dora"), "vera r=256": ("vera+head", "vera"), "head only": ("head", None),
-           "bitfit": ("bitfit+head", None), "bottleneck (pfeiffer /16)": ("bottleneck+head", None),
+
+class Run(NamedTuple):
+    """One row: the bundle's --method, PEFT's method of the same name (None: an edgepeft-only row), the
+    method's learning rate, and its rank (None: the method's own default)."""
+    method: str
+    peft: str | None
+    lr: float
+    rank: int | None = None
+
+
+# Learning rates per method, in the manner of each method's paper or PEFT's examples: the low-rank updates at
+# LoRA's 2e-3, the vector methods (IA3, VeRA, BitFit, the head) at 1e-2, LoRA-XS's r x r core at 5e-2 (picked from
+# two probes, 1e-2 and 5e-2: at 1e-2 r=4 stayed at the majority class after 80 steps), soft prompts at 3e-2 (prompt
+# tuning's paper trains at 0.3 with Adafactor). --lr sets one rate for all.
+# Run in this order (the targets' methods first), so a run cut short by --budget-min still answers them.
+METHODS = {"lora r=8": Run("lora+head", "lora", 2e-3), "loraxs r=8": Run("loraxs+head", None, 5e-2),
+           "loraxs r=4": Run("loraxs+head", None, 5e-2, 4), "ia3": Run("ia3+head", "ia3", 1e-2),
+           "dora r=8": Run("dora+head", "dora", 2e-3), "vera r=256": Run("vera+head", "vera", 1e-2),
+           "head only": Run("head", None, 1e-2), "bitfit": Run("bitfit+head", None, 1e-2),
+           "bottleneck (pfeiffer /16)": Run("bottleneck+head", None, 2e-3),
            # issue 14: virtual tokens, PEFT's defaults for the rest (P-tuning's MLP encoder, prefix without projection)
-           "prompt tuning (20 tokens)": ("prompt+head", "prompt"), "p-tuning (20 tokens)": ("ptuning+head", "ptuning"),
-           "prefix tuning (20 tokens)": ("prefix+head", "prefix")}
+           "prompt tuning (20 tokens)": Run("prompt+head", "prompt", 3e-2),
+           "p-tuning (20 tokens)": Run("ptuning+head", "ptuning", 1e-2),
+           "prefix tuning (20 tokens)": Run("prefix+head", "prefix", 1e-2)}
 SMALL_DELTA_BYTES = 2048  # the target: a method this small within 1.5 points of LoRA r=8
 
 EDGEPEFT_CHILD = """
@@ -160,23 +176,24 @@ def run(args: argparse.Namespace, hp: dict, save) -> list[dict]:
     files = data_files(args.train_rows, args.seed)
     test = test_file(files["test"], args.test_rows)
     rows, t0 = [], time.monotonic()
-    for name, (method, peft_name) in METHODS.items():
+    for name, (method, peft_name, lr, rank) in METHODS.items():
         if args.methods and name not in args.methods.split(","):
             continue
         if args.budget_min and time.monotonic() - t0 > 60 * args.budget_min:
             rows.append({"method": name, "bundle_method": method, "peft": peft_name, "error": f"not run: the {args.budget_min}-minute budget was spent"})
             continue
         save(rows)
-        bundle = minilm_bundle("int8", method, top_layers=None, rank=None)
-        order = CACHE / f"methods-order-{method.replace('+', '_')}.json"
-        argv = [str(bundle), str(files["train"]), str(test), str(order), json.dumps(hp)]
+        bundle = minilm_bundle("int8", method, top_layers=None, rank=rank)
+        order = CACHE / f"methods-order-{bundle.name}.json"
+        argv = [str(bundle), str(files["train"]), str(test), str(order), json.dumps({**hp, "lr": args.lr or lr})]
         try:
             ours = run_child(EDGEPEFT_CHILD, *argv)
         except (RuntimeError, subprocess.TimeoutExpired) as e:  # one method's failure is a row that says so, not a lost run
             print(f"{name}: edgepeft failed: {e}", file=sys.stderr, flush=True)
             rows.append({"method": name, "bundle_method": method, "peft": peft_name, "error": str(e)[-600:]})
             continue
-        row = {"method": name, "bundle_method": method, "peft": peft_name, "edgepeft": _side(ours), "torch_peft": None}
+        row = {"method": name, "bundle_method": method, "peft": peft_name, "lr": args.lr or lr, "edgepeft": _side(ours),
+               "torch_peft": None}
         print(f"{name}: edgepeft {ours['test_accuracy']:.4f}, {ours['packed_bytes']} B packed", file=sys.stderr, flush=True)
         if peft_name:
             try:
@@ -225,18 +242,18 @@ def targets(rows: list[dict]) -> dict:
 
 def table(rows: list[dict]) -> str:
     """The markdown table printed and copied into the README."""
-    out = ["| method | test acc. | torch + PEFT | gap (pts) | trainable | packed delta B | s/step (ours / torch) | peak RSS MB (ours / torch) |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| method | lr | test acc. | torch + PEFT | gap (pts) | trainable | packed delta B | s/step (ours / torch) | peak RSS MB (ours / torch) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "edgepeft" not in r:
             why = "not run" if r["error"].startswith("not run") else "failed (error in the JSON)"
-            out.append(f"| {r['method']} | {why} | | | | | | |")
+            out.append(f"| {r['method']} | | {why} | | | | | | |")
             continue
         e, t = r["edgepeft"], r["torch_peft"]
         theirs = f"{100 * t['test_accuracy']:.2f} %" if t else "—"
         step = f"{e['step_s']} / {t['step_s']}" if t else f"{e['step_s']}"
         peak = f"{e['peak_rss_mb']} / {t['peak_rss_mb']}" if t else f"{e['peak_rss_mb']}"
-        out.append(f"| {r['method']} | {100 * e['test_accuracy']:.2f} % | {theirs} | {r.get('gap_points', '—')} | "
+        out.append(f"| {r['method']} | {r.get('lr', 2e-3):g} | {100 * e['test_accuracy']:.2f} % | {theirs} | {r.get('gap_points', '—')} | "
                    f"{e['trainable']:,} | {e['packed_bytes']:,} | {step} | {peak} |")
     return "\n".join(out)
 
@@ -270,11 +287,11 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="300 training rows, 20 steps, 200 test rows (a smoke run)")
-    ap.add_argument("--steps", type=int, default=80, help="optimizer steps for every method")
+    ap.add_argument("--steps", type=int, default=200, help="optimizer steps for every method")
     ap.add_argument("--train-rows", type=int, default=1200, help="first N rows of the seeded training split")
     ap.add_argument("--test-rows", type=int, default=500, help="first N rows of the test split")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=0, help="one learning rate for every method (0: each method's own, see METHODS)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the split, the data order and the fresh delta")
     ap.add_argument("--threads", type=int, default=0, help="compute threads on both sides (0: each library's default)")
     ap.add_argument("--budget-min", type=float, default=0, help="start no new method after this many minutes (0: no limit)")
@@ -290,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
             result["merged_from"] = [*result.get("merged_from", []), f"{extra}.json"]
         have = {r["method"]: r for r in result["rows"] if "edgepeft" in r}
         result["rows"] = [have.get(n) or {"method": n, "bundle_method": m, "peft": p, "error": "not run (the run was stopped)"}
-                          for n, (m, p) in METHODS.items()]
+                          for n, (m, p, *_) in METHODS.items()]
         result["targets"] = targets(result["rows"])
         (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
         print(table(result["rows"]))
@@ -299,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.quick:
         args.train_rows, args.steps, args.test_rows = 300, 20, 200
-    hp = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": 0.01, "max_grad_norm": 1.0,
+    hp = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr or "per method (see rows)", "weight_decay": 0.01, "max_grad_norm": 1.0,
           "seed": args.seed, "schedule": "linear, no warmup", "threads": args.threads}
     load_before = os.getloadavg()
     name = args.out + ("_quick" if args.quick else "")
