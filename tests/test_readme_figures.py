@@ -137,6 +137,10 @@ def figures() -> dict[str, str]:
         "hub: aggregation":
             f"aggregating (plain mean) 1,000 small deltas {agg[1000]['seconds']:.2f} s with {agg[1000]['peak_python_heap_mb']:.1f} MB "
             "of Python heap",
+        "hub: one BLAS thread": (lambda b: f"{b['rows'][0]['deltas']} MiniLM-size packed deltas in {b['rows'][0]['seconds']:.1f} s "
+                                 f"against {b['rows'][1]['seconds']:.1f} s with OpenBLAS's default threads "
+                                 f"({b['speedup_one_thread']:.1f}×; `python benchmarks/bench_hub.py --blas {b['rows'][0]['deltas']}`, "
+                                 f"both in one process, load average {b['load_average']:.0f})")(_json("hub_blas")),
         **fleet_figures(),
         "export":
             f"{export['edgepeft']['seconds']:.0f} s and {_mb(export['edgepeft']['peak_rss_mb'])} peak for the int8 bundle with both "
