@@ -237,7 +237,13 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             faults["slow"] += len(slow)
             faults["duplicates_sent"] += len(dup)
             faults["malicious_rounds"] += 1
-            v = admin.request("POST", f"/api/v1/fleets/{FLEET}/adapters/default/aggregate", json=None).json()
+            try:
+                v = admin.request("POST", f"/api/v1/fleets/{FLEET}/adapters/default/aggregate", json=None).json()
+            except HubRefused as e:  # 409: no delta reached the hub this round (every push failed or waits): say so
+                if e.status != 409:
+                    raise
+                v = {**admin.request("GET", f"/api/v1/fleets/{FLEET}/versions").json()[-1], "report": {"count": 0}}
+                print(f"round {r + 1}: nothing reached the hub ({e}); the fleet keeps v{v['version']}", file=sys.stderr, flush=True)
             for d in devices:
                 if d.name in slow:
                     rep = RoundReport()

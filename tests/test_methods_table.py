@@ -6,20 +6,27 @@ weights (tests/torch_reference.py).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 import torch_reference
 from peft import PeftModel
 from edgepeft.delta import delta_from_init
-from edgepeft.delta.format import Delta
+from edgepeft.delta.format import Delta, load_delta, save_delta
+from edgepeft.delta.transport import error_bound, pack, unpack
 from edgepeft.delta.merge import merge
 from edgepeft import methods
 from edgepeft.delta.peft_format import from_peft, to_peft
 from edgepeft.errors import DeltaError
 from edgepeft.runtime.lm_targets import first_target, loss_chunks, train_feeds
 from edgepeft.names import ATTENTION_MASK, CLASSIFICATION_TASKS, IGNORED_LABEL, INPUT_IDS, LABELS, LOSS, SEQ_CLS, TOKEN_CLS, grad_name
+from edgepeft.runtime.adapters import AdapterPool
+from edgepeft.runtime.data import load_dataset
 from edgepeft.runtime.infer import Predictor
+from edgepeft.runtime.text import load_tokenizer
+from edgepeft.runtime.trainer import TrainConfig, Trainer
 from edgepeft.runtime.weights import bundle_base_weights, read_frozen
 
 CASES = [  # (family, method, quantization[, method options])
@@ -221,6 +228,42 @@ def test_peft_round_trip_loads_in_peft_with_our_logits(case, tmp_path):
     assert set(back.tensors) == set(delta.tensors)
     for k, t in delta.tensors.items():
         assert rel(back.tensors[k], t) < 1e-5, k
+
+
+def task_rows(manifest, n: int, seed: int) -> list[dict]:
+    """Training rows of the bundle's task over the tiny models' vocabulary (random words and labels)."""
+    rng, labels = np.random.default_rng(seed), manifest.labels
+    words = [[f"w{i}" for i in rng.integers(0, 90, rng.integers(3, 7))] for _ in range(n)]
+    if manifest.task == TOKEN_CLS:
+        return [{"tokens": w, "labels": [labels[j] for j in rng.integers(0, len(labels), len(w))]} for w in words]
+    if manifest.task == SEQ_CLS:
+        return [{"text": " ".join(w), "label": labels[rng.integers(0, len(labels))]} for w in words]
+    return [{"text": " ".join(w)} for w in words]
+
+
+def test_the_device_trainer_trains_it_and_the_delta_travels_to_the_adapter_pool(case, tmp_path):
+    # The device path end to end: the trainer moves every trainable slot off its start, the delta saved and
+    # packed for the wire comes back within the packing's bound, and the pool serves the file with its logits.
+    family, bundle, _ = case
+    m = bundle.manifest
+    rows = tmp_path / "train.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in task_rows(m, 8, seed=1)))
+    data = load_dataset(rows, m, load_tokenizer(bundle))
+    trained = Trainer(bundle, data, TrainConfig(epochs=1, max_steps=2, batch_size=4, lr=1e-2, checkpoint_every=0)).fit()
+    assert trained.summary.steps == 2
+    start = delta_from_init(m, 0)
+    frozen = {s.name for s in m.slots if s.name not in trained.delta.tensors}
+    assert not frozen, f"slots missing from the trained delta: {sorted(frozen)}"
+    assert not [k for k, v in trained.delta.tensors.items() if np.array_equal(v, start.tensors[k])], "slots the trainer never moved"
+    save_delta(tmp_path / "d.safetensors", trained.delta)
+    wire = unpack(pack(load_delta(tmp_path / "d.safetensors", m)), manifest=m)
+    bound = error_bound(trained.delta)
+    for k, v in trained.delta.tensors.items():
+        assert np.abs(wire.tensors[k] - v).max() <= bound, k
+    pool = AdapterPool(bundle)
+    pool.add("mine", tmp_path / "d.safetensors")
+    ids, mask, _ = batch(m, 2, 6)
+    np.testing.assert_array_equal(pool.logits(ids, mask, "mine"), Predictor(bundle).logits(ids, mask, [trained.delta]))
 
 
 def test_a_mix_is_refused_in_one_line_where_the_method_has_no_exact_mix(unmixable_case):
