@@ -63,6 +63,8 @@ def make_functions(model: torch.nn.Module, feed: DeltaFeed, slots: list[Slot], t
     def train(input_ids, attention_mask, labels, *rest):  # causal LMs: exporters/causal_lm.py
         loss_fn = token_classification_loss if task == TOKEN_CLS else classification_loss
         loss = loss_fn(run(input_ids, attention_mask, rest), labels)
+        extra = feed.regularization()  # a method's own loss term (AdaLoRA's orthogonality), on the same deltas
+        loss = loss if extra is None else loss + extra
         return (loss, *torch.autograd.grad(loss, rest[:n]))
 
     return infer, train

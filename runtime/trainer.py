@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgepeft import methods
 from edgepeft.delta import Delta, delta_from_init
 from edgepeft.delta import ranks
 from edgepeft.delta.format import checksum, now_iso
@@ -153,6 +154,10 @@ class Trainer:
         if start is not None and start.meta.rank and start.meta.rank != self.rank:
             raise TrainError(f"the starting delta has rank {start.meta.rank}, this run trains rank {self.rank}; "
                              f"pull the version at rank {self.rank} (edgepeft pull --rank {self.rank}) or train at {start.meta.rank}")
+        # methods that act between steps (AdaLoRA's rank budget); each refuses a run it cannot serve, before anything is written
+        owners = {methods.owner(s.kind): None for s in m.slots}
+        self.hooks = [h for meth in owners if (h := meth.train_hook([s for s in m.slots if methods.owner(s.kind) is meth],
+                                                                    m.method_config.get(meth.name, {}), self.total)) is not None]
         w = config.warmup
         self.warmup_steps = int(round(w * self.total)) if w < 1 else int(w)
 
@@ -243,6 +248,8 @@ class Trainer:
         if self.config.max_grad_norm:
             clip_by_global_norm(gd, self.config.max_grad_norm)
         self.optimizer.step(gd, lr)
+        for h in self.hooks:  # after the update, with this step's (clipped) gradients: PEFT's update_and_allocate(step)
+            h.after_step(self.params, gd, self.step)
         return loss
 
     # ---- state ----------------------------------------------------------------------------------
@@ -254,6 +261,8 @@ class Trainer:
         arrays = {**arrays, **{f"delta.{k}": v for k, v in self.params.items()}}
         if self.best is not None:
             arrays.update({f"best.{k}": v for k, v in self.best["tensors"].items()})
+        for i, h in enumerate(self.hooks):
+            arrays.update({f"hook{i}.{k}": v for k, v in h.state().items()})
         state = {
             "identity": self._identity(), "optimizer": scalars, "step": self.step, "epoch": self.epoch,
             "position": self.position, "epoch_rng": self.epoch_rng, "samples": self.samples,
@@ -283,6 +292,8 @@ class Trainer:
                 raise TrainError(f"{self.checkpoint_dir}: checkpoint lacks or misshapes delta slot {k}")
             self.params[k][...] = a
         self.optimizer.load_state(arrays, s["optimizer"])
+        for i, h in enumerate(self.hooks):
+            h.load({k[len(f"hook{i}."):]: v for k, v in arrays.items() if k.startswith(f"hook{i}.")})
         self.step, self.epoch, self.position = s["step"], s["epoch"], s["position"]
         self.epoch_rng, self.samples, self.bad_evals = s["epoch_rng"], s["samples"], s["bad_evals"]
         self.stopped, self.before, self.losses = s["stopped"], s["before"], list(s["losses"])
@@ -392,7 +403,11 @@ class Trainer:
             steps_per_s=steps_done / seconds if seconds > 0 else 0.0, peak_rss_mb=memory.peak_rss_mb(),
             train_loss=float(np.mean(self.losses)) if self.losses else float("nan"), before=self.before, after=after,
             best_step=best_step, stopped_early=self.stopped, resumed_at=resumed_at, memory=self.plan)
-        out = Delta({k: np.array(v, np.float32) for k, v in tensors.items()}, meta)
+        tensors = {k: np.array(v, np.float32) for k, v in tensors.items()}
+        for h in self.hooks:  # the delta that travels (AdaLoRA: only the surviving ranks), and what the hook decided
+            tensors = h.finish(tensors)
+            meta.extra.update(h.describe())
+        out = Delta(tensors, meta)
         return TrainResult(ranks.cut_rank(out, self.rank), summary)
 
     def _extra(self, after: dict[str, float] | None) -> dict[str, str]:
