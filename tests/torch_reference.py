@@ -258,7 +258,10 @@ def loss_and_grads(model, grads_of, task: str, ids: np.ndarray, mask: np.ndarray
     for p in grads_of.values():
         p.grad = None
     ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-    if task == SEQ_CLS:
+    if hasattr(getattr(model, "base_model", None), "rankallocator"):  # AdaLoRA adds its orthogonality term to HF's loss
+        labels_t = torch.from_numpy(labels) if task in (SEQ_CLS, TOKEN_CLS) else ids_t.masked_fill(mask_t == 0, -100)
+        loss = model.base_model(input_ids=ids_t, attention_mask=mask_t, labels=labels_t).loss  # PeftModel skips it
+    elif task == SEQ_CLS:
         out = model(input_ids=ids_t, attention_mask=mask_t).logits
         loss = F.cross_entropy(out, torch.from_numpy(labels))
     elif task == TOKEN_CLS:

@@ -70,6 +70,7 @@ class AdaLora(Method):
     kinds = (ADA_A, ADA_E, ADA_B)
     config_cls = AdaLoraConfig
     ranked = True
+    varied_ranks = True  # pruning leaves each module its own rank
     peft_type = "ADALORA"
     peft_keys = {ADA_A: "lora_A", ADA_E: "lora_E", ADA_B: "lora_B"}  # PEFT's ParameterDicts: no ".weight"
     peft_rank = "init_r"

@@ -147,6 +147,7 @@ class Method(ABC):
     # issue 14: where the method's slots enter the model instead of a module: "sequence" (virtual tokens before the
     # user's, PEFT's prompt learning) or "prefix" (keys and values at the head of every layer's cache); None: a module.
     virtual: ClassVar[str | None] = None
+    varied_ranks: ClassVar[bool] = False  # its modules may hold different ranks in one delta (AdaLoRA): a rank axis each
     peft_rank: ClassVar[str | None] = None  # adapter_config.json key of the rank when it is not LoRA's "r" (AdaLoRA: init_r)
 
     @abstractmethod
