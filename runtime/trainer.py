@@ -23,6 +23,7 @@ from edgepeft.delta import Delta, delta_from_init
 from edgepeft.delta import ranks
 from edgepeft.delta.format import checksum, now_iso
 from edgepeft.errors import TrainError
+from edgepeft.names import split_slot_name
 from edgepeft.names import ATTENTION_MASK, IGNORED_LABEL, IMAGE_CLS, INPUT_IDS, LABELS, LOSS, PIXEL_VALUES, SEQ_CLS, TOKEN_CLS, grad_name
 from edgepeft.runtime import checkpoint as ckpt
 from edgepeft.runtime import memory
@@ -33,6 +34,7 @@ from edgepeft.runtime.image_data import ImageDataset
 from edgepeft.runtime.images import ImageSpec
 from edgepeft.runtime.infer import Predictor
 from edgepeft.runtime.prompt_init import with_text_init
+from edgepeft.runtime.select import PROBE_STEPS, choose, probe_scores
 from edgepeft.runtime.lm_targets import LOSS_MASK, first_target, loss_chunks, scored, train_feeds
 from edgepeft.runtime.optim import SCHEDULES, AdamW, clip_by_global_norm, lr_at
 
@@ -65,6 +67,9 @@ class TrainConfig:
     threads: int = _help(0, "onnxruntime intra-op threads (0: all cores).")
     adapter: str = _help("", "Adapter name written into the delta (default: the starting delta's, else 'default').")
     creator: str = _help("device", "Creator written into the delta (e.g. a device id).")
+    select: str = _help("all", "Slots to train: all, or auto (a short probe ranks modules by gradient and keeps the best "
+                               "that fit --max-delta-bytes; the rest stay neutral).")
+    max_delta_bytes: int = _help(0, "With --select auto: the most float32 bytes the trained slots may hold.")
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
@@ -77,6 +82,10 @@ class TrainConfig:
                 raise TrainError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise TrainError(f"lr must be a positive number, got {self.lr}")
+        if self.select not in ("all", "auto"):
+            raise TrainError(f"--select {self.select!r}: choose all or auto")
+        if (self.select == "auto") != (self.max_delta_bytes > 0):
+            raise TrainError("--select auto and --max-delta-bytes go together: give both (or neither)")
         if self.schedule not in SCHEDULES:
             raise TrainError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
@@ -120,6 +129,7 @@ class TrainSummary:
     stopped_early: bool
     resumed_at: int | None  # step the run resumed from, if it did
     memory: memory.MemoryPlan
+    selection: str | None = None  # what --select auto chose
 
 
 @dataclass
@@ -226,8 +236,8 @@ class Trainer:
             return split_by_tokens(index, np.minimum(self.train.lengths, self.plan.max_length), self.plan.max_tokens)
         return split_batch(index, self.plan.micro_batch)
 
-    def _step(self, group: list[np.ndarray], lr: float) -> float:
-        """Loss and gradients of a group of batches (micro-batched), clipped, then one AdamW update."""
+    def _grads(self, group: list[np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+        """Loss and gradients of a group of batches (micro-batched)."""
         names = [s.name for s in self.manifest.slots]
         outputs = [LOSS] + [grad_name(n) for n in names]
         micro = [self.train.batch(mb, self.plan.max_length) for idx in group for mb in self._split(idx)]
@@ -242,15 +252,37 @@ class Trainer:
             loss += f * float(out[0])
             scaled = [g if f == 1.0 else g * np.float32(f) for g in out[1:]]
             grads = scaled if grads is None else [a + g for a, g in zip(grads, scaled)]
+        return loss, dict(zip(names, grads))
+
+    def _step(self, group: list[np.ndarray], lr: float) -> float:
+        """Loss and gradients of a group of batches, clipped, then one AdamW update (held slots stay neutral)."""
+        loss, gd = self._grads(group)
         if not math.isfinite(loss):
             raise TrainError(f"the training loss became {loss} at step {self.step + 1}; lower --lr")
-        gd = dict(zip(names, grads))
+        for n in self.held:
+            gd[n][...] = 0.0
         if self.config.max_grad_norm:
             clip_by_global_norm(gd, self.config.max_grad_norm)
         self.optimizer.step(gd, lr)
         for h in self.hooks:  # after the update, with this step's (clipped) gradients: PEFT's update_and_allocate(step)
             h.after_step(self.params, gd, self.step)
+        self._hold()
         return loss
+
+    def _select(self) -> None:
+        """--select auto: probe the starting delta's gradients, choose modules, hold the rest at their neutral value."""
+        self.selection, self.held = None, []
+        if self.config.select != "auto":
+            return
+        probe = plan_batches(self.train.lengths, self.config.batch_size, np.random.default_rng(self.config.seed + 1))[:PROBE_STEPS]
+        scores = probe_scores(self.manifest.slots, lambda idx: self._grads([idx])[1], probe)
+        self.selection = choose(self.manifest.slots, scores, self.config.max_delta_bytes, len(probe))
+        self.held = [s.name for s in self.manifest.slots if not self.selection.trains(s)]
+        self._hold()
+
+    def _hold(self) -> None:
+        for n in self.held:
+            self.params[n][...] = methods.owner(split_slot_name(n)[1]).fill(split_slot_name(n)[1])
 
     # ---- state ----------------------------------------------------------------------------------
 
@@ -342,6 +374,7 @@ class Trainer:
         self.params = self.delta.tensors
         self.optimizer = AdamW(self.params, weight_decay=c.weight_decay)
         self._sessions()
+        self._select()
         rng = np.random.default_rng(c.seed)
         self.step = self.epoch = self.position = self.samples = self.bad_evals = 0
         self.epoch_rng: dict = rng.bit_generator.state
@@ -402,11 +435,14 @@ class Trainer:
             steps=self.step, total_steps=self.total, epochs_done=self.epoch, samples=self.samples, seconds=seconds,
             steps_per_s=steps_done / seconds if seconds > 0 else 0.0, peak_rss_mb=memory.peak_rss_mb(),
             train_loss=float(np.mean(self.losses)) if self.losses else float("nan"), before=self.before, after=after,
-            best_step=best_step, stopped_early=self.stopped, resumed_at=resumed_at, memory=self.plan)
+            best_step=best_step, stopped_early=self.stopped, resumed_at=resumed_at, memory=self.plan,
+            selection=self.selection.describe() if self.selection else None)
         tensors = {k: np.array(v, np.float32) for k, v in tensors.items()}
         for h in self.hooks:  # the delta that travels (AdaLoRA: only the surviving ranks), and what the hook decided
             tensors = h.finish(tensors)
             meta.extra.update(h.describe())
+        if self.selection is not None:
+            meta.extra.update(self.selection.metadata())
         out = Delta(tensors, meta)
         return TrainResult(ranks.cut_rank(out, self.rank), summary)
 
