@@ -189,13 +189,13 @@ class Trainer:
             memory.lean_allocator()  # before anything allocates: freed memory goes back, peaks follow the batch
         self.predictor = Predictor(self.bundle, lean if budget else SessionConfig(threads=c.threads)) if self.val else None
         if not budget:
-            self.session = self.bundle.session("train", SessionConfig(threads=c.threads))
+            self.session = self.bundle.session("train", SessionConfig(threads=c.threads), outputs=self._outputs())
             self.plan = memory.unlimited_plan(want, longest, SessionConfig(threads=c.threads))
             return
-        self.session = self.bundle.session("train", lean)
+        self.session = self.bundle.session("train", lean, outputs=self._outputs())
         self.plan = memory.plan_memory(budget, batch_size=want, longest=longest, measure=self._probe, threads=c.threads)
         if self.plan.session.arena:
-            self.session = self.bundle.session("train", self.plan.session)
+            self.session = self.bundle.session("train", self.plan.session, outputs=self._outputs())
 
     def _probe(self, b: int, t: int) -> float:
         if self.manifest.task == IMAGE_CLS:  # an image batch's size does not depend on t
@@ -238,7 +238,8 @@ class Trainer:
 
     def _grads(self, group: list[np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
         """Loss and gradients of a group of batches (micro-batched)."""
-        names = [s.name for s in self.manifest.slots]
+        held = set(self.held)
+        names = [s.name for s in self.manifest.slots if s.name not in held]  # a pruned graph has no held gradients
         outputs = [LOSS] + [grad_name(n) for n in names]
         micro = [self.train.batch(mb, self.plan.max_length) for idx in group for mb in self._split(idx)]
         weights = [self._weight(b) for b in micro]
@@ -252,15 +253,13 @@ class Trainer:
             loss += f * float(out[0])
             scaled = [g if f == 1.0 else g * np.float32(f) for g in out[1:]]
             grads = scaled if grads is None else [a + g for a, g in zip(grads, scaled)]
-        return loss, dict(zip(names, grads))
+        return loss, {**dict(zip(names, grads)), **{n: np.zeros_like(self.params[n]) for n in self.held}}
 
     def _step(self, group: list[np.ndarray], lr: float) -> float:
         """Loss and gradients of a group of batches, clipped, then one AdamW update (held slots stay neutral)."""
         loss, gd = self._grads(group)
         if not math.isfinite(loss):
             raise TrainError(f"the training loss became {loss} at step {self.step + 1}; lower --lr")
-        for n in self.held:
-            gd[n][...] = 0.0
         if self.config.max_grad_norm:
             clip_by_global_norm(gd, self.config.max_grad_norm)
         self.optimizer.step(gd, lr)
@@ -271,7 +270,6 @@ class Trainer:
 
     def _select(self) -> None:
         """--select auto: probe the starting delta's gradients, choose modules, hold the rest at their neutral value."""
-        self.selection, self.held = None, []
         if self.config.select != "auto":
             return
         probe = plan_batches(self.train.lengths, self.config.batch_size, np.random.default_rng(self.config.seed + 1))[:PROBE_STEPS]
@@ -279,6 +277,12 @@ class Trainer:
         self.selection = choose(self.manifest.slots, scores, self.config.max_delta_bytes, len(probe))
         self.held = [s.name for s in self.manifest.slots if not self.selection.trains(s)]
         self._hold()
+        self._sessions()  # the graph cut to the trained gradients (edgepeft/onnx_prune.py), its memory planned again
+
+    def _outputs(self) -> list[str] | None:
+        """The train graph's outputs this run needs (None: all of them)."""
+        held = set(self.held)
+        return [LOSS] + [grad_name(s.name) for s in self.manifest.slots if s.name not in held] if held else None
 
     def _hold(self) -> None:
         for n in self.held:
@@ -373,6 +377,7 @@ class Trainer:
         self.delta = self._fresh_delta()
         self.params = self.delta.tensors
         self.optimizer = AdamW(self.params, weight_decay=c.weight_decay)
+        self.selection, self.held = None, []
         self._sessions()
         self._select()
         rng = np.random.default_rng(c.seed)

@@ -109,3 +109,35 @@ def test_select_auto_prints_its_choice_and_a_budget_nothing_fits_writes_nothing(
     assert r.code == 0, r.err
     assert "--select auto:" in r.out and "deepest" in r.out
     assert "select" in load_delta(out, bert.manifest).meta.extra
+
+
+def test_a_train_graph_cut_to_the_top_gradients_computes_them_exactly_with_fewer_nodes(bert):
+    import onnx
+
+    from edgepeft.names import LOSS
+    from edgepeft.onnx_prune import prune_outputs
+
+    m = bert.manifest
+    top = max(layer_of(s.module) for s in m.slots if layer_of(s.module) is not None)
+    keep = [LOSS] + [grad_name(s.name) for s in m.slots if layer_of(s.module) in (top, None)]
+    full, cut = bert.session("train"), bert.session("train", outputs=keep)
+    assert [o.name for o in cut.get_outputs()] == keep
+    rng = np.random.default_rng(0)
+    d = delta_from_init(m, 0)
+    feeds = {INPUT_IDS: rng.integers(4, m.vocab_size, (3, 9)), ATTENTION_MASK: np.ones((3, 9), np.int64),
+             LABELS: np.array([0, 1, 0]), **{k: v + np.float32(0.01) for k, v in d.tensors.items()}}
+    for a, b in zip(full.run(keep, feeds), cut.run(keep, feeds)):
+        assert np.array_equal(a, b)
+    graph = bert.graph_path("train").read_bytes()
+    nodes = len(onnx.load_from_string(graph).graph.node)
+    assert len(onnx.load_from_string(prune_outputs(graph, set(keep))).graph.node) < nodes  # the lower backward is gone
+
+
+def test_a_selected_run_trains_on_the_cut_graph(bert, data):
+    size = layered_bytes(bert.manifest)
+    budget = sum(v for k, v in size.items() if layer_of(k) is None) + max(v for k, v in size.items() if layer_of(k) is not None)
+    config = TrainConfig(max_steps=1, batch_size=16, checkpoint_every=0, select="auto", max_delta_bytes=budget)
+    t = Trainer(bert, data[1], config)
+    t.fit()
+    trained = [s for s in bert.manifest.slots if t.selection.trains(s)]
+    assert len(t.session.get_outputs()) == 1 + len(trained) < 1 + len(bert.manifest.slots)
