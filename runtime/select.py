@@ -6,9 +6,10 @@ trace). A module's score is the sum over its slots; slots outside the layers (th
 trained. The choice is greedy by score among the modules whose float32 bytes still fit ``--max-delta-bytes``; the
 trainer then feeds the method's neutral value for every other slot and never updates it.
 
-What it does not do: stop the backward pass at the deepest chosen layer. onnxruntime runs the whole exported graph
-whatever outputs a run asks for, so the train step's time and activation memory are those of the all-layers graph;
-a smaller depth saves only the optimizer state and the bytes sent (an export with ``--top-layers`` saves the rest).
+The run then trains on a copy of the graph cut to the loss and the trained gradients (``edgepeft/onnx_prune.py``):
+onnxruntime runs every node of a graph whatever outputs a run asks for, so only the cut copy stops the backward pass
+at the deepest chosen slot and skips the held slots' gradients. The memory plan (``--memory-budget``) is made on the
+cut copy. What the byte budget chooses decides the depth; the depth is not itself searched against the memory budget.
 """
 
 from __future__ import annotations
