@@ -23,8 +23,8 @@ from edgepeft.delta import Delta, delta_from_init
 from edgepeft.delta import ranks
 from edgepeft.delta.format import checksum, now_iso
 from edgepeft.errors import TrainError
-from edgepeft.names import split_slot_name
-from edgepeft.names import ATTENTION_MASK, IGNORED_LABEL, IMAGE_CLS, INPUT_IDS, LABELS, LOSS, PIXEL_VALUES, SEQ_CLS, TOKEN_CLS, grad_name
+from edgepeft.names import (ATTENTION_MASK, IGNORED_LABEL, IMAGE_CLS, INPUT_IDS, LABELS, LOSS, PIXEL_VALUES, SEQ_CLS, TOKEN_CLS,
+                            grad_name, split_slot_name)
 from edgepeft.runtime import checkpoint as ckpt
 from edgepeft.runtime import memory
 from edgepeft.runtime.bundle import Bundle, SessionConfig
@@ -277,6 +277,7 @@ class Trainer:
         self.selection = choose(self.manifest.slots, scores, self.config.max_delta_bytes, len(probe))
         self.held = [s.name for s in self.manifest.slots if not self.selection.trains(s)]
         self._hold()
+        self.session = self.predictor = None  # freed before the cut graph loads: the plan below measures it alone
         self._sessions()  # the graph cut to the trained gradients (edgepeft/onnx_prune.py), its memory planned again
 
     def _outputs(self) -> list[str] | None:
@@ -285,6 +286,7 @@ class Trainer:
         return [LOSS] + [grad_name(s.name) for s in self.manifest.slots if s.name not in held] if held else None
 
     def _hold(self) -> None:
+        """Put every held slot back at its method's neutral value (weight decay would move an IA3 scale off 1)."""
         for n in self.held:
             self.params[n][...] = methods.owner(split_slot_name(n)[1]).fill(split_slot_name(n)[1])
 
