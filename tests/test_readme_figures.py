@@ -74,11 +74,13 @@ def figures() -> dict[str, str]:
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_methods  # its table is printed by the benchmark and copied into README
+    import bench_select
     import bench_vision
 
     return {
         "methods: table": bench_methods.table(_json("methods")["rows"]),
         **adalora_figures(),
+        "select: table": bench_select.table(_json("select")["rows"]),
         "vision: table": bench_vision.table(_json("vision")),
         "measured: date": f"{_json('time_to_accuracy')['date'][:10]}; every ratio",
         "measured: machine": f"this project's machine ({_json('time_to_accuracy')['machine']})",
