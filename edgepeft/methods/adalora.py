@@ -151,6 +151,7 @@ class AdaLora(Method):
         # PEFT keeps the kept triplets only and a rank_pattern of init_r booleans per module; which positions survived
         # does not matter (triplets are unordered), so the kept ones come first.
         pattern = {f"{m}.lora_E": [i < t[ADA_E].shape[0] for i in range(cfg.init_r)] for m, t in sorted(modules.items())}
+        # "r" is LoraConfig's, unused by AdaLoRA: PEFT warns on anything but its default 8
         return {"init_r": cfg.init_r, "target_r": cfg.target_r, "r": 8, "lora_alpha": cfg.alpha, "tinit": cfg.tinit,
                 "tfinal": cfg.tfinal, "deltaT": cfg.deltaT, "beta1": cfg.beta1, "beta2": cfg.beta2,
                 "orth_reg_weight": cfg.orth_reg_weight, "lora_dropout": 0.0, "bias": "none", "init_lora_weights": True,
