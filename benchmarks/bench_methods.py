@@ -53,7 +53,11 @@ METHODS = {"lora r=8": Run("lora+head", "lora", 2e-3), "loraxs r=8": Run("loraxs
            # issue 14: virtual tokens, PEFT's defaults for the rest (P-tuning's MLP encoder, prefix without projection)
            "prompt tuning (20 tokens)": Run("prompt+head", "prompt", 3e-2),
            "p-tuning (20 tokens)": Run("ptuning+head", "ptuning", 1e-2),
-           "prefix tuning (20 tokens)": Run("prefix+head", "prefix", 1e-2)}
+           "prefix tuning (20 tokens)": Run("prefix+head", "prefix", 1e-2),
+           # issue 14: AdaLoRA from 8 ranks per target down to 4 on average (half LoRA r=8's bytes), LoRA r=8's scale
+           "adalora r=8→4": Run("adalora+head", "adalora", 2e-3)}
+# options beyond a method's defaults, by the bundle's method (the schedule fits a run of 17 steps or more)
+OPTIONS = {"adalora+head": {"init_r": 8, "target_r": 4, "alpha": 16, "tinit": 4, "tfinal": 12}}
 SMALL_DELTA_BYTES = 2048  # the target: a method this small within 1.5 points of LoRA r=8
 
 EDGEPEFT_CHILD = """
@@ -86,7 +90,7 @@ delta, s = res.delta, res.summary
 m = evaluate(Predictor(b), D.load_dataset(test, b.manifest, tok), [delta])
 print("RESULT", json.dumps({"test_accuracy": m["accuracy"], "steps": s.steps, "step_s": s.seconds / s.steps,
                             "trainable": int(sum(v.size for v in delta.tensors.values())), "packed_bytes": len(pack(delta)),
-                            "train_loss": s.train_loss}))
+                            "train_loss": s.train_loss, "ranks": delta.meta.extra.get("adalora_ranks")}))
 """
 
 TORCH_CHILD = """
@@ -136,19 +140,27 @@ if any(s.module == "prompt_encoder" for s in b.manifest.slots):
 else:
     model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
 model.eval()  # no dropout, as in edgepeft's graphs
+adalora = hasattr(model.base_model, "update_and_allocate")
+if adalora:  # PEFT's budget runs over this run's steps (the adapter file carries no run length)
+    model.peft_config["default"].total_step = len(order)
 params = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"], betas=(0.9, 0.999), eps=1e-8)
 sched = transformers.get_linear_schedule_with_warmup(opt, 0, len(order))
 def tensors(ds, idx):
     return {k: torch.from_numpy(v) for k, v in ds.batch(idx).items()}
 t0 = time.perf_counter()
-for idx in order:
+for step, idx in enumerate(order):
     t = tensors(data["train"], idx)
-    loss = torch.nn.functional.cross_entropy(model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits, t["labels"])
+    if adalora:  # HF's loss with labels, to which PEFT's AdaLoraModel adds its orthogonality term
+        loss = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], labels=t["labels"]).loss
+    else:
+        loss = torch.nn.functional.cross_entropy(model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits, t["labels"])
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, hp["max_grad_norm"])
     opt.step()
     sched.step()
+    if adalora:
+        model.base_model.update_and_allocate(step)
     opt.zero_grad()
 loop_s = time.perf_counter() - t0
 right = 0
@@ -157,7 +169,9 @@ with torch.no_grad():
         t = tensors(data["test"], idx)
         right += int((model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits.argmax(-1) == t["labels"]).sum())
 print("RESULT", json.dumps({"test_accuracy": right / len(data["test"]), "steps": len(order), "step_s": loop_s / len(order),
-                            "trainable": int(sum(p.numel() for p in params))}))
+                            "trainable": int(sum(p.numel() for p in params)),
+                            "ranks": json.dumps({k.split(".lora_E")[0]: int(sum(v)) for k, v in model.peft_config["default"].rank_pattern.items()},
+                                                sort_keys=True) if adalora else None}))
 """
 
 
@@ -183,7 +197,7 @@ def run(args: argparse.Namespace, hp: dict, save) -> list[dict]:
             rows.append({"method": name, "bundle_method": method, "peft": peft_name, "error": f"not run: the {args.budget_min}-minute budget was spent"})
             continue
         save(rows)
-        bundle = minilm_bundle("int8", method, top_layers=None, rank=rank)
+        bundle = minilm_bundle("int8", method, top_layers=None, rank=rank, method_config=OPTIONS.get(method))
         order = CACHE / f"methods-order-{bundle.name}.json"
         argv = [str(bundle), str(files["train"]), str(test), str(order), json.dumps({**hp, "lr": args.lr or lr})]
         try:
@@ -220,7 +234,7 @@ def _flat(row: dict) -> dict:
 def _side(res: dict) -> dict:
     keep = {"test_accuracy": 4, "step_s": 4, "peak_rss_mb": 1, "train_loss": 4}
     return {**{k: round(res[k], n) for k, n in keep.items() if k in res},
-            **{k: res[k] for k in ("steps", "trainable", "packed_bytes") if k in res}}
+            **{k: res[k] for k in ("steps", "trainable", "packed_bytes", "ranks") if res.get(k) is not None}}
 
 
 def targets(rows: list[dict]) -> dict:

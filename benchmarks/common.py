@@ -45,12 +45,16 @@ def exporter_version() -> str:
 
 
 def minilm_bundle(quantize: str = "int8", method: str = "lora+bitfit", *, top_layers: int | None = None,
-                  max_length: int = 128, rank: int | None = 8) -> Path:
+                  max_length: int = 128, rank: int | None = 8, method_config: dict | None = None) -> Path:
     """Path of an exported all-MiniLM-L6-v2 bundle (rotten/fresh head), exported once per exporter version
     into benchmarks/.cache (older exports of the same configuration are removed). ``rank=None``: each method's own default."""
     import shutil
 
     name = f"minilm-{quantize}-{method.replace('+', '_')}{f'-r{rank}' if rank else ''}-L{max_length}" + (f"-top{top_layers}" if top_layers else "")
+    if method_config:  # options beyond the defaults: a name per set of them
+        import hashlib
+
+        name += "-o" + hashlib.sha256(json.dumps(method_config, sort_keys=True).encode()).hexdigest()[:6]
     out = CACHE / f"{name}-x{exporter_version()}"
     for stale in CACHE.glob(f"{name}*"):
         if stale != out and re.fullmatch(re.escape(name) + r"(-x[0-9a-f]{8})?", stale.name):
@@ -61,7 +65,7 @@ def minilm_bundle(quantize: str = "int8", method: str = "lora+bitfit", *, top_la
 
         print(f"exporting {name} (once; cached in {CACHE})", file=sys.stderr, flush=True)
         export_bundle(minilm_dir(), out, quantize=quantize, method=method, labels=["rotten", "fresh"],
-                      max_length=max_length, rank=rank, top_layers=top_layers)
+                      max_length=max_length, rank=rank, top_layers=top_layers, method_config=method_config or {})
     return out
 
 

@@ -44,6 +44,10 @@ PX_B0 = "px_b0"  # (h,)
 PX_W1 = "px_w1"  # (2LK, h)
 PX_B1 = "px_b1"  # (2LK,)
 PROMPT_MODULE = "prompt_encoder"  # the module path of every virtual-token slot (PEFT's prompt_encoder)
+# issue 14: AdaLoRA, PEFT's SVD form: y += s*((x (P*λ)^T) Q^T), s = alpha / init_r; ranks pruned by zeroing λ
+ADA_A = "ada_A"  # (r, in)   P (PEFT's lora_A)
+ADA_E = "ada_E"  # (r,)      λ (PEFT's lora_E, stored (r, 1))
+ADA_B = "ada_B"  # (out, r)  Q (PEFT's lora_B)
 BN_SCALE = "bn_scale"  # (C,)      bn: y = bn(x) + ds * (x - mean) / sqrt(var + eps), running statistics frozen
 
 # Graph inputs and outputs.

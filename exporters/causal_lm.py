@@ -138,6 +138,8 @@ def make_lm_functions(model: nn.Module, feed: DeltaFeed, slots: list[Slot],
         flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
         picked = flat.index_select(0, target_index.reshape(-1)).reshape(*target_index.shape, flat.shape[-1])  # (K, M, H)
         loss = ChunkedLinearCrossEntropy.apply(picked, w, b, target_ids)
+        extra = feed.regularization()  # a method's own loss term (AdaLoRA's orthogonality)
+        loss = loss if extra is None else loss + extra
         return (loss, *torch.autograd.grad(loss, rest[:n]))
 
     return infer, train

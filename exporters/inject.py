@@ -34,6 +34,14 @@ class DeltaFeed:
     scale: dict[str, float] = field(default_factory=dict)  # LoRA-family scale per module; 1.0 in the inference graph
     # virtual-token methods (exporters/virtual.py): (torch half, {kind: slot name}, config), in registration order
     virtual: list[tuple[TorchMethod, dict[str, str], methods.MethodConfig]] = field(default_factory=list)
+    # every module method: (torch half, its slot names, config), for its loss term (TorchMethod.regularizer)
+    owned: list[tuple[TorchMethod, list[str], methods.MethodConfig]] = field(default_factory=list)
+
+    def regularization(self) -> torch.Tensor | None:
+        """The methods' extra loss terms on the fed tensors (AdaLoRA's orthogonality), None when no method has one."""
+        terms = [r for h, names, config in self.owned
+                 if (r := h.regularizer({n: self.tensors[n] for n in names if n in self.tensors}, config)) is not None]
+        return torch.stack(terms).sum() if terms else None
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int] | None:
@@ -151,6 +159,7 @@ def inject(model: nn.Module, slots: list[Slot], configs: Mapping[str, methods.Me
         if m.virtual:  # it changes the model's input, not a module (exporters/virtual.py)
             feed.virtual.append((torch_method(m.name), {s.kind: s.name for s in mine}, config))
             continue
+        feed.owned.append((torch_method(m.name), [s.name for s in mine], config))
         bases = {s.module: model.get_submodule(s.module).base for s in mine}
         for module in bases:
             model.get_submodule(module).configs[m.name] = config

@@ -63,6 +63,8 @@ def make_functions(model: torch.nn.Module, feed: DeltaFeed, slots: list[Slot], t
     def train(input_ids, attention_mask, labels, *rest):  # causal LMs: exporters/causal_lm.py
         loss_fn = token_classification_loss if task == TOKEN_CLS else classification_loss
         loss = loss_fn(run(input_ids, attention_mask, rest), labels)
+        extra = feed.regularization()  # a method's own loss term (AdaLoRA's orthogonality), on the same deltas
+        loss = loss if extra is None else loss + extra
         return (loss, *torch.autograd.grad(loss, rest[:n]))
 
     return infer, train
@@ -85,11 +87,16 @@ def infer_dims(slots: list[Slot]) -> list[dict | None]:
     """model.onnx's dynamic slot axes: LoRA's rank (a mix concatenates along it), each virtual-token method's V
     (0 after a causal LM's first call, whose cache then holds them)."""
     rank = Dim("rank", min=0)
+    own: dict[str, Dim] = {}  # a method whose modules hold different ranks in one delta (AdaLoRA): a rank axis per module
     out: list[dict | None] = []
     for s in slots:
         m = owner(s.kind)
         ax = m.infer_axis(s.kind)
-        out.append(None if ax is None else {ax: Dim(f"virtual_{m.name}", min=0) if m.virtual else rank})
+        if m.varied_ranks and ax is not None:
+            dim = own.setdefault(s.module, Dim(f"rank_{len(own)}", min=0))
+        else:
+            dim = Dim(f"virtual_{m.name}", min=0) if m.virtual else rank
+        out.append(None if ax is None else {ax: dim})
     return out
 
 

@@ -6,11 +6,13 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import onnxruntime as ort
 
 from edgepeft.errors import BundleError
 from edgepeft.manifest import Manifest, files_of, read_manifest
+from edgepeft.onnx_prune import prune_outputs
 from edgepeft.onnx_refs import check_reads_only
 
 
@@ -51,11 +53,19 @@ class Bundle:
     def graph_path(self, kind: str) -> Path:
         return self.path / self.manifest.graphs[kind].file
 
-    def session(self, kind: str, config: SessionConfig = SessionConfig()) -> ort.InferenceSession:
-        """An onnxruntime session for the ``infer`` or ``train`` graph; a broken graph is a BundleError."""
+    def session(self, kind: str, config: SessionConfig = SessionConfig(), *,
+                outputs: Iterable[str] | None = None) -> ort.InferenceSession:
+        """An onnxruntime session for the ``infer`` or ``train`` graph; a broken graph is a BundleError. ``outputs``: only
+        these outputs and the nodes they need (edgepeft/onnx_prune.py: a train step's backward pass stops earlier)."""
         path = self.graph_path(kind)
         try:
-            sess = ort.InferenceSession(os.fspath(path), sess_options=config.options(), providers=["CPUExecutionProvider"])
+            if outputs is None:
+                sess = ort.InferenceSession(os.fspath(path), sess_options=config.options(), providers=["CPUExecutionProvider"])
+            else:  # from bytes: onnxruntime is told where the graph's external weights lie
+                options = config.options()
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(self.path))
+                sess = ort.InferenceSession(prune_outputs(path.read_bytes(), set(outputs)), sess_options=options,
+                                            providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own untyped errors for corrupt files
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(f"{path}: cannot be loaded by onnxruntime ({first[:200]})") from None

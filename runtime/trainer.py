@@ -18,11 +18,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgepeft import methods
 from edgepeft.delta import Delta, delta_from_init
 from edgepeft.delta import ranks
 from edgepeft.delta.format import checksum, now_iso
 from edgepeft.errors import TrainError
-from edgepeft.names import ATTENTION_MASK, IGNORED_LABEL, IMAGE_CLS, INPUT_IDS, LABELS, LOSS, PIXEL_VALUES, SEQ_CLS, TOKEN_CLS, grad_name
+from edgepeft.names import (ATTENTION_MASK, IGNORED_LABEL, IMAGE_CLS, INPUT_IDS, LABELS, LOSS, PIXEL_VALUES, SEQ_CLS, TOKEN_CLS,
+                            grad_name, split_slot_name)
 from edgepeft.runtime import checkpoint as ckpt
 from edgepeft.runtime import memory
 from edgepeft.runtime.bundle import Bundle, SessionConfig
@@ -32,6 +34,7 @@ from edgepeft.runtime.image_data import ImageDataset
 from edgepeft.runtime.images import ImageSpec
 from edgepeft.runtime.infer import Predictor
 from edgepeft.runtime.prompt_init import with_text_init
+from edgepeft.runtime.select import PROBE_STEPS, choose, probe_scores
 from edgepeft.runtime.lm_targets import LOSS_MASK, first_target, loss_chunks, scored, train_feeds
 from edgepeft.runtime.optim import SCHEDULES, AdamW, clip_by_global_norm, lr_at
 
@@ -64,6 +67,9 @@ class TrainConfig:
     threads: int = _help(0, "onnxruntime intra-op threads (0: all cores).")
     adapter: str = _help("", "Adapter name written into the delta (default: the starting delta's, else 'default').")
     creator: str = _help("device", "Creator written into the delta (e.g. a device id).")
+    select: str = _help("all", "Slots to train: all, or auto (a short probe ranks modules by gradient and keeps the best "
+                               "that fit --max-delta-bytes; the rest stay neutral).")
+    max_delta_bytes: int = _help(0, "With --select auto: the most float32 bytes the trained slots may hold.")
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
@@ -76,6 +82,10 @@ class TrainConfig:
                 raise TrainError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise TrainError(f"lr must be a positive number, got {self.lr}")
+        if self.select not in ("all", "auto"):
+            raise TrainError(f"--select {self.select!r}: choose all or auto")
+        if (self.select == "auto") != (self.max_delta_bytes > 0):
+            raise TrainError("--select auto and --max-delta-bytes go together: give both (or neither)")
         if self.schedule not in SCHEDULES:
             raise TrainError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
@@ -119,6 +129,7 @@ class TrainSummary:
     stopped_early: bool
     resumed_at: int | None  # step the run resumed from, if it did
     memory: memory.MemoryPlan
+    selection: str | None = None  # what --select auto chose
 
 
 @dataclass
@@ -153,6 +164,10 @@ class Trainer:
         if start is not None and start.meta.rank and start.meta.rank != self.rank:
             raise TrainError(f"the starting delta has rank {start.meta.rank}, this run trains rank {self.rank}; "
                              f"pull the version at rank {self.rank} (edgepeft pull --rank {self.rank}) or train at {start.meta.rank}")
+        # methods that act between steps (AdaLoRA's rank budget); each refuses a run it cannot serve, before anything is written
+        owners = {methods.owner(s.kind): None for s in m.slots}
+        self.hooks = [h for meth in owners if (h := meth.train_hook([s for s in m.slots if methods.owner(s.kind) is meth],
+                                                                    m.method_config.get(meth.name, {}), self.total)) is not None]
         w = config.warmup
         self.warmup_steps = int(round(w * self.total)) if w < 1 else int(w)
 
@@ -174,13 +189,13 @@ class Trainer:
             memory.lean_allocator()  # before anything allocates: freed memory goes back, peaks follow the batch
         self.predictor = Predictor(self.bundle, lean if budget else SessionConfig(threads=c.threads)) if self.val else None
         if not budget:
-            self.session = self.bundle.session("train", SessionConfig(threads=c.threads))
+            self.session = self.bundle.session("train", SessionConfig(threads=c.threads), outputs=self._outputs())
             self.plan = memory.unlimited_plan(want, longest, SessionConfig(threads=c.threads))
             return
-        self.session = self.bundle.session("train", lean)
+        self.session = self.bundle.session("train", lean, outputs=self._outputs())
         self.plan = memory.plan_memory(budget, batch_size=want, longest=longest, measure=self._probe, threads=c.threads)
         if self.plan.session.arena:
-            self.session = self.bundle.session("train", self.plan.session)
+            self.session = self.bundle.session("train", self.plan.session, outputs=self._outputs())
 
     def _probe(self, b: int, t: int) -> float:
         if self.manifest.task == IMAGE_CLS:  # an image batch's size does not depend on t
@@ -221,9 +236,10 @@ class Trainer:
             return split_by_tokens(index, np.minimum(self.train.lengths, self.plan.max_length), self.plan.max_tokens)
         return split_batch(index, self.plan.micro_batch)
 
-    def _step(self, group: list[np.ndarray], lr: float) -> float:
-        """Loss and gradients of a group of batches (micro-batched), clipped, then one AdamW update."""
-        names = [s.name for s in self.manifest.slots]
+    def _grads(self, group: list[np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+        """Loss and gradients of a group of batches (micro-batched)."""
+        held = set(self.held)
+        names = [s.name for s in self.manifest.slots if s.name not in held]  # a pruned graph has no held gradients
         outputs = [LOSS] + [grad_name(n) for n in names]
         micro = [self.train.batch(mb, self.plan.max_length) for idx in group for mb in self._split(idx)]
         weights = [self._weight(b) for b in micro]
@@ -237,13 +253,42 @@ class Trainer:
             loss += f * float(out[0])
             scaled = [g if f == 1.0 else g * np.float32(f) for g in out[1:]]
             grads = scaled if grads is None else [a + g for a, g in zip(grads, scaled)]
+        return loss, {**dict(zip(names, grads)), **{n: np.zeros_like(self.params[n]) for n in self.held}}
+
+    def _step(self, group: list[np.ndarray], lr: float) -> float:
+        """Loss and gradients of a group of batches, clipped, then one AdamW update (held slots stay neutral)."""
+        loss, gd = self._grads(group)
         if not math.isfinite(loss):
             raise TrainError(f"the training loss became {loss} at step {self.step + 1}; lower --lr")
-        gd = dict(zip(names, grads))
         if self.config.max_grad_norm:
             clip_by_global_norm(gd, self.config.max_grad_norm)
         self.optimizer.step(gd, lr)
+        for h in self.hooks:  # after the update, with this step's (clipped) gradients: PEFT's update_and_allocate(step)
+            h.after_step(self.params, gd, self.step)
+        self._hold()
         return loss
+
+    def _select(self) -> None:
+        """--select auto: probe the starting delta's gradients, choose modules, hold the rest at their neutral value."""
+        if self.config.select != "auto":
+            return
+        probe = plan_batches(self.train.lengths, self.config.batch_size, np.random.default_rng(self.config.seed + 1))[:PROBE_STEPS]
+        scores = probe_scores(self.manifest.slots, lambda idx: self._grads([idx])[1], probe)
+        self.selection = choose(self.manifest.slots, scores, self.config.max_delta_bytes, len(probe))
+        self.held = [s.name for s in self.manifest.slots if not self.selection.trains(s)]
+        self._hold()
+        self.session = self.predictor = None  # freed before the cut graph loads: the plan below measures it alone
+        self._sessions()  # the graph cut to the trained gradients (edgepeft/onnx_prune.py), its memory planned again
+
+    def _outputs(self) -> list[str] | None:
+        """The train graph's outputs this run needs (None: all of them)."""
+        held = set(self.held)
+        return [LOSS] + [grad_name(s.name) for s in self.manifest.slots if s.name not in held] if held else None
+
+    def _hold(self) -> None:
+        """Put every held slot back at its method's neutral value (weight decay would move an IA3 scale off 1)."""
+        for n in self.held:
+            self.params[n][...] = methods.owner(split_slot_name(n)[1]).fill(split_slot_name(n)[1])
 
     # ---- state ----------------------------------------------------------------------------------
 
@@ -254,6 +299,8 @@ class Trainer:
         arrays = {**arrays, **{f"delta.{k}": v for k, v in self.params.items()}}
         if self.best is not None:
             arrays.update({f"best.{k}": v for k, v in self.best["tensors"].items()})
+        for i, h in enumerate(self.hooks):
+            arrays.update({f"hook{i}.{k}": v for k, v in h.state().items()})
         state = {
             "identity": self._identity(), "optimizer": scalars, "step": self.step, "epoch": self.epoch,
             "position": self.position, "epoch_rng": self.epoch_rng, "samples": self.samples,
@@ -283,6 +330,8 @@ class Trainer:
                 raise TrainError(f"{self.checkpoint_dir}: checkpoint lacks or misshapes delta slot {k}")
             self.params[k][...] = a
         self.optimizer.load_state(arrays, s["optimizer"])
+        for i, h in enumerate(self.hooks):
+            h.load({k[len(f"hook{i}."):]: v for k, v in arrays.items() if k.startswith(f"hook{i}.")})
         self.step, self.epoch, self.position = s["step"], s["epoch"], s["position"]
         self.epoch_rng, self.samples, self.bad_evals = s["epoch_rng"], s["samples"], s["bad_evals"]
         self.stopped, self.before, self.losses = s["stopped"], s["before"], list(s["losses"])
@@ -330,7 +379,9 @@ class Trainer:
         self.delta = self._fresh_delta()
         self.params = self.delta.tensors
         self.optimizer = AdamW(self.params, weight_decay=c.weight_decay)
+        self.selection, self.held = None, []
         self._sessions()
+        self._select()
         rng = np.random.default_rng(c.seed)
         self.step = self.epoch = self.position = self.samples = self.bad_evals = 0
         self.epoch_rng: dict = rng.bit_generator.state
@@ -391,8 +442,15 @@ class Trainer:
             steps=self.step, total_steps=self.total, epochs_done=self.epoch, samples=self.samples, seconds=seconds,
             steps_per_s=steps_done / seconds if seconds > 0 else 0.0, peak_rss_mb=memory.peak_rss_mb(),
             train_loss=float(np.mean(self.losses)) if self.losses else float("nan"), before=self.before, after=after,
-            best_step=best_step, stopped_early=self.stopped, resumed_at=resumed_at, memory=self.plan)
-        out = Delta({k: np.array(v, np.float32) for k, v in tensors.items()}, meta)
+            best_step=best_step, stopped_early=self.stopped, resumed_at=resumed_at, memory=self.plan,
+            selection=self.selection.describe() if self.selection else None)
+        tensors = {k: np.array(v, np.float32) for k, v in tensors.items()}
+        for h in self.hooks:  # the delta that travels (AdaLoRA: only the surviving ranks), and what the hook decided
+            tensors = h.finish(tensors)
+            meta.extra.update(h.describe())
+        if self.selection is not None:
+            meta.extra.update(self.selection.metadata())
+        out = Delta(tensors, meta)
         return TrainResult(ranks.cut_rank(out, self.rank), summary)
 
     def _extra(self, after: dict[str, float] | None) -> dict[str, str]:

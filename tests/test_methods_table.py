@@ -54,6 +54,9 @@ CASES = [  # (family, method, quantization[, method options])
     ("bert", "bottleneck", "int8"),  # pfeiffer, relu: the defaults
     ("llama", "bottleneck", "none", {"placement": "houlsby", "non_linearity": "silu", "reduction_factor": 4}),
     ("llama", "bottleneck", "int8"),
+    # issue 14: AdaLoRA (the reference's loss is PEFT's own, its orthogonality term included)
+    ("bert", "adalora", "none", {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2}),
+    ("llama", "adalora", "int8", {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2}),
     # issue 14: virtual tokens (each method on both families, fp32 on one and int8 on the other)
     ("bert", "prompt", "int8", {"num_virtual_tokens": 4, "init": "text", "init_text": "w5"}),
     ("llama", "prompt", "none", {"num_virtual_tokens": 4}),

@@ -74,10 +74,13 @@ def figures() -> dict[str, str]:
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_methods  # its table is printed by the benchmark and copied into README
+    import bench_select
     import bench_vision
 
     return {
         "methods: table": bench_methods.table(_json("methods")["rows"]),
+        **adalora_figures(),
+        "select: table": bench_select.table(_json("select")["rows"]),
         "vision: table": bench_vision.table(_json("vision")),
         "measured: date": f"{_json('time_to_accuracy')['date'][:10]}; every ratio",
         "measured: machine": f"this project's machine ({_json('time_to_accuracy')['machine']})",
@@ -150,6 +153,18 @@ def figures() -> dict[str, str]:
             f"{levers['top 2 layers']['step_ratio']:.2f}× the time and {levers['top 2 layers']['peak_ratio']:.2f}× the peak\nmemory",
         **device_figures(),
         **llm_figures(),
+    }
+
+
+def adalora_figures() -> dict[str, str]:
+    """The AdaLoRA paragraph of the Methods section: bytes beside LoRA r=8, ranks kept on both sides (bench_methods.py)."""
+    rows = {r["method"]: r for r in _json("methods")["rows"]}
+    ada, lora = rows["adalora r=8→4"], rows["lora r=8"]
+    ours, theirs = (json.loads(ada[side]["ranks"]) for side in ("edgepeft", "torch_peft"))
+    same = sum(ours[m] == theirs.get(m) for m in ours)
+    return {
+        "methods: adalora bytes": f"({ada['packed_bytes'] / lora['packed_bytes']:.2f}× LoRA r=8's packed bytes, the head included)",
+        "methods: adalora ranks": f"the same ranks survived in {'all ' if same == len(ours) else ''}{same} modules on both sides",
     }
 
 

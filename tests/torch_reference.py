@@ -12,11 +12,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers as tf
-from peft import (IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, VeraConfig,
+from peft import (AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, VeraConfig,
                   get_peft_model)
 
 from edgepeft.names import (BIAS, DORA_A, DORA_B, DORA_M, IA3_FF, IA3_L, IGNORED_LABEL, LORA_A, LORA_B, SEQ_CLS, TOKEN_CLS, WEIGHT,
                             split_slot_name)
+from edgepeft.names import ADA_A, ADA_B, ADA_E
 from edgepeft.names import ADAPTER_DOWN, ADAPTER_DOWN_BIAS, ADAPTER_UP, ADAPTER_UP_BIAS, VERA_B, VERA_D, XS_R
 from edgepeft import methods
 from edgepeft.names import PREFIX, PROMPT, PT_B0, PT_B1, PT_B2, PT_EMBEDDING, PT_W0, PT_W1, PT_W2, PX_B0, PX_B1, PX_EMBEDDING, PX_W0, PX_W1
@@ -97,6 +98,24 @@ def with_deltas(model: torch.nn.Module, bundle: Bundle, tensors: dict[str, np.nd
             with torch.no_grad():
                 p.copy_(value)
             grads_of[s.name] = p
+    ada = [s for s in slots if s.kind == ADA_E]
+    if ada:  # PEFT's AdaLoRA (SVDLinear); a merge may hold more triplets at the same scale alpha / init_r
+        r = max(tensors[s.name].shape[0] for s in ada)
+        cfg = AdaLoraConfig(init_r=r, target_r=1, lora_alpha=ada[0].scale * r, total_step=1, lora_dropout=0.0,
+                            target_modules=sorted({s.module for s in ada}))
+        model = get_peft_model(model, cfg)
+        for s in slots:
+            if s.kind in (ADA_A, ADA_E, ADA_B):
+                layer = model.base_model.model.get_submodule(s.module)
+                p = {ADA_A: layer.lora_A, ADA_E: layer.lora_E, ADA_B: layer.lora_B}[s.kind]["default"]
+                v = torch.from_numpy(tensors[s.name])
+                with torch.no_grad():
+                    p.zero_()  # a pruned module holds fewer triplets: the rest stay zero
+                    if s.kind == ADA_B:
+                        p[:, :v.shape[1]] = v
+                    else:
+                        p[:v.shape[0]] = v.reshape(-1, *p.shape[1:])
+                grads_of[s.name] = p
     ia3 = [s for s in slots if s.kind in (IA3_L, IA3_FF)]
     if ia3:
         cfg = IA3Config(target_modules=sorted({s.module for s in ia3}),
@@ -239,7 +258,10 @@ def loss_and_grads(model, grads_of, task: str, ids: np.ndarray, mask: np.ndarray
     for p in grads_of.values():
         p.grad = None
     ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-    if task == SEQ_CLS:
+    if hasattr(getattr(model, "base_model", None), "rankallocator"):  # AdaLoRA adds its orthogonality term to HF's loss
+        labels_t = torch.from_numpy(labels) if task in (SEQ_CLS, TOKEN_CLS) else ids_t.masked_fill(mask_t == 0, -100)
+        loss = model.base_model(input_ids=ids_t, attention_mask=mask_t, labels=labels_t).loss  # PeftModel skips it
+    elif task == SEQ_CLS:
         out = model(input_ids=ids_t, attention_mask=mask_t).logits
         loss = F.cross_entropy(out, torch.from_numpy(labels))
     elif task == TOKEN_CLS:

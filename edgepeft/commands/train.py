@@ -67,7 +67,8 @@ class _ProgressLine:
 
 
 def _summary(s: TrainSummary, out: Path) -> str:
-    lines = [f"trained {s.steps} steps ({s.samples} examples seen) in {s.seconds:.1f} s, {s.steps_per_s:.2f} steps/s"
+    lines = [s.selection] if s.selection else []
+    lines += [f"trained {s.steps} steps ({s.samples} examples seen) in {s.seconds:.1f} s, {s.steps_per_s:.2f} steps/s"
              + (f" (resumed at step {s.resumed_at})" if s.resumed_at is not None else "")]
     if s.before is not None:
         lines.append(f"validation before: {describe(s.before)}")
@@ -118,6 +119,8 @@ def _load(path: Path, b, augment: Augment | None = None, seed: int = 0):
 @_opt("--threads", field="threads", type=click.IntRange(min=0))
 @_opt("--adapter", field="adapter", type=str)
 @_opt("--creator", field="creator", type=str)
+@_opt("--select", field="select", type=click.Choice(["all", "auto"]))
+@_opt("--max-delta-bytes", field="max_delta_bytes", type=click.IntRange(min=0))
 @click.option("--crop-pad", type=click.IntRange(min=0), default=0, show_default=True, help="Images: random crops after padding each side by this many pixels (0: none).")
 @click.option("--flip", is_flag=True, help="Images: random horizontal flips.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")

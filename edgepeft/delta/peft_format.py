@@ -194,7 +194,8 @@ def to_peft(
                   "use_dora": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
     else:
         config = dict(common)
-    config.update(method.peft_config(mine, manifest.method_config.get(method.name, {})))
+    own_tensors = {m: {k: t[slot_name(m, k)] for k in mine[m]} for m in adapted}
+    config.update(method.peft_fields(own_tensors, manifest.method_config.get(method.name, {})))
     out_dir = Path(os.fspath(out_dir))
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
     atomic.write_bytes(out_dir / WEIGHTS_FILE, safetensors.numpy.save(tensors, metadata={"format": "pt"}))
@@ -236,14 +237,15 @@ def _read_config(path: Path, method: methods.Method, options: dict[str, Any]) ->
     if method.peft_type == "LORA" and bool(cfg.get("use_dora")) != want_dora:
         raise DeltaError(f"{where}: 'use_dora' is {bool(cfg.get('use_dora'))}; the bundle's {method.name} slots need "
                          f"{want_dora} (export the bundle with --method {'dora' if cfg.get('use_dora') else 'lora'})")
-    if method.peft_type != "LORA":
+    if method.peft_type != "LORA" and not method.peft_rank:
         return 0, 0.0
-    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    rank_key = method.peft_rank or "r"  # AdaLoRA: init_r, the scale's denominator; its rank_pattern is in the shapes
+    r, alpha = cfg.get(rank_key), cfg.get("lora_alpha")
     if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
-        raise DeltaError(f"{where}: 'r' is {r!r}; expected a positive integer")
+        raise DeltaError(f"{where}: '{rank_key}' is {r!r}; expected a positive integer")
     if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)):
         raise DeltaError(f"{where}: 'lora_alpha' is {alpha!r}; expected a number")
-    for key in ("rank_pattern", "alpha_pattern"):
+    for key in ("alpha_pattern",) if method.peft_rank else ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
             raise DeltaError(f"{where}: '{key}' is set; edgepeft deltas have one rank and scale")
     if cfg.get("use_rslora"):  # PEFT scales by alpha/sqrt(r); keep the same update with our alpha/r

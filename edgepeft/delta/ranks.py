@@ -42,7 +42,8 @@ def _with_rank(d: Delta, tensors: dict[str, np.ndarray], rank: int) -> Delta:
 
 def pad_rank(d: Delta, rank: int) -> Delta:
     """``d`` with its LoRA factors zero-padded to ``rank`` at the same scale (the same ΔW; trains as rank d.meta.rank)."""
-    if not d.meta.rank or d.meta.rank == rank:
+    full = all(t.shape[a] == rank for n, t in d.tensors.items() if (a := _rank_axis(n)) is not None)
+    if not d.meta.rank or (d.meta.rank == rank and full):  # AdaLoRA: meta.rank is init_r, its pruned modules hold fewer
         return d
     if d.meta.rank > rank:
         raise DeltaError(f"delta has rank {d.meta.rank}, above the bundle's {rank}; refit it to at most {rank}")

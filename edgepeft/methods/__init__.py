@@ -124,6 +124,7 @@ def _builtin() -> None:
     import edgepeft.methods.bitfit  # noqa: F401
     import edgepeft.methods.ia3  # noqa: F401
     import edgepeft.methods.dora  # noqa: F401
+    import edgepeft.methods.adalora  # noqa: F401  (issue 14)
     import edgepeft.methods.vera  # noqa: F401
     import edgepeft.methods.loraxs  # noqa: F401
     import edgepeft.methods.bottleneck  # noqa: F401

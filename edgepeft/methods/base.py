@@ -147,6 +147,8 @@ class Method(ABC):
     # issue 14: where the method's slots enter the model instead of a module: "sequence" (virtual tokens before the
     # user's, PEFT's prompt learning) or "prefix" (keys and values at the head of every layer's cache); None: a module.
     virtual: ClassVar[str | None] = None
+    varied_ranks: ClassVar[bool] = False  # its modules may hold different ranks in one delta (AdaLoRA): a rank axis each
+    peft_rank: ClassVar[str | None] = None  # adapter_config.json key of the rank when it is not LoRA's "r" (AdaLoRA: init_r)
 
     @abstractmethod
     def plan(self, view: ModelView, config: MethodConfig) -> list[Slot]:
@@ -207,6 +209,10 @@ class Method(ABC):
         method's options as the manifest records them (``method_config``)."""
         return {}
 
+    def peft_fields(self, modules: Mapping[str, Tensors], options: Mapping[str, Any]) -> dict[str, Any]:
+        """adapter_config.json fields for a delta's tensors ({module: {kind: tensor}}); by default :meth:`peft_config`."""
+        return self.peft_config({m: set(t) for m, t in modules.items()}, options)
+
     def check_peft_config(self, cfg: Mapping[str, Any], options: Mapping[str, Any], where: str) -> None:
         """Refuse (DeltaError) a PEFT adapter config this bundle's slots cannot hold; nothing by default."""
 
@@ -217,6 +223,15 @@ class Method(ABC):
     def from_peft(self, kind: str, v: np.ndarray, weight: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
         """Inverse of :meth:`to_peft`; ``shape``: the slot's shape."""
         return v
+
+    # ---- device training -------------------------------------------------------------------------------
+
+    def train_hook(self, slots: list[Slot], options: Mapping[str, Any], total_steps: int) -> Any:
+        """An object the trainer calls around a run of ``total_steps`` (AdaLoRA's rank budget), or None. It has
+        ``after_step(params, grads, step)``, ``finish(tensors) -> tensors`` (the delta that travels),
+        ``describe() -> {metadata key: str}``, ``state() -> arrays`` and ``load(arrays)`` for checkpoints.
+        Raises TrainError (before anything is written) when the run cannot serve it."""
+        return None
 
     # ---- hub aggregation ----------------------------------------------------------------------------
 

@@ -45,6 +45,10 @@ class TorchMethod:
         """A virtual-token method's change to the model's input (``exporters.virtual.VirtualInputs`` in and out)."""
         return x
 
+    def regularizer(self, tensors: dict[str, torch.Tensor], config: MethodConfig) -> torch.Tensor | None:
+        """A term the method adds to the training loss, from its slots ``{slot name: tensor}`` (every module), or None."""
+        return None
+
     def frozen(self, slots: Sequence[Slot], bases: Mapping[str, nn.Module], config: MethodConfig) -> dict[str, dict[str, torch.Tensor]]:
         """Frozen tensors the method adds to the bundle (VeRA's shared projections, LoRA-XS's SVD factors), as
         ``{module path: {buffer name: tensor}}``; ``""`` is the model root. They become buffers there, so export stores
