@@ -22,15 +22,15 @@ WEIGHTS_META = "edgepeft_audio"  # the safetensors metadata key: {"labels": [...
 @dataclass(frozen=True)
 class AudioModelSpec:
     name: str
-    build: Callable[[int], nn.Module]  # number of words -> the untrained module (weights are loaded into it)
+    build: Callable[[int, int], nn.Module]  # (words, mels) -> the untrained module (weights are loaded into it)
     head: str  # path of the final Linear
     defaults: Mapping[str, tuple[str, ...]]  # method option defaults
 
 
-def _kws(words: int) -> nn.Module:
+def _kws(words: int, mels: int) -> nn.Module:
     from edgepeft.exporters.kws_cnn import KwsCnn
 
-    return KwsCnn(words)
+    return KwsCnn(words, mels)
 
 
 SPECS: dict[str, AudioModelSpec] = {s.name: s for s in (
@@ -59,7 +59,7 @@ def load_audio_model(name: str, weights: Path) -> tuple[nn.Module, list[str], di
     try:
         with safe_open(str(weights), "pt") as f:
             meta = json.loads((f.metadata() or {})[WEIGHTS_META])
-        module = SPECS[name].build(len(meta["labels"]))
+        module = SPECS[name].build(len(meta["labels"]), int(meta["features"]["mels"]))
         module.load_state_dict(load_file(str(weights)))
     except (SafetensorError, KeyError, ValueError, RuntimeError, OSError) as e:
         raise ExportError(f"--weights {weights}: not {name} weights with edgepeft's audio metadata "

@@ -1,9 +1,10 @@
 """A small keyword-spotting CNN over log-mel features (1, mels, frames): four conv blocks and a linear classifier.
 
-About 60k parameters and 12M multiply-adds per one-second clip (40 mels x 98 frames): the size of the
+About 64k parameters and 12M multiply-adds per one-second clip (40 mels x 98 frames): the size of the
 on-device keyword spotters of the "Hello Edge" study. Plain Conv2d, BatchNorm2d, ReLU and pooling, so
 exporters/modules.py exports it like any image CNN; the blocks are one Sequential, the stack its
-``top_layers`` counts.
+``top_layers`` counts. The last feature map is averaged over time, not over frequency: a keyword's pitch
+and formants stay visible to the classifier, its position in the clip does not matter.
 """
 
 from __future__ import annotations
@@ -31,13 +32,12 @@ class ConvBlock(nn.Module):
 class KwsCnn(nn.Module):
     """(B, 1, mels, frames) log-mel features -> (B, words) logits."""
 
-    def __init__(self, words: int, widths: tuple[int, ...] = WIDTHS) -> None:
+    def __init__(self, words: int, mels: int = 40, widths: tuple[int, ...] = WIDTHS) -> None:
         super().__init__()
         chans = (1, *widths)
         self.blocks = nn.Sequential(*(ConvBlock(chans[i], chans[i + 1], pool=i < len(widths) - 1) for i in range(len(widths))))
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.flat = nn.Flatten()
-        self.fc = nn.Linear(widths[-1], words)
+        self.fc = nn.Linear(widths[-1] * (mels >> (len(widths) - 1)), words)  # channels x the last block's mel rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.flat(self.pool(self.blocks(x))))
+        return self.fc(self.flat(self.blocks(x).mean(-1)))  # (B, C, rows, frames) -> mean over time -> (B, C * rows)

@@ -23,7 +23,7 @@ def tiny_kws(seed: int = 0) -> nn.Module:
     from edgepeft.exporters.kws_cnn import KwsCnn
 
     torch.manual_seed(seed)
-    m = KwsCnn(len(WORDS), widths=(4, 8))
+    m = KwsCnn(len(WORDS), mels=SPEC.mels, widths=(4, 8))
     g = torch.Generator().manual_seed(seed + 1)
     for mod in m.modules():
         if isinstance(mod, nn.BatchNorm2d):
