@@ -23,7 +23,7 @@ from edgepeft.manifest import Manifest
 
 AUDIO_SUFFIXES = (".wav",)
 LOG_FLOOR = 1e-6  # log(mel power + LOG_FLOOR): silence is finite
-_CHUNK = 64  # clips per STFT pass: bounds the (clips, frames, n_fft) scratch array
+_CHUNK = 16  # clips per STFT pass: bounds the float64 (clips, frames, n_fft) scratch arrays (~3 MB each)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from edgepeft.names import AUDIO_CLS, INPUT_FEATURES, LABELS
 from edgepeft.runtime.audio import AUDIO_SUFFIXES, AudioSpec, log_mel, read_wav
 from edgepeft.runtime.labelled_files import digest, from_csv, from_folder
 
-_CLIPS = 256  # clips read per feature pass
+_CLIPS = 32  # clips read per feature pass (their float32 waves are the transient memory: 2 MB)
 
 
 @dataclass
