@@ -88,3 +88,15 @@ def test_the_bundle_records_the_features_the_device_computes(kws_bundle):
 
     m = open_bundle(kws_bundle).manifest
     assert m.task == "audio-classification" and AudioSpec.of(m) == SPEC and m.labels == WORDS
+
+
+def test_export_audio_refuses_an_unknown_model_and_weights_without_its_metadata_in_one_line(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"fc.weight": np.zeros((3, 8), np.float32)}, str(plain))
+    r = run_cli(capsys, "export", "--audio", "wav2vec", "--weights", plain, "-o", tmp_path / "b")
+    assert r.code != 0 and "--audio 'wav2vec': unknown model; known: kws-cnn" in error_lines(r)[0], r.err
+    r = run_cli(capsys, "export", "--audio", "kws-cnn", "--weights", plain, "-o", tmp_path / "b")
+    assert r.code != 0 and len(error_lines(r)) == 1 and f"--weights {plain}: not kws-cnn weights" in error_lines(r)[0], r.err
+    assert not (tmp_path / "b").exists()
