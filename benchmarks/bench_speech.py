@@ -10,8 +10,10 @@ frozen; plain torch, as PEFT has no such method). edgepeft trains the int8 bundl
 torch trains the fp32 model from the same start (edgepeft's fresh delta) on the same batches in the same
 order, both in eval mode, AdamW without weight decay, linear decay, clipping 1.0; edgepeft with a memory budget
 (``--budget``, what ``edgepeft train --memory-budget`` sets: glibc returns freed activations, no onnxruntime
-arena; the batch stays whole). Every run is its own
-process, which reports its peak RSS; time to accuracy counts training steps only. Both read the WAV folders
+arena; the batch stays whole), each side on one thread (two cores shared with other jobs make two-thread
+timings noise). Every run is its own
+process, which reports its peak RSS; time to accuracy counts training steps only (not edgepeft's session
+building and memory probes, not torch's model loading and one warm-up pass). Both read the WAV folders
 through the device's reader (runtime/audio_data.py), so both see the same features.
 
     python benchmarks/bench_speech.py [--quick] [--steps 60] [--per-word 8] [--methods ...]
@@ -49,16 +51,17 @@ test = load_audio_dataset(args["test_dir"], bundle.manifest)
 EDGEPEFT_CHILD = COMMON + """
 from edgepeft.delta import Delta, delta_from_init, save_delta
 from edgepeft.runtime.evaluate import evaluate
+from edgepeft.runtime.bundle import SessionConfig
 from edgepeft.runtime.infer import Predictor
 from edgepeft.runtime.trainer import TrainConfig, Trainer
 used = []  # each step's clips, for the torch child to replay (one batch however the memory plan splits it)
 start = delta_from_init(bundle.manifest, 0)
 save_delta(args["start"], start)
-predictor = Predictor(bundle)
+predictor = Predictor(bundle, SessionConfig(threads=1, arena=False))
 before = evaluate(predictor, test, [start], batch_size=args["batch"])["accuracy"]
 curve, step_times, t_train = [], [], 0.0
 cfg = TrainConfig(epochs=1000, max_steps=args["steps"], batch_size=args["batch"], lr=args["lr"], weight_decay=0.0,
-                  eval_every=0, checkpoint_every=0, seed=0, memory_budget_mb=args["budget"])
+                  eval_every=0, checkpoint_every=0, seed=0, memory_budget_mb=args["budget"], threads=1)
 last = [time.perf_counter()]
 def progress(p):
     global t_train
@@ -67,6 +70,9 @@ def progress(p):
         step_times.append(now - last[0]); t_train += now - last[0]
     last[0] = time.perf_counter()
 class Probe(Trainer):  # evaluate on the test clips every `every` steps, outside the timed steps
+    def _sessions(self):  # building the sessions and probing the memory plan is setup, not training
+        super()._sessions()
+        last[0] = time.perf_counter()
     def _step(self, group, lr):
         used.append([int(i) for index in group for i in index])
         loss = super()._step(group, lr)
@@ -89,6 +95,7 @@ from torch import nn
 from edgepeft.delta import load_delta
 from edgepeft.exporters.audio_specs import load_audio_model
 from edgepeft.names import BIAS, BN_SCALE, INPUT_FEATURES, LABELS, LORA_A, LORA_B, WEIGHT, split_slot_name
+torch.set_num_threads(1)
 m = bundle.manifest
 model, _, _ = load_audio_model("kws-cnn", __import__("pathlib").Path(args["weights"]))  # fp32, its trained head
 for p in model.parameters():
@@ -129,6 +136,9 @@ def accuracy():  # in batches of the training batch's size, as the edgepeft chil
             right += int((model(torch.from_numpy(b[INPUT_FEATURES])).argmax(-1).numpy() == b[LABELS]).sum())
         return right / len(test)
 before = accuracy()
+b = train.batch(np.array(order[0]))  # one untimed warm-up pass (oneDNN builds its kernels), as edgepeft's memory
+nn.functional.cross_entropy(model(torch.from_numpy(b[INPUT_FEATURES])), torch.from_numpy(b[LABELS])).backward()
+opt.zero_grad()  # probes warm its session up before its timed steps; the gradients are dropped
 curve, step_times, t_train = [], [], 0.0
 for k, index in enumerate(order):
     t0 = time.perf_counter()
@@ -237,8 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--per-word", type=int, default=8, help="The new voice's training clips per word (on the device).")
     ap.add_argument("--test-per-word", type=int, default=20, help="The new voice's test clips per word.")
     ap.add_argument("--every", type=int, default=5, help="Evaluate on the test clips every N steps.")
-    ap.add_argument("--budget", type=float, default=200, help="edgepeft's --memory-budget (MB): lean allocator, "
-                    "batch kept whole while its peak fits.")
+    ap.add_argument("--budget", type=float, default=150, help="edgepeft's --memory-budget (MB): lean allocator, "
+                    "batch kept whole while its peak fits; 0: none (edgepeft train's default).")
+    ap.add_argument("--out", default="speech", help="Results file name (benchmarks/results/NAME.json).")
     ap.add_argument("--methods", default=",".join(METHODS), help="Which methods to run now (comma-separated).")
     ap.add_argument("--quick", action="store_true", help="A smoke run: fewer clips and steps.")
     a = ap.parse_args(argv)
@@ -249,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     sets = data_sets(a)
     weights, base = base_model(sets, a.base_epochs)
     print(f"base: {base}", file=sys.stderr, flush=True)
-    settings = {k: v for k, v in vars(a).items() if k not in ("quick", "methods")}
+    settings = {k: v for k, v in vars(a).items() if k not in ("quick", "methods", "out")}
     rows = []
     for name, method in METHODS.items():
         done = CACHE / f"speech-{method}-{exporter_version()}-{_key(settings)}.json"
@@ -278,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
                "base_voices": list(S.BASE_VOICES), "new_voice": S.NEW_VOICE, "base": base, "settings": settings,
                "quick": a.quick, "target_accuracy": TARGET_ACCURACY, "rows": rows, "targets": targets(rows),
                "wall_s": round(time.perf_counter() - t0, 1)}
-    path = write_result("speech_quick" if a.quick else "speech", payload)
+    path = write_result(a.out + "_quick" if a.quick else a.out, payload)
     print(table(payload))
     print(f"wrote {path}")
 
@@ -289,6 +300,13 @@ def _side(r: dict) -> dict:
             "train_s": round(r["train_s"], 3), "peak_rss_mb": round(r["peak_rss_mb"], 1),
             "curve": [[s, round(t, 3), round(acc, 4)] for s, t, acc in r["curve"]],
             "time_to_target_s": None if t is None else round(t, 3)}
+
+
+def step_and_memory(payload: dict) -> str:
+    """One line per method of step time and peak memory, edgepeft vs torch (README quotes the run without a budget)."""
+    return "; ".join(f"{r['method']} {r['edgepeft']['step_s']:.4f} / {r['torch_peft']['step_s']:.4f} s a step = "
+                     f"{g['step_time_ratio']:.2f}×, {r['edgepeft']['peak_rss_mb']:.0f} / {r['torch_peft']['peak_rss_mb']:.0f} MB "
+                     f"peak = {g['peak_memory_ratio']:.2f}×" for r in payload["rows"] for g in [payload["targets"][r["method"]]])
 
 
 def table(payload: dict) -> str:
