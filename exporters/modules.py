@@ -4,7 +4,7 @@ Any module built of the layer kinds in ``KNOWN_LAYERS`` (Conv2d, BatchNorm2d, Li
 pooling, padding, flatten, dropout) exports; a layer of another kind is refused by name before anything
 is traced or written. The input is one (B, C, H, W) float tensor with a dynamic batch (normalized pixels, or
 log-mel features (B, 1, mels, frames) for an audio bundle, which runtime/audio.py computes on the device); the classifier
-(``head``) is replaced by a fresh, seeded Linear over the bundle's labels. Delta methods: ``lora`` (PEFT's
+(``head``) is replaced by a fresh, seeded Linear over the bundle's labels (or kept: ``keep_head``). Delta methods: ``lora`` (PEFT's
 lora.Conv2d on convolutions), ``bitfit`` (conv biases, BatchNorm shifts), ``bn`` (BatchNorm affine with
 frozen running statistics) and ``head``.
 """
@@ -101,7 +101,7 @@ def model_view(module: nn.Module, index: Callable[[str], int | None], top_layers
     return view, (kept if top_layers else ())
 
 
-def _fresh_head(module: nn.Module, head: str, n_labels: int, keep: bool) -> None:
+def _set_head(module: nn.Module, head: str, n_labels: int, keep: bool) -> None:
     """Replace the final Linear by a fresh one over ``n_labels`` (``keep``: keep the trained one, which must fit)."""
     parent_path, _, leaf = head.rpartition(".")
     parent = module.get_submodule(parent_path) if parent_path else module
@@ -190,7 +190,7 @@ def export_bundle(
     for p in module.parameters():
         p.requires_grad_(False)
     torch.manual_seed(seed)  # the fresh head is initialized here: seeded, so exports repeat
-    _fresh_head(module, head, len(labels), keep_head)
+    _set_head(module, head, len(labels), keep_head)
     module.eval()
     regex, index = layer_stack(module, layer_regex)
     chosen_defaults = dict(defaults or {})

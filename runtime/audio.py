@@ -52,7 +52,11 @@ class AudioSpec:
         a = manifest.extra.get("audio")
         if not isinstance(a, dict):
             raise DataError(f"the bundle is a {manifest.task} bundle; audio data needs an audio-classification bundle")
-        return cls(**a)
+        try:
+            return cls(**a)
+        except TypeError:
+            raise DataError(f"the bundle's audio settings {sorted(a)} are not {sorted(cls.__dataclass_fields__)}; "
+                            "re-export it with this edgepeft") from None
 
 
 def read_wav(path: Path, spec: AudioSpec) -> np.ndarray:

@@ -41,13 +41,27 @@ def test_train_step_loss_and_gradients_match_torch_peft_on_the_same_weights(kws_
         assert np.abs(ours - g).max() <= 1e-4 * max(1.0, np.abs(g).max()), n
 
 
-def test_training_on_a_word_folder_lifts_validation_accuracy(kws_bundle, folders):
+@pytest.fixture(scope="module")
+def trained(kws_bundle, folders):
     bundle = open_bundle(kws_bundle)
     train, val = (load_audio_dataset(f, bundle.manifest) for f in folders)
-    result = Trainer(bundle, train, TrainConfig(epochs=4, batch_size=16, lr=2e-2), val=val).fit()
+    return bundle, val, Trainer(bundle, train, TrainConfig(epochs=4, batch_size=16, lr=2e-2), val=val).fit()
+
+
+def test_training_on_a_word_folder_lifts_validation_accuracy(trained):
+    bundle, val, result = trained
     s = result.summary
     assert s.after["accuracy"] >= 0.95 and s.after["accuracy"] - s.before["accuracy"] >= 0.2, (s.before, s.after)
     assert evaluate(Predictor(bundle), val, [result.delta])["accuracy"] == result.summary.after["accuracy"]
+
+
+def test_an_audio_delta_travels_packed_like_any_delta(trained):
+    from edgepeft.delta.transport import pack, unpack
+
+    bundle, val, result = trained
+    back = unpack(pack(result.delta), manifest=bundle.manifest)
+    # int8 on the wire: the accuracy may move by a clip, not more
+    assert abs(evaluate(Predictor(bundle), val, [back])["accuracy"] - result.summary.after["accuracy"]) <= 1 / len(val) + 1e-9
 
 
 def test_cli_trains_evaluates_and_infers_on_wav_files_and_label_files(kws_bundle, folders, tmp_path, capsys):
