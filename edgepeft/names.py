@@ -57,6 +57,7 @@ LABELS = "labels"
 LOSS = "loss"
 LOGITS = "logits"
 PIXEL_VALUES = "pixel_values"  # image classification: (B, C, H, W) float32, normalized as the manifest's "image" says
+INPUT_FEATURES = "input_features"  # audio classification: (B, 1, mels, frames) log-mel float32, as the manifest's "audio" says
 GRAD_PREFIX = "grad."
 
 # Files of a bundle.
@@ -72,8 +73,10 @@ SEQ_CLS = "sequence-classification"
 TOKEN_CLS = "token-classification"  # a label per token (BIO tags): logits (B, T, C), labels (B, T)
 CAUSAL_LM = "causal-lm"
 IMAGE_CLS = "image-classification"
-TASKS = (SEQ_CLS, TOKEN_CLS, CAUSAL_LM, IMAGE_CLS)
-CLASSIFICATION_TASKS = (SEQ_CLS, TOKEN_CLS, IMAGE_CLS)  # tasks with a classifier head, named labels and labels in the train graph
+AUDIO_CLS = "audio-classification"  # a label per clip (keyword spotting): log-mel features computed on the device
+TASKS = (SEQ_CLS, TOKEN_CLS, CAUSAL_LM, IMAGE_CLS, AUDIO_CLS)
+CLASSIFICATION_TASKS = (SEQ_CLS, TOKEN_CLS, IMAGE_CLS, AUDIO_CLS)  # tasks with a classifier head, named labels and labels in the train graph
+CNN_INPUTS = {IMAGE_CLS: PIXEL_VALUES, AUDIO_CLS: INPUT_FEATURES}  # the convolutional tasks and the one input their graphs take
 IGNORED_LABEL = -100  # a token without a label (special tokens, later sub-words, padding): HF's ignore_index
 
 

@@ -1,9 +1,10 @@
-"""``export_bundle`` for a plain ``torch.nn.Module`` of convolutions: an image classifier in, a bundle out.
+"""``export_bundle`` for a plain ``torch.nn.Module`` of convolutions: an image or audio classifier in, a bundle out.
 
 Any module built of the layer kinds in ``KNOWN_LAYERS`` (Conv2d, BatchNorm2d, Linear, activations,
 pooling, padding, flatten, dropout) exports; a layer of another kind is refused by name before anything
-is traced or written. The input is one (B, C, H, W) float tensor with a dynamic batch; the classifier
-(``head``) is replaced by a fresh, seeded Linear over the bundle's labels. Delta methods: ``lora`` (PEFT's
+is traced or written. The input is one (B, C, H, W) float tensor with a dynamic batch (normalized pixels, or
+log-mel features (B, 1, mels, frames) for an audio bundle, which runtime/audio.py computes on the device); the classifier
+(``head``) is replaced by a fresh, seeded Linear over the bundle's labels (or kept: ``keep_head``). Delta methods: ``lora`` (PEFT's
 lora.Conv2d on convolutions), ``bitfit`` (conv biases, BatchNorm shifts), ``bn`` (BatchNorm affine with
 frozen running statistics) and ``head``.
 """
@@ -24,8 +25,8 @@ from torch.func import functional_call
 from edgepeft import atomic, methods
 from edgepeft.errors import ExportError
 from edgepeft.manifest import Graph, Manifest, Slot, neutral_values, write_manifest
-from edgepeft.names import (IMAGE_CLS, INFER_GRAPH_FILE, LABELS, LOGITS, LOSS, PIXEL_VALUES, TRAIN_GRAPH_FILE, WEIGHTS_FILE,
-                            frozen_name, grad_name)
+from edgepeft.names import (AUDIO_CLS, CNN_INPUTS, IMAGE_CLS, INFER_GRAPH_FILE, LABELS, LOGITS, LOSS, TRAIN_GRAPH_FILE,
+                            WEIGHTS_FILE, frozen_name, grad_name)
 from edgepeft.exporters.inject import DeltaFeed, canonical_param, inject, resolve_top_layers
 from edgepeft.exporters.trace import _export, classification_loss
 from edgepeft.exporters.weights import QuantSpec, add_input_defaults, load_params, save_bundle_graphs
@@ -100,13 +101,17 @@ def model_view(module: nn.Module, index: Callable[[str], int | None], top_layers
     return view, (kept if top_layers else ())
 
 
-def _fresh_head(module: nn.Module, head: str, n_labels: int) -> None:
+def _set_head(module: nn.Module, head: str, n_labels: int, keep: bool) -> None:
+    """Replace the final Linear by a fresh one over ``n_labels`` (``keep``: keep the trained one, which must fit)."""
     parent_path, _, leaf = head.rpartition(".")
     parent = module.get_submodule(parent_path) if parent_path else module
     old = getattr(parent, leaf, None)
     if not isinstance(old, nn.Linear):
         raise ExportError(f"head {head!r}: expected the model's final nn.Linear, found {type(old).__name__}")
-    setattr(parent, leaf, nn.Linear(old.in_features, n_labels))
+    if keep and old.out_features != n_labels:
+        raise ExportError(f"head {head!r} has {old.out_features} outputs for {n_labels} labels; keep_head needs one per label")
+    if not keep:
+        setattr(parent, leaf, nn.Linear(old.in_features, n_labels))
 
 
 def _functions(model: nn.Module, feed: DeltaFeed, slots: Sequence[Slot], param_names: list[str]):
@@ -144,6 +149,9 @@ def export_bundle(
     source: str = "",
     opset: int = 20,
     seed: int = 0,
+    keep_head: bool = False,
+    task: str = IMAGE_CLS,
+    audio: Mapping[str, Any] | None = None,
     progress: Callable[[str], None] = lambda msg: None,
 ) -> Manifest:
     """Export ``module`` (an image classifier over ``example_input``'s (C, H, W)) to a bundle in ``out_dir``.
@@ -152,7 +160,10 @@ def export_bundle(
     in the last N layers of the stack (``layer_regex``, default the longest Sequential/ModuleList) and after
     it, so the backward pass stops there (None or "all": everywhere, "auto": the top third); ``defaults``: method option defaults such as
     ``{"lora.targets": (...)}`` (LoRA's default: every ungrouped convolution in scope); ``mean``/``std``:
-    the per-channel normalization of pixels in [0, 1] the device applies. The module is changed in place.
+    the per-channel normalization of pixels in [0, 1] the device applies. ``task``: IMAGE_CLS, or AUDIO_CLS with
+    ``audio`` the features' runtime.audio.AudioSpec fields (example input (1, 1, mels, frames)). The module is
+    changed in place. ``keep_head``: keep the model's trained classifier (its outputs are ``labels``, in order)
+    instead of a fresh one, so the bundle starts where the model is (personalizing a model, not re-purposing it).
     """
     out_dir = Path(os.fspath(out_dir))
     t0 = time.perf_counter()
@@ -163,12 +174,13 @@ def export_bundle(
         raise ExportError(f"quantization {quantize!r}: a convolutional bundle takes {', '.join(QUANTIZATIONS)}")
     if example_input.dim() != 4:
         raise ExportError(f"example input of shape {tuple(example_input.shape)}: expected (batch, channels, height, width)")
+    if task not in CNN_INPUTS or (audio is None) != (task != AUDIO_CLS):
+        raise ExportError(f"task {task!r}: a convolutional bundle is one of {', '.join(CNN_INPUTS)}; audio features "
+                          "(audio=...) go with audio-classification and only with it")
+    extra = _input_extra(task, example_input, mean, std, audio)
     labels = list(labels)
     if len(labels) < 2 or len(set(labels)) != len(labels):
         raise ExportError(f"labels {labels}: a classifier needs at least 2 distinct labels")
-    channels = int(example_input.shape[1])
-    if len(mean) not in (1, channels) or len(std) not in (1, channels) or min(std) <= 0:
-        raise ExportError(f"mean/std: one value or one per channel ({channels}), std positive")
     chosen = methods.parse(method)
     if bad := [m.name for m in chosen if m.name not in CONV_METHODS]:
         raise ExportError(f"method {bad[0]!r} does not support convolutional models; choose from {', '.join(CONV_METHODS)}")
@@ -178,7 +190,7 @@ def export_bundle(
     for p in module.parameters():
         p.requires_grad_(False)
     torch.manual_seed(seed)  # the fresh head is initialized here: seeded, so exports repeat
-    _fresh_head(module, head, len(labels))
+    _set_head(module, head, len(labels), keep_head)
     module.eval()
     regex, index = layer_stack(module, layer_regex)
     chosen_defaults = dict(defaults or {})
@@ -190,7 +202,7 @@ def export_bundle(
                                  norms=view.norms, groups=view.groups, no_bias=view.no_bias)
     view = methods.ModelView(view.linears, view.in_scope, {**view.defaults, "head.modules": (head,)}, True,
                              norms=view.norms, groups=view.groups, no_bias=view.no_bias)
-    auto = tuple(m for m in methods.get_all() if IMAGE_CLS in m.auto_tasks and m not in chosen)
+    auto = tuple(m for m in methods.get_all() if task in m.auto_tasks and m not in chosen)
     planned: dict[str, Slot] = {}
     for m in chosen + auto:
         for s in m.plan(view, configs.get(m.name) or m.config_cls()):
@@ -202,7 +214,7 @@ def export_bundle(
     wrapped = {s.module for s in slots}
     params = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     onnx_names = [frozen_name(canonical_param(n, wrapped)) for n in params]
-    graphs = _trace(module, feed, slots, params, onnx_names, example_input, len(labels), opset, say)
+    graphs = _trace(module, feed, slots, params, onnx_names, example_input, len(labels), opset, say, CNN_INPUTS[task])
     add_input_defaults(graphs["infer"], neutral_values(slots))
 
     say(f"storing frozen weights ({quantize})")
@@ -211,18 +223,14 @@ def export_bundle(
         fingerprint = save_bundle_graphs(graphs, {"infer": INFER_GRAPH_FILE, "train": TRAIN_GRAPH_FILE}, tmp,
                                          arrays, quant, quantize)
         names = [s.name for s in slots]
-        c, h, w = (int(d) for d in example_input.shape[1:])
         manifest = Manifest(
             fingerprint=fingerprint, source=source or type(module).__module__, architecture=type(module).__name__,
-            model_type="cnn", task=IMAGE_CLS, method=method, quantization=quantize, max_length=1, vocab_size=1,
+            model_type="cnn", task=task, method=method, quantization=quantize, max_length=1, vocab_size=1,
             pad_token_id=0, slots=tuple(slots), labels=tuple(labels), tokenizer=None, weights=WEIGHTS_FILE,
-            graphs={"infer": Graph(INFER_GRAPH_FILE, (PIXEL_VALUES, *names), (LOGITS,)),
-                    "train": Graph(TRAIN_GRAPH_FILE, (PIXEL_VALUES, LABELS, *names), (LOSS, *map(grad_name, names)))},
+            graphs={"infer": Graph(INFER_GRAPH_FILE, (CNN_INPUTS[task], *names), (LOGITS,)),
+                    "train": Graph(TRAIN_GRAPH_FILE, (CNN_INPUTS[task], LABELS, *names), (LOSS, *map(grad_name, names)))},
             train_layers=kept or None,
-            extra={"image": {"channels": c, "height": h, "width": w,
-                             "mean": [float(v) for v in (list(mean) * channels)[:channels]] if len(mean) == 1 else [float(v) for v in mean],
-                             "std": [float(v) for v in (list(std) * channels)[:channels]] if len(std) == 1 else [float(v) for v in std]},
-                   "layer_regex": regex, "base_parameters": int(sum(p.numel() for p in module.parameters())),
+            extra={**extra, "layer_regex": regex, "base_parameters": int(sum(p.numel() for p in module.parameters())),
                    "opset": opset, "export_seconds": round(time.perf_counter() - t0, 1), "seed": seed},
             method_config={name: cfg.to_dict() for name, cfg in configs.items()},
         )
@@ -231,8 +239,26 @@ def export_bundle(
     return manifest
 
 
+def _input_extra(task: str, example: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                 audio: Mapping[str, Any] | None) -> dict[str, dict]:
+    """The manifest's description of the graph input: {"image": ...} or {"audio": ...}, checked against ``example``."""
+    c, h, w = (int(d) for d in example.shape[1:])
+    if task == AUDIO_CLS:
+        from edgepeft.runtime.audio import AudioSpec
+
+        spec = AudioSpec(**audio)
+        if (c, h, w) != (1, spec.mels, spec.frames) or spec.std <= 0:
+            raise ExportError(f"example input (1, {c}, {h}, {w}): audio features are (1, 1, mels={spec.mels}, "
+                              f"frames={spec.frames}) with a positive std")
+        return {"audio": spec.to_dict()}
+    if len(mean) not in (1, c) or len(std) not in (1, c) or min(std) <= 0:
+        raise ExportError(f"mean/std: one value or one per channel ({c}), std positive")
+    per_channel = lambda v: [float(x) for x in (list(v) * c)[:c]] if len(v) == 1 else [float(x) for x in v]  # noqa: E731
+    return {"image": {"channels": c, "height": h, "width": w, "mean": per_channel(mean), "std": per_channel(std)}}
+
+
 def _trace(model: nn.Module, feed: DeltaFeed, slots: list[Slot], params: dict[str, torch.Tensor], onnx_names: list[str],
-           example: torch.Tensor, n_labels: int, opset: int, say: Callable[[str], None]) -> dict:
+           example: torch.Tensor, n_labels: int, opset: int, say: Callable[[str], None], input_name: str) -> dict:
     """Both graphs; batch 2 while tracing (sizes 0 and 1 are specialized), the batch axis dynamic."""
     infer, train = _functions(model, feed, slots, list(params))
     g = torch.Generator().manual_seed(1)
@@ -243,13 +269,13 @@ def _trace(model: nn.Module, feed: DeltaFeed, slots: list[Slot], params: dict[st
     b, r = Dim("batch", min=1), Dim("rank", min=0)
     names = [s.name for s in slots]
     say("tracing and exporting the training step")
-    train_model = _export(train, [pixels, labels, *deltas, *frozen], [PIXEL_VALUES, LABELS, *names, *onnx_names],
+    train_model = _export(train, [pixels, labels, *deltas, *frozen], [input_name, LABELS, *names, *onnx_names],
                           [LOSS, *map(grad_name, names)], [{0: b}, {0: b}, *[None] * len(slots), *[None] * len(frozen)], opset)
     say("tracing and exporting the inference graph")
     scales, feed.scale = dict(feed.scale), {k: 1.0 for k in feed.scale}  # the runtime folds the LoRA scale into B
     try:
         rank_dyn = [None if (ax := methods.owner(s.kind).infer_axis(s.kind)) is None else {ax: r} for s in slots]
-        infer_model = _export(infer, [pixels, *[d.detach() for d in deltas], *frozen], [PIXEL_VALUES, *names, *onnx_names],
+        infer_model = _export(infer, [pixels, *[d.detach() for d in deltas], *frozen], [input_name, *names, *onnx_names],
                               [LOGITS], [{0: b}, *rank_dyn, *[None] * len(frozen)], opset)
     finally:
         feed.scale = scales

@@ -11,8 +11,6 @@ does not decode, a label the bundle lacks, or data with a single class is a Data
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +20,9 @@ import numpy as np
 from edgepeft.errors import DataError
 from edgepeft.manifest import Manifest
 from edgepeft.names import IMAGE_CLS, LABELS, PIXEL_VALUES
-from edgepeft.runtime.data import label_index
 from edgepeft.runtime.images import (IMAGE_SUFFIXES, Augment, ImageSpec, as_nhwc, decode_image, image_file, read_idx,
                                      read_npy, resize, to_model_input)
+from edgepeft.runtime.labelled_files import digest, from_csv, from_folder
 
 
 @dataclass
@@ -60,35 +58,13 @@ class ImageDataset:
 
 
 def _folder(root: Path, manifest: Manifest) -> tuple[list[np.ndarray], np.ndarray]:
-    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    images, labels = [], []
-    for d in classes:
-        label = label_index(d.name, manifest.labels, str(d))
-        files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise DataError(f"{d}: a class folder with no images ({', '.join(IMAGE_SUFFIXES)})")
-        images += [decode_image(f) for f in files]
-        labels += [label] * len(files)
-    return images, np.array(labels, np.int64)
+    pairs = from_folder(root, manifest, IMAGE_SUFFIXES, "images")
+    return [decode_image(f) for f, _ in pairs], np.array([y for _, y in pairs], np.int64)
 
 
 def _csv(path: Path, manifest: Manifest) -> tuple[list[np.ndarray], np.ndarray]:
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    if not rows or [h.strip().lower() for h in rows[0]][:2] != ["image", "label"]:
-        raise DataError(f"{path}:1: the header must be image,label")
-    images, labels = [], []
-    for n, row in enumerate(rows[1:], 2):
-        if not row:
-            continue
-        if len(row) < 2:
-            raise DataError(f"{path}:{n}: expected image,label")
-        file = path.parent / row[0].strip()
-        if not file.is_file():
-            raise DataError(f"{path}:{n}: no such image {file}")
-        images.append(image_file(file))
-        labels.append(label_index(row[1].strip(), manifest.labels, f"{path}:{n}"))
-    return images, np.array(labels, np.int64)
+    pairs = from_csv(path, manifest, "image")
+    return [image_file(f) for f, _ in pairs], np.array([y for _, y in pairs], np.int64)
 
 
 def _arrays(path: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
@@ -121,15 +97,6 @@ def _stack(images: list[np.ndarray], spec: ImageSpec, where: str) -> np.ndarray:
                      if a.shape[:2] != (spec.height, spec.width) else a for a in images])
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for p in files:
-        h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 def load_image_dataset(path: str | os.PathLike, manifest: Manifest, *, augment: Augment | None = None,
                        seed: int = 0, min_classes: int = 2) -> ImageDataset:
     """Read and check labelled images for this bundle (sources: the module docstring)."""
@@ -153,4 +120,4 @@ def load_image_dataset(path: str | os.PathLike, manifest: Manifest, *, augment: 
     if len(np.unique(labels)) < min_classes:
         raise DataError(f"{path}: every image is labelled {manifest.labels[int(labels[0])]!r}; "
                         f"a classifier learns nothing from one class, give images of at least {min_classes}")
-    return ImageDataset(path, images, labels, spec, _digest(path), augment, seed)
+    return ImageDataset(path, images, labels, spec, digest(path), augment, seed)

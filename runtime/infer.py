@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, INPUT_IDS, LOGITS, PIXEL_VALUES, SEQ_CLS, TOKEN_CLS
+from edgepeft.names import ATTENTION_MASK, CAUSAL_LM, CNN_INPUTS, INPUT_IDS, LOGITS, SEQ_CLS, TOKEN_CLS
 from edgepeft.runtime.bundle import Bundle, SessionConfig
 from edgepeft.runtime.feeds import DeltaLike, infer_feeds, neutral_feeds
 from edgepeft.runtime.kv_cache import cache_specs, first_call
@@ -55,14 +55,15 @@ class Predictor:
 
     def image_logits(self, pixels: np.ndarray, deltas: Sequence[DeltaLike] = (),
                      weights: Sequence[float] | None = None) -> np.ndarray:
-        """Raw logits (B, C) for a batch of normalized images (B, channels, H, W) (runtime/images.py makes them)."""
-        feeds = {PIXEL_VALUES: np.ascontiguousarray(pixels, np.float32), **self.slot_feeds(deltas, weights)}
+        """Raw logits (B, C) for a batch of normalized images (B, channels, H, W) (runtime/images.py makes them),
+        or of an audio bundle's log-mel features (B, 1, mels, frames) (runtime/audio.py makes them)."""
+        feeds = {CNN_INPUTS[self.manifest.task]: np.ascontiguousarray(pixels, np.float32), **self.slot_feeds(deltas, weights)}
         return self.session.run([LOGITS], feeds)[0]
 
     def batch_logits(self, batch: dict[str, np.ndarray], deltas: Sequence[DeltaLike] = ()) -> np.ndarray:
-        """Logits of a dataset batch (runtime/data.py or runtime/images.py), whichever input it carries."""
-        if PIXEL_VALUES in batch:
-            return self.image_logits(batch[PIXEL_VALUES], deltas)
+        """Logits of a dataset batch (runtime/data.py, image_data.py or audio_data.py), whichever input it carries."""
+        if self.manifest.task in CNN_INPUTS:
+            return self.image_logits(batch[CNN_INPUTS[self.manifest.task]], deltas)
         return self.logits(batch[INPUT_IDS], batch[ATTENTION_MASK], deltas)
 
     def slot_feeds(self, deltas: Sequence[DeltaLike] = (), weights: Sequence[float] | None = None) -> dict[str, np.ndarray]:

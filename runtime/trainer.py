@@ -23,13 +23,15 @@ from edgepeft.delta import Delta, delta_from_init
 from edgepeft.delta import ranks
 from edgepeft.delta.format import checksum, now_iso
 from edgepeft.errors import TrainError
-from edgepeft.names import (ATTENTION_MASK, IGNORED_LABEL, IMAGE_CLS, INPUT_IDS, LABELS, LOSS, PIXEL_VALUES, SEQ_CLS, TOKEN_CLS,
+from edgepeft.names import (ATTENTION_MASK, AUDIO_CLS, CNN_INPUTS, IGNORED_LABEL, INPUT_IDS, LABELS, LOSS, SEQ_CLS, TOKEN_CLS,
                             grad_name, split_slot_name)
 from edgepeft.runtime import checkpoint as ckpt
 from edgepeft.runtime import memory
 from edgepeft.runtime.bundle import Bundle, SessionConfig
 from edgepeft.runtime.data import Dataset, plan_batches, split_batch, split_by_tokens
 from edgepeft.runtime.evaluate import evaluate, score
+from edgepeft.runtime.audio import AudioSpec
+from edgepeft.runtime.audio_data import AudioDataset
 from edgepeft.runtime.image_data import ImageDataset
 from edgepeft.runtime.images import ImageSpec
 from edgepeft.runtime.infer import Predictor
@@ -37,6 +39,15 @@ from edgepeft.runtime.prompt_init import with_text_init
 from edgepeft.runtime.select import PROBE_STEPS, choose, probe_scores
 from edgepeft.runtime.lm_targets import LOSS_MASK, first_target, loss_chunks, scored, train_feeds
 from edgepeft.runtime.optim import SCHEDULES, AdamW, clip_by_global_norm, lr_at
+
+
+def _cnn_input_shape(manifest) -> tuple[int, int, int]:
+    """(C, H, W) of one example of a convolutional bundle: an image's, or a clip's log-mel features."""
+    if manifest.task == AUDIO_CLS:
+        a = AudioSpec.of(manifest)
+        return 1, a.mels, a.frames
+    i = ImageSpec.of(manifest)
+    return i.channels, i.height, i.width
 
 
 def _help(default: Any, text: str) -> Any:
@@ -141,8 +152,8 @@ class TrainResult:
 class Trainer:
     """Trains the delta slots of one bundle on one dataset."""
 
-    def __init__(self, bundle: Bundle, train: Dataset | ImageDataset, config: TrainConfig | None = None, *,
-                 val: Dataset | ImageDataset | None = None,
+    def __init__(self, bundle: Bundle, train: Dataset | ImageDataset | AudioDataset, config: TrainConfig | None = None, *,
+                 val: Dataset | ImageDataset | AudioDataset | None = None,
                  start: Delta | None = None, checkpoint_dir: str | os.PathLike | None = None,
                  on_progress: Callable[[Progress], None] | None = None) -> None:
         m, config = bundle.manifest, config or TrainConfig()
@@ -198,9 +209,8 @@ class Trainer:
             self.session = self.bundle.session("train", self.plan.session, outputs=self._outputs())
 
     def _probe(self, b: int, t: int) -> float:
-        if self.manifest.task == IMAGE_CLS:  # an image batch's size does not depend on t
-            spec = ImageSpec.of(self.manifest)
-            feeds = {PIXEL_VALUES: np.zeros((b, spec.channels, spec.height, spec.width), np.float32),
+        if self.manifest.task in CNN_INPUTS:  # an image's or a clip's input size does not depend on t
+            feeds = {CNN_INPUTS[self.manifest.task]: np.zeros((b, *_cnn_input_shape(self.manifest)), np.float32),
                      LABELS: np.zeros(b, np.int64), **self.params}
             return memory.peak_during(lambda: self.session.run(None, feeds))
         ids = np.full((b, t), max(self.manifest.pad_token_id + 1, 4) % self.manifest.vocab_size, np.int64)

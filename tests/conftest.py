@@ -327,3 +327,13 @@ def cnn_bundle(tmp_path_factory):
         return made[quantize]
 
     return get
+
+
+# ---- audio bundles (issue 13, speech) --------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def kws_bundle(tmp_path_factory) -> Path:
+    """The tiny KWS CNN (tests/tiny_kws.py) exported once per test run (int8; LoRA + BN + its own head)."""
+    from tiny_kws import export_tiny_kws
+
+    return built_once(shared_root(tmp_path_factory, "kws") / "kws-int8.bundle", export_tiny_kws)

@@ -63,6 +63,7 @@ def figures() -> dict[str, str]:
     export = {r["config"].split(" ")[0]: r for r in _json("export")["rows"]}
     levers = {r["config"]: r for r in _json("levers")["rows"]}
     run = _json("run")
+    speech = _json("speech")
 
     def target(name: str) -> str:  # README's targets table rows read as summary.md's
         t = targets[name]
@@ -75,6 +76,7 @@ def figures() -> dict[str, str]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_methods  # its table is printed by the benchmark and copied into README
     import bench_select
+    import bench_speech
     import bench_vision
 
     return {
@@ -82,6 +84,19 @@ def figures() -> dict[str, str]:
         **adalora_figures(),
         "select: table": bench_select.table(_json("select")["rows"]),
         "vision: table": bench_vision.table(_json("vision")),
+        "speech: table": bench_speech.table(speech),
+        "speech: without a budget": bench_speech.step_and_memory(_json("speech_no_budget")),
+        "speech: base": f"trained in torch on {speech['base']['clips']} clips",
+        "speech: base accuracy": f"recognizes {100 * speech['base']['heldout_base_voices_accuracy']:.1f} % of held-out clips "
+                                 f"of those speakers and {100 * speech['base']['new_voice_accuracy']:.1f} % of the new voice's",
+        "speech: base time": f"the base's training ({speech['base']['train_s']:.0f} s here)",
+        "speech: gaps": "accuracy within 1 point of torch + PEFT: " + ", ".join(
+            f"{t['accuracy_gap_points']:+.1f}" for t in speech["targets"].values()),
+        "speech: memory": "peak training memory ≤ 0.4× torch's: " + ", ".join(
+            f"{t['peak_memory_ratio']:.2f}×" for t in speech["targets"].values()),
+        "speech: time": "time to accuracy ≤ 0.5×: " + ", ".join(
+            "not reached" if t["time_to_accuracy_ratio"] is None else f"{t['time_to_accuracy_ratio']:.2f}×"
+            for t in speech["targets"].values()),
         "measured: date": f"{_json('time_to_accuracy')['date'][:10]}; every ratio",
         "measured: machine": f"this project's machine ({_json('time_to_accuracy')['machine']})",
         "measured: run_all duration": f"`python benchmarks/run_all.py` ({run['seconds'] / 60:.0f} minutes;",

@@ -20,11 +20,12 @@ def pixels(n: int = 4, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *SIZE)).astype(np.float32)
 
 
-def reference(bundle, tensors: dict[str, np.ndarray]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def reference(bundle, tensors: dict[str, np.ndarray], model: nn.Module | None = None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """torch + PEFT on the bundle's stored (dequantized) weights with ``tensors`` as the delta, and each
-    slot's torch counterpart: PEFT's lora_A/lora_B conv weights, the BatchNorm γ and β, the head's weight and bias."""
+    slot's torch counterpart: PEFT's lora_A/lora_B conv weights, the BatchNorm γ and β, the head's weight and bias.
+    ``model``: the bundle's architecture (default the tiny CNN); its weights are replaced by the bundle's."""
     m = bundle.manifest
-    model = TinyCNN(classes=len(m.labels))
+    model = model if model is not None else TinyCNN(classes=len(m.labels))
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in read_frozen(bundle).items()})
     model.eval()
     lora = sorted({s.module for s in m.slots if s.kind == LORA_A})

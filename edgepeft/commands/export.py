@@ -83,10 +83,12 @@ def _layers(ctx, param, value: str | None) -> int | str | None:
 @click.option("--opset", type=click.IntRange(min=18), default=20, show_default=True, help="ONNX opset of the graphs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for a freshly initialized classifier head.")
 @click.option("--vision", help="Export a pre-trained vision model by name instead of MODEL_DIR (efficientnet-lite0), from --weights.")
-@click.option("--weights", type=click.Path(path_type=Path), help="--vision: the model's weights file (.pth).")
+@click.option("--audio", help="Export a trained audio model by name instead of MODEL_DIR (kws-cnn), from --weights; its "
+              "own head is kept unless --labels names other words.")
+@click.option("--weights", type=click.Path(path_type=Path), help="--vision: the model's weights file (.pth); --audio: its .safetensors.")
 @click.option("--image-size", type=click.IntRange(min=8), help="--vision: input height and width in pixels.  [default: the model's]")
 def export_cmd(model_dir: Path | None, out_dir: Path, task, labels, num_labels, method, method_config, rank, alpha, targets,
-               top_layers, quantize, max_length, opset, seed, vision, weights, image_size) -> None:
+               top_layers, quantize, max_length, opset, seed, vision, audio, weights, image_size) -> None:
     """Export a local Hugging Face model directory (or a .gguf file) to a bundle.
 
     \b
@@ -102,12 +104,14 @@ def export_cmd(model_dir: Path | None, out_dir: Path, task, labels, num_labels, 
 
     if rank <= 0:
         raise click.BadParameter(f"must be a positive integer, got {rank}", param_hint="--rank")
-    if vision is not None:
-        _export_vision(vision, weights, model_dir, out_dir, labels, num_labels, method, method_config, rank, alpha,
-                       targets, top_layers, quantize, image_size, opset, seed)
+    if vision is not None and audio is not None:
+        raise click.UsageError("give --vision or --audio, not both")
+    if vision is not None or audio is not None:
+        _export_cnn(vision, audio, weights, model_dir, out_dir, labels, num_labels, method, method_config, rank, alpha,
+                    targets, top_layers, quantize, image_size, opset, seed)
         return
     if model_dir is None:
-        raise click.UsageError("give MODEL_DIR (or --vision NAME --weights FILE)")
+        raise click.UsageError("give MODEL_DIR (or --vision/--audio NAME --weights FILE)")
     source = model_dir  # the manifest records what the user gave, not the temporary conversion
     with tempfile.TemporaryDirectory(prefix="edgepeft-gguf-") as tmp:
         if is_gguf(model_dir):  # a GGUF file: dequantized to a float32 model directory first
@@ -122,21 +126,30 @@ def export_cmd(model_dir: Path | None, out_dir: Path, task, labels, num_labels, 
                f"{manifest.trainable_numbers:,} trainable numbers, {manifest.quantization} weights")
 
 
-def _export_vision(name, weights, model_dir, out_dir, labels, num_labels, method, method_config, rank, alpha, targets,
-                   top_layers, quantize, image_size, opset, seed) -> None:
-    """``--vision NAME --weights FILE``: a registered vision model (exporters/vision_specs.py) to an image bundle."""
-    from edgepeft.exporters.vision_specs import export_vision
-
+def _export_cnn(vision, audio, weights, model_dir, out_dir, labels, num_labels, method, method_config, rank, alpha, targets,
+                top_layers, quantize, image_size, opset, seed) -> None:
+    """``--vision/--audio NAME --weights FILE``: a registered vision model (exporters/vision_specs.py) to an image
+    bundle, or a registered audio model (exporters/audio_specs.py) to an audio bundle."""
+    flag = "--vision" if vision is not None else "--audio"
     if model_dir is not None or weights is None:
-        raise click.UsageError("--vision takes --weights FILE and no MODEL_DIR")
+        raise click.UsageError(f"{flag} takes --weights FILE and no MODEL_DIR")
+    if audio is not None and image_size is not None:
+        raise click.UsageError("--image-size is for --vision; an audio model's input is its features' size")
     if quantize == "int4":
         raise click.BadParameter("a convolutional bundle takes none or int8", param_hint="--quantize")
-    labels = labels or [str(i) for i in range(num_labels or 0)]
+    labels = labels or ([str(i) for i in range(num_labels)] if num_labels else None)
     options = {"rank": rank, "alpha": alpha, "targets": ",".join(targets) if targets else None}
     chosen = {f for m in methods.parse(method) for f, _ in m.config_cls.help()}
     config = {k: v for k, v in options.items() if v is not None and k in chosen}
-    manifest = export_vision(name, weights, out_dir, labels=labels, size=image_size, method=method,
-                             method_config={**config, **method_config}, top_layers=top_layers, quantize=quantize,
-                             opset=opset, seed=seed, progress=lambda msg: click.echo(msg, err=True))
+    kw = dict(method=method, method_config={**config, **method_config}, top_layers=top_layers, quantize=quantize,
+              opset=opset, seed=seed, progress=lambda msg: click.echo(msg, err=True))
+    if vision is not None:
+        from edgepeft.exporters.vision_specs import export_vision
+
+        manifest = export_vision(vision, weights, out_dir, labels=labels or [], size=image_size, **kw)
+    else:
+        from edgepeft.exporters.audio_specs import export_audio
+
+        manifest = export_audio(audio, weights, out_dir, labels=labels, **kw)
     click.echo(f"{out_dir}: {manifest.task}, {len(manifest.slots)} slots, "
                f"{manifest.trainable_numbers:,} trainable numbers, {manifest.quantization} weights")

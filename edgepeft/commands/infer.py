@@ -11,7 +11,7 @@ from edgepeft.commands.chat import make_sampling, sampling_options
 
 @click.command("infer")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.argument("texts", nargs=-1, required=True)  # image bundles: image files (.png, .jpg, .npy)
+@click.argument("texts", nargs=-1, required=True)  # image bundles: image files (.png, .jpg, .npy); audio: .wav
 @click.option("--delta", "deltas", multiple=True, type=click.Path(path_type=Path),
               help="Delta file to apply; repeat to mix several (with --weights).")
 @click.option("--weights", help="Comma-separated mixing weights for repeated --delta (default: all 1).")
@@ -20,7 +20,7 @@ from edgepeft.commands.chat import make_sampling, sampling_options
 def infer_cmd(bundle: Path, texts: tuple[str, ...], deltas: tuple[Path, ...], weights: str | None, as_chat: bool,
               max_new_tokens, temperature, top_p, top_k, seed, stop) -> None:
     """Classify TEXTS (labels with probabilities), tag their words (token classification) or continue them (causal LM,
-    streamed); image bundles classify image files.
+    streamed); image bundles classify image files, audio bundles 16 kHz mono WAV files.
 
     \b
     Examples:
@@ -29,7 +29,7 @@ def infer_cmd(bundle: Path, texts: tuple[str, ...], deltas: tuple[Path, ...], we
       edgepeft infer smollm2.bundle --chat --temperature 0.7 --seed 1 "Write a haiku about tea"
     """
     from edgepeft.delta import load_delta
-    from edgepeft.names import IMAGE_CLS, SEQ_CLS, TOKEN_CLS
+    from edgepeft.names import AUDIO_CLS, IMAGE_CLS, SEQ_CLS, TOKEN_CLS
     from edgepeft.runtime.bundle import open_bundle
     from edgepeft.runtime.infer import Predictor
 
@@ -44,13 +44,12 @@ def infer_cmd(bundle: Path, texts: tuple[str, ...], deltas: tuple[Path, ...], we
         if len(mix) != len(loaded):
             raise click.BadParameter(f"{len(mix)} weights for {len(loaded)} deltas", param_hint="--weights")
     predictor = Predictor(b)
-    if b.manifest.task == IMAGE_CLS:  # TEXTS are image files
-        from edgepeft.runtime.images import ImageSpec, image_file, to_model_input
+    if b.manifest.task in (IMAGE_CLS, AUDIO_CLS):  # TEXTS are image files or WAV files
         from edgepeft.runtime.infer import softmax
 
-        spec, labels = ImageSpec.of(b.manifest), b.manifest.labels
+        labels = b.manifest.labels
         for name in texts:
-            p = softmax(predictor.image_logits(to_model_input(image_file(Path(name))[None], spec), loaded, mix))[0]
+            p = softmax(predictor.image_logits(_cnn_input(b.manifest, Path(name)), loaded, mix))[0]
             ranked = sorted(zip(labels, p), key=lambda lp: -lp[1])
             click.echo(f"{ranked[0][0]}\t" + "  ".join(f"{l}={v:.3f}" for l, v in ranked) + f"\t{name}")
     elif b.manifest.task == SEQ_CLS:
@@ -81,3 +80,17 @@ def infer_cmd(bundle: Path, texts: tuple[str, ...], deltas: tuple[Path, ...], we
             for piece in gen.stream(prompt, sampling, loaded, mix):
                 click.echo(piece, nl=False)
             click.echo("")
+
+
+def _cnn_input(manifest, path: Path):
+    """The model input (1, C, H, W) of one image file, or of one WAV file for an audio bundle."""
+    from edgepeft.names import AUDIO_CLS
+
+    if manifest.task == AUDIO_CLS:
+        from edgepeft.runtime.audio import AudioSpec, log_mel, read_wav
+
+        spec = AudioSpec.of(manifest)
+        return log_mel(read_wav(path, spec)[None], spec)
+    from edgepeft.runtime.images import ImageSpec, image_file, to_model_input
+
+    return to_model_input(image_file(path)[None], ImageSpec.of(manifest))

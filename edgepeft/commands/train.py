@@ -17,7 +17,8 @@ import click
 from edgepeft.delta import load_delta, save_delta
 from edgepeft.errors import TrainError
 from edgepeft.runtime.bundle import SessionConfig, open_bundle
-from edgepeft.names import IMAGE_CLS
+from edgepeft.names import AUDIO_CLS, IMAGE_CLS
+from edgepeft.runtime.audio_data import load_audio_dataset
 from edgepeft.runtime.data import load_dataset
 from edgepeft.runtime.image_data import load_image_dataset
 from edgepeft.runtime.images import Augment
@@ -86,15 +87,17 @@ def _summary(s: TrainSummary, out: Path) -> str:
 
 
 def _load(path: Path, b, augment: Augment | None = None, seed: int = 0):
-    """The data set at ``path`` for bundle ``b``: images for an image bundle, else text through its tokenizer."""
+    """The data set at ``path`` for bundle ``b``: images or clips for an image or audio bundle, else text through its tokenizer."""
     if b.manifest.task == IMAGE_CLS:
         return load_image_dataset(path, b.manifest, augment=augment, seed=seed)
+    if b.manifest.task == AUDIO_CLS:
+        return load_audio_dataset(path, b.manifest)
     return load_dataset(path, b.manifest, load_tokenizer(b), bundle_path=b.path)
 
 
 @click.command("train")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="Training data: .jsonl, .csv (text,label header) or .txt (causal LM); for an image bundle a folder of class folders, an image,label .csv, IDX or .npy images.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Training data: .jsonl, .csv (text,label header) or .txt (causal LM); for an image bundle a folder of class folders, an image,label .csv, IDX or .npy images; for an audio bundle a folder of word folders of 16 kHz mono WAV files or an audio,label .csv.")
 @click.option("--val", type=click.Path(path_type=Path), default=None, help="Validation data (same formats) for accuracy / perplexity, early stopping and keeping the best delta.")
 @click.option("--delta", "start", type=click.Path(path_type=Path), default=None, help="Delta to start from (default: a fresh one).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Delta file to write (atomically, at the end).")

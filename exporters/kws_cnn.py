@@ -1,0 +1,43 @@
+"""A small keyword-spotting CNN over log-mel features (1, mels, frames): four conv blocks and a linear classifier.
+
+About 64k parameters and 12M multiply-adds per one-second clip (40 mels x 98 frames): the size of the
+on-device keyword spotters of the "Hello Edge" study. Plain Conv2d, BatchNorm2d, ReLU and pooling, so
+exporters/modules.py exports it like any image CNN; the blocks are one Sequential, the stack its
+``top_layers`` counts. The last feature map is averaged over time, not over frequency: a keyword's pitch
+and formants stay visible to the classifier, its position in the clip does not matter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+WIDTHS = (16, 32, 64, 64)  # channels of the four blocks
+
+
+class ConvBlock(nn.Module):
+    """3x3 convolution, BatchNorm, ReLU, then 2x2 max pooling (``pool``) or none."""
+
+    def __init__(self, c_in: int, c_out: int, pool: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.act = nn.ReLU()
+        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.act(self.bn(self.conv(x))))
+
+
+class KwsCnn(nn.Module):
+    """(B, 1, mels, frames) log-mel features -> (B, words) logits."""
+
+    def __init__(self, words: int, mels: int = 40, widths: tuple[int, ...] = WIDTHS) -> None:
+        super().__init__()
+        chans = (1, *widths)
+        self.blocks = nn.Sequential(*(ConvBlock(chans[i], chans[i + 1], pool=i < len(widths) - 1) for i in range(len(widths))))
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(widths[-1] * (mels >> (len(widths) - 1)), words)  # channels x the last block's mel rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flat(self.blocks(x).mean(-1)))  # (B, C, rows, frames) -> mean over time -> (B, C * rows)
