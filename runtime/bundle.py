@@ -4,29 +4,39 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnxruntime as ort
 
 from edgepeft.errors import BundleError
+from edgepeft.names import CAUSAL_LM
+from edgepeft.runtime.allocator import lean_allocator
 from edgepeft.manifest import Manifest, files_of, read_manifest
 from edgepeft.onnx_refs import check_reads_only
 
 
 @dataclass(frozen=True)
 class SessionConfig:
-    """onnxruntime settings that trade speed for memory (the memory budget picks these)."""
+    """onnxruntime settings that trade speed for memory (the memory budget picks these); ``None``: the graph's default."""
 
     threads: int = 0  # 0 = onnxruntime's default (all cores)
-    arena: bool = True  # the CPU memory arena: faster, but keeps peak memory reserved
+    arena: bool | None = None  # the CPU memory arena: faster, but keeps peak memory reserved
+    mem_pattern: bool | None = None  # onnxruntime's memory pattern: one block planned per input shape
     optimization: str = "all"  # basic | extended | all
+
+    def for_graph(self, kind: str, task: str) -> "SessionConfig":
+        """These settings with every ``None`` replaced by the default for a ``kind`` graph of a ``task`` bundle."""
+        arena, pattern = graph_defaults(kind, task)
+        return replace(self, arena=arena if self.arena is None else self.arena,
+                       mem_pattern=pattern if self.mem_pattern is None else self.mem_pattern)
 
     def options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
-        so.enable_cpu_mem_arena = self.arena
+        so.enable_cpu_mem_arena = self.arena is not False
+        so.enable_mem_pattern = self.mem_pattern is not False
         so.log_severity_level = 3
         # onnxruntime fuses a quantized weight feeding a MatMul directly (GPT-2's Conv1D; Linear weights pass a
         # Transpose first) into MatMulNBits, which by default quantizes the activations to int8 too (accuracy
@@ -39,6 +49,26 @@ class SessionConfig:
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[self.optimization]
         return so
+
+
+def graph_defaults(kind: str, task: str) -> tuple[bool, bool]:
+    """(arena, memory pattern) for a graph, as measured (benchmarks/llm_memory.py, results/llm_memory.json).
+
+    A train step's tensors come and go in a long, uneven sequence; onnxruntime's memory pattern for it
+    held far more than the step's live tensors (a tiny Llama: 633 MB peak with it, 409 MB without,
+    as fast), so train sessions plan no pattern. A causal LM's model.onnx scores the whole vocabulary
+    (a 256-token row's logits are 50 MB) and is called between train steps for validation: with the
+    arena on, what it reserved stays resident under the next train step (SmolLM2-135M: 628 MB after
+    four calls, 224 MB without the arena), so it runs without arena or pattern. Every other graph keeps
+    onnxruntime's defaults (both on: fastest for small, repeated shapes)."""
+    if kind == "train":
+        return TRAIN_ARENA, False
+    if task == CAUSAL_LM:
+        return False, False
+    return True, True
+
+
+TRAIN_ARENA = True  # see graph_defaults
 
 
 @dataclass(frozen=True)
@@ -54,6 +84,9 @@ class Bundle:
     def session(self, kind: str, config: SessionConfig = SessionConfig()) -> ort.InferenceSession:
         """An onnxruntime session for the ``infer`` or ``train`` graph; a broken graph is a BundleError."""
         path = self.graph_path(kind)
+        config = config.for_graph(kind, self.manifest.task)
+        if kind == "train" or not config.arena:  # freed activations go back to the system (runtime/allocator.py)
+            lean_allocator()
         try:
             sess = ort.InferenceSession(os.fspath(path), sess_options=config.options(), providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own untyped errors for corrupt files
