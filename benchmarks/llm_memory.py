@@ -11,7 +11,7 @@ Two measurements of one bundle's train.onnx at batch 4 x 256 tokens (what bench_
    freed blocks back) in a fresh process: RSS with the train session loaded, peak over two steps,
    the second step's time.
 
-    python benchmarks/llm_memory.py [--bundle B] [--settings all|default]
+    python benchmarks/llm_memory.py [--bundle B] [--name N] [--settings all|default|onnxruntime]
 
 Prints the breakdown and writes benchmarks/results/llm_memory.json (and the printout beside it).
 """
@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, help="a causal-LM bundle (default: bench_llm's SmolLM2-135M int8 bundle)")
     ap.add_argument("--name", default="llm_memory", help="results/<name>.json")
-    ap.add_argument("--settings", default="all", help="'all' or 'default' (only the train session's defaults)")
+    ap.add_argument("--settings", default="all",
+                    help="'all', 'default' (the train session's defaults) or 'onnxruntime' (onnxruntime's own defaults)")
     args = ap.parse_args(argv)
     if args.bundle is None:
         from bench_llm import smollm2_bundle
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     say("process RSS per setting (fresh process each):")
     rss = {}
     for name, flags in SETTINGS.items():
-        if args.settings == "default" and flags != (1, 0, 1):
+        if (args.settings, flags) in {("default", f) for f in SETTINGS.values() if f != (1, 0, 1)} | \
+                {("onnxruntime", f) for f in SETTINGS.values() if f != (1, 1, 0)}:
             continue
         rss[name] = run_child(RSS, *shape, *map(str, flags), timeout=3600)
         r = rss[name]

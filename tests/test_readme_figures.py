@@ -230,7 +230,7 @@ def llm_memory_figures() -> dict[str, str]:
     rows = {f"llm memory: {name}": f"| {name} | {r['step_peak_mb']} MB | {r['step_s']:.1f} s |" for name, r in now["rss"].items()}
     old = before["rss"]["arena on, pattern on (onnxruntime's defaults)"]
     return {"llm memory: before": alive(before), "llm memory: after": alive(now), **rows,
-            "llm memory: before rss": f"| the same, before (the old graph) | {old['step_peak_mb']} MB | {old['step_s']:.1f} s |"}
+            "llm memory: before rss": f"| arena on, pattern on, before the fix (the old graph) | {old['step_peak_mb']} MB | {old['step_s']:.1f} s |"}
 
 
 FIGURES = figures()
