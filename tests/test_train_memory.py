@@ -45,7 +45,7 @@ def test_no_chunks_logits_are_read_after_its_softmax(bundles, tmp_path):
 
 @pytest.mark.parametrize("kind, graph, arena, pattern", [
     ("llama", "train", True, False), ("llama", "infer", False, False),
-    ("bert", "train", True, False), ("bert", "infer", True, True)])
+    ("bert", "train", True, True), ("bert", "infer", True, True)])
 def test_sessions_get_their_graphs_memory_defaults(bundles, kind, graph, arena, pattern):
     so = bundles(kind, "int8").session(graph).get_session_options()
     assert (so.enable_cpu_mem_arena, so.enable_mem_pattern) == (arena, pattern)
