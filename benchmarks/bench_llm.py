@@ -20,6 +20,7 @@ import argparse
 import json
 import re
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -246,7 +247,7 @@ def export_stats(log: Path) -> dict:
             "export_peak_mb": round(int(peak.group(1)) / 1024, 1)}
 
 
-PARTS = ("train", "int4", "export")
+PARTS = ("train", "ours", "int4", "export")  # ours: the int8 side alone, torch + PEFT's kept (same steps)
 SIDES = {"edgepeft_int8": "edgepeft int8 (onnxruntime)", "edgepeft_int4": "edgepeft int4 (onnxruntime)",
          "torch_peft_fp32": "torch + transformers + PEFT fp32"}
 
@@ -292,19 +293,24 @@ def main(argv: list[str] | None = None) -> None:
     result.update({"benchmark": "SmolLM2-135M-Instruct: edgepeft beside torch + transformers + PEFT",
                    "batch": BATCH, "length": LENGTH, "lr": LR, "new_tokens": NEW_TOKENS,
                    "slots": "LoRA r=8 q_proj,v_proj, top 10 of 30 layers"})
-    if parts & {"train", "int4"}:
+    if "ours" in parts and result.get("steps") != steps:
+        raise SystemExit(f"--parts ours keeps torch + PEFT's {result.get('steps')}-step run: pass --steps {result.get('steps')}")
+    if parts & {"train", "ours", "int4"}:
         data = batches(model_dir, steps, CACHE / "llm_batches.npz")
         common = [str(data), str(steps), str(LR)]
         int8 = str(bundles["int8"][0].resolve())
         runs = []
         if "train" in parts:  # the torch side reads the bundle only for its slots' layers and starting delta
             runs += [("edgepeft_int8", EDGEPEFT, [int8]), ("torch_peft_fp32", TORCH, [int8, str(model_dir)])]
+        elif "ours" in parts:
+            runs.append(("edgepeft_int8", EDGEPEFT, [int8]))
         if "int4" in parts:
             runs.append(("edgepeft_int4", EDGEPEFT, [str(bundles["int4"][0].resolve())]))
         result["steps"] = steps
         for name, code, extra in runs:
             print(f"running {name} ...", file=sys.stderr, flush=True)
-            result[name] = run_child(code, *common, *extra, timeout=3600)
+            result[name] = {**run_child(code, *common, *extra, timeout=3600),
+                            "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # sides may be rerun apart
             print(json.dumps(result[name])[:400], file=sys.stderr, flush=True)
     export = result.get("export", {})
     if "export" in parts:

@@ -1,9 +1,9 @@
 """Frozen weights: from graph inputs to initializers stored once, in ``weights.bin``, shared by both graphs.
 
 Each quantized weight ``W`` becomes ``W.q`` (int8 or int4) and ``W.scale`` feeding a
-``DequantizeLinear`` whose output is named ``W``, so the rest of the graph is untouched. An int8
-embedding table read only by ``Gather`` is gathered as int8 rows and scaled after, so the fp32
-table never exists in memory.
+``DequantizeLinear`` whose output is named ``W``, so the rest of the graph is untouched. A
+``Gather`` of rows of an int8 weight quantized per row (an embedding table, an LM head's target
+rows) reads int8 rows and scales them after, so it needs no fp32 copy of the weight.
 """
 
 from __future__ import annotations
@@ -124,7 +124,9 @@ def attach(model: onnx.ModelProto, store: WeightFile, params: dict[str, np.ndarr
         store.quantized[name] = {"axis": spec.axis if block is None else 1 - spec.axis, "block": block}
         graph.initializer.extend([store.tensor(name + ".q"), store.tensor(name + ".scale")])
         users = consumers.get(name, [])
-        gathers = [n for n in users if spec.embedding and block is None and n.op_type == "Gather"
+        # rows of a weight quantized per row (an embedding; an LM head, whose target rows the loss reads) are gathered as
+        # int8 rows: a Gather of the dequantized weight would get its own fp32 copy of it from onnxruntime per reader
+        gathers = [n for n in users if spec.axis == 0 and block is None and n.op_type == "Gather"
                    and n.input[0] == name and all(a.i == 0 for a in n.attribute if a.name == "axis")]
         for g in gathers:
             at = list(graph.node).index(g)

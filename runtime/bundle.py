@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import onnxruntime as ort
 
 from edgepeft.errors import BundleError
+from edgepeft.names import CAUSAL_LM, WEIGHTS_INDEX_FILE
+from edgepeft.runtime.allocator import lean_allocator
 from edgepeft.manifest import Manifest, files_of, read_manifest
 from edgepeft.onnx_prune import prune_outputs
 from edgepeft.onnx_refs import check_reads_only
@@ -18,17 +23,25 @@ from edgepeft.onnx_refs import check_reads_only
 
 @dataclass(frozen=True)
 class SessionConfig:
-    """onnxruntime settings that trade speed for memory (the memory budget picks these)."""
+    """onnxruntime settings that trade speed for memory (the memory budget picks these); ``None``: the graph's default."""
 
     threads: int = 0  # 0 = onnxruntime's default (all cores)
-    arena: bool = True  # the CPU memory arena: faster, but keeps peak memory reserved
+    arena: bool | None = None  # the CPU memory arena: faster, but keeps peak memory reserved
+    mem_pattern: bool | None = None  # onnxruntime's memory pattern: one block planned per input shape
     optimization: str = "all"  # basic | extended | all
+
+    def for_graph(self, kind: str, task: str) -> "SessionConfig":
+        """These settings with every ``None`` replaced by the default for a ``kind`` graph of a ``task`` bundle."""
+        arena, pattern = graph_defaults(kind, task)
+        return replace(self, arena=arena if self.arena is None else self.arena,
+                       mem_pattern=pattern if self.mem_pattern is None else self.mem_pattern)
 
     def options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
-        so.enable_cpu_mem_arena = self.arena
+        so.enable_cpu_mem_arena = self.arena is not False
+        so.enable_mem_pattern = self.mem_pattern is not False
         so.log_severity_level = 3
         # onnxruntime fuses a quantized weight feeding a MatMul directly (GPT-2's Conv1D; Linear weights pass a
         # Transpose first) into MatMulNBits, which by default quantizes the activations to int8 too (accuracy
@@ -41,6 +54,24 @@ class SessionConfig:
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[self.optimization]
         return so
+
+
+def graph_defaults(kind: str, task: str) -> tuple[bool, bool]:
+    """(arena, memory pattern) for a graph, as measured (benchmarks/llm_memory.py, results/llm_memory.json).
+
+    A causal LM's train step has tensors that come and go in a long, uneven sequence; onnxruntime's memory
+    pattern for it held far more than the step's live tensors (SmolLM2-135M: 1561 MB peak with it, 902 MB
+    without, as fast), so its train session plans no pattern. A causal LM's model.onnx scores the whole vocabulary
+    (a 256-token row's logits are 50 MB) and is called between train steps for validation: with the
+    arena on, what it reserved stays resident under the next train step (SmolLM2-135M: 628 MB after
+    four calls, 224 MB without the arena), so it runs without arena or pattern. Other tasks' graphs keep
+    onnxruntime's defaults (both on), under which their figures were measured."""
+    if task != CAUSAL_LM:
+        return True, True
+    return (True, False) if kind == "train" else (False, False)  # train: the arena is as small as without it, and faster
+
+
+NUMPY_WEIGHT_TYPES = ("float32", "int8", "int64", "int32", "bool")  # weights.json dtypes numpy reads as they are
 
 
 @dataclass(frozen=True)
@@ -58,11 +89,16 @@ class Bundle:
         """An onnxruntime session for the ``infer`` or ``train`` graph; a broken graph is a BundleError. ``outputs``: only
         these outputs and the nodes they need (edgepeft/onnx_prune.py: a train step's backward pass stops earlier)."""
         path = self.graph_path(kind)
+        config = config.for_graph(kind, self.manifest.task)
+        if kind == "train" or not config.arena:  # freed activations go back to the system (runtime/allocator.py)
+            lean_allocator()
+        options = config.options()
+        for name, value in self.shared_weights.items():
+            options.add_initializer(name, value)
         try:
             if outputs is None:
-                sess = ort.InferenceSession(os.fspath(path), sess_options=config.options(), providers=["CPUExecutionProvider"])
+                sess = ort.InferenceSession(os.fspath(path), sess_options=options, providers=["CPUExecutionProvider"])
             else:  # from bytes: onnxruntime is told where the graph's external weights lie
-                options = config.options()
                 options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(self.path))
                 sess = ort.InferenceSession(prune_outputs(path.read_bytes(), set(outputs)), sess_options=options,
                                             providers=["CPUExecutionProvider"])
@@ -74,7 +110,24 @@ class Bundle:
         if expected != actual:
             diff = sorted(expected ^ actual)[:3]
             raise BundleError(f"{path}: graph inputs differ from manifest.json (e.g. {', '.join(diff)}); the bundle is inconsistent")
+        sess.shared_weights = self.shared_weights  # the session reads these buffers: they live as long as it does
         return sess
+
+    @cached_property
+    def shared_weights(self) -> dict[str, ort.OrtValue]:
+        """weights.bin's tensors as OrtValues over one read-only memory map, handed to every session of this bundle.
+
+        onnxruntime maps a graph's external weights itself, per session and tensor, and resident pages count once
+        per mapping: model.onnx and train.onnx together showed the weights twice in RSS (SmolLM2-135M int8: 135 MB
+        more at the train step's peak). int4 tensors have no numpy type and stay onnxruntime's to map."""
+        try:
+            index = json.loads((self.path / WEIGHTS_INDEX_FILE).read_text())["tensors"]
+        except (OSError, ValueError, KeyError):  # no index (an older bundle): onnxruntime maps the file itself
+            return {}
+        data = np.memmap(self.path / self.manifest.weights, dtype=np.uint8, mode="r")
+        return {name: ort.OrtValue.ortvalue_from_numpy(
+                    data[t["offset"]:t["offset"] + t["length"]].view(t["dtype"]).reshape(t["shape"]))
+                for name, t in index.items() if t["dtype"] in NUMPY_WEIGHT_TYPES}
 
 
 def open_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:

@@ -9,7 +9,7 @@ would come near the budget. Peak grows about linearly in batch x tokens at these
     peak(b, T) ~= fixed + per_token * b * T,   per_token = slope over the widest probe spread / L.
 
 Two probes at batch 1 and 2 alone are not enough: the allocator's slack hides a small step's growth.
-Under a budget glibc is also told to give large freed blocks back (see ``lean_allocator``), without
+glibc is told to give large freed blocks back (``runtime/allocator.py``, whenever a train session is built), without
 which peak memory depends on the history of step sizes more than on the current one.
 
 The plan then picks the largest micro-batch that fits at the longest length and caps every run at
@@ -21,7 +21,6 @@ arena keeps freed blocks and grows in doubling chunks). Thread count is left as 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
 import sys
@@ -36,7 +35,6 @@ from edgepeft.runtime.bundle import SessionConfig
 MB = 1024 * 1024
 HEADROOM = 0.9  # plan to 90 % of the budget: probes are single measurements (a step's peak varies ~5 %)
 ARENA_FACTOR = 2.0
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 PROBE_LIMIT = 0.8  # a probe runs only when predicted to stay under this share of the planned peak
 MIN_LENGTH = 16  # never truncate examples below this many tokens to fit a budget
 
@@ -58,23 +56,6 @@ def _own_peak_mb() -> float:
         pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / MB if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
-
-
-def lean_allocator() -> bool:
-    """Have glibc serve blocks of 256 KB and more with mmap and trim freed memory; False where that is not possible.
-
-    By default glibc raises its mmap threshold after each large free, so a step's activations come
-    from a heap that keeps what it freed and fragments: RSS stays at the largest step seen and grows
-    past it, and peak memory stops being a function of the batch. Measured on a tiny BERT at batch
-    1200: a 233 MB peak becomes 131 MB, and memory returns to the baseline after each step.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, 256 * 1024)) and bool(mallopt(M_TRIM_THRESHOLD, 1024 * 1024))
 
 
 def peak_rss_mb() -> float:

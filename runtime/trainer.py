@@ -196,8 +196,6 @@ class Trainer:
         budget = c.memory_budget_mb
         want = min(c.batch_size, c.micro_batch or c.batch_size)
         lean = SessionConfig(threads=c.threads, arena=False)
-        if budget:
-            memory.lean_allocator()  # before anything allocates: freed memory goes back, peaks follow the batch
         self.predictor = Predictor(self.bundle, lean if budget else SessionConfig(threads=c.threads)) if self.val else None
         if not budget:
             self.session = self.bundle.session("train", SessionConfig(threads=c.threads), outputs=self._outputs())

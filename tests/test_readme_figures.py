@@ -249,7 +249,22 @@ def llm_figures() -> dict[str, str]:
                            + " / ".join(f"{r['ratios']['edgepeft_int8'][k]:.2f}" for k in ("gen_base", "gen_lora")) + "× |",
         "llm: export": f"| export of the GGUF, wall / CPU seconds, peak RSS | {plain} | {x['int8']['export_s']:.0f} / "
                        f"{x['int8']['export_cpu_s']:.0f} s, {x['int8']['export_peak_mb']:.0f} MB (both graphs) | {cpu_ratio} |",
+        **llm_memory_figures(),
     }
+
+
+def llm_memory_figures() -> dict[str, str]:
+    """Where SmolLM2's train step spends memory (benchmarks/llm_memory.py), before and after issue 16's fix."""
+    now, before = _json("llm_memory"), _json("llm_memory_before")
+
+    def alive(r: dict) -> str:
+        return (f"{r['live']['peak_live_mb']:.0f} MB alive at the peak: "
+                + ", ".join(f"{v:.0f} MB {k}" for k, v in r["live"]["alive_at_peak_mb"].items()))
+
+    rows = {f"llm memory: {name}": f"| {name} | {r['step_peak_mb']} MB | {r['step_s']:.1f} s |" for name, r in now["rss"].items()}
+    old = before["rss"]["arena on, pattern on (onnxruntime's defaults)"]
+    return {"llm memory: before": alive(before), "llm memory: after": alive(now), **rows,
+            "llm memory: before rss": f"| arena on, pattern on, before the fix (the old graph) | {old['step_peak_mb']} MB | {old['step_s']:.1f} s |"}
 
 
 FIGURES = figures()
