@@ -173,7 +173,7 @@ def figures() -> dict[str, str]:
 
 def adalora_figures() -> dict[str, str]:
     """The AdaLoRA paragraph of the Methods section: bytes beside LoRA r=8, ranks kept on both sides (bench_methods.py)."""
-    rows = {r["method"]: r for r in _json("methods")["rows"]}
+    rows = {r["method"]: r for r in _json("methods")["rows"] + _json("methods_adalora")["rows"] if "edgepeft" in r}
     ada, lora = rows["adalora r=8→4"], rows["lora r=8"]
     ours, theirs = (json.loads(ada[side]["ranks"]) for side in ("edgepeft", "torch_peft"))
     same = sum(ours[m] == theirs.get(m) for m in ours)
