@@ -98,6 +98,13 @@ def figures() -> dict[str, str]:
             "not reached" if t["time_to_accuracy_ratio"] is None else f"{t['time_to_accuracy_ratio']:.2f}×"
             for t in speech["targets"].values()),
         "measured: date": f"{_json('time_to_accuracy')['date'][:10]}; every ratio",
+        "measured: hold and int4": (lambda r: f"edgepeft's defaults hold it from\n{r['edgepeft defaults']['seconds_to_hold']} s, torch + PEFT's "
+            f"recipe from {r['torch+peft usual recipe']['seconds_to_hold']} s. With **int4** weights the same defaults reach 75 % in\n"
+            f"{r['edgepeft defaults with int4 weights']['seconds_to_target']} s ({r['edgepeft defaults with int4 weights']['time_ratio_vs_torch']:.2f}× "
+            f"torch's; the int4 train step dequantizes 4-bit blocks, slower than int8's) and end at\n"
+            f"{100 * r['edgepeft defaults with int4 weights']['test_accuracy']:.1f} % test accuracy against fp32's "
+            f"{100 * r['edgepeft defaults with fp32 weights']['test_accuracy']:.1f} %")(
+            {x["config"]: x for x in _json("time_to_accuracy")["rows"]}),
         "measured: machine": f"this project's machine ({_json('time_to_accuracy')['machine']})",
         "measured: run_all duration": f"`python benchmarks/run_all.py` ({run['seconds'] / 60:.0f} minutes;",
         **{f"target: {name}": target(name) for name in targets},
