@@ -47,16 +47,21 @@ class TinyCNN(nn.Module):
 def tiny_cnn(seed: int = 0) -> TinyCNN:
     """A seeded TinyCNN in eval mode with random BatchNorm statistics and affine parameters."""
     torch.manual_seed(seed)
-    m = TinyCNN()
-    g = torch.Generator().manual_seed(seed + 1)
+    return randomize_batchnorm(TinyCNN(), seed + 1, affine=True).eval()
+
+
+def randomize_batchnorm(m: nn.Module, seed: int, *, affine: bool) -> nn.Module:
+    """Seeded BatchNorm statistics (and, with ``affine``, scales and shifts) that are not the identity, in place."""
+    g = torch.Generator().manual_seed(seed)
     for mod in m.modules():
         if isinstance(mod, nn.BatchNorm2d):
             n = mod.num_features
             mod.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
             mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            mod.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            mod.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return m.eval()
+            if affine:
+                mod.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+                mod.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return m
 
 
 def export_tiny(out, quantize: str = "none", method: str = "lora+bn", seed: int = 0):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from edgepeft.runtime.audio import AudioSpec
+from tiny_cnn import randomize_batchnorm
 
 WORDS = ("low", "mid", "high")
 PITCH = {"low": 300.0, "mid": 900.0, "high": 2500.0}  # Hz
@@ -23,14 +24,7 @@ def tiny_kws(seed: int = 0) -> nn.Module:
     from edgepeft.exporters.kws_cnn import KwsCnn
 
     torch.manual_seed(seed)
-    m = KwsCnn(len(WORDS), mels=SPEC.mels, widths=(4, 8))
-    g = torch.Generator().manual_seed(seed + 1)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            n = mod.num_features
-            mod.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-    return m.eval()
+    return randomize_batchnorm(KwsCnn(len(WORDS), mels=SPEC.mels, widths=(4, 8)), seed + 1, affine=False).eval()
 
 
 def export_tiny_kws(out: Path, quantize: str = "int8", seed: int = 0):
