@@ -28,7 +28,8 @@ def start_hub(store: Path | str, port: int, log: Path, *options: str, wait_s: fl
     output appended to ``log``; returns once /healthz answers (the caller stops the process)."""
     cmd = [sys.executable, "-m", "edgepeft.cli", "hub", "serve", "--store", str(store), "--port", str(port),
            "--log-level", "warning", *options]
-    proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    with open(log, "ab") as out:  # the child holds its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}/healthz", time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
