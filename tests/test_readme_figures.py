@@ -82,6 +82,7 @@ def figures() -> dict[str, str]:
     return {
         "methods: table": bench_methods.table(_json("methods")["rows"]),
         **adalora_figures(),
+        **methods_target_figures(),
         "select: table": bench_select.table(_json("select")["rows"]),
         "vision: table": bench_vision.table(_json("vision")),
         "speech: table": bench_speech.table(speech),
@@ -175,6 +176,18 @@ def figures() -> dict[str, str]:
             f"{levers['top 2 layers']['step_ratio']:.2f}× the time and {levers['top 2 layers']['peak_ratio']:.2f}× the peak\nmemory",
         **device_figures(),
         **llm_figures(),
+    }
+
+
+def methods_target_figures() -> dict[str, str]:
+    """The Methods section's targets paragraph (bench_methods.py's targets over methods.json)."""
+    m = _json("methods")
+    t, rows = m["targets"], {r["method"]: r for r in m["rows"] if "edgepeft" in r}
+    small, lora = rows[t["best_small_delta"]]["edgepeft"], rows["lora r=8"]["edgepeft"]
+    return {
+        "methods: largest gap": f"(largest gap {t['largest_gap_points']:.1f} points:",
+        "methods: small delta": f"packs to {small['packed_bytes']:,} B with the head and lands "
+                                f"{t['best_small_delta_points_below_lora']:.1f} points below LoRA r=8's {lora['packed_bytes'] / 1000:.0f} KB",
     }
 
 
