@@ -54,9 +54,12 @@ port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); 
 
 as_user "$bin/initdb" -D "$dir/data" -U edgepeft --auth=trust -E UTF8 --no-sync >"$dir/initdb.log" 2>&1 || {
   cat "$dir/initdb.log" >&2; log "initdb failed"; exit 1; }
-# fsync off: a throwaway test server, speed over durability
+# fsync off: a throwaway test server, speed over durability; EDGEPEFT_PG_DURABLE=1 keeps PostgreSQL's durable
+# defaults (benchmarks compare it with SQLite at synchronous=FULL)
+fast="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+[ "${EDGEPEFT_PG_DURABLE:-0}" = 1 ] && fast=""
 as_user "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-  -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+  -o "-c listen_addresses=127.0.0.1 -p $port -k $dir $fast -c max_connections=300" \
   start >&2 || { cat "$dir/server.log" >&2; log "pg_ctl start failed"; exit 1; }
 
 dsn="postgresql://edgepeft@127.0.0.1:$port/postgres"

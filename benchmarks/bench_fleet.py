@@ -83,10 +83,10 @@ def shared_bundle(path: Path):
     cache: dict = {}
     plain = b.session
 
-    def session(kind, config=None):
-        key = (kind, config)
+    def session(kind, config=None, *, outputs=None):
+        key = (kind, config, None if outputs is None else tuple(outputs))
         if key not in cache:
-            cache[key] = plain(kind, config) if config is not None else plain(kind)
+            cache[key] = plain(kind, config, outputs=outputs) if config is not None else plain(kind, outputs=outputs)
         return cache[key]
 
     object.__setattr__(b, "session", session)  # the frozen Bundle, one session per (graph, settings) for all devices

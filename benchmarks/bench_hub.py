@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import sys
 import tempfile
 import time
@@ -79,21 +80,37 @@ def random_delta(manifest: Manifest, seed: int, creator: str) -> Delta:
 # ---- uploads ------------------------------------------------------------------------------------
 
 async def _device(url: str, token: str, device: str, bodies: list[bytes], latencies: list[float], start: asyncio.Event) -> int:
+    """One device on one keep-alive connection, written as raw HTTP/1.1: a load generator as light as wrk. (httpx, the
+    device client, spent 4.2 ms of CPU an upload here: on two cores the clients, not the hub, set the rate.)"""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle wait on a body's tail
+    head = (f"POST /api/v1/devices/{device}/deltas HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+            "Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n")
     ok = 0
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
-        await start.wait()
-        for body in bodies:
-            t = time.perf_counter()
-            r = await c.post(f"/api/v1/devices/{device}/deltas", content=body)
-            latencies.append(time.perf_counter() - t)
-            ok += r.status_code == 201
+    await start.wait()
+    for body in bodies:
+        t = time.perf_counter()
+        writer.write(head.format(len(body)).encode() + body)
+        status, length = await _response(reader)
+        latencies.append(time.perf_counter() - t)
+        ok += status == 201
+    writer.close()
     return ok
 
 
-async def _upload_all(url: str, tokens: dict[str, str], bodies: dict[str, list[bytes]]) -> tuple[float, list[float], int]:
+async def _response(reader: asyncio.StreamReader) -> tuple[int, int]:
+    """(status, body length) of one HTTP/1.1 response with a Content-Length; its body is read and dropped."""
+    lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    length = next(int(v) for k, _, v in (line.partition(":") for line in lines[1:]) if k.lower() == "content-length")
+    await reader.readexactly(length)
+    return int(lines[0].split()[1]), length
+
+
+async def _upload_all(urls: dict[str, str], tokens: dict[str, str], bodies: dict[str, list[bytes]]) -> tuple[float, list[float], int]:
     latencies: list[float] = []
     start = asyncio.Event()
-    tasks = [asyncio.create_task(_device(url, tokens[d], d, bodies[d], latencies, start)) for d in tokens]
+    tasks = [asyncio.create_task(_device(urls[d], tokens[d], d, bodies[d], latencies, start)) for d in tokens]
     await asyncio.sleep(0.5)  # every client connected and waiting
     t0 = time.perf_counter()
     start.set()
@@ -101,55 +118,101 @@ async def _upload_all(url: str, tokens: dict[str, str], bodies: dict[str, list[b
     return time.perf_counter() - t0, latencies, ok
 
 
-def _client_process(url: str, tokens: dict[str, str], first: int, per_device: int, bundle: str, ready, out) -> None:
+def _client_process(urls: dict[str, str], tokens: dict[str, str], first: int, per_device: int, bundle: str, ready, out) -> None:
     """One client process: its devices' packed deltas made first, then all uploaded at once when every process is ready."""
     from edgepeft.manifest import read_manifest
 
     manifest = read_manifest(bundle)
     bodies = {d: [pack(random_delta(manifest, (first + i) * 1000 + k, d)) for k in range(per_device)] for i, d in enumerate(tokens)}
     ready.wait()  # every process has its bodies: the clock starts for all at once
-    wall, lat, ok = asyncio.run(_upload_all(url, tokens, bodies))
-    out.put((wall, lat, ok, float(np.mean([len(b) for bs in bodies.values() for b in bs]))))
+    cpu = time.process_time()
+    wall, lat, ok = asyncio.run(_upload_all(urls, tokens, bodies))
+    out.put((wall, lat, ok, float(np.mean([len(b) for bs in bodies.values() for b in bs])), time.process_time() - cpu))
 
 
-def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Path, procs: int = 4) -> dict:
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _run_clients(hub_urls: list[str], tokens: dict[str, str], per_device: int, bundle: Path, procs: int,
+                 hub_pids: list[int]) -> dict:
+    """Upload every device's deltas at once from ``procs`` client processes (device i to hub i mod len(hub_urls), as a
+    proxy hashing on the device would); wall time, latencies, and the CPU seconds of the hubs and of the clients."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    ready, out = ctx.Barrier(procs + 1), ctx.Queue()
+    names = list(tokens)
+    urls = {d: hub_urls[i % len(hub_urls)] for i, d in enumerate(names)}
+    parts = [names[i::procs] for i in range(procs)]
+    workers = [ctx.Process(target=_client_process, args=({d: urls[d] for d in part}, {d: tokens[d] for d in part},
+                                                         i * len(part), per_device, str(bundle), ready, out))
+               for i, part in enumerate(parts)]
+    for w in workers:
+        w.start()
+    ready.wait()
+    hub_cpu = sum(_cpu_seconds(p) for p in hub_pids)
+    got = [out.get(timeout=600) for _ in workers]
+    hub_cpu = sum(_cpu_seconds(p) for p in hub_pids) - hub_cpu
+    for w in workers:
+        w.join()
+    wall = max(g[0] for g in got)
+    total = len(names) * per_device
+    lat_ms = np.array([x for g in got for x in g[1]]) * 1000
+    return {"devices": len(names), "client_processes": procs, "hub_processes": len(hub_urls), "uploads": total,
+            "accepted": sum(g[2] for g in got), "packed_delta_bytes": round(float(np.mean([g[3] for g in got]))),
+            "seconds": round(wall, 3), "uploads_per_s": round(total / wall, 1),
+            "cpu_ms_per_upload": {"hubs": round(hub_cpu / total * 1000, 2),
+                                  "clients": round(sum(g[4] for g in got) / total * 1000, 2)},
+            "latency_ms": {"p50": round(float(np.percentile(lat_ms, 50)), 1), "p99": round(float(np.percentile(lat_ms, 99)), 1),
+                           "max": round(float(lat_ms.max()), 1)}}
+
+
+def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Path, procs: int = 4, hubs: int = 1) -> dict:
+    """``hubs`` hub processes over one store (several need a PostgreSQL store), every device uploading at once."""
     bundle = work / "bundle"
     synthetic_bundle(bundle, layers=6, dim=384, rank=8, labels=2)
     uri = store_uri or f"sqlite://{work / 'hub'}"
     (work / "admin.token").write_text(ADMIN)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = start_hub(uri, port, work / "hub.log", "--admin-token-file", str(work / "admin.token"), "--policy-interval", "0")
+    ports = [free_port() for _ in range(hubs)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    procs_ = []
     try:
-        admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+        for port in ports:  # the first one creates the schema before the others open the store
+            procs_.append(start_hub(uri, port, work / "hub.log", "--admin-token-file", str(work / "admin.token"),
+                                    "--policy-interval", "0"))
+        admin = httpx.Client(base_url=urls[0], headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
         fp = admin.post("/api/v1/bundles", content=bundle_tar(bundle)).json()["fingerprint"]
         admin.post("/api/v1/fleets", json={"name": "bench", "bundle": fp}).raise_for_status()
         tokens = {f"d{i:03d}": admin.post("/api/v1/fleets/bench/devices", json={"device": f"d{i:03d}"}).json()["token"]
                   for i in range(devices)}
-        import multiprocessing as mp
+        return {"store": uri.split("://")[0], **_run_clients(urls, tokens, per_device, bundle, procs, [p.pid for p in procs_])}
+    finally:
+        for p in procs_:
+            p.terminate()
+            p.wait(20)
 
-        ctx = mp.get_context("spawn")
-        ready, out = ctx.Barrier(procs + 1), ctx.Queue()
-        names = list(tokens)
-        parts = [names[i::procs] for i in range(procs)]
-        workers = [ctx.Process(target=_client_process, args=(url, {d: tokens[d] for d in part}, i * len(part), per_device,
-                                                             str(bundle), ready, out)) for i, part in enumerate(parts)]
-        for w in workers:
-            w.start()
-        ready.wait()
-        got = [out.get(timeout=600) for _ in workers]
-        for w in workers:
-            w.join()
-        wall = max(g[0] for g in got)
-        lat = [x for g in got for x in g[1]]
-        ok = sum(g[2] for g in got)
-        size = float(np.mean([g[3] for g in got]))
-        total = devices * per_device
-        lat_ms = np.array(lat) * 1000
-        return {"store": uri.split("://")[0], "devices": devices, "client_processes": procs, "uploads": total, "accepted": ok,
-                "packed_delta_bytes": round(size), "seconds": round(wall, 3), "uploads_per_s": round(total / wall, 1),
-                "latency_ms": {"p50": round(float(np.percentile(lat_ms, 50)), 1), "p99": round(float(np.percentile(lat_ms, 99)), 1),
-                               "max": round(float(lat_ms.max()), 1)}}
+
+def bench_ceiling(devices: int, per_device: int, work: Path, procs: int = 4) -> dict:
+    """The same clients against benchmarks/null_hub.py: the upload route with no validation and no store."""
+    import subprocess
+
+    bundle = work / "bundle"
+    synthetic_bundle(bundle, layers=6, dim=384, rank=8, labels=2)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "null_hub.py"), str(port)])
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        tokens = {f"d{i:03d}": "none" for i in range(devices)}
+        return {"store": "none (benchmarks/null_hub.py)",
+                **_run_clients([f"http://127.0.0.1:{port}"], tokens, per_device, bundle, procs, [proc.pid])}
     finally:
         proc.terminate()
         proc.wait(20)
@@ -212,6 +275,42 @@ def bench_blas(n: int) -> None:
         "speedup_one_thread": round(rows[1]["seconds"] / rows[0]["seconds"], 2)})
 
 
+def _durable_postgres() -> tuple[str, str]:
+    """(DSN, data dir) of a throwaway PostgreSQL with fsync and synchronous commit on."""
+    import subprocess
+
+    script = Path(__file__).parent.parent / ".ci" / "postgres.sh"
+    out = subprocess.run(["bash", str(script), "--no-install"], capture_output=True, text=True, check=True,
+                         env={**os.environ, "EDGEPEFT_PG_DURABLE": "1"}).stdout
+    env = dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines() if line.startswith("export "))
+    return env["EDGEPEFT_TEST_POSTGRES"], env["EDGEPEFT_TEST_POSTGRES_DIR"]
+
+
+def bench_upload_paths(devices: int, per_device: int, procs: int) -> None:
+    """The HTTP ceiling, one hub on SQLite and two hubs on PostgreSQL, the same clients, back to back."""
+    import subprocess
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-hub-up-") as tmp:
+        for name, run in (("ceiling", lambda w: bench_ceiling(devices, per_device, w, procs)),
+                          ("sqlite, 1 hub", lambda w: bench_uploads(None, devices, per_device, w, procs))):
+            (Path(tmp) / name).mkdir()
+            rows.append({"run": name, **run(Path(tmp) / name)})
+            print(json.dumps(rows[-1]), flush=True)
+        dsn, pgdir = _durable_postgres()
+        try:
+            (Path(tmp) / "pg").mkdir()
+            rows.append({"run": "postgresql, 2 hubs", **bench_uploads(dsn, devices, per_device, Path(tmp) / "pg", procs, hubs=2)})
+            print(json.dumps(rows[-1]), flush=True)
+        finally:
+            subprocess.run(["bash", str(Path(__file__).parent.parent / ".ci" / "postgres.sh"), "stop", pgdir], check=False)
+    ceiling = rows[0]["uploads_per_s"]
+    write_result("hub_uploads", {
+        "command": f"python benchmarks/bench_hub.py --uploads-only --devices {devices} --uploads {per_device} --client-procs {procs}",
+        "load_average": round(os.getloadavg()[0], 2),
+        "rows": rows, "fraction_of_ceiling": {r["run"]: round(r["uploads_per_s"] / ceiling, 3) for r in rows[1:]}})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", default=None, help="store URI for the upload part (default: a SQLite store in a temp dir)")
@@ -223,9 +322,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "hub.json"), help="result JSON")
     ap.add_argument("--blas", type=int, default=0, metavar="N", help="only this: aggregate N MiniLM-sized deltas with one "
                     "BLAS thread (the hub's setting) and with the BLAS default, side by side; writes results/hub_blas.json")
+    ap.add_argument("--uploads-only", action="store_true", help="only this: uploads against the HTTP ceiling "
+                    "(benchmarks/null_hub.py), one hub on SQLite, and two hubs on one durable PostgreSQL (started by "
+                    ".ci/postgres.sh), back to back; writes results/hub_uploads.json")
     args = ap.parse_args()
     if args.blas:
         return bench_blas(args.blas)
+    if args.uploads_only:
+        return bench_upload_paths(args.devices, args.uploads, args.client_procs)
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
         work = Path(tmp)
         result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},

@@ -49,6 +49,18 @@ def test_blobs_are_content_addressed_and_ranged(hub_store):
         hub_store.get_blob("../../etc/passwd")  # never a path
 
 
+def test_small_and_large_blobs_read_back_whole_and_ranged(hub_store):
+    """SQLite keeps small blobs in the database and large ones as files; either way the bytes come back the same."""
+    from edgepeft.hub.sqlite_store import INLINE_MAX
+
+    for size in (100, INLINE_MAX + 1):
+        data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+        sha = hub_store.put_blob(data)
+        assert hub_store.get_blob(sha) == data
+        assert hub_store.read_blob(sha, size - 10, 100) == data[-10:]
+        assert hub_store.read_blob(sha, 3, 4) == data[3:7]
+
+
 def test_bundle_registered_once_with_files(hub_store, hub_bundle):
     rec = _register(hub_store, hub_bundle)
     again = _register(hub_store, hub_bundle)

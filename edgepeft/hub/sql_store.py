@@ -153,10 +153,13 @@ class SqlStore(Store):
 
     # ---- deltas ----------------------------------------------------------------------------------
 
-    blobs_in_transaction = True  # False: blobs are files, written (atomically) before the write lock is taken
+    def _blob_in_transaction(self, size: int) -> bool:
+        """Whether a blob of ``size`` bytes is written inside the transaction that names it (else: a file, before)."""
+        return True
 
     def _add_delta(self, rec: DeltaRec, data: bytes, content: str | None) -> bool:
-        if not self.blobs_in_transaction:
+        in_tx = self._blob_in_transaction(len(data))
+        if not in_tx:
             # the file's fsync is the slowest part of an upload: done outside the lock, uploads fsync in parallel; a
             # blob whose row never commits is unreferenced and harmless, and a row never names a missing blob
             self._store_blob(None, rec.id, data)
@@ -164,7 +167,7 @@ class SqlStore(Store):
         def job(cur: Any) -> bool:
             if cur.execute("SELECT 1 FROM deltas WHERE id = ?", (rec.id,)).fetchone():
                 return False
-            if self.blobs_in_transaction:
+            if in_tx:
                 self._store_blob(cur, rec.id, data)
             # two hub processes may race on one retried upload: the primary keys settle it
             if not cur.execute(f"INSERT INTO deltas ({_DELTA_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL) "
