@@ -197,10 +197,9 @@ def unpack(data: bytes, where: str = "packed delta", *, manifest: Manifest | Non
     """Parse transport bytes into a checked Delta (values dequantized; see the module's error bound).
     ``codes``: filled with each tensor's int8 values as stored (what ``quantize`` gives; the hub's content id uses them).
 
-    The header is decompressed first and, given a manifest, its names and shapes are checked against it; then
-    the declared content size must equal what the header describes, and only then is the payload decompressed
-    (in one call: the int8 payload is a quarter of the float32 result, and a delta's dozens of small tensors
-    decoded one by one cost the hub more time than the rest of an upload).
+    Streams: the header is decompressed first and, given a manifest, its names and shapes are checked
+    against it; then the declared content size must equal what the header describes, and only then
+    is each tensor decompressed, one at a time, straight into its float32 result.
     """
     frame = _Frame(data, where)
     header = _parse_header(frame, where, header_cap(manifest))
@@ -211,41 +210,24 @@ def unpack(data: bytes, where: str = "packed delta", *, manifest: Manifest | Non
     need = payload_size(frame.read_bytes - 4, specs)
     if need != frame.size:
         raise DeltaError(f"{where}: packed payload is {frame.size} bytes, its header describes {need}")
-    payload = frame.read(frame.size - frame.read_bytes)  # one call: the size is the header's, checked just above
-    frame.finish()
-    parts, pos = [], 0
+    tensors = {}
     for name, shape in specs:
         rows, n = _rows(shape)
-        q = np.frombuffer(payload, np.int8, rows * n, pos + 4 * rows).reshape(rows, n)
-        parts.append((name, shape, np.frombuffer(payload, "<f4", rows, pos), q))
-        pos += rows * (4 + n)
-    _check_codes(parts, where)
-    tensors = {}
-    for name, shape, scales, q in parts:
-        tensors[name] = dequantize(scales.astype(np.float32), q, shape)
+        scales = np.frombuffer(frame.read(rows * 4), dtype="<f4").astype(np.float32)
+        if not (np.isfinite(scales).all() and (scales >= 0).all()):
+            raise DeltaError(f"{where}: tensor {name!r} has a negative or non-finite row scale")
+        q = np.frombuffer(frame.read(rows * n), dtype=np.int8).reshape(rows, n)
+        if (q == -128).any():
+            raise DeltaError(f"{where}: tensor {name!r} holds -128, which the packer never writes")
+        tensors[name] = dequantize(scales, q, shape)
         if codes is not None:
             codes[name] = q
+    frame.finish()
     delta = Delta(tensors, meta)
     check_structure(delta, where)
     if manifest is not None:
         check_against_manifest(delta, manifest, where, for_training=for_training)
     return delta
-
-
-def _check_codes(parts: list[tuple[str, tuple[int, ...], np.ndarray, np.ndarray]], where: str) -> None:
-    """Every row scale finite and >= 0, no int8 value -128 (the packer never writes it): one pass over all tensors
-    (a delta has dozens of small ones), then a second pass only to name the first bad tensor."""
-    if not parts:
-        return
-    scales = np.concatenate([p[2] for p in parts])
-    q = np.concatenate([p[3].ravel() for p in parts])
-    if np.isfinite(scales).all() and (scales >= 0).all() and (q.size == 0 or q.min() > -128):
-        return
-    for name, _, s, v in parts:
-        if not (np.isfinite(s).all() and (s >= 0).all()):
-            raise DeltaError(f"{where}: tensor {name!r} has a negative or non-finite row scale")
-        if (v == -128).any():
-            raise DeltaError(f"{where}: tensor {name!r} holds -128, which the packer never writes")
 
 
 def packed_meta(data: bytes, where: str, manifest: Manifest | None = None) -> DeltaMeta:
