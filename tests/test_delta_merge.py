@@ -191,3 +191,19 @@ def test_diff_sees_refactored_delta_as_same_update():
     merged, _ = merge([d])
     rows = diff(merged, d)
     assert rows["l0.q:dW"][1] < 1e-6 and rows["l0.q.lora_A"][1] > 0.1
+
+
+def test_many_deltas_merge_to_the_exact_weighted_mean_of_their_updates():
+    """More deltas than one batched product takes (merge.FLUSH_EVERY): ΔW is still the exact weighted mean."""
+    from edgepeft.delta.merge import FLUSH_EVERY
+
+    rng = np.random.default_rng(12)
+    n = 2 * FLUSH_EVERY + 5
+    deltas = [make_delta(rng, rank=2) for _ in range(n)]
+    weights = rng.uniform(0.5, 3.0, n)
+    merged, _ = merge(list(zip(deltas, weights)), rank=min(OUT, IN))  # full rank: the re-factoring is exact
+    for m in ("l0.q", "l1.q"):
+        want = sum(w * d.scale * (d.tensors[f"{m}.lora_B"].astype(np.float64) @ d.tensors[f"{m}.lora_A"])
+                   for d, w in zip(deltas, weights)) / weights.sum()
+        got = merged.scale * (merged.tensors[f"{m}.lora_B"].astype(np.float64) @ merged.tensors[f"{m}.lora_A"])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -241,6 +241,12 @@ class Method(ABC):
         (out, in), given only to methods that declare ``needs_base``."""
         return {f"{module}.{k}": t.astype(np.float64) - self.fill(k) for k, t in tensors.items()}
 
+    def to_space_factored(self, module: str, tensors: Tensors, scale: float, base: np.ndarray | None = None
+                          ) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """:meth:`to_space` with its matrix-product parts left unmultiplied: (plain parts, {key: (L, R)} where the part
+        is L @ R), so a merge sums many deltas' products as one larger product. Default: every part plain."""
+        return self.to_space(module, tensors, scale, base), {}
+
     def from_space(self, module: str, space: dict[str, np.ndarray], rank: int, scale: float,
                    base: np.ndarray | None = None) -> tuple[Tensors, float]:
         """Inverse of :meth:`to_space` (re-factoring where needed): (slots by kind, relative fit error)."""

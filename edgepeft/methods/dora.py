@@ -101,6 +101,10 @@ class Dora(LowRank):
         g, dv = self.gain(tensors, scale, self._base(base, module))
         return {f"{module}:dora_g": g - 1.0, f"{module}:dora_gdV": g[:, None] * dv}  # neutral: both zero
 
+    def to_space_factored(self, module: str, tensors: Tensors, scale: float, base: np.ndarray | None = None
+                          ) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
+        return self.to_space(module, tensors, scale, base), {}  # DoRA's parts are not plain products
+
     def from_space(self, module: str, space: dict[str, np.ndarray], rank: int, scale: float,
                    base: np.ndarray | None = None) -> tuple[Tensors, float]:
         w = self._base(base, module)

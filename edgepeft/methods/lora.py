@@ -126,6 +126,12 @@ class LowRank(Method):
         rest = {k: t for k, t in tensors.items() if k not in (self.a_kind, self.b_kind)}
         return {f"{module}:dW": self.delta_w(tensors, scale), **super().to_space(module, rest, scale)}
 
+    def to_space_factored(self, module: str, tensors: Tensors, scale: float, base: np.ndarray | None = None
+                          ) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
+        rest = {k: t for k, t in tensors.items() if k not in (self.a_kind, self.b_kind)}
+        product = (scale * tensors[self.b_kind].astype(np.float64), tensors[self.a_kind].astype(np.float64))
+        return super().to_space(module, rest, scale), {f"{module}:dW": product}
+
     def from_space(self, module: str, space: dict[str, np.ndarray], rank: int, scale: float,
                    base: np.ndarray | None = None) -> tuple[Tensors, float]:
         rest = {k: v for k, v in space.items() if k != f"{module}:dW"}
