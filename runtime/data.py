@@ -225,16 +225,26 @@ def _load_lm_jsonl(path: Path, manifest: Manifest, tokenizer, bundle_path: Path 
 
 # ---- batching -----------------------------------------------------------------------------------
 
+def balanced_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """As many example indices as there are labels, drawn with replacement so that every label present is equally
+    likely: a device whose rows are mostly one label (a fleet's usual skew) then does not teach the shared
+    adapter its own label prior."""
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    p = 1.0 / counts[inverse]
+    return rng.choice(len(labels), size=len(labels), replace=True, p=p / p.sum())
+
+
 def plan_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
-                 bucket_batches: int = BUCKET_BATCHES) -> list[np.ndarray]:
+                 bucket_batches: int = BUCKET_BATCHES, labels: np.ndarray | None = None) -> list[np.ndarray]:
     """One epoch's batches: shuffle, sort chunks of ``bucket_batches`` batches by length, cut, shuffle batch order.
 
     Sorting within chunks keeps similar lengths together (less padding) while the chunk and batch
     shuffles keep the order random; everything depends only on ``rng``, so a resumed run replays it.
+    ``labels``: draw the epoch label-balanced (:func:`balanced_order`) instead of shuffling every example once.
     """
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
-    order = rng.permutation(len(lengths))
+    order = rng.permutation(len(lengths)) if labels is None else balanced_order(labels, rng)
     chunk = batch_size * max(1, bucket_batches)
     batches: list[np.ndarray] = []
     for start in range(0, len(order), chunk):

@@ -69,6 +69,8 @@ class TrainConfig:
     micro_batch: int = _help(0, "Most examples per train-graph run; larger batches accumulate gradients (0: whole batch; a memory budget may lower it).")
     max_grad_norm: float = _help(1.0, "Clip gradients to this global L2 norm (0: no clipping).")
     seed: int = _help(0, "Seed of the data order and of a fresh delta's LoRA A init.")
+    balance_labels: bool = _help(False, "Classification: draw each epoch's examples so every label is equally likely "
+                                        "(with replacement); for label-skewed local data, as a fleet device's often is.")
     rank: int = _help(0, "LoRA rank to train, at most the bundle's (0: the starting delta's, else the bundle's); a lower rank "
                          "trains the bundle's graph with the factors past it held at zero, so the delta is that rank exactly.")
     eval_every: int = _help(0, "Evaluate on the validation data every N steps (0: at the end of each epoch).")
@@ -160,6 +162,8 @@ class Trainer:
         for d in (train, val):
             if d is not None and d.task != m.task:
                 raise TrainError(f"{d.path}: data read for {d.task}, the bundle is {m.task}")
+        if config.balance_labels and getattr(train, "labels", None) is None:
+            raise TrainError(f"--balance-labels needs labels per example; {m.task} data has none")
         self.bundle, self.manifest, self.train, self.val, self.config = bundle, m, train, val, config
         self.start = start
         self.checkpoint_dir = None if checkpoint_dir is None else Path(os.fspath(checkpoint_dir))
@@ -410,7 +414,7 @@ class Trainer:
 
         while self.step < self.total and not self.stopped:
             rng.bit_generator.state = self.epoch_rng  # the epoch's order is replayed from its starting state
-            batches = plan_batches(lengths, c.batch_size, rng)
+            batches = plan_batches(lengths, c.batch_size, rng, labels=self.train.labels if c.balance_labels else None)
             next_epoch_rng = rng.bit_generator.state
             while self.step < self.total and not self.stopped:
                 group = batches[self.position:self.position + c.grad_accum]

@@ -147,3 +147,12 @@ def test_token_limited_runs_keep_order_and_stay_within_the_limit():
         for p, q in zip(pieces, pieces[1:]):
             assert (len(p) + 1) * max(lengths[p].max(), lengths[q[0]]) > 100
 
+
+
+def test_a_balanced_epoch_draws_every_label_about_equally_from_skewed_rows():
+    labels = np.array([0] * 95 + [1] * 5)
+    rng = np.random.default_rng(0)
+    drawn = np.concatenate([np.concatenate(plan_batches(np.ones(100, np.int64), 16, rng, labels=labels)) for _ in range(50)])
+    assert drawn.size == 50 * 100  # an epoch is still one pass's worth of examples
+    share = np.mean(labels[drawn] == 1)
+    assert 0.45 < share < 0.55  # 5 % of the rows, half of what is drawn

@@ -112,6 +112,7 @@ def _load(path: Path, b, augment: Augment | None = None, seed: int = 0):
 @_opt("--micro-batch", field="micro_batch", type=click.IntRange(min=0))
 @_opt("--max-grad-norm", field="max_grad_norm", type=click.FloatRange(min=0))
 @_opt("--seed", field="seed", type=int)
+@_opt("--balance-labels", field="balance_labels", type=bool, is_flag=True)
 @_opt("--rank", field="rank", type=click.IntRange(min=0))
 @_opt("--eval-every", field="eval_every", type=click.IntRange(min=0))
 @_opt("--patience", field="patience", type=click.IntRange(min=0))
