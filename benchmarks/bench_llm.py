@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from datetime import datetime, timezone
@@ -310,7 +311,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, code, extra in runs:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             result[name] = {**run_child(code, *common, *extra, timeout=3600),
-                            "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # sides may be rerun apart
+                            "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # sides may be rerun apart
+                            "load_average_1_5_15": [round(x, 1) for x in os.getloadavg()]}  # at the side's end
             print(json.dumps(result[name])[:400], file=sys.stderr, flush=True)
     export = result.get("export", {})
     if "export" in parts:

@@ -6,7 +6,7 @@ Two measurements of one bundle's train.onnx at batch 4 x 256 tokens (what bench_
    profile gives the order nodes ran in and every output's shape, the graph gives every tensor's
    last reader, so the bytes alive after each node follow exactly (arena and allocator aside). At
    the peak they are grouped by what they are: fp32 copies of frozen weights (DequantizeLinear),
-   (M, V) blocks of the loss, attention probabilities, MLP activations, hidden states, the rest.
+   logits blocks of the loss, attention probabilities, MLP activations, hidden states, the rest.
 2. Process memory. Each onnxruntime setting (arena, memory pattern, glibc's allocator told to give
    freed blocks back) in a fresh process: RSS with the train session loaded, peak over two steps,
    the second step's time.
@@ -86,12 +86,13 @@ for o, i in buffers.items():
 curve = np.cumsum(alive)[:-1]
 peak = int(curve.argmax())
 V = m.vocab_size
+from edgepeft.exporters.causal_lm import HEAD_BLOCKS  # the loss's (N, V/J) logits blocks (before issue 16's end: (M, V))
 def kind(o):
     node, shp = order[made[o]], shape[o]
     if node.op_type == 'DequantizeLinear':
         return 'fp32 copies of frozen weights (DequantizeLinear)'
-    if shp and shp[-1] == V:
-        return '(M, V) blocks of the loss'
+    if shp and len(shp) == 2 and shp[-1] in (V, -(-V // HEAD_BLOCKS)):
+        return 'logits blocks of the loss'
     if len(shp) == 4 and shp[-1] == shp[-2] == length:
         return 'attention scores/probabilities (B, heads, T, T)'
     if shp and len(shp) >= 2 and int(np.prod(shp)) == batch * length * shp[-1] and shp[-1] > 1024:

@@ -6,9 +6,10 @@ autograd keeps several of that size (logits, log-softmax, their gradients). The 
 
 - scores only the positions that carry a label (``target_index``: the runtime leaves out padding and,
   for instruction data, the prompt), and
-- computes loss and gradient with respect to the hidden states chunk by chunk in the forward pass
-  (``LOSS_CHUNKS`` chunks, one small (M, V) block alive at a time), saving only the (N, H) gradient
-  for the backward pass: the "fused linear cross-entropy" of Liger / Apple's cut-cross-entropy.
+- computes loss and gradient with respect to the hidden states in the forward pass, one vocabulary
+  block of the head at a time (``HEAD_BLOCKS``, an online softmax over the blocks: one (N, V/J) block
+  of logits and one fp32 (V/J, H) block of a quantized head alive at a time), saving only the (N, H)
+  gradient for the backward pass: the "fused linear cross-entropy" of Liger / Apple's cut-cross-entropy.
 
 The loss is written by hand (the exporter's ``nll_loss`` gives gradients N times too large), and the
 head weight is frozen, so its gradient is never formed.
@@ -33,50 +34,64 @@ from edgepeft.methods import owner, virtual_tokens
 from edgepeft.names import (ATTENTION_MASK, INFER_GRAPH_FILE, INPUT_IDS, LOGITS, LOSS, TARGET_IDS,
                             TARGET_INDEX, TRAIN_GRAPH_FILE, grad_name, past_name, present_name)
 from edgepeft.exporters.inject import DeltaFeed
+from edgepeft.exporters.recompute import recompute_layers
 from edgepeft.exporters.virtual import model_inputs
 
-LOSS_CHUNKS = 16  # chunks of the scored positions: each holds 1/16 of the (N, V) logits at a time
+LOSS_CHUNKS = 16  # the runtime hands the scored positions as (K, M) chunks; the loss reads all K*M at once
+HEAD_BLOCKS = 16  # the loss reads the head in 16 vocabulary blocks: 1/16 of the (N, V) logits and of the head at a time
 KV = ("key", "value")
+RECOMPUTE = True  # trained layers keep only their input for the backward: SmolLM2 peaks at 0.33x torch + PEFT (results/llm.json)
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Mean next-token cross-entropy of ``hidden @ weight.T (+ bias)``; the gradient w.r.t. ``hidden`` is
-    computed chunk by chunk in the forward pass, so no (N, V) tensor outlives its chunk."""
+    """Mean next-token cross-entropy of ``hidden @ weight.T (+ bias)``; the gradient w.r.t. ``hidden`` is computed in
+    the forward pass, one vocabulary block of the head at a time, so neither the (N, V) logits nor a whole fp32 copy
+    of a quantized head is ever alive."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 targets: torch.Tensor) -> torch.Tensor:
-        # hidden (K, M, H), weight (V, H), targets (K, M) with -1 where nothing is scored
-        valid = (targets >= 0).to(hidden.dtype)  # (K, M)
-        count = valid.sum().clamp(min=1.0)
-        wt = weight.t()  # (H, V): the head's only reader (see below)
-        total, grads = hidden.new_zeros(()), []
-        for k in range(hidden.shape[0]):  # K is static: a plain unrolled loop in the graph
-            h, t, w = hidden[k], targets[k].clamp(min=0), valid[k]  # (M, H), (M,), (M,)
-            rows = weight.index_select(0, t)  # (M, H): the targets' head rows
-            z = h @ wt  # (M, V)
-            # The target's logit from its row, not gathered from z: onnxruntime schedules a gather of z as late
-            # as the loss sum, which kept every chunk's (M, V) block alive at once (measured: 15 of 16).
-            picked = (h * rows).sum(-1)  # (M,)
-            if bias is not None:
-                z = z + bias
-                picked = picked + bias.index_select(0, t)
+        # hidden (K, M, H), weight (V, H), targets (K, M) with -1 where nothing is scored: all K*M positions at once
+        h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+        t = targets.reshape(-1)
+        valid = (t >= 0).to(h.dtype)  # (N,)
+        t = t.clamp(min=0)
+        rows = weight.index_select(0, t)  # (N, H) the targets' head rows: read as int8 rows (exporters/weights.py)
+        picked = (h * rows).sum(-1)  # (N,) the target logits
+        if bias is not None:
+            picked = picked + bias.index_select(0, t)
+        m = acc = None
+        for block in head_blocks(weight.shape[0]):
+            # A Slice of the head, which weights.py turns into a DequantizeLinear of the int8 rows: one (V/J, H)
+            # fp32 block at a time. Online softmax over the blocks (m: running max; acc: running sum of exp(z - m)
+            # times [W | 1], whose last column is the softmax's denominator): one chain, so onnxruntime runs the
+            # blocks in order and frees each block's logits before the next.
+            w = weight[block]
+            z = h @ w.t() + (bias[block] if bias is not None else 0.0)  # (N, V/J)
             zmax = z.max(-1, keepdim=True).values
-            e = (z - zmax).exp()
-            s = e.sum(-1, keepdim=True)
-            lse = (zmax + s.log()).squeeze(1)  # (M,)
-            total = total + ((lse - picked) * w).sum()
-            # d loss_k / d h = (softmax(z) - onehot(t)) @ W = softmax(z) @ W - W[t], masked. Written as
-            # (W^T softmax^T)^T so the dequantized head has one reader (the transpose above): onnxruntime gives
-            # a quantized weight's every MatMul reader its own fp32 copy, one more (V, H) block per chunk.
-            grads.append(((wt @ (e / s).t()).t() - rows) * w[:, None])
-        ctx.save_for_backward(torch.stack(grads) / count)  # (K, M, H): the only thing the backward needs
+            new = zmax if m is None else torch.maximum(m, zmax)
+            wide = torch.cat([w, w.new_ones(w.shape[0], 1)], 1)  # (V/J, H + 1)
+            term = (z - new).exp() @ wide  # (N, H + 1)
+            acc = term if acc is None else acc * (m - new).exp() + term
+            m = new
+        s = acc[:, -1:]  # (N, 1)
+        lse = (s.log() + m).squeeze(1)  # log(s) first: see the comment on the loop
+        count = valid.sum().clamp(min=1.0)
+        total = ((lse - picked) * valid).sum()
+        # d loss / d h = (softmax(z) - onehot(t)) @ W = acc / s - W[t], masked: the only thing the backward needs
+        ctx.save_for_backward(((acc[:, :-1] / s - rows) * valid[:, None] / count).reshape(hidden.shape))
         return total / count
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (grad_hidden,) = ctx.saved_tensors
         return grad_hidden * grad_out, None, None, None
+
+
+def head_blocks(vocab: int, blocks: int = HEAD_BLOCKS) -> list[slice]:
+    """The vocabulary blocks the loss reads the head in: ``blocks`` contiguous row ranges covering ``vocab``."""
+    size = -(-vocab // blocks)
+    return [slice(a, min(a + size, vocab)) for a in range(0, vocab, size)]
 
 
 class _Decoder(nn.Module):
@@ -93,6 +108,19 @@ class _Decoder(nn.Module):
         out = self.lm.base_model(**kwargs, use_cache="past_key_values" in kwargs)
         head = self.lm.get_output_embeddings()
         return out.last_hidden_state, head.weight, getattr(head, "bias", None), out.past_key_values, skip
+
+
+class _Step(nn.Module):
+    """The train step with the traced weights swapped in for all of it, the backward pass included: a layer that
+    recomputes itself there (exporters/recompute.py) must read them, not the module's own (exported as constants)."""
+
+    def __init__(self, decoder: _Decoder, step: Callable) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.step = step
+
+    def forward(self, *args):
+        return self.step(*args)
 
 
 def kv_shape(config) -> tuple[int, int, int]:
@@ -112,9 +140,12 @@ def cache_layers(config) -> int:
     return kv_shape(config)[0] if family_for(config.model_type).kv_cache else 0
 
 
-def make_lm_functions(model: nn.Module, feed: DeltaFeed, slots: list[Slot],
-                      param_names: list[str]) -> tuple[Callable, Callable]:
-    """The flat inference function (batch, past..., deltas..., params...) and train step (batch, targets, deltas..., params...)."""
+def make_lm_functions(model: nn.Module, feed: DeltaFeed, slots: list[Slot], param_names: list[str],
+                      recompute: bool = RECOMPUTE) -> tuple[Callable, Callable]:
+    """The flat inference function (batch, past..., deltas..., params...) and train step (batch, targets, deltas..., params...);
+    ``recompute``: the train step recomputes the trained layers in its backward pass (exporters/recompute.py)."""
+    if recompute:
+        recompute_layers(model, feed, {s.name: s.module for s in slots})
     decoder = _Decoder(model, feed)
     names = [s.name for s in slots]
     n, layers = len(names), cache_layers(model.config)
@@ -138,8 +169,8 @@ def make_lm_functions(model: nn.Module, feed: DeltaFeed, slots: list[Slot],
         present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
         return (logits, *present)
 
-    def train(input_ids, attention_mask, target_index, target_ids, *rest):
-        hidden, w, b, _, skip = run(input_ids, attention_mask, rest)  # (B, V + T, H)
+    def step(input_ids, attention_mask, target_index, target_ids, deltas):
+        hidden, w, b, _, skip = decoder(input_ids, attention_mask)  # (B, V + T, H)
         if prompted:  # the states that predict the user's tokens 0 .. T-1
             hidden = hidden[:, skip - 1:skip - 1 + input_ids.shape[1]]  # (B, T, H)
         flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
@@ -147,7 +178,14 @@ def make_lm_functions(model: nn.Module, feed: DeltaFeed, slots: list[Slot],
         loss = ChunkedLinearCrossEntropy.apply(picked, w, b, target_ids)
         extra = feed.regularization()  # a method's own loss term (AdaLoRA's orthogonality)
         loss = loss if extra is None else loss + extra
-        return (loss, *torch.autograd.grad(loss, rest[:n]))
+        return (loss, *torch.autograd.grad(loss, deltas))
+
+    whole = _Step(decoder, step)
+
+    def train(input_ids, attention_mask, target_index, target_ids, *rest):
+        feed.tensors = dict(zip(names, rest[:n]))
+        weights = dict(zip(["decoder." + p for p in pnames], rest[n:]))
+        return functional_call(whole, weights, (input_ids, attention_mask, target_index, target_ids, rest[:n]))
 
     return infer, train
 

@@ -101,6 +101,38 @@ def _gather_int8(graph: onnx.GraphProto, node: onnx.NodeProto, name: str) -> lis
     ]
 
 
+def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The value of ``name`` when it is an initializer or a Constant node's output, else None."""
+    for t in graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            return numpy_helper.to_array(n.attribute[0].t) if n.attribute[0].name == "value" else None
+    return None
+
+
+def _row_slice(graph: onnx.GraphProto, node: onnx.NodeProto, name: str, axis: int, block: int | None) -> list | None:
+    """Slice(W) along rows -> DequantizeLinear(Slice(W.q), Slice(W.scale) or W.scale): only those rows in fp32
+    (the causal-LM loss reads its head in vocabulary blocks). None where the slice is not a plain row slice, or the
+    weight is int4 (onnxruntime's Slice takes no int4: such a head is dequantized whole, then sliced)."""
+    if block:
+        return None
+    ins = list(node.input) + [""] * (5 - len(node.input))
+    axes = _constant(graph, ins[3]) if ins[3] else np.array([0])
+    steps = _constant(graph, ins[4]) if ins[4] else np.array([1])
+    if axes is None or steps is None or axes.tolist() != [0] or steps.tolist() != [1]:
+        return None
+    out = node.output[0]
+    cut = [x for x in ins[1:] if x]
+    scale = name + ".scale"
+    nodes = [helper.make_node("Slice", [name + ".q", *cut], [out + "__q"])]
+    if axis == 0:  # the scale has a row per weight row
+        nodes.append(helper.make_node("Slice", [scale, *cut], [out + "__s"]))
+        scale = out + "__s"
+    return nodes + [helper.make_node("DequantizeLinear", [out + "__q", scale], [out], axis=axis)]
+
+
 def attach(model: onnx.ModelProto, store: WeightFile, params: dict[str, np.ndarray],
            quant: dict[str, QuantSpec], scheme: str) -> None:
     """Turn the graph inputs named in ``params`` into initializers in ``store`` (quantized per ``quant``)."""
@@ -128,13 +160,17 @@ def attach(model: onnx.ModelProto, store: WeightFile, params: dict[str, np.ndarr
         # int8 rows: a Gather of the dequantized weight would get its own fp32 copy of it from onnxruntime per reader
         gathers = [n for n in users if spec.axis == 0 and block is None and n.op_type == "Gather"
                    and n.input[0] == name and all(a.i == 0 for a in n.attribute if a.name == "axis")]
-        for g in gathers:
-            at = list(graph.node).index(g)
-            graph.node.remove(g)
-            for k, new in enumerate(_gather_int8(graph, g, name)):
+        axis = spec.axis if block is None else 1 - spec.axis
+        slices = {id(n): r for n in users if n.op_type == "Slice" and n.input[0] == name
+                  and (r := _row_slice(graph, n, name, axis, block)) is not None}
+        for old, new_nodes in [(g, _gather_int8(graph, g, name)) for g in gathers] + \
+                [(n, slices[id(n)]) for n in users if id(n) in slices]:
+            at = list(graph.node).index(old)
+            graph.node.remove(old)
+            for k, new in enumerate(new_nodes):
                 graph.node.insert(at + k, new)
-        if len(gathers) < len(users):
-            attrs = {"axis": spec.axis} if block is None else {"axis": 1 - spec.axis, "block_size": block}
+        if len(gathers) + len(slices) < len(users):
+            attrs = {"axis": axis} if block is None else {"axis": axis, "block_size": block}
             prologue.append(helper.make_node("DequantizeLinear", [name + ".q", name + ".scale"], [name],
                                              name=f"dequantize.{name}", **attrs))
     for k, node in enumerate(prologue):

@@ -269,8 +269,21 @@ def llm_figures() -> dict[str, str]:
                            + " / ".join(f"{r['ratios']['edgepeft_int8'][k]:.2f}" for k in ("gen_base", "gen_lora")) + "× |",
         "llm: export": f"| export of the GGUF, wall / CPU seconds, peak RSS | {plain} | {x['int8']['export_s']:.0f} / "
                        f"{x['int8']['export_cpu_s']:.0f} s, {x['int8']['export_peak_mb']:.0f} MB (both graphs) | {cpu_ratio} |",
+        **llm_int4_figures(r),
         **llm_memory_figures(),
     }
+
+
+def llm_int4_figures(r: dict) -> dict[str, str]:
+    """The int4 bundle's row beside the int8 one (same steps and batches), where it was measured."""
+    q, t = r.get("edgepeft_int4"), r["torch_peft_fp32"]
+    if not q:
+        return {}
+    return {"llm: int4": f"| edgepeft int4: train step / CPU seconds / peak RSS | — | {q['step_s']:.2f} s / {q['step_cpu_s']:.2f} s / "
+                         f"{q['train_peak_mb']:.0f} MB | {q['train_peak_mb'] / t['train_peak_mb']:.2f}× peak |",
+            "llm: int4 perplexity": f"| edgepeft int4: validation perplexity before → after, generation tokens/s (base / LoRA) | — | "
+                                    f"{q['val_ppl_before']:.2f} → {q['val_ppl_after']:.2f}, {q['gen_tokens_per_s']['base']:.2f} / "
+                                    f"{q['gen_tokens_per_s']['lora']:.2f} | {q['val_ppl_after'] / t['val_ppl_after']:.3f}× |"}
 
 
 def llm_memory_figures() -> dict[str, str]:

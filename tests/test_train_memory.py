@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -9,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from edgepeft.exporters.causal_lm import HEAD_BLOCKS
 from edgepeft.names import ATTENTION_MASK, INPUT_IDS, LOGITS
 from edgepeft.runtime.bundle import SessionConfig
 from edgepeft.runtime.kv_cache import cache_specs, empty_cache
@@ -22,25 +24,40 @@ def _optimized_train_graph(bundle, tmp_path) -> onnx.GraphProto:
     return onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph
 
 
-def _head_dequantizations(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    return [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("lm_head.weight.q")]
+def _dequantized_rows(graph: onnx.GraphProto) -> dict[str, int]:
+    """Each DequantizeLinear's output -> the rows of the int8 tensor it reads (folded slices are initializers)."""
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    return {n.output[0]: dims[n.input[0]][0] for n in graph.node
+            if n.op_type == "DequantizeLinear" and len(dims.get(n.input[0], [])) == 2}
 
 
-def test_onnxruntime_keeps_one_fp32_copy_of_the_quantized_head(bundles, tmp_path):
-    # onnxruntime gives each MatMul reader of a quantized weight its own DequantizeLinear; read per chunk,
-    # the head was dequantized once per chunk beside the copy the logits used (two (V, H) fp32 blocks alive)
-    graph = _optimized_train_graph(bundles("llama", "int8"), tmp_path)
-    assert len(_head_dequantizations(graph)) == 1
+def test_the_quantized_head_is_dequantized_in_vocabulary_blocks_never_whole(bundles, tmp_path):
+    # a whole fp32 copy of SmolLM2's head is 113 MB at the training peak; a block is 1/HEAD_BLOCKS of it
+    bundle = bundles("llama", "int8")
+    vocab = bundle.manifest.vocab_size
+    rows = _dequantized_rows(_optimized_train_graph(bundle, tmp_path))
+    blocks = [r for r in rows.values() if r <= -(-vocab // HEAD_BLOCKS)]
+    assert vocab not in rows.values() and sum(blocks) >= vocab
 
 
-def test_no_chunks_logits_are_read_after_its_softmax(bundles, tmp_path):
-    # a gather of the target logit from a chunk's (M, V) logits ran as late as the loss sum, keeping every chunk alive
-    graph = _optimized_train_graph(bundles("llama", "int8"), tmp_path)
-    head = {o for n in _head_dequantizations(graph) for o in n.output}
-    logits = {o for n in graph.node if n.op_type in ("MatMul", "FusedMatMul", "Gemm") and head & set(n.input)
+def test_no_blocks_logits_are_read_by_a_gather(bundles, tmp_path):
+    # a gather of the target logit from the logits ran as late as the loss sum, keeping every block's logits alive
+    bundle = bundles("llama", "int8")
+    graph = _optimized_train_graph(bundle, tmp_path)
+    head = {o for o, r in _dequantized_rows(graph).items() if r <= -(-bundle.manifest.vocab_size // HEAD_BLOCKS)}
+    weights = head | {o for n in graph.node if head & set(n.input) and n.op_type == "Transpose" for o in n.output}
+    logits = {o for n in graph.node if n.op_type in ("MatMul", "FusedMatMul", "Gemm") and weights & set(n.input[1:2])
               for o in n.output}
     readers = {n.op_type for n in graph.node if logits & set(n.input)}
     assert logits and "GatherElements" not in readers and "Gather" not in readers
+
+
+def test_trained_layers_are_recomputed_in_the_backward_pass(model_dirs, bundles, tmp_path):
+    # each trained layer's attention runs twice (forward, and again in the backward pass from the layer's saved input);
+    # one Softmax per layer would mean onnxruntime merged the recomputation into the forward (its saved activations back)
+    layers = json.loads((model_dirs("llama") / "config.json").read_text())["num_hidden_layers"]
+    graph = _optimized_train_graph(bundles("llama", "int8", top_layers=1), tmp_path)
+    assert sum(n.op_type == "Softmax" for n in graph.node) == layers + 1
 
 
 @pytest.mark.parametrize("kind, graph, arena, pattern", [
