@@ -6,7 +6,7 @@ with ``--select auto --max-delta-bytes B``, B the float32 bytes of the top-k bun
 delta. Every run trains under ``--memory-budget`` (default 200 MB) in its own process; reported: test accuracy, the
 modules and layers trained, the delta's float32 and packed bytes, seconds per step and peak RSS.
 
-    python benchmarks/bench_select.py [--top 1,2] [--memory-budget 200] [--steps 80] [--train-rows 1200] [--test-rows 500]
+    python benchmarks/bench_select.py [--top 1,2] [--memory-budget 200] [--steps 200] [--train-rows 1200] [--test-rows 500]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--top", default="1,2", help="fixed --top-layers values to compare with")
     ap.add_argument("--memory-budget", type=float, default=200.0, help="--memory-budget of every run, MB")
-    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=200, help="optimizer steps of every run (bench_methods.py's)")
     ap.add_argument("--train-rows", type=int, default=1200)
     ap.add_argument("--test-rows", type=int, default=500)
     ap.add_argument("--lr", type=float, default=2e-3)

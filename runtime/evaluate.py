@@ -1,5 +1,13 @@
 """Metrics of a bundle + delta on a dataset with the inference graph: accuracy for classification,
-token accuracy and F1 for token classification, loss and perplexity for a causal LM."""
+token accuracy and F1 for token classification, loss and perplexity for a causal LM.
+
+A causal LM's loss is the mean next-token NLL of the target tokens from token 1 on: model.onnx gives logits at the
+user's positions only, and position t predicts token t + 1. With virtual tokens in the sequence (prompt tuning,
+P-tuning) PEFT also scores token 0, predicted by the last virtual token, whose logits model.onnx does not output; the
+train graph scores it (runtime/lm_targets.first_target), this evaluation leaves that one term per example out. So a
+prompted bundle's evaluation loss is PEFT's loss without the first token's term (tests/test_virtual_tokens.py), and
+it is not the train loss of the same batch.
+"""
 
 from __future__ import annotations
 
@@ -84,7 +92,7 @@ def evaluate(predictor: Predictor, data: Dataset, deltas: Sequence[DeltaLike] = 
             nll -= float(logp[np.arange(len(y)), y].sum())
             correct += int((logits.argmax(-1) == y).sum())
             count += len(y)
-        else:  # next-token loss over the target tokens, as the train graph computes it
+        else:  # next-token loss over the target tokens from token 1 on (a prompted bundle's token 0: see the docstring)
             w = b[LOSS_MASK][:, 1:]
             nll += _lm_nll(logits[:, :-1], b["input_ids"][:, 1:], w)
             count += int(w.sum())

@@ -35,7 +35,11 @@ from edgepeft.runtime.bundle import SessionConfig
 MB = 1024 * 1024
 HEADROOM = 0.9  # plan to 90 % of the budget: probes are single measurements (a step's peak varies ~5 %)
 ARENA_FACTOR = 2.0
-PROBE_LIMIT = 0.8  # a probe runs only when predicted to stay under this share of the planned peak
+# A probe runs only when predicted to stay under this share of the planned peak (HEADROOM is the margin below the
+# budget). A share below 1 stopped the probes before any growth was seen whenever the process's fixed memory alone
+# passed it (--select auto's every-layer graph: 159 MB at batch 1 and 2 against 0.8 x 180; the slope read as zero,
+# the whole batch was planned with the arena on, and the run peaked at 287 MB under a 200 MB budget).
+PROBE_LIMIT = 1.0
 MIN_LENGTH = 16  # never truncate examples below this many tokens to fit a budget
 
 _peak_before_reset_mb = 0.0  # the kernel's peak counter is reset by each probe; remember what it was
@@ -136,7 +140,7 @@ def plan_memory(budget_mb: float, *, batch_size: int, longest: int, measure: Cal
     if budget_mb <= 0:
         raise TrainError(f"--memory-budget must be a positive number of MB, got {budget_mb:g}")
     target = budget_mb * HEADROOM
-    fixed, per_token = _fit(measure, batch_size, longest, target)
+    fixed, per_token, seen = _fit(measure, batch_size, longest, target)
 
     def peak(b: int, t: int, arena: bool = False) -> float:
         return fixed + per_token * b * t * (ARENA_FACTOR if arena else 1.0)
@@ -151,7 +155,8 @@ def plan_memory(budget_mb: float, *, batch_size: int, longest: int, measure: Cal
             f"memory budget {budget_mb:g} MB is too small: batch size 1 needs about {need:.0f} MB here "
             f"(measured {fixed:.0f} MB for the bundle, data and sessions plus {per_token * 1024:.1f} KB per token); "
             f"use --memory-budget {need:.0f} or more")
-    micro = batch_size if per_token == 0 else max(1, min(batch_size, int((target - fixed) / (per_token * length))))
+    # no growth measured: nothing to extrapolate from, so no more examples a run than a probe ran within the target
+    micro = seen if per_token == 0 else max(1, min(batch_size, int((target - fixed) / (per_token * length))))
     arena = peak(micro, length, arena=True) <= target
     session = SessionConfig(threads=threads, arena=arena)
     # length buckets: a batch of shorter examples may run more of them at once within the same token count
@@ -160,8 +165,9 @@ def plan_memory(budget_mb: float, *, batch_size: int, longest: int, measure: Cal
                       round(peak(micro, length, arena), 1), tokens)
 
 
-def _fit(measure: Callable[[int, int], float], batch_size: int, longest: int, target: float) -> tuple[float, float]:
-    """(fixed MB, MB per example-token) from probes at batch 1, 2, 4, ... at the longest length.
+def _fit(measure: Callable[[int, int], float], batch_size: int, longest: int, target: float) -> tuple[float, float, int]:
+    """(fixed MB, MB per example-token, the largest batch probed within ``target``, at least 1) from probes at
+    batch 1, 2, 4, ... at the longest length.
 
     Batches double while the line through the last two probes predicts the next one stays within
     PROBE_LIMIT of the target: at a few examples the allocator's slack hides the real slope, so the
@@ -179,7 +185,8 @@ def _fit(measure: Callable[[int, int], float], batch_size: int, longest: int, ta
     wide = (peaks[-1] - peaks[0]) / (sizes[-1] - sizes[0])
     recent = (peaks[-1] - peaks[-2]) / (sizes[-1] - sizes[-2])
     per_token = max(wide, recent, 0.0) / longest
-    return peaks[0] - per_token * longest, per_token
+    seen = max((b for b, p in zip(sizes, peaks) if p <= target), default=1)
+    return peaks[0] - per_token * longest, per_token, seen
 
 
 def unlimited_plan(batch_size: int, longest: int, session: SessionConfig) -> MemoryPlan:

@@ -24,7 +24,7 @@ from edgepeft.delta import ranks
 from edgepeft.delta.format import checksum, now_iso
 from edgepeft.errors import TrainError
 from edgepeft.names import (ATTENTION_MASK, AUDIO_CLS, CNN_INPUTS, IGNORED_LABEL, INPUT_IDS, LABELS, LOSS, SEQ_CLS, TOKEN_CLS,
-                            grad_name, split_slot_name)
+                            grad_name)
 from edgepeft.runtime import checkpoint as ckpt
 from edgepeft.runtime import memory
 from edgepeft.runtime.bundle import Bundle, SessionConfig
@@ -36,7 +36,7 @@ from edgepeft.runtime.image_data import ImageDataset
 from edgepeft.runtime.images import ImageSpec
 from edgepeft.runtime.infer import Predictor
 from edgepeft.runtime.prompt_init import with_text_init
-from edgepeft.runtime.select import PROBE_STEPS, choose, probe_scores
+from edgepeft.runtime.held_slots import HeldSlots, probe_selection
 from edgepeft.runtime.lm_targets import LOSS_MASK, first_target, loss_chunks, scored, train_feeds
 from edgepeft.runtime.optim import SCHEDULES, AdamW, clip_by_global_norm, lr_at
 
@@ -202,13 +202,13 @@ class Trainer:
         lean = SessionConfig(threads=c.threads, arena=False)
         self.predictor = Predictor(self.bundle, lean if budget else SessionConfig(threads=c.threads)) if self.val else None
         if not budget:
-            self.session = self.bundle.session("train", SessionConfig(threads=c.threads), outputs=self._outputs())
+            self.session = self.bundle.session("train", SessionConfig(threads=c.threads), outputs=self.slots.outputs())
             self.plan = memory.unlimited_plan(want, longest, SessionConfig(threads=c.threads))
             return
-        self.session = self.bundle.session("train", lean, outputs=self._outputs())
+        self.session = self.bundle.session("train", lean, outputs=self.slots.outputs())
         self.plan = memory.plan_memory(budget, batch_size=want, longest=longest, measure=self._probe, threads=c.threads)
         if self.plan.session.arena:
-            self.session = self.bundle.session("train", self.plan.session, outputs=self._outputs())
+            self.session = self.bundle.session("train", self.plan.session, outputs=self.slots.outputs())
 
     def _probe(self, b: int, t: int) -> float:
         if self.manifest.task in CNN_INPUTS:  # an image's or a clip's input size does not depend on t
@@ -250,8 +250,7 @@ class Trainer:
 
     def _grads(self, group: list[np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
         """Loss and gradients of a group of batches (micro-batched)."""
-        held = set(self.held)
-        names = [s.name for s in self.manifest.slots if s.name not in held]  # a pruned graph has no held gradients
+        names = self.slots.trained  # a pruned graph has no held gradients
         outputs = [LOSS] + [grad_name(n) for n in names]
         micro = [self.train.batch(mb, self.plan.max_length) for idx in group for mb in self._split(idx)]
         weights = [self._weight(b) for b in micro]
@@ -265,7 +264,7 @@ class Trainer:
             loss += f * float(out[0])
             scaled = [g if f == 1.0 else g * np.float32(f) for g in out[1:]]
             grads = scaled if grads is None else [a + g for a, g in zip(grads, scaled)]
-        return loss, {**dict(zip(names, grads)), **{n: np.zeros_like(self.params[n]) for n in self.held}}
+        return loss, self.slots.with_zeros(dict(zip(names, grads)), self.params)
 
     def _step(self, group: list[np.ndarray], lr: float) -> float:
         """Loss and gradients of a group of batches, clipped, then one AdamW update (held slots stay neutral)."""
@@ -277,30 +276,20 @@ class Trainer:
         self.optimizer.step(gd, lr)
         for h in self.hooks:  # after the update, with this step's (clipped) gradients: PEFT's update_and_allocate(step)
             h.after_step(self.params, gd, self.step)
-        self._hold()
+        self.slots.hold(self.params)
         return loss
 
     def _select(self) -> None:
         """--select auto: probe the starting delta's gradients, choose modules, hold the rest at their neutral value."""
-        if self.config.select != "auto":
+        c = self.config
+        if c.select != "auto":
             return
-        probe = plan_batches(self.train.lengths, self.config.batch_size, np.random.default_rng(self.config.seed + 1))[:PROBE_STEPS]
-        scores = probe_scores(self.manifest.slots, lambda idx: self._grads([idx])[1], probe)
-        self.selection = choose(self.manifest.slots, scores, self.config.max_delta_bytes, len(probe))
-        self.held = [s.name for s in self.manifest.slots if not self.selection.trains(s)]
-        self._hold()
+        self.selection = probe_selection(self.manifest.slots, lambda idx: self._grads([idx])[1], self.train.lengths,
+                                         c.batch_size, c.seed, c.max_delta_bytes)
+        self.slots = HeldSlots.holding(self.manifest.slots, self.selection)
+        self.slots.hold(self.params)
         self.session = self.predictor = None  # freed before the cut graph loads: the plan below measures it alone
         self._sessions()  # the graph cut to the trained gradients (edgepeft/onnx_prune.py), its memory planned again
-
-    def _outputs(self) -> list[str] | None:
-        """The train graph's outputs this run needs (None: all of them)."""
-        held = set(self.held)
-        return [LOSS] + [grad_name(s.name) for s in self.manifest.slots if s.name not in held] if held else None
-
-    def _hold(self) -> None:
-        """Put every held slot back at its method's neutral value (weight decay would move an IA3 scale off 1)."""
-        for n in self.held:
-            self.params[n][...] = methods.owner(split_slot_name(n)[1]).fill(split_slot_name(n)[1])
 
     # ---- state ----------------------------------------------------------------------------------
 
@@ -391,7 +380,7 @@ class Trainer:
         self.delta = self._fresh_delta()
         self.params = self.delta.tensors
         self.optimizer = AdamW(self.params, weight_decay=c.weight_decay)
-        self.selection, self.held = None, []
+        self.selection, self.slots = None, HeldSlots(self.manifest.slots)
         self._sessions()
         self._select()
         rng = np.random.default_rng(c.seed)

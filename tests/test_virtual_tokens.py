@@ -64,3 +64,38 @@ def test_a_text_init_is_peft_s_text_init_on_the_bundle_s_own_embeddings(bundles,
                              prompt_tuning_init_text="w5", tokenizer_name_or_path=str(model_dirs("bert")))
     peft = get_peft_model(torch_reference.load_hf(model_dirs("bert"), bundle), cfg)
     np.testing.assert_array_equal(ours, peft.prompt_encoder["default"].embedding.weight.detach().numpy())
+
+
+def test_a_prompted_lm_s_evaluation_loss_is_peft_s_loss_without_the_first_token_s_term(bundles, model_dirs, tmp_path):
+    # model.onnx outputs the user's positions only, so the last virtual token's prediction of token 0 is not there:
+    # evaluate() scores tokens 1.. (runtime/evaluate.py says so); PEFT's position V-1+t is the state predicting token t
+    import torch
+
+    from edgepeft.runtime.data import load_dataset
+    from edgepeft.runtime.evaluate import evaluate
+    from edgepeft.runtime.lm_targets import LOSS_MASK
+    from edgepeft.runtime.text import load_tokenizer
+    from synthetic_tasks import pattern_lines, write_lines
+
+    bundle = bundles("llama", "none", **LLAMA_PROMPT)
+    v = LLAMA_PROMPT["method_config"]["num_virtual_tokens"]
+    delta = perturbed(bundle.manifest, 3)
+    data = load_dataset(write_lines(tmp_path / "val.txt", pattern_lines(5, 2)), bundle.manifest, load_tokenizer(bundle))
+    got = evaluate(Predictor(bundle), data, [delta])["loss"]
+    model, _ = torch_reference.with_deltas(torch_reference.load_hf(model_dirs("llama"), bundle), bundle, delta.tensors)
+    nll = {"from token 1": 0.0, "token 0": 0.0}
+    count = {"from token 1": 0, "token 0": 0}
+    for i in range(len(data)):
+        b = data.batch(np.array([i]))
+        with torch.no_grad():
+            logits = model(input_ids=torch.from_numpy(b["input_ids"]), attention_mask=torch.from_numpy(b["attention_mask"])).logits
+        logp = torch.log_softmax(logits[0].double(), -1).numpy()  # (V + T, vocab)
+        ids, w = b["input_ids"][0], b[LOSS_MASK][0]
+        for t in range(len(ids)):
+            key = "token 0" if t == 0 else "from token 1"
+            nll[key] -= w[t] * logp[v - 1 + t, ids[t]]
+            count[key] += int(w[t])
+    assert got == pytest.approx(nll["from token 1"] / count["from token 1"], rel=1e-4)
+    assert count["token 0"] == len(data)  # the left-out term is one target per example, and it is not negligible:
+    full = (nll["from token 1"] + nll["token 0"]) / (count["from token 1"] + count["token 0"])
+    assert abs(full - got) > 1e-3
