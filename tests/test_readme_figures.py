@@ -4,7 +4,7 @@
 from the results files. A rerun of a benchmark that changes a number fails here until README says
 the new number; a new number written into README's measured sections without an entry fails too.
 summary.md is checked the same way: it must be what ``run_all.py --table-only`` renders from the JSON;
-the demo transcript must be lines of ``benchmarks/results/demo.txt`` (the output of the run it shows).
+each demo transcript must be lines of its ``benchmarks/results/demo*.txt`` (the output of the run it shows).
 """
 
 from __future__ import annotations
@@ -314,17 +314,23 @@ def test_every_number_in_the_measured_sections_has_a_results_entry():
     assert not unchecked, f"README quotes numbers no results entry checks (add them to figures()): {unchecked}"
 
 
-def _demo_block() -> list[str]:
-    """The lines of README's demo transcript (the code block after "What `scripts/demo.sh` printed")."""
-    after = README.split("What `scripts/demo.sh` printed", 1)[1]
+DEMOS = {"What `scripts/demo.sh` printed": "demo.txt", "What `edgepeft demo --task images` printed": "demo_images.txt",
+         "What `edgepeft demo --task speech` printed": "demo_speech.txt"}  # README's lead-in -> the run it shows
+
+
+def _demo_block(lead_in: str) -> list[str]:
+    """The lines of a README demo transcript (the code block after ``lead_in``)."""
+    after = README.split(lead_in, 1)[1]
     return after.split("```", 2)[1].strip("\n").splitlines()
 
 
-def test_readme_demo_transcript_is_the_committed_demo_run():
-    # the hub's port changes every run; every other line, figures included, is benchmarks/results/demo.txt's
-    ran = set((RESULTS / "demo.txt").read_text().splitlines())
-    stale = [line for line in _demo_block() if not line.startswith("== hub: http") and line not in ran]
-    assert len(_demo_block()) > 10 and not stale, f"README's demo transcript is stale: {stale}"
+@pytest.mark.parametrize("lead_in", sorted(DEMOS))
+def test_readme_demo_transcript_is_the_committed_demo_run(lead_in):
+    # the hub's port changes every run; every other line, figures included, is the results file's
+    ran = set((RESULTS / DEMOS[lead_in]).read_text().splitlines())
+    block = _demo_block(lead_in)
+    stale = [line for line in block if not line.startswith("== hub: http") and line not in ran]
+    assert len(block) > 10 and not stale, f"README's demo transcript is stale: {stale}"
 
 
 def test_summary_md_is_rendered_from_the_results_files():
