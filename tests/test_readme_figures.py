@@ -64,6 +64,8 @@ def figures() -> dict[str, str]:
     levers = {r["config"]: r for r in _json("levers")["rows"]}
     run = _json("run")
     speech = _json("speech")
+    arena = _json("arena")
+    arena_rows = arena["rows"]  # lean, default arena, kSameAsRequested, capped (bench_arena.CONFIGS)
 
     def target(name: str) -> str:  # README's targets table rows read as summary.md's
         t = targets[name]
@@ -76,6 +78,7 @@ def figures() -> dict[str, str]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_methods  # its table is printed by the benchmark and copied into README
     import bench_select
+    import bench_arena
     import bench_speech
     import bench_vision
 
@@ -85,6 +88,13 @@ def figures() -> dict[str, str]:
         **methods_target_figures(),
         "select: table": bench_select.table(_json("select")["rows"]),
         "vision: table": bench_vision.table(_json("vision")),
+        "arena: table": bench_arena.table(arena),
+        "arena: peaks": f"peaks {arena_rows[3]['peak_rss_mb'] - arena_rows[0]['peak_rss_mb']:.0f} MB above the lean allocator "
+                        f"({arena_rows[3]['peak_rss_mb']:.0f} vs {arena_rows[0]['peak_rss_mb']:.0f} MB; the default arena {arena_rows[1]['peak_rss_mb']:.0f} MB)",
+        "arena: steps": f"({1000 * arena_rows[3]['step_s']:.0f} vs {1000 * arena_rows[0]['step_s']:.0f} ms; per process "
+                        + " vs ".join(f"{min(ms)}-{max(ms)} ms" if i else f"{min(ms)}-{max(ms)}" for i, ms in enumerate(
+                            [round(1000 * x["step_s"]) for x in arena_rows[k]["runs"]] for k in (3, 0))),
+        "arena: load": f"load average was {min(arena['load_average_1min'])}-{max(arena['load_average_1min'])}",
         "speech: table": bench_speech.table(speech),
         "speech: without a budget": bench_speech.step_and_memory(_json("speech_no_budget")),
         "speech: base": f"trained in torch on {speech['base']['clips']} clips",
