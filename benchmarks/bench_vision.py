@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{len(rows)} of {len(METHODS)} methods measured with these settings; results written when all are", file=sys.stderr)
         return
     payload = {"model": "EfficientNet-Lite0 (ImageNet), int8 bundle vs fp32 torch", "data": "Fashion-MNIST",
-               "settings": settings, "quick": a.quick, "target_accuracy": TARGET_ACCURACY, "rows": rows, "targets": targets(rows)}
+               "load_average_1min_at_end": round(os.getloadavg()[0], 1), "settings": settings, "quick": a.quick, "target_accuracy": TARGET_ACCURACY, "rows": rows, "targets": targets(rows)}
     path = write_result("vision_quick" if a.quick else "vision", payload)
     print(table(payload))
     print(f"wrote {path}")

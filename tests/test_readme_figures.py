@@ -65,6 +65,7 @@ def figures() -> dict[str, str]:
     run = _json("run")
     speech = _json("speech")
     arena = _json("arena")
+    vision = _json("vision")
     arena_rows = arena["rows"]  # lean, default arena, kSameAsRequested, capped (bench_arena.CONFIGS)
 
     def target(name: str) -> str:  # README's targets table rows read as summary.md's
@@ -87,7 +88,14 @@ def figures() -> dict[str, str]:
         **adalora_figures(),
         **methods_target_figures(),
         "select: table": bench_select.table(_json("select")["rows"]),
-        "vision: table": bench_vision.table(_json("vision")),
+        "vision: table": bench_vision.table(vision),
+        "vision: load": f"load average {vision['load_average_1min'][0]}-{vision['load_average_1min'][1]}",
+        "vision: targets": "swing with whatever else ran, so the time ratios (" + ", ".join(
+            f"{g['time_to_accuracy_ratio']:.2f}×" for g in vision["targets"].values()) + ") are noise",
+        "vision: steps": f"({vision['targets']['bn + head']['step_time_ratio']:.2f}× for BN + head, "
+                         f"{vision['targets']['lora r=8 + head']['step_time_ratio']:.2f}× for LoRA + head)",
+        "vision: memory": "peak training memory ≤ 0.4× torch's: not met** (" + " and ".join(
+            f"{vision['targets'][k]['peak_memory_ratio']:.2f}×" for k in ("lora r=8 + head", "bn + head")) + ";",
         "arena: table": bench_arena.table(arena),
         "arena: peaks": f"peaks {arena_rows[3]['peak_rss_mb'] - arena_rows[0]['peak_rss_mb']:.0f} MB above the lean allocator "
                         f"({arena_rows[3]['peak_rss_mb']:.0f} vs {arena_rows[0]['peak_rss_mb']:.0f} MB; the default arena {arena_rows[1]['peak_rss_mb']:.0f} MB)",
