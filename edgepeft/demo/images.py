@@ -42,7 +42,7 @@ class ImageTask(DemoTask):
                       method="lora+head", method_config={"lora.rank": RANK}, top_layers=TOP_BLOCKS, quantize="int8",
                       progress=lambda m: say("   " + m))
 
-    def held_out(self, bundle, rows: int, work: Path, say: Say) -> str:
+    def held_out(self, bundle, rows: int, work: Path) -> str:
         from edgepeft.runtime.image_data import load_image_dataset
 
         test = load_image_dataset(fashion_mnist("t10k"), bundle.manifest)

@@ -77,7 +77,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print, task: DemoTask
     bundle = open_bundle(bundle_dir)
     predictor = Predictor(bundle)
     accuracy = lambda deltas=(): task.accuracy(predictor, deltas)  # noqa: E731
-    held = task.held_out(bundle, cfg.eval_rows, work, say)
+    held = task.held_out(bundle, cfg.eval_rows, work)
 
     results: dict = {"task": task.name, "held_out": cfg.eval_rows, "stages": []}
 

@@ -57,7 +57,7 @@ class SpeechTask(DemoTask):
         export_audio("kws-cnn", weights, out, method="lora+head", method_config={"lora.rank": RANK}, quantize="int8",
                      progress=lambda m: say("   " + m))
 
-    def held_out(self, bundle, rows: int, work: Path, say: Say) -> str:
+    def held_out(self, bundle, rows: int, work: Path) -> str:
         from edgepeft.runtime.audio_data import load_audio_dataset
 
         per = max(1, rows // (len(self.voices) * len(self.words)))

@@ -28,7 +28,7 @@ class DemoTask(ABC):
         """Export the task's bundle to ``out`` (workstation side: called only when the bundle is missing)."""
 
     @abstractmethod
-    def held_out(self, bundle, rows: int, work: Path, say: Say) -> str:
+    def held_out(self, bundle, rows: int, work: Path) -> str:
         """Prepare ``rows`` held-out examples every stage is scored on (files, if any, under ``work``); returns the
         line that describes them."""
 

@@ -25,7 +25,7 @@ class TextTask(DemoTask):
         export_bundle(minilm_dir(), out, quantize="int8", method="lora+bitfit", labels=["rotten", "fresh"],
                       max_length=64, progress=lambda m: say("   " + m))
 
-    def held_out(self, bundle, rows: int, work: Path, say: Say) -> str:
+    def held_out(self, bundle, rows: int, work: Path) -> str:
         self.held = self.split["test"][:rows]
         majority = max(sum(label == c for _, label in self.held) for c in ("fresh", "rotten")) / len(self.held)
         return f"{len(self.held)} held-out snippets, majority class {100 * majority:.1f} %"
