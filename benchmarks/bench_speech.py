@@ -2,7 +2,7 @@
 adapts to a voice it never heard, beside torch + PEFT running the same method.
 
 The base (exporters/kws_cnn.py, 64k parameters, 10 words) is trained in torch on log-mel features of the
-base speakers' clips (benchmarks/speech_data.py: four English accents x four variants, random speed, pitch,
+base speakers' clips (edgepeft/demo/speech_data.py: four English accents x four variants, random speed, pitch,
 onset and noise), then exported to int8 bundles that keep its trained classifier. The device's owner speaks
 with NEW_VOICE: the device trains on a few of its clips per word and is tested on others. Two methods, each
 with the head: LoRA r=8 on every convolution (PEFT's lora.Conv2d) and BatchNorm tuning (γ, β; statistics
@@ -28,12 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).parent))
-import speech_data as S  # noqa: E402
+import cnn_children  # noqa: E402
 from bench_vision import targets  # noqa: E402
 from common import CACHE, exporter_version, run_child, write_result  # noqa: E402
+
+from edgepeft.demo import speech_data as S  # noqa: E402
 
 METHODS = {"bn + head": "bn+head", "lora r=8 + head": "lora+head"}
 TARGET_ACCURACY = 0.90  # time to this test accuracy on the new voice
@@ -48,113 +48,14 @@ train = load_audio_dataset(args["train_dir"], bundle.manifest)
 test = load_audio_dataset(args["test_dir"], bundle.manifest)
 """
 
-EDGEPEFT_CHILD = COMMON + """
-from edgepeft.delta import Delta, delta_from_init, save_delta
-from edgepeft.runtime.evaluate import evaluate
-from edgepeft.runtime.bundle import SessionConfig
-from edgepeft.runtime.infer import Predictor
-from edgepeft.runtime.trainer import TrainConfig, Trainer
-used = []  # each step's clips, for the torch child to replay (one batch however the memory plan splits it)
-start = delta_from_init(bundle.manifest, 0)
-save_delta(args["start"], start)
-predictor = Predictor(bundle, SessionConfig(threads=1, arena=False))
-before = evaluate(predictor, test, [start], batch_size=args["batch"])["accuracy"]
-curve, step_times, t_train = [], [], 0.0
-cfg = TrainConfig(epochs=1000, max_steps=args["steps"], batch_size=args["batch"], lr=args["lr"], weight_decay=0.0,
-                  eval_every=0, checkpoint_every=0, seed=0, memory_budget_mb=args["budget"], threads=1)
-last = [time.perf_counter()]
-def progress(p):
-    global t_train
-    now = time.perf_counter()
-    if p.metrics is None and p.step > 0:
-        step_times.append(now - last[0]); t_train += now - last[0]
-    last[0] = time.perf_counter()
-class Probe(Trainer):  # evaluate on the test clips every `every` steps, outside the timed steps
-    def _sessions(self):  # building the sessions and probing the memory plan is setup, not training
-        super()._sessions()
-        last[0] = time.perf_counter()
-    def _step(self, group, lr):
-        used.append([int(i) for index in group for i in index])
-        loss = super()._step(group, lr)
-        if (self.step + 1) % args["every"] == 0:
-            t0 = time.perf_counter()
-            acc = evaluate(predictor, test, [Delta(self.params, self.delta.meta)], batch_size=args["batch"])["accuracy"]
-            curve.append([self.step + 1, t_train + (t0 - last[0]), acc])
-            last[0] += time.perf_counter() - t0  # the evaluation is not training time
-        return loss
-res = Probe(bundle, train, cfg, on_progress=progress).fit()
-json.dump(used, open(args["order"], "w"))
-acc = evaluate(predictor, test, [res.delta], batch_size=args["batch"])["accuracy"]
-print("RESULT", json.dumps({"before": before, "test_accuracy": acc, "curve": curve, "step_s": float(np.median(step_times)),
-                            "train_s": t_train, "steps": res.summary.steps}))
-"""
+EDGEPEFT_CHILD = COMMON + cnn_children.EDGEPEFT
 
 TORCH_CHILD = COMMON + """
 import torch
-from torch import nn
-from edgepeft.delta import load_delta
 from edgepeft.exporters.audio_specs import load_audio_model
-from edgepeft.names import BIAS, BN_SCALE, INPUT_FEATURES, LABELS, LORA_A, LORA_B, WEIGHT, split_slot_name
-torch.set_num_threads(1)
-m = bundle.manifest
+torch.set_num_threads(args["threads"] or torch.get_num_threads())
 model, _, _ = load_audio_model("kws-cnn", __import__("pathlib").Path(args["weights"]))  # fp32, its trained head
-for p in model.parameters():
-    p.requires_grad_(False)
-start = load_delta(args["start"], m, for_training=True)
-lora = sorted({s.module for s in m.slots if s.kind == LORA_A})
-net = model
-if lora:
-    from peft import LoraConfig, get_peft_model
-    a0 = next(s for s in m.slots if s.kind == LORA_A)
-    model = get_peft_model(model, LoraConfig(r=a0.rank, lora_alpha=a0.alpha, target_modules=lora, modules_to_save=["fc"]))
-    net = model.base_model.model
-model.eval()
-params = []
-with torch.no_grad():
-    for s in m.slots:
-        mod, kind = split_slot_name(s.name)
-        layer = net.get_submodule(mod)
-        t = torch.from_numpy(np.array(start.tensors[s.name]))
-        if kind in (LORA_A, LORA_B):
-            p = (layer.lora_A if kind == LORA_A else layer.lora_B)["default"].weight
-            p.copy_(t.reshape(p.shape))
-        else:
-            base = layer.modules_to_save["default"] if hasattr(layer, "modules_to_save") else layer
-            p = {BN_SCALE: base.weight, BIAS: base.bias, WEIGHT: base.weight}[kind]
-            p += t
-        p.requires_grad_(True)
-        params.append(p)
-opt = torch.optim.AdamW(params, lr=args["lr"], weight_decay=0.0)
-order = json.load(open(args["order"]))
-total = len(order)
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1 - k / total))
-def accuracy():  # in batches of the training batch's size, as the edgepeft child evaluates
-    with torch.no_grad():
-        right = 0
-        for i in range(0, len(test), args["batch"]):
-            b = test.batch(np.arange(i, min(i + args["batch"], len(test))))
-            right += int((model(torch.from_numpy(b[INPUT_FEATURES])).argmax(-1).numpy() == b[LABELS]).sum())
-        return right / len(test)
-before = accuracy()
-b = train.batch(np.array(order[0]))  # one untimed warm-up pass (oneDNN builds its kernels), as edgepeft's memory
-nn.functional.cross_entropy(model(torch.from_numpy(b[INPUT_FEATURES])), torch.from_numpy(b[LABELS])).backward()
-opt.zero_grad()  # probes warm its session up before its timed steps; the gradients are dropped
-curve, step_times, t_train = [], [], 0.0
-for k, index in enumerate(order):
-    t0 = time.perf_counter()
-    b = train.batch(np.array(index))
-    loss = nn.functional.cross_entropy(model(torch.from_numpy(b[INPUT_FEATURES])), torch.from_numpy(b[LABELS]))
-    opt.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step(); sched.step()
-    dt = time.perf_counter() - t0
-    step_times.append(dt); t_train += dt
-    if (k + 1) % args["every"] == 0:
-        curve.append([k + 1, t_train, accuracy()])
-print("RESULT", json.dumps({"before": before, "test_accuracy": accuracy(), "curve": curve,
-                            "step_s": float(np.median(step_times)), "train_s": t_train, "steps": total}))
-"""
+""" + cnn_children.TORCH
 
 
 def _key(settings: dict) -> str:
@@ -173,53 +74,19 @@ def data_sets(a: argparse.Namespace) -> dict[str, Path]:
     return out
 
 
-def folder_features(root: Path, spec) -> tuple[np.ndarray, np.ndarray]:
-    """Log-mel features (N, 1, mels, frames) and word indices of a ``word/clip.wav`` folder, as the device reads them."""
-    from edgepeft.runtime.audio import log_mel, read_wav
-
-    files = [(f, S.WORDS.index(f.parent.name)) for f in sorted(root.glob("*/*.wav"))]
-    return log_mel(np.stack([read_wav(f, spec) for f, _ in files]), spec), np.array([y for _, y in files])
-
-
 def base_model(sets: dict[str, Path], epochs: int) -> tuple[Path, dict]:
     """The KWS CNN trained on the base speakers (workstation, torch), saved with its feature settings; cached."""
-    import torch
-    from torch import nn
-
-    from edgepeft.exporters.audio_specs import save_audio_weights
-    from edgepeft.exporters.kws_cnn import KwsCnn
-    from edgepeft.runtime.audio import AudioSpec
+    from edgepeft.exporters.kws_train import accuracy, train_kws
 
     out = CACHE / f"speech-kws-base-{sets['base'].parent.name}-e{epochs}.safetensors"
     info = out.with_suffix(".json")
     if out.is_file() and info.is_file():
         return out, json.loads(info.read_text())
     t0 = time.perf_counter()
-    raw = AudioSpec()
-    x, y = folder_features(sets["base"], raw)
-    spec = AudioSpec(mean=round(float(x.mean()), 4), std=round(float(x.std()), 4))
-    x = (x - spec.mean) / spec.std
-    torch.manual_seed(0)
-    model = KwsCnn(len(S.WORDS), spec.mels)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    rng = np.random.default_rng(0)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(epochs):
-        model.train()
-        for idx in np.array_split(rng.permutation(len(y)), max(1, len(y) // 32)):
-            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-
-    def acc(name: str) -> float:
-        fx, fy = folder_features(sets[name], spec)
-        with torch.no_grad():
-            return round(float((model(torch.from_numpy(fx)).argmax(-1).numpy() == fy).mean()), 4)
-
-    save_audio_weights(model, out, labels=list(S.WORDS), features=spec.to_dict())
-    meta = {"clips": len(y), "epochs": epochs, "train_s": round(time.perf_counter() - t0, 1),
+    model, spec = train_kws(sets["base"], S.WORDS, epochs, out)
+    acc = lambda name: round(accuracy(model, sets[name], S.WORDS, spec), 4)  # noqa: E731
+    clips = sum(1 for _ in sets["base"].glob("*/*.wav"))
+    meta = {"clips": clips, "epochs": epochs, "train_s": round(time.perf_counter() - t0, 1),
             "heldout_base_voices_accuracy": acc("base_heldout"), "new_voice_accuracy": acc("new_test")}
     info.write_text(json.dumps(meta))
     return out, meta
@@ -268,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             b = bundle(method, weights)
             tag = method.replace("+", "_")
             common = {"train_dir": str(sets["new_train"]), "test_dir": str(sets["new_test"]), "steps": a.steps,
-                      "batch": a.batch, "lr": a.lr, "every": a.every, "weights": str(weights), "budget": a.budget,
+                      "batch": a.batch, "lr": a.lr, "every": a.every, "weights": str(weights), "budget": a.budget, "threads": 1,
                       "start": str(CACHE / f"speech-start-{tag}.delta"), "order": str(CACHE / f"speech-order-{tag}.json")}
             ours = run_child(EDGEPEFT_CHILD, str(b), json.dumps(common))
             print(f"{name}: edgepeft {ours['before']:.3f} -> {ours['test_accuracy']:.3f}, {ours['step_s']:.4f} s/step, "

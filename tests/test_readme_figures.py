@@ -4,7 +4,7 @@
 from the results files. A rerun of a benchmark that changes a number fails here until README says
 the new number; a new number written into README's measured sections without an entry fails too.
 summary.md is checked the same way: it must be what ``run_all.py --table-only`` renders from the JSON;
-the demo transcript must be lines of ``benchmarks/results/demo.txt`` (the output of the run it shows).
+each demo transcript must be lines of its ``benchmarks/results/demo*.txt`` (the output of the run it shows).
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ def figures() -> dict[str, str]:
     levers = {r["config"]: r for r in _json("levers")["rows"]}
     run = _json("run")
     speech = _json("speech")
+    arena = _json("arena")
+    vision = _json("vision")
+    arena_rows = arena["rows"]  # lean, default arena, kSameAsRequested, capped (bench_arena.CONFIGS)
 
     def target(name: str) -> str:  # README's targets table rows read as summary.md's
         t = targets[name]
@@ -76,6 +79,7 @@ def figures() -> dict[str, str]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_methods  # its table is printed by the benchmark and copied into README
     import bench_select
+    import bench_arena
     import bench_speech
     import bench_vision
 
@@ -84,7 +88,21 @@ def figures() -> dict[str, str]:
         **adalora_figures(),
         **methods_target_figures(),
         "select: table": bench_select.table(_json("select")["rows"]),
-        "vision: table": bench_vision.table(_json("vision")),
+        "vision: table": bench_vision.table(vision),
+        "vision: load": f"load average {vision['load_average_1min'][0]}-{vision['load_average_1min'][1]}",
+        "vision: targets": "swing with whatever else ran, so the time ratios (" + ", ".join(
+            f"{g['time_to_accuracy_ratio']:.2f}×" for g in vision["targets"].values()) + ") are noise",
+        "vision: steps": f"({vision['targets']['bn + head']['step_time_ratio']:.2f}× for BN + head, "
+                         f"{vision['targets']['lora r=8 + head']['step_time_ratio']:.2f}× for LoRA + head)",
+        "vision: memory": "peak training memory ≤ 0.4× torch's: not met** (" + " and ".join(
+            f"{vision['targets'][k]['peak_memory_ratio']:.2f}×" for k in ("lora r=8 + head", "bn + head")) + ";",
+        "arena: table": bench_arena.table(arena),
+        "arena: peaks": f"peaks {arena_rows[3]['peak_rss_mb'] - arena_rows[0]['peak_rss_mb']:.0f} MB above the lean allocator "
+                        f"({arena_rows[3]['peak_rss_mb']:.0f} vs {arena_rows[0]['peak_rss_mb']:.0f} MB; the default arena {arena_rows[1]['peak_rss_mb']:.0f} MB)",
+        "arena: steps": f"({1000 * arena_rows[3]['step_s']:.0f} vs {1000 * arena_rows[0]['step_s']:.0f} ms; per process "
+                        + " vs ".join(f"{min(ms)}-{max(ms)} ms" if i else f"{min(ms)}-{max(ms)}" for i, ms in enumerate(
+                            [round(1000 * x["step_s"]) for x in arena_rows[k]["runs"]] for k in (3, 0))),
+        "arena: load": f"load average was {min(arena['load_average_1min'])}-{max(arena['load_average_1min'])}",
         "speech: table": bench_speech.table(speech),
         "speech: without a budget": bench_speech.step_and_memory(_json("speech_no_budget")),
         "speech: base": f"trained in torch on {speech['base']['clips']} clips",
@@ -332,17 +350,23 @@ def test_every_number_in_the_measured_sections_has_a_results_entry():
     assert not unchecked, f"README quotes numbers no results entry checks (add them to figures()): {unchecked}"
 
 
-def _demo_block() -> list[str]:
-    """The lines of README's demo transcript (the code block after "What `scripts/demo.sh` printed")."""
-    after = README.split("What `scripts/demo.sh` printed", 1)[1]
+DEMOS = {"What `scripts/demo.sh` printed": "demo.txt", "What `edgepeft demo --task images` printed": "demo_images.txt",
+         "What `edgepeft demo --task speech` printed": "demo_speech.txt"}  # README's lead-in -> the run it shows
+
+
+def _demo_block(lead_in: str) -> list[str]:
+    """The lines of a README demo transcript (the code block after ``lead_in``)."""
+    after = README.split(lead_in, 1)[1]
     return after.split("```", 2)[1].strip("\n").splitlines()
 
 
-def test_readme_demo_transcript_is_the_committed_demo_run():
-    # the hub's port changes every run; every other line, figures included, is benchmarks/results/demo.txt's
-    ran = set((RESULTS / "demo.txt").read_text().splitlines())
-    stale = [line for line in _demo_block() if not line.startswith("== hub: http") and line not in ran]
-    assert len(_demo_block()) > 10 and not stale, f"README's demo transcript is stale: {stale}"
+@pytest.mark.parametrize("lead_in", sorted(DEMOS))
+def test_readme_demo_transcript_is_the_committed_demo_run(lead_in):
+    # the hub's port changes every run; every other line, figures included, is the results file's
+    ran = set((RESULTS / DEMOS[lead_in]).read_text().splitlines())
+    block = _demo_block(lead_in)
+    stale = [line for line in block if not line.startswith("== hub: http") and line not in ran]
+    assert len(block) > 10 and not stale, f"README's demo transcript is stale: {stale}"
 
 
 def test_summary_md_is_rendered_from_the_results_files():

@@ -64,12 +64,12 @@ def randomize_batchnorm(m: nn.Module, seed: int, *, affine: bool) -> nn.Module:
     return m
 
 
-def export_tiny(out, quantize: str = "none", method: str = "lora+bn", seed: int = 0):
+def export_tiny(out, quantize: str = "none", method: str = "lora+bn", seed: int = 0, labels: tuple[str, ...] = LABELS):
     """The tiny CNN exported with every convolution method: LoRA r=2 on its full and 1x1 convolutions (the
     depthwise ones refused, so targeted by name), BN tuning and the head, every layer trained."""
     from edgepeft.exporters.modules import export_bundle
 
     targets = ("stem", "expand", "project")
-    return export_bundle(tiny_cnn(seed), torch.zeros(1, *SIZE), out, labels=LABELS, head="fc", method=method,
+    return export_bundle(tiny_cnn(seed), torch.zeros(1, *SIZE), out, labels=labels, head="fc", method=method,
                          method_config={"lora.rank": 2, "lora.targets": ",".join(targets)} if "lora" in method else {},
                          quantize=quantize, mean=(0.5,), std=(0.25,))

@@ -16,15 +16,12 @@ import click
 
 from edgepeft.delta import load_delta, save_delta
 from edgepeft.errors import TrainError
+from edgepeft.names import IMAGE_CLS
 from edgepeft.runtime.bundle import SessionConfig, open_bundle
-from edgepeft.names import AUDIO_CLS, IMAGE_CLS
-from edgepeft.runtime.audio_data import load_audio_dataset
-from edgepeft.runtime.data import load_dataset
-from edgepeft.runtime.image_data import load_image_dataset
+from edgepeft.runtime.datasets import load_for_bundle
 from edgepeft.runtime.images import Augment
 from edgepeft.runtime.evaluate import describe, evaluate
 from edgepeft.runtime.infer import Predictor
-from edgepeft.runtime.text import load_tokenizer
 from edgepeft.runtime.trainer import Progress, TrainConfig, Trainer, TrainSummary
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -86,15 +83,6 @@ def _summary(s: TrainSummary, out: Path) -> str:
     return "\n".join(lines)
 
 
-def _load(path: Path, b, augment: Augment | None = None, seed: int = 0):
-    """The data set at ``path`` for bundle ``b``: images or clips for an image or audio bundle, else text through its tokenizer."""
-    if b.manifest.task == IMAGE_CLS:
-        return load_image_dataset(path, b.manifest, augment=augment, seed=seed)
-    if b.manifest.task == AUDIO_CLS:
-        return load_audio_dataset(path, b.manifest)
-    return load_dataset(path, b.manifest, load_tokenizer(b), bundle_path=b.path)
-
-
 @click.command("train")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Training data: .jsonl, .csv (text,label header) or .txt (causal LM); for an image bundle a folder of class folders, an image,label .csv, IDX or .npy images; for an audio bundle a folder of word folders of 16 kHz mono WAV files or an audio,label .csv.")
@@ -140,8 +128,8 @@ def train_cmd(bundle: Path, data: Path, val: Path | None, start: Path | None, ou
     augment = Augment(crop_pad, flip) if crop_pad or flip else None
     if (crop_pad or flip) and b.manifest.task != IMAGE_CLS:
         raise TrainError("--crop-pad and --flip augment images; this bundle is a " + b.manifest.task + " bundle")
-    train = _load(data, b, augment, config.seed)
-    val_ds = _load(val, b) if val is not None else None
+    train = load_for_bundle(data, b, augment, config.seed)
+    val_ds = load_for_bundle(val, b) if val is not None else None
     start_delta = load_delta(start, b.manifest, for_training=True) if start is not None else None
     trainer = Trainer(b, train, config, val=val_ds, start=start_delta, checkpoint_dir=checkpoint_dir,
                       on_progress=_ProgressLine(quiet))
@@ -159,7 +147,7 @@ def train_cmd(bundle: Path, data: Path, val: Path | None, start: Path | None, ou
 def eval_cmd(bundle: Path, data: Path, delta_path: Path | None, batch_size: int, threads: int) -> None:
     """Print the metrics of BUNDLE (+ a delta) on a data file: accuracy (token classification: and F1), or loss and perplexity."""
     b = open_bundle(bundle)
-    ds = _load(data, b)
+    ds = load_for_bundle(data, b)
     deltas = [load_delta(delta_path, b.manifest)] if delta_path is not None else []
     metrics = evaluate(Predictor(b, SessionConfig(threads=threads)), ds, deltas, batch_size=batch_size)
     for k, v in metrics.items():

@@ -16,6 +16,10 @@ Mapping (PEFT keys carry the ``base_model.model.`` prefix; PEFT's saved files dr
   ``bias: "all"``, which stores biases whole: ``<m>.bias`` (``<m>.base_layer.bias`` on a LoRA module)
   = base + delta. Needs the base weights too; in this mode every bias slot is written that way.
 
+Convolutional bundles (edgepeft/delta/peft_conv.py): LoRA on a Conv2d is PEFT's lora.Conv2d (4-D A and B),
+BatchNorm tuning rides as modules_to_save (norms stored whole, running statistics the bundle's); ``task_type``
+is null, as PEFT has none for a custom image or audio model.
+
 What cannot map: a module with both LoRA and a full weight slot (PEFT wraps a module one way), and,
 reading, a PEFT adapter whose ``bias: "all"`` training changed biases the bundle has no slot for
 (LayerNorm biases, say). Also note: PEFT trains every bias of the model under ``bias: "all"``, more
@@ -36,17 +40,18 @@ import numpy as np
 import safetensors.numpy
 
 from edgepeft import atomic, frozen, methods
-from edgepeft.delta import safeio
+from edgepeft.delta import peft_conv, safeio
 from edgepeft.delta.format import Delta, DeltaMeta, check_against_manifest, check_structure
 from edgepeft.delta.peft_prompts import from_peft_prompt, prompt_method, to_peft_prompt
 from edgepeft.errors import DeltaError
 from edgepeft.manifest import Manifest
-from edgepeft.names import BIAS, CAUSAL_LM, SEQ_CLS, TOKEN_CLS, WEIGHT, slot_name, split_slot_name
+from edgepeft.names import (AUDIO_CLS, BIAS, BN_SCALE, CAUSAL_LM, IMAGE_CLS, LORA_A, SEQ_CLS, TOKEN_CLS, WEIGHT, slot_name,
+                            split_slot_name)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-TASK_TYPES = {SEQ_CLS: "SEQ_CLS", TOKEN_CLS: "TOKEN_CLS", CAUSAL_LM: "CAUSAL_LM"}
+TASK_TYPES = {SEQ_CLS: "SEQ_CLS", TOKEN_CLS: "TOKEN_CLS", CAUSAL_LM: "CAUSAL_LM", IMAGE_CLS: None, AUDIO_CLS: None}
 MAX_CONFIG_BYTES = 1024 * 1024
 
 _LORA_KEY = re.compile(r"^(?P<m>.+)\.(?P<ab>lora_A|lora_B)(?:\.[^.]+)?\.(?P<p>weight|bias)$")
@@ -83,6 +88,10 @@ def _peft_method(kinds: Iterable[str], where: str) -> methods.Method:
     """The PEFT method slots of ``kinds`` convert as: the one of their methods PEFT has (riders: BitFit, the head)."""
     used = {methods.owner(k) for k in kinds}
     own = sorted((m for m in used if m.peft_type), key=lambda m: m.name)
+    if not own and BN_SCALE in {k for m in used for k in m.kinds}:
+        raise DeltaError(f"{where}: PEFT has no BatchNorm-tuning method: it carries BatchNorm γ and β only as modules_to_save "
+                         "beside a method that adapts modules; export the bundle with --method lora+bn+head to convert, "
+                         "or keep the delta in edgepeft form")
     if not own:
         raise DeltaError(f"{where}: a {'+'.join(sorted(m.name for m in used))} delta has no PEFT adapter equivalent: PEFT needs a method "
                          f"that adapts modules ({', '.join(n for n in methods.names() if methods.get(n).peft_type)}); "
@@ -142,7 +151,8 @@ def to_peft(
         raise DeltaError(f"{where}: task {manifest.task!r} has no PEFT task_type")
     lora_family = method.peft_type == "LORA"
     heads = sorted(m for m, k in kinds.items() if WEIGHT in k)
-    bitfit = sorted(m for m, k in kinds.items() if BIAS in k and m not in adapted and WEIGHT not in k)
+    norms = sorted(m for m, k in kinds.items() if BN_SCALE in k)  # BatchNorm tuning: modules_to_save, stored whole
+    bitfit = sorted(m for m, k in kinds.items() if BIAS in k and m not in adapted and WEIGHT not in k and m not in norms)
     if not lora_family and (bitfit or any(BIAS in kinds[m] for m in adapted)):
         raise DeltaError(f"{where}: PEFT's {method.peft_type} adapter has no bias option, so the {method.name} delta's "
                          "BitFit bias slots cannot be written; export the bundle without bitfit to convert")
@@ -158,16 +168,24 @@ def to_peft(
             b = t[slot_name(m, BIAS)]
             key = f"{m}.base_layer.bias" if m in adapted else f"{m}.bias"
             out[PREFIX + key] = _base(base_weights, f"{m}.bias", b.shape, where) + b
+    cnn = manifest.task in (IMAGE_CLS, AUDIO_CLS)
     for m in adapted:
-        weight = _module_weight(base_weights, manifest, method, m, where)
+        weight = None if cnn else _module_weight(base_weights, manifest, method, m, where)
+        kernel = peft_conv.conv_kernel(base_weights, m, where) if cnn else None
         for kind in sorted(kinds[m] & set(method.peft_keys)):
-            out[f"{PREFIX}{m}.{method.peft_keys[kind]}"] = method.to_peft(kind, t[slot_name(m, kind)], weight)
+            v = method.to_peft(kind, t[slot_name(m, kind)], weight)
+            out[f"{PREFIX}{m}.{method.peft_keys[kind]}"] = peft_conv.lora_to_conv(kind == LORA_A, v, kernel) if kernel else v
         if lora_bias:  # PEFT gives every target a lora_B bias once lora_bias is on; zero where we have none
             b = t.get(slot_name(m, BIAS))
             rows = out[f"{PREFIX}{m}.lora_B.weight"].shape[0]
             out[f"{PREFIX}{m}.lora_B.bias"] = (b / scale if b is not None else np.zeros(rows)).astype(np.float32)
     for name in method.peft_shared:  # frozen tensors PEFT keeps in the adapter file (VeRA's shared projections)
         out[f"base_model.{name}"] = _base(base_weights, name, None, where)
+    for m in norms:  # γ + Δγ, β + Δβ, and the running statistics as the bundle keeps them (frozen)
+        out[f"{PREFIX}{m}.weight"] = _base(base_weights, f"{m}.weight", t[slot_name(m, BN_SCALE)].shape, where) + t[slot_name(m, BN_SCALE)]
+        b = t.get(slot_name(m, BIAS))
+        out[f"{PREFIX}{m}.bias"] = _base(base_weights, f"{m}.bias", None, where) + (b if b is not None else 0)
+        out.update({f"{PREFIX}{m}.{k}": v for k, v in peft_conv.norm_buffers(base_weights or {}, m, where).items()})
     for m in heads:
         w = t[slot_name(m, WEIGHT)]
         out[f"{PREFIX}{m}.weight"] = _base(base_weights, f"{m}.weight", w.shape, where) + w
@@ -183,7 +201,7 @@ def to_peft(
         "base_model_name_or_path": manifest.source,
         # exact module paths, not leaf names: leaf names would also wrap modules the bundle does not train
         "target_modules": adapted,
-        "modules_to_save": _saved_modules(heads) or None,
+        "modules_to_save": sorted(_saved_modules(heads) + norms) or None,
         "fan_in_fan_out": False,
         "inference_mode": True,
     }
@@ -259,7 +277,7 @@ def _read_weights(path: Path) -> dict[str, np.ndarray]:
             raise DeltaError(f"{path.parent}: holds adapter_model.bin (pickle), which edgepeft does not read; re-save with safe_serialization=True")
         raise DeltaError(f"{path}: missing; is {path.parent} a PEFT adapter directory?")
     data = path.read_bytes()
-    header = safeio.parse_header(data, path.name, dtypes=("F32", "F16", "BF16", "F64"))
+    header = safeio.parse_header(data, path.name, dtypes=("F32", "F16", "BF16", "F64", "I64"))  # I64: BatchNorm counters
     return safeio.read_arrays(data, header)
 
 
@@ -305,19 +323,23 @@ def from_peft(
         plain = _ADAPTER_INFIX.sub(r"\1", k)  # <m>.lora_A.<adapter>.weight -> <m>.lora_A.weight
         if plain in own:
             sl = own[plain]
-            weight = _module_weight(base_weights, manifest, method, sl.module, where)
-            put(sl.name, method.from_peft(sl.kind, value, weight, sl.shape), key)
+            weight = None if value.ndim == 4 else _module_weight(base_weights, manifest, method, sl.module, where)
+            put(sl.name, method.from_peft(sl.kind, peft_conv.flatten_conv(value), weight, sl.shape), key)
         elif mt := _LORA_KEY.match(k):
             m, ab, p = mt["m"], mt["ab"], mt["p"]
             if p == "bias" and ab == "lora_B" and slot_name(m, BIAS) in want:
                 put(slot_name(m, BIAS), value * scale, key)
             elif p == "weight" or np.any(value):  # a zero lora bias is what PEFT writes for untrained targets
                 stray.append(key)
-        elif mt := _FULL_KEY.match(k):  # a whole tensor: a modules_to_save head, or a bias under bias="all"
+        elif mt := peft_conv.BUFFERS.match(k):  # a modules_to_save BatchNorm's running statistics: the bundle's
+            peft_conv.check_buffer(base_weights, mt["m"].removesuffix(".original_module"), mt["p"], value, where, key)
+        elif mt := _FULL_KEY.match(k):  # a whole tensor: a modules_to_save head or norm, or a bias under bias="all"
             m, p = mt["m"].removesuffix(".base_layer"), mt["p"]
             if m.endswith(".original_module"):  # PEFT's untouched copy of a modules_to_save module
                 if not _equals_base(base_weights, f"{m.removesuffix('.original_module')}.{p}", value):
                     stray.append(key)
+            elif p == WEIGHT and slot_name(m, BN_SCALE) in want:  # a tuned norm's γ, stored whole
+                put(slot_name(m, BN_SCALE), value - _base(base_weights, f"{m}.weight", value.shape, where), key)
             elif slot_name(m, p) in want:
                 put(slot_name(m, p), value - _base(base_weights, f"{m}.{p}", value.shape, where), key)
             elif not _equals_base(base_weights, f"{m}.{p}", value):

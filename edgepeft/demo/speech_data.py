@@ -1,19 +1,22 @@
 """Spoken keywords synthesized offline: espeak-ng voices and variants, speed and pitch, placed at a random
 onset in a one-second clip with white noise, written as 16 kHz mono 16-bit WAV folders (``<set>/<word>/<i>.wav``).
+Shared by ``edgepeft demo --task speech`` and benchmarks/bench_speech.py; needs the Debian packages espeak-ng
+and sox (workstation side).
 
 espeak-ng speaks at 22,050 Hz; sox resamples to 16 kHz on the workstation (the device refuses other
-rates). Every clip is drawn from a seeded generator, so a set is the same on every run; sets are cached
-under benchmarks/.cache.
+rates). Every clip is drawn from a seeded generator, so a set is the same on every run; callers cache sets.
 """
 
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import wave
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -62,21 +65,22 @@ def clip(d: Draw) -> np.ndarray:
     return np.clip(out * 32767, -32768, 32767).astype(np.int16)
 
 
-def draws(voices: tuple[str, ...], per_voice_word: int, seed: int) -> list[Draw]:
+def draws(voices: tuple[str, ...], per_voice_word: int, seed: int, words: tuple[str, ...] = WORDS) -> list[Draw]:
     """``per_voice_word`` random settings for every (voice, word)."""
     rng = np.random.default_rng(seed)
     return [Draw(v, w, int(rng.integers(120, 201)), int(rng.integers(20, 81)), float(rng.uniform()),
                  float(rng.uniform(10, 30)), int(rng.integers(2**31)))
-            for v in voices for w in WORDS for _ in range(per_voice_word)]
+            for v in voices for w in words for _ in range(per_voice_word)]
 
 
-def write_set(root: Path, plan: list[Draw], workers: int = 2) -> Path:
-    """The clips of ``plan`` as ``root/<word>/<i>.wav`` (built once: an existing ``root`` is reused)."""
+def write_set(root: Path, plan: list[Draw], workers: int = 2, synth: Callable[[Draw], np.ndarray] = clip) -> Path:
+    """The clips of ``plan`` (int16 from ``synth``) as ``root/<word>/<i>.wav`` (built once: an existing ``root`` is reused)."""
     if root.is_dir():
         return root
     part = root.with_name(root.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)  # an interrupted earlier build
     with ThreadPoolExecutor(workers) as pool:
-        clips = list(pool.map(clip, plan))
+        clips = list(pool.map(synth, plan))
     for i, (d, x) in enumerate(zip(plan, clips)):
         (part / d.word).mkdir(parents=True, exist_ok=True)
         with wave.open(str(part / d.word / f"{i:05d}.wav"), "wb") as w:

@@ -1,0 +1,122 @@
+"""The two child processes bench_vision.py and bench_speech.py run per method: edgepeft training an int8 CNN bundle
+with numpy + onnxruntime, and torch + PEFT replaying the same batches from the same start on the fp32 model.
+
+Each bench supplies a preamble that defines ``bundle``, ``args`` (its JSON argument), ``train`` and ``test`` (data
+sets read by the device's own readers, so both sides see the same inputs); the torch child's preamble also builds
+``model`` (the fp32 module, its head the bundle's). What both children time, the same way on each side: training
+steps only, each step from its batch's preparation to the updated delta. Not timed: edgepeft's session building
+and memory probes, torch's model loading and one warm-up pass (oneDNN builds its kernels there, as onnxruntime does
+while its sessions are built), and every evaluation. A step is one optimizer step: when edgepeft's memory plan
+splits a batch into micro-batches, the torch child replays the whole batch as one step.
+
+args: steps, batch, lr, every (evaluate every N steps), threads (0: the default), budget (edgepeft's
+--memory-budget MB, 0: none), start (where edgepeft writes its fresh delta), order (where it writes the batches).
+"""
+
+from __future__ import annotations
+
+EDGEPEFT = """
+from edgepeft.delta import Delta, delta_from_init, save_delta
+from edgepeft.runtime.bundle import SessionConfig
+from edgepeft.runtime.evaluate import evaluate
+from edgepeft.runtime.infer import Predictor
+from edgepeft.runtime.trainer import TrainConfig, Trainer
+used = []  # each step's examples, for the torch child to replay (one batch however the memory plan splits it)
+start = delta_from_init(bundle.manifest, 0)
+save_delta(args["start"], start)
+predictor = Predictor(bundle, SessionConfig(threads=args["threads"], arena=False if args["budget"] else None))
+score = lambda deltas: evaluate(predictor, test, deltas, batch_size=args["batch"])["accuracy"]
+before = score([start])
+curve, step_times, t_train = [], [], 0.0
+cfg = TrainConfig(epochs=1000, max_steps=args["steps"], batch_size=args["batch"], lr=args["lr"], weight_decay=0.0,
+                  eval_every=0, checkpoint_every=0, seed=0, memory_budget_mb=args["budget"], threads=args["threads"])
+last = [time.perf_counter()]
+def progress(p):
+    global t_train
+    now = time.perf_counter()
+    if p.metrics is None and p.step > 0:
+        step_times.append(now - last[0]); t_train += now - last[0]
+    last[0] = time.perf_counter()
+class Probe(Trainer):  # evaluate on the test set every `every` steps, outside the timed steps
+    def _sessions(self):  # building the sessions and probing the memory plan is setup, not training
+        super()._sessions()
+        last[0] = time.perf_counter()
+    def _step(self, group, lr):
+        used.append([int(i) for index in group for i in index])
+        loss = super()._step(group, lr)
+        if (self.step + 1) % args["every"] == 0:
+            t0 = time.perf_counter()
+            curve.append([self.step + 1, t_train + (t0 - last[0]), score([Delta(self.params, self.delta.meta)])])
+            last[0] += time.perf_counter() - t0  # the evaluation is not training time
+        return loss
+res = Probe(bundle, train, cfg, on_progress=progress).fit()
+json.dump(used, open(args["order"], "w"))
+print("RESULT", json.dumps({"before": before, "test_accuracy": score([res.delta]), "curve": curve,
+                            "step_s": float(np.median(step_times)), "train_s": t_train, "steps": res.summary.steps}))
+"""
+
+TORCH = """
+import torch
+from torch import nn
+from edgepeft.delta import load_delta
+from edgepeft.names import BIAS, BN_SCALE, CNN_INPUTS, LABELS, LORA_A, LORA_B, WEIGHT, split_slot_name
+m = bundle.manifest
+INPUT = CNN_INPUTS[m.task]
+for p in model.parameters():
+    p.requires_grad_(False)
+start = load_delta(args["start"], m, for_training=True)
+lora = sorted({s.module for s in m.slots if s.kind == LORA_A})
+net = model
+if lora:
+    from peft import LoraConfig, get_peft_model
+    a0 = next(s for s in m.slots if s.kind == LORA_A)
+    head = next(s.module for s in m.slots if s.kind == WEIGHT) if any(s.kind == WEIGHT for s in m.slots) else args["head"]
+    model = get_peft_model(model, LoraConfig(r=a0.rank, lora_alpha=a0.alpha, target_modules=lora, modules_to_save=[head]))
+    net = model.base_model.model
+model.eval()
+params = []
+with torch.no_grad():
+    for s in m.slots:
+        mod, kind = split_slot_name(s.name)
+        layer = net.get_submodule(mod)
+        t = torch.from_numpy(np.array(start.tensors[s.name]))
+        if kind in (LORA_A, LORA_B):
+            p = (layer.lora_A if kind == LORA_A else layer.lora_B)["default"].weight
+            p.copy_(t.reshape(p.shape))
+        else:
+            base = layer.modules_to_save["default"] if hasattr(layer, "modules_to_save") else layer
+            p = {BN_SCALE: base.weight, BIAS: base.bias, WEIGHT: base.weight}[kind]
+            p += t
+        p.requires_grad_(True)
+        params.append(p)
+opt = torch.optim.AdamW(params, lr=args["lr"], weight_decay=0.0)
+order = json.load(open(args["order"]))
+total = len(order)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1 - k / total))
+def accuracy():  # in batches of the training batch's size, as the edgepeft child evaluates
+    with torch.no_grad():
+        right = 0
+        for i in range(0, len(test), args["batch"]):
+            b = test.batch(np.arange(i, min(i + args["batch"], len(test))))
+            right += int((model(torch.from_numpy(b[INPUT])).argmax(-1).numpy() == b[LABELS]).sum())
+        return right / len(test)
+before = accuracy()
+b = train.batch(np.array(order[0]))  # one untimed warm-up pass (oneDNN builds its kernels), as edgepeft's session
+nn.functional.cross_entropy(model(torch.from_numpy(b[INPUT])), torch.from_numpy(b[LABELS])).backward()
+opt.zero_grad()  # building is untimed there; the gradients are dropped
+curve, step_times, t_train = [], [], 0.0
+for k, index in enumerate(order):
+    t0 = time.perf_counter()  # the batch's preparation counts, as on the device side
+    b = train.batch(np.array(index))
+    loss = nn.functional.cross_entropy(model(torch.from_numpy(b[INPUT])), torch.from_numpy(b[LABELS]))
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step(); sched.step()
+    dt = time.perf_counter() - t0
+    step_times.append(dt); t_train += dt
+    if (k + 1) % args["every"] == 0:
+        curve.append([k + 1, t_train, accuracy()])
+print("RESULT", json.dumps({"before": before, "test_accuracy": accuracy(), "curve": curve,
+                            "step_s": float(np.median(step_times)), "train_s": t_train, "steps": total}))
+"""
