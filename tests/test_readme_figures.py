@@ -240,6 +240,7 @@ def fleet_figures() -> dict[str, str]:
             f"held-out accuracy ({f['held_out']} rows) per version " + " / ".join(f"{100 * r['accuracy']:.1f}" for r in f["per_round"])
             + f" %, against {100 * c['accuracy']:.1f} % for centralized training on the union of the devices' rows "
             f"({c['rows']:,} rows, {c['steps']} steps)",
+        "fleet: gap": f"is not met: {f['gap_points']:.1f} points short after {f['rounds']} rounds",
         "fleet: wire and faults":
             f"{b['up'] / 1000:.1f} KB up and {b['down'] / 1000:.1f} KB down per device per round; faults survived: {faults}; "
             f"{f['accepted']} deltas accepted, {f['accepted_lost']} lost, {f['accepted_double_counted']} double-counted",
