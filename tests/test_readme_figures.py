@@ -295,7 +295,17 @@ def llm_figures() -> dict[str, str]:
                        f"{x['int8']['export_cpu_s']:.0f} s, {x['int8']['export_peak_mb']:.0f} MB (both graphs) | {cpu_ratio} |",
         **llm_int4_figures(r),
         **llm_memory_figures(),
+        **llm_personalize_figures(),
     }
+
+
+def llm_personalize_figures() -> dict[str, str]:
+    """The before/after personalization run (benchmarks/llm_personalize.py)."""
+    d = _json("llm_personalize")
+    return {"llm: personalize rows": f"({d['train_rows']} rows to train on, {d['val_rows']} held apart)",
+            "llm: personalize run": f"{d['max_steps']} steps of batch {d['batch_size']}, {d['train_s'] / 60:.1f} minutes on this",
+            "llm: personalize perplexity": f"Validation perplexity went {d['val_ppl_before']:.1f} → {d['val_ppl_after']:.1f}. "
+                                           f"The delta is {d['delta_bytes'] / 1000:.0f} KB."}
 
 
 def llm_int4_figures(r: dict) -> dict[str, str]:
@@ -352,7 +362,8 @@ def test_every_number_in_the_measured_sections_has_a_results_entry():
 
 
 DEMOS = {"What `scripts/demo.sh` printed": "demo.txt", "What `edgepeft demo --task images` printed": "demo_images.txt",
-         "What `edgepeft demo --task speech` printed": "demo_speech.txt"}  # README's lead-in -> the run it shows
+         "What `edgepeft demo --task speech` printed": "demo_speech.txt",
+         "What `benchmarks/llm_personalize.py` printed": "llm_personalize.txt"}  # README's lead-in -> the run it shows
 
 
 def _demo_block(lead_in: str) -> list[str]:
