@@ -170,8 +170,10 @@ def _run_clients(hub_urls: list[str], tokens: dict[str, str], per_device: int, b
                            "max": round(float(lat_ms.max()), 1)}}
 
 
-def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Path, procs: int = 4, hubs: int = 1) -> dict:
-    """``hubs`` hub processes over one store (several need a PostgreSQL store), every device uploading at once."""
+def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Path, procs: int = 4, hubs: int = 1,
+                  hub_options: tuple[str, ...] = ()) -> dict:
+    """``hubs`` hub processes over one store (several need a PostgreSQL store), every device uploading at once;
+    ``hub_options``: more `edgepeft hub serve` options."""
     bundle = work / "bundle"
     synthetic_bundle(bundle, layers=6, dim=384, rank=8, labels=2)
     uri = store_uri or f"sqlite://{work / 'hub'}"
@@ -182,7 +184,7 @@ def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Pa
     try:
         for port in ports:  # the first one creates the schema before the others open the store
             procs_.append(start_hub(uri, port, work / "hub.log", "--admin-token-file", str(work / "admin.token"),
-                                    "--policy-interval", "0"))
+                                    "--policy-interval", "0", *hub_options))
         admin = httpx.Client(base_url=urls[0], headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
         fp = admin.post("/api/v1/bundles", content=bundle_tar(bundle)).json()["fingerprint"]
         admin.post("/api/v1/fleets", json={"name": "bench", "bundle": fp}).raise_for_status()
@@ -293,7 +295,9 @@ def bench_upload_paths(devices: int, per_device: int, procs: int) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-hub-up-") as tmp:
         for name, run in (("ceiling", lambda w: bench_ceiling(devices, per_device, w, procs)),
-                          ("sqlite, 1 hub", lambda w: bench_uploads(None, devices, per_device, w, procs))):
+                          ("sqlite, 1 hub", lambda w: bench_uploads(None, devices, per_device, w, procs)),
+                          ("sqlite, 1 hub, 40 threads (anyio's default)",
+                           lambda w: bench_uploads(None, devices, per_device, w, procs, hub_options=("--threads", "40")))):
             (Path(tmp) / name).mkdir()
             rows.append({"run": name, **run(Path(tmp) / name)})
             print(json.dumps(rows[-1]), flush=True)

@@ -178,6 +178,7 @@ def figures() -> dict[str, str]:
             f"before this version's upload path, back to back on the same machine: {before['uploads_per_s']:.0f} uploads/s, p50 "
             f"{before['latency_ms']['p50']:.0f} ms, p99 {before['latency_ms']['p99'] / 1000:.2f} s)",
         "hub: command": f"(`{hub['command']}`",
+        **hub_upload_figures(),
         "hub: aggregation":
             f"aggregating (plain mean) 1,000 small deltas {agg[1000]['seconds']:.2f} s with {agg[1000]['peak_python_heap_mb']:.1f} MB "
             "of Python heap",
@@ -224,6 +225,18 @@ def adalora_figures() -> dict[str, str]:
         same = sum(ours[m] == theirs.get(m) for m in ours)
         out["methods: adalora ranks"] = f"the same ranks survived in {same} of {len(ours)} modules on both sides"
     return out
+
+
+def hub_upload_figures() -> dict[str, str]:
+    """The upload paths side by side (bench_hub.py --uploads-only)."""
+    r = {x["run"]: x for x in _json("hub_uploads")["rows"]}
+    c, sq, pg = r["ceiling"], r["sqlite, 1 hub"], r["postgresql, 2 hubs"]
+    t40 = r["sqlite, 1 hub, 40 threads (anyio's default)"]
+    return {"hub: ceiling": f"takes {c['uploads_per_s']:,.0f} uploads/s at {c['cpu_ms_per_upload']['hubs']:.2f} ms of CPU each",
+            "hub: sqlite": f"one hub on SQLite {sq['uploads_per_s']:.0f} uploads/s (p99 {sq['latency_ms']['p99']:.0f} ms) at "
+                           f"{sq['cpu_ms_per_upload']['hubs']:.1f} ms",
+            "hub: postgresql": f"two hubs on one durable PostgreSQL {pg['uploads_per_s']:.0f} uploads/s (p99 {pg['latency_ms']['p99']:.0f} ms)",
+            "hub: threads": f"took the SQLite hub from {t40['uploads_per_s']:.0f} to {sq['uploads_per_s']:.0f} uploads/s"}
 
 
 def fleet_figures() -> dict[str, str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from edgepeft.commands import hub_access
+from edgepeft.hub import REQUEST_THREADS
 
 ADMIN_OPTION, ADMIN_ENV = "--admin-token-file", "EDGEPEFT_ADMIN_TOKEN_FILE"
 admin_options = hub_access.token_options(ADMIN_OPTION, ADMIN_ENV, "File holding the admin token (or env EDGEPEFT_ADMIN_TOKEN_FILE).")
@@ -33,9 +34,12 @@ def hub_group() -> None:
 @click.option("--max-upload-bytes", default=16 * 2**20, show_default=True, type=click.IntRange(1), help="Largest delta upload (413 above).")
 @click.option("--policy-interval", default=30.0, show_default=True, type=click.FloatRange(0), help="Seconds between time-policy checks (0: off).")
 @click.option("--public-status", is_flag=True, help="Serve the status page at / without the admin token.")
+@click.option("--threads", default=REQUEST_THREADS, show_default=True, type=click.IntRange(1, 256),
+              help="Threads for the handlers' blocking work (store, validation). More contend for the GIL: 2 ran 64 "
+                   "concurrent uploads 1.7x as fast as anyio's default 40.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]), help="uvicorn log level.")
 def serve_cmd(store_uri: str, host: str, port: int, admin_token_file: str | None, max_upload_bytes: int,
-              policy_interval: float, public_status: bool, log_level: str) -> None:
+              policy_interval: float, public_status: bool, threads: int, log_level: str) -> None:
     """Serve the hub HTTP API (OpenAPI at /docs) over STORE."""
     import uvicorn
 
@@ -46,6 +50,7 @@ def serve_cmd(store_uri: str, host: str, port: int, admin_token_file: str | None
     token = _admin_token(store_uri, admin_token_file)
     store = open_store(store_uri)
     app = create_app(store, admin_token=token, max_upload_bytes=max_upload_bytes, policy_interval_s=policy_interval,
+                     request_threads=threads,
                      status_public=public_status)
     click.echo(f"edgepeft hub on http://{host}:{port} (store {store_uri.split('@')[-1]})", err=True)
     try:

@@ -15,6 +15,7 @@ import threading
 import urllib.parse
 from typing import Annotated, Any, AsyncIterator
 
+import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
@@ -23,6 +24,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 
 from edgepeft import __version__
 from edgepeft.errors import DeltaError, EdgePeftError, HubError
+from edgepeft.hub import REQUEST_THREADS
 from edgepeft.hub import aggregate as agg
 from edgepeft.hub import api_admin, api_device
 from edgepeft.hub.auth import SESSION_COOKIE, SESSION_MAX_AGE_S, StoreDep, bearer, may_see_status, status_session
@@ -39,7 +41,7 @@ MAX_BUNDLE_BYTES = 4 * 2**30
 
 def create_app(store: Store, *, admin_token: str, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                max_bundle_bytes: int = MAX_BUNDLE_BYTES, policy_interval_s: float = 30.0,
-               status_public: bool = False) -> FastAPI:
+               status_public: bool = False, request_threads: int = REQUEST_THREADS) -> FastAPI:
     """The hub app over ``store``; ``admin_token`` guards admin calls (kept only as its sha256)."""
     if len(admin_token) < 16:
         raise HubError("the admin token must be at least 16 characters")
@@ -48,6 +50,7 @@ def create_app(store: Store, *, admin_token: str, max_upload_bytes: int = MAX_UP
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = request_threads
         await run_in_threadpool(_recover, app)
         ticker = asyncio.create_task(_tick(app, policy_interval_s)) if policy_interval_s > 0 else None
         yield
