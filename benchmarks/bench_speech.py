@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import cnn_children  # noqa: E402
-from bench_vision import targets  # noqa: E402
+from bench_vision import targets, time_to  # noqa: E402
 from common import CACHE, exporter_version, run_child, write_result  # noqa: E402
 
 from edgepeft.demo import speech_data as S  # noqa: E402
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _side(r: dict) -> dict:
-    t = next((t for _, t, acc in r["curve"] if acc >= TARGET_ACCURACY), None)
+    t = time_to(r["curve"], TARGET_ACCURACY)
     return {"before": round(r["before"], 4), "test_accuracy": round(r["test_accuracy"], 4), "step_s": round(r["step_s"], 5),
             "train_s": round(r["train_s"], 3), "peak_rss_mb": round(r["peak_rss_mb"], 1),
             "curve": [[s, round(t, 3), round(acc, 4)] for s, t, acc in r["curve"]],
