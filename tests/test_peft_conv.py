@@ -108,3 +108,17 @@ def test_a_batchnorm_delta_without_lora_is_refused_naming_what_peft_lacks(bundle
 def test_a_conv_delta_without_base_weights_is_refused_asking_for_the_bundle(bundle, tmp_path):
     with pytest.raises(DeltaError, match="kernel shapes from the base weights"):
         to_peft(a_delta(bundle, seed=7), bundle.manifest, tmp_path / "adapter")
+
+
+def test_a_batchnorm_statistic_of_another_length_is_refused_in_one_line(bundle, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    base = read_frozen(bundle)
+    to_peft(a_delta(bundle, seed=7), bundle.manifest, tmp_path / "adapter", base_weights=base)
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in sorted(tensors) if k.endswith("running_mean"))
+    tensors[key] = tensors[key][:-1]  # a hostile adapter: one channel short
+    save_file(tensors, path)
+    with pytest.raises(DeltaError, match="differs from the bundle's running_mean"):
+        from_peft(tmp_path / "adapter", bundle.manifest, base_weights=base)

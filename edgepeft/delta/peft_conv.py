@@ -61,6 +61,7 @@ def check_buffer(base_weights: Mapping[str, np.ndarray] | None, module: str, nam
     if name == "num_batches_tracked":
         return  # a counter; eval-mode inference never reads it
     base = None if base_weights is None else base_weights.get(f"{module}.{name}")
-    if base is None or not np.allclose(np.asarray(base, np.float32), value.astype(np.float32), rtol=1e-6, atol=1e-7):
+    base = None if base is None else np.asarray(base, np.float32)
+    if base is None or base.shape != value.shape or not np.allclose(base, value.astype(np.float32), rtol=1e-6, atol=1e-7):
         raise DeltaError(f"{where}: {key!r} differs from the bundle's {name} (or no base weights were given): the adapter "
                          "re-estimated BatchNorm statistics, which edgepeft keeps frozen; train the PEFT model in eval mode")
