@@ -3,8 +3,7 @@
 Layout of the store directory: ``hub.sqlite3`` and ``blobs/<2 hex>/<64 hex>``. A blob of at most
 ``INLINE_MAX`` bytes (every delta and version of a small model) is a row of the ``inline_blobs`` table,
 written in the same transaction as the row that names it: concurrent uploads then share one WAL fsync
-(hub/group_commit.py) instead of paying two fsyncs each for a file and its directory, which bounded the
-upload rate (benchmarks/results/hub_uploads.json). A larger blob (bundle weights) is a file written
+(hub/group_commit.py) instead of paying two fsyncs each for a file and its directory. A larger blob (bundle weights) is a file written
 atomically (temp, fsync, rename) before the row that names it commits, so a row never points at a missing
 or partial blob; a crash in between leaves an unreferenced file, which is harmless.
 """
