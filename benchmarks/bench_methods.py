@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_train_rotten_tomatoes import MAJORITY, data_files  # noqa: E402
+from bench_train_rotten_tomatoes import data_files, majority_share  # noqa: E402
 from common import CACHE, RESULTS, minilm_bundle, run_child, write_result  # noqa: E402
 
 
@@ -360,6 +360,8 @@ def main(argv: list[str] | None = None) -> None:
         result["rows"] = [have.get(n) or {"method": n, "bundle_method": m, "peft": p, "error": "not run (the run was stopped)"}
                           for n, (m, p, *_) in METHODS.items()]
         result["targets"] = targets(result["rows"])
+        test_rows = result["settings"]["test_rows"]
+        result["majority_class_accuracy"] = majority_share(test_file(data_files(result["settings"]["train_rows"], result["settings"]["seed"])["test"], test_rows))
         (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
         print(table(result["rows"]))
         print(json.dumps(result["targets"]))
@@ -382,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
                          "bundle": "int8, slots in every layer, max_length 128, each method's default options"},
             "setup": "same start (edgepeft's fresh delta via to_peft), same batches in the same order, torch in eval mode; "
                      "test accuracy of the delta after the last step; s/step = the step loop's seconds / steps",
-            "majority_class_accuracy": MAJORITY,
+            "majority_class_accuracy": majority_share(test_file(data_files(args.train_rows, args.seed)["test"], args.test_rows)),
             "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
             "targets": targets(rows), "rows": rows,
         }
