@@ -72,7 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     hp = {"steps": args.steps, "batch_size": 16, "lr": args.lr, "seed": args.seed, "memory_budget_mb": args.memory_budget}
     load_before = os.getloadavg()
     every = minilm_bundle("int8", "lora+head", top_layers=None)
-    rows = []
+    rows: list[dict] = []
+
+    def save() -> None:  # after every run: a run cut short keeps the rows it finished
+        write_result("select", {
+            "benchmark": "Rotten Tomatoes, all-MiniLM-L6-v2 int8, LoRA r=8 q/v + head: --select auto vs fixed --top-layers",
+            "settings": {**hp, "train_rows": args.train_rows, "test_rows": args.test_rows},
+            "majority_class_accuracy": majority_share(test),
+            "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)], "rows": rows})
+
     for k in (int(t) for t in args.top.split(",")):
         fixed = minilm_bundle("int8", "lora+head", top_layers=k)
         budget = slot_bytes(fixed)
@@ -80,13 +88,9 @@ def main(argv: list[str] | None = None) -> None:
             res = run_child(CHILD, str(bundle), str(files["train"]), str(test),
                             json.dumps({**hp, "select": select, "max_delta_bytes": budget if select == "auto" else 0}))
             rows.append({"run": name, "top_layers": k, "max_delta_bytes": budget, **res})
+            save()
             print(f"{name}: {res['test_accuracy']:.4f}, layers {res['layers']}, peak {res['peak_rss_mb']:.0f} MB",
                   file=sys.stderr, flush=True)
-    write_result("select", {
-        "benchmark": "Rotten Tomatoes, all-MiniLM-L6-v2 int8, LoRA r=8 q/v + head: --select auto vs fixed --top-layers",
-        "settings": {**hp, "train_rows": args.train_rows, "test_rows": args.test_rows},
-        "majority_class_accuracy": majority_share(test),
-        "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)], "rows": rows})
     print(table(rows))
 
 

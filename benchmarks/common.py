@@ -69,13 +69,18 @@ def minilm_bundle(quantize: str = "int8", method: str = "lora+bitfit", *, top_la
     return out
 
 
-def run_child(code: str, *args: str, env: dict | None = None, timeout: float = 1800, stream_stderr: bool = False) -> dict:
+# A child's wall-clock limit: 30 minutes is several times a quiet run of the slowest child, but torch children
+# passed it at load 15+; EDGEPEFT_BENCH_CHILD_TIMEOUT (seconds) raises it for runs on a shared machine.
+CHILD_TIMEOUT_S = float(os.environ.get("EDGEPEFT_BENCH_CHILD_TIMEOUT", 1800))
+
+
+def run_child(code: str, *args: str, env: dict | None = None, timeout: float | None = None, stream_stderr: bool = False) -> dict:
     """Run ``code`` in a fresh interpreter; return the JSON it printed on RESULT lines plus its memory.
 
     ``stream_stderr`` passes the child's stderr (progress lines) through instead of keeping it for errors.
     """
     p = subprocess.run([sys.executable, "-c", code + MEMORY_PROBE, *args], stdout=subprocess.PIPE,
-                       stderr=None if stream_stderr else subprocess.PIPE, text=True, timeout=timeout,
+                       stderr=None if stream_stderr else subprocess.PIPE, text=True, timeout=timeout or CHILD_TIMEOUT_S,
                        env={**os.environ, **(env or {})})
     if p.returncode != 0:
         raise RuntimeError(f"child failed (exit {p.returncode}):\n{(p.stderr or '(stderr above)')[-3000:]}")
