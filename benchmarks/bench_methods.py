@@ -56,7 +56,7 @@ METHODS = {"lora r=8": Run("lora+head", "lora", 2e-3), "loraxs r=8": Run("loraxs
            # P-tuning warms up for 20 steps: without warmup Adam's first, sign-like steps on its 384-wide MLP made
            # torch's loss jump to 0.91 at step 3 and its run end at 60.6 % (edgepeft 71.0 %), a start on the edge of
            # stability where int8 gradient noise (cosine 0.87-0.97 per tensor at step 0) picks the path; at 3e-3 without
-           # warmup edgepeft stayed at the majority class after 200 steps
+           # warmup edgepeft stayed at the majority class after 200 steps (benchmarks/ptuning_probe.py: both sides, step by step)
            "p-tuning (20 tokens)": Run("ptuning+head", "ptuning", 1e-2, warmup=20),
            "prefix tuning (20 tokens)": Run("prefix+head", "prefix", 1e-2),
            # issue 14: AdaLoRA from 8 ranks per target down to 3 on average (its packed delta is about half LoRA r=8's:
@@ -308,7 +308,8 @@ def table(rows: list[dict]) -> str:
         theirs = f"{100 * t['test_accuracy']:.2f} %" if t else ("did not finish" if r.get("torch_error") else "—")
         step = f"{e['step_s']} / {t['step_s']}" if t else f"{e['step_s']}"
         peak = f"{e['peak_rss_mb']} / {t['peak_rss_mb']}" if t else f"{e['peak_rss_mb']}"
-        out.append(f"| {r['method']} | {r.get('lr', 2e-3):g}{f", warmup {r['warmup']}" if r.get('warmup') else ""} | {100 * e['test_accuracy']:.2f} % | {theirs} | {r.get('gap_points', '—')} | "
+        warm = f", warmup {r['warmup']}" if r.get("warmup") else ""
+        out.append(f"| {r['method']} | {r.get('lr', 2e-3):g}{warm} | {100 * e['test_accuracy']:.2f} % | {theirs} | {r.get('gap_points', '—')} | "
                    f"{e['trainable']:,} | {e['packed_bytes']:,} | {step} | {peak} |")
     return "\n".join(out)
 

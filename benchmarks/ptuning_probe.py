@@ -1,11 +1,11 @@
-"""Why bench_methods trains P-tuning at 3e-3: edgepeft int8 and torch + PEFT fp32, step by step, from the same start.
+"""Why bench_methods warms P-tuning up: edgepeft int8 and torch + PEFT fp32, step by step, from the same start.
 
 For bench_methods' P-tuning bundle and batches: the per-tensor agreement of the first step's gradients (cosine, share
 of equal signs: Adam's first steps move every number by about lr times the sign of its gradient), then each side's
-training loss per step at each learning rate of ``--lrs`` (each side trains the same batches from the same start,
-with bench_methods' AdamW, clipping and linear schedule over that run's steps). Writes results/methods_ptuning_lr.json.
+training loss per step for each run of ``--runs`` (lr:steps:warmup steps; each side trains the same batches from the
+same start, with bench_methods' AdamW and clipping, linear warmup then decay over the run's steps). Writes results/methods_ptuning_lr.json.
 
-    python benchmarks/ptuning_probe.py [--lrs 1e-2:30,3e-3:60]
+    python benchmarks/ptuning_probe.py [--runs 1e-2:30:0,1e-2:30:20]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def torch_param(model, slot: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lrs", default="1e-2:30,3e-3:60", help="learning rate:steps pairs, one run of each side per pair")
+    ap.add_argument("--runs", default="1e-2:30:0,1e-2:30:20", help="lr:steps:warmup triples, one run of each side per triple")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     import torch
@@ -82,11 +82,11 @@ def main() -> None:
     from edgepeft.runtime.text import load_tokenizer
     from edgepeft.runtime.trainer import TrainConfig, Trainer
 
-    b = open_bundle(minilm_bundle("int8", "ptuning+head"))
+    b = open_bundle(minilm_bundle("int8", "ptuning+head", top_layers=None, rank=None))  # bench_methods' bundle
     ds = D.load_dataset(data_files(1200, args.seed)["train"], b.manifest, load_tokenizer(b))
     runs = []
-    for pair in args.lrs.split(","):
-        lr, steps = float(pair.split(":")[0]), int(pair.split(":")[1])
+    for triple in args.runs.split(","):
+        lr, steps, warmup = float(triple.split(":")[0]), int(triple.split(":")[1]), int(triple.split(":")[2])
         used, plain = [], D.Dataset.batch
 
         def recording(self, index, max_length=None):  # the batches edgepeft trains on, replayed by torch
@@ -96,13 +96,13 @@ def main() -> None:
         ours: list[float] = []
         D.Dataset.batch = recording
         cfg = TrainConfig(epochs=1000, max_steps=steps, batch_size=16, lr=lr, weight_decay=0.01, max_grad_norm=1.0,
-                          seed=args.seed, schedule="linear")
+                          seed=args.seed, schedule="linear", warmup=warmup)
         Trainer(b, ds, cfg, on_progress=lambda p: ours.append(round(p.loss, 4))).fit()
         D.Dataset.batch = plain
         model = torch_model(b, args.seed)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-        sched = transformers.get_linear_schedule_with_warmup(opt, 0, steps)
+        sched = transformers.get_linear_schedule_with_warmup(opt, warmup, steps)
         theirs = []
         for idx in used[:steps]:
             t = {k: torch.from_numpy(v) for k, v in ds.batch(idx).items()}
@@ -113,10 +113,10 @@ def main() -> None:
             sched.step()
             opt.zero_grad()
             theirs.append(round(float(loss.detach()), 4))
-        runs.append({"lr": lr, "steps": steps, "edgepeft_loss": ours, "torch_peft_loss": theirs,
+        runs.append({"lr": lr, "steps": steps, "warmup": warmup, "edgepeft_loss": ours, "torch_peft_loss": theirs,
                      "largest_loss_difference": round(max(abs(a - c) for a, c in zip(ours, theirs)), 4),
                      "torch_largest_loss": max(theirs)})
-        print(f"lr {lr:g}: largest per-step loss difference {runs[-1]['largest_loss_difference']}, torch's largest loss "
+        print(f"lr {lr:g}, warmup {warmup}: largest per-step loss difference {runs[-1]['largest_loss_difference']}, torch's largest loss "
               f"{runs[-1]['torch_largest_loss']}", file=sys.stderr, flush=True)
         first = used[0]
 
