@@ -18,11 +18,14 @@ accumulation keeps the requested batch either way); it shortens the longest sequ
 batch 1 does not fit, and turns the arena on only when twice the activation memory still fits (the
 arena keeps freed blocks and grows in doubling chunks). Thread count is left as asked: each thread's scratch memory is negligible next to activations.
 
-Where the train step's inputs have one shape (a CNN's images or clips: ``sized_arena``), a budget too tight for
-onnxruntime's own arena gets the process's shared arena instead, capped at what the budget leaves above the fixed
-part (runtime/allocator.py): the step keeps its activations' memory from one step to the next, as an arena does,
-where arena off with the lean allocator faulted them in again every step (the KWS CNN's step: 2.6-3.1x torch's,
-results/speech.json), and the cap keeps it inside the budget. The trainer tries the capped arena on a
+Where the train step's inputs have one shape (a CNN's images or clips: ``sized_arena``), a budget always gets the
+process's shared arena, capped at what the budget leaves above the fixed part (runtime/allocator.py): the step
+keeps its activations' memory from one step to the next, as an arena does, where arena off with the lean allocator
+faulted them in again every step (the KWS CNN's step: 2.6-3.1x torch's, results/speech.json before), and the cap
+keeps it inside the budget by construction. onnxruntime's own arena is not used there even when twice the
+activations fit: it grows in doubling chunks, one arena per session (train and evaluation), and the factor of two
+missed that (EfficientNet-Lite0, 64 px, batch 32, --memory-budget 180: planned 131 MB, peaked 230 MB; the capped
+shared arena peaked at 163 MB at the same step CPU time). The trainer tries the capped arena on a
 micro-batch before training and falls back to arena off if onnxruntime refuses an allocation under the cap.
 Variable-length text keeps arena off: a capped arena holding regions of past shapes could refuse a later one mid-run.
 """
@@ -170,7 +173,7 @@ def plan_memory(budget_mb: float, *, batch_size: int, longest: int, measure: Cal
     arena = peak(micro, length, arena=True) <= target
     session = SessionConfig(threads=threads, arena=arena)
     estimate = peak(micro, length, arena)
-    if not arena and sized_arena:  # the arena may hold everything the budget leaves above the fixed part, no more
+    if sized_arena:  # the arena may hold everything the budget leaves above the fixed part, no more
         session = SessionConfig(threads=threads, arena=True, arena_cap_mb=round(target - fixed, 1))
         estimate = target
     # length buckets: a batch of shorter examples may run more of them at once within the same token count
