@@ -1,7 +1,8 @@
 """Does a sized onnxruntime arena keep a CNN train step's memory low without the lean allocator's re-faults?
 
-``--memory-budget`` trains with onnxruntime's CPU arena off and glibc told to hand freed memory back
-(runtime/allocator.py): the peak stays low, but every step faults its activations in again (bench_speech: 2.6-3.2x
+``--memory-budget`` trained with onnxruntime's CPU arena off and glibc told to hand freed memory back
+(runtime/allocator.py; text bundles still do, CNN bundles now train in the capped shared arena measured here):
+the peak stays low, but every step faults its activations in again (bench_speech: 2.6-3.2x
 torch's step with the budget, 1.03-1.05x without). This runs the KWS bundle's train step (loss and every gradient;
 one thread, batch 16) in four configurations, each its own process, and reports the median step and the peak and
 final RSS: the arena off (the budget's), onnxruntime's default arena (extends by powers of two), an arena that

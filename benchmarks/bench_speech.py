@@ -9,8 +9,8 @@ with the head: LoRA r=8 on every convolution (PEFT's lora.Conv2d) and BatchNorm 
 frozen; plain torch, as PEFT has no such method). edgepeft trains the int8 bundle with numpy + onnxruntime;
 torch trains the fp32 model from the same start (edgepeft's fresh delta) on the same batches in the same
 order, both in eval mode, AdamW without weight decay, linear decay, clipping 1.0; edgepeft with a memory budget
-(``--budget``, what ``edgepeft train --memory-budget`` sets: glibc returns freed activations, no onnxruntime
-arena; the batch stays whole), each side on one thread (two cores shared with other jobs make two-thread
+(``--budget``, what ``edgepeft train --memory-budget`` sets: for a CNN, onnxruntime's shared arena capped at what
+the budget leaves, runtime/memory.py; the batch stays whole while it fits), each side on one thread (two cores shared with other jobs make two-thread
 timings noise). Every run is its own
 process, which reports its peak RSS; time to accuracy counts training steps only (not edgepeft's session
 building and memory probes, not torch's model loading and one warm-up pass). Both read the WAV folders
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ EDGEPEFT_CHILD = COMMON + cnn_children.EDGEPEFT
 TORCH_CHILD = COMMON + """
 import torch
 from edgepeft.exporters.audio_specs import load_audio_model
-torch.set_num_threads(args["threads"] or torch.get_num_threads())
+torch.set_num_threads(args["threads"] or __import__("os").cpu_count())  # as the edgepeft child
 model, _, _ = load_audio_model("kws-cnn", __import__("pathlib").Path(args["weights"]))  # fp32, its trained head
 """ + cnn_children.TORCH
 
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.quick:
         a.steps, a.base_per_word, a.base_epochs, a.per_word, a.test_per_word = 10, 2, 3, 4, 5
     CACHE.mkdir(exist_ok=True)
-    t0 = time.perf_counter()
+    t0, load = time.perf_counter(), [round(os.getloadavg()[0], 1)]
     sets = data_sets(a)
     weights, base = base_model(sets, a.base_epochs)
     print(f"base: {base}", file=sys.stderr, flush=True)
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"model": "KWS CNN (exporters/kws_cnn.py), int8 bundle vs fp32 torch", "words": list(S.WORDS),
                "base_voices": list(S.BASE_VOICES), "new_voice": S.NEW_VOICE, "base": base, "settings": settings,
                "quick": a.quick, "target_accuracy": TARGET_ACCURACY, "rows": rows, "targets": targets(rows),
-               "wall_s": round(time.perf_counter() - t0, 1)}
+               "wall_s": round(time.perf_counter() - t0, 1), "load_average_1min": load + [round(os.getloadavg()[0], 1)]}
     path = write_result(a.out + "_quick" if a.quick else a.out, payload)
     print(table(payload))
     print(f"wrote {path}")
@@ -164,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
 def _side(r: dict) -> dict:
     t = time_to(r["curve"], TARGET_ACCURACY)
     return {"before": round(r["before"], 4), "test_accuracy": round(r["test_accuracy"], 4), "step_s": round(r["step_s"], 5),
-            "train_s": round(r["train_s"], 3), "peak_rss_mb": round(r["peak_rss_mb"], 1),
+            "train_s": round(r["train_s"], 3), "cpu_step_s": round(r["cpu_step_s"], 5), "cpu_train_s": round(r["cpu_train_s"], 3),
+            "threads": r["threads"], "peak_rss_mb": round(r["peak_rss_mb"], 1),
+            **({"memory_plan": r["memory_plan"]} if "memory_plan" in r else {}),
             "curve": [[s, round(t, 3), round(acc, 4)] for s, t, acc in r["curve"]],
             "time_to_target_s": None if t is None else round(t, 3)}
 
@@ -180,7 +183,7 @@ def table(payload: dict) -> str:
     """README's speech table (tests/test_readme_figures.py checks README against it)."""
     target = f"{100 * payload['target_accuracy']:.0f} %"
     out = [f"| method | new voice before → after, edgepeft / torch + PEFT | gap (pts) | time to {target} (ours / torch) "
-           "| s/step (ours / torch) | peak RSS MB (ours / torch) |", "|---|---|---|---|---|---|"]
+           "| s/step (ours / torch) | CPU s/step (ours / torch) | peak RSS MB (ours / torch) |", "|---|---|---|---|---|---|---|"]
     for r in payload["rows"]:
         e, t, g = r["edgepeft"], r["torch_peft"], payload["targets"][r["method"]]
         tt = "not reached" if g["time_to_accuracy_ratio"] is None else \
@@ -188,6 +191,7 @@ def table(payload: dict) -> str:
         out.append(f"| {r['method']} | {100 * e['before']:.1f} → {100 * e['test_accuracy']:.1f} % / "
                    f"{100 * t['before']:.1f} → {100 * t['test_accuracy']:.1f} % | {g['accuracy_gap_points']:+.1f} | {tt} | "
                    f"{e['step_s']:.4f} / {t['step_s']:.4f} = {g['step_time_ratio']:.2f}× | "
+                   f"{e['cpu_step_s']:.4f} / {t['cpu_step_s']:.4f} = {g['cpu_step_ratio']:.2f}× | "
                    f"{e['peak_rss_mb']:.0f} / {t['peak_rss_mb']:.0f} = {g['peak_memory_ratio']:.2f}× |")
     return "\n".join(out)
 

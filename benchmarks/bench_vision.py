@@ -56,7 +56,7 @@ import torch
 from torch import nn
 from edgepeft.runtime.weights import read_frozen
 from efficientnet_lite_pytorch import EfficientNet
-torch.set_num_threads(args["threads"] or torch.get_num_threads())
+torch.set_num_threads(args["threads"] or __import__("os").cpu_count())  # as the edgepeft child
 model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=args["weights"])
 model._fc = nn.Linear(model._fc.in_features, len(bundle.manifest.labels))
 for name, mod in list(model.named_modules()):  # PEFT cannot rebuild the package's padding conv class: its 1x1
@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--top-blocks", type=int, default=4)
     ap.add_argument("--every", type=int, default=20, help="Evaluate on the test images every N steps.")
+    ap.add_argument("--budget", type=float, default=180, help="edgepeft's --memory-budget (MB): micro-batches and the "
+                    "capped shared arena as the plan chooses; 0: none (edgepeft train's default).")
     ap.add_argument("--methods", default=",".join(METHODS), help="Which methods to run now (comma-separated); the "
                     "others are taken from earlier runs with the same settings, so two processes may split the work.")
     ap.add_argument("--quick", action="store_true", help="A smoke run: 10 steps on 200 images.")
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.quick:
         a.steps, a.train, a.test, a.every = 10, 200, 200, 5
     CACHE.mkdir(exist_ok=True)
+    load = [round(os.getloadavg()[0], 1)]
     settings = {k: v for k, v in vars(a).items() if k not in ("quick", "methods")}
     rows = []
     for name, method in METHODS.items():
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             common = {"train_file": str(FASHION / "train-images-idx3-ubyte.gz"), "test_file": str(FASHION / "t10k-images-idx3-ubyte.gz"),
                       "train": a.train, "test": a.test, "steps": a.steps, "batch": a.batch, "lr": a.lr, "every": a.every,
                       "start": str(CACHE / f"vision-start-{tag}.delta"), "order": str(CACHE / f"vision-order-{tag}.json"),
-                      "weights": str(weights_file()), "threads": 0, "budget": 0}
+                      "weights": str(weights_file()), "threads": 0, "budget": a.budget}
             ours = run_child(EDGEPEFT_CHILD, str(b), json.dumps(common))
             print(f"{name}: edgepeft {ours['test_accuracy']:.4f}, {ours['step_s']:.3f} s/step, {ours['peak_rss_mb']:.0f} MB",
                   file=sys.stderr, flush=True)
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{len(rows)} of {len(METHODS)} methods measured with these settings; results written when all are", file=sys.stderr)
         return
     payload = {"model": "EfficientNet-Lite0 (ImageNet), int8 bundle vs fp32 torch", "data": "Fashion-MNIST",
-               "load_average_1min_at_end": round(os.getloadavg()[0], 1), "settings": settings, "quick": a.quick, "target_accuracy": TARGET_ACCURACY, "rows": rows, "targets": targets(rows)}
+               "load_average_1min": load + [round(os.getloadavg()[0], 1)], "settings": settings, "quick": a.quick, "target_accuracy": TARGET_ACCURACY, "rows": rows, "targets": targets(rows)}
     path = write_result("vision_quick" if a.quick else "vision", payload)
     print(table(payload))
     print(f"wrote {path}")
@@ -147,21 +150,24 @@ def main(argv: list[str] | None = None) -> None:
 
 def _side(r: dict) -> dict:
     return {"test_accuracy": round(r["test_accuracy"], 4), "step_s": round(r["step_s"], 4), "train_s": round(r["train_s"], 2),
+            "cpu_step_s": round(r["cpu_step_s"], 4), "cpu_train_s": round(r["cpu_train_s"], 2), "threads": r["threads"],
             "peak_rss_mb": round(r["peak_rss_mb"], 1), "curve": [[s, round(t, 2), round(acc, 4)] for s, t, acc in r["curve"]],
-            "time_to_target_s": None if (t := time_to(r["curve"], TARGET_ACCURACY)) is None else round(t, 2)}
+            "time_to_target_s": None if (t := time_to(r["curve"], TARGET_ACCURACY)) is None else round(t, 2),
+            **({"memory_plan": r["memory_plan"]} if "memory_plan" in r else {})}
 
 
 def table(payload: dict) -> str:
     """README's Vision table (tests/test_readme_figures.py checks README against it)."""
     target = f"{100 * payload['target_accuracy']:.0f} %"
     out = [f"| method | test acc. edgepeft / torch + PEFT | gap (pts) | time to {target} (ours / torch) | s/step (ours / torch) "
-           "| peak RSS MB (ours / torch) |", "|---|---|---|---|---|---|"]
+           "| CPU s/step (ours / torch) | peak RSS MB (ours / torch) |", "|---|---|---|---|---|---|---|"]
     for r in payload["rows"]:
         e, t, g = r["edgepeft"], r["torch_peft"], payload["targets"][r["method"]]
         tt = "not reached" if g["time_to_accuracy_ratio"] is None else \
             f"{e['time_to_target_s']:.0f} s / {t['time_to_target_s']:.0f} s = {g['time_to_accuracy_ratio']:.2f}×"
         out.append(f"| {r['method']} | {100 * e['test_accuracy']:.1f} % / {100 * t['test_accuracy']:.1f} % | "
                    f"{g['accuracy_gap_points']:+.1f} | {tt} | {e['step_s']:.3f} / {t['step_s']:.3f} = {g['step_time_ratio']:.2f}× | "
+                   f"{e['cpu_step_s']:.3f} / {t['cpu_step_s']:.3f} = {g['cpu_step_ratio']:.2f}× | "
                    f"{e['peak_rss_mb']:.0f} / {t['peak_rss_mb']:.0f} = {g['peak_memory_ratio']:.2f}× |")
     return "\n".join(out)
 
@@ -174,7 +180,8 @@ def targets(rows: list[dict]) -> dict:
         tt = None if e["time_to_target_s"] is None or t["time_to_target_s"] is None else round(e["time_to_target_s"] / t["time_to_target_s"], 3)
         out[r["method"]] = {"accuracy_gap_points": round(100 * (e["test_accuracy"] - t["test_accuracy"]), 2),
                             "peak_memory_ratio": round(e["peak_rss_mb"] / t["peak_rss_mb"], 3),
-                            "time_to_accuracy_ratio": tt, "step_time_ratio": round(e["step_s"] / t["step_s"], 3)}
+                            "time_to_accuracy_ratio": tt, "step_time_ratio": round(e["step_s"] / t["step_s"], 3),
+                            **({"cpu_step_ratio": round(e["cpu_step_s"] / t["cpu_step_s"], 3)} if "cpu_step_s" in e else {})}
     return out
 
 

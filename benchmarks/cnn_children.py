@@ -9,6 +9,10 @@ and memory probes, torch's model loading and one warm-up pass (oneDNN builds its
 while its sessions are built), and every evaluation. A step is one optimizer step: when edgepeft's memory plan
 splits a batch into micro-batches, the torch child replays the whole batch as one step.
 
+Both also record CPU seconds (time.process_time: every thread of the process) beside wall seconds per step: on a
+machine shared with other jobs the wall clock measures the queue, the CPU seconds the work. Both run ``threads``
+intra-op threads (0: torch's default, which is the cores' count, given to onnxruntime too).
+
 args: steps, batch, lr, every (evaluate every N steps), threads (0: the default), budget (edgepeft's
 --memory-budget MB, 0: none), start (where edgepeft writes its fresh delta), order (where it writes the batches).
 """
@@ -16,43 +20,52 @@ args: steps, batch, lr, every (evaluate every N steps), threads (0: the default)
 from __future__ import annotations
 
 EDGEPEFT = """
+import os
 from edgepeft.delta import Delta, delta_from_init, save_delta
 from edgepeft.runtime.bundle import SessionConfig
 from edgepeft.runtime.evaluate import evaluate
 from edgepeft.runtime.infer import Predictor
 from edgepeft.runtime.trainer import TrainConfig, Trainer
+threads = args["threads"] or os.cpu_count()  # torch's default on this machine, given explicitly to both sides
 used = []  # each step's examples, for the torch child to replay (one batch however the memory plan splits it)
 start = delta_from_init(bundle.manifest, 0)
 save_delta(args["start"], start)
-predictor = Predictor(bundle, SessionConfig(threads=args["threads"], arena=False if args["budget"] else None))
+predictor, before = None, None
 score = lambda deltas: evaluate(predictor, test, deltas, batch_size=args["batch"])["accuracy"]
-before = score([start])
-curve, step_times, t_train = [], [], 0.0
+curve, step_times, step_cpu, t_train, cpu_train = [], [], [], 0.0, 0.0
 cfg = TrainConfig(epochs=1000, max_steps=args["steps"], batch_size=args["batch"], lr=args["lr"], weight_decay=0.0,
-                  eval_every=0, checkpoint_every=0, seed=0, memory_budget_mb=args["budget"], threads=args["threads"])
-last = [time.perf_counter()]
+                  eval_every=0, checkpoint_every=0, seed=0, memory_budget_mb=args["budget"], threads=threads)
+last = [time.perf_counter(), time.process_time()]
 def progress(p):
-    global t_train
-    now = time.perf_counter()
+    global t_train, cpu_train
+    now, cpu = time.perf_counter(), time.process_time()
     if p.metrics is None and p.step > 0:
         step_times.append(now - last[0]); t_train += now - last[0]
-    last[0] = time.perf_counter()
+        step_cpu.append(cpu - last[1]); cpu_train += cpu - last[1]
+    last[:] = time.perf_counter(), time.process_time()
 class Probe(Trainer):  # evaluate on the test set every `every` steps, outside the timed steps
     def _sessions(self):  # building the sessions and probing the memory plan is setup, not training
+        global predictor, before
         super()._sessions()
-        last[0] = time.perf_counter()
+        # the test evaluations run as the trainer's own would: in the plan's arena (shared and capped under a budget)
+        predictor = Predictor(bundle, self.plan.session if args["budget"] else SessionConfig(threads=threads))
+        before = score([start])
+        last[:] = time.perf_counter(), time.process_time()
     def _step(self, group, lr):
         used.append([int(i) for index in group for i in index])
         loss = super()._step(group, lr)
         if (self.step + 1) % args["every"] == 0:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             curve.append([self.step + 1, t_train + (t0 - last[0]), score([Delta(self.params, self.delta.meta)])])
             last[0] += time.perf_counter() - t0  # the evaluation is not training time
+            last[1] += time.process_time() - c0
         return loss
 res = Probe(bundle, train, cfg, on_progress=progress).fit()
 json.dump(used, open(args["order"], "w"))
-print("RESULT", json.dumps({"before": before, "test_accuracy": score([res.delta]), "curve": curve,
-                            "step_s": float(np.median(step_times)), "train_s": t_train, "steps": res.summary.steps}))
+print("RESULT", json.dumps({"before": before, "test_accuracy": score([res.delta]), "curve": curve, "threads": threads,
+                            "step_s": float(np.median(step_times)), "train_s": t_train, "steps": res.summary.steps,
+                            "cpu_step_s": float(np.median(step_cpu)), "cpu_train_s": cpu_train,
+                            "memory_plan": res.summary.memory.describe() if args["budget"] else "no budget"}))
 """
 
 TORCH = """
@@ -104,19 +117,20 @@ before = accuracy()
 b = train.batch(np.array(order[0]))  # one untimed warm-up pass (oneDNN builds its kernels), as edgepeft's session
 nn.functional.cross_entropy(model(torch.from_numpy(b[INPUT])), torch.from_numpy(b[LABELS])).backward()
 opt.zero_grad()  # building is untimed there; the gradients are dropped
-curve, step_times, t_train = [], [], 0.0
+curve, step_times, step_cpu, t_train, cpu_train = [], [], [], 0.0, 0.0
 for k, index in enumerate(order):
-    t0 = time.perf_counter()  # the batch's preparation counts, as on the device side
+    t0, c0 = time.perf_counter(), time.process_time()  # the batch's preparation counts, as on the device side
     b = train.batch(np.array(index))
     loss = nn.functional.cross_entropy(model(torch.from_numpy(b[INPUT])), torch.from_numpy(b[LABELS]))
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step(); sched.step()
-    dt = time.perf_counter() - t0
-    step_times.append(dt); t_train += dt
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    step_times.append(dt); t_train += dt; step_cpu.append(dc); cpu_train += dc
     if (k + 1) % args["every"] == 0:
         curve.append([k + 1, t_train, accuracy()])
-print("RESULT", json.dumps({"before": before, "test_accuracy": accuracy(), "curve": curve,
-                            "step_s": float(np.median(step_times)), "train_s": t_train, "steps": total}))
+print("RESULT", json.dumps({"before": before, "test_accuracy": accuracy(), "curve": curve, "threads": torch.get_num_threads(),
+                            "step_s": float(np.median(step_times)), "train_s": t_train, "steps": total,
+                            "cpu_step_s": float(np.median(step_cpu)), "cpu_train_s": cpu_train}))
 """

@@ -26,7 +26,7 @@ from edgepeft.manifest import Slot
 from edgepeft.methods import owner
 from edgepeft.names import (ATTENTION_MASK, CAUSAL_LM, CLASSIFICATION_TASKS, IGNORED_LABEL, INPUT_IDS, LABELS, LOGITS, LOSS,
                             SEQ_CLS, TOKEN_CLS, grad_name)
-from edgepeft.exporters import conv_grad
+from edgepeft.exporters import conv_grad, pool_grad
 from edgepeft.exporters.inject import DeltaFeed
 from edgepeft.exporters.virtual import model_inputs
 
@@ -126,7 +126,8 @@ def _example_deltas(slots: list[Slot]) -> list[torch.Tensor]:
 # Backward ops such as silu_backward have no ONNX translation; decomposing them (and the loss) into
 # core aten ops while tracing gives graphs the exporter can translate.
 # A CNN's convolution_backward has no translation either: exporters/conv_grad.py writes it as forward convolutions.
-_DECOMPOSITIONS = {**torch._decomp.core_aten_decompositions(), **conv_grad.decompositions()}
+# Max pooling's translation (indices, a scatter for the gradient) is slow in onnxruntime: exporters/pool_grad.py.
+_DECOMPOSITIONS = {**torch._decomp.core_aten_decompositions(), **conv_grad.decompositions(), **pool_grad.decompositions()}
 
 
 def _tidy(model) -> None:

@@ -1,4 +1,4 @@
-"""glibc's allocator told to give large freed blocks back to the system: what a process that trains needs.
+"""How a training process allocates: glibc told to give large freed blocks back, and onnxruntime's shared, capped arena.
 
 By default glibc raises its mmap threshold after each large free, so a step's activations come
 from a heap that keeps what it freed and fragments: RSS stays at the largest step seen and grows
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import sys
+
+import onnxruntime as ort
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 MMAP_FROM = 256 * 1024  # blocks this large come from mmap and go back to the system when freed
@@ -29,3 +31,22 @@ def lean_allocator() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_FROM)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_FROM))
+
+
+_arena_cap_mb = 0.0  # the cap of the shared arena registered last (0: none yet)
+
+
+def shared_arena(cap_mb: float) -> None:
+    """Register onnxruntime's process-wide CPU arena, grown by exactly what is asked (kSameAsRequested) up to ``cap_mb``.
+
+    Sessions built with ``session.use_env_allocators`` share it: a train step keeps its activations' memory for the
+    next step (no page faults again, as with the lean allocator alone) and evaluation reuses it, yet the arena
+    never holds more than the cap: onnxruntime fails an allocation beyond it instead (runtime/memory.py sizes the
+    cap and tries it). Registering again with the same cap keeps the arena; another cap makes a new one for the
+    sessions built after it (those built before keep theirs)."""
+    global _arena_cap_mb
+    if cap_mb == _arena_cap_mb:
+        return
+    mem = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(mem, ort.OrtArenaCfg({"max_mem": int(cap_mb * 1024 * 1024), "arena_extend_strategy": 1}))
+    _arena_cap_mb = cap_mb

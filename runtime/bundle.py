@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from edgepeft.errors import BundleError
 from edgepeft.names import CAUSAL_LM, WEIGHTS_INDEX_FILE
-from edgepeft.runtime.allocator import lean_allocator
+from edgepeft.runtime.allocator import lean_allocator, shared_arena
 from edgepeft.manifest import Manifest, files_of, read_manifest
 from edgepeft.onnx_prune import prune_outputs
 from edgepeft.onnx_refs import check_reads_only
@@ -29,6 +29,7 @@ class SessionConfig:
     arena: bool | None = None  # the CPU memory arena: faster, but keeps peak memory reserved
     mem_pattern: bool | None = None  # onnxruntime's memory pattern: one block planned per input shape
     optimization: str = "all"  # basic | extended | all
+    arena_cap_mb: float = 0.0  # > 0: the process's shared arena capped at this many MB (runtime/allocator.py), not its own
 
     def for_graph(self, kind: str, task: str) -> "SessionConfig":
         """These settings with every ``None`` replaced by the default for a ``kind`` graph of a ``task`` bundle."""
@@ -42,6 +43,9 @@ class SessionConfig:
         so.inter_op_num_threads = 1
         so.enable_cpu_mem_arena = self.arena is not False
         so.enable_mem_pattern = self.mem_pattern is not False
+        if self.arena_cap_mb:
+            so.enable_cpu_mem_arena = True
+            so.add_session_config_entry("session.use_env_allocators", "1")
         so.log_severity_level = 3
         # onnxruntime fuses a quantized weight feeding a MatMul directly (GPT-2's Conv1D; Linear weights pass a
         # Transpose first) into MatMulNBits, which by default quantizes the activations to int8 too (accuracy
@@ -92,6 +96,8 @@ class Bundle:
         config = config.for_graph(kind, self.manifest.task)
         if kind == "train" or not config.arena:  # freed activations go back to the system (runtime/allocator.py)
             lean_allocator()
+        if config.arena_cap_mb:
+            shared_arena(config.arena_cap_mb)
         options = config.options()
         for name, value in self.shared_weights.items():
             options.add_initializer(name, value)

@@ -17,6 +17,17 @@ that many example-tokens, so batches of shorter examples run with more of them a
 accumulation keeps the requested batch either way); it shortens the longest sequences only when
 batch 1 does not fit, and turns the arena on only when twice the activation memory still fits (the
 arena keeps freed blocks and grows in doubling chunks). Thread count is left as asked: each thread's scratch memory is negligible next to activations.
+
+Where the train step's inputs have one shape (a CNN's images or clips: ``sized_arena``), a budget always gets the
+process's shared arena, capped at what the budget leaves above the fixed part (runtime/allocator.py): the step
+keeps its activations' memory from one step to the next, as an arena does, where arena off with the lean allocator
+faulted them in again every step (the KWS CNN's step: 2.6-3.1x torch's, results/speech.json before), and the cap
+keeps it inside the budget by construction. onnxruntime's own arena is not used there even when twice the
+activations fit: it grows in doubling chunks, one arena per session (train and evaluation), and the factor of two
+missed that (EfficientNet-Lite0, 64 px, batch 32, --memory-budget 180: planned 131 MB, peaked 230 MB; the capped
+shared arena peaked at 163 MB at the same step CPU time). The trainer tries the capped arena on a
+micro-batch before training and falls back to arena off if onnxruntime refuses an allocation under the cap.
+Variable-length text keeps arena off: a capped arena holding regions of past shapes could refuse a later one mid-run.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ import resource
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from edgepeft.errors import TrainError
@@ -127,13 +138,15 @@ class MemoryPlan:
     def describe(self) -> str:
         """One line for the run's summary."""
         runs = f" (up to {self.max_tokens} example-tokens a run)" if self.max_tokens else ""
+        arena = f"capped at {self.session.arena_cap_mb:.0f} MB" if self.session.arena_cap_mb else "on" if self.session.arena else "off"
         return (f"budget {self.budget_mb:.0f} MB: micro-batch {self.micro_batch}{runs}, up to {self.max_length} tokens, "
-                f"arena {'on' if self.session.arena else 'off'}, estimated peak {self.estimate_mb:.0f} MB")
+                f"arena {arena}, estimated peak {self.estimate_mb:.0f} MB")
 
 
 def plan_memory(budget_mb: float, *, batch_size: int, longest: int, measure: Callable[[int, int], float],
-                threads: int = 0) -> MemoryPlan:
+                threads: int = 0, sized_arena: bool = False) -> MemoryPlan:
     """Choose micro-batch, max length and arena for ``budget_mb``; ``measure(b, T)`` is a probe step's peak in MB.
+    ``sized_arena``: the inputs have one shape, so a capped shared arena may stand in for arena off (module docstring).
 
     Raises TrainError with the measured minimum when even batch size 1 cannot fit.
     """
@@ -159,10 +172,19 @@ def plan_memory(budget_mb: float, *, batch_size: int, longest: int, measure: Cal
     micro = seen if per_token == 0 else max(1, min(batch_size, int((target - fixed) / (per_token * length))))
     arena = peak(micro, length, arena=True) <= target
     session = SessionConfig(threads=threads, arena=arena)
+    estimate = peak(micro, length, arena)
+    if sized_arena:  # the arena may hold everything the budget leaves above the fixed part, no more
+        session = SessionConfig(threads=threads, arena=True, arena_cap_mb=round(target - fixed, 1))
+        estimate = target
     # length buckets: a batch of shorter examples may run more of them at once within the same token count
     tokens = micro * length if micro < batch_size else 0
-    return MemoryPlan(budget_mb, micro, length, session, round(fixed, 1), per_token,
-                      round(peak(micro, length, arena), 1), tokens)
+    return MemoryPlan(budget_mb, micro, length, session, round(fixed, 1), per_token, round(estimate, 1), tokens)
+
+
+def without_arena(plan: MemoryPlan) -> MemoryPlan:
+    """The plan with arena off (the lean allocator alone): where onnxruntime refused an allocation under the cap."""
+    return replace(plan, session=replace(plan.session, arena=False, arena_cap_mb=0.0),
+                   estimate_mb=round(plan.fixed_mb + plan.per_token_mb * plan.micro_batch * plan.max_length, 1))
 
 
 def _fit(measure: Callable[[int, int], float], batch_size: int, longest: int, target: float) -> tuple[float, float, int]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
 from edgepeft import methods
 from edgepeft.delta import Delta, delta_from_init
@@ -206,9 +207,26 @@ class Trainer:
             self.plan = memory.unlimited_plan(want, longest, SessionConfig(threads=c.threads))
             return
         self.session = self.bundle.session("train", lean, outputs=self.slots.outputs())
-        self.plan = memory.plan_memory(budget, batch_size=want, longest=longest, measure=self._probe, threads=c.threads)
+        cnn = self.manifest.task in CNN_INPUTS  # one input shape: a capped shared arena is safe (runtime/memory.py)
+        self.plan = memory.plan_memory(budget, batch_size=want, longest=longest, measure=self._probe, threads=c.threads,
+                                       sized_arena=cnn)
         if self.plan.session.arena:
             self.session = self.bundle.session("train", self.plan.session, outputs=self.slots.outputs())
+        if self.plan.session.arena_cap_mb:
+            self._try_capped_arena()
+
+    def _try_capped_arena(self) -> None:
+        """Run a whole micro-batch twice under the capped arena; if onnxruntime refuses an allocation, train with arena off.
+        Evaluation shares the arena, so what it allocates comes out of memory a train step left free."""
+        try:
+            for _ in range(2):
+                self._probe(self.plan.micro_batch, self.plan.max_length)
+        except Fail:  # onnxruntime's refusal of an allocation beyond the cap
+            self.plan = memory.without_arena(self.plan)
+            self.session = self.bundle.session("train", self.plan.session, outputs=self.slots.outputs())
+            return
+        if self.val is not None:
+            self.predictor = Predictor(self.bundle, self.plan.session)
 
     def _probe(self, b: int, t: int) -> float:
         if self.manifest.task in CNN_INPUTS:  # an image's or a clip's input size does not depend on t

@@ -314,17 +314,13 @@ class HubThread:
 
 @pytest.fixture(scope="session")
 def cnn_bundle(tmp_path_factory):
-    """The tiny CNN (tests/tiny_cnn.py) exported once per session and quantization: LoRA + BN + head."""
+    """The tiny CNN (tests/tiny_cnn.py) exported once per test run and quantization (shared by xdist workers): LoRA + BN + head."""
     from tiny_cnn import export_tiny
 
-    made: dict[str, Path] = {}
+    root = shared_root(tmp_path_factory, "cnn")
 
     def get(quantize: str = "none") -> Path:
-        if quantize not in made:
-            out = tmp_path_factory.mktemp(f"cnn-{quantize}") / "bundle"
-            export_tiny(out, quantize)
-            made[quantize] = out
-        return made[quantize]
+        return built_once(root / f"cnn-{quantize}.bundle", lambda out: export_tiny(out, quantize))
 
     return get
 
