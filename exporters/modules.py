@@ -247,9 +247,9 @@ def _input_extra(task: str, example: torch.Tensor, mean: Sequence[float], std: S
         from edgepeft.runtime.audio import AudioSpec
 
         spec = AudioSpec(**audio)
-        if (c, h, w) != (1, spec.mels, spec.frames) or spec.std <= 0:
-            raise ExportError(f"example input (1, {c}, {h}, {w}): audio features are (1, 1, mels={spec.mels}, "
-                              f"frames={spec.frames}) with a positive std")
+        if (c, h, w) != spec.input_shape or spec.std <= 0:
+            raise ExportError(f"example input (1, {c}, {h}, {w}): {spec.features} audio input is (1, *{spec.input_shape}) "
+                              "with a positive std")
         return {"audio": spec.to_dict()}
     if len(mean) not in (1, c) or len(std) not in (1, c) or min(std) <= 0:
         raise ExportError(f"mean/std: one value or one per channel ({c}), std positive")

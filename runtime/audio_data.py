@@ -17,7 +17,7 @@ import numpy as np
 from edgepeft.errors import DataError
 from edgepeft.manifest import Manifest
 from edgepeft.names import AUDIO_CLS, INPUT_FEATURES, LABELS
-from edgepeft.runtime.audio import AUDIO_SUFFIXES, AudioSpec, log_mel, read_wav
+from edgepeft.runtime.audio import AUDIO_SUFFIXES, AudioSpec, model_input, read_wav
 from edgepeft.runtime.labelled_files import digest, from_csv, from_folder
 
 _CLIPS = 32  # clips read per feature pass (their float32 waves are the transient memory: 2 MB)
@@ -25,7 +25,7 @@ _CLIPS = 32  # clips read per feature pass (their float32 waves are the transien
 
 @dataclass
 class AudioDataset:
-    """Log-mel features (N, 1, mels, frames) float32 and label indices."""
+    """Model inputs (log-mel features (N, 1, mels, frames), or waves (N, 1, samples, 1)) float32 and label indices."""
 
     path: Path
     features: np.ndarray
@@ -69,6 +69,6 @@ def load_audio_dataset(path: str | os.PathLike, manifest: Manifest, *, min_class
     if len(np.unique(labels)) < min_classes:
         raise DataError(f"{path}: every clip is labelled {manifest.labels[int(labels[0])]!r}; "
                         f"a classifier learns nothing from one class, give clips of at least {min_classes}")
-    features = np.concatenate([log_mel(np.stack([read_wav(f, spec) for f, _ in pairs[i:i + _CLIPS]]), spec)
+    features = np.concatenate([model_input(np.stack([read_wav(f, spec) for f, _ in pairs[i:i + _CLIPS]]), spec)
                                for i in range(0, len(pairs), _CLIPS)])  # a few clips' waves in memory at a time
     return AudioDataset(path, features, labels, spec, digest(path))
