@@ -3,7 +3,8 @@
 Any module built of the layer kinds in ``KNOWN_LAYERS`` (Conv2d, BatchNorm2d, Linear, activations,
 pooling, padding, flatten, dropout) exports; a layer of another kind is refused by name before anything
 is traced or written. The input is one (B, C, H, W) float tensor with a dynamic batch (normalized pixels, or
-log-mel features (B, 1, mels, frames) for an audio bundle, which runtime/audio.py computes on the device); the classifier
+log-mel features (B, 1, mels, frames) for an audio bundle, which runtime/audio.py computes on the device, or a
+waveform bundle's raw samples (B, 1, samples, 1)); the classifier
 (``head``) is replaced by a fresh, seeded Linear over the bundle's labels (or kept: ``keep_head``). Delta methods: ``lora`` (PEFT's
 lora.Conv2d on convolutions), ``bitfit`` (conv biases, BatchNorm shifts), ``bn`` (BatchNorm affine with
 frozen running statistics) and ``head``.

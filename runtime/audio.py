@@ -4,7 +4,8 @@ log-mel features an audio bundle's ``input_features`` takes.
 Features are computed here, not inside the exported graph: a clip's features are computed once when the
 data is read and reused every epoch (the graph would redo the STFT at every step), the CNN export stays the
 image one, and the STFT needs no ONNX DFT support from the training graph. tests/test_audio.py checks them
-against torch.stft and a torch filterbank on the same waves.
+against torch.stft and a torch filterbank on the same waves. A ``waveform`` bundle (a pitch CNN that takes one
+frame of raw samples, exporters/crepe.py) takes the samples as read; its frame normalization is inside its graph.
 
 A WAV at another sample rate or with more than one channel is refused, naming the file and the sox command
 that converts it: resampling well needs an anti-aliasing filter the device should not guess at.

