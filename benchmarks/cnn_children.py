@@ -15,23 +15,36 @@ intra-op threads (0: torch's default, which is the cores' count, given to onnxru
 
 args: steps, batch, lr, every (evaluate every N steps), threads (0: the default), budget (edgepeft's
 --memory-budget MB, 0: none), start (where edgepeft writes its fresh delta), order (where it writes the batches).
+
+The score is test accuracy unless the preamble defines ``measure(logits) -> dict`` over the whole test set's logits
+(in test order): then its "score" entry is the curve's number (higher is better) and the whole dict is reported as
+"before_metrics" and "metrics" (bench_pitch.py's pitch error). Both sides compute test logits in batches of the
+training batch's size, with the same ``measure``, outside the timed steps.
 """
 
 from __future__ import annotations
 
-EDGEPEFT = """
+MEASURE = """
+if "measure" not in globals():
+    measure = lambda logits: {"score": float((logits.argmax(-1) == test.labels).mean())}
+"""
+
+EDGEPEFT = MEASURE + """
 import os
 from edgepeft.delta import Delta, delta_from_init, save_delta
 from edgepeft.runtime.bundle import SessionConfig
-from edgepeft.runtime.evaluate import evaluate
 from edgepeft.runtime.infer import Predictor
 from edgepeft.runtime.trainer import TrainConfig, Trainer
 threads = args["threads"] or os.cpu_count()  # torch's default on this machine, given explicitly to both sides
 used = []  # each step's examples, for the torch child to replay (one batch however the memory plan splits it)
 start = delta_from_init(bundle.manifest, 0)
 save_delta(args["start"], start)
-predictor, before = None, None
-score = lambda deltas: evaluate(predictor, test, deltas, batch_size=args["batch"])["accuracy"]
+predictor, before, before_metrics = None, None, None
+def metrics(deltas):
+    step = args["batch"]
+    return measure(np.concatenate([predictor.batch_logits(test.batch(np.arange(i, min(i + step, len(test)))), deltas)
+                                   for i in range(0, len(test), step)]))
+score = lambda deltas: metrics(deltas)["score"]
 curve, step_times, step_cpu, t_train, cpu_train = [], [], [], 0.0, 0.0
 cfg = TrainConfig(epochs=1000, max_steps=args["steps"], batch_size=args["batch"], lr=args["lr"], weight_decay=0.0,
                   eval_every=0, checkpoint_every=0, seed=0, memory_budget_mb=args["budget"], threads=threads)
@@ -45,11 +58,12 @@ def progress(p):
     last[:] = time.perf_counter(), time.process_time()
 class Probe(Trainer):  # evaluate on the test set every `every` steps, outside the timed steps
     def _sessions(self):  # building the sessions and probing the memory plan is setup, not training
-        global predictor, before
+        global predictor, before, before_metrics
         super()._sessions()
         # the test evaluations run as the trainer's own would: in the plan's arena (shared and capped under a budget)
         predictor = Predictor(bundle, self.plan.session if args["budget"] else SessionConfig(threads=threads))
-        before = score([start])
+        before_metrics = metrics([start])
+        before = before_metrics["score"]
         last[:] = time.perf_counter(), time.process_time()
     def _step(self, group, lr):
         used.append([int(i) for index in group for i in index])
@@ -62,13 +76,15 @@ class Probe(Trainer):  # evaluate on the test set every `every` steps, outside t
         return loss
 res = Probe(bundle, train, cfg, on_progress=progress).fit()
 json.dump(used, open(args["order"], "w"))
-print("RESULT", json.dumps({"before": before, "test_accuracy": score([res.delta]), "curve": curve, "threads": threads,
+after = metrics([res.delta])
+print("RESULT", json.dumps({"before": before, "test_accuracy": after["score"], "curve": curve, "threads": threads,
+                            "before_metrics": before_metrics, "metrics": after,
                             "step_s": float(np.median(step_times)), "train_s": t_train, "steps": res.summary.steps,
                             "cpu_step_s": float(np.median(step_cpu)), "cpu_train_s": cpu_train,
                             "memory_plan": res.summary.memory.describe() if args["budget"] else "no budget"}))
 """
 
-TORCH = """
+TORCH = MEASURE + """
 import torch
 from torch import nn
 from edgepeft.delta import load_delta
@@ -106,14 +122,14 @@ opt = torch.optim.AdamW(params, lr=args["lr"], weight_decay=0.0)
 order = json.load(open(args["order"]))
 total = len(order)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1 - k / total))
-def accuracy():  # in batches of the training batch's size, as the edgepeft child evaluates
+def metrics():  # in batches of the training batch's size, as the edgepeft child evaluates
     with torch.no_grad():
-        right = 0
-        for i in range(0, len(test), args["batch"]):
-            b = test.batch(np.arange(i, min(i + args["batch"], len(test))))
-            right += int((model(torch.from_numpy(b[INPUT])).argmax(-1).numpy() == b[LABELS]).sum())
-        return right / len(test)
-before = accuracy()
+        step = args["batch"]
+        return measure(np.concatenate([model(torch.from_numpy(test.batch(np.arange(i, min(i + step, len(test))))[INPUT])).numpy()
+                                       for i in range(0, len(test), step)]))
+accuracy = lambda: metrics()["score"]
+before_metrics = metrics()
+before = before_metrics["score"]
 b = train.batch(np.array(order[0]))  # one untimed warm-up pass (oneDNN builds its kernels), as edgepeft's session
 nn.functional.cross_entropy(model(torch.from_numpy(b[INPUT])), torch.from_numpy(b[LABELS])).backward()
 opt.zero_grad()  # building is untimed there; the gradients are dropped
@@ -130,7 +146,9 @@ for k, index in enumerate(order):
     step_times.append(dt); t_train += dt; step_cpu.append(dc); cpu_train += dc
     if (k + 1) % args["every"] == 0:
         curve.append([k + 1, t_train, accuracy()])
-print("RESULT", json.dumps({"before": before, "test_accuracy": accuracy(), "curve": curve, "threads": torch.get_num_threads(),
+after = metrics()
+print("RESULT", json.dumps({"before": before, "test_accuracy": after["score"], "curve": curve, "threads": torch.get_num_threads(),
+                            "before_metrics": before_metrics, "metrics": after,
                             "step_s": float(np.median(step_times)), "train_s": t_train, "steps": total,
                             "cpu_step_s": float(np.median(step_cpu)), "cpu_train_s": cpu_train}))
 """

@@ -28,7 +28,9 @@ def _status(key):
         if line.startswith(key + ':'):
             return int(line.split()[1]) / 1024
 # VmHWM, not ru_maxrss: ru_maxrss starts from the parent's RSS at fork, which would floor every child's peak
-print('MEMORY', _j.dumps({'peak_rss_mb': _status('VmHWM'), 'rss_mb': _status('VmRSS')}))
+import resource as _r
+_u = _r.getrusage(_r.RUSAGE_SELF)  # the whole process's CPU time, user + system (beside wall times taken under load)
+print('MEMORY', _j.dumps({'peak_rss_mb': _status('VmHWM'), 'rss_mb': _status('VmRSS'), 'cpu_s': _u.ru_utime + _u.ru_stime}))
 """
 
 

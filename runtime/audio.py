@@ -4,7 +4,8 @@ log-mel features an audio bundle's ``input_features`` takes.
 Features are computed here, not inside the exported graph: a clip's features are computed once when the
 data is read and reused every epoch (the graph would redo the STFT at every step), the CNN export stays the
 image one, and the STFT needs no ONNX DFT support from the training graph. tests/test_audio.py checks them
-against torch.stft and a torch filterbank on the same waves.
+against torch.stft and a torch filterbank on the same waves. A ``waveform`` bundle (a pitch CNN that takes one
+frame of raw samples, exporters/crepe.py) takes the samples as read; its frame normalization is inside its graph.
 
 A WAV at another sample rate or with more than one channel is refused, naming the file and the sox command
 that converts it: resampling well needs an anti-aliasing filter the device should not guess at.
@@ -22,6 +23,7 @@ from edgepeft.errors import DataError
 from edgepeft.manifest import Manifest
 
 AUDIO_SUFFIXES = (".wav",)
+LOG_MEL, WAVEFORM = "log-mel", "waveform"  # what the graph takes: log-mel features, or the clip's raw samples
 LOG_FLOOR = 1e-6  # log(mel power + LOG_FLOOR): silence is finite
 _CHUNK = 16  # clips per STFT pass: bounds the float64 (clips, frames, n_fft) scratch arrays (~3 MB each)
 
@@ -39,10 +41,16 @@ class AudioSpec:
     fmax: float = 8000.0
     mean: float = 0.0  # normalization of the log-mel values
     std: float = 1.0
+    features: str = LOG_MEL  # WAVEFORM: the graph takes the samples as they are (B, 1, samples, 1) (a pitch CNN's frame)
 
     @property
     def frames(self) -> int:
         return 1 + (self.samples - self.n_fft) // self.hop
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one clip's model input."""
+        return (1, self.samples, 1) if self.features == WAVEFORM else (1, self.mels, self.frames)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,10 +61,14 @@ class AudioSpec:
         if not isinstance(a, dict):
             raise DataError(f"the bundle is a {manifest.task} bundle; audio data needs an audio-classification bundle")
         try:
-            return cls(**a)
+            spec = cls(**a)
         except TypeError:
             raise DataError(f"the bundle's audio settings {sorted(a)} are not {sorted(cls.__dataclass_fields__)}; "
                             "re-export it with this edgepeft") from None
+        if spec.features not in (LOG_MEL, WAVEFORM):
+            raise DataError(f"the bundle's audio features {spec.features!r} are neither {LOG_MEL!r} nor {WAVEFORM!r}; "
+                            "re-export it with this edgepeft")
+        return spec
 
 
 def read_wav(path: Path, spec: AudioSpec) -> np.ndarray:
@@ -93,6 +105,13 @@ def mel_filterbank(spec: AudioSpec) -> np.ndarray:
     bins = np.linspace(0.0, spec.sample_rate / 2, spec.n_fft // 2 + 1)
     lo, mid, hi = hz[:-2, None], hz[1:-1, None], hz[2:, None]
     return np.maximum(0.0, np.minimum((bins - lo) / (mid - lo), (hi - bins) / (hi - mid)))
+
+
+def model_input(waves: np.ndarray, spec: AudioSpec) -> np.ndarray:
+    """(N, samples) float waves -> the graph input (N, 1, H, W): log-mel features, or the waves themselves."""
+    if spec.features == WAVEFORM:
+        return np.asarray(waves, np.float32).reshape(-1, 1, spec.samples, 1)
+    return log_mel(waves, spec)
 
 
 def log_mel(waves: np.ndarray, spec: AudioSpec) -> np.ndarray:

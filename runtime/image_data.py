@@ -22,7 +22,7 @@ from edgepeft.manifest import Manifest
 from edgepeft.names import IMAGE_CLS, LABELS, PIXEL_VALUES
 from edgepeft.runtime.images import (IMAGE_SUFFIXES, Augment, ImageSpec, as_nhwc, decode_image, image_file, read_idx,
                                      read_npy, resize, to_model_input)
-from edgepeft.runtime.labelled_files import digest, from_csv, from_folder
+from edgepeft.runtime.labelled_files import digest, from_csv, from_folder, label_array
 
 
 @dataclass
@@ -77,15 +77,7 @@ def _arrays(path: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
     if not label_path.is_file():
         raise DataError(f"{path}: no labels beside it; expected {label_path.name}")
     images, labels = reader(path), reader(label_path)
-    if labels.ndim != 1 or len(labels) != len(images):
-        raise DataError(f"{label_path}: {labels.shape} labels for {len(images)} images; expected one label per image")
-    if labels.dtype.kind not in "iu":
-        raise DataError(f"{label_path}: labels must be integer indices, got {labels.dtype}")
-    bad = np.flatnonzero((labels < 0) | (labels >= len(manifest.labels)))
-    if bad.size:
-        raise DataError(f"{label_path}: label {int(labels[bad[0]])} at row {int(bad[0])} is out of range; "
-                        f"the bundle has {len(manifest.labels)} labels")
-    return as_nhwc(images, str(path)), labels.astype(np.int64)
+    return as_nhwc(images, str(path)), label_array(labels, len(images), manifest, label_path, "images")
 
 
 def _stack(images: list[np.ndarray], spec: ImageSpec, where: str) -> np.ndarray:

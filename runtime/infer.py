@@ -56,7 +56,7 @@ class Predictor:
     def image_logits(self, pixels: np.ndarray, deltas: Sequence[DeltaLike] = (),
                      weights: Sequence[float] | None = None) -> np.ndarray:
         """Raw logits (B, C) for a batch of normalized images (B, channels, H, W) (runtime/images.py makes them),
-        or of an audio bundle's log-mel features (B, 1, mels, frames) (runtime/audio.py makes them)."""
+        or of an audio bundle's input: log-mel features (B, 1, mels, frames) or waves (B, 1, samples, 1) (runtime/audio.py)."""
         feeds = {CNN_INPUTS[self.manifest.task]: np.ascontiguousarray(pixels, np.float32), **self.slot_feeds(deltas, weights)}
         return self.session.run([LOGITS], feeds)[0]
 

@@ -1,9 +1,9 @@
 """Labelled media files for a classifier bundle, shared by images and audio: which file carries which label.
 
 Two layouts: a folder of label folders (``root/<label>/<file>``, the folder names the label) and a label file
-(``.csv`` with the header ``<column>,label``, file paths relative to it). Only paths and label indices come
-out; decoding is the caller's (runtime/image_data.py, runtime/audio_data.py). ``digest`` fingerprints the data,
-so a resumed run can check it trains on the same files.
+(``.csv`` with the header ``<column>,label``, file paths relative to it); for arrays (``.npy``, IDX), ``label_array``
+checks their label array. Only paths and label indices come out; decoding is the caller's (runtime/image_data.py,
+runtime/audio_data.py). ``digest`` fingerprints the data, so a resumed run can check it trains on the same files.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import hashlib
 from pathlib import Path
+
+import numpy as np
 
 from edgepeft.errors import DataError
 from edgepeft.manifest import Manifest
@@ -46,6 +48,19 @@ def from_csv(path: Path, manifest: Manifest, column: str) -> list[tuple[Path, in
             raise DataError(f"{path}:{n}: no such {column} {file}")
         out.append((file, label_index(row[1].strip(), manifest.labels, f"{path}:{n}")))
     return out
+
+
+def label_array(labels: np.ndarray, count: int, manifest: Manifest, where: Path, noun: str) -> np.ndarray:
+    """``labels`` as int64 indices, checked: one integer per example (``count`` of them), each one of the bundle's labels."""
+    if labels.ndim != 1 or len(labels) != count:
+        raise DataError(f"{where}: {labels.shape} labels for {count} {noun}; expected one label per {noun.rstrip('s')}")
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{where}: labels must be integer indices, got {labels.dtype}")
+    bad = np.flatnonzero((labels < 0) | (labels >= len(manifest.labels)))
+    if bad.size:
+        raise DataError(f"{where}: label {int(labels[bad[0]])} at row {int(bad[0])} is out of range; "
+                        f"the bundle has {len(manifest.labels)} labels")
+    return labels.astype(np.int64)
 
 
 def digest(path: Path) -> str:

