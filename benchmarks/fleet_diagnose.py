@@ -91,7 +91,7 @@ def aggregate(deltas, parent, grand, manifest, options: RobustOptions):
     return combine(pairs, len(deltas), manifest, options, parent=parent, grandparent=grand)[0]
 
 
-def analyse(bundle, plan, held, work: Path, rounds: int) -> list[dict]:
+def analyse(bundle, plan, held, work: Path, rounds: int, lr: float) -> list[dict]:
     """One set of device deltas per round, aggregated every way: which step of the merge loses accuracy."""
     tok = load_tokenizer(bundle)
     predictor = Predictor(bundle)
@@ -112,7 +112,7 @@ def analyse(bundle, plan, held, work: Path, rounds: int) -> list[dict]:
             dev_rank = RANKS[i % len(RANKS)]
             start = parent if parent is None or dev_rank == rank else refit(parent, dev_rank)[0]
             data = load_dataset(write_jsonl(work / f"r{r}-d{i}.jsonl", rows), bundle.manifest, tok)
-            d = Trainer(bundle, data, TrainConfig(**{**TRAIN, "rank": dev_rank}), start=start).fit().delta
+            d = Trainer(bundle, data, TrainConfig(**{**TRAIN, "lr": lr, "rank": dev_rank}), start=start).fit().delta
             own.append({**score(d), "fresh_rows": round(sum(l == "fresh" for _, l in rows) / len(rows), 2), "rank": dev_rank})
             if start is not None and dev_rank != rank:
                 d = rebase(d, start, parent)
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("configs", nargs="*")
     ap.add_argument("--analyse", type=int, default=0, help="instead of CONFIGs: this many rounds, each merged every way")
+    ap.add_argument("--lr", type=float, default=TRAIN["lr"], help="the devices' lr in --analyse")
     ap.add_argument("--devices", type=int, default=100)
     ap.add_argument("--per-round", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=6)
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
                      for i in picks])
     if args.analyse:
         with tempfile.TemporaryDirectory(prefix="fleet-diag-") as tmp:
-            print(json.dumps({"args": vars(args), "analysis": analyse(bundle, plan, held, Path(tmp), args.analyse)}, indent=1))
+            print(json.dumps({"args": vars(args), "analysis": analyse(bundle, plan, held, Path(tmp), args.analyse, args.lr)}, indent=1))
         return
     results = {}
     for text in args.configs:
