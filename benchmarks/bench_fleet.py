@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,8 @@ from edgepeft.runtime.infer import Predictor  # noqa: E402
 from edgepeft.runtime.text import load_tokenizer  # noqa: E402
 from edgepeft.runtime.trainer import TrainConfig, Trainer  # noqa: E402
 
-FLEET, RANKS, LABELS = "bench", (4, 8, 16), ("rotten", "fresh")
+FLEET, RANKS = "bench", (4, 8, 16)
+Rows = list[tuple[str, str]]  # (text, label)
 # A round is a few steps from a fresh optimizer: a larger lr, held constant (a decay inside 8 steps halves it), and two
 # passes over the round's rows. With one pass at 4 steps even one device on IID rows stayed at the majority class.
 # Label-balanced draws: without them each label-skewed device taught the fleet its own prior, and the published
@@ -64,12 +66,30 @@ TRAIN = {"epochs": 2, "batch_size": 16, "lr": 1e-2, "schedule": "constant", "bal
 CENTRAL = {"epochs": 1, "batch_size": 16, "threads": 2, "checkpoint_every": 0}  # the trainer's defaults (lr 2e-3), one pass
 
 
-def dirichlet_shards(rows: list[tuple[str, str]], devices: int, alpha: float, seed: int,
-                     min_rows: int = 16) -> list[list[tuple[str, str]]]:
+@dataclass(frozen=True)
+class Task:
+    """What the fleet learns: the bundle, the rows its devices' shards are cut from, held-out rows, the ranks devices
+    choose from and how each device trains a round."""
+
+    bundle: Path
+    train: Rows
+    held: Rows
+    ranks: tuple[int, ...] = RANKS
+    options: dict | None = None  # TrainConfig fields of a device's round (None: TRAIN)
+
+
+def minilm_task(eval_rows: int) -> Task:
+    """The benchmark's task: MiniLM int8 at rank 16 (top 2 layers + BitFit + head) on Rotten Tomatoes."""
+    split = rotten_tomatoes_split(seed=0)
+    path = minilm_bundle("int8", "lora+bitfit", top_layers=2, max_length=64, rank=max(RANKS))
+    return Task(path, split["train"], split["test"][:eval_rows])
+
+
+def dirichlet_shards(rows: Rows, devices: int, alpha: float, seed: int, min_rows: int = 16) -> list[Rows]:
     """Label-skewed shards: each label's rows spread over devices by proportions drawn from Dirichlet(α)."""
     rng = np.random.default_rng(seed)
-    shards: list[list[tuple[str, str]]] = [[] for _ in range(devices)]
-    for label in LABELS:
+    shards: list[Rows] = [[] for _ in range(devices)]
+    for label in sorted({label for _, label in rows}):
         mine = [r for r in rows if r[1] == label]
         cuts = (np.cumsum(rng.dirichlet([alpha] * devices)) * len(mine)).astype(int)[:-1]
         for i, part in enumerate(np.split(np.array(rng.permutation(len(mine))), cuts)):
@@ -118,11 +138,12 @@ def train_fn(bundle, options: dict, malicious: bool = False):
 class Device:
     """One simulated device: its agent (rebuilt on a restart), shard, rank and what the hub accepted from it."""
 
-    def __init__(self, name: str, token: str, home: Path, url: str, bundle, shard, rank: int, malicious: bool) -> None:
+    def __init__(self, name: str, token: str, home: Path, url: str, bundle, shard, rank: int, malicious: bool,
+                 train: dict) -> None:
         self.name, self.home, self.shard, self.rank, self.malicious = name, home, shard, rank, malicious
         self.cfg = AgentConfig(hub=url, token=token, bundle=str(bundle.path), data_dir=str(home / "data"),
                                state_dir=str(home / "state"), retries=3, backoff_s=0.05, backoff_cap_s=0.5,
-                               train={**TRAIN, "rank": rank, "creator": name})
+                               train={**train, "rank": rank, "creator": name})
         self.fn = train_fn(bundle, self.cfg.train, malicious)
         self.accepted: list[str] = []
         self.last: bytes | None = None  # the last bytes pushed (a duplicate push resends them)
@@ -165,18 +186,24 @@ class Device:
         return sum(a.client.bytes_up for a in self.agents), sum(a.client.bytes_down for a in self.agents)
 
 
-def run(args: argparse.Namespace, work: Path) -> dict:
-    path = minilm_bundle("int8", "lora+bitfit", top_layers=2, max_length=64, rank=max(RANKS))
+def fleet_options(args: argparse.Namespace) -> dict:
+    """The fleet's aggregation options beyond the hub's defaults: its server step."""
+    return {k: v for k, v in {"server_lr": args.server_lr, "server_momentum": args.server_momentum}.items()
+            if v is not None}
+
+
+def run(args: argparse.Namespace, work: Path, task: Task) -> dict:
+    path, held, ranks = task.bundle, task.held, task.ranks
+    train = {**(task.options or TRAIN), **({"lr": args.lr} if args.lr else {})}
     bundle = shared_bundle(path)
-    split = rotten_tomatoes_split(seed=0)
-    held = split["test"][: args.eval_rows]
     predictor = Predictor(bundle)
 
     def accuracy(deltas) -> float:
         preds = predictor.classify([t for t, _ in held], deltas)
         return float(np.mean([p.label == l for p, (_, l) in zip(preds, held)]))
 
-    shards = dirichlet_shards(split["train"], args.devices, args.alpha, seed=0)
+    base_accuracy = accuracy([])
+    shards = dirichlet_shards(task.train, args.devices, args.alpha, seed=0)
     hub_dir = work / "hub"
     port = int(os.environ.get("BENCH_FLEET_PORT", "0")) or free_port()
     url = f"http://127.0.0.1:{port}"
@@ -185,13 +212,15 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     try:
         admin = HubClient(url, (hub_dir / "admin.token").read_text().strip(), retries=2)
         fp = admin.request("POST", "/api/v1/bundles", content=bundle_tar(path)).json()["fingerprint"]
-        admin.request("POST", "/api/v1/fleets", json={"name": FLEET, "bundle": fp, "staleness": 2, "ranks": list(RANKS)})
+        admin.request("POST", "/api/v1/fleets", json={"name": FLEET, "bundle": fp, "staleness": 2, "ranks": list(ranks),
+                                                 "robust": fleet_options(args)})
         devices = []
         for i in range(args.devices):
             name = f"dev{i:03d}"
             token = admin.request("POST", f"/api/v1/fleets/{FLEET}/devices", json={"device": name}).json()["token"]
             (work / name / "data").mkdir(parents=True)
-            devices.append(Device(name, token, work / name, url, bundle, shards[i], RANKS[i % len(RANKS)], i == args.devices - 1))
+            devices.append(Device(name, token, work / name, url, bundle, shards[i], ranks[i % len(ranks)], i == args.devices - 1,
+                                  train))
         rng = np.random.default_rng(1)
         dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: a dropped connection
         evil, offline = devices[-1], devices[1]  # offline: cut off in round 2, away in rounds 3-5, back in round 6
@@ -285,7 +314,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     n = participations
     return {"devices": args.devices, "rounds": args.rounds, "devices_per_round": args.per_round, "rows_per_round": args.rows,
             "alpha": args.alpha, "participations": participations,
-            "ranks": list(RANKS), "train": TRAIN, "held_out": len(held), "per_round": rounds,
+            "ranks": list(ranks), "train": train, "fleet_options": fleet_options(args), "held_out": len(held),
+            "base_accuracy": round(base_accuracy, 4), "per_round": rounds,
             "fleet_accuracy": rounds[-1]["accuracy"], "centralized": central,
             "gap_points": round(100 * (central["accuracy"] - rounds[-1]["accuracy"]), 2),
             "bytes_per_device_round": {"up": round(sum(d.bytes()[0] for d in devices) / n),
@@ -303,7 +333,8 @@ def centralized(bundle, union, accuracy, work: Path) -> dict:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's options (``--quick``: a smoke run's sizes)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=6)
@@ -312,12 +343,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration of the label split")
     ap.add_argument("--eval-rows", type=int, default=300)
     ap.add_argument("--workers", type=int, default=4, help="devices training at once")
+    ap.add_argument("--lr", type=float, help=f"a device's lr (default {TRAIN['lr']})")
+    ap.add_argument("--server-lr", type=float, help="the fleet's server step: fraction of the way to the mean (hub default 1)")
+    ap.add_argument("--server-momentum", type=float, help="the fleet's server momentum, FedAvgM (hub default 0)")
     ap.add_argument("--quick", action="store_true", help="12 devices, 2 rounds: a smoke run (results not written)")
     args = ap.parse_args(argv)
     if args.quick:
         args.devices, args.rounds, args.per_round, args.eval_rows = 12, 2, 6, 100
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
-        result = run(args, Path(tmp))
+        result = run(args, Path(tmp), minilm_task(args.eval_rows))
     print(json.dumps(result, indent=1))
     if not args.quick:
         print(f"wrote {write_result('fleet', result)}")

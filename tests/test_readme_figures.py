@@ -266,7 +266,15 @@ def fleet_figures() -> dict[str, str]:
         "fleet: wire and faults":
             f"{b['up'] / 1000:.1f} KB up and {b['down'] / 1000:.1f} KB down per device per round; faults survived: {faults}; "
             f"{f['accepted']} deltas accepted, {f['accepted_lost']} lost, {f['accepted_double_counted']} double-counted",
+        "fleet: tried": fleet_tried(),
     }
+
+
+def fleet_tried() -> str:
+    """The fleet runs with a lower device lr and server momentum, stopped once collapsed (results/fleet_diagnose.json)."""
+    return "; ".join(f"`{t['command'].removeprefix('python benchmarks/bench_fleet.py ')}`: "
+                     + " / ".join(f"{100 * a:.1f}" for a in t["accuracy_per_version"]) + " %"
+                     for t in _json("fleet_diagnose")["bench_runs_tried"])
 
 
 def device_figures() -> dict[str, str]:

@@ -121,12 +121,17 @@ def _int_list(text: str, option: str) -> list[int]:
 @click.option("--max-samples", type=click.IntRange(1, 10**9), help="Default cap on one delta's weight (else the median claim of its version, at most 10000).")
 @click.option("--ranks", default="", help="LoRA ranks devices may train at, comma-separated, each at most the bundle's "
                                           "(e.g. 4,8,16 on a rank-16 bundle; default: the bundle's rank only).")
+@click.option("--server-lr", type=click.FloatRange(0, 10, min_open=True),
+              help="Server step: each version moves this fraction of the way from its parent to the devices' mean (else 1).")
+@click.option("--server-momentum", type=click.FloatRange(0, 1, max_open=True),
+              help="Server momentum (FedAvgM): plus this times what the parent version moved (else 0; 0.9 is usual).")
 @admin_options
 def fleet_create_cmd(name: str, fingerprint: str, aggregate_every: int, aggregate_minutes: float, staleness: int,
-                     clip_norm: float | None, trim: float | None, max_samples: int | None, ranks: str, hub: str,
-                     admin_token_file: str | None) -> None:
+                     clip_norm: float | None, trim: float | None, max_samples: int | None, ranks: str,
+                     server_lr: float | None, server_momentum: float | None, hub: str, admin_token_file: str | None) -> None:
     """Create fleet NAME training a registered bundle."""
-    robust = {k: v for k, v in {"clip_norm": clip_norm, "trim": trim, "max_samples": max_samples}.items() if v is not None}
+    robust = {k: v for k, v in {"clip_norm": clip_norm, "trim": trim, "max_samples": max_samples, "server_lr": server_lr,
+                                "server_momentum": server_momentum}.items() if v is not None}
     body = {"name": name, "bundle": fingerprint, "aggregate_every": aggregate_every,
             "aggregate_minutes": aggregate_minutes, "staleness": staleness, "robust": robust,
             "ranks": _int_list(ranks, "--ranks")}

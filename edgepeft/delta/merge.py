@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -171,13 +171,15 @@ def merge(
     rank: int | None = None,
     scale: float | None = None,
     base: BaseWeights | None = None,
+    step: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
 ) -> tuple[Delta, MergeReport]:
     """Weighted mean of deltas (weights default to meta.samples), LoRA re-factored to ``rank`` in ΔW space.
 
     ``deltas`` may be any iterable (a generator reading files keeps memory flat) of deltas or
     (delta, weight) pairs. ``rank`` defaults to the largest input rank, ``scale`` (the output's
     alpha/rank) to the first delta's; the output has alpha = scale * rank. ``base``: the bundle's frozen
-    weights (``edgepeft.frozen``), needed by methods whose space depends on them (DoRA).
+    weights (``edgepeft.frozen``), needed by methods whose space depends on them (DoRA). ``step``: maps the mean's
+    space parts to the output's before re-factoring (the hub's server optimizer, ``edgepeft.hub.server_step``).
     """
     acc = None
     for d, w in _pairs(deltas, weights):
@@ -194,7 +196,8 @@ def merge(
     if acc.ranked and (out_rank < 1 or not (math.isfinite(out_scale) and out_scale > 0)):
         raise DeltaError(f"merge: need rank >= 1 and scale > 0 for LoRA output, got rank {out_rank}, scale {out_scale}")
     report = MergeReport(acc.count, acc.total, out_rank if acc.ranked else 0, out_scale)
-    tensors, report.errors = from_space_parts(acc.first, {k: v / acc.total for k, v in acc.sums.items()}, out_rank, out_scale, base)
+    mean = {k: v / acc.total for k, v in acc.sums.items()}
+    tensors, report.errors = from_space_parts(acc.first, step(mean) if step else mean, out_rank, out_scale, base)
     f = acc.first.meta
     meta = DeltaMeta(
         base_fingerprint=f.base_fingerprint,

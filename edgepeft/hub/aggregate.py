@@ -25,6 +25,7 @@ from edgepeft.delta.transport import is_packed, pack, packed_meta, unpack
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.frozen import BaseWeights, base_weights, frozen_arrays
 from edgepeft.hub import mixed_ranks
+from edgepeft.hub.server_step import is_plain, server_step
 from edgepeft.hub.limits import MAX_PUBLISHED_SAMPLES, readable, sample_weights, staleness_factor
 from edgepeft.hub.robust import RobustOptions, clip_update, trimmed_mean, update_norm
 from edgepeft.hub.store import BUILDING, BundleRec, DeltaRec, Fleet, Store, VersionRec
@@ -37,6 +38,7 @@ from edgepeft.names import WEIGHTS_INDEX_FILE
 MERGE_BLAS_THREADS: int | None = 1
 
 Pairs = Callable[[], Iterator[tuple[Delta, float]]]  # a fresh pass over (delta, weight)
+Step = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # the mean's space parts -> the version's
 
 
 def parse_delta(data: bytes, where: str, manifest: Manifest, codes: dict[str, np.ndarray] | None = None) -> Delta:
@@ -127,7 +129,7 @@ def stored_base_weights(store: Store, bundle: BundleRec) -> BaseWeights | None:
 
 
 def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, memory_mb: float,
-                   base: BaseWeights | None) -> tuple[Delta, dict[str, Any]]:
+                   base: BaseWeights | None, server: Step | None = None) -> tuple[Delta, dict[str, Any]]:
     """Coordinate-wise trimmed mean in ΔW space, in as many passes over the deltas as the memory budget needs."""
     first, _ = next(pairs())
     keys = [(k, v.shape) for k, v in space_parts(first, base).items()]  # each method's space (ΔW for LoRA)
@@ -175,7 +177,7 @@ def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, m
             size = (hi - lo) * target.shape[1]
             target[lo:hi] = mean[col:col + size].reshape(hi - lo, -1)
             col += size
-    tensors, errors = from_space_parts(first, result, rank, scale, base)
+    tensors, errors = from_space_parts(first, server(result) if server else result, rank, scale, base)
     f = first.meta
     out_rank = rank if is_ranked(first) else 0
     meta = DeltaMeta(base_fingerprint=f.base_fingerprint, method=f.method, rank=out_rank, alpha=scale * out_rank,
@@ -184,24 +186,31 @@ def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, m
                                   "max_refactor_error": max(errors.values(), default=0.0)}
 
 
-def combine(pairs: Pairs, n: int, manifest: Manifest, options: RobustOptions,
-            base: BaseWeights | None = None) -> tuple[Delta, dict[str, Any]]:
-    """Merge one pass of (delta, weight) pairs (clipping already applied) at the bundle's rank and scale."""
+def combine(pairs: Pairs, n: int, manifest: Manifest, options: RobustOptions, base: BaseWeights | None = None, *,
+            parent: Delta | None = None, grandparent: Delta | None = None) -> tuple[Delta, dict[str, Any]]:
+    """Merge one pass of (delta, weight) pairs (clipping already applied) at the bundle's rank and scale, then take the
+    server step (``options.server_lr``, ``server_momentum``) from ``parent``, the latest version, and its own parent."""
     rank, scale = bundle_lora(manifest)
+    step = None
+    if not is_plain(options.server_lr, options.server_momentum):
+        x1 = None if parent is None else space_parts(parent, base)
+        x2 = None if grandparent is None else space_parts(grandparent, base)
+        step = lambda mean: server_step(mean, x1, x2, options.server_lr, options.server_momentum)  # noqa: E731
     if options.trim > 0:
-        return _trimmed_merge(pairs, n, options.trim, rank, scale, options.memory_mb, base)
-    merged, rep = merge(pairs(), rank=rank if rank else None, scale=scale, base=base)
+        return _trimmed_merge(pairs, n, options.trim, rank, scale, options.memory_mb, base, step)
+    merged, rep = merge(pairs(), rank=rank if rank else None, scale=scale, base=base, step=step)
     return merged, {"total_weight": rep.total_weight, "passes": 1, "max_refactor_error": max(rep.errors.values(), default=0.0)}
 
 
 def _merge_claimed(store: Store, claimed: list[DeltaRec], latest: int, manifest: Manifest, options: RobustOptions,
-                   parents: "_Parents", base: BaseWeights | None) -> tuple[Delta, dict[str, Any]]:
+                   parents: "_Parents", base: BaseWeights | None, before: int = 0) -> tuple[Delta, dict[str, Any]]:
     """Merge the claimed deltas: capped sample weights, each times its staleness factor, updates clipped.
 
     Staleness of a delta = ``latest`` (the newest version published before this one) - its parent version;
     its merge weight is its capped samples times ``limits.staleness_factor`` (FedBuff's 1/sqrt(1 + s)).
     Clipping: to ``clip_norm``, else to ``clip_median`` times the median update norm of these deltas (one
-    extra pass over them, reading one at a time).
+    extra pass over them, reading one at a time). The server step moves from ``latest`` (with momentum from ``before``,
+    the version ``latest`` was made after; 0: none).
     """
     ids = [d.id for d in claimed]
     capped = sample_weights([d.samples for d in claimed], options.max_samples, [d.device for d in claimed])  # in ids order
@@ -234,7 +243,7 @@ def _merge_claimed(store: Store, claimed: list[DeltaRec], latest: int, manifest:
                 norms.append(norm)
             yield d, w * staleness_factor(behind)
 
-    merged, stats = combine(pairs, len(ids), manifest, options, base)
+    merged, stats = combine(pairs, len(ids), manifest, options, base, parent=parents.get(latest), grandparent=parents.get(before))
     report = {"count": len(ids), "samples": merged.meta.samples, **stats, "options": options.to_dict(),
               "stale": len(stale), "max_staleness": max(stale, default=0)}
     if norms:
@@ -267,7 +276,7 @@ def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> Ver
         parents = _Parents(store, fleet.name, adapter, manifest)
         with threadpool_limits(MERGE_BLAS_THREADS, user_api="blas"):
             merged, report = _merge_claimed(store, claimed, parent or 0, manifest, options, parents,
-                                           stored_base_weights(store, bundle))
+                                           stored_base_weights(store, bundle), previous[-2] if len(previous) > 1 else 0)
         out = replace_meta(merged, adapter=adapter, version=version, parent=parent, creator="hub")
     report["seconds"] = round(time.perf_counter() - started, 4)
     out = replace_meta(out, samples=min(out.meta.samples, MAX_PUBLISHED_SAMPLES))

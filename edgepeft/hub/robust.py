@@ -17,14 +17,17 @@ from edgepeft.errors import HubError
 from edgepeft import methods
 from edgepeft.delta.merge import base_of, is_ranked, space_parts
 from edgepeft.frozen import BaseWeights
+from edgepeft.hub import server_step
 from edgepeft.names import slot_name
 
 
 @dataclass(frozen=True)
 class RobustOptions:
-    """How an aggregation defends against outlier devices. On by default: each update clipped to the median update norm
-    of its version, then a coordinate-wise 20 % trimmed mean (clipping alone stops a scaled delta, not a sign-flipped one
-    of typical norm: tests/test_fleet_robust.py); ``{"clip_median": None, "trim": 0}`` is the plain weighted mean."""
+    """How an aggregation defends against outlier devices, and how far its version moves. On by default: each update
+    clipped to the median update norm of its version, then a coordinate-wise 20 % trimmed mean (clipping alone stops a
+    scaled delta, not a sign-flipped one of typical norm: tests/test_fleet_robust.py); ``{"clip_median": None, "trim": 0}``
+    is the plain weighted mean. ``server_lr`` and ``server_momentum`` are the server step (``server_step``, FedAvgM),
+    off by default: the version is the (robust) mean."""
 
     clip_norm: float | None = None  # clip each device's update to this Frobenius norm (over every slot, ΔW space)
     clip_median: float | None = 1.0  # without clip_norm: clip to this multiple of the round's median update norm
@@ -32,6 +35,8 @@ class RobustOptions:
     trim: float = 0.2  # coordinate-wise trimmed mean: fraction of values cut at each end (0 <= trim < 0.5; none below 5 deltas)
     max_samples: int | None = None  # cap on one delta's aggregation weight (its meta.samples)
     memory_mb: float = 256.0  # working set of the trimmed mean; more deltas mean more passes, not more memory
+    server_lr: float = 1.0  # the version moves this fraction of the way from its parent to the (robust) mean
+    server_momentum: float = 0.0  # ... plus this times what the parent moved from its own parent (FedAvgM's beta)
 
     def __post_init__(self) -> None:
         if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
@@ -44,6 +49,7 @@ class RobustOptions:
             raise HubError(f"max_samples must be >= 1, got {self.max_samples}")
         if not (math.isfinite(self.memory_mb) and self.memory_mb > 0):
             raise HubError(f"memory_mb must be > 0, got {self.memory_mb}")
+        server_step.check(self.server_lr, self.server_momentum)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "RobustOptions":

@@ -1,0 +1,56 @@
+"""bench_fleet's simulation, reduced: a handful of device agents on the tiny BERT bundle against a real hub process,
+label-skewed shards, mixed ranks and every fault of the benchmark (a drop, a restart, a slow and thereby stale device,
+a duplicate push, a device offline past the staleness window, one malicious device). The benchmark that README's fleet
+figures come from keeps working, and its guarantees hold at a size the suite can afford."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+import bench_fleet  # noqa: E402
+from synthetic_tasks import word_group_rows  # noqa: E402
+
+ROUNDS = 4
+# the tiny bundle's random encoder needs some 50 steps before its word groups separate: six label-balanced passes over a
+# round's rows in batches of 8
+TRAIN = {"epochs": 6, "batch_size": 8, "lr": 2e-2, "schedule": "constant", "balance_labels": True, "threads": 1,
+         "checkpoint_every": 0}
+
+
+def rows(n: int, seed: int) -> list[tuple[str, str]]:
+    return [(r["text"], r["label"] if isinstance(r["label"], str) else f"LABEL_{r['label']}") for r in word_group_rows(n, seed)]
+
+
+@pytest.fixture(scope="module")
+def run(bundles, tmp_path_factory):
+    """One reduced run: 8 devices at rank 2 or 4, 6 training per round (the malicious one always) for 4 rounds, one at a
+    time (the same order every run), the fleet on server momentum 0.9."""
+    task = bench_fleet.Task(bundles("bert").path, rows(400, 0), rows(150, 1), ranks=(2, 4), options=TRAIN)
+    args = bench_fleet.parse_args(["--devices", "8", "--per-round", "6", "--rows", "96", "--rounds", str(ROUNDS),
+                                   "--workers", "1", "--server-momentum", "0.9"])
+    return bench_fleet.run(args, tmp_path_factory.mktemp("fleet"), task)
+
+
+def test_no_accepted_delta_is_lost_or_counted_twice(run):
+    assert run["accepted"] > 0
+    assert (run["accepted_lost"], run["accepted_double_counted"]) == (0, 0)
+
+
+def test_every_fault_of_the_benchmark_happened(run):
+    f = run["faults"]
+    assert min(f["drops"], f["restarts"], f["slow"], f["duplicates_sent"]) >= ROUNDS
+    assert f["malicious_rounds"] == ROUNDS and f["refused_stale"] >= 1  # the offline one came back too stale, retrained
+    assert sum(r["stale"] for r in run["per_round"]) >= 1  # slow devices' deltas went into a later version, weighted down
+
+
+def test_the_fleet_adapter_beats_the_base_model_on_held_out_rows(run):
+    assert run["base_accuracy"] < 0.5  # 3 word groups: the untrained head is near chance
+    assert run["fleet_accuracy"] >= run["base_accuracy"] + 0.25
+
+
+def test_the_fleets_server_step_is_recorded(run):
+    assert run["fleet_options"] == {"server_momentum": 0.9}
