@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hmac
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, Field
 
 from edgepeft.delta.format import max_file_bytes
@@ -15,10 +18,11 @@ from edgepeft.delta.ranks import bundle_rank
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.hub import aggregate as agg
 from edgepeft.hub import limits
-from edgepeft.hub.auth import DeviceDep, PrincipalDep, StoreDep
+from edgepeft.hub.auth import DeviceDep, PrincipalDep, StoreDep, bearer, unauthorized
 from edgepeft.hub.bodies import read_body
 from edgepeft.hub.bundles import serve_blob
-from edgepeft.hub.store import DeltaRec, Device, Store, VersionRec, check_name, sha256_hex
+from edgepeft.hub.store import DeltaRec, Device, Fleet, Store, VersionRec, check_name, hash_token, sha256_hex
+from edgepeft.manifest import Manifest
 
 router = APIRouter(prefix="/api/v1")
 MAX_VERSION = 10**9 - 1  # version numbers fit nine digits and every database integer
@@ -49,16 +53,51 @@ def manifest_of(request: Request, store: Store, fingerprint: str):
     return cache[fingerprint]
 
 
-def accept_delta(store: Store, device: Device, data: bytes, manifest) -> tuple[int, dict[str, Any]]:
+@dataclass(frozen=True)
+class Uploader:
+    """An authenticated device about to upload: who, the token hash it showed, its fleet and that fleet's bundle."""
+
+    device: Device
+    token_hash: str
+    fleet: Fleet
+    manifest: Manifest
+
+
+def uploader(request: Request, store: Store, token: str | None, device_id: str, *, memory_only: bool = False) -> Uploader | None:
+    """Authenticate an upload's token and look up its fleet and manifest (401 / 403 as ``auth.principal`` answers).
+    ``memory_only``: answer from the per-process caches or return None, never touching the store (on the event loop)."""
+    if not token:
+        raise unauthorized("missing bearer token")
+    token_hash = hash_token(token)
+    if hmac.compare_digest(token_hash, request.app.state.admin_hash):
+        raise HTTPException(403, "this needs a device token")
+    if memory_only:
+        device = store.auth_cache.get(token_hash)
+        fleet = store.cached_fleet(device.fleet) if device is not None else None
+        if fleet is None or fleet.bundle not in request.app.state.manifests:
+            return None
+    else:
+        device = store.authenticate(token)
+        if device is None:
+            raise unauthorized("invalid token")
+        fleet = store.fleet(device.fleet)
+        if fleet is None:
+            raise HTTPException(500, f"fleet {device.fleet!r} of device {device.id!r} is missing")
+    if device.id != device_id:
+        raise HTTPException(403, f"token is for device {device.id!r}, not {device_id!r}")
+    return Uploader(device, token_hash, fleet, manifest_of(request, store, fleet.bundle))
+
+
+def accept_delta(store: Store, device: Device, data: bytes, manifest, token_hash: str | None = None) -> tuple[int, dict[str, Any]]:
     """Validate, then store (status, body). Nothing is stored unless every check passed; a delta already stored
-    (the same bytes, or the same content in other bytes) is answered 200 and stored once."""
+    (the same bytes, or the same content in other bytes) is answered 200 and stored once. ``token_hash``: the token the
+    upload authenticated with; the store refuses the delta (401) if it was revoked or rotated before the commit.
+
+    On the hot path the store is asked one thing (the latest version) and written once (the accept); whether the
+    delta is a retry is asked only when the accept or the parent check says no, so a retry is validated again."""
+    store.seen(device.id)
     sha = sha256_hex(data)
-    known = store.get_delta(sha)
-    if known is not None:  # a retry of an upload that was accepted: accepted once
-        if known.device != device.id:
-            raise HTTPException(403, "these bytes were uploaded by another device")
-        return 200, {"id": sha, "duplicate": True, "adapter": known.adapter, "parent": known.parent}
-    fleet = store.get_fleet(device.fleet)
+    fleet = store.fleet(device.fleet)
     ranks = fleet.ranks if fleet else ()
     codes: dict = {}
     try:
@@ -82,16 +121,28 @@ def accept_delta(store: Store, device: Device, data: bytes, manifest) -> tuple[i
     except HubError as e:
         raise HTTPException(422, str(e)) from None
     content = limits.content_id(delta, device.id, codes if codes else None)
-    same = store.find_content(content)
-    if same is not None:  # the same delta in other bytes (raw, then packed): accepted once
-        return 200, {"id": same.id, "duplicate": True, "adapter": same.adapter, "parent": same.parent}
     latest = store.latest_version(device.fleet, meta.adapter)
     why = agg.check_parent(latest.version if latest else 0, meta.parent, fleet.staleness if fleet else 0)
-    if why:
-        raise HTTPException(409, why)
+    if why:  # a retry of a delta accepted before its parent went stale is still answered as the duplicate it is
+        return _stored_already(store, device, sha, content) or _refuse(409, why)
     rec = DeltaRec(sha, device.fleet, device.id, meta.adapter, meta.parent or 0, meta.samples, len(data), time.time())
-    added = store.add_delta(rec, data, content)
-    return (201 if added else 200), {"id": sha, "duplicate": not added, "adapter": meta.adapter, "parent": rec.parent}
+    if store.add_delta(rec, data, content, token_hash=token_hash):
+        return 201, {"id": sha, "duplicate": False, "adapter": meta.adapter, "parent": rec.parent}
+    return _stored_already(store, device, sha, content) or _refuse(409, "the delta was stored and dropped meanwhile; send it again")
+
+
+def _stored_already(store: Store, device: Device, sha: str, content: str) -> tuple[int, dict[str, Any]] | None:
+    """(200, its answer) if these bytes or this content are stored; 403 if another device uploaded these bytes."""
+    same = store.get_delta(sha) or store.find_content(content)
+    if same is None:
+        return None
+    if same.device != device.id:
+        raise HTTPException(403, "these bytes were uploaded by another device")
+    return 200, {"id": same.id, "duplicate": True, "adapter": same.adapter, "parent": same.parent}
+
+
+def _refuse(status: int, why: str):
+    raise HTTPException(status, why)
 
 
 MetricName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
@@ -125,15 +176,17 @@ def rotate_own_token(who: DeviceDep, store: StoreDep) -> dict[str, str]:
              responses={200: {"description": "already stored (a retry)"}, 403: {"description": "not this device"},
                         409: {"description": "stale parent, or the delta's method or method config is not the fleet's"}, 413: {"description": "too large"},
                         422: {"description": "invalid delta"}})
-async def upload_delta(device_id: str, request: Request, who: DeviceDep, store: StoreDep,
-                       tasks: BackgroundTasks) -> JSONResponse:
-    if who.device.id != device_id:
-        raise HTTPException(403, f"token is for device {who.device.id!r}, not {device_id!r}")
-    fleet = await run_in_threadpool(store.get_fleet, who.device.fleet)
-    manifest = await run_in_threadpool(manifest_of, request, store, fleet.bundle)
+async def upload_delta(device_id: str, request: Request, store: StoreDep, tasks: BackgroundTasks,
+                       creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> JSONResponse:
+    # one thread hop per upload: a device seen before is authenticated from memory on the event loop, the body is read
+    # there, and one worker call validates and accepts (the first upload of a process looks the device up first)
+    token = creds.credentials if creds is not None else None
+    who = uploader(request, store, token, device_id, memory_only=True)
+    if who is None:
+        who = await run_in_threadpool(uploader, request, store, token, device_id)
     # the bundle fixes the largest valid delta: nothing bigger is even read
-    data = await read_body(request, min(request.app.state.max_upload_bytes, max_file_bytes(manifest)))
-    status, body = await run_in_threadpool(accept_delta, store, who.device, data, manifest)
+    data = await read_body(request, min(request.app.state.max_upload_bytes, max_file_bytes(who.manifest)))
+    status, body = await run_in_threadpool(accept_delta, store, who.device, data, who.manifest, who.token_hash)
     if status == 201:
         tasks.add_task(request.app.state.policy, who.device.fleet, body["adapter"])
     return JSONResponse(body, status_code=status)

@@ -12,6 +12,7 @@ import json
 from abc import abstractmethod
 from typing import Any, Callable, Iterator
 
+from edgepeft.errors import AuthError
 from edgepeft.hub.store import (BUILDING, PUBLISHED, BundleFile, BundleRec, DeltaRec, Device, Fleet, Metric, Store,
                                 VersionRec, dumps)
 
@@ -41,6 +42,7 @@ CREATE INDEX IF NOT EXISTS metrics_by_fleet ON metrics (fleet, at);
 ADDED_COLUMNS = (("fleets", "ranks", "TEXT NOT NULL DEFAULT '[]'"),)
 
 _DELTA_COLS = "id, fleet, device, adapter, parent, samples, size, received, version"
+_DELTA_COLS_NEW = "id, fleet, device, adapter, parent, samples, size, received"  # an accepted delta's (version: NULL)
 _VERSION_COLS = "fleet, adapter, version, state, created, options, sha256, size, parent, report"
 
 
@@ -148,8 +150,8 @@ class SqlStore(Store):
             return cur.execute("UPDATE devices SET token_hash = ? WHERE id = ?", (token_hash, device_id)).rowcount == 1
 
     def _touch_device(self, device_id: str, when: float) -> None:
-        with self._tx(write=True) as cur:
-            cur.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (when, device_id))
+        # shares the uploads' group commit where the backend has one: no fsync of its own
+        self._write(lambda cur: cur.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (when, device_id)))
 
     # ---- deltas ----------------------------------------------------------------------------------
 
@@ -157,23 +159,31 @@ class SqlStore(Store):
         """Whether a blob of ``size`` bytes is written inside the transaction that names it (else: a file, before)."""
         return True
 
-    def _add_delta(self, rec: DeltaRec, data: bytes, content: str | None) -> bool:
+    def _add_delta(self, rec: DeltaRec, data: bytes, content: str | None, token_hash: str | None = None) -> bool:
         in_tx = self._blob_in_transaction(len(data))
         if not in_tx:
             # the file's fsync is the slowest part of an upload: done outside the lock, uploads fsync in parallel; a
             # blob whose row never commits is unreferenced and harmless, and a row never names a missing blob
             self._store_blob(None, rec.id, data)
+        values = (rec.id, rec.fleet, rec.device, rec.adapter, rec.parent, rec.samples, rec.size, rec.received)
 
         def job(cur: Any) -> bool:
-            if cur.execute("SELECT 1 FROM deltas WHERE id = ?", (rec.id,)).fetchone():
+            # one INSERT decides: nothing if the id exists (two hub processes may race on one retried upload: the
+            # primary key settles it) or, given token_hash, if the uploader's token was revoked or rotated meanwhile
+            if token_hash is None:
+                added = cur.execute(f"INSERT INTO deltas ({_DELTA_COLS_NEW}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                                    "ON CONFLICT DO NOTHING", values).rowcount
+            else:
+                added = cur.execute(f"INSERT INTO deltas ({_DELTA_COLS_NEW}) SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS "
+                                    "(SELECT 1 FROM devices WHERE id = ? AND token_hash = ?) ON CONFLICT DO NOTHING",
+                                    (*values, rec.device, token_hash)).rowcount
+            if not added:
+                if token_hash is not None and not cur.execute("SELECT 1 FROM deltas WHERE id = ?", (rec.id,)).fetchone():
+                    raise AuthError(f"device {rec.device!r}: its token was revoked or rotated during the upload; "
+                                    "nothing was stored (send it again with the current token)")
                 return False
             if in_tx:
                 self._store_blob(cur, rec.id, data)
-            # two hub processes may race on one retried upload: the primary keys settle it
-            if not cur.execute(f"INSERT INTO deltas ({_DELTA_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL) "
-                               "ON CONFLICT DO NOTHING", (rec.id, rec.fleet, rec.device, rec.adapter, rec.parent,
-                                                          rec.samples, rec.size, rec.received)).rowcount:
-                return False
             if content is not None and not cur.execute("INSERT INTO delta_content (content, id) VALUES (?, ?) "
                                                        "ON CONFLICT DO NOTHING", (content, rec.id)).rowcount:
                 raise _SameContent  # rolls the delta row back: the other upload of this content won

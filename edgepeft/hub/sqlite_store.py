@@ -32,6 +32,7 @@ class SqliteStore(SqlStore):
     """Store in one directory: SQLite (WAL) + blob files named by sha256."""
 
     def __init__(self, root: str | os.PathLike, *, pool_size: int = 8) -> None:
+        super().__init__()
         self.root = Path(os.fspath(root))
         try:
             (self.root / BLOB_DIR).mkdir(parents=True, exist_ok=True)
