@@ -13,7 +13,8 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, Field
 
-from edgepeft.delta.format import max_file_bytes
+from edgepeft.delta.format import DeltaMeta, max_file_bytes
+from edgepeft.delta.transport import is_packed
 from edgepeft.delta.ranks import bundle_rank
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.hub import aggregate as agg
@@ -21,6 +22,7 @@ from edgepeft.hub import limits
 from edgepeft.hub.auth import DeviceDep, PrincipalDep, StoreDep, bearer, unauthorized
 from edgepeft.hub.bodies import read_body
 from edgepeft.hub.bundles import serve_blob
+from edgepeft.hub.packed_check import check_packed
 from edgepeft.hub.store import DeltaRec, Device, Fleet, Store, VersionRec, check_name, hash_token, sha256_hex
 from edgepeft.manifest import Manifest
 
@@ -99,20 +101,19 @@ def accept_delta(store: Store, device: Device, data: bytes, manifest, token_hash
     sha = sha256_hex(data)
     fleet = store.fleet(device.fleet)
     ranks = fleet.ranks if fleet else ()
-    codes: dict = {}
     try:
-        delta = agg.parse_delta(data, f"upload from {device.id}", manifest, codes)
+        checked = _checked_upload(data, f"upload from {device.id}", manifest, device.id)
     except DeltaError as e:  # a delta of another method or config fails the shape checks: say that instead (409)
         why = agg.disagreement(agg.peek_meta(data, manifest), manifest, ranks)
         raise HTTPException(409 if why else 422, why or str(e)) from None
-    meta = delta.meta
+    meta, largest, content = checked
     why = agg.disagreement(meta, manifest, ranks)
     if why:
         raise HTTPException(409, why)
     if meta.creator and meta.creator != device.id:
         raise HTTPException(403, f"delta says it was made by {meta.creator!r}; a device uploads only as itself")
-    if limits.largest_value(delta) > limits.MAX_ABS_VALUE:
-        raise HTTPException(422, f"delta holds a value of magnitude {limits.largest_value(delta):.3g}; the hub accepts at most "
+    if largest > limits.MAX_ABS_VALUE:
+        raise HTTPException(422, f"delta holds a value of magnitude {largest:.3g}; the hub accepts at most "
                                  f"{limits.MAX_ABS_VALUE:g} (LoRA and bias deltas are small)")
     if not 1 <= meta.samples <= limits.MAX_SAMPLES_CLAIM:
         raise HTTPException(422, f"delta has samples={meta.samples}; the hub accepts 1..{limits.MAX_SAMPLES_CLAIM}")
@@ -120,7 +121,6 @@ def accept_delta(store: Store, device: Device, data: bytes, manifest, token_hash
         check_name("adapter", meta.adapter)
     except HubError as e:
         raise HTTPException(422, str(e)) from None
-    content = limits.content_id(delta, device.id, codes if codes else None)
     latest = store.latest_version(device.fleet, meta.adapter)
     why = agg.check_parent(latest.version if latest else 0, meta.parent, fleet.staleness if fleet else 0)
     if why:  # a retry of a delta accepted before its parent went stale is still answered as the duplicate it is
@@ -129,6 +129,16 @@ def accept_delta(store: Store, device: Device, data: bytes, manifest, token_hash
     if store.add_delta(rec, data, content, token_hash=token_hash):
         return 201, {"id": sha, "duplicate": False, "adapter": meta.adapter, "parent": rec.parent}
     return _stored_already(store, device, sha, content) or _refuse(409, "the delta was stored and dropped meanwhile; send it again")
+
+
+def _checked_upload(data: bytes, where: str, manifest: Manifest, device: str) -> tuple[DeltaMeta, float, str]:
+    """(meta, largest |value|, content id) of an upload that passed every check the device reader makes: a packed one
+    from its int8 codes (hub/packed_check.py), a raw one read as the device reads it. DeltaError otherwise."""
+    if is_packed(data):
+        c = check_packed(data, where, manifest)
+        return c.meta, c.largest, limits.codes_content_id(c.meta, c.shapes, c.codes, device)
+    delta = agg.parse_delta(data, where, manifest)
+    return delta.meta, limits.largest_value(delta), limits.content_id(delta, device)
 
 
 def _stored_already(store: Store, device: Device, sha: str, content: str) -> tuple[int, dict[str, Any]] | None:
