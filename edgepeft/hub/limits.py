@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import statistics
+from typing import Mapping
 
 import numpy as np
 
@@ -72,12 +73,25 @@ def content_id(delta: Delta, device: str, codes: dict[str, np.ndarray] | None = 
     Row scales are left out: they may differ in the last float32 bit between the two forms. ``codes``: the int8
     values of a packed upload as it stored them (the same values; quantizing again would only repeat the work).
     """
-    if codes is None:
-        codes = {name: quantize(t)[1] for name, t in delta.tensors.items()}
-    return codes_content_id(delta.meta, {name: t.shape for name, t in delta.tensors.items()}, codes, device)
+    shapes = {name: t.shape for name, t in delta.tensors.items()}
+    if codes is not None:
+        return codes_content_id(delta.meta, shapes, codes, device)
+    # quantized one tensor at a time, as hashed: a raw upload's codes are never all held at once
+    return codes_content_id(delta.meta, shapes, _Quantized(delta), device)
 
 
-def codes_content_id(meta: DeltaMeta, shapes: dict[str, tuple[int, ...]], codes: dict[str, np.ndarray], device: str) -> str:
+class _Quantized:
+    """``codes[name]``: the int8 transport values of one tensor of ``delta``, made when asked."""
+
+    def __init__(self, delta: Delta) -> None:
+        self.delta = delta
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return quantize(self.delta.tensors[name])[1]
+
+
+def codes_content_id(meta: DeltaMeta, shapes: dict[str, tuple[int, ...]], codes: Mapping[str, np.ndarray] | _Quantized,
+                     device: str) -> str:
     """:func:`content_id` from the meta, shapes and int8 codes alone (a packed upload checked without unpacking)."""
     h = hashlib.sha256(json.dumps({"device": device, "meta": meta_to_strings(meta)}, sort_keys=True).encode())
     for name in sorted(shapes):

@@ -8,7 +8,8 @@ Every check the device reader (``transport.unpack``) makes holds here, from chea
   float32 as ``dequantize`` does (an int8 times a float32 is exact in float64, so the float32 rounding is the same),
   its values are finite iff that product is, and the upload's largest |x| is the largest row's;
 - the payload is decompressed in one call, only after its declared size equals what the checked layout needs
-  (the bundle bounds it), and the checks are a few numpy passes over all tensors at once, not a loop over them.
+  (the bundle bounds it), and the value checks are a few numpy passes over it in place (row maxima and minima by one
+  ``reduceat`` each; -128 shows as a row minimum), not a loop over tensors and no copy of the codes.
 """
 
 from __future__ import annotations
@@ -25,19 +26,20 @@ from edgepeft.errors import DeltaError
 from edgepeft.manifest import Manifest
 
 LAYOUTS_KEPT = 64  # layouts remembered (a fleet has one per LoRA rank it takes)
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each tensor's scales and codes sit in a payload of one checked (name, shape) list."""
+    """Where each tensor's row scales and codes sit in the payload of one checked (name, shape) list."""
 
     specs: tuple[tuple[str, tuple[int, ...]], ...]
-    scale_bytes: np.ndarray  # payload byte offsets of every row scale, 4 per row, rows in header order
-    code_bytes: np.ndarray  # payload byte offsets of every int8 code, in header order
-    row_starts: np.ndarray  # index of each row's first code within the gathered codes
-    tensor_rows: tuple[int, ...]  # rows per tensor, header order
+    scale_at: tuple[int, ...]  # payload offset of each tensor's row scales (float32 LE, one per row)
+    codes_at: tuple[int, ...]  # payload offset of each tensor's int8 codes (rows x n, row-major)
+    tensor_rows: tuple[int, ...]  # rows per tensor
     row_lengths: tuple[int, ...]  # codes per row, per tensor
+    reduce_at: np.ndarray  # payload offsets for one reduceat: every non-empty row's start, and where each tensor's codes end
+    rows_in_reduce: np.ndarray  # which reduceat results are rows (the others span the next tensor's scales)
+    nonempty_rows: np.ndarray  # global indices of the rows those are (rows of zero length have no codes)
     payload_bytes: int  # scales and codes of every tensor: what follows the header
 
 
@@ -47,7 +49,7 @@ class CheckedPacked:
 
     meta: DeltaMeta
     shapes: dict[str, tuple[int, ...]]
-    codes: dict[str, np.ndarray]
+    codes: dict[str, np.ndarray]  # views into the decompressed payload
     largest: float
 
 
@@ -65,19 +67,25 @@ def _layout(specs: list[tuple[str, tuple[int, ...]]], meta: DeltaMeta, manifest:
     shapes = dict(specs)
     check_shapes(shapes, meta, manifest, where, for_training=True)
     check_structure(Delta({n: np.broadcast_to(np.float32(0), s) for n, s in shapes.items()}, meta), where)
-    scale_bytes, code_bytes, row_starts, rows_of, lengths = [], [], [], [], []
-    offset = codes_so_far = 0
+    scale_at, codes_at, rows_of, lengths, marks, is_row, nonempty = [], [], [], [], [], [], []
+    offset = first_row = 0
     for _, shape in specs:
         rows, n = _rows(shape)
-        scale_bytes.append(np.arange(offset, offset + 4 * rows))
-        code_bytes.append(np.arange(offset + 4 * rows, offset + 4 * rows + rows * n))
-        row_starts.append(codes_so_far + n * np.arange(rows))
+        scale_at.append(offset)
+        codes_at.append(offset + 4 * rows)
         rows_of.append(rows)
         lengths.append(n)
+        if rows and n:
+            marks += [offset + 4 * rows + n * np.arange(rows), [offset + 4 * rows + rows * n]]
+            is_row += [np.ones(rows, bool), [False]]
+            nonempty.append(first_row + np.arange(rows))
         offset += rows * (4 + n)
-        codes_so_far += rows * n
-    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
-    layout = Layout(tuple(specs), cat(scale_bytes), cat(code_bytes), cat(row_starts), tuple(rows_of), tuple(lengths), offset)
+        first_row += rows
+    cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)  # noqa: E731
+    reduce_at, rows_in_reduce = cat(marks, np.int64), cat(is_row, bool)
+    inside = reduce_at < offset  # the last tensor's end mark is the payload's end: no segment starts there
+    layout = Layout(tuple(specs), tuple(scale_at), tuple(codes_at), tuple(rows_of), tuple(lengths), reduce_at[inside],
+                    rows_in_reduce[inside], cat(nonempty, np.int64), offset)
     with _layouts_lock:
         _layouts[key] = (manifest, layout)
         while len(_layouts) > LAYOUTS_KEPT:
@@ -95,38 +103,32 @@ def check_packed(data: bytes, where: str, manifest: Manifest) -> CheckedPacked:
     need = frame.read_bytes + layout.payload_bytes  # payload_size(), from the layout
     if need != frame.size:
         raise DeltaError(f"{where}: packed payload is {frame.size} bytes, its header describes {need}")
-    payload = np.frombuffer(frame.read(frame.size - frame.read_bytes), np.uint8)
+    payload = frame.read(layout.payload_bytes)  # the layout, checked against the bundle, bounds it
     frame.finish()
-    scales = payload[layout.scale_bytes].view("<f4")
-    codes = payload[layout.code_bytes].view(np.int8)
+    total_rows = sum(layout.tensor_rows)
+    scales = np.concatenate([np.frombuffer(payload, "<f4", rows, at) for at, rows in zip(layout.scale_at, layout.tensor_rows)]
+                            or [np.zeros(0, "<f4")])
     if not (np.isfinite(scales).all() and (scales >= 0).all()):
-        bad = ~(np.isfinite(scales) & (scales >= 0))
-        raise DeltaError(f"{where}: tensor {_tensor_of_row(layout, int(bad.argmax()))!r} has a negative or non-finite row scale")
-    if (codes == -128).any():
-        row = int(np.searchsorted(layout.row_starts, int((codes == -128).argmax()), side="right")) - 1
-        raise DeltaError(f"{where}: tensor {_tensor_of_row(layout, row)!r} holds -128, which the packer never writes")
-    row_max = _row_max(codes, layout, len(scales))
-    with np.errstate(over="ignore"):
-        row_largest = row_max * scales.astype(np.float32)  # what dequantize computes for each row's largest code
+        row = int((~(np.isfinite(scales) & (scales >= 0))).argmax())
+        raise DeltaError(f"{where}: tensor {_tensor_of_row(layout, row)!r} has a negative or non-finite row scale")
+    # each row's largest and smallest code in two passes over the payload in place (no copy, no temporary of its size)
+    q = np.frombuffer(payload, np.int8)
+    high, low = np.zeros(total_rows, np.int16), np.zeros(total_rows, np.int16)
+    if len(layout.reduce_at):
+        high[layout.nonempty_rows] = np.maximum.reduceat(q, layout.reduce_at)[layout.rows_in_reduce]
+        low[layout.nonempty_rows] = np.minimum.reduceat(q, layout.reduce_at)[layout.rows_in_reduce]
+    if (low == -128).any():
+        raise DeltaError(f"{where}: tensor {_tensor_of_row(layout, int((low == -128).argmax()))!r} holds -128, which the "
+                         "packer never writes")
+    with np.errstate(over="ignore"):  # what dequantize computes for each row's largest |code|: exact, then float32
+        row_largest = np.maximum(high, -low).astype(np.float32) * scales.astype(np.float32)
     if not np.isfinite(row_largest).all():
         row = int((~np.isfinite(row_largest)).argmax())
         raise DeltaError(f"{where}: tensor {_tensor_of_row(layout, row)!r} has non-finite value(s) (NaN or Inf): a row "
                          "scale times its codes overflows float32")
-    out, at = {}, 0
-    for (name, _), rows, n in zip(specs, layout.tensor_rows, layout.row_lengths):
-        out[name] = codes[at:at + rows * n].reshape(rows, n)
-        at += rows * n
-    return CheckedPacked(meta, dict(specs), out, float(row_largest.max(initial=0.0)))
-
-
-def _row_max(codes: np.ndarray, layout: Layout, rows: int) -> np.ndarray:
-    """max |code| of every row (0 for an empty row), as float32."""
-    out = np.zeros(rows, np.float32)
-    lengths = np.diff(np.append(layout.row_starts, codes.size))
-    full = lengths > 0
-    if full.any():
-        out[full] = np.maximum.reduceat(np.abs(codes), layout.row_starts[full])
-    return out
+    codes = {name: q[at:at + rows * n].reshape(rows, n)
+             for (name, _), at, rows, n in zip(specs, layout.codes_at, layout.tensor_rows, layout.row_lengths)}
+    return CheckedPacked(meta, dict(specs), codes, float(row_largest.max(initial=0.0)))
 
 
 def _tensor_of_row(layout: Layout, row: int) -> str:
