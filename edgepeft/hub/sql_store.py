@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from abc import abstractmethod
+from concurrent.futures import Future
 from typing import Any, Callable, Iterator
 
 from edgepeft.errors import AuthError
@@ -44,6 +46,14 @@ ADDED_COLUMNS = (("fleets", "ranks", "TEXT NOT NULL DEFAULT '[]'"),)
 _DELTA_COLS = "id, fleet, device, adapter, parent, samples, size, received, version"
 _DELTA_COLS_NEW = "id, fleet, device, adapter, parent, samples, size, received"  # an accepted delta's (version: NULL)
 _VERSION_COLS = "fleet, adapter, version, state, created, options, sha256, size, parent, report"
+
+
+log = logging.getLogger("edgepeft.hub")
+
+
+def _log_failure(done: Future) -> None:
+    if done.exception() is not None:
+        log.error("recording last_seen failed: %s", done.exception())
 
 
 class _SameContent(Exception):
@@ -149,9 +159,13 @@ class SqlStore(Store):
         with self._tx(write=True) as cur:
             return cur.execute("UPDATE devices SET token_hash = ? WHERE id = ?", (token_hash, device_id)).rowcount == 1
 
-    def _touch_device(self, device_id: str, when: float) -> None:
-        # shares the uploads' group commit where the backend has one: no fsync of its own
-        self._write(lambda cur: cur.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (when, device_id)))
+    def _touch_device(self, device_id: str, when: float, wait: bool = True) -> None:
+        # shares the uploads' group commit where the backend has one
+        done = self._write_soon(lambda cur: cur.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (when, device_id)))
+        if wait:
+            done.result()
+        else:
+            done.add_done_callback(_log_failure)
 
     # ---- deltas ----------------------------------------------------------------------------------
 
@@ -160,6 +174,9 @@ class SqlStore(Store):
         return True
 
     def _add_delta(self, rec: DeltaRec, data: bytes, content: str | None, token_hash: str | None = None) -> bool:
+        return self._add_delta_soon(rec, data, content, token_hash).result()
+
+    def _add_delta_soon(self, rec: DeltaRec, data: bytes, content: str | None, token_hash: str | None = None) -> Future:
         in_tx = self._blob_in_transaction(len(data))
         if not in_tx:
             # the file's fsync is the slowest part of an upload: done outside the lock, uploads fsync in parallel; a
@@ -189,15 +206,34 @@ class SqlStore(Store):
                 raise _SameContent  # rolls the delta row back: the other upload of this content won
             return True
 
-        try:
-            return bool(self._write(job))
-        except _SameContent:
-            return False
+        added: Future = Future()
+
+        def settle(done: Future) -> None:
+            error = done.exception()
+            if isinstance(error, _SameContent):
+                added.set_result(False)
+            elif error is not None:
+                added.set_exception(error)
+            else:
+                added.set_result(bool(done.result()))
+
+        self._write_soon(job).add_done_callback(settle)
+        return added
 
     def _write(self, job: Callable[[Any], Any]) -> Any:
         """``job(cursor)`` in a write transaction of its own (a backend may share one among concurrent writes)."""
         with self._tx(write=True) as cur:
             return job(cur)
+
+    def _write_soon(self, job: Callable[[Any], Any]) -> Future:
+        """A future of ``job(cursor)``, committed: here at once, in the calling thread (a backend with a group commit
+        returns before the commit, so the caller's thread is free meanwhile)."""
+        done: Future = Future()
+        try:
+            done.set_result(self._write(job))
+        except Exception as e:  # noqa: BLE001 - handed to whoever waits on the future
+            done.set_exception(e)
+        return done
 
     def find_content(self, content: str) -> DeltaRec | None:
         with self._tx() as cur:

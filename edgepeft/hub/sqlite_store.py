@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -77,6 +78,9 @@ class SqliteStore(SqlStore):
     def _write(self, job: Any) -> Any:
         return self._group.run(job)  # concurrent uploads share a commit: one WAL fsync per batch (hub/group_commit.py)
 
+    def _write_soon(self, job: Any) -> Future:
+        return self._group.submit(job)
+
     def _lock_fleet(self, cur: Any, fleet: str) -> None:
         pass  # BEGIN IMMEDIATE already serializes every writer
 
@@ -106,4 +110,5 @@ class SqliteStore(SqlStore):
             return None
 
     def close(self) -> None:
+        self._group.close()
         self._pool.close()

@@ -14,6 +14,7 @@ import re
 import secrets
 import time
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -205,14 +206,23 @@ class Store(ABC):
         """Replace a device's token hash (rotation, or ``REVOKED``); False if there is no such device."""
 
     @abstractmethod
-    def _touch_device(self, device_id: str, when: float) -> None:
-        """Record that the device was seen at ``when``."""
+    def _touch_device(self, device_id: str, when: float, wait: bool = True) -> None:
+        """Record that the device was seen at ``when`` (``wait`` False: bookkeeping, nobody waits for the commit)."""
 
     @abstractmethod
     def _add_delta(self, rec: DeltaRec, data: bytes, content: str | None, token_hash: str | None = None) -> bool:
         """Store the delta's blob and row (and its content id) atomically; False, nothing changed, if the id
         or the content id exists. ``token_hash``: the uploader's token as authenticated; if the device's stored
         hash is no longer that (revoked or rotated meanwhile), nothing is stored and HubError says so."""
+
+    def _add_delta_soon(self, rec: DeltaRec, data: bytes, content: str | None, token_hash: str | None = None) -> Future:
+        """``_add_delta`` as a future, set once durable (a backend that batches commits returns before the commit)."""
+        done: Future = Future()
+        try:
+            done.set_result(self._add_delta(rec, data, content, token_hash))
+        except Exception as e:  # noqa: BLE001 - handed to whoever waits on the future
+            done.set_exception(e)
+        return done
 
     @abstractmethod
     def find_content(self, content: str) -> DeltaRec | None:
@@ -354,7 +364,7 @@ class Store(ABC):
         """Record that a device was seen, at most once per ``auth_cache.TOUCH_EVERY_S`` in this process."""
         now = time.time()
         if self.auth_cache.touch_due(device_id, now):
-            self._touch_device(device_id, now)
+            self._touch_device(device_id, now, wait=False)
 
     def cached_fleet(self, name: str) -> Fleet | None:
         """The fleet if this process has looked it up before (memory only: safe on an event loop)."""
@@ -377,6 +387,16 @@ class Store(ABC):
         if content is not None:
             check_sha(content)
         return self._add_delta(rec, data, content, token_hash)
+
+    def add_delta_soon(self, rec: DeltaRec, data: bytes, content: str | None = None, *,
+                       token_hash: str | None = None) -> Future:
+        """:meth:`add_delta` as a future of its answer, set once the delta is durable: the calling thread need not
+        wait through the commit (the hub's upload route awaits it on the event loop)."""
+        if rec.id != sha256_hex(data):
+            raise HubError("delta id must be the sha256 of its bytes")
+        if content is not None:
+            check_sha(content)
+        return self._add_delta_soon(rec, data, content, token_hash)
 
     def delta_bytes(self, delta_id: str) -> bytes:
         """The stored bytes of a delta."""
