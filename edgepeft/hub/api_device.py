@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.background import BackgroundTask
 from pydantic import BaseModel, Field
 
 from edgepeft.delta.format import max_file_bytes
 from edgepeft.delta.ranks import bundle_rank
 from edgepeft.hub import accept
-from edgepeft.hub.auth import DeviceDep, PrincipalDep, StoreDep, bearer
+from edgepeft.hub.auth import DeviceDep, PrincipalDep, StoreDep, get_store
 from edgepeft.hub.bodies import read_body
 from edgepeft.hub.bundles import serve_blob
 from edgepeft.hub.store import Store, VersionRec
@@ -63,30 +64,50 @@ def rotate_own_token(who: DeviceDep, store: StoreDep) -> dict[str, str]:
     return {"device": who.device.id, "fleet": who.device.fleet, "token": store.rotate_token(who.device.id)}
 
 
-@router.post("/devices/{device_id}/deltas", status_code=201, openapi_extra=BINARY_BODY,
+@router.post("/devices/{device_id}/deltas", status_code=201,
              summary="Upload a delta (safetensors or packed); idempotent by sha256",
+             openapi_extra={**BINARY_BODY, "security": [{"HTTPBearer": []}]},
              responses={200: {"description": "already stored (a retry)"}, 403: {"description": "not this device"},
                         409: {"description": "stale parent, or the delta's method or method config is not the fleet's"}, 413: {"description": "too large"},
                         422: {"description": "invalid delta"}})
-async def upload_delta(device_id: str, request: Request, store: StoreDep, tasks: BackgroundTasks,
-                       creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> JSONResponse:
+async def upload_delta(device_id: str, request: Request) -> Response:
+    # no FastAPI dependencies here (solving them cost more CPU than the rest of the route): the bearer token is read
+    # as auth.bearer reads it, the store as auth.get_store gives it, and the OpenAPI security entry is stated above
+    token = _bearer_token(request)
+    store = _store_of(request)
     # one thread hop per upload: a device seen before is authenticated from memory on the event loop, the body is read
     # there, and one worker call validates and accepts (the first upload of a process looks the device up first)
-    token = creds.credentials if creds is not None else None
     who = accept.uploader(request, store, token, device_id, memory_only=True)
     if who is None:
         who = await run_in_threadpool(accept.uploader, request, store, token, device_id)
     # the bundle fixes the largest valid delta: nothing bigger is even read
     data = await read_body(request, min(request.app.state.max_upload_bytes, max_file_bytes(who.manifest)))
-    answer = await run_in_threadpool(accept.start, store, who.device, data, who.manifest, who.token_hash)
+    # the hop itself through asyncio's executor, not anyio's to_thread (its cancel scope and limiter cost more CPU
+    # than the hop): the app's upload threads, as many as its request threads
+    loop = asyncio.get_running_loop()
+    answer = await loop.run_in_executor(request.app.state.upload_threads, accept.start, store, who.device, data,
+                                        who.manifest, who.token_hash)
     if isinstance(answer, accept.Pending):  # the worker thread is free while the commit holding the delta runs
         added = await asyncio.wrap_future(answer.added)
         answer = answer.stored() if added else await run_in_threadpool(answer.not_stored)
     status, body = answer
     # the fleet's count-based policy is asked only if it has one: no thread hop per upload otherwise
+    policy = None
     if status == 201 and (who.fleet.aggregate_every or who.fleet.aggregate_minutes):
-        tasks.add_task(request.app.state.policy, who.device.fleet, body["adapter"])
-    return JSONResponse(body, status_code=status)
+        policy = BackgroundTask(request.app.state.policy, who.device.fleet, body["adapter"])
+    return JSONResponse(body, status_code=status, background=policy)
+
+
+def _bearer_token(request: Request) -> str | None:
+    """The credentials of an ``Authorization: Bearer`` header, as ``auth.bearer`` (HTTPBearer) reads them."""
+    scheme, credentials = get_authorization_scheme_param(request.headers.get("authorization"))
+    return credentials if scheme.lower() == "bearer" and credentials else None
+
+
+def _store_of(request: Request) -> Store:
+    """The store ``auth.get_store`` gives a route (a test's ``dependency_overrides`` included)."""
+    override = request.app.dependency_overrides.get(get_store)
+    return override() if override is not None else request.app.state.store
 
 
 @router.post("/devices/{device_id}/metrics", status_code=201, summary="Report metric values (loss, accuracy, ...)")
