@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -57,13 +58,16 @@ _layouts: OrderedDict[tuple, tuple[Manifest, Layout]] = OrderedDict()
 _layouts_lock = threading.Lock()
 
 
-def _layout(specs: list[tuple[str, tuple[int, ...]]], meta: DeltaMeta, manifest: Manifest, where: str) -> Layout:
-    """The layout of ``specs``, checked against ``manifest`` (for training) and the reader's structure checks."""
-    key = (id(manifest), meta.base_fingerprint, meta.rank, tuple(specs))
+def _layout(raw_specs: Any, meta: DeltaMeta, manifest: Manifest, where: str) -> Layout:
+    """The layout of a header's tensor list, checked (``transport._tensor_specs``), then against ``manifest`` (for
+    training) and by the reader's structure checks. Remembered by the list's repr: for what JSON gives (lists, str,
+    int, float, bool, None) equal reprs are equal values, so a list seen before is not checked again."""
+    key = (id(manifest), meta.base_fingerprint, meta.rank, repr(raw_specs))
     with _layouts_lock:
         hit = _layouts.get(key)
     if hit is not None and hit[0] is manifest:  # the manifest is kept in the entry: its id cannot be reused meanwhile
         return hit[1]
+    specs = _tensor_specs(raw_specs, where)
     shapes = dict(specs)
     check_shapes(shapes, meta, manifest, where, for_training=True)
     check_structure(Delta({n: np.broadcast_to(np.float32(0), s) for n, s in shapes.items()}, meta), where)
@@ -98,8 +102,8 @@ def check_packed(data: bytes, where: str, manifest: Manifest) -> CheckedPacked:
     frame = _Frame(data, where)
     header = _parse_header(frame, where, header_cap(manifest))
     meta = meta_from_strings(header["meta"], where)
-    specs = _tensor_specs(header["tensors"], where)
-    layout = _layout(specs, meta, manifest, where)
+    layout = _layout(header["tensors"], meta, manifest, where)
+    specs = layout.specs
     need = frame.read_bytes + layout.payload_bytes  # payload_size(), from the layout
     if need != frame.size:
         raise DeltaError(f"{where}: packed payload is {frame.size} bytes, its header describes {need}")
