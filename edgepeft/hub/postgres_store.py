@@ -96,4 +96,5 @@ class PostgresStore(SqlStore):
         return None if row is None else bytes(row[0])
 
     def close(self) -> None:
+        self._group.close()
         self._pool.close()

@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Iterator
 
 from edgepeft.errors import AuthError
+from edgepeft.hub.group_commit import GroupCommit
 from edgepeft.hub.store import (BUILDING, PUBLISHED, BundleFile, BundleRec, DeltaRec, Device, Fleet, Metric, Store,
                                 VersionRec, dumps)
 
@@ -66,7 +67,14 @@ def _version(row: tuple) -> VersionRec:
 
 
 class SqlStore(Store):
-    """Metadata primitives in SQL; blob storage and connections are the backend's."""
+    """Metadata primitives in SQL; blob storage and connections are the backend's.
+
+    Uploads (and last_seen) are written through a group commit (hub/group_commit.py): concurrent writes share one
+    transaction, so one fsync (SQLite's WAL, PostgreSQL's commit record) makes a whole batch durable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._group = GroupCommit(self._tx)
 
     @abstractmethod
     def _tx(self, write: bool = False) -> contextlib.AbstractContextManager[Any]:
@@ -221,19 +229,12 @@ class SqlStore(Store):
         return added
 
     def _write(self, job: Callable[[Any], Any]) -> Any:
-        """``job(cursor)`` in a write transaction of its own (a backend may share one among concurrent writes)."""
-        with self._tx(write=True) as cur:
-            return job(cur)
+        """``job(cursor)`` committed durably, in a transaction shared with the writes that arrived meanwhile."""
+        return self._group.run(job)
 
     def _write_soon(self, job: Callable[[Any], Any]) -> Future:
-        """A future of ``job(cursor)``, committed: here at once, in the calling thread (a backend with a group commit
-        returns before the commit, so the caller's thread is free meanwhile)."""
-        done: Future = Future()
-        try:
-            done.set_result(self._write(job))
-        except Exception as e:  # noqa: BLE001 - handed to whoever waits on the future
-            done.set_exception(e)
-        return done
+        """A future of ``job(cursor)``, set once committed: the calling thread is free during the commit."""
+        return self._group.submit(job)
 
     def find_content(self, content: str) -> DeltaRec | None:
         with self._tx() as cur:

@@ -13,13 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Iterator
 
 from edgepeft import atomic
 from edgepeft.errors import HubError
-from edgepeft.hub.group_commit import GroupCommit
 from edgepeft.hub.sql_store import ADDED_COLUMNS, SCHEMA, Pool, SqlStore
 from edgepeft.hub.store import check_sha
 
@@ -41,7 +39,6 @@ class SqliteStore(SqlStore):
             raise HubError(f"{self.root}: cannot create the store directory ({e.strerror})") from None
         self._db = self.root / DB_FILE
         self._pool = Pool(self._connect, pool_size)
-        self._group = GroupCommit(self._tx)
         with self._tx(write=True) as cur:
             for stmt in (*SCHEMA.split(";"), INLINE_SCHEMA):
                 if stmt.strip():
@@ -74,12 +71,6 @@ class SqliteStore(SqlStore):
 
     def _blob_in_transaction(self, size: int) -> bool:
         return size <= INLINE_MAX  # a larger blob is a file, written and fsynced before BEGIN IMMEDIATE
-
-    def _write(self, job: Any) -> Any:
-        return self._group.run(job)  # concurrent uploads share a commit: one WAL fsync per batch (hub/group_commit.py)
-
-    def _write_soon(self, job: Any) -> Future:
-        return self._group.submit(job)
 
     def _lock_fleet(self, cur: Any, fleet: str) -> None:
         pass  # BEGIN IMMEDIATE already serializes every writer
