@@ -228,15 +228,21 @@ def adalora_figures() -> dict[str, str]:
 
 
 def hub_upload_figures() -> dict[str, str]:
-    """The upload paths side by side (bench_hub.py --uploads-only)."""
+    """The upload paths side by side (bench_hub.py --uploads-only), and the code before this upload path."""
     r = {x["run"]: x for x in _json("hub_uploads")["rows"]}
     c, sq, pg = r["ceiling"], r["sqlite, 1 hub"], r["postgresql, 2 hubs"]
     t40 = r["sqlite, 1 hub, 40 threads (anyio's default)"]
-    return {"hub: ceiling": f"takes {c['uploads_per_s']:,.0f} uploads/s at {c['cpu_ms_per_upload']['hubs']:.2f} ms of CPU each",
-            "hub: sqlite": f"one hub on SQLite {sq['uploads_per_s']:.0f} uploads/s (p99 {sq['latency_ms']['p99']:.0f} ms) at "
-                           f"{sq['cpu_ms_per_upload']['hubs']:.1f} ms",
-            "hub: postgresql": f"two hubs on one durable PostgreSQL {pg['uploads_per_s']:.0f} uploads/s (p99 {pg['latency_ms']['p99']:.0f} ms)",
-            "hub: threads": f"took the SQLite hub from {t40['uploads_per_s']:.0f} to {sq['uploads_per_s']:.0f} uploads/s"}
+    b = {x["run"]: x for x in _json("hub_uploads_before")["rows"]}
+    cpu = lambda x: f"{x['cpu_ms_per_upload']['hubs']:.1f} ms"  # noqa: E731
+    return {"hub: load": f"load average {_json('hub_uploads')['load_average']:.1f} on the two cores",
+            "hub: ceiling": f"takes {c['uploads_per_s']:,.0f} uploads/s at {c['cpu_ms_per_upload']['hubs']:.2f} ms of CPU each",
+            "hub: sqlite": f"one hub on SQLite {sq['uploads_per_s']:.0f} uploads/s (p99 {sq['latency_ms']['p99']:.0f} ms) at {cpu(sq)}",
+            "hub: postgresql": f"two hubs on one durable PostgreSQL {pg['uploads_per_s']:.0f} uploads/s "
+                               f"(p99 {pg['latency_ms']['p99']:.0f} ms) at {cpu(pg)}",
+            "hub: before": f"one hub on SQLite {b['sqlite, 1 hub']['uploads_per_s']:.0f} uploads/s at {cpu(b['sqlite, 1 hub'])}, "
+                           f"two hubs on PostgreSQL {b['postgresql, 2 hubs']['uploads_per_s']:.0f} uploads/s at "
+                           f"{cpu(b['postgresql, 2 hubs'])}",
+            "hub: threads": f"{t40['uploads_per_s']:.0f} uploads/s at {cpu(t40)}, no less CPU per upload"}
 
 
 def fleet_figures() -> dict[str, str]:
