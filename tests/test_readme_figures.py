@@ -179,6 +179,7 @@ def figures() -> dict[str, str]:
             f"{before['latency_ms']['p50']:.0f} ms, p99 {before['latency_ms']['p99'] / 1000:.2f} s)",
         "hub: command": f"(`{hub['command']}`",
         **hub_upload_figures(),
+        **hostile_figures(),
         "hub: aggregation":
             f"aggregating (plain mean) 1,000 small deltas {agg[1000]['seconds']:.2f} s with {agg[1000]['peak_python_heap_mb']:.1f} MB "
             "of Python heap",
@@ -243,6 +244,18 @@ def hub_upload_figures() -> dict[str, str]:
                            f"two hubs on PostgreSQL {b['postgresql, 2 hubs']['uploads_per_s']:.0f} uploads/s at "
                            f"{cpu(b['postgresql, 2 hubs'])}",
             "hub: threads": f"{t40['uploads_per_s']:.0f} uploads/s at {cpu(t40)}, no less CPU per upload"}
+
+
+def hostile_figures() -> dict[str, str]:
+    """Hostile uploads' memory (bench_hostile.py), as the reliability table states it."""
+    h = _json("hostile")
+    hostile = [u for u in h["uploads"] if u["status"] != 200 and u["status"] != 201]
+    packed, raw = (next(u for u in h["uploads"] if u["case"] == c) for c in ("honest packed (accepted)", "honest raw (accepted)"))
+    small = sum(u["peak_x_expected"] <= 0.06 for u in hostile if u["case"].startswith(("packed:", "raw:")))
+    return {"hostile: worst": f"peak hub memory per hostile upload ≤ {h['worst_hostile_peak_x_expected']:.2f}x the expected delta size",
+            "hostile: small": f"({small} of {len(hostile)} ≤ 0.06x: refused from the header",
+            "hostile: honest": f"an honest packed upload peaks at {packed['peak_x_expected']:.2f}x, an honest raw one at "
+                               f"{raw['peak_x_expected']:.2f}x"}
 
 
 def fleet_figures() -> dict[str, str]:
