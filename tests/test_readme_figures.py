@@ -240,7 +240,8 @@ def hub_upload_figures() -> dict[str, str]:
             "hub: sqlite": f"one hub on SQLite {sq['uploads_per_s']:.0f} uploads/s (p99 {sq['latency_ms']['p99']:.0f} ms) at {cpu(sq)}",
             "hub: postgresql": f"two hubs on one durable PostgreSQL {pg['uploads_per_s']:.0f} uploads/s "
                                f"(p99 {pg['latency_ms']['p99']:.0f} ms) at {cpu(pg)}",
-            "hub: before": f"one hub on SQLite {b['sqlite, 1 hub']['uploads_per_s']:.0f} uploads/s at {cpu(b['sqlite, 1 hub'])}, "
+            "hub: before": f"load average {_json('hub_uploads_before')['load_average']:.1f}): "
+                           f"one hub on SQLite {b['sqlite, 1 hub']['uploads_per_s']:.0f} uploads/s at {cpu(b['sqlite, 1 hub'])}, "
                            f"two hubs on PostgreSQL {b['postgresql, 2 hubs']['uploads_per_s']:.0f} uploads/s at "
                            f"{cpu(b['postgresql, 2 hubs'])}",
             "hub: threads": f"{t40['uploads_per_s']:.0f} uploads/s at {cpu(t40)}, no less CPU per upload"}
