@@ -39,3 +39,7 @@ class NotFoundError(HubError):
 
 class ConflictError(HubError):
     """The name is taken, or the request contradicts what the hub holds (HTTP 409)."""
+
+
+class AuthError(HubError):
+    """A credential that is missing, wrong, revoked or rotated (HTTP 401)."""

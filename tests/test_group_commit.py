@@ -114,3 +114,23 @@ def test_sqlite_store_stores_each_of_many_concurrent_uploads_once(tmp_path):
     assert sorted(d.id for d in store.list_deltas("f")) == sorted(r.id for r in recs)
     assert all(store.get_blob(r.id) == b for r, b in zip(recs, blobs))
     store.close()
+
+
+def test_writes_handed_over_by_one_thread_share_commits_while_it_goes_on(tmp_path):
+    db = CountingDb(tmp_path / "g.sqlite3")
+    group = GroupCommit(db.tx)
+    futures = [group.submit(lambda cur, k=k: cur.execute("INSERT INTO t (k) VALUES (?)", (k,)).rowcount) for k in range(WRITERS)]
+    assert [f.result() for f in futures] == [1] * WRITERS  # each answered once its commit is done
+    assert db.keys() == set(range(WRITERS))
+    assert db.commits < WRITERS // 4  # the thread did not wait through each commit: its writes were batched
+    group.close()
+
+
+def test_close_commits_what_is_queued_and_a_later_write_still_commits(tmp_path):
+    db = CountingDb(tmp_path / "g.sqlite3")
+    group = GroupCommit(db.tx)
+    futures = [group.submit(lambda cur, k=k: cur.execute("INSERT INTO t (k) VALUES (?)", (k,)).rowcount) for k in range(4)]
+    group.close()
+    assert all(f.done() for f in futures) and db.keys() == set(range(4))
+    assert group.run(lambda cur: cur.execute("INSERT INTO t (k) VALUES (99)").rowcount) == 1
+    group.close()

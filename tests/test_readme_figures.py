@@ -188,6 +188,7 @@ def figures() -> dict[str, str]:
             f"{before['latency_ms']['p50']:.0f} ms, p99 {before['latency_ms']['p99'] / 1000:.2f} s)",
         "hub: command": f"(`{hub['command']}`",
         **hub_upload_figures(),
+        **hostile_figures(),
         "hub: aggregation":
             f"aggregating (plain mean) 1,000 small deltas {agg[1000]['seconds']:.2f} s with {agg[1000]['peak_python_heap_mb']:.1f} MB "
             "of Python heap",
@@ -237,15 +238,34 @@ def adalora_figures() -> dict[str, str]:
 
 
 def hub_upload_figures() -> dict[str, str]:
-    """The upload paths side by side (bench_hub.py --uploads-only)."""
+    """The upload paths side by side (bench_hub.py --uploads-only), and the code before this upload path."""
     r = {x["run"]: x for x in _json("hub_uploads")["rows"]}
     c, sq, pg = r["ceiling"], r["sqlite, 1 hub"], r["postgresql, 2 hubs"]
     t40 = r["sqlite, 1 hub, 40 threads (anyio's default)"]
-    return {"hub: ceiling": f"takes {c['uploads_per_s']:,.0f} uploads/s at {c['cpu_ms_per_upload']['hubs']:.2f} ms of CPU each",
-            "hub: sqlite": f"one hub on SQLite {sq['uploads_per_s']:.0f} uploads/s (p99 {sq['latency_ms']['p99']:.0f} ms) at "
-                           f"{sq['cpu_ms_per_upload']['hubs']:.1f} ms",
-            "hub: postgresql": f"two hubs on one durable PostgreSQL {pg['uploads_per_s']:.0f} uploads/s (p99 {pg['latency_ms']['p99']:.0f} ms)",
-            "hub: threads": f"took the SQLite hub from {t40['uploads_per_s']:.0f} to {sq['uploads_per_s']:.0f} uploads/s"}
+    b = {x["run"]: x for x in _json("hub_uploads_before")["rows"]}
+    cpu = lambda x: f"{x['cpu_ms_per_upload']['hubs']:.1f} ms"  # noqa: E731
+    return {"hub: load": f"load average {_json('hub_uploads')['load_average']:.1f} on the two cores",
+            "hub: ceiling": f"takes {c['uploads_per_s']:,.0f} uploads/s at {c['cpu_ms_per_upload']['hubs']:.2f} ms of CPU each",
+            "hub: sqlite": f"one hub on SQLite {sq['uploads_per_s']:.0f} uploads/s (p99 {sq['latency_ms']['p99']:.0f} ms) at {cpu(sq)}",
+            "hub: postgresql": f"two hubs on one durable PostgreSQL {pg['uploads_per_s']:.0f} uploads/s "
+                               f"(p99 {pg['latency_ms']['p99']:.0f} ms) at {cpu(pg)}",
+            "hub: before": f"load average {_json('hub_uploads_before')['load_average']:.1f}): "
+                           f"one hub on SQLite {b['sqlite, 1 hub']['uploads_per_s']:.0f} uploads/s at {cpu(b['sqlite, 1 hub'])}, "
+                           f"two hubs on PostgreSQL {b['postgresql, 2 hubs']['uploads_per_s']:.0f} uploads/s at "
+                           f"{cpu(b['postgresql, 2 hubs'])}",
+            "hub: threads": f"{t40['uploads_per_s']:.0f} uploads/s at {cpu(t40)}, no less CPU per upload"}
+
+
+def hostile_figures() -> dict[str, str]:
+    """Hostile uploads' memory (bench_hostile.py), as the reliability table states it."""
+    h = _json("hostile")
+    hostile = [u for u in h["uploads"] if u["status"] != 200 and u["status"] != 201]
+    packed, raw = (next(u for u in h["uploads"] if u["case"] == c) for c in ("honest packed (accepted)", "honest raw (accepted)"))
+    small = sum(u["peak_x_expected"] <= 0.06 for u in hostile if u["case"].startswith(("packed:", "raw:")))
+    return {"hostile: worst": f"peak hub memory per hostile upload ≤ {h['worst_hostile_peak_x_expected']:.2f}x the expected delta size",
+            "hostile: small": f"({small} of {len(hostile)} ≤ 0.06x: refused from the header",
+            "hostile: honest": f"an honest packed upload peaks at {packed['peak_x_expected']:.2f}x, an honest raw one at "
+                               f"{raw['peak_x_expected']:.2f}x"}
 
 
 def fleet_figures() -> dict[str, str]:

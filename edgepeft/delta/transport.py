@@ -17,6 +17,7 @@ A zero row comes back exactly zero.
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import numpy as np
@@ -43,7 +44,7 @@ def _rows(shape: tuple[int, ...]) -> tuple[int, int]:
     """(rows, row length) of a tensor: first axis rows, a 1-D tensor is one row."""
     if len(shape) == 1:
         return 1, shape[0]
-    return shape[0], int(np.prod(shape[1:], dtype=np.int64))
+    return shape[0], math.prod(shape[1:])  # a Python int: no numpy call per tensor, no int64 overflow
 
 
 def _row_scales(x2: np.ndarray) -> np.ndarray:

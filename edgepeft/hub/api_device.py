@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import time
+import asyncio
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.background import BackgroundTask
 from pydantic import BaseModel, Field
 
 from edgepeft.delta.format import max_file_bytes
 from edgepeft.delta.ranks import bundle_rank
-from edgepeft.errors import DeltaError, HubError
-from edgepeft.hub import aggregate as agg
-from edgepeft.hub import limits
-from edgepeft.hub.auth import DeviceDep, PrincipalDep, StoreDep
+from edgepeft.hub import accept
+from edgepeft.hub.auth import DeviceDep, PrincipalDep, StoreDep, get_store
 from edgepeft.hub.bodies import read_body
 from edgepeft.hub.bundles import serve_blob
-from edgepeft.hub.store import DeltaRec, Device, Store, VersionRec, check_name, sha256_hex
+from edgepeft.hub.store import Store, VersionRec
 
 router = APIRouter(prefix="/api/v1")
 MAX_VERSION = 10**9 - 1  # version numbers fit nine digits and every database integer
@@ -36,62 +36,6 @@ def version_json(v: VersionRec, *, with_report: bool = True) -> dict[str, Any]:
     if with_report:
         out["report"] = v.report
     return out
-
-
-def manifest_of(request: Request, store: Store, fingerprint: str):
-    """The bundle manifest, cached per process (bundles never change)."""
-    cache = request.app.state.manifests
-    if fingerprint not in cache:
-        rec = store.get_bundle(fingerprint)
-        if rec is None:
-            raise HTTPException(500, f"bundle {fingerprint[:16]} of the fleet is missing")
-        cache[fingerprint] = rec.manifest
-    return cache[fingerprint]
-
-
-def accept_delta(store: Store, device: Device, data: bytes, manifest) -> tuple[int, dict[str, Any]]:
-    """Validate, then store (status, body). Nothing is stored unless every check passed; a delta already stored
-    (the same bytes, or the same content in other bytes) is answered 200 and stored once."""
-    sha = sha256_hex(data)
-    known = store.get_delta(sha)
-    if known is not None:  # a retry of an upload that was accepted: accepted once
-        if known.device != device.id:
-            raise HTTPException(403, "these bytes were uploaded by another device")
-        return 200, {"id": sha, "duplicate": True, "adapter": known.adapter, "parent": known.parent}
-    fleet = store.get_fleet(device.fleet)
-    ranks = fleet.ranks if fleet else ()
-    codes: dict = {}
-    try:
-        delta = agg.parse_delta(data, f"upload from {device.id}", manifest, codes)
-    except DeltaError as e:  # a delta of another method or config fails the shape checks: say that instead (409)
-        why = agg.disagreement(agg.peek_meta(data, manifest), manifest, ranks)
-        raise HTTPException(409 if why else 422, why or str(e)) from None
-    meta = delta.meta
-    why = agg.disagreement(meta, manifest, ranks)
-    if why:
-        raise HTTPException(409, why)
-    if meta.creator and meta.creator != device.id:
-        raise HTTPException(403, f"delta says it was made by {meta.creator!r}; a device uploads only as itself")
-    if limits.largest_value(delta) > limits.MAX_ABS_VALUE:
-        raise HTTPException(422, f"delta holds a value of magnitude {limits.largest_value(delta):.3g}; the hub accepts at most "
-                                 f"{limits.MAX_ABS_VALUE:g} (LoRA and bias deltas are small)")
-    if not 1 <= meta.samples <= limits.MAX_SAMPLES_CLAIM:
-        raise HTTPException(422, f"delta has samples={meta.samples}; the hub accepts 1..{limits.MAX_SAMPLES_CLAIM}")
-    try:
-        check_name("adapter", meta.adapter)
-    except HubError as e:
-        raise HTTPException(422, str(e)) from None
-    content = limits.content_id(delta, device.id, codes if codes else None)
-    same = store.find_content(content)
-    if same is not None:  # the same delta in other bytes (raw, then packed): accepted once
-        return 200, {"id": same.id, "duplicate": True, "adapter": same.adapter, "parent": same.parent}
-    latest = store.latest_version(device.fleet, meta.adapter)
-    why = agg.check_parent(latest.version if latest else 0, meta.parent, fleet.staleness if fleet else 0)
-    if why:
-        raise HTTPException(409, why)
-    rec = DeltaRec(sha, device.fleet, device.id, meta.adapter, meta.parent or 0, meta.samples, len(data), time.time())
-    added = store.add_delta(rec, data, content)
-    return (201 if added else 200), {"id": sha, "duplicate": not added, "adapter": meta.adapter, "parent": rec.parent}
 
 
 MetricName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
@@ -120,23 +64,50 @@ def rotate_own_token(who: DeviceDep, store: StoreDep) -> dict[str, str]:
     return {"device": who.device.id, "fleet": who.device.fleet, "token": store.rotate_token(who.device.id)}
 
 
-@router.post("/devices/{device_id}/deltas", status_code=201, openapi_extra=BINARY_BODY,
+@router.post("/devices/{device_id}/deltas", status_code=201,
              summary="Upload a delta (safetensors or packed); idempotent by sha256",
+             openapi_extra={**BINARY_BODY, "security": [{"HTTPBearer": []}]},
              responses={200: {"description": "already stored (a retry)"}, 403: {"description": "not this device"},
                         409: {"description": "stale parent, or the delta's method or method config is not the fleet's"}, 413: {"description": "too large"},
                         422: {"description": "invalid delta"}})
-async def upload_delta(device_id: str, request: Request, who: DeviceDep, store: StoreDep,
-                       tasks: BackgroundTasks) -> JSONResponse:
-    if who.device.id != device_id:
-        raise HTTPException(403, f"token is for device {who.device.id!r}, not {device_id!r}")
-    fleet = await run_in_threadpool(store.get_fleet, who.device.fleet)
-    manifest = await run_in_threadpool(manifest_of, request, store, fleet.bundle)
+async def upload_delta(device_id: str, request: Request) -> Response:
+    # no FastAPI dependencies here (solving them cost more CPU than the rest of the route): the bearer token is read
+    # as auth.bearer reads it, the store as auth.get_store gives it, and the OpenAPI security entry is stated above
+    token = _bearer_token(request)
+    store = _store_of(request)
+    # one thread hop per upload: a device seen before is authenticated from memory on the event loop, the body is read
+    # there, and one worker call validates and accepts (the first upload of a process looks the device up first)
+    who = accept.uploader(request, store, token, device_id, memory_only=True)
+    if who is None:
+        who = await run_in_threadpool(accept.uploader, request, store, token, device_id)
     # the bundle fixes the largest valid delta: nothing bigger is even read
-    data = await read_body(request, min(request.app.state.max_upload_bytes, max_file_bytes(manifest)))
-    status, body = await run_in_threadpool(accept_delta, store, who.device, data, manifest)
-    if status == 201:
-        tasks.add_task(request.app.state.policy, who.device.fleet, body["adapter"])
-    return JSONResponse(body, status_code=status)
+    data = await read_body(request, min(request.app.state.max_upload_bytes, max_file_bytes(who.manifest)))
+    # the hop itself through asyncio's executor, not anyio's to_thread (its cancel scope and limiter cost more CPU
+    # than the hop): the app's upload threads, as many as its request threads
+    loop = asyncio.get_running_loop()
+    answer = await loop.run_in_executor(request.app.state.upload_threads, accept.start, store, who.device, data,
+                                        who.manifest, who.token_hash)
+    if isinstance(answer, accept.Pending):  # the worker thread is free while the commit holding the delta runs
+        added = await asyncio.wrap_future(answer.added)
+        answer = answer.stored() if added else await run_in_threadpool(answer.not_stored)
+    status, body = answer
+    # the fleet's count-based policy is asked only if it has one: no thread hop per upload otherwise
+    policy = None
+    if status == 201 and (who.fleet.aggregate_every or who.fleet.aggregate_minutes):
+        policy = BackgroundTask(request.app.state.policy, who.device.fleet, body["adapter"])
+    return JSONResponse(body, status_code=status, background=policy)
+
+
+def _bearer_token(request: Request) -> str | None:
+    """The credentials of an ``Authorization: Bearer`` header, as ``auth.bearer`` (HTTPBearer) reads them."""
+    scheme, credentials = get_authorization_scheme_param(request.headers.get("authorization"))
+    return credentials if scheme.lower() == "bearer" and credentials else None
+
+
+def _store_of(request: Request) -> Store:
+    """The store ``auth.get_store`` gives a route (a test's ``dependency_overrides`` included)."""
+    override = request.app.dependency_overrides.get(get_store)
+    return override() if override is not None else request.app.state.store
 
 
 @router.post("/devices/{device_id}/metrics", status_code=201, summary="Report metric values (loss, accuracy, ...)")

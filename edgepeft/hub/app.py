@@ -13,6 +13,7 @@ import hmac
 import logging
 import threading
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, AsyncIterator
 
 import anyio
@@ -51,9 +52,11 @@ def create_app(store: Store, *, admin_token: str, max_upload_bytes: int = MAX_UP
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = request_threads
+        app.state.upload_threads = _upload_threads(request_threads)
         await run_in_threadpool(_recover, app)
         ticker = asyncio.create_task(_tick(app, policy_interval_s)) if policy_interval_s > 0 else None
         yield
+        app.state.upload_threads.shutdown(wait=True)
         if ticker is not None:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -68,6 +71,7 @@ def create_app(store: Store, *, admin_token: str, max_upload_bytes: int = MAX_UP
     app.state.max_upload_bytes = int(max_upload_bytes)
     app.state.max_bundle_bytes = int(max_bundle_bytes)
     app.state.manifests = {}
+    app.state.upload_threads = _upload_threads(request_threads)  # replaced by the lifespan's own, shut down after it
     app.state.aggregate_lock = threading.Lock()  # one merge at a time per process; claims are atomic anyway
     app.state.policy = lambda fleet, adapter: _policy(app, fleet, adapter)
     app.include_router(api_admin.router, tags=["admin"])
@@ -88,6 +92,11 @@ def create_app(store: Store, *, admin_token: str, max_upload_bytes: int = MAX_UP
 
     _status_routes(app, status_public)
     return app
+
+
+def _upload_threads(n: int) -> ThreadPoolExecutor:
+    """The threads that check and accept uploads (api_device.upload_delta), as many as the request threads."""
+    return ThreadPoolExecutor(n, thread_name_prefix="edgepeft-upload")
 
 
 def _problem(error: dict[str, Any]) -> str:

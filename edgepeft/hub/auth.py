@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import time
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -19,13 +18,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from edgepeft.hub.store import Device, Store, hash_token
 
-TOUCH_EVERY_S = 10.0  # last_seen is written at most this often per device
-
 bearer = HTTPBearer(auto_error=False, description="The admin token, or a device token `<device>.<secret>`.")
 
 
-def get_store(request: Request) -> Store:
-    """The store the app was created with (tests swap it through ``app.dependency_overrides``)."""
+async def get_store(request: Request) -> Store:
+    """The store the app was created with (tests swap it through ``app.dependency_overrides``). Async: FastAPI runs a
+    plain ``def`` dependency in the thread pool, and this one only reads an attribute."""
     return request.app.state.store
 
 
@@ -43,7 +41,7 @@ class Principal:
         return self.admin or (self.device is not None and self.device.fleet == fleet)
 
 
-def _unauthorized(why: str) -> HTTPException:
+def unauthorized(why: str) -> HTTPException:
     return HTTPException(401, why, headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -52,14 +50,13 @@ def principal(request: Request, store: StoreDep,
     """Authenticate the caller; 401 without a valid token."""
     token = creds.credentials if creds is not None else None  # never from the URL: access logs keep URLs
     if not token:
-        raise _unauthorized("missing bearer token")
+        raise unauthorized("missing bearer token")
     if hmac.compare_digest(hash_token(token), request.app.state.admin_hash):
         return Principal(admin=True)
     device = store.authenticate(token)
     if device is None:
-        raise _unauthorized("invalid token")
-    if device.last_seen is None or time.time() - device.last_seen > TOUCH_EVERY_S:
-        store.touch_device(device.id)
+        raise unauthorized("invalid token")
+    store.seen(device.id)
     return Principal(admin=False, device=device)
 
 

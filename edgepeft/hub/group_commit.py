@@ -2,9 +2,9 @@
 
 SQLite in WAL mode with ``synchronous=FULL`` fsyncs its log at every commit, and commits are serialized:
 uploads committed one by one queue behind that fsync (about 110 a second on this project's disk, which
-is what bounded the hub). Here a writer that finds no batch in flight leads one: it takes every write
-queued meanwhile, runs each inside its own SAVEPOINT (a write that fails is rolled back alone and its
-error goes to its own caller), commits once, and only then answers each caller. An acknowledged write
+is what bounded the hub). Here one committer thread takes every write queued meanwhile, runs each inside
+its own SAVEPOINT (a write that fails is rolled back alone and its error goes to its own caller), commits
+once, and only then answers each caller. An acknowledged write
 is exactly as durable as before; it just shares its fsync with the writes that arrived while the
 previous one ran.
 """
@@ -13,63 +13,79 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from concurrent.futures import Future
 from typing import Any, Callable
 
 Job = Callable[[Any], Any]  # runs inside the shared transaction with its cursor; its return value goes to its caller
 
 
-class _Item:
-    __slots__ = ("job", "done", "value", "error")
-
-    def __init__(self, job: Job) -> None:
-        self.job, self.done, self.value, self.error = job, False, None, None
-
-
 class GroupCommit:
-    """Run write jobs in shared transactions opened by ``tx(write=True)`` (a context manager yielding a cursor)."""
+    """Run write jobs in shared transactions opened by ``tx(write=True)`` (a context manager yielding a cursor).
+
+    One committer thread (started on the first write) takes every job queued while the previous commit ran. Callers
+    either wait (``run``) or get a future (``submit``): a request thread that hands its write over and returns is free
+    to check the next upload during the fsync, so a batch holds every upload that arrived meanwhile, not only as many
+    as there are request threads waiting in it.
+    """
 
     def __init__(self, tx: Callable[..., contextlib.AbstractContextManager[Any]], max_batch: int = 256) -> None:
         self._tx, self.max_batch = tx, max_batch
         self._cond = threading.Condition()
-        self._queue: list[_Item] = []
-        self._leading = False
+        self._queue: list[tuple[Job, Future]] = []
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def submit(self, job: Job) -> Future:
+        """A future of ``job(cursor)``'s result (or exception), set once the commit holding it is durable."""
+        future: Future = Future()
+        with self._cond:
+            self._queue.append((job, future))
+            if self._thread is None:
+                self._closing = False
+                self._thread = threading.Thread(target=self._commit_loop, name="edgepeft-group-commit", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return future
 
     def run(self, job: Job) -> Any:
         """``job(cursor)`` committed durably (alone or with others); its result, or its exception raised here."""
-        item = _Item(job)
+        return self.submit(job).result()
+
+    def close(self) -> None:
+        """Commit what is queued, then stop the committer thread (a later write starts another)."""
         with self._cond:
-            self._queue.append(item)
+            thread, self._closing = self._thread, True
+            self._cond.notify()
+        if thread is not None:
+            thread.join()
+
+    def _commit_loop(self) -> None:
         while True:
             with self._cond:
-                while self._leading and not item.done:
+                while not self._queue and not self._closing:
                     self._cond.wait()
-                if item.done:
-                    break
-                self._leading = True  # no batch in flight and ours is not done: lead the next one
+                if not self._queue:  # closing, and nothing left to commit
+                    self._thread = None
+                    return
                 batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
-            try:
-                self._commit(batch)
-            finally:
-                with self._cond:
-                    self._leading = False
-                    self._cond.notify_all()
-        if item.error is not None:
-            raise item.error
-        return item.value
+            self._commit(batch)
 
-    def _commit(self, batch: list[_Item]) -> None:
+    def _commit(self, batch: list[tuple[Job, Future]]) -> None:
         results: list[tuple[Any, BaseException | None]] = []
         try:
             with self._tx(write=True) as cur:
-                for i, item in enumerate(batch):
+                for i, (job, _) in enumerate(batch):
                     cur.execute(f"SAVEPOINT w{i}")
                     try:
-                        results.append((item.job(cur), None))
+                        results.append((job(cur), None))
                     except Exception as e:  # this write alone is undone; the batch goes on
                         cur.execute(f"ROLLBACK TO w{i}")
                         results.append((None, e))
                     cur.execute(f"RELEASE w{i}")
         except BaseException as e:  # the commit itself failed: nothing of the batch is durable, every caller hears it
             results = [(None, e)] * len(batch)
-        for item, (value, error) in zip(batch, results):
-            item.value, item.error, item.done = value, error, True
+        for (_, future), (value, error) in zip(batch, results):
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)

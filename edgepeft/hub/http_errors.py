@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from edgepeft.errors import ConflictError, DeltaError, EdgePeftError, NotFoundError
+from edgepeft.errors import AuthError, ConflictError, DeltaError, EdgePeftError, NotFoundError
 
 STATUS: tuple[tuple[type[EdgePeftError], int], ...] = (
+    (AuthError, 401),
     (NotFoundError, 404),
     (ConflictError, 409),
     (DeltaError, 422),  # a delta that is corrupt, hostile, or does not fit the bundle

@@ -11,10 +11,11 @@ import hashlib
 import json
 import math
 import statistics
+from typing import Mapping
 
 import numpy as np
 
-from edgepeft.delta.format import Delta, delta_from_bytes, meta_to_strings
+from edgepeft.delta.format import Delta, DeltaMeta, delta_from_bytes, meta_to_strings
 from edgepeft.delta.transport import is_packed, quantize, unpack
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.manifest import Manifest
@@ -72,11 +73,30 @@ def content_id(delta: Delta, device: str, codes: dict[str, np.ndarray] | None = 
     Row scales are left out: they may differ in the last float32 bit between the two forms. ``codes``: the int8
     values of a packed upload as it stored them (the same values; quantizing again would only repeat the work).
     """
-    h = hashlib.sha256(json.dumps({"device": device, "meta": meta_to_strings(delta.meta)}, sort_keys=True).encode())
-    for name in sorted(delta.tensors):
-        t = delta.tensors[name]
-        h.update(f"\0{name}\0{list(t.shape)}\0".encode())
-        h.update((codes[name] if codes is not None else quantize(t)[1]).tobytes())
+    shapes = {name: t.shape for name, t in delta.tensors.items()}
+    if codes is not None:
+        return codes_content_id(delta.meta, shapes, codes, device)
+    # quantized one tensor at a time, as hashed: a raw upload's codes are never all held at once
+    return codes_content_id(delta.meta, shapes, _Quantized(delta), device)
+
+
+class _Quantized:
+    """``codes[name]``: the int8 transport values of one tensor of ``delta``, made when asked."""
+
+    def __init__(self, delta: Delta) -> None:
+        self.delta = delta
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return quantize(self.delta.tensors[name])[1]
+
+
+def codes_content_id(meta: DeltaMeta, shapes: dict[str, tuple[int, ...]], codes: Mapping[str, np.ndarray] | _Quantized,
+                     device: str) -> str:
+    """:func:`content_id` from the meta, shapes and int8 codes alone (a packed upload checked without unpacking)."""
+    h = hashlib.sha256(json.dumps({"device": device, "meta": meta_to_strings(meta)}, sort_keys=True).encode())
+    for name in sorted(shapes):
+        h.update(f"\0{name}\0{list(shapes[name])}\0".encode())
+        h.update(np.ascontiguousarray(codes[name]).tobytes())
     return h.hexdigest()
 
 

@@ -46,6 +46,7 @@ class PostgresStore(SqlStore):
     """Store in a PostgreSQL database: every table, blobs included."""
 
     def __init__(self, uri: str, *, pool_size: int = 8) -> None:
+        super().__init__()
         try:
             import psycopg
         except ModuleNotFoundError:
@@ -95,4 +96,5 @@ class PostgresStore(SqlStore):
         return None if row is None else bytes(row[0])
 
     def close(self) -> None:
+        self._group.close()
         self._pool.close()

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from abc import abstractmethod
+from concurrent.futures import Future
 from typing import Any, Callable, Iterator
 
+from edgepeft.errors import AuthError
+from edgepeft.hub.group_commit import GroupCommit
 from edgepeft.hub.store import (BUILDING, PUBLISHED, BundleFile, BundleRec, DeltaRec, Device, Fleet, Metric, Store,
                                 VersionRec, dumps)
 
@@ -41,7 +45,16 @@ CREATE INDEX IF NOT EXISTS metrics_by_fleet ON metrics (fleet, at);
 ADDED_COLUMNS = (("fleets", "ranks", "TEXT NOT NULL DEFAULT '[]'"),)
 
 _DELTA_COLS = "id, fleet, device, adapter, parent, samples, size, received, version"
+_DELTA_COLS_NEW = "id, fleet, device, adapter, parent, samples, size, received"  # an accepted delta's (version: NULL)
 _VERSION_COLS = "fleet, adapter, version, state, created, options, sha256, size, parent, report"
+
+
+log = logging.getLogger("edgepeft.hub")
+
+
+def _log_failure(done: Future) -> None:
+    if done.exception() is not None:
+        log.error("recording last_seen failed: %s", done.exception())
 
 
 class _SameContent(Exception):
@@ -54,7 +67,14 @@ def _version(row: tuple) -> VersionRec:
 
 
 class SqlStore(Store):
-    """Metadata primitives in SQL; blob storage and connections are the backend's."""
+    """Metadata primitives in SQL; blob storage and connections are the backend's.
+
+    Uploads (and last_seen) are written through a group commit (hub/group_commit.py): concurrent writes share one
+    transaction, so one fsync (SQLite's WAL, PostgreSQL's commit record) makes a whole batch durable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._group = GroupCommit(self._tx)
 
     @abstractmethod
     def _tx(self, write: bool = False) -> contextlib.AbstractContextManager[Any]:
@@ -147,9 +167,13 @@ class SqlStore(Store):
         with self._tx(write=True) as cur:
             return cur.execute("UPDATE devices SET token_hash = ? WHERE id = ?", (token_hash, device_id)).rowcount == 1
 
-    def _touch_device(self, device_id: str, when: float) -> None:
-        with self._tx(write=True) as cur:
-            cur.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (when, device_id))
+    def _touch_device(self, device_id: str, when: float, wait: bool = True) -> None:
+        # shares the uploads' group commit where the backend has one
+        done = self._write_soon(lambda cur: cur.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (when, device_id)))
+        if wait:
+            done.result()
+        else:
+            done.add_done_callback(_log_failure)
 
     # ---- deltas ----------------------------------------------------------------------------------
 
@@ -157,37 +181,60 @@ class SqlStore(Store):
         """Whether a blob of ``size`` bytes is written inside the transaction that names it (else: a file, before)."""
         return True
 
-    def _add_delta(self, rec: DeltaRec, data: bytes, content: str | None) -> bool:
+    def _add_delta(self, rec: DeltaRec, data: bytes, content: str | None, token_hash: str | None = None) -> bool:
+        return self._add_delta_soon(rec, data, content, token_hash).result()
+
+    def _add_delta_soon(self, rec: DeltaRec, data: bytes, content: str | None, token_hash: str | None = None) -> Future:
         in_tx = self._blob_in_transaction(len(data))
         if not in_tx:
             # the file's fsync is the slowest part of an upload: done outside the lock, uploads fsync in parallel; a
             # blob whose row never commits is unreferenced and harmless, and a row never names a missing blob
             self._store_blob(None, rec.id, data)
+        values = (rec.id, rec.fleet, rec.device, rec.adapter, rec.parent, rec.samples, rec.size, rec.received)
 
         def job(cur: Any) -> bool:
-            if cur.execute("SELECT 1 FROM deltas WHERE id = ?", (rec.id,)).fetchone():
+            # one INSERT decides: nothing if the id exists (two hub processes may race on one retried upload: the
+            # primary key settles it) or, given token_hash, if the uploader's token was revoked or rotated meanwhile
+            if token_hash is None:
+                added = cur.execute(f"INSERT INTO deltas ({_DELTA_COLS_NEW}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                                    "ON CONFLICT DO NOTHING", values).rowcount
+            else:
+                added = cur.execute(f"INSERT INTO deltas ({_DELTA_COLS_NEW}) SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS "
+                                    "(SELECT 1 FROM devices WHERE id = ? AND token_hash = ?) ON CONFLICT DO NOTHING",
+                                    (*values, rec.device, token_hash)).rowcount
+            if not added:
+                if token_hash is not None and not cur.execute("SELECT 1 FROM deltas WHERE id = ?", (rec.id,)).fetchone():
+                    raise AuthError(f"device {rec.device!r}: its token was revoked or rotated during the upload; "
+                                    "nothing was stored (send it again with the current token)")
                 return False
             if in_tx:
                 self._store_blob(cur, rec.id, data)
-            # two hub processes may race on one retried upload: the primary keys settle it
-            if not cur.execute(f"INSERT INTO deltas ({_DELTA_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL) "
-                               "ON CONFLICT DO NOTHING", (rec.id, rec.fleet, rec.device, rec.adapter, rec.parent,
-                                                          rec.samples, rec.size, rec.received)).rowcount:
-                return False
             if content is not None and not cur.execute("INSERT INTO delta_content (content, id) VALUES (?, ?) "
                                                        "ON CONFLICT DO NOTHING", (content, rec.id)).rowcount:
                 raise _SameContent  # rolls the delta row back: the other upload of this content won
             return True
 
-        try:
-            return bool(self._write(job))
-        except _SameContent:
-            return False
+        added: Future = Future()
+
+        def settle(done: Future) -> None:
+            error = done.exception()
+            if isinstance(error, _SameContent):
+                added.set_result(False)
+            elif error is not None:
+                added.set_exception(error)
+            else:
+                added.set_result(bool(done.result()))
+
+        self._write_soon(job).add_done_callback(settle)
+        return added
 
     def _write(self, job: Callable[[Any], Any]) -> Any:
-        """``job(cursor)`` in a write transaction of its own (a backend may share one among concurrent writes)."""
-        with self._tx(write=True) as cur:
-            return job(cur)
+        """``job(cursor)`` committed durably, in a transaction shared with the writes that arrived meanwhile."""
+        return self._group.run(job)
+
+    def _write_soon(self, job: Callable[[Any], Any]) -> Future:
+        """A future of ``job(cursor)``, set once committed: the calling thread is free during the commit."""
+        return self._group.submit(job)
 
     def find_content(self, content: str) -> DeltaRec | None:
         with self._tx() as cur:

@@ -18,7 +18,6 @@ from typing import Any, Iterator
 
 from edgepeft import atomic
 from edgepeft.errors import HubError
-from edgepeft.hub.group_commit import GroupCommit
 from edgepeft.hub.sql_store import ADDED_COLUMNS, SCHEMA, Pool, SqlStore
 from edgepeft.hub.store import check_sha
 
@@ -32,6 +31,7 @@ class SqliteStore(SqlStore):
     """Store in one directory: SQLite (WAL) + blob files named by sha256."""
 
     def __init__(self, root: str | os.PathLike, *, pool_size: int = 8) -> None:
+        super().__init__()
         self.root = Path(os.fspath(root))
         try:
             (self.root / BLOB_DIR).mkdir(parents=True, exist_ok=True)
@@ -39,7 +39,6 @@ class SqliteStore(SqlStore):
             raise HubError(f"{self.root}: cannot create the store directory ({e.strerror})") from None
         self._db = self.root / DB_FILE
         self._pool = Pool(self._connect, pool_size)
-        self._group = GroupCommit(self._tx)
         with self._tx(write=True) as cur:
             for stmt in (*SCHEMA.split(";"), INLINE_SCHEMA):
                 if stmt.strip():
@@ -73,9 +72,6 @@ class SqliteStore(SqlStore):
     def _blob_in_transaction(self, size: int) -> bool:
         return size <= INLINE_MAX  # a larger blob is a file, written and fsynced before BEGIN IMMEDIATE
 
-    def _write(self, job: Any) -> Any:
-        return self._group.run(job)  # concurrent uploads share a commit: one WAL fsync per batch (hub/group_commit.py)
-
     def _lock_fleet(self, cur: Any, fleet: str) -> None:
         pass  # BEGIN IMMEDIATE already serializes every writer
 
@@ -105,4 +101,5 @@ class SqliteStore(SqlStore):
             return None
 
     def close(self) -> None:
+        self._group.close()
         self._pool.close()

@@ -14,10 +14,12 @@ import re
 import secrets
 import time
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from edgepeft.errors import ConflictError, HubError, NotFoundError
+from edgepeft.hub.auth_cache import AuthCache
 from edgepeft.hub.mixed_ranks import check_ranks
 from edgepeft.manifest import Manifest
 
@@ -149,6 +151,10 @@ class Metric:
 class Store(ABC):
     """Storage of bundles, fleets, devices, deltas, adapter versions and metrics."""
 
+    def __init__(self) -> None:
+        self.auth_cache = AuthCache()  # accepted tokens of this process (hub/auth_cache.py)
+        self._fleets_seen: dict[str, Fleet] = {}  # fleets never change once created: cached for good
+
     # ---- primitives -------------------------------------------------------------------------------
 
     @abstractmethod
@@ -200,13 +206,23 @@ class Store(ABC):
         """Replace a device's token hash (rotation, or ``REVOKED``); False if there is no such device."""
 
     @abstractmethod
-    def _touch_device(self, device_id: str, when: float) -> None:
-        """Record that the device was seen at ``when``."""
+    def _touch_device(self, device_id: str, when: float, wait: bool = True) -> None:
+        """Record that the device was seen at ``when`` (``wait`` False: bookkeeping, nobody waits for the commit)."""
 
     @abstractmethod
-    def _add_delta(self, rec: DeltaRec, data: bytes, content: str | None) -> bool:
+    def _add_delta(self, rec: DeltaRec, data: bytes, content: str | None, token_hash: str | None = None) -> bool:
         """Store the delta's blob and row (and its content id) atomically; False, nothing changed, if the id
-        or the content id exists."""
+        or the content id exists. ``token_hash``: the uploader's token as authenticated; if the device's stored
+        hash is no longer that (revoked or rotated meanwhile), nothing is stored and HubError says so."""
+
+    def _add_delta_soon(self, rec: DeltaRec, data: bytes, content: str | None, token_hash: str | None = None) -> Future:
+        """``_add_delta`` as a future, set once durable (a backend that batches commits returns before the commit)."""
+        done: Future = Future()
+        try:
+            done.set_result(self._add_delta(rec, data, content, token_hash))
+        except Exception as e:  # noqa: BLE001 - handed to whoever waits on the future
+            done.set_exception(e)
+        return done
 
     @abstractmethod
     def find_content(self, content: str) -> DeltaRec | None:
@@ -311,36 +327,76 @@ class Store(ABC):
         token = f"{check_name('device', device_id)}.{secrets.token_urlsafe(32)}"
         if not self._set_token_hash(device_id, hash_token(token)):
             raise NotFoundError(f"no device {device_id!r}")
+        self.auth_cache.forget(device_id)
         return token
 
     def revoke_device(self, device_id: str) -> None:
         """Refuse the device's token from the next request on (rotate_token issues a new one)."""
         if not self._set_token_hash(check_name("device", device_id), REVOKED):
             raise NotFoundError(f"no device {device_id!r}")
+        self.auth_cache.forget(device_id)
 
     def authenticate(self, token: str) -> Device | None:
-        """The device whose token this is, compared in constant time; None otherwise."""
+        """The device whose token this is, compared in constant time; None otherwise. Accepted tokens are
+        answered from ``auth_cache`` (no database read) until revoked, rotated, or ``auth_cache.TTL_S`` old."""
         device_id, sep, _ = token.partition(".")
         if not sep or not NAME_RE.match(device_id):
             return None
+        token_hash = hash_token(token)
+        cached = self.auth_cache.get(token_hash)
+        if cached is not None:
+            return cached
+        generation = self.auth_cache.generation  # read before the row: a revoke in between keeps it out of the cache
         device = self.get_device(device_id)
         if device is None:
-            hmac.compare_digest(hash_token(token), hash_token(""))  # same work whether or not the id exists
+            hmac.compare_digest(token_hash, hash_token(""))  # same work whether or not the id exists
             return None
-        ok = hmac.compare_digest(hash_token(token), device.token_hash) and not device.revoked
+        ok = hmac.compare_digest(token_hash, device.token_hash) and not device.revoked
+        if ok:
+            self.auth_cache.put(token_hash, device, generation)
         return device if ok else None
 
     def touch_device(self, device_id: str) -> None:
         """Record that a device was seen now."""
         self._touch_device(device_id, time.time())
 
-    def add_delta(self, rec: DeltaRec, data: bytes, content: str | None = None) -> bool:
-        """Store an accepted (already validated) delta; False if these bytes, or this content, are stored already."""
+    def seen(self, device_id: str) -> None:
+        """Record that a device was seen, at most once per ``auth_cache.TOUCH_EVERY_S`` in this process."""
+        now = time.time()
+        if self.auth_cache.touch_due(device_id, now):
+            self._touch_device(device_id, now, wait=False)
+
+    def cached_fleet(self, name: str) -> Fleet | None:
+        """The fleet if this process has looked it up before (memory only: safe on an event loop)."""
+        return self._fleets_seen.get(name)
+
+    def fleet(self, name: str) -> Fleet | None:
+        """``get_fleet``, answered from memory after the first time (a fleet never changes once created)."""
+        found = self._fleets_seen.get(name)
+        if found is None:
+            found = self.get_fleet(name)
+            if found is not None:
+                self._fleets_seen[name] = found
+        return found
+
+    def add_delta(self, rec: DeltaRec, data: bytes, content: str | None = None, *, token_hash: str | None = None) -> bool:
+        """Store an accepted (already validated) delta; False if these bytes, or this content, are stored already.
+        ``token_hash``: store it only if the uploader's token is still this one (HubError otherwise)."""
         if rec.id != sha256_hex(data):
             raise HubError("delta id must be the sha256 of its bytes")
         if content is not None:
             check_sha(content)
-        return self._add_delta(rec, data, content)
+        return self._add_delta(rec, data, content, token_hash)
+
+    def add_delta_soon(self, rec: DeltaRec, data: bytes, content: str | None = None, *,
+                       token_hash: str | None = None) -> Future:
+        """:meth:`add_delta` as a future of its answer, set once the delta is durable: the calling thread need not
+        wait through the commit (the hub's upload route awaits it on the event loop)."""
+        if rec.id != sha256_hex(data):
+            raise HubError("delta id must be the sha256 of its bytes")
+        if content is not None:
+            check_sha(content)
+        return self._add_delta_soon(rec, data, content, token_hash)
 
     def delta_bytes(self, delta_id: str) -> bytes:
         """The stored bytes of a delta."""
