@@ -213,10 +213,40 @@ def methods_target_figures() -> dict[str, str]:
     m = _json("methods")
     t, rows = m["targets"], {r["method"]: r for r in m["rows"] if "edgepeft" in r}
     small, lora = rows[t["best_small_delta"]]["edgepeft"], rows["lora r=8"]["edgepeft"]
+    paired = [r for r in rows.values() if r["torch_peft"]]
+    within = [r for r in paired if abs(r["gap_points"]) <= 1.0]
+    worst = max(paired, key=lambda r: abs(r["gap_points"]))
+    pt, px, ada = rows["p-tuning (20 tokens)"], rows["prefix tuning (20 tokens)"], rows["adalora r=8→3"]
     return {
+        "methods: pairs within": f"met for {len(within)} of the {len(paired)} pairs, missed by P-tuning",
+        "methods: worst pair": f"P-tuning's {100 * worst['edgepeft']['test_accuracy']:.1f} % against "
+                               f"{100 * worst['torch_peft']['test_accuracy']:.1f} %, "
+                               f"{round(abs(worst['gap_points']) * m['settings']['test_rows'] / 100)} of the "
+                               f"{m['settings']['test_rows']} test rows; every other pair within "
+                               f"{max(abs(r['gap_points']) for r in within):.1f} points,\nprefix tuning {abs(px['gap_points']):.1f} "
+                               f"and AdaLoRA {abs(ada['gap_points']):.1f})",
+        "methods: p-tuning warmup": f"P-tuning warms up for its first {pt['warmup']} steps on both sides",
+        **ptuning_probe_figures(),
         "methods: largest gap": f"(largest gap {t['largest_gap_points']:.1f} points:",
         "methods: small delta": f"packs to {small['packed_bytes']:,} B with the head and lands "
                                 f"{t['best_small_delta_points_below_lora']:.1f} points below LoRA r=8's {lora['packed_bytes'] / 1000:.0f} KB",
+    }
+
+
+def ptuning_probe_figures() -> dict[str, str]:
+    """Why P-tuning warms up: the run without warmup (methods_prompts2.json) and the step-by-step probe (ptuning_probe.py)."""
+    before = {r["method"]: r for r in _json("methods_prompts2")["rows"]}["p-tuning (20 tokens)"]
+    probe = _json("methods_ptuning_lr")
+    cold, warm = (next(r for r in probe["runs"] if bool(r["warmup"]) == w) for w in (False, True))
+    cosines = [g["cosine"] for g in probe["first_step_gradients"].values()]
+    peak = max(range(len(cold["torch_peft_loss"])), key=lambda i: cold["torch_peft_loss"][i])
+    return {
+        "methods: p-tuning without warmup": f"made torch's loss jump to {cold['torch_largest_loss']:.2f} at step {peak + 1} and "
+                                            f"its run end at\n{100 * before['torch_peft']['test_accuracy']:.1f} % while "
+                                            f"edgepeft's reached {100 * before['edgepeft']['test_accuracy']:.1f} %",
+        "methods: p-tuning probe": f"within {warm['largest_loss_difference']:.2f} of each other over the first {warm['steps']} "
+                                   f"steps, against {cold['largest_loss_difference']:.2f} without",
+        "methods: p-tuning gradients": f"cosine {min(cosines):.2f} to {max(cosines):.2f} per tensor",
     }
 
 
@@ -234,6 +264,9 @@ def adalora_figures() -> dict[str, str]:
         ours, theirs = (json.loads(ada[side]["ranks"]) for side in ("edgepeft", "torch_peft"))
         same = sum(ours[m] == theirs.get(m) for m in ours)
         out["methods: adalora ranks"] = f"the same ranks survived in {same} of {len(ours)} modules on both sides"
+        out["methods: adalora torch"] = (f"torch + PEFT's AdaLoRA on the same batches also reached "
+                                         f"{100 * ada['torch_peft']['test_accuracy']:.1f} % and kept\n{sum(theirs.values())} "
+                                         f"ranks in all, as the device did" if sum(theirs.values()) == sum(ours.values()) else "")
     return out
 
 
