@@ -3,7 +3,9 @@ hub's upload takes. What the demo, the benchmarks and `edgepeft hub bundle add` 
 
 from __future__ import annotations
 
+import ctypes
 import io
+import signal
 import socket
 import subprocess
 import sys
@@ -23,13 +25,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """In the hub's child process (Linux): SIGTERM it when the process that started it dies, however that dies."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def start_hub(store: Path | str, port: int, log: Path, *options: str, wait_s: float = 60.0) -> subprocess.Popen:
     """`edgepeft hub serve` on 127.0.0.1:``port`` over ``store`` (a folder or a store URI) with more ``options``, its
-    output appended to ``log``; returns once /healthz answers (the caller stops the process)."""
+    output appended to ``log``; returns once /healthz answers (the caller stops the process).
+
+    On Linux the hub also stops when its starter is killed (a demo or benchmark stopped with SIGTERM or SIGKILL runs
+    no ``finally``, and its hub kept the port and the store); call this from the thread that outlives the hub, since
+    the kernel signals when the starting thread exits."""
     cmd = [sys.executable, "-m", "edgepeft.cli", "hub", "serve", "--store", str(store), "--port", str(port),
            "--log-level", "warning", *options]
     with open(log, "ab") as out:  # the child holds its own copy of the descriptor
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     url, deadline = f"http://127.0.0.1:{port}/healthz", time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
