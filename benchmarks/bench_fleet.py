@@ -271,13 +271,18 @@ def run(args: argparse.Namespace, work: Path, task: Task) -> dict:
             faults["slow"] += len(slow)
             faults["duplicates_sent"] += len(dup)
             faults["malicious_rounds"] += 1
+            before = admin.request("GET", f"/api/v1/fleets/{FLEET}/versions").json()
             try:
                 v = admin.request("POST", f"/api/v1/fleets/{FLEET}/adapters/default/aggregate", json=None).json()
-            except HubRefused as e:  # 409: no delta reached the hub this round (every push failed or waits): say so
-                if e.status != 409:
+            except HubRefused as e:  # 409: nothing was pending, or a retry of a POST whose answer timed out found the
+                if e.status != 409:  # version that POST made: the newest version tells which
                     raise
-                v = {**admin.request("GET", f"/api/v1/fleets/{FLEET}/versions").json()[-1], "report": {"count": 0}}
-                print(f"round {r + 1}: nothing reached the hub ({e}); the fleet keeps v{v['version']}", file=sys.stderr, flush=True)
+                newest = admin.request("GET", f"/api/v1/fleets/{FLEET}/versions").json()[-1]
+                if before and newest["version"] > before[-1]["version"]:
+                    v = admin.request("GET", f"/api/v1/fleets/{FLEET}/adapters/default/versions/{newest['version']}/info").json()
+                else:
+                    v = {**newest, "report": {"count": 0}}
+                    print(f"round {r + 1}: nothing reached the hub ({e}); the fleet keeps v{v['version']}", file=sys.stderr, flush=True)
             for d in devices:
                 if d.name in slow:
                     rep = RoundReport()

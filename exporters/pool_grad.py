@@ -36,15 +36,20 @@ def _slices(x: torch.Tensor, k: tuple[int, int]) -> list[torch.Tensor]:
     return [x[:, :, u:h:k[0], v:w:k[1]] for u in range(k[0]) for v in range(k[1])]
 
 
+def _window_max(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The elementwise maximum of a window's slices: the pooled output."""
+    out = parts[0]
+    for p in parts[1:]:
+        out = torch.maximum(out, p)
+    return out
+
+
 def max_pool2d_with_indices(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
     """Max pooling as the maximum of strided slices; the indices are a placeholder the backward below never reads."""
     k = _window(kernel_size, stride, padding, dilation, ceil_mode)
     if k is None or x.dim() != 4:
         return NotImplemented
-    parts = _slices(x, k)
-    out = parts[0]
-    for p in parts[1:]:
-        out = torch.maximum(out, p)
+    out = _window_max(_slices(x, k))
     return out, torch.zeros_like(out, dtype=torch.int64)
 
 
@@ -54,9 +59,7 @@ def max_pool2d_with_indices_backward(grad_out, x, kernel_size, stride, padding, 
     if k is None or x.dim() != 4:
         return NotImplemented
     parts = _slices(x, k)
-    out = parts[0]
-    for p in parts[1:]:
-        out = torch.maximum(out, p)
+    out = _window_max(parts)
     taken = torch.zeros_like(out, dtype=torch.bool)
     planes = []
     for p in parts:  # window order: a later equal element gets nothing once an earlier one took the gradient
