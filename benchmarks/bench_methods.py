@@ -207,7 +207,7 @@ def run(args: argparse.Namespace, hp: dict, save) -> list[dict]:
             rows.append({"method": name, "bundle_method": method, "peft": peft_name, "error": f"not run: the {args.budget_min}-minute budget was spent"})
             continue
         save(rows)
-        bundle = minilm_bundle("int8", method, top_layers=None, rank=rank, method_config=OPTIONS.get(method))
+        bundle = minilm_bundle(args.quantize, method, top_layers=None, rank=rank, method_config=OPTIONS.get(method))
         order = CACHE / f"methods-order-{bundle.name}.json"
         argv = [str(bundle), str(files["train"]), str(test), str(order), json.dumps({**hp, "lr": args.lr or lr, "warmup": warmup})]
         try:
@@ -245,7 +245,7 @@ def peft_again(args: argparse.Namespace, hp: dict) -> None:
         if "edgepeft" not in row or row["torch_peft"] or not row["peft"] or (args.methods and row["method"] not in args.methods.split(",")):
             continue
         _, _, lr, rank, _ = METHODS[row["method"]]
-        bundle = minilm_bundle("int8", row["bundle_method"], top_layers=None, rank=rank, method_config=OPTIONS.get(row["bundle_method"]))
+        bundle = minilm_bundle(result["settings"].get("quantize", "int8"), row["bundle_method"], top_layers=None, rank=rank, method_config=OPTIONS.get(row["bundle_method"]))
         order = CACHE / f"methods-order-{bundle.name}.json"
         theirs = run_child(TORCH_CHILD, str(bundle), str(files["train"]), str(test), str(order), json.dumps({**hp, "lr": row["lr"], "warmup": row.get("warmup", 0)}),
                            timeout=3600)
@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0, help="one learning rate for every method (0: each method's own, see METHODS)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the split, the data order and the fresh delta")
+    ap.add_argument("--quantize", default="int8", choices=["int8", "none"],
+                    help="the bundle's frozen weights (none: fp32, to tell int8's effect from the method's)")
     ap.add_argument("--threads", type=int, default=0, help="compute threads on both sides (0: each library's default)")
     ap.add_argument("--budget-min", type=float, default=0, help="start no new method after this many minutes (0: no limit)")
     ap.add_argument("--methods", default="", help=f"comma-separated subset of: {','.join(METHODS)}")
@@ -386,8 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     def save(rows: list[dict]) -> dict:
         result = {
             "benchmark": "Rotten Tomatoes, all-MiniLM-L6-v2: every method + head, edgepeft int8 vs torch + PEFT fp32",
-            "settings": {**hp, "train_rows": args.train_rows, "test_rows": args.test_rows, "quick": args.quick,
-                         "bundle": "int8, slots in every layer, max_length 128, each method's default options"},
+            "settings": {**hp, "train_rows": args.train_rows, "test_rows": args.test_rows, "quick": args.quick, "quantize": args.quantize,
+                         "bundle": f"{args.quantize}, slots in every layer, max_length 128, each method's default options"},
             "setup": "same start (edgepeft's fresh delta via to_peft), same batches in the same order, torch in eval mode; "
                      "test accuracy of the delta after the last step; s/step = the step loop's seconds / steps",
             "majority_class_accuracy": majority_share(test_file(data_files(args.train_rows, args.seed)["test"], args.test_rows)),

@@ -228,6 +228,7 @@ def methods_target_figures() -> dict[str, str]:
                                f"and AdaLoRA {abs(ada['gap_points']):.1f})",
         "methods: p-tuning warmup": f"P-tuning warms up for its first {pt['warmup']} steps on both sides",
         **ptuning_probe_figures(),
+        **ptuning_seed_figures(),
         "methods: largest gap": f"(largest gap {t['largest_gap_points']:.1f} points:",
         "methods: small delta": f"packs to {small['packed_bytes']:,} B with the head and lands "
                                 f"{t['best_small_delta_points_below_lora']:.1f} points below LoRA r=8's {lora['packed_bytes'] / 1000:.0f} KB",
@@ -249,6 +250,18 @@ def ptuning_probe_figures() -> dict[str, str]:
                                    f"steps, against {cold['largest_loss_difference']:.2f} without",
         "methods: p-tuning gradients": f"cosine {min(cosines):.2f} to {max(cosines):.2f} per tensor",
     }
+
+
+def ptuning_seed_figures() -> dict[str, str]:
+    """P-tuning's other seeds on int8 and seed 1 on fp32 weights (bench_methods.py --seed, --quantize none)."""
+    def pair(name: str) -> str:
+        r = _json(name)["rows"][0]
+        return f"{100 * r['edgepeft']['test_accuracy']:.1f} % against {100 * r['torch_peft']['test_accuracy']:.1f} %"
+    gaps = [_json(n)["rows"][0]["gap_points"] for n in ("methods_ptuning_s1", "methods_ptuning_s2")]
+    fp32 = _json("methods_ptuning_fp32_s1")["rows"][0]
+    return {"methods: p-tuning seeds": f"end {pair('methods_ptuning_s1')} and {pair('methods_ptuning_s2')} (gaps "
+                                       f"{gaps[0]:.1f} and {gaps[1]:.1f} points)",
+            "methods: p-tuning fp32": f"ends at {pair('methods_ptuning_fp32_s1')} (gap {fp32['gap_points']:.1f})"}
 
 
 def adalora_figures() -> dict[str, str]:
