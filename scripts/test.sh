@@ -8,6 +8,8 @@ bash scripts/setup.sh
 if [ -f .ci/system-deps.sh ]; then bash .ci/system-deps.sh; fi
 if [ -f .ci/postgres.sh ] && [ -z "${EDGEPEFT_TEST_POSTGRES:-}" ]; then
   eval "$(bash .ci/postgres.sh)"
+  # the throwaway server goes when this script ends, passed, failed or interrupted
+  trap 'bash .ci/postgres.sh stop "$EDGEPEFT_TEST_POSTGRES_DIR"' EXIT
 fi
 # One worker per core (pytest-xdist); the workers share each tiny bundle (tests/conftest.py built_once).
 python -m pytest -q -p no:cacheprovider -n "${EDGEPEFT_TEST_WORKERS:-auto}" "$@"
