@@ -42,6 +42,11 @@ def bin_labels() -> list[str]:
     return [f"{hz:.2f}" for hz in cents_to_hz(bin_cents(np.arange(PITCH_BINS)))]
 
 
+def is_pitch_bundle(labels: list[str] | tuple[str, ...]) -> bool:
+    """Whether a bundle's labels are CREPE's 360 bins (its outputs then decode to a pitch, not a class)."""
+    return len(labels) == PITCH_BINS and list(labels) == bin_labels()
+
+
 def decode_cents(logits: np.ndarray) -> np.ndarray:
     """(N, 360) logits -> (N,) pitch in cents: the sigmoid-weighted mean of the bins within 4 of the argmax."""
     logits = np.asarray(logits, np.float64)
@@ -52,6 +57,13 @@ def decode_cents(logits: np.ndarray) -> np.ndarray:
     z = np.take_along_axis(logits, np.clip(idx, 0, logits.shape[-1] - 1), -1)
     p = np.where(inside, 1.0 / (1.0 + np.exp(-z)), 0.0)  # (N, 9)
     return (p * bin_cents(idx)).sum(-1) / np.maximum(p.sum(-1), 1e-30)
+
+
+def describe(logits: np.ndarray) -> list[str]:
+    """One line per frame for a person: the decoded pitch in Hz and the most likely bin's sigmoid (CREPE's confidence)."""
+    hz = cents_to_hz(decode_cents(logits))
+    confidence = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64).max(-1)))
+    return [f"{f:.1f} Hz\tconfidence={c:.3f}" for f, c in zip(hz, confidence)]
 
 
 def pitch_errors(logits: np.ndarray, true_hz: np.ndarray) -> dict[str, float]:

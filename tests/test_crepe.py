@@ -148,3 +148,20 @@ def test_a_npy_array_of_frames_of_another_length_is_refused_naming_it(crepe_bund
     np.save(tmp_path / "long.labels.npy", np.array([0, 1, 2, 3]))
     with pytest.raises(DataError, match=r"long.npy: clips of shape \(4, 2048\); the bundle takes \(clips, 1024\) samples"):
         load_audio_dataset(tmp_path / "long.npy", open_bundle(crepe_bundle("int8")).manifest)
+
+
+
+def test_infer_on_a_pitch_bundle_prints_each_wavs_pitch_as_torch_decodes_it(crepe_bundle, tmp_path, capsys):
+    from edgepeft.runtime.pitch import decode_cents, hz_to_cents
+
+    waves, f0 = P.tones(3, seed=7, shifted=False)  # clean tones: one clear peak, so int8 and fp32 agree on the bin
+    clips = sorted((P.write_set(tmp_path, waves, f0).parent / "clips").glob("*.wav"))
+    r = run_cli(capsys, "infer", crepe_bundle("int8"), *clips)
+    assert r.code == 0, r.err
+    pcm = load_audio_dataset(tmp_path / "labels.csv", open_bundle(crepe_bundle("int8")).manifest).features[:, 0, :, 0]
+    with torch.no_grad():
+        theirs = decode_cents(load_crepe_tiny(tiny_weights_path())(torch.from_numpy(pcm)[:, None, :, None]).numpy())
+    lines = r.out.strip().splitlines()
+    assert [line.split("\t")[-1] for line in lines] == [str(c) for c in clips]
+    ours = hz_to_cents(np.array([float(line.split(" Hz")[0]) for line in lines]))
+    assert np.abs(ours - theirs).max() < 10.0, (ours, theirs)  # cents; the print rounds to 0.1 Hz (< 1 cent here)

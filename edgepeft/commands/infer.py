@@ -20,7 +20,8 @@ from edgepeft.commands.chat import make_sampling, sampling_options
 def infer_cmd(bundle: Path, texts: tuple[str, ...], deltas: tuple[Path, ...], weights: str | None, as_chat: bool,
               max_new_tokens, temperature, top_p, top_k, seed, stop) -> None:
     """Classify TEXTS (labels with probabilities), tag their words (token classification) or continue them (causal LM,
-    streamed); image bundles classify image files, audio bundles 16 kHz mono WAV files.
+    streamed); image bundles classify image files, audio bundles 16 kHz mono WAV files (a pitch bundle prints each
+    frame's pitch in Hz).
 
     \b
     Examples:
@@ -47,9 +48,15 @@ def infer_cmd(bundle: Path, texts: tuple[str, ...], deltas: tuple[Path, ...], we
     if b.manifest.task in (IMAGE_CLS, AUDIO_CLS):  # TEXTS are image files or WAV files
         from edgepeft.runtime.infer import softmax
 
+        from edgepeft.runtime.pitch import describe, is_pitch_bundle
+
         labels = b.manifest.labels
         for name in texts:
-            p = softmax(predictor.image_logits(_cnn_input(b.manifest, Path(name)), loaded, mix))[0]
+            logits = predictor.image_logits(_cnn_input(b.manifest, Path(name)), loaded, mix)
+            if is_pitch_bundle(labels):  # 360 pitch bins: say the decoded pitch, not 360 probabilities
+                click.echo(f"{describe(logits)[0]}\t{name}")
+                continue
+            p = softmax(logits)[0]
             ranked = sorted(zip(labels, p), key=lambda lp: -lp[1])
             click.echo(f"{ranked[0][0]}\t" + "  ".join(f"{l}={v:.3f}" for l, v in ranked) + f"\t{name}")
     elif b.manifest.task == SEQ_CLS:
