@@ -1,11 +1,17 @@
-"""``aten.convolution_backward`` in forward convolutions, for tracing a CNN's training step to ONNX.
+"""``aten.convolution_backward`` in forward convolutions, for tracing a CNN's training step to ONNX, and 1x1
+convolutions over small maps as matrix products.
 
 The ONNX exporter has no translation for the backward op, so the tracer decomposes it:
-the input gradient is the transposed convolution of the output gradient (ONNX ConvTranspose, any
-groups); the weight gradient is one matrix product per kernel position, of the output gradient by the
+the input gradient is the transposed convolution of the output gradient (ONNX ConvTranspose), except
+for depthwise convolutions, whose input gradient is a forward depthwise convolution (below); the weight gradient is one matrix product per kernel position, of the output gradient by the
 input slice that position sees. Weight gradients are
 needed only for trainable convolutions (LoRA's A and B, never grouped), so grouped weight gradients
 are refused rather than decomposed.
+
+onnxruntime runs a convolution (and a transposed one) one image at a time. On the 2x2 and 4x4 maps of a mobile CNN's
+last blocks a 1x1 convolution is then a batch of gemms of 4-16 columns each: 3-5x slower than one product over every
+pixel of the batch (EfficientNet-Lite0 at 64 px, batch 32). Such convolutions, forward and input gradient, are traced
+as Transpose, MatMul, Transpose instead; larger maps keep the convolution, which is faster there.
 """
 
 from __future__ import annotations
@@ -17,11 +23,62 @@ import torch
 aten = torch.ops.aten
 
 
+MATMUL_MAX_PIXELS = 16  # a 1x1 convolution over a map of at most this many pixels is a matrix product (docstring)
+
+
+def _pointwise(weight, stride, padding, dilation, groups, pixels: int) -> bool:
+    return (tuple(weight.shape[2:]) == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0]
+            and list(dilation) == [1, 1] and groups == 1 and pixels <= MATMUL_MAX_PIXELS)
+
+
+def _channels_matmul(x, w2d):
+    """(N, C, H, W) x (C, O) -> (N, O, H, W): one product over all N*H*W pixels."""
+    # contiguous: a permuted result reaching a later view (EfficientNet's flatten) traced to as_strided_scatter,
+    # which the ONNX exporter cannot translate; in ONNX, which has no strides, it costs nothing
+    # 2-D operands: a 4-D matmul traced with a symbolic batch became Expand of the weight per image and a batched product
+    n, c, h, w = x.shape
+    y = torch.mm(x.permute(0, 2, 3, 1).reshape(-1, c), w2d)
+    return y.reshape(n, h, w, w2d.shape[1]).permute(0, 3, 1, 2).contiguous()
+
+
+def convolution(inp, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+    """A 1x1 convolution over a small map as a matrix product; every other convolution as it is."""
+    if transposed or inp.dim() != 4 or not _pointwise(weight, stride, padding, dilation, groups, inp.shape[2] * inp.shape[3]):
+        return NotImplemented
+    out = _channels_matmul(inp, weight.reshape(weight.shape[0], weight.shape[1]).permute(1, 0))
+    return out if bias is None else out + bias[None, :, None, None]
+
+
 def _input_grad(grad_out, inp, weight, stride, padding, dilation, groups):
+    if _pointwise(weight, stride, padding, dilation, groups, inp.shape[2] * inp.shape[3]):
+        return _channels_matmul(grad_out, weight.reshape(weight.shape[0], weight.shape[1]))
     # output_padding recovers the input size lost to a stride that does not divide it
     extra = [inp.shape[2 + i] - ((grad_out.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1)
              for i in range(2)]
+    if _depthwise(weight, groups) and list(dilation) == [1, 1] and all(p < k for p, k in zip(padding, weight.shape[2:])):
+        return _depthwise_input_grad(grad_out, weight, stride, padding, extra)
     return aten.convolution(grad_out, weight, None, stride, padding, dilation, True, extra, groups)
+
+
+def _depthwise(weight, groups) -> bool:
+    return groups > 1 and groups == weight.shape[0] and weight.shape[1] == 1
+
+
+def _depthwise_input_grad(grad_out, weight, stride, padding, extra):
+    # onnxruntime runs a grouped ConvTranspose one group at a time: for EfficientNet-Lite0's deep depthwise layers
+    # (480-1152 channels of 2x2-4x4) that was 20-40x slower than its depthwise Conv kernel on the same shapes, and
+    # the transposed convolutions were a third of a training step. The same gradient as a forward convolution: stuff
+    # stride-1 zeros between the gradient's rows and columns, pad by k-1-p (plus the rows a stride dropped), and
+    # convolve with the kernel flipped in both axes. The flip of a constant weight folds away when the session loads.
+    n, c, ho, wo = grad_out.shape
+    (sh, sw), (kh, kw) = stride, weight.shape[2:]
+    g = grad_out
+    if (sh, sw) != (1, 1):  # (N, C, Ho, 1, Wo, 1) padded to (N, C, Ho, sh, Wo, sw): each value then sh-1 / sw-1 zeros
+        g = aten.constant_pad_nd(g.reshape(n, c, ho, 1, wo, 1), [0, sw - 1, 0, 0, 0, sh - 1], 0.0)
+        g = g.reshape(n, c, ho * sh, wo * sw)[:, :, :(ho - 1) * sh + 1, :(wo - 1) * sw + 1]
+    (ph, pw), (eh, ew) = padding, extra
+    g = aten.constant_pad_nd(g, [kw - 1 - pw, kw - 1 - pw + ew, kh - 1 - ph, kh - 1 - ph + eh], 0.0)
+    return aten.convolution(g, weight.flip([2, 3]), None, [1, 1], [0, 0], [1, 1], False, [0, 0], c)
 
 
 # Kernels of at most this many positions get the im2col weight gradient below; larger ones (torchcrepe's 64- and
@@ -62,5 +119,5 @@ def convolution_backward(grad_out, inp, weight, bias_sizes, stride, padding, dil
 
 
 def decompositions() -> dict[object, Callable]:
-    """The decomposition table entry for the tracer (exporters/trace.py adds it to the core decompositions)."""
-    return {aten.convolution_backward.default: convolution_backward}
+    """The decomposition table entries for the tracer (exporters/trace.py adds them to the core decompositions)."""
+    return {aten.convolution_backward.default: convolution_backward, aten.convolution.default: convolution}

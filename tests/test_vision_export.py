@@ -79,14 +79,19 @@ def test_inference_graph_with_a_delta_matches_torch_peft(cnn_bundle):
     assert np.abs(ours - theirs).max() < 1e-4
 
 
-def test_int8_bundle_stores_every_convolution_weight_as_int8_per_output_channel(cnn_bundle):
+def test_int8_bundle_stores_every_ungrouped_convolution_weight_as_int8_per_output_channel(cnn_bundle):
     import json
 
     index = json.loads((cnn_bundle("int8") / "weights.json").read_text())
-    convs = [n for n, m in tiny_cnn().named_modules() if isinstance(m, nn.Conv2d)]
-    for c in convs:
-        assert index["quantized"][f"frozen.{c}.weight"] == {"axis": 0, "block": None}
-        assert index["tensors"][f"frozen.{c}.weight.q"]["dtype"] == "int8"
+    convs = {n: m for n, m in tiny_cnn().named_modules() if isinstance(m, nn.Conv2d)}
+    assert {m.groups > 1 for m in convs.values()} == {True, False}  # the tiny CNN has both kinds
+    for c, m in convs.items():
+        if m.groups == 1:
+            assert index["quantized"][f"frozen.{c}.weight"] == {"axis": 0, "block": None}
+            assert index["tensors"][f"frozen.{c}.weight.q"]["dtype"] == "int8"
+        else:  # depthwise kernels stay fp32: onnxruntime's fast depthwise kernel needs a constant weight
+            assert f"frozen.{c}.weight" not in index["quantized"]
+            assert index["tensors"][f"frozen.{c}.weight"]["dtype"] == "float32"
 
 
 def test_a_layer_kind_the_exporter_does_not_know_is_refused_by_name_and_nothing_is_written(tmp_path):
