@@ -11,6 +11,8 @@ Memory is the chunk's (``size`` payloads and one slot's float32 values), whateve
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -60,9 +62,10 @@ class Chunk:
         out = np.empty((k, rows, n), np.float32)
         with np.errstate(over="ignore"):  # as dequantize: int8 times float32, rounded once to float32
             np.multiply(codes, scales[:, :, None], out=out)
-        bad = ~np.isfinite(out).reshape(k, -1).all(axis=1)
-        if bad.any():
-            raise DeltaError(f"{self.wheres[int(bad.argmax())]}: tensor {name!r} has non-finite value(s) (NaN or Inf)")
+        if not np.isfinite(np.float32(127) * scales.max(initial=0)):  # else no |code| <= 127 times a scale overflows
+            bad = ~np.isfinite(out).reshape(k, -1).all(axis=1)
+            if bad.any():
+                raise DeltaError(f"{self.wheres[int(bad.argmax())]}: tensor {name!r} has non-finite value(s) (NaN or Inf)")
         return out.reshape(k, *self.shapes[name])
 
 
@@ -93,8 +96,52 @@ def _chunk(items: list[tuple[int, str, DeltaMeta, object]], layout: Layout | Non
 
 def chunks(blobs: Iterable[tuple[str, bytes]], manifest: Manifest, size: int | None = None) -> Iterator[Chunk]:
     """The stored deltas ``blobs`` ((id, bytes), in merge order) as chunks of at most ``size`` (default ``CHUNK``)
-    deltas of one layout (a fleet of mixed ranks has one layout per rank); every delta checked as the reader checks it."""
-    size = size or CHUNK
+    deltas of one layout (a fleet of mixed ranks has one layout per rank); every delta checked as the reader checks it.
+
+    Read ahead by one chunk in a thread: reading the store and zstd release the GIL, so the next chunk is read and
+    decompressed while the caller multiplies this one (a BLAS call, without the GIL too)."""
+    return _read_ahead(_chunks(blobs, manifest, size or CHUNK))
+
+
+def _read_ahead(items: Iterator[Chunk], depth: int = 1) -> Iterator[Chunk]:
+    """``items`` produced by a thread, at most ``depth`` ahead of the consumer (memory: depth + 2 chunks); the
+    producer's exception is raised here, and a consumer that stops early stops the producer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: object) -> bool:
+        """Queue ``item`` once there is room; False when the consumer has stopped."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as e:  # noqa: BLE001  (handed to the consumer, raised there)
+            put(e)
+
+    thread = threading.Thread(target=produce, name="delta-chunks", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _chunks(blobs: Iterable[tuple[str, bytes]], manifest: Manifest, size: int) -> Iterator[Chunk]:
     buckets: dict[tuple, tuple[Layout | None, list]] = {}
     for pos, (delta_id, data) in enumerate(blobs):
         where = f"delta {delta_id[:16]}"

@@ -141,7 +141,9 @@ def _add(sums: dict[str, np.ndarray], chunk: Chunk, coef: np.ndarray, parts: Par
     c = (coef * np.array([m.scale for m in chunk.metas])).astype(np.float32)
     for key, b_name, a_name in parts.products:
         b = chunk.values(b_name)  # (k, d_out, r)
-        left = (b * c[:, None, None]).transpose(1, 0, 2).reshape(b.shape[1], -1)  # [c₁s₁B₁ … cₖsₖBₖ]
+        left = np.empty((b.shape[1], k, b.shape[2]), np.float32)
+        np.multiply(b.transpose(1, 0, 2), c[None, :, None], out=left)  # scaled and laid out in one pass
+        left = left.reshape(b.shape[1], -1)  # [c₁s₁B₁ … cₖsₖBₖ]
         sums[key] += left @ chunk.values(a_name).reshape(-1, sums[key].shape[1])  # @ [A₁; …; Aₖ]
     for key, name, fill in parts.plain:
         v = chunk.values(name).reshape(k, -1).astype(np.float64) - fill
