@@ -333,15 +333,18 @@ def _merge_row(store, manifest: Manifest, claimed: list[DeltaRec], options: dict
 
 
 def _profile(store, manifest: Manifest, claimed: list[DeltaRec], top: int = 8) -> list[dict]:
-    """cProfile of one merge of ``claimed``: the functions that took the most time of their own."""
+    """cProfile of one merge of ``claimed`` (the hub's BLAS threads): the functions that took the most time of their own."""
     import cProfile
     import pstats
 
+    from threadpoolctl import threadpool_limits
+
     opts = RobustOptions.from_dict(PLAIN)
     prof = cProfile.Profile()
-    prof.enable()
-    agg._merge_claimed(store, claimed, 0, manifest, opts, agg._Parents(store, "f", "default", manifest), None)
-    prof.disable()
+    with threadpool_limits(agg.MERGE_BLAS_THREADS, user_api="blas"):
+        prof.enable()
+        agg._merge_claimed(store, claimed, 0, manifest, opts, agg._Parents(store, "f", "default", manifest), None)
+        prof.disable()
     stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
     rows = sorted(((tt, f"{Path(f).name}:{line}({name})") for (f, line, name), (_, _, tt, _, _) in stats.items()), reverse=True)
     return [{"function": where, "seconds": round(tt, 3)} for tt, where in rows[:top]]
@@ -369,7 +372,7 @@ def bench_merge_scale(counts: list[int]) -> None:
                 try:
                     rows.append(_merge_row(store, manifest, claimed, PLAIN, "per delta (before)"))
                     print(json.dumps(rows[-1]), flush=True)
-                    profiles["per delta (before)"] = _profile(store, manifest, claimed[:200])
+                    profiles["per delta (before)"] = _profile(store, manifest, claimed)
                     for k in (50, 100):  # the trimmed mean: passes grow with n, each pass reads every delta
                         rows.append(_merge_row(store, manifest, claimed[:k], {"clip_median": None, "trim": 0.2}, "per delta, trimmed"))
                         print(json.dumps(rows[-1]), flush=True)

@@ -121,3 +121,15 @@ def test_a_stored_delta_holding_code_minus_128_is_refused_by_name(hub_bundle):
     last = reader.value.args[0].split("'")[1]  # the tensor the reader names
     with pytest.raises(DeltaError, match=f"delta bbbbbbbbbbbbbbbb: tensor '{last}' holds -128"):
         chunk.values(last)
+
+
+def test_a_stored_delta_the_reader_refuses_stops_the_merge_with_its_name(hub_bundle):
+    """The chunks are read in a thread: what it refuses is raised to the merge, and the thread ends."""
+    import threading
+
+    manifest = read_manifest(hub_bundle)
+    good = pack(device_delta(manifest, 1, 4, None))
+    reading = delta_chunks.chunks([("a" * 64, good), ("c" * 64, good[:-9])], manifest)
+    with pytest.raises(DeltaError, match="delta cccccccccccccccc: "):
+        list(reading)
+    assert not any(t.name == "delta-chunks" and t.is_alive() for t in threading.enumerate())
