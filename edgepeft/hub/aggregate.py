@@ -1,10 +1,11 @@
 """Fleet aggregation: claim the pending deltas, merge them streaming from the store, publish a version.
 
-The weighted mean (weights: each delta's ``meta.samples``, capped by ``limits.sample_weights``) goes through ``edgepeft.delta.merge``, in
-each method's own space: ΔW for LoRA, plain weighted mean for bias and head slots, output re-factored at the bundle's LoRA
-rank and scale so devices keep training from it. Claiming is one transaction, so every accepted delta
-lands in exactly one version; a version whose builder died stays ``building`` and ``recover`` rebuilds
-it from the same deltas and options.
+The weighted mean (weights: each delta's ``meta.samples``, capped by ``limits.sample_weights``) is taken in chunks of deltas
+(``stream_merge``: one matrix product per LoRA module and chunk) or, for the trimmed mean and methods that need it, one
+delta at a time through ``edgepeft.delta.merge``; either way in each method's own space: ΔW for LoRA, plain weighted
+mean for bias and head slots, output re-factored at the bundle's LoRA rank and scale so devices keep training from it.
+Claiming is one transaction, so every accepted delta lands in exactly one version; a version whose builder died stays
+``building`` and ``recover`` rebuilds it from the same deltas and options.
 """
 
 from __future__ import annotations
