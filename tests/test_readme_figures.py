@@ -303,7 +303,8 @@ def hub_merge_figures() -> dict[str, str]:
             f"{big['deltas']:,} MiniLM-size packed deltas merge (plain mean) in {big['seconds']:.1f} s ({big['deltas_per_s']:,.0f} "
             f"deltas/s, {big['cpu_seconds']:.1f} CPU s) with at most {big['peak_python_heap_mb']:.0f} MB of Python heap "
             f"({small['peak_python_heap_mb']:.0f} MB for {small['deltas']:,}: memory is a chunk's, not the count's); with "
-            f"median clipping {clip['seconds']:.1f} s; {small['deltas']:,} in {small['seconds']:.1f} s against "
+            f"median clipping {clip['seconds']:.1f} s ({clip['cpu_seconds']:.1f} CPU s: one more pass, for the median); "
+            f"{small['deltas']:,} in {small['seconds']:.1f} s against "
             f"{before['seconds']:.1f} s ({small['cpu_seconds']:.1f} against {before['cpu_seconds']:.1f} CPU s) for the "
             f"per-delta merge before, load average {r['load_average']:.0f}",
         "hub: merge floor":
