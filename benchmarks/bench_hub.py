@@ -263,18 +263,148 @@ def bench_aggregation(n: int, work: Path, options: dict | None = None, real_size
             "aggregated": v.report["count"], "store_fill_seconds": round(fill, 1)}
 
 
+def _filled_store(n: int, root: Path) -> tuple[object, Manifest, list[DeltaRec]]:
+    """A SQLite store holding ``n`` distinct MiniLM-size packed deltas (as devices send them), claimed for version 1."""
+    manifest = synthetic_bundle(root / "bundle", layers=6, dim=384, rank=8, labels=2)
+    store = open_store(str(root / "store"))
+    files = {p.name: p.read_bytes() for p in (root / "bundle").iterdir()}
+    store.add_bundle(files["manifest.json"].decode(), files)
+    store.create_fleet("f", manifest.fingerprint)
+    for i in range(n):
+        data = pack(random_delta(manifest, i, f"d{i % 500}"))
+        store.add_delta(DeltaRec(sha256_hex(data), "f", f"d{i % 500}", "default", 0, 1 + i % 50, len(data), float(i)), data)
+    version, _ = store.claim_version("f", "default", {})
+    return store, manifest, store.list_deltas("f", "default", version=version)
+
+
+class _RssPeak:
+    """The largest resident set size seen (sampled every 5 ms from /proc) while the block runs, minus the one before."""
+
+    def __enter__(self) -> "_RssPeak":
+        import threading
+
+        self.start = self.peak = self._rss()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    @property
+    def growth_mb(self) -> float:
+        return round((self.peak - self.start) / 2**20, 1)
+
+
+def _merge_row(store, manifest: Manifest, claimed: list[DeltaRec], options: dict, label: str) -> dict:
+    """Merge ``claimed`` as build_version does (the hub's BLAS threads): wall and CPU seconds, RSS growth, then
+    once more under tracemalloc for the Python-heap peak."""
+    from threadpoolctl import threadpool_limits
+
+    opts = RobustOptions.from_dict(options)
+
+    def merge() -> dict:
+        with threadpool_limits(agg.MERGE_BLAS_THREADS, user_api="blas"):
+            return agg._merge_claimed(store, claimed, 0, manifest, opts, agg._Parents(store, "f", "default", manifest), None)[1]
+
+    cpu, t = time.process_time(), time.perf_counter()
+    with _RssPeak() as rss:
+        report = merge()
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+    tracemalloc.start()
+    merge()
+    heap = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return {"path": label, "deltas": len(claimed), "options": options, "seconds": round(seconds, 3),
+            "deltas_per_s": round(len(claimed) / seconds, 1), "cpu_seconds": round(cpu, 2),
+            "peak_rss_growth_mb": rss.growth_mb, "peak_python_heap_mb": round(heap / 2**20, 1),
+            "passes": report["passes"], "load_average": round(os.getloadavg()[0], 2)}
+
+
+def _profile(store, manifest: Manifest, claimed: list[DeltaRec], top: int = 8) -> list[dict]:
+    """cProfile of one merge of ``claimed`` (the hub's BLAS threads): the functions that took the most time of their own."""
+    import cProfile
+    import pstats
+
+    from threadpoolctl import threadpool_limits
+
+    opts = RobustOptions.from_dict(PLAIN)
+    prof = cProfile.Profile()
+    with threadpool_limits(agg.MERGE_BLAS_THREADS, user_api="blas"):
+        prof.enable()
+        agg._merge_claimed(store, claimed, 0, manifest, opts, agg._Parents(store, "f", "default", manifest), None)
+        prof.disable()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    rows = sorted(((tt, f"{Path(f).name}:{line}({name})") for (f, line, name), (_, _, tt, _, _) in stats.items()), reverse=True)
+    return [{"function": where, "seconds": round(tt, 3)} for tt, where in rows[:top]]
+
+
+def bench_merge_scale(counts: list[int]) -> None:
+    """Merging 1,000 and 10,000 MiniLM-size packed deltas: the chunked merge (plain mean, median clipping, a server
+    step), the per-delta merge it replaced (at the smallest count), the trimmed mean's cost, and both profiles."""
+    from edgepeft.hub import stream_merge
+
+    rows, profiles = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench-hub-merge-") as tmp:
+        for n in counts:
+            t = time.perf_counter()
+            store, manifest, claimed = _filled_store(n, Path(tmp) / str(n))
+            print(f"{n} deltas stored in {time.perf_counter() - t:.0f} s", flush=True)
+            for label, options in (("chunked", PLAIN), ("chunked", {"trim": 0.0}),
+                                   ("chunked", {"trim": 0.0, "server_lr": 0.7, "server_momentum": 0.9})):
+                rows.append(_merge_row(store, manifest, claimed, options, label))
+                print(json.dumps(rows[-1]), flush=True)
+            if n == counts[0]:
+                profiles["chunked"] = _profile(store, manifest, claimed)
+                eligible = stream_merge.eligible
+                stream_merge.eligible = lambda *_: False  # type: ignore[assignment]  # the path before this one
+                try:
+                    rows.append(_merge_row(store, manifest, claimed, PLAIN, "per delta (before)"))
+                    print(json.dumps(rows[-1]), flush=True)
+                    profiles["per delta (before)"] = _profile(store, manifest, claimed)
+                    for k in (50, 100):  # the trimmed mean: passes grow with n, each pass reads every delta
+                        rows.append(_merge_row(store, manifest, claimed[:k], {"clip_median": None, "trim": 0.2}, "per delta, trimmed"))
+                        print(json.dumps(rows[-1]), flush=True)
+                finally:
+                    stream_merge.eligible = eligible  # type: ignore[assignment]
+            store.close()
+    usage = __import__("resource").getrusage(__import__("resource").RUSAGE_SELF)
+    write_result("hub_agg", {
+        "command": f"python benchmarks/bench_hub.py --merge-scale {','.join(map(str, counts))}",
+        "load_average": round(os.getloadavg()[0], 2), "merge_blas_threads": agg.MERGE_BLAS_THREADS,
+        "process_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "rows": rows, "profile": profiles})
+
+
 def bench_blas(n: int) -> None:
-    """The merge at the hub's one BLAS thread (aggregate.MERGE_BLAS_THREADS) and at the library's default, in one process."""
+    """The chunked merge of ``n`` MiniLM-size packed deltas at the hub's one BLAS thread (aggregate.MERGE_BLAS_THREADS)
+    and at the library's default, on one store, in one process, alternating twice."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-hub-blas-") as tmp:
-        for threads in (1, None):
-            agg.MERGE_BLAS_THREADS = threads
-            rows.append({"blas_threads": threads or "default",
-                         **bench_aggregation(n, Path(tmp) / str(threads), PLAIN, real_size=True)})
-            print(json.dumps(rows[-1]), flush=True)
+        store, manifest, claimed = _filled_store(n, Path(tmp))
+        kept = agg.MERGE_BLAS_THREADS
+        try:
+            for threads in (1, None, 1, None):
+                agg.MERGE_BLAS_THREADS = threads
+                rows.append({"blas_threads": threads or "default", **_merge_row(store, manifest, claimed, PLAIN, "chunked")})
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            agg.MERGE_BLAS_THREADS = kept
+        store.close()
+    best = {t: min(r["seconds"] for r in rows if r["blas_threads"] == t) for t in (1, "default")}
     write_result("hub_blas", {
         "load_average": round(os.getloadavg()[0], 2), "command": f"python benchmarks/bench_hub.py --blas {n}", "rows": rows,
-        "speedup_one_thread": round(rows[1]["seconds"] / rows[0]["seconds"], 2)})
+        "best_seconds": best, "speedup_one_thread": round(best["default"] / best[1], 2)})
 
 
 def _durable_postgres() -> tuple[str, str]:
@@ -324,12 +454,17 @@ def main() -> None:
     ap.add_argument("--aggregate", default="1000,10000", help="delta counts for the aggregation part")
     ap.add_argument("--aggregate-real", default="1000", help="delta counts for aggregating MiniLM-sized packed deltas")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "hub.json"), help="result JSON")
-    ap.add_argument("--blas", type=int, default=0, metavar="N", help="only this: aggregate N MiniLM-sized deltas with one "
-                    "BLAS thread (the hub's setting) and with the BLAS default, side by side; writes results/hub_blas.json")
+    ap.add_argument("--blas", type=int, default=0, metavar="N", help="only this: merge N MiniLM-sized packed deltas with one "
+                    "BLAS thread (the hub's setting) and with the BLAS default, alternating; writes results/hub_blas.json")
     ap.add_argument("--uploads-only", action="store_true", help="only this: uploads against the HTTP ceiling "
                     "(benchmarks/null_hub.py), one hub on SQLite, and two hubs on one durable PostgreSQL (started by "
                     ".ci/postgres.sh), back to back; writes results/hub_uploads.json")
+    ap.add_argument("--merge-scale", default="", metavar="N,N", help="only this: merge N MiniLM-size packed deltas "
+                    "(chunked: plain mean, median clipping, server step; before: per delta, and the trimmed mean) with "
+                    "time, CPU, memory and profiles; writes results/hub_agg.json")
     args = ap.parse_args()
+    if args.merge_scale:
+        return bench_merge_scale([int(x) for x in args.merge_scale.split(",")])
     if args.blas:
         return bench_blas(args.blas)
     if args.uploads_only:

@@ -9,6 +9,8 @@ import pytest
 
 from edgepeft.delta.format import delta_bytes, delta_from_bytes, delta_from_init, replace_meta
 from edgepeft.hub import aggregate as agg
+from edgepeft.hub import delta_chunks
+from edgepeft.hub import store as store_mod
 from edgepeft.hub.robust import RobustOptions, clip_update, trimmed_mean, update_norm
 from edgepeft.hub.backends import open_store
 from edgepeft.hub.store import DeltaRec, sha256_hex
@@ -190,8 +192,10 @@ def test_bad_options_refused():
         RobustOptions(trim=0.5)
 
 
-def test_memory_does_not_grow_with_delta_count(env):
+def test_memory_does_not_grow_with_delta_count(env, monkeypatch):
     store, manifest = env
+    monkeypatch.setattr(delta_chunks, "CHUNK", 10)  # the merge holds one chunk of deltas and one batch of stored
+    monkeypatch.setattr(store_mod, "READ_BATCH", 10)  # bytes: flat once n passes them
     peaks = []
     for n in (20, 200):
         for i in range(n):

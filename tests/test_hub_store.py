@@ -61,6 +61,18 @@ def test_small_and_large_blobs_read_back_whole_and_ranged(hub_store):
         assert hub_store.read_blob(sha, 3, 4) == data[3:7]
 
 
+def test_deltas_read_in_batches_come_back_in_order_small_and_large(hub_store, monkeypatch):
+    """iter_delta_bytes reads several blobs a query; the order asked, and a blob the query cannot see (a file), hold."""
+    from edgepeft.hub import store as store_mod
+    from edgepeft.hub.sqlite_store import INLINE_MAX
+
+    monkeypatch.setattr(store_mod, "READ_BATCH", 3)
+    blobs = [np.random.default_rng(i).integers(0, 256, INLINE_MAX + 1 if i == 4 else 50 + i, np.uint8).tobytes()
+             for i in range(7)]
+    shas = [hub_store.put_blob(b) for b in blobs][::-1]
+    assert list(hub_store.iter_delta_bytes(shas)) == list(zip(shas, blobs[::-1]))
+
+
 def test_bundle_registered_once_with_files(hub_store, hub_bundle):
     rec = _register(hub_store, hub_bundle)
     again = _register(hub_store, hub_bundle)

@@ -189,6 +189,7 @@ def figures() -> dict[str, str]:
             f"{before['latency_ms']['p50']:.0f} ms, p99 {before['latency_ms']['p99'] / 1000:.2f} s)",
         "hub: command": f"(`{hub['command']}`",
         **hub_upload_figures(),
+        **hub_merge_figures(),
         **hostile_figures(),
         "hub: aggregation":
             f"aggregating (plain mean) 1,000 small deltas {agg[1000]['seconds']:.2f} s with {agg[1000]['peak_python_heap_mb']:.1f} MB "
@@ -282,6 +283,38 @@ def adalora_figures() -> dict[str, str]:
                                          f"{100 * ada['torch_peft']['test_accuracy']:.1f} % and kept\n{sum(theirs.values())} "
                                          f"ranks in all, as the device did" if sum(theirs.values()) == sum(ours.values()) else "")
     return out
+
+
+def hub_merge_figures() -> dict[str, str]:
+    """Merging 1,000 and 10,000 MiniLM-size packed deltas (bench_hub.py --merge-scale): chunked, the per-delta merge
+    before, the trimmed mean's cost; the products' floor from the deltas' shapes and the machine's fp32 peak."""
+    from common import FP32_PEAK_GFLOPS
+
+    r = _json("hub_agg")
+    plain = {"clip_median": None, "trim": 0.0}
+    row = lambda path, n, opts: next(x for x in r["rows"] if (x["path"], x["deltas"], x["options"]) == (path, n, opts))  # noqa: E731
+    big, small = row("chunked", 10000, plain), row("chunked", 1000, plain)
+    clip, before = row("chunked", 10000, {"trim": 0.0}), row("per delta (before)", 1000, plain)
+    t50, t100 = (row("per delta, trimmed", n, {"clip_median": None, "trim": 0.2}) for n in (50, 100))
+    gflop = big["deltas"] * 12 * 2 * 384 * 384 * 8 / 1e9  # 12 LoRA modules of 384 x 384 at rank 8: one product each
+    return {
+        "hub: merge command": f"(`{r['command']}`;",
+        "hub: merge at scale":
+            f"{big['deltas']:,} MiniLM-size packed deltas merge (plain mean) in {big['seconds']:.1f} s ({big['deltas_per_s']:,.0f} "
+            f"deltas/s, {big['cpu_seconds']:.1f} CPU s) with at most {big['peak_python_heap_mb']:.0f} MB of Python heap "
+            f"({small['peak_python_heap_mb']:.0f} MB for {small['deltas']:,}: memory is a chunk's, not the count's); with "
+            f"median clipping {clip['seconds']:.1f} s ({clip['cpu_seconds']:.1f} CPU s: one more pass, for the median); "
+            f"{small['deltas']:,} in {small['seconds']:.1f} s against "
+            f"{before['seconds']:.1f} s ({small['cpu_seconds']:.1f} against {before['cpu_seconds']:.1f} CPU s) for the "
+            f"per-delta merge before, load average {r['load_average']:.0f}",
+        "hub: merge floor":
+            f"the products alone are {gflop:.0f} GFLOP for {big['deltas']:,} deltas, {gflop / FP32_PEAK_GFLOPS:.1f} s at the "
+            f"{FP32_PEAK_GFLOPS:.0f} GFLOP/s fp32 peak of both cores",
+        "hub: trimmed cost":
+            f"{t50['deltas']} / {t100['deltas']} deltas take {t50['cpu_seconds']:.0f} / {t100['cpu_seconds']:.0f} CPU s "
+            f"({t50['passes']} / {t100['passes']} passes), so some {t100['cpu_seconds'] * (big['deltas'] / t100['deltas']) ** 2 / 3600:,.0f} "
+            f"CPU hours for {big['deltas']:,}",
+    }
 
 
 def hub_upload_figures() -> dict[str, str]:
@@ -466,7 +499,7 @@ def _measured_sections() -> str:
 
 # Numbers in those sections that are settings or bounds, not measurements.
 SETTINGS = {"1", "2", "3", "4", "6", "8", "16", "32", "64", "75", "96", "128", "1,200", "0.33", "0.4", "0.2", "0.5",
-            "30", "135", "256"}  # SmolLM2-135M: its name, its 30 layers; 256: the batch length
+            "30", "135", "256", "200"}  # SmolLM2-135M: its name, its 30 layers; 256: the batch length; 200: steps, MB and ms targets
 
 
 def test_every_number_in_the_measured_sections_has_a_results_entry():

@@ -1,10 +1,11 @@
 """Fleet aggregation: claim the pending deltas, merge them streaming from the store, publish a version.
 
-The weighted mean (weights: each delta's ``meta.samples``, capped by ``limits.sample_weights``) goes through ``edgepeft.delta.merge``, in
-each method's own space: ΔW for LoRA, plain weighted mean for bias and head slots, output re-factored at the bundle's LoRA
-rank and scale so devices keep training from it. Claiming is one transaction, so every accepted delta
-lands in exactly one version; a version whose builder died stays ``building`` and ``recover`` rebuilds
-it from the same deltas and options.
+The weighted mean (weights: each delta's ``meta.samples``, capped by ``limits.sample_weights``) is taken in chunks of deltas
+(``stream_merge``: one matrix product per LoRA module and chunk) or, for the trimmed mean and methods that need it, one
+delta at a time through ``edgepeft.delta.merge``; either way in each method's own space: ΔW for LoRA, plain weighted
+mean for bias and head slots, output re-factored at the bundle's LoRA rank and scale so devices keep training from it.
+Claiming is one transaction, so every accepted delta lands in exactly one version; a version whose builder died stays
+``building`` and ``recover`` rebuilds it from the same deltas and options.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from edgepeft.delta.merge import from_space_parts, is_ranked, merge, space_parts
 from edgepeft.delta.transport import is_packed, pack, packed_meta, unpack
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.frozen import BaseWeights, base_weights, frozen_arrays
-from edgepeft.hub import mixed_ranks
+from edgepeft.hub import delta_chunks, mixed_ranks, stream_merge
 from edgepeft.hub.server_step import is_plain, server_step
 from edgepeft.hub.limits import MAX_PUBLISHED_SAMPLES, readable, sample_weights, staleness_factor
 from edgepeft.hub.robust import RobustOptions, clip_update, trimmed_mean, update_norm
@@ -41,14 +42,14 @@ Pairs = Callable[[], Iterator[tuple[Delta, float]]]  # a fresh pass over (delta,
 Step = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # the mean's space parts -> the version's
 
 
-def parse_delta(data: bytes, where: str, manifest: Manifest, codes: dict[str, np.ndarray] | None = None) -> Delta:
+def parse_delta(data: bytes, where: str, manifest: Manifest) -> Delta:
     """A delta from raw safetensors or packed bytes, fully checked against the bundle manifest.
 
     Shapes must be the bundle's (LoRA at most at its rank): the manifest then bounds the payload size,
-    which is checked before anything is decompressed. ``codes``: filled with a packed delta's int8 values.
+    which is checked before anything is decompressed.
     """
     if is_packed(data):
-        return unpack(data, where, manifest=manifest, for_training=True, codes=codes)
+        return unpack(data, where, manifest=manifest, for_training=True)
     return delta_from_bytes(data, where, manifest, for_training=True)
 
 
@@ -186,16 +187,21 @@ def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, m
                                   "max_refactor_error": max(errors.values(), default=0.0)}
 
 
+def _server_step(options: RobustOptions, parent: Delta | None, grandparent: Delta | None, base: BaseWeights | None) -> Step | None:
+    """The mean's space parts -> the version's (``options.server_lr``, ``server_momentum``); None: the mean itself."""
+    if is_plain(options.server_lr, options.server_momentum):
+        return None
+    x1 = None if parent is None else space_parts(parent, base)
+    x2 = None if grandparent is None else space_parts(grandparent, base)
+    return lambda mean: server_step(mean, x1, x2, options.server_lr, options.server_momentum)
+
+
 def combine(pairs: Pairs, n: int, manifest: Manifest, options: RobustOptions, base: BaseWeights | None = None, *,
             parent: Delta | None = None, grandparent: Delta | None = None) -> tuple[Delta, dict[str, Any]]:
     """Merge one pass of (delta, weight) pairs (clipping already applied) at the bundle's rank and scale, then take the
     server step (``options.server_lr``, ``server_momentum``) from ``parent``, the latest version, and its own parent."""
     rank, scale = bundle_lora(manifest)
-    step = None
-    if not is_plain(options.server_lr, options.server_momentum):
-        x1 = None if parent is None else space_parts(parent, base)
-        x2 = None if grandparent is None else space_parts(grandparent, base)
-        step = lambda mean: server_step(mean, x1, x2, options.server_lr, options.server_momentum)  # noqa: E731
+    step = _server_step(options, parent, grandparent, base)
     if options.trim > 0:
         return _trimmed_merge(pairs, n, options.trim, rank, scale, options.memory_mb, base, step)
     merged, rep = merge(pairs(), rank=rank if rank else None, scale=scale, base=base, step=step)
@@ -204,6 +210,28 @@ def combine(pairs: Pairs, n: int, manifest: Manifest, options: RobustOptions, ba
 
 def _merge_claimed(store: Store, claimed: list[DeltaRec], latest: int, manifest: Manifest, options: RobustOptions,
                    parents: "_Parents", base: BaseWeights | None, before: int = 0) -> tuple[Delta, dict[str, Any]]:
+    """Merge the claimed deltas (see :func:`_merge_per_delta`): in chunks, one matrix product per LoRA module and
+    chunk (``stream_merge``), where the methods and options allow it; else one delta at a time."""
+    if stream_merge.eligible(manifest, options):
+        return _merge_chunked(store, claimed, latest, manifest, options, parents, before)
+    return _merge_per_delta(store, claimed, latest, manifest, options, parents, base, before)
+
+
+def _merge_chunked(store: Store, claimed: list[DeltaRec], latest: int, manifest: Manifest, options: RobustOptions,
+                   parents: "_Parents", before: int = 0) -> tuple[Delta, dict[str, Any]]:
+    """:func:`_merge_per_delta`'s version and report, from deltas read in chunks (``stream_merge.merge_chunks``)."""
+    ids = [d.id for d in claimed]
+    capped = sample_weights([d.samples for d in claimed], options.max_samples, [d.device for d in claimed])  # in ids order
+    rank, scale = bundle_lora(manifest)
+    starts = stream_merge.Starts(stream_merge.Parts(manifest), rank, parents.get, parents.at_rank)
+    step = _server_step(options, parents.get(latest), parents.get(before), None)
+    merged, stats = stream_merge.merge_chunks(lambda: delta_chunks.chunks(store.iter_delta_bytes(ids), manifest), len(ids),
+                                              capped, latest, manifest, options, starts, step, rank, scale)
+    return merged, {"count": len(ids), "samples": merged.meta.samples, **stats, "options": options.to_dict()}
+
+
+def _merge_per_delta(store: Store, claimed: list[DeltaRec], latest: int, manifest: Manifest, options: RobustOptions,
+                     parents: "_Parents", base: BaseWeights | None, before: int = 0) -> tuple[Delta, dict[str, Any]]:
     """Merge the claimed deltas: capped sample weights, each times its staleness factor, updates clipped.
 
     Staleness of a delta = ``latest`` (the newest version published before this one) - its parent version;

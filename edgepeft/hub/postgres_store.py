@@ -95,6 +95,11 @@ class PostgresStore(SqlStore):
                                   (start + 1, length, sha)).fetchone()
         return None if row is None else bytes(row[0])
 
+    def _read_blobs(self, shas: list[str]) -> dict[str, bytes]:
+        with self._tx() as cur:
+            rows = cur.execute(f"SELECT sha256, data FROM blobs WHERE sha256 IN ({','.join('?' * len(shas))})", shas).fetchall()
+        return {sha: bytes(data) for sha, data in rows}
+
     def close(self) -> None:
         self._group.close()
         self._pool.close()

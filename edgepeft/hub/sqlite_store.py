@@ -100,6 +100,12 @@ class SqliteStore(SqlStore):
         except FileNotFoundError:
             return None
 
+    def _read_blobs(self, shas: list[str]) -> dict[str, bytes]:
+        with self._tx() as cur:
+            rows = cur.execute(f"SELECT sha256, data FROM inline_blobs WHERE sha256 IN ({','.join('?' * len(shas))})",
+                               shas).fetchall()
+        return {sha: bytes(data) for sha, data in rows}
+
     def close(self) -> None:
         self._group.close()
         self._pool.close()

@@ -26,6 +26,7 @@ from edgepeft.manifest import Manifest
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # fleets, devices, adapters
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 BUILDING, PUBLISHED = "building", "published"
+READ_BATCH = 64  # stored deltas read per query when aggregating (6 MB of MiniLM-size packed deltas)
 REVOKED = "revoked"  # a device's token_hash once revoked: no sha256 hex digest equals it
 
 
@@ -403,9 +404,18 @@ class Store(ABC):
         return self.get_blob(delta_id)
 
     def iter_delta_bytes(self, ids: list[str]) -> Iterator[tuple[str, bytes]]:
-        """(id, bytes) for each id, read one at a time so memory stays flat."""
-        for i in ids:
-            yield i, self.get_blob(i)
+        """(id, bytes) for each id, read ``READ_BATCH`` at a time (one query a batch, where the backend can): memory
+        stays flat, and 10,000 deltas are not 10,000 round trips (benchmarks/results/hub_agg.json)."""
+        for lo in range(0, len(ids), READ_BATCH):
+            batch = ids[lo:lo + READ_BATCH]
+            got = self._read_blobs([check_sha(i) for i in batch])
+            for i in batch:
+                data = got.get(i)
+                yield i, data if data is not None else self.get_blob(i)
+
+    def _read_blobs(self, shas: list[str]) -> dict[str, bytes]:
+        """Whole blobs by sha256, as many as one query finds (the rest are read one by one); default: none."""
+        return {}
 
     def latest_version(self, fleet: str, adapter: str) -> VersionRec | None:
         """The newest published version of an adapter."""
