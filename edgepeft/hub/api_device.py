@@ -69,7 +69,8 @@ def rotate_own_token(who: DeviceDep, store: StoreDep) -> dict[str, str]:
              openapi_extra={**BINARY_BODY, "security": [{"HTTPBearer": []}]},
              responses={200: {"description": "already stored (a retry)"}, 403: {"description": "not this device"},
                         409: {"description": "stale parent, or the delta's method or method config is not the fleet's"}, 413: {"description": "too large"},
-                        422: {"description": "invalid delta"}})
+                        422: {"description": "invalid delta"},
+                        503: {"description": "the device's fleet or its bundle is missing from the store (the admin restores it)"}})
 async def upload_delta(device_id: str, request: Request) -> Response:
     # no FastAPI dependencies here (solving them cost more CPU than the rest of the route): the bearer token is read
     # as auth.bearer reads it, the store as auth.get_store gives it, and the OpenAPI security entry is stated above
