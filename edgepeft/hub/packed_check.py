@@ -6,10 +6,10 @@ Every check the device reader (``transport.unpack``) makes holds here, from chea
   fleet's deltas share one), and a layout that passed is remembered;
 - a value is x = q * s (int8 code, its row's float32 scale), so a row's largest |x| is max|q| * s: computed in
   float32 as ``dequantize`` does (an int8 times a float32 is exact in float64, so the float32 rounding is the same),
-  its values are finite iff that product is, and the upload's largest |x| is the largest row's;
+  its values are finite iff that product is, and the upload's largest |x| is the largest row's; max|q| per row is
+  one ``reduceat`` over |q| read as uint8 (where -128, the code the packer never writes, reads 128);
 - the payload is decompressed in one call, only after its declared size equals what the checked layout needs
-  (the bundle bounds it), and the value checks are a few numpy passes over it in place (row maxima and minima by one
-  ``reduceat`` each; -128 shows as a row minimum), not a loop over tensors and no copy of the codes.
+  (the bundle bounds it), and the value checks are a few numpy passes over it, not a loop over tensors.
 """
 
 from __future__ import annotations
@@ -115,17 +115,17 @@ def check_packed(data: bytes, where: str, manifest: Manifest) -> CheckedPacked:
     if not (np.isfinite(scales).all() and (scales >= 0).all()):
         row = int((~(np.isfinite(scales) & (scales >= 0))).argmax())
         raise DeltaError(f"{where}: tensor {_tensor_of_row(layout, row)!r} has a negative or non-finite row scale")
-    # each row's largest and smallest code in two passes over the payload in place (no copy, no temporary of its size)
+    # each row's largest |code| in one reduceat over |q| seen as uint8: |-128| wraps to -128 in int8, which reads 128
+    # as uint8 and 0..127 stay themselves, so a row maximum of 128 is exactly a row holding -128
     q = np.frombuffer(payload, np.int8)
-    high, low = np.zeros(total_rows, np.int16), np.zeros(total_rows, np.int16)
+    largest_code = np.zeros(total_rows, np.uint8)
     if len(layout.reduce_at):
-        high[layout.nonempty_rows] = np.maximum.reduceat(q, layout.reduce_at)[layout.rows_in_reduce]
-        low[layout.nonempty_rows] = np.minimum.reduceat(q, layout.reduce_at)[layout.rows_in_reduce]
-    if (low == -128).any():
-        raise DeltaError(f"{where}: tensor {_tensor_of_row(layout, int((low == -128).argmax()))!r} holds -128, which the "
-                         "packer never writes")
+        largest_code[layout.nonempty_rows] = np.maximum.reduceat(np.abs(q).view(np.uint8), layout.reduce_at)[layout.rows_in_reduce]
+    if (largest_code == 128).any():
+        raise DeltaError(f"{where}: tensor {_tensor_of_row(layout, int((largest_code == 128).argmax()))!r} holds -128, "
+                         "which the packer never writes")
     with np.errstate(over="ignore"):  # what dequantize computes for each row's largest |code|: exact, then float32
-        row_largest = np.maximum(high, -low).astype(np.float32) * scales.astype(np.float32)
+        row_largest = largest_code.astype(np.float32) * scales.astype(np.float32)
     if not np.isfinite(row_largest).all():
         row = int((~np.isfinite(row_largest)).argmax())
         raise DeltaError(f"{where}: tensor {_tensor_of_row(layout, row)!r} has non-finite value(s) (NaN or Inf): a row "
