@@ -1,7 +1,8 @@
 """The upload route answered ahead of FastAPI's per-request layers: the hub's hot path as a plain ASGI middleware.
 
-On every request FastAPI runs its exception, exit-stack and telemetry middleware, matches the path against every
-route, and wraps the endpoint; on an upload that was a tenth of the hub's CPU (benchmarks/bench_hub.py). This
+Inside the app's outer middleware (server errors, telemetry, body limits) FastAPI runs its exception and exit-stack
+middleware, matches the path against every route and wraps the endpoint; skipping those, the event loop spends
+0.44 -> 0.25 ms of CPU per upload (benchmarks/hub_profile.py: results/hub_profile_s5.json, hub_profile.json). This
 middleware answers ``POST /api/v1/devices/{device_id}/deltas`` with the very handler the FastAPI route calls
 (``api_device.upload_delta``), turns what it raises into a response with the app's own exception handlers (the same
 status, body and headers as the route), and passes every other request on. The route stays registered, so the
