@@ -26,7 +26,7 @@ BLOB_DIR = "blobs"
 INLINE_MAX = 1 << 20  # SQLite reads and writes blobs below ~100 KB faster than files (sqlite.org/intern-v-extern-blob.html)
 # pages of a store made from now on (an older store keeps the 4 KiB it was made with, and works as before): a 94 KB
 # packed delta spans 3 pages, not 23, and committing it costs about half the CPU (0.19 against 0.36 ms a delta,
-# benchmarks/results/hub_profile.json); 64 KiB measured the same, and small rows read less of a 32 KiB page
+# benchmarks/results/hub_profile.json); 64 KiB did no better in a one-off run, and small rows read less of 32 KiB
 PAGE_SIZE = 32768
 INLINE_SCHEMA = "CREATE TABLE IF NOT EXISTS inline_blobs (sha256 TEXT PRIMARY KEY, data BLOB NOT NULL)"
 
