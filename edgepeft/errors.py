@@ -43,3 +43,7 @@ class ConflictError(HubError):
 
 class AuthError(HubError):
     """A credential that is missing, wrong, revoked or rotated (HTTP 401)."""
+
+
+class UnavailableError(HubError):
+    """The hub's store lacks a row a request needs (a fleet, its bundle) until an admin restores it (HTTP 503)."""

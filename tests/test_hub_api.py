@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sqlite3
 import tarfile
 
 import numpy as np
@@ -236,3 +237,29 @@ def test_a_delta_of_another_method_or_config_is_refused_with_409_saying_why(hub,
     assert r.status_code == 409, r.text
     assert says in r.json()["detail"] and "\n" not in r.json()["detail"]
     assert [d.device for d in store.list_deltas("f1")] == ["b"]  # the odd one is not stored
+
+
+def _upload_after_losing(tmp_path, hub, sql: str):
+    """An upload from device a to a fresh hub over the fixture's store after ``sql`` removed a row it needs."""
+    client, manifest, tokens, _ = hub
+    with sqlite3.connect(tmp_path / "store" / "hub.sqlite3") as db:
+        db.execute(sql)
+    store = open_store(str(tmp_path / "store"))
+    try:
+        with TestClient(create_app(store, admin_token=ADMIN, policy_interval_s=0)) as fresh:
+            r = fresh.post("/api/v1/devices/a/deltas", content=make_delta(manifest, "a"), headers=H(tokens["a"]))
+        return r, store.list_deltas("f1", pending=True)
+    finally:
+        store.close()
+
+
+def test_an_upload_to_a_fleet_whose_bundle_is_gone_is_503_naming_the_admins_fix(hub, tmp_path):
+    r, stored = _upload_after_losing(tmp_path, hub, "DELETE FROM bundles")
+    assert r.status_code == 503 and "edgepeft hub bundle add" in r.json()["detail"]
+    assert stored == []
+
+
+def test_an_upload_from_a_device_whose_fleet_is_gone_is_503_naming_the_admins_fix(hub, tmp_path):
+    r, stored = _upload_after_losing(tmp_path, hub, "DELETE FROM fleets WHERE name = 'f1'")
+    assert r.status_code == 503 and "edgepeft hub fleet create f1 --bundle" in r.json()["detail"]
+    assert stored == []

@@ -318,23 +318,45 @@ def hub_merge_figures() -> dict[str, str]:
 
 
 def hub_upload_figures() -> dict[str, str]:
-    """The upload paths side by side (bench_hub.py --uploads-only), and the code before this upload path."""
+    """The upload paths side by side (bench_hub.py --uploads-only) for this code and the code before it, back to back
+    (scripts/bench_hub_before_after.sh); the code before session 5's upload path; where the CPU goes (hub_profile.py)."""
     r = {x["run"]: x for x in _json("hub_uploads")["rows"]}
     c, sq, pg = r["ceiling"], r["sqlite, 1 hub"], r["postgresql, 2 hubs"]
     t40 = r["sqlite, 1 hub, 40 threads (anyio's default)"]
+    s5 = {x["run"]: x for x in _json("hub_uploads_s5")["rows"]}
     b = {x["run"]: x for x in _json("hub_uploads_before")["rows"]}
-    cpu = lambda x: f"{x['cpu_ms_per_upload']['hubs']:.1f} ms"  # noqa: E731
+    cpu = lambda x: f"{x['cpu_ms_per_upload']['hubs']:.2f} ms"  # noqa: E731
+    both = lambda x: (f"one hub on SQLite {x['sqlite, 1 hub']['uploads_per_s']:.0f} uploads/s at {cpu(x['sqlite, 1 hub'])}, "  # noqa: E731
+                      f"two hubs on PostgreSQL {x['postgresql, 2 hubs']['uploads_per_s']:.0f} uploads/s at "
+                      f"{cpu(x['postgresql, 2 hubs'])}")
+    now, was = _json("hub_profile"), _json("hub_profile_s5")
+    threads = lambda k: (f"{was['hub_sqlite']['hub_cpu_ms_per_upload_by_thread'][k]:.2f} → "  # noqa: E731
+                         f"{now['hub_sqlite']['hub_cpu_ms_per_upload_by_thread'][k]:.2f} ms")
+    checks, commit = now["checks_cpu_ms"], now["sqlite_commit_cpu_ms_per_delta"]
     return {"hub: load": f"load average {_json('hub_uploads')['load_average']:.1f} on the two cores",
             "hub: ceiling": f"takes {c['uploads_per_s']:,.0f} uploads/s at {c['cpu_ms_per_upload']['hubs']:.2f} ms of CPU each",
             "hub: sqlite": f"one hub on SQLite {sq['uploads_per_s']:.0f} uploads/s (p99 {sq['latency_ms']['p99']:.0f} ms) at {cpu(sq)}",
             "hub: postgresql": f"two hubs on one durable PostgreSQL {pg['uploads_per_s']:.0f} uploads/s "
                                f"(p99 {pg['latency_ms']['p99']:.0f} ms) at {cpu(pg)}",
+            "hub: s5": f"load average {_json('hub_uploads_s5')['load_average']:.1f}): {both(s5)}",
             "hub: before": f"load average {_json('hub_uploads_before')['load_average']:.1f}): "
-                           f"one hub on SQLite {b['sqlite, 1 hub']['uploads_per_s']:.0f} uploads/s at {cpu(b['sqlite, 1 hub'])}, "
-                           f"two hubs on PostgreSQL {b['postgresql, 2 hubs']['uploads_per_s']:.0f} uploads/s at "
-                           f"{cpu(b['postgresql, 2 hubs'])}",
+                           f"one hub on SQLite {b['sqlite, 1 hub']['uploads_per_s']:.0f} uploads/s at "
+                           f"{b['sqlite, 1 hub']['cpu_ms_per_upload']['hubs']:.1f} ms, two hubs on PostgreSQL "
+                           f"{b['postgresql, 2 hubs']['uploads_per_s']:.0f} uploads/s at "
+                           f"{b['postgresql, 2 hubs']['cpu_ms_per_upload']['hubs']:.1f} ms",
+            "hub: profile load": f"load average {now['load_average']:.1f} and {was['load_average']:.1f}",
+            "hub: event loop": f"the event loop's CPU per upload {threads('event loop')}",
+            "hub: other threads": f"the other threads' {threads('other threads')}",
+            "hub: pages": f"committing a {checks['packed_delta_bytes'] / 1000:.0f} KB delta takes "
+                          f"{commit['three inserts, 4 KiB pages']:.2f} → {commit['three inserts, 32 KiB pages']:.2f} ms of CPU",
+            "hub: check": f"checking a packed delta {was['checks_cpu_ms']['check_packed_ms']:.2f} → {checks['check_packed_ms']:.2f} ms",
+            "hub: bounds": f"the check ({checks['check_packed_ms']:.2f} ms, zstd's decompression "
+                           f"{checks['zstd_decompress_ms']:.2f} ms of it), the content id {checks['content_id_ms']:.2f} ms, "
+                           f"sha256 {checks['sha256_ms']:.2f} ms",
+            "hub: one row": f"one row per upload instead of three INSERTs would take the commit from "
+                            f"{commit['three inserts, 32 KiB pages']:.2f} to {commit['one row, 32 KiB pages']:.2f} ms",
             "hub: threads": f"{t40['uploads_per_s']:.0f} uploads/s at {cpu(t40)}, "
-                            f"{'more' if t40['cpu_ms_per_upload']['hubs'] > 1.2 * sq['cpu_ms_per_upload']['hubs'] else 'no less'} CPU per upload"}
+                            f"{'more' if t40['cpu_ms_per_upload']['hubs'] > 1.2 * sq['cpu_ms_per_upload']['hubs'] else 'no more'} CPU per upload"}
 
 
 def hostile_figures() -> dict[str, str]:

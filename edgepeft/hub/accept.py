@@ -18,7 +18,7 @@ from fastapi import HTTPException, Request
 
 from edgepeft.delta.format import DeltaMeta
 from edgepeft.delta.transport import is_packed
-from edgepeft.errors import DeltaError, HubError
+from edgepeft.errors import DeltaError, HubError, UnavailableError
 from edgepeft.hub import aggregate as agg
 from edgepeft.hub import limits
 from edgepeft.hub.auth import unauthorized
@@ -35,7 +35,8 @@ def manifest_of(request: Request, store: Store, fingerprint: str) -> Manifest:
     if fingerprint not in cache:
         rec = store.get_bundle(fingerprint)
         if rec is None:
-            raise HTTPException(500, f"bundle {fingerprint[:16]} of the fleet is missing")
+            raise UnavailableError(f"bundle {fingerprint[:16]} of the fleet is missing from the hub's store; the admin "
+                                   "adds it again: edgepeft hub bundle add BUNDLE_DIR")
         cache[fingerprint] = rec.manifest
     return cache[fingerprint]
 
@@ -69,7 +70,8 @@ def uploader(request: Request, store: Store, token: str | None, device_id: str, 
             raise unauthorized("invalid token")
         fleet = store.fleet(device.fleet)
         if fleet is None:
-            raise HTTPException(500, f"fleet {device.fleet!r} of device {device.id!r} is missing")
+            raise UnavailableError(f"fleet {device.fleet!r} of device {device.id!r} is missing from the hub's store; the "
+                                   f"admin creates it again: edgepeft hub fleet create {device.fleet} --bundle FINGERPRINT")
     if device.id != device_id:
         raise HTTPException(403, f"token is for device {device.id!r}, not {device_id!r}")
     return Uploader(device, token_hash, fleet, manifest_of(request, store, fleet.bundle))

@@ -21,6 +21,7 @@ from edgepeft.hub.bundles import serve_blob
 from edgepeft.hub.store import Store, VersionRec
 
 router = APIRouter(prefix="/api/v1")
+UPLOAD_PATH = "/devices/{device_id}/deltas"  # served by hub/lean_upload.py ahead of FastAPI; this route documents it
 MAX_VERSION = 10**9 - 1  # version numbers fit nine digits and every database integer
 
 BINARY_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
@@ -64,12 +65,13 @@ def rotate_own_token(who: DeviceDep, store: StoreDep) -> dict[str, str]:
     return {"device": who.device.id, "fleet": who.device.fleet, "token": store.rotate_token(who.device.id)}
 
 
-@router.post("/devices/{device_id}/deltas", status_code=201,
+@router.post(UPLOAD_PATH, status_code=201,
              summary="Upload a delta (safetensors or packed); idempotent by sha256",
              openapi_extra={**BINARY_BODY, "security": [{"HTTPBearer": []}]},
              responses={200: {"description": "already stored (a retry)"}, 403: {"description": "not this device"},
                         409: {"description": "stale parent, or the delta's method or method config is not the fleet's"}, 413: {"description": "too large"},
-                        422: {"description": "invalid delta"}})
+                        422: {"description": "invalid delta"},
+                        503: {"description": "the device's fleet or its bundle is missing from the store (the admin restores it)"}})
 async def upload_delta(device_id: str, request: Request) -> Response:
     # no FastAPI dependencies here (solving them cost more CPU than the rest of the route): the bearer token is read
     # as auth.bearer reads it, the store as auth.get_store gives it, and the OpenAPI security entry is stated above

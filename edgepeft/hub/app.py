@@ -31,6 +31,7 @@ from edgepeft.hub import api_admin, api_device
 from edgepeft.hub.auth import SESSION_COOKIE, SESSION_MAX_AGE_S, StoreDep, bearer, may_see_status, status_session
 from edgepeft.hub.bodies import read_body
 from edgepeft.hub.http_errors import http_status
+from edgepeft.hub.lean_upload import LeanUpload
 from edgepeft.hub.status import login_page, render_status
 from edgepeft.hub.store import Store, hash_token
 
@@ -42,8 +43,9 @@ MAX_BUNDLE_BYTES = 4 * 2**30
 
 def create_app(store: Store, *, admin_token: str, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                max_bundle_bytes: int = MAX_BUNDLE_BYTES, policy_interval_s: float = 30.0,
-               status_public: bool = False, request_threads: int = REQUEST_THREADS) -> FastAPI:
-    """The hub app over ``store``; ``admin_token`` guards admin calls (kept only as its sha256)."""
+               status_public: bool = False, request_threads: int = REQUEST_THREADS, lean_upload: bool = True) -> FastAPI:
+    """The hub app over ``store``; ``admin_token`` guards admin calls (kept only as its sha256). ``lean_upload``:
+    uploads are answered by hub/lean_upload.py ahead of FastAPI's layers (False: by the FastAPI route, same handler)."""
     if len(admin_token) < 16:
         raise HubError("the admin token must be at least 16 characters")
     if max_upload_bytes < 1 or max_bundle_bytes < 1:
@@ -76,6 +78,8 @@ def create_app(store: Store, *, admin_token: str, max_upload_bytes: int = MAX_UP
     app.state.policy = lambda fleet, adapter: _policy(app, fleet, adapter)
     app.include_router(api_admin.router, tags=["admin"])
     app.include_router(api_device.router, tags=["device"])
+    if lean_upload:
+        app.add_middleware(LeanUpload)
 
     @app.exception_handler(EdgePeftError)
     async def _edgepeft_error(request: Request, exc: EdgePeftError) -> JSONResponse:

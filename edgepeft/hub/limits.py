@@ -96,7 +96,7 @@ def codes_content_id(meta: DeltaMeta, shapes: dict[str, tuple[int, ...]], codes:
     h = hashlib.sha256(json.dumps({"device": device, "meta": meta_to_strings(meta)}, sort_keys=True).encode())
     for name in sorted(shapes):
         h.update(f"\0{name}\0{list(shapes[name])}\0".encode())
-        h.update(np.ascontiguousarray(codes[name]).tobytes())
+        h.update(np.ascontiguousarray(codes[name]))  # hashed in place (the buffer protocol), not copied
     return h.hexdigest()
 
 

@@ -6,10 +6,11 @@ Every check the device reader (``transport.unpack``) makes holds here, from chea
   fleet's deltas share one), and a layout that passed is remembered;
 - a value is x = q * s (int8 code, its row's float32 scale), so a row's largest |x| is max|q| * s: computed in
   float32 as ``dequantize`` does (an int8 times a float32 is exact in float64, so the float32 rounding is the same),
-  its values are finite iff that product is, and the upload's largest |x| is the largest row's;
+  its values are finite iff that product is, and the upload's largest |x| is the largest row's; max|q| per row is
+  one ``reduceat`` over |q| read as uint8 (where -128, the code the packer never writes, reads 128), a piece at a
+  time;
 - the payload is decompressed in one call, only after its declared size equals what the checked layout needs
-  (the bundle bounds it), and the value checks are a few numpy passes over it in place (row maxima and minima by one
-  ``reduceat`` each; -128 shows as a row minimum), not a loop over tensors and no copy of the codes.
+  (the bundle bounds it), and the value checks are a few numpy passes over it, not a loop over tensors.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from edgepeft.errors import DeltaError
 from edgepeft.manifest import Manifest
 
 LAYOUTS_KEPT = 64  # layouts remembered (a fleet has one per LoRA rank it takes)
+PIECE_BYTES = 32 * 1024  # payload bytes whose |code| is held at once (the largest code of every row: _largest_codes)
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Layout:
     rows_in_reduce: np.ndarray  # which reduceat results are rows (the others span the next tensor's scales)
     nonempty_rows: np.ndarray  # global indices of the rows those are (rows of zero length have no codes)
     payload_bytes: int  # scales and codes of every tensor: what follows the header
+    pieces: tuple[tuple[int, int], ...]  # reduce_at index ranges of the payload's pieces of about PIECE_BYTES
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,11 @@ def _layout(raw_specs: Any, meta: DeltaMeta, manifest: Manifest, where: str) -> 
     cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)  # noqa: E731
     reduce_at, rows_in_reduce = cat(marks, np.int64), cat(is_row, bool)
     inside = reduce_at < offset  # the last tensor's end mark is the payload's end: no segment starts there
-    layout = Layout(tuple(specs), tuple(scale_at), tuple(codes_at), tuple(rows_of), tuple(lengths), reduce_at[inside],
-                    rows_in_reduce[inside], cat(nonempty, np.int64), offset)
+    reduce_at = reduce_at[inside]
+    cuts = sorted(set(np.searchsorted(reduce_at, np.arange(0, offset, PIECE_BYTES)).tolist())) if len(reduce_at) else []
+    layout = Layout(tuple(specs), tuple(scale_at), tuple(codes_at), tuple(rows_of), tuple(lengths), reduce_at,
+                    rows_in_reduce[inside], cat(nonempty, np.int64), offset,
+                    tuple((a, b) for a, b in zip(cuts, cuts[1:] + [len(reduce_at)]) if a < b))
     with _layouts_lock:
         _layouts[key] = (manifest, layout)
         while len(_layouts) > LAYOUTS_KEPT:
@@ -115,17 +121,15 @@ def check_packed(data: bytes, where: str, manifest: Manifest) -> CheckedPacked:
     if not (np.isfinite(scales).all() and (scales >= 0).all()):
         row = int((~(np.isfinite(scales) & (scales >= 0))).argmax())
         raise DeltaError(f"{where}: tensor {_tensor_of_row(layout, row)!r} has a negative or non-finite row scale")
-    # each row's largest and smallest code in two passes over the payload in place (no copy, no temporary of its size)
     q = np.frombuffer(payload, np.int8)
-    high, low = np.zeros(total_rows, np.int16), np.zeros(total_rows, np.int16)
+    largest_code = np.zeros(total_rows, np.uint8)
     if len(layout.reduce_at):
-        high[layout.nonempty_rows] = np.maximum.reduceat(q, layout.reduce_at)[layout.rows_in_reduce]
-        low[layout.nonempty_rows] = np.minimum.reduceat(q, layout.reduce_at)[layout.rows_in_reduce]
-    if (low == -128).any():
-        raise DeltaError(f"{where}: tensor {_tensor_of_row(layout, int((low == -128).argmax()))!r} holds -128, which the "
-                         "packer never writes")
+        largest_code[layout.nonempty_rows] = _largest_codes(q, layout)[layout.rows_in_reduce]
+    if (largest_code == 128).any():
+        raise DeltaError(f"{where}: tensor {_tensor_of_row(layout, int((largest_code == 128).argmax()))!r} holds -128, "
+                         "which the packer never writes")
     with np.errstate(over="ignore"):  # what dequantize computes for each row's largest |code|: exact, then float32
-        row_largest = np.maximum(high, -low).astype(np.float32) * scales.astype(np.float32)
+        row_largest = largest_code.astype(np.float32) * scales.astype(np.float32)
     if not np.isfinite(row_largest).all():
         row = int((~np.isfinite(row_largest)).argmax())
         raise DeltaError(f"{where}: tensor {_tensor_of_row(layout, row)!r} has non-finite value(s) (NaN or Inf): a row "
@@ -133,6 +137,21 @@ def check_packed(data: bytes, where: str, manifest: Manifest) -> CheckedPacked:
     codes = {name: q[at:at + rows * n].reshape(rows, n)
              for (name, _), at, rows, n in zip(specs, layout.codes_at, layout.tensor_rows, layout.row_lengths)}
     return CheckedPacked(meta, dict(specs), codes, float(row_largest.max(initial=0.0)))
+
+
+def _largest_codes(q: np.ndarray, layout: Layout) -> np.ndarray:
+    """The largest |code| of each reduceat segment: one reduceat over |q| seen as uint8, piece by piece.
+
+    |-128| wraps to -128 in int8, which reads 128 as uint8 while 0..127 stay themselves, so a row maximum of 128 is
+    exactly a row holding -128: one pass instead of a maximum and a minimum pass. Pieces of about PIECE_BYTES (cut
+    where a segment starts) keep the temporary |q| small: the payload itself is never copied."""
+    at, end = layout.reduce_at, layout.payload_bytes
+    parts = []
+    for a, b in layout.pieces:
+        stop = int(at[b]) if b < len(at) else end
+        piece = q[int(at[a]):stop]
+        parts.append(np.maximum.reduceat(np.abs(piece).view(np.uint8), at[a:b] - at[a]))
+    return np.concatenate(parts)
 
 
 def _tensor_of_row(layout: Layout, row: int) -> str:

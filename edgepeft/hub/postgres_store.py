@@ -77,6 +77,12 @@ class PostgresStore(SqlStore):
     @contextlib.contextmanager
     def _tx(self, write: bool = False) -> Iterator[Any]:
         with self._pool.connection(broken=(self._psycopg.OperationalError, self._psycopg.InterfaceError)) as conn:
+            if not write:
+                # reads run in autocommit: under READ COMMITTED each statement takes its own snapshot inside a
+                # transaction too, so BEGIN and COMMIT would add two round trips (a third of an upload's read) and
+                # nothing a read can see
+                yield _Cursor(conn)
+                return
             with conn.transaction():
                 yield _Cursor(conn)
 

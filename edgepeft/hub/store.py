@@ -392,9 +392,9 @@ class Store(ABC):
     def add_delta_soon(self, rec: DeltaRec, data: bytes, content: str | None = None, *,
                        token_hash: str | None = None) -> Future:
         """:meth:`add_delta` as a future of its answer, set once the delta is durable: the calling thread need not
-        wait through the commit (the hub's upload route awaits it on the event loop)."""
-        if rec.id != sha256_hex(data):
-            raise HubError("delta id must be the sha256 of its bytes")
+        wait through the commit (the hub's upload route awaits it on the event loop). Unlike :meth:`add_delta` it
+        trusts ``rec.id`` to be the sha256 of ``data``: its one caller (hub/accept.py) hashed these bytes just before,
+        and hashing a 94 KB delta again costs 0.05 ms, 3 % of an upload's hub CPU."""
         if content is not None:
             check_sha(content)
         return self._add_delta_soon(rec, data, content, token_hash)
