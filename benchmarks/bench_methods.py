@@ -103,53 +103,26 @@ print("RESULT", json.dumps({"test_accuracy": m["accuracy"], "steps": s.steps, "s
                             "train_loss": s.train_loss, "ranks": delta.meta.extra.get("adalora_ranks")}))
 """
 
-TORCH_CHILD = """
-import json, os, sys, tempfile, time
+# the child runs as ``python -c`` without benchmarks/ on its path: it imports the shared setup by this folder's path
+TORCH_CHILD = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+""" + """
+import json, os, time
 os.environ["HF_HUB_OFFLINE"] = "1"
 import torch, transformers
-from peft import PeftModel
-from edgepeft.delta import delta_from_init
-from edgepeft.delta.peft_format import to_peft
-from edgepeft.demo.assets import minilm_dir
+from peft_start import peft_model
 from edgepeft.runtime.bundle import open_bundle
 from edgepeft.runtime.data import eval_batches, load_dataset
 from edgepeft.runtime.text import load_tokenizer
-from edgepeft.runtime.weights import read_frozen
 bundle, train, test, order_file, hp = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
-transformers.logging.set_verbosity_error()
 if hp["threads"]:
     torch.set_num_threads(hp["threads"])
 b = open_bundle(bundle)
 tok = load_tokenizer(b)
 data = {"train": load_dataset(train, b.manifest, tok), "test": load_dataset(test, b.manifest, tok)}
 order = json.load(open(order_file))
-adapter = tempfile.mkdtemp()
-to_peft(delta_from_init(b.manifest, hp["seed"]), b.manifest, adapter, base_weights=read_frozen(b))  # edgepeft's start
-model = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2, attn_implementation="eager")
-if any(s.module == "prompt_encoder" for s in b.manifest.slots):
-    # PEFT loads no prompt-learning adapter trainable, and its file holds only an encoder's output: build the
-    # method from the adapter's config and copy edgepeft's start into its prompt encoder (and head copy)
-    from peft import PeftConfig, get_peft_model
-    from safetensors.torch import load_file
-    cfg = PeftConfig.from_pretrained(adapter)
-    cfg.inference_mode = False
-    model = get_peft_model(model, cfg)
-    enc = model.prompt_encoder["default"]
-    names = {"prompt_embeddings": "embedding.weight", "prefix_embeddings": "embedding.weight", "pt_embedding": "embedding.weight",
-             "pt_w0": "mlp_head.0.weight", "pt_b0": "mlp_head.0.bias", "pt_w1": "mlp_head.2.weight", "pt_b1": "mlp_head.2.bias",
-             "pt_w2": "mlp_head.4.weight", "pt_b2": "mlp_head.4.bias"}
-    with torch.no_grad():
-        for k, v in delta_from_init(b.manifest, hp["seed"]).tensors.items():
-            module, _, kind = k.rpartition(".")
-            if module == "prompt_encoder":
-                enc.get_parameter(names[kind]).copy_(torch.from_numpy(v))
-        for k, v in load_file(os.path.join(adapter, "adapter_model.safetensors")).items():  # the bundle's head
-            if k != "prompt_embeddings":
-                module, _, leaf = k.removeprefix("base_model.").rpartition(".")
-                getattr(model.base_model.get_submodule(module).modules_to_save["default"], leaf).copy_(v)
-else:
-    model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
-model.eval()  # no dropout, as in edgepeft's graphs
+model = peft_model(b, hp["seed"])  # edgepeft's start (benchmarks/peft_start.py)
 adalora = hasattr(model.base_model, "update_and_allocate")
 if adalora:  # PEFT's budget runs over this run's steps (the adapter file carries no run length)
     model.peft_config["default"].total_step = len(order)
@@ -194,6 +167,12 @@ def test_file(path: Path, rows: int) -> Path:
     return out
 
 
+def order_file(bundle: Path, seed: int) -> Path:
+    """Where the edgepeft child writes the batches it trained on for the torch child: one file per bundle and seed, so
+    runs of other seeds at the same time (``--seed``) do not replay each other's batches."""
+    return CACHE / f"methods-order-{bundle.name}-s{seed}.json"
+
+
 def run(args: argparse.Namespace, hp: dict, save) -> list[dict]:
     """One edgepeft child per method, then a torch + PEFT child on the batches it used where PEFT has the method;
     ``save(rows)`` after each method; no new method starts after ``args.budget_min`` minutes."""
@@ -208,7 +187,7 @@ def run(args: argparse.Namespace, hp: dict, save) -> list[dict]:
             continue
         save(rows)
         bundle = minilm_bundle(args.quantize, method, top_layers=None, rank=rank, method_config=OPTIONS.get(method))
-        order = CACHE / f"methods-order-{bundle.name}.json"
+        order = order_file(bundle, args.seed)
         argv = [str(bundle), str(files["train"]), str(test), str(order), json.dumps({**hp, "lr": args.lr or lr, "warmup": warmup})]
         try:
             ours = run_child(EDGEPEFT_CHILD, *argv)
@@ -246,7 +225,7 @@ def peft_again(args: argparse.Namespace, hp: dict) -> None:
             continue
         _, _, lr, rank, _ = METHODS[row["method"]]
         bundle = minilm_bundle(result["settings"].get("quantize", "int8"), row["bundle_method"], top_layers=None, rank=rank, method_config=OPTIONS.get(row["bundle_method"]))
-        order = CACHE / f"methods-order-{bundle.name}.json"
+        order = order_file(bundle, args.seed)
         theirs = run_child(TORCH_CHILD, str(bundle), str(files["train"]), str(test), str(order), json.dumps({**hp, "lr": row["lr"], "warmup": row.get("warmup", 0)}),
                            timeout=3600)
         row.pop("torch_error", None)

@@ -1,11 +1,13 @@
-"""Why bench_methods warms P-tuning up: edgepeft int8 and torch + PEFT fp32, step by step, from the same start.
+"""P-tuning recipes screened: edgepeft int8 and torch + PEFT fp32, step by step, from the same start and batches.
 
-For bench_methods' P-tuning bundle and batches: the per-tensor agreement of the first step's gradients (cosine, share
-of equal signs: Adam's first steps move every number by about lr times the sign of its gradient), then each side's
-training loss per step for each run of ``--runs`` (lr:steps:warmup steps; each side trains the same batches from the
-same start, with bench_methods' AdamW and clipping, linear warmup then decay over the run's steps). Writes results/methods_ptuning_lr.json.
+For bench_methods' P-tuning bundle (or one of another encoder width) and batches: the per-tensor agreement of
+the first step's gradients (cosine, share of equal signs: Adam's first steps move every number by about lr
+times the sign of its gradient), then each side's training loss per step for each run of ``--runs``
+(lr:steps:warmup; both sides train the same batches from the same start with bench_methods' AdamW and
+clipping, linear warmup then decay over the run's steps). The torch side is bench_methods'
+(benchmarks/peft_start.py). Writes results/methods_ptuning_lr.json (``--out``).
 
-    python benchmarks/ptuning_probe.py [--runs 1e-2:30:0,1e-2:30:20]
+    python benchmarks/ptuning_probe.py [--runs 1e-2:30:0,1e-2:30:20] [--seed 0] [--encoder-hidden-size 128] [--out NAME]
 """
 
 from __future__ import annotations
@@ -13,59 +15,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_methods import OPTIONS  # noqa: E402
 from bench_train_rotten_tomatoes import data_files  # noqa: E402
 from common import minilm_bundle, write_result  # noqa: E402
-
-ENCODER = {"pt_embedding": "embedding.weight", "pt_w0": "mlp_head.0.weight", "pt_b0": "mlp_head.0.bias",
-           "pt_w1": "mlp_head.2.weight", "pt_b1": "mlp_head.2.bias", "pt_w2": "mlp_head.4.weight", "pt_b2": "mlp_head.4.bias"}
-
-
-def torch_model(b, seed: int):
-    """torch + PEFT's P-tuning model started where edgepeft starts (the bench_methods torch child's setup)."""
-    import torch
-    import transformers
-    from peft import PeftConfig, get_peft_model
-    from safetensors.torch import load_file
-
-    from edgepeft.delta import delta_from_init
-    from edgepeft.delta.peft_format import to_peft
-    from edgepeft.demo.assets import minilm_dir
-    from edgepeft.runtime.weights import read_frozen
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    transformers.logging.set_verbosity_error()
-    start = delta_from_init(b.manifest, seed)
-    adapter = tempfile.mkdtemp()
-    to_peft(start, b.manifest, adapter, base_weights=read_frozen(b))
-    cfg = PeftConfig.from_pretrained(adapter)
-    cfg.inference_mode = False
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2, attn_implementation="eager")
-    model = get_peft_model(model, cfg)
-    enc = model.prompt_encoder["default"]
-    with torch.no_grad():
-        for k, v in start.tensors.items():
-            module, _, kind = k.rpartition(".")
-            if module == "prompt_encoder":
-                enc.get_parameter(ENCODER[kind]).copy_(torch.from_numpy(v))
-        for k, v in load_file(os.path.join(adapter, "adapter_model.safetensors")).items():  # the bundle's head
-            if k != "prompt_embeddings":
-                module, _, leaf = k.removeprefix("base_model.").rpartition(".")
-                getattr(model.base_model.get_submodule(module).modules_to_save["default"], leaf).copy_(v)
-    model.eval()
-    return model
-
-
-def torch_param(model, slot: str):
-    module, _, kind = slot.rpartition(".")
-    if module == "prompt_encoder":
-        return model.prompt_encoder["default"].get_parameter(ENCODER[kind])
-    return getattr(model.base_model.classifier.modules_to_save["default"], kind)
+from edgepeft.names import PROMPT_MODULE, PT_W0, slot_name  # noqa: E402
+from peft_start import peft_model, torch_param  # noqa: E402
 
 
 def main() -> None:
@@ -82,7 +41,8 @@ def main() -> None:
     from edgepeft.runtime.text import load_tokenizer
     from edgepeft.runtime.trainer import TrainConfig, Trainer
 
-    b = open_bundle(minilm_bundle("int8", "ptuning+head", top_layers=None, rank=None))  # bench_methods' bundle
+    options = {**OPTIONS.get("ptuning+head", {}), **({"encoder_hidden_size": args.encoder_hidden_size} if args.encoder_hidden_size else {})}
+    b = open_bundle(minilm_bundle("int8", "ptuning+head", top_layers=None, rank=None, method_config=options or None))
     ds = D.load_dataset(data_files(1200, args.seed)["train"], b.manifest, load_tokenizer(b))
     runs = []
     for triple in args.runs.split(","):
@@ -99,7 +59,7 @@ def main() -> None:
                           seed=args.seed, schedule="linear", warmup=warmup)
         Trainer(b, ds, cfg, on_progress=lambda p: ours.append(round(p.loss, 4))).fit()
         D.Dataset.batch = plain
-        model = torch_model(b, args.seed)
+        model = peft_model(b, args.seed)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
         sched = transformers.get_linear_schedule_with_warmup(opt, warmup, steps)
@@ -126,7 +86,7 @@ def main() -> None:
     tr.params, tr.slots = tr.delta.tensors, HeldSlots(b.manifest.slots)
     tr._sessions()
     _, ours_g = tr._grads([first])
-    model = torch_model(b, args.seed)
+    model = peft_model(b, args.seed)
     t = {k: torch.from_numpy(v) for k, v in ds.batch(first).items()}
     torch.nn.functional.cross_entropy(model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits, t["labels"]).backward()
     grads = {}
@@ -134,9 +94,10 @@ def main() -> None:
         a, c = ours_g[slot].ravel(), torch_param(model, slot).grad.numpy().ravel()
         grads[slot] = {"cosine": round(float(a @ c / (np.linalg.norm(a) * np.linalg.norm(c))), 4),
                        "same_sign": round(float(np.mean(np.sign(a) == np.sign(c))), 4)}
-    write_result("methods_ptuning_lr", {
+    write_result(args.out, {
         "benchmark": "P-tuning (20 tokens, MLP encoder) + head on Rotten Tomatoes: edgepeft int8 vs torch + PEFT fp32, "
                      "same start, same batches",
+        "seed": args.seed, "encoder_hidden_size": int(b.manifest.slot(slot_name(PROMPT_MODULE, PT_W0)).shape[0]),
         "load_average": round(os.getloadavg()[0], 2), "first_step_gradients": grads, "runs": runs})
     print(grads)
 
