@@ -27,7 +27,7 @@ from edgepeft.errors import TrainError
 from edgepeft.names import (ATTENTION_MASK, AUDIO_CLS, CNN_INPUTS, IGNORED_LABEL, INPUT_IDS, LABELS, LOSS, SEQ_CLS, TOKEN_CLS,
                             grad_name)
 from edgepeft.runtime import checkpoint as ckpt
-from edgepeft.runtime import memory
+from edgepeft.runtime import logit_adjust, memory
 from edgepeft.runtime.bundle import Bundle, SessionConfig
 from edgepeft.runtime.data import Dataset, plan_batches, split_batch, split_by_tokens
 from edgepeft.runtime.evaluate import evaluate, score
@@ -71,6 +71,10 @@ class TrainConfig:
     seed: int = _help(0, "Seed of the data order and of a fresh delta's LoRA A init.")
     balance_labels: bool = _help(False, "Classification: draw each epoch's examples so every label is equally likely "
                                         "(with replacement); for label-skewed local data, as a fleet device's often is.")
+    logit_adjust: float = _help(0.0, "Classification: train on logits shifted by this times the log of the local label "
+                                     "prior (logit adjustment, as FedLC does; 1: balanced softmax), so a label-skewed fleet "
+                                     "device does not teach the fleet its own label prior; the delta predicts with plain "
+                                     "logits (0: off).")
     rank: int = _help(0, "LoRA rank to train, at most the bundle's (0: the starting delta's, else the bundle's); a lower rank "
                          "trains the bundle's graph with the factors past it held at zero, so the delta is that rank exactly.")
     eval_every: int = _help(0, "Evaluate on the validation data every N steps (0: at the end of each epoch).")
@@ -95,6 +99,10 @@ class TrainConfig:
                 raise TrainError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise TrainError(f"lr must be a positive number, got {self.lr}")
+        if not (self.logit_adjust >= 0 and math.isfinite(self.logit_adjust)):
+            raise TrainError(f"logit-adjust must be a non-negative number, got {self.logit_adjust}")
+        if self.logit_adjust and self.balance_labels:  # balanced draws already make the prior seen uniform
+            raise TrainError("--logit-adjust and --balance-labels both correct for skewed labels; choose one")
         if self.select not in ("all", "auto"):
             raise TrainError(f"--select {self.select!r}: choose all or auto")
         if (self.select == "auto") != (self.max_delta_bytes > 0):
@@ -164,6 +172,7 @@ class Trainer:
                 raise TrainError(f"{d.path}: data read for {d.task}, the bundle is {m.task}")
         if config.balance_labels and getattr(train, "labels", None) is None:
             raise TrainError(f"--balance-labels needs labels per example; {m.task} data has none")
+        self.shift = logit_adjust.bias_shift(m, getattr(train, "labels", None), config.logit_adjust)
         self.bundle, self.manifest, self.train, self.val, self.config = bundle, m, train, val, config
         self.start = start
         self.checkpoint_dir = None if checkpoint_dir is None else Path(os.fspath(checkpoint_dir))
@@ -276,12 +285,16 @@ class Trainer:
         chunks = loss_chunks(self.session)
         for b, w in zip(micro, weights):
             feeds = b if LABELS in b else train_feeds(b, chunks, first_target(self.manifest))  # a causal LM scores only its target tokens
-            out = self.session.run(outputs, {**feeds, **self.params})
+            out = self.session.run(outputs, {**feeds, **self.params, **self._shifted()})
             f = w / total_w  # 1.0 without accumulation: the gradients are used exactly as the graph gave them
             loss += f * float(out[0])
             scaled = [g if f == 1.0 else g * np.float32(f) for g in out[1:]]
             grads = scaled if grads is None else [a + g for a, g in zip(grads, scaled)]
         return loss, self.slots.with_zeros(dict(zip(names, grads)), self.params)
+
+    def _shifted(self) -> dict[str, np.ndarray]:
+        """The head bias as the train graph sees it under --logit-adjust (the optimizer keeps the unshifted one)."""
+        return {k: self.params[k] + v for k, v in self.shift.items()}
 
     def _step(self, group: list[np.ndarray], lr: float) -> float:
         """Loss and gradients of a group of batches, clipped, then one AdamW update (held slots stay neutral)."""

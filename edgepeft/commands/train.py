@@ -101,6 +101,7 @@ def _summary(s: TrainSummary, out: Path) -> str:
 @_opt("--max-grad-norm", field="max_grad_norm", type=click.FloatRange(min=0))
 @_opt("--seed", field="seed", type=int)
 @_opt("--balance-labels", field="balance_labels", type=bool, is_flag=True)
+@_opt("--logit-adjust", field="logit_adjust", type=click.FloatRange(min=0))
 @_opt("--rank", field="rank", type=click.IntRange(min=0))
 @_opt("--eval-every", field="eval_every", type=click.IntRange(min=0))
 @_opt("--patience", field="patience", type=click.IntRange(min=0))
