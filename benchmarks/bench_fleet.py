@@ -192,9 +192,17 @@ def fleet_options(args: argparse.Namespace) -> dict:
             if v is not None}
 
 
+def device_options(train: dict, args: argparse.Namespace) -> dict:
+    """A device's round as the command line changes it: its lr, and logit adjustment in place of label-balanced draws."""
+    out = {**train, **({"lr": args.lr} if args.lr else {})}
+    if args.logit_adjust is not None:
+        out.update(logit_adjust=args.logit_adjust, balance_labels=args.logit_adjust == 0 and train.get("balance_labels", False))
+    return out
+
+
 def run(args: argparse.Namespace, work: Path, task: Task) -> dict:
     path, held, ranks = task.bundle, task.held, task.ranks
-    train = {**(task.options or TRAIN), **({"lr": args.lr} if args.lr else {})}
+    train = device_options(task.options or TRAIN, args)
     bundle = shared_bundle(path)
     predictor = Predictor(bundle)
 
@@ -349,6 +357,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-rows", type=int, default=300)
     ap.add_argument("--workers", type=int, default=4, help="devices training at once")
     ap.add_argument("--lr", type=float, help=f"a device's lr (default {TRAIN['lr']})")
+    ap.add_argument("--logit-adjust", type=float, help="the devices' --logit-adjust τ (balanced softmax at 1), in place of "
+                                                         "label-balanced draws")
     ap.add_argument("--server-lr", type=float, help="the fleet's server step: fraction of the way to the mean (hub default 1)")
     ap.add_argument("--server-momentum", type=float, help="the fleet's server momentum, FedAvgM (hub default 0)")
     ap.add_argument("--quick", action="store_true", help="12 devices, 2 rounds: a smoke run (results not written)")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_reference
+from cli_helpers import error_lines, run_cli
 from conftest import random_delta
 from edgepeft.delta import Delta, delta_from_init
 from edgepeft.errors import TrainError
@@ -72,9 +73,11 @@ def test_the_delta_keeps_the_unshifted_head_bias(skewed):
     assert np.abs(out.tensors[slot]).max() < 1e-6  # a zero bias moved by lr 1e-12, not by the shift of ~1
 
 
-def test_logit_adjust_and_balanced_draws_are_refused_together():
-    with pytest.raises(TrainError, match="choose one"):
-        TrainConfig(logit_adjust=1.0, balance_labels=True)
+def test_train_refuses_logit_adjust_with_balanced_draws_in_one_line(tmp_path, capsys):
+    r = run_cli(capsys, "train", tmp_path / "bundle", "--data", tmp_path / "d.jsonl", "-o", tmp_path / "out.delta",
+                "--logit-adjust", "1", "--balance-labels")
+    assert r.code == 1 and error_lines(r) == ["Error: --logit-adjust and --balance-labels both correct for skewed labels; "
+                                              "choose one"], r.err
 
 
 def test_logit_adjust_needs_a_label_per_example(skewed):
