@@ -193,8 +193,9 @@ def fleet_options(args: argparse.Namespace) -> dict:
 
 
 def device_options(train: dict, args: argparse.Namespace) -> dict:
-    """A device's round as the command line changes it: its lr, and logit adjustment in place of label-balanced draws."""
-    out = {**train, **({"lr": args.lr} if args.lr else {})}
+    """A device's round as the command line changes it: lr, optimizer, and logit adjustment in place of label-balanced
+    draws."""
+    out = {**train, **({"lr": args.lr} if args.lr else {}), **({"optimizer": args.optimizer} if args.optimizer else {})}
     if args.logit_adjust is not None:
         out.update(logit_adjust=args.logit_adjust, balance_labels=args.logit_adjust == 0 and train.get("balance_labels", False))
     return out
@@ -357,6 +358,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-rows", type=int, default=300)
     ap.add_argument("--workers", type=int, default=4, help="devices training at once")
     ap.add_argument("--lr", type=float, help=f"a device's lr (default {TRAIN['lr']})")
+    ap.add_argument("--optimizer", choices=("adamw", "sgd"), help="a device's optimizer (default: adamw)")
     ap.add_argument("--logit-adjust", type=float, help="the devices' --logit-adjust τ (balanced softmax at 1), in place of "
                                                          "label-balanced draws")
     ap.add_argument("--server-lr", type=float, help="the fleet's server step: fraction of the way to the mean (hub default 1)")

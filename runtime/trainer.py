@@ -39,7 +39,7 @@ from edgepeft.runtime.infer import Predictor
 from edgepeft.runtime.prompt_init import with_text_init
 from edgepeft.runtime.held_slots import HeldSlots, probe_selection
 from edgepeft.runtime.lm_targets import LOSS_MASK, first_target, loss_chunks, scored, train_feeds
-from edgepeft.runtime.optim import SCHEDULES, AdamW, clip_by_global_norm, lr_at
+from edgepeft.runtime.optim import OPTIMIZERS, SCHEDULES, clip_by_global_norm, lr_at
 
 
 def _cnn_input_shape(manifest) -> tuple[int, int, int]:
@@ -61,8 +61,8 @@ class TrainConfig:
     epochs: int = _help(3, "Passes over the training data.")
     max_steps: int = _help(0, "Stop after this many optimizer steps (0: run all epochs); also sets the schedule length.")
     batch_size: int = _help(16, "Examples per optimizer step (before --grad-accum).")
-    lr: float = _help(2e-3, "Peak learning rate of AdamW.")
-    weight_decay: float = _help(0.01, "AdamW decoupled weight decay.")
+    lr: float = _help(2e-3, "Peak learning rate of the optimizer.")
+    weight_decay: float = _help(0.01, "Weight decay: decoupled with AdamW, added to the gradient with SGD (as torch does).")
     warmup: float = _help(0.0, "Warmup: a fraction of all steps if below 1, else a number of steps.")
     schedule: str = _help("linear", "Decay after warmup: linear, cosine or constant.")
     grad_accum: int = _help(1, "Batches whose gradients are summed into one optimizer step.")
@@ -71,6 +71,8 @@ class TrainConfig:
     seed: int = _help(0, "Seed of the data order and of a fresh delta's LoRA A init.")
     balance_labels: bool = _help(False, "Classification: draw each epoch's examples so every label is equally likely "
                                         "(with replacement); for label-skewed local data, as a fleet device's often is.")
+    optimizer: str = _help("adamw", "adamw, or sgd (steps proportional to the gradient: a fleet device whose loss is "
+                                    "already small moves the shared adapter little; needs a larger --lr, e.g. 0.5).")
     logit_adjust: float = _help(0.0, "Classification: train on logits shifted by this times the log of the local label "
                                      "prior (logit adjustment, as FedLC does; 1: balanced softmax), so a label-skewed fleet "
                                      "device does not teach the fleet its own label prior; the delta predicts with plain "
@@ -107,6 +109,8 @@ class TrainConfig:
             raise TrainError(f"--select {self.select!r}: choose all or auto")
         if (self.select == "auto") != (self.max_delta_bytes > 0):
             raise TrainError("--select auto and --max-delta-bytes go together: give both (or neither)")
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise TrainError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
@@ -409,7 +413,7 @@ class Trainer:
                              "or choose another --checkpoint-dir")
         self.delta = self._fresh_delta()
         self.params = self.delta.tensors
-        self.optimizer = AdamW(self.params, weight_decay=c.weight_decay)
+        self.optimizer = OPTIMIZERS[c.optimizer](self.params, weight_decay=c.weight_decay)
         self.selection, self.slots = None, HeldSlots(self.manifest.slots)
         self._sessions()
         self._select()

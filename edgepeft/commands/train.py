@@ -94,6 +94,7 @@ def _summary(s: TrainSummary, out: Path) -> str:
 @_opt("--batch-size", field="batch_size", type=click.IntRange(min=1))
 @_opt("--lr", field="lr", type=click.FloatRange(min=0, min_open=True))
 @_opt("--weight-decay", field="weight_decay", type=click.FloatRange(min=0))
+@_opt("--optimizer", field="optimizer", type=click.Choice(["adamw", "sgd"]))
 @_opt("--warmup", field="warmup", type=click.FloatRange(min=0))
 @_opt("--schedule", field="schedule", type=click.Choice(["linear", "cosine", "constant"]))
 @_opt("--grad-accum", field="grad_accum", type=click.IntRange(min=1))
