@@ -374,6 +374,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         result = run(args, Path(tmp), minilm_task(args.eval_rows))
+    # what reproduces it, and the load it ran under (accuracies do not depend on load; the seconds do)
+    result.update(command=" ".join(["python benchmarks/bench_fleet.py", *(argv if argv is not None else sys.argv[1:])]),
+                  load_average=round(os.getloadavg()[0], 1))
     print(json.dumps(result, indent=1))
     if not args.quick:
         print(f"wrote {write_result('fleet', result)}")
