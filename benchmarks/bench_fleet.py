@@ -192,9 +192,18 @@ def fleet_options(args: argparse.Namespace) -> dict:
             if v is not None}
 
 
+def device_options(train: dict, args: argparse.Namespace) -> dict:
+    """A device's round as the command line changes it: lr, optimizer, and logit adjustment in place of label-balanced
+    draws."""
+    out = {**train, **({"lr": args.lr} if args.lr else {}), **({"optimizer": args.optimizer} if args.optimizer else {})}
+    if args.logit_adjust is not None:
+        out.update(logit_adjust=args.logit_adjust, balance_labels=args.logit_adjust == 0 and train.get("balance_labels", False))
+    return out
+
+
 def run(args: argparse.Namespace, work: Path, task: Task) -> dict:
     path, held, ranks = task.bundle, task.held, task.ranks
-    train = {**(task.options or TRAIN), **({"lr": args.lr} if args.lr else {})}
+    train = device_options(task.options or TRAIN, args)
     bundle = shared_bundle(path)
     predictor = Predictor(bundle)
 
@@ -349,6 +358,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-rows", type=int, default=300)
     ap.add_argument("--workers", type=int, default=4, help="devices training at once")
     ap.add_argument("--lr", type=float, help=f"a device's lr (default {TRAIN['lr']})")
+    ap.add_argument("--optimizer", choices=("adamw", "sgd"), help="a device's optimizer (default: adamw)")
+    ap.add_argument("--logit-adjust", type=float, help="the devices' --logit-adjust τ (balanced softmax at 1), in place of "
+                                                         "label-balanced draws")
     ap.add_argument("--server-lr", type=float, help="the fleet's server step: fraction of the way to the mean (hub default 1)")
     ap.add_argument("--server-momentum", type=float, help="the fleet's server momentum, FedAvgM (hub default 0)")
     ap.add_argument("--quick", action="store_true", help="12 devices, 2 rounds: a smoke run (results not written)")
@@ -362,6 +374,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         result = run(args, Path(tmp), minilm_task(args.eval_rows))
+    # what reproduces it, and the load it ran under (accuracies do not depend on load; the seconds do)
+    result.update(command=" ".join(["python benchmarks/bench_fleet.py", *(argv if argv is not None else sys.argv[1:])]),
+                  load_average=round(os.getloadavg()[0], 1))
     print(json.dumps(result, indent=1))
     if not args.quick:
         print(f"wrote {write_result('fleet', result)}")

@@ -2,7 +2,8 @@
 
     python benchmarks/fleet_diagnose.py [--devices 100] [--per-round 10] [--rounds 6] [--rows 128] CONFIG...
 
-Each CONFIG is ``name:key=value,key=value`` over: ``lr`` (device lr), ``epochs``, ``robust`` (1: the hub's defaults,
+Each CONFIG is ``name:key=value,key=value`` over: ``lr`` (device lr), ``epochs``, ``balance`` (1: label-balanced
+draws), ``logit_adjust`` (the device trainer's --logit-adjust τ), ``optimizer`` (adamw | sgd), ``robust`` (1: the hub's defaults,
 median clipping + 20 % trimmed mean; 0: plain weighted mean), ``server_lr``, ``server_momentum`` (the hub's server step),
 ``ranks`` (1: devices at rank 4/8/16 pull refitted versions; 0: all at 16). The shards, the devices drawn each round and
 the rows they get are the same for every config (seeded), so accuracies differ by the lever alone. Every device is
@@ -35,7 +36,7 @@ from edgepeft.runtime.infer import Predictor  # noqa: E402
 from edgepeft.runtime.text import load_tokenizer  # noqa: E402
 from edgepeft.runtime.trainer import TrainConfig, Trainer  # noqa: E402
 
-DEFAULTS = {"lr": TRAIN["lr"], "epochs": TRAIN["epochs"], "robust": 1, "server_lr": 1.0, "server_momentum": 0.0, "ranks": 1}
+DEFAULTS = {"lr": TRAIN["lr"], "epochs": TRAIN["epochs"], "balance": 1, "logit_adjust": 0.0, "optimizer": "adamw", "robust": 1, "server_lr": 1.0, "server_momentum": 0.0, "ranks": 1}
 
 
 def parse_config(text: str) -> tuple[str, dict]:
@@ -64,7 +65,9 @@ def run_config(cfg: dict, bundle, shards, plan, held, work: Path) -> list[dict]:
             dev_rank = RANKS[i % len(RANKS)] if cfg["ranks"] else rank
             start = parent if parent is None or dev_rank == rank else refit(parent, dev_rank)[0]
             data = load_dataset(write_jsonl(work / f"r{r}-d{i}.jsonl", rows), bundle.manifest, tok)
-            train = {**TRAIN, "lr": cfg["lr"], "epochs": cfg["epochs"], "rank": dev_rank}
+            train = {**TRAIN, "lr": cfg["lr"], "epochs": cfg["epochs"], "rank": dev_rank,
+                     "balance_labels": bool(cfg["balance"]), "logit_adjust": cfg["logit_adjust"],
+                     "optimizer": cfg["optimizer"]}
             d = Trainer(bundle, data, TrainConfig(**train), start=start).fit().delta
             if start is not None and dev_rank != rank:
                 d = rebase(d, start, parent)

@@ -66,6 +66,37 @@ class AdamW:
         self.step_count = int(scalars["step"])
 
 
+class SGD:
+    """Plain SGD as torch's (weight decay added to the gradient), updating float32 arrays in place.
+
+    A step is proportional to the gradient, where AdamW's first steps are sign-like whatever the gradient's size: a
+    fleet device whose loss is already small (one label, logit-adjusted) then moves the shared adapter little.
+    """
+
+    def __init__(self, params: dict[str, np.ndarray], *, weight_decay: float = 0.0) -> None:
+        if weight_decay < 0:
+            raise TrainError(f"SGD needs weight decay >= 0, got {weight_decay}")
+        self.params, self.weight_decay, self.step_count = params, weight_decay, 0
+
+    def step(self, grads: dict[str, np.ndarray], lr: float) -> None:
+        """One update of every parameter with its gradient at learning rate ``lr``."""
+        self.step_count += 1
+        for name, p in self.params.items():
+            g = grads[name] + np.float32(self.weight_decay) * p if self.weight_decay else grads[name]
+            p -= np.float32(lr) * g
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """No moments; the step count, for a checkpoint."""
+        return {}, {"step": self.step_count}
+
+    def load_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, int]) -> None:
+        """Restore what :meth:`state` returned."""
+        self.step_count = int(scalars["step"])
+
+
+OPTIMIZERS = {"adamw": AdamW, "sgd": SGD}
+
+
 def lr_at(step: int, *, base_lr: float, total: int, warmup: int, schedule: str) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warmup from 0, then linear or cosine decay to 0."""
     if schedule not in SCHEDULES:

@@ -27,7 +27,7 @@ from edgepeft.errors import TrainError
 from edgepeft.names import (ATTENTION_MASK, AUDIO_CLS, CNN_INPUTS, IGNORED_LABEL, INPUT_IDS, LABELS, LOSS, SEQ_CLS, TOKEN_CLS,
                             grad_name)
 from edgepeft.runtime import checkpoint as ckpt
-from edgepeft.runtime import memory
+from edgepeft.runtime import logit_adjust, memory
 from edgepeft.runtime.bundle import Bundle, SessionConfig
 from edgepeft.runtime.data import Dataset, plan_batches, split_batch, split_by_tokens
 from edgepeft.runtime.evaluate import evaluate, score
@@ -39,7 +39,7 @@ from edgepeft.runtime.infer import Predictor
 from edgepeft.runtime.prompt_init import with_text_init
 from edgepeft.runtime.held_slots import HeldSlots, probe_selection
 from edgepeft.runtime.lm_targets import LOSS_MASK, first_target, loss_chunks, scored, train_feeds
-from edgepeft.runtime.optim import SCHEDULES, AdamW, clip_by_global_norm, lr_at
+from edgepeft.runtime.optim import OPTIMIZERS, SCHEDULES, clip_by_global_norm, lr_at
 
 
 def _cnn_input_shape(manifest) -> tuple[int, int, int]:
@@ -61,8 +61,8 @@ class TrainConfig:
     epochs: int = _help(3, "Passes over the training data.")
     max_steps: int = _help(0, "Stop after this many optimizer steps (0: run all epochs); also sets the schedule length.")
     batch_size: int = _help(16, "Examples per optimizer step (before --grad-accum).")
-    lr: float = _help(2e-3, "Peak learning rate of AdamW.")
-    weight_decay: float = _help(0.01, "AdamW decoupled weight decay.")
+    lr: float = _help(2e-3, "Peak learning rate of the optimizer.")
+    weight_decay: float = _help(0.01, "Weight decay: decoupled with AdamW, added to the gradient with SGD (as torch does).")
     warmup: float = _help(0.0, "Warmup: a fraction of all steps if below 1, else a number of steps.")
     schedule: str = _help("linear", "Decay after warmup: linear, cosine or constant.")
     grad_accum: int = _help(1, "Batches whose gradients are summed into one optimizer step.")
@@ -71,6 +71,12 @@ class TrainConfig:
     seed: int = _help(0, "Seed of the data order and of a fresh delta's LoRA A init.")
     balance_labels: bool = _help(False, "Classification: draw each epoch's examples so every label is equally likely "
                                         "(with replacement); for label-skewed local data, as a fleet device's often is.")
+    optimizer: str = _help("adamw", "adamw, or sgd (steps proportional to the gradient: a fleet device whose loss is "
+                                    "already small moves the shared adapter little; needs a larger --lr, e.g. 0.5).")
+    logit_adjust: float = _help(0.0, "Classification: train on logits shifted by this times the log of the local label "
+                                     "prior (logit adjustment, as FedLC does; 1: balanced softmax), so a label-skewed fleet "
+                                     "device does not teach the fleet its own label prior; the delta predicts with plain "
+                                     "logits (0: off).")
     rank: int = _help(0, "LoRA rank to train, at most the bundle's (0: the starting delta's, else the bundle's); a lower rank "
                          "trains the bundle's graph with the factors past it held at zero, so the delta is that rank exactly.")
     eval_every: int = _help(0, "Evaluate on the validation data every N steps (0: at the end of each epoch).")
@@ -95,10 +101,16 @@ class TrainConfig:
                 raise TrainError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise TrainError(f"lr must be a positive number, got {self.lr}")
+        if not (self.logit_adjust >= 0 and math.isfinite(self.logit_adjust)):
+            raise TrainError(f"logit-adjust must be a non-negative number, got {self.logit_adjust}")
+        if self.logit_adjust and self.balance_labels:  # balanced draws already make the prior seen uniform
+            raise TrainError("--logit-adjust and --balance-labels both correct for skewed labels; choose one")
         if self.select not in ("all", "auto"):
             raise TrainError(f"--select {self.select!r}: choose all or auto")
         if (self.select == "auto") != (self.max_delta_bytes > 0):
             raise TrainError("--select auto and --max-delta-bytes go together: give both (or neither)")
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise TrainError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
@@ -164,6 +176,7 @@ class Trainer:
                 raise TrainError(f"{d.path}: data read for {d.task}, the bundle is {m.task}")
         if config.balance_labels and getattr(train, "labels", None) is None:
             raise TrainError(f"--balance-labels needs labels per example; {m.task} data has none")
+        self.shift = logit_adjust.bias_shift(m, getattr(train, "labels", None), config.logit_adjust)
         self.bundle, self.manifest, self.train, self.val, self.config = bundle, m, train, val, config
         self.start = start
         self.checkpoint_dir = None if checkpoint_dir is None else Path(os.fspath(checkpoint_dir))
@@ -276,12 +289,16 @@ class Trainer:
         chunks = loss_chunks(self.session)
         for b, w in zip(micro, weights):
             feeds = b if LABELS in b else train_feeds(b, chunks, first_target(self.manifest))  # a causal LM scores only its target tokens
-            out = self.session.run(outputs, {**feeds, **self.params})
+            out = self.session.run(outputs, {**feeds, **self.params, **self._shifted()})
             f = w / total_w  # 1.0 without accumulation: the gradients are used exactly as the graph gave them
             loss += f * float(out[0])
             scaled = [g if f == 1.0 else g * np.float32(f) for g in out[1:]]
             grads = scaled if grads is None else [a + g for a, g in zip(grads, scaled)]
         return loss, self.slots.with_zeros(dict(zip(names, grads)), self.params)
+
+    def _shifted(self) -> dict[str, np.ndarray]:
+        """The head bias as the train graph sees it under --logit-adjust (the optimizer keeps the unshifted one)."""
+        return {k: self.params[k] + v for k, v in self.shift.items()}
 
     def _step(self, group: list[np.ndarray], lr: float) -> float:
         """Loss and gradients of a group of batches, clipped, then one AdamW update (held slots stay neutral)."""
@@ -396,7 +413,7 @@ class Trainer:
                              "or choose another --checkpoint-dir")
         self.delta = self._fresh_delta()
         self.params = self.delta.tensors
-        self.optimizer = AdamW(self.params, weight_decay=c.weight_decay)
+        self.optimizer = OPTIMIZERS[c.optimizer](self.params, weight_decay=c.weight_decay)
         self.selection, self.slots = None, HeldSlots(self.manifest.slots)
         self._sessions()
         self._select()

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from edgepeft.errors import TrainError
-from edgepeft.runtime.optim import AdamW, clip_by_global_norm, lr_at
+from edgepeft.runtime.optim import SGD, AdamW, clip_by_global_norm, lr_at
 
 SHAPES = {"a.lora_A": (4, 6), "a.lora_B": (6, 4), "a.bias": (6,)}
 
@@ -59,6 +59,21 @@ def test_adamw_with_weight_decay_matches_torch_step_for_step():
     ours = numpy_run(grads, schedule="constant", warmup=0, weight_decay=0.1, max_norm=None)
     theirs = torch_run(grads, lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0), weight_decay=0.1, max_norm=None)
     assert_close(ours, theirs)
+
+
+def test_sgd_with_weight_decay_matches_torch_step_for_step():
+    grads = gradients(25)
+    ours = start()
+    opt = SGD(ours, weight_decay=0.1)
+    for g in grads:
+        opt.step(g, 0.05)
+    theirs = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in start().items()}
+    ref = torch.optim.SGD(theirs.values(), lr=0.05, weight_decay=0.1)
+    for g in grads:
+        for k, p in theirs.items():
+            p.grad = torch.from_numpy(g[k].copy())
+        ref.step()
+    assert_close(ours, {k: p.detach().numpy() for k, p in theirs.items()})
 
 
 def test_adamw_survives_an_exactly_zero_gradient_like_torch():

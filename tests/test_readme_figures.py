@@ -390,7 +390,26 @@ def fleet_figures() -> dict[str, str]:
             f"{b['up'] / 1000:.1f} KB up and {b['down'] / 1000:.1f} KB down per device per round; faults survived: {faults}; "
             f"{f['accepted']} deltas accepted, {f['accepted_lost']} lost, {f['accepted_double_counted']} double-counted",
         "fleet: tried": fleet_tried(),
+        "fleet: logit-adjusted": fleet_logit_adjusted(),
+        "fleet: screen": fleet_screen(),
     }
+
+
+def fleet_logit_adjusted() -> str:
+    """The fleet run with logit-adjusted devices (results/fleet_logit_adjust.json)."""
+    f = _json("fleet_logit_adjust")
+    return (f"`{f['command'].removeprefix('python benchmarks/bench_fleet.py ')}`: "
+            + " / ".join(f"{100 * r['accuracy']:.1f}" for r in f["per_round"])
+            + f" % per version against {100 * f['centralized']['accuracy']:.1f} % centralized, {f['gap_points']:.1f} points short "
+            f"after {f['rounds']} rounds; {f['accepted']} deltas accepted, {f['accepted_lost']} lost, "
+            f"{f['accepted_double_counted']} double-counted")
+
+
+def fleet_screen() -> str:
+    """fleet_diagnose's screen of the device levers (logit adjustment, SGD), per round until each was stopped."""
+    configs = _json("fleet_diagnose")["screen_logit_adjust_sgd"]["configs"]
+    return "; ".join(f"`{c['config'].partition(':')[2]}`: " + " / ".join(f"{100 * r['accuracy']:.1f}" for r in c["rounds"]) + " %"
+                     for c in configs.values())
 
 
 def fleet_tried() -> str:
