@@ -57,9 +57,6 @@ def figures() -> dict[str, str]:
     adapters = _json("adapters")
     small, large = adapters["speed"]
     memory = {m["adapters"]: m["over_base_mb"] for m in adapters["memory"]}
-    hub = _json("hub")
-    agg = {a["deltas"]: a for a in hub["aggregation"] if a["options"] == {"clip_median": None, "trim": 0.0} and not a["real_size"]}
-    before = hub["before"]["uploads"]
     export = {r["config"].split(" ")[0]: r for r in _json("export")["rows"]}
     levers = {r["config"]: r for r in _json("levers")["rows"]}
     run = _json("run")
@@ -181,19 +178,9 @@ def figures() -> dict[str, str]:
         "adapters: memory":
             f"1 / 10 / 100 adapters add {memory[1]:.0f} / {memory[10]:.0f} / {memory[100]:.0f} MB to an "
             f"{adapters['base_rss_mb']:.0f} MB base",
-        "hub: uploads":
-            f"{hub['uploads']['devices']} devices in {hub['uploads']['client_processes']} client processes uploading packed deltas "
-            f"concurrently on loopback: {hub['uploads']['uploads_per_s']:.0f} uploads/s, p50 "
-            f"{hub['uploads']['latency_ms']['p50']:.0f} ms, p99 {hub['uploads']['latency_ms']['p99'] / 1000:.2f} s (the code "
-            f"before this version's upload path, back to back on the same machine: {before['uploads_per_s']:.0f} uploads/s, p50 "
-            f"{before['latency_ms']['p50']:.0f} ms, p99 {before['latency_ms']['p99'] / 1000:.2f} s)",
-        "hub: command": f"(`{hub['command']}`",
         **hub_upload_figures(),
         **hub_merge_figures(),
         **hostile_figures(),
-        "hub: aggregation":
-            f"aggregating (plain mean) 1,000 small deltas {agg[1000]['seconds']:.2f} s with {agg[1000]['peak_python_heap_mb']:.1f} MB "
-            "of Python heap",
         "hub: one BLAS thread": (lambda b: f"{b['rows'][0]['deltas']} MiniLM-size packed deltas in {b['rows'][0]['seconds']:.1f} s "
                                  f"against {b['rows'][1]['seconds']:.1f} s with OpenBLAS's default threads "
                                  f"({b['speedup_one_thread']:.1f}×; `python benchmarks/bench_hub.py --blas {b['rows'][0]['deltas']}`, "
