@@ -264,7 +264,7 @@ def targets(rows: list[dict]) -> dict:
     ada = next((r["edgepeft"] for r in rows if r["bundle_method"] == "adalora+head"), None)
     lora_bytes = next((r["edgepeft"]["packed_bytes"] for r in rows if r["bundle_method"] == "lora+head"), float("nan"))
     return {
-        "every_peft_method_within_1_point": complete and all(abs(r["gap_points"]) <= 1.0 for r in paired),
+        "every_peft_method_within_1_point": complete and bool(paired) and all(abs(r["gap_points"]) <= 1.0 for r in paired),
         "largest_gap_points": max((abs(r["gap_points"]) for r in paired), default=None),
         "best_small_delta": best and best["method"],
         "best_small_delta_points_below_lora": best and round(100 * (lora - best["edgepeft"]["test_accuracy"]), 2),

@@ -573,3 +573,9 @@ def test_summary_md_is_rendered_from_the_results_files():
     run = _json("run")
     assert (RESULTS / "summary.md").read_text() == run_all.summary(run["command"], run["seconds"]), \
         "benchmarks/results/summary.md is stale: python benchmarks/run_all.py --table-only"
+
+
+def test_a_methods_run_with_no_torch_peft_pair_meets_no_parity_target():
+    import bench_methods
+
+    assert bench_methods.targets([])["every_peft_method_within_1_point"] is False  # nothing compared, nothing met
