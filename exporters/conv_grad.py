@@ -1,18 +1,16 @@
 """``aten.convolution_backward`` in forward convolutions, for tracing a CNN's training step to ONNX, and 1x1
 convolutions over small maps as matrix products.
 
-The ONNX exporter has no translation for the backward op, so the tracer decomposes it:
-the input gradient is the transposed convolution of the output gradient (ONNX ConvTranspose), except
-for depthwise convolutions, whose input gradient is a forward depthwise convolution (below); the weight gradient is one matrix product per kernel position, of the output gradient by the
-input slice that position sees. Weight gradients are
-needed only for trainable convolutions (LoRA's A and B, never grouped), so grouped weight gradients
-are refused rather than decomposed.
+The ONNX exporter has no translation for the backward op, so the tracer decomposes it. The input gradient is the
+transposed convolution of the output gradient (ONNX ConvTranspose), except for depthwise convolutions, whose input
+gradient is a forward depthwise convolution (below). The weight gradient is one matrix product per kernel position,
+of the output gradient by the input slice that position sees. Weight gradients are needed only for trainable
+convolutions (LoRA's A and B, never grouped), so grouped weight gradients are refused rather than decomposed.
 
 onnxruntime runs a convolution (and a transposed one) one image at a time. On the 2x2 and 4x4 maps of a mobile CNN's
 last blocks a 1x1 convolution is then a batch of gemms of 4-16 columns each: 3-5x slower than one product over every
 pixel of the batch (EfficientNet-Lite0 at 64 px, batch 32). Such convolutions, forward and input gradient, are traced
-as Transpose, MatMul, Transpose instead; larger maps keep the convolution, which is faster there.
-"""
+as Transpose, MatMul, Transpose instead; larger maps keep the convolution, which is faster there."""
 
 from __future__ import annotations
 
@@ -33,11 +31,11 @@ def _pointwise(weight, stride, padding, dilation, groups, pixels: int) -> bool:
 
 def _channels_matmul(x, w2d):
     """(N, C, H, W) x (C, O) -> (N, O, H, W): one product over all N*H*W pixels."""
+    n, c, h, w = x.shape
+    # 2-D operands: a 4-D matmul traced with a symbolic batch became Expand of the weight per image and a batched product
+    y = torch.mm(x.permute(0, 2, 3, 1).reshape(-1, c), w2d)
     # contiguous: a permuted result reaching a later view (EfficientNet's flatten) traced to as_strided_scatter,
     # which the ONNX exporter cannot translate; in ONNX, which has no strides, it costs nothing
-    # 2-D operands: a 4-D matmul traced with a symbolic batch became Expand of the weight per image and a batched product
-    n, c, h, w = x.shape
-    y = torch.mm(x.permute(0, 2, 3, 1).reshape(-1, c), w2d)
     return y.reshape(n, h, w, w2d.shape[1]).permute(0, 3, 1, 2).contiguous()
 
 
