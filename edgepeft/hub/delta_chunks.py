@@ -18,10 +18,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from edgepeft.delta.format import DeltaMeta, delta_from_bytes, header_cap, meta_from_strings
-from edgepeft.delta.transport import _Frame, _parse_header, is_packed
+from edgepeft.delta.format import DeltaMeta, delta_from_bytes
+from edgepeft.delta.transport import is_packed
 from edgepeft.errors import DeltaError
-from edgepeft.hub.packed_check import Layout, _layout
+from edgepeft.hub.packed_check import Layout, read_packed
 from edgepeft.manifest import Manifest
 
 CHUNK = 256  # deltas per chunk: LoRA r=8 gives one (d x 2048) @ (2048 x d) product per module, near BLAS peak
@@ -67,20 +67,6 @@ class Chunk:
             if bad.any():
                 raise DeltaError(f"{self.wheres[int(bad.argmax())]}: tensor {name!r} has non-finite value(s) (NaN or Inf)")
         return out.reshape(k, *self.shapes[name])
-
-
-def _packed(data: bytes, where: str, manifest: Manifest) -> tuple[DeltaMeta, Layout, bytes]:
-    """(meta, checked layout, payload) of a packed delta: its header checked, its frame fully read and verified."""
-    frame = _Frame(data, where)
-    header = _parse_header(frame, where, header_cap(manifest))
-    meta = meta_from_strings(header["meta"], where)
-    layout = _layout(header["tensors"], meta, manifest, where)
-    if frame.read_bytes + layout.payload_bytes != frame.size:
-        raise DeltaError(f"{where}: packed payload is {frame.size} bytes, its header describes "
-                         f"{frame.read_bytes + layout.payload_bytes}")
-    payload = frame.read(layout.payload_bytes)
-    frame.finish()
-    return meta, layout, payload
 
 
 def _chunk(items: list[tuple[int, str, DeltaMeta, object]], layout: Layout | None) -> Chunk:
@@ -146,7 +132,7 @@ def _chunks(blobs: Iterable[tuple[str, bytes]], manifest: Manifest, size: int) -
     for pos, (delta_id, data) in enumerate(blobs):
         where = f"delta {delta_id[:16]}"
         if is_packed(data):
-            meta, layout, payload = _packed(data, where, manifest)
+            meta, layout, payload = read_packed(data, where, manifest)
             key: tuple = ("packed", layout.specs)
             item: object = payload
         else:

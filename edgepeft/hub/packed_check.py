@@ -103,18 +103,24 @@ def _layout(raw_specs: Any, meta: DeltaMeta, manifest: Manifest, where: str) -> 
     return layout
 
 
-def check_packed(data: bytes, where: str, manifest: Manifest) -> CheckedPacked:
-    """Every check ``transport.unpack(data, manifest=manifest, for_training=True)`` makes, without its float32 tensors."""
+def read_packed(data: bytes, where: str, manifest: Manifest) -> tuple[DeltaMeta, Layout, bytes]:
+    """(meta, layout checked against the bundle, payload) of a packed delta: its header checked, its frame fully read."""
     frame = _Frame(data, where)
     header = _parse_header(frame, where, header_cap(manifest))
     meta = meta_from_strings(header["meta"], where)
     layout = _layout(header["tensors"], meta, manifest, where)
-    specs = layout.specs
     need = frame.read_bytes + layout.payload_bytes  # payload_size(), from the layout
     if need != frame.size:
         raise DeltaError(f"{where}: packed payload is {frame.size} bytes, its header describes {need}")
     payload = frame.read(layout.payload_bytes)  # the layout, checked against the bundle, bounds it
     frame.finish()
+    return meta, layout, payload
+
+
+def check_packed(data: bytes, where: str, manifest: Manifest) -> CheckedPacked:
+    """Every check ``transport.unpack(data, manifest=manifest, for_training=True)`` makes, without its float32 tensors."""
+    meta, layout, payload = read_packed(data, where, manifest)
+    specs = layout.specs
     total_rows = sum(layout.tensor_rows)
     scales = np.concatenate([np.frombuffer(payload, "<f4", rows, at) for at, rows in zip(layout.scale_at, layout.tensor_rows)]
                             or [np.zeros(0, "<f4")])
