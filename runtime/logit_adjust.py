@@ -14,12 +14,14 @@ import numpy as np
 
 from edgepeft.errors import TrainError
 from edgepeft.manifest import Manifest
-from edgepeft.names import BIAS, WEIGHT, slot_name
+from edgepeft.names import BIAS, IGNORED_LABEL, WEIGHT, slot_name
 
 
 def label_prior(labels: np.ndarray, num_labels: int) -> np.ndarray:
-    """Each label's share of the local data, add-one smoothed so a label the device never saw keeps a finite log."""
-    counts = np.bincount(np.asarray(labels, np.int64), minlength=num_labels)[:num_labels]
+    """Each label's share of the local data, add-one smoothed so a label the device never saw keeps a finite log;
+    token classification's unlabelled positions (``IGNORED_LABEL``) are not counted."""
+    labels = np.asarray(labels, np.int64).ravel()
+    counts = np.bincount(labels[labels != IGNORED_LABEL], minlength=num_labels)[:num_labels]
     return (counts + 1.0) / (counts.sum() + num_labels)
 
 

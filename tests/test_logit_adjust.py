@@ -34,6 +34,11 @@ def test_label_prior_keeps_an_unseen_label_finite():
     assert label_prior(np.array([0, 0, 0, 2]), 3) == pytest.approx([4 / 7, 1 / 7, 2 / 7])
 
 
+def test_label_prior_of_tagged_tokens_skips_the_unlabelled_positions():
+    tags = np.array([[0, 0, -100], [2, -100, -100]])  # token classification: (rows, tokens), IGNORED_LABEL unlabelled
+    assert label_prior(tags, 3) == pytest.approx([3 / 6, 1 / 6, 2 / 6])
+
+
 def torch_steps(model_dir, bundle, data, start, steps: int, lr: float, tau: float) -> dict[str, np.ndarray]:
     """What torch AdamW makes of ``start`` in full-batch steps on cross-entropy of logits + τ·log(prior)."""
     ref, params = torch_reference.with_deltas(torch_reference.load_hf(model_dir, bundle), bundle, start.tensors)
