@@ -72,7 +72,8 @@ class DeltaLinear(nn.Module):
         present = [(h, g) for h, g in present if g]
         for h, g in present:
             x = h.pre(self, x, g)
-        y = self.base(x)
+        replaced = [y for h, g in present if (y := h.replace(self, x, g)) is not None]
+        y = replaced[0] if replaced else self.base(x)
         scale = self.feed.scale.get(self.path, 1.0)
         for h, g in present:
             y = h.post(self, x, y, g, scale)

@@ -2,7 +2,8 @@
 
 Each registered method (``edgepeft.methods``) has one :class:`TorchMethod` here, registered under the
 same name; ``inject.DeltaLayer`` calls ``pre`` (on the layer's input) and ``post`` (on its output) of
-every method with slots on the layer, in registration order.
+every method with slots on the layer, in registration order; the frozen layer itself runs between them
+unless a method computes its output another way (``replace``: BN tuning's one scale and shift).
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ class TorchMethod:
 
     def pre(self, layer: nn.Module, x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
         return x
+
+    def replace(self, layer: nn.Module, x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The frozen layer's output with this method's slots folded in, computed in one go, or None: the frozen
+        layer runs and ``post`` adds to its output. At most one method per layer may replace."""
+        return None
 
     def post(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, t: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         return y
