@@ -32,7 +32,9 @@ from edgepeft.runtime.trainer import _cnn_input_shape
 b, a = open_bundle(sys.argv[1]), json.loads(sys.argv[2])
 m = b.manifest
 outs = [LOSS] + [grad_name(s.name) for s in m.slots]
-so = SessionConfig(threads=a["threads"]).for_graph("train", m.task).options()
+so = SessionConfig(threads=a["threads"], dequantize_at_load=a.get("dequantize")).for_graph("train", m.task).options()
+if not a.get("spin", True):
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
 so.enable_profiling, so.profile_file_prefix = a["profile"], tempfile.mkdtemp() + "/ort"
 so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(b.path))
 for k, v in b.shared_weights.items():
@@ -53,7 +55,9 @@ if a["profile"]:
     for e in json.load(open(sess.end_profiling())):
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             ops[e["args"]["op_name"]] += e["dur"] / 1000 / (a["steps"] + 2)
-print("RESULT", json.dumps({"wall_step_s": float(np.median(wall)), "cpu_step_s": float(np.median(cpu)), "ops_ms": dict(ops)}))
+import resource
+print("RESULT", json.dumps({"wall_step_s": float(np.median(wall)), "cpu_step_s": float(np.median(cpu)), "ops_ms": dict(ops),
+                            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 

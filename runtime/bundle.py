@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgepeft.errors import BundleError
-from edgepeft.names import CAUSAL_LM, WEIGHTS_INDEX_FILE
+from edgepeft.names import CAUSAL_LM, CNN_INPUTS, WEIGHTS_INDEX_FILE
 from edgepeft.runtime.allocator import lean_allocator, shared_arena
 from edgepeft.manifest import Manifest, files_of, read_manifest
 from edgepeft.onnx_prune import prune_outputs
@@ -30,12 +30,14 @@ class SessionConfig:
     mem_pattern: bool | None = None  # onnxruntime's memory pattern: one block planned per input shape
     optimization: str = "all"  # basic | extended | all
     arena_cap_mb: float = 0.0  # > 0: the process's shared arena capped at this many MB (runtime/allocator.py), not its own
+    dequantize_at_load: bool | None = None  # int8 weights dequantized once when the session is built (see graph_defaults)
 
     def for_graph(self, kind: str, task: str) -> "SessionConfig":
         """These settings with every ``None`` replaced by the default for a ``kind`` graph of a ``task`` bundle."""
         arena, pattern = graph_defaults(kind, task)
         return replace(self, arena=arena if self.arena is None else self.arena,
-                       mem_pattern=pattern if self.mem_pattern is None else self.mem_pattern)
+                       mem_pattern=pattern if self.mem_pattern is None else self.mem_pattern,
+                       dequantize_at_load=(task in CNN_INPUTS if self.dequantize_at_load is None else self.dequantize_at_load))
 
     def options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
@@ -52,6 +54,12 @@ class SessionConfig:
         # level 4): logits and gradients then drift ~1e-3 from the bundle's own weights. Level 1 keeps the packed
         # weights and computes in float32, as every other graph here does.
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        if self.dequantize_at_load:
+            # Constant folding then turns each int8 weight's DequantizeLinear into a float32 initializer: onnxruntime's
+            # convolutions take their fast (NCHWc, BatchNorm-fused) path only on constant weights, and a CNN's
+            # weights are small next to its activations. EfficientNet-Lite0's bn+head step: 10-20 % less CPU for
+            # 13 MB more resident (benchmarks/results/cnn_session.json). Transformers keep int8 in memory.
+            so.add_session_config_entry("session.disable_quant_qdq", "1")
         so.graph_optimization_level = {
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,

@@ -1,0 +1,60 @@
+"""Which onnxruntime session settings a CNN train step runs best under: weights dequantized at load or per step,
+one intra-op thread or two, spinning threads or sleeping ones.
+
+Each setting runs in a fresh process (``bench_cnn_profile``'s child: the train graph cut to the loss and the trained
+gradients, random inputs of the bundle's shape), rounds alternating between settings so that a change in the
+machine's load hits them alike; per setting the median over rounds of the median step's wall and CPU seconds, and
+the process's peak RSS. runtime/bundle.SessionConfig's CNN defaults are chosen from this.
+
+    python benchmarks/bench_cnn_session.py BUNDLE [BUNDLE ...] [--batch 32] [--steps 10] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_cnn_profile import CHILD  # noqa: E402
+from common import run_child, write_result  # noqa: E402
+
+SETTINGS = {  # name: (dequantize_at_load, threads, spinning)
+    "int8 weights, 1 thread": (False, 1, True),
+    "dequantized at load, 1 thread": (True, 1, True),
+    "dequantized at load, 2 threads": (True, 2, True),
+    "dequantized at load, 2 threads, no spinning": (True, 2, False),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundles", nargs="+", type=Path)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default="cnn_session")
+    a = ap.parse_args(argv)
+    load, rows = [round(os.getloadavg()[0], 1)], []
+    for path in a.bundles:
+        runs: dict[str, list[dict]] = {k: [] for k in SETTINGS}
+        for _ in range(a.rounds):
+            for name, (deq, threads, spin) in SETTINGS.items():
+                args = {"batch": a.batch, "threads": threads, "steps": a.steps, "profile": False, "dequantize": deq, "spin": spin}
+                runs[name].append(run_child(CHILD, str(path), json.dumps(args)))
+        for name, rs in runs.items():
+            row = {"bundle": path.name, "setting": name,
+                   **{k: round(statistics.median(r[k] for r in rs), 4) for k in ("wall_step_s", "cpu_step_s")},
+                   "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in rs), 1)}
+            rows.append(row)
+            print(f"{path.name}: {name}: {1000 * row['wall_step_s']:.1f} ms wall, {1000 * row['cpu_step_s']:.1f} ms CPU a step, "
+                  f"{row['peak_rss_mb']:.0f} MB", flush=True)
+    load.append(round(os.getloadavg()[0], 1))
+    print(f"wrote {write_result(a.out, {'settings': vars(a) | {'bundles': [p.name for p in a.bundles]}, 'load_average_1min': load, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
