@@ -146,3 +146,21 @@ def test_cli_vision_export_refuses_an_unknown_model_or_a_missing_weights_file_in
                 "-o", tmp_path / "b")
     assert r.code != 0 and error_lines(r) == [f"Error: --weights {tmp_path / 'w.pth'}: no such file"]
     assert not (tmp_path / "b").exists()
+
+
+def test_efficientnet_same_padding_that_is_symmetric_becomes_the_convolutions_own_with_the_same_output():
+    from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+
+    from edgepeft.exporters.vision_specs import fold_symmetric_padding
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv2dStaticSamePadding(8, 8, 5, stride=1, groups=8, image_size=7),  # pads 2 on every side
+                        Conv2dStaticSamePadding(8, 8, 3, stride=2, image_size=8)).eval()  # pads 0 left, 1 right: kept
+    x = torch.randn(2, 8, 7, 7)
+    with torch.no_grad():
+        before = net(x)
+        fold_symmetric_padding(net)
+        after = net(x)
+    assert tuple(net[0].padding) == (2, 2) and isinstance(net[0].static_padding, nn.Identity)
+    assert isinstance(net[1].static_padding, nn.ZeroPad2d) and tuple(net[1].padding) == (0, 0)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
