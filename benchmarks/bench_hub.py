@@ -131,9 +131,10 @@ def _client_process(urls: dict[str, str], tokens: dict[str, str], first: int, pe
 
 
 def _cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) a process has used so far, from /proc."""
+    """CPU time (user + system) a process and its living descendants (a hub's workers) have used so far, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(_cpu_seconds(c) for c in children)
 
 
 def _run_clients(hub_urls: list[str], tokens: dict[str, str], per_device: int, bundle: Path, procs: int,
@@ -171,9 +172,9 @@ def _run_clients(hub_urls: list[str], tokens: dict[str, str], per_device: int, b
 
 
 def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Path, procs: int = 4, hubs: int = 1,
-                  hub_options: tuple[str, ...] = ()) -> dict:
-    """``hubs`` hub processes over one store (several need a PostgreSQL store), every device uploading at once;
-    ``hub_options``: more `edgepeft hub serve` options."""
+                  hub_options: tuple[str, ...] = (), workers: int = 1) -> dict:
+    """``hubs`` hub processes over one store, each on its own port, every device uploading at once; ``workers``:
+    each hub is `hub serve --workers N` (N processes on its port); ``hub_options``: more `edgepeft hub serve` options."""
     bundle = work / "bundle"
     synthetic_bundle(bundle, layers=6, dim=384, rank=8, labels=2)
     uri = store_uri or f"sqlite://{work / 'hub'}"
@@ -184,13 +185,13 @@ def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Pa
     try:
         for port in ports:  # the first one creates the schema before the others open the store
             procs_.append(start_hub(uri, port, work / "hub.log", "--admin-token-file", str(work / "admin.token"),
-                                    "--policy-interval", "0", *hub_options))
+                                    "--policy-interval", "0", "--workers", str(workers), *hub_options))
         admin = httpx.Client(base_url=urls[0], headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
         fp = admin.post("/api/v1/bundles", content=bundle_tar(bundle)).json()["fingerprint"]
         admin.post("/api/v1/fleets", json={"name": "bench", "bundle": fp}).raise_for_status()
         tokens = {f"d{i:03d}": admin.post("/api/v1/fleets/bench/devices", json={"device": f"d{i:03d}"}).json()["token"]
                   for i in range(devices)}
-        return {"store": uri.split("://")[0], **_run_clients(urls, tokens, per_device, bundle, procs, [p.pid for p in procs_])}
+        return {"store": uri.split("://")[0], "workers_per_hub": workers, **_run_clients(urls, tokens, per_device, bundle, procs, [p.pid for p in procs_])}
     finally:
         for p in procs_:
             p.terminate()
