@@ -5,6 +5,7 @@ goes into one version once, and a token revoked through one process uploads noth
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -122,7 +123,14 @@ def _children(pid: int) -> list[int]:
     return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
 
 
-def test_hub_serve_workers_runs_that_many_processes_on_one_port_and_each_accepts_uploads(tmp_path, hub_bundle):
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_hub_serve_workers_runs_that_many_processes_on_one_port_which_stop_when_it_is_killed(tmp_path, hub_bundle):
     procs, urls = _hubs(tmp_path, "--workers", "2", count=1)
     try:
         tokens = _fleet(urls[0], hub_bundle, aggregate_every=0)
@@ -130,8 +138,15 @@ def test_hub_serve_workers_runs_that_many_processes_on_one_port_and_each_accepts
         codes = [httpx.post(f"{urls[0]}/api/v1/devices/{d}/deltas", content=_packed(manifest, d, i),
                             headers={"Authorization": f"Bearer {t}"}, timeout=60).status_code
                  for i, (d, t) in enumerate(tokens.items())]
-        workers = [c for c in _children(procs[0].pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        workers = [c for c in _children(procs[0].pid) if "--multiprocessing-fork" in Path(f"/proc/{c}/cmdline").read_text()
+                   and "resource_tracker" not in Path(f"/proc/{c}/cmdline").read_text()]
+        procs[0].kill()  # SIGKILL: the supervisor runs no cleanup of its own
+        procs[0].wait(30)
+        deadline = time.monotonic() + 30
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         _stop(procs)
     assert codes == [201] * DEVICES
-    assert len(workers) >= 2  # uvicorn's workers (and multiprocessing's resource tracker, which is no worker)
+    assert len(workers) == 2
+    assert not any(_alive(w) for w in workers), "a worker outlived its killed supervisor"

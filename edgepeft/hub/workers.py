@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,7 +43,10 @@ def app_from_env() -> FastAPI:
     """The hub app of one worker (uvicorn's ``factory``): its own store, closed when the worker stops."""
     from edgepeft.hub.app import create_app
     from edgepeft.hub.backends import open_store
+    from edgepeft.hub.local import die_with_parent
 
+    if sys.platform == "linux":  # a worker whose supervisor was killed stops too, instead of holding the port alone
+        die_with_parent()
     opts = WorkerOptions(**json.loads(os.environ[ENV]))
     token = Path(opts.admin_token_file).read_text(encoding="utf-8").strip()
     return create_app(open_store(opts.store_uri), admin_token=token, max_upload_bytes=opts.max_upload_bytes,
