@@ -130,11 +130,13 @@ def _client_process(urls: dict[str, str], tokens: dict[str, str], first: int, pe
     out.put((wall, lat, ok, float(np.mean([len(b) for bs in bodies.values() for b in bs])), time.process_time() - cpu))
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) a process and its living descendants (a hub's workers) have used so far, from /proc."""
+def _cpu_by_process(pid: int) -> dict[int, float]:
+    """CPU time (user + system) so far of a process and of each of its living descendants (a hub's workers), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(_cpu_seconds(c) for c in children)
+    out = {pid: (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")}
+    for child in (int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()):
+        out.update(_cpu_by_process(child))
+    return out
 
 
 def _run_clients(hub_urls: list[str], tokens: dict[str, str], per_device: int, bundle: Path, procs: int,
@@ -155,9 +157,10 @@ def _run_clients(hub_urls: list[str], tokens: dict[str, str], per_device: int, b
         w.start()
     ready.wait()
     load = os.getloadavg()[0]
-    hub_cpu = sum(_cpu_seconds(p) for p in hub_pids)
+    before = {k: v for p in hub_pids for k, v in _cpu_by_process(p).items()}
     got = [out.get(timeout=600) for _ in workers]
-    hub_cpu = sum(_cpu_seconds(p) for p in hub_pids) - hub_cpu
+    used = {k: v - before.get(k, 0.0) for p in hub_pids for k, v in _cpu_by_process(p).items()}
+    hub_cpu = sum(used.values())
     for w in workers:
         w.join()
     wall = max(g[0] for g in got)
@@ -171,6 +174,9 @@ def _run_clients(hub_urls: list[str], tokens: dict[str, str], per_device: int, b
             # cores the hubs and clients kept busy on average: near os.cpu_count(), the CPUs bound the rate
             "cores_busy": round((hub_cpu + sum(g[4] for g in got)) / wall, 2),
             "load_average_before": round(load, 2),
+            # each hub process's part of the hubs' CPU, largest first (with --workers: how evenly the kernel spread the
+            # devices' connections over the workers; the supervisor's share is about 0)
+            "hub_cpu_shares": sorted((round(v / hub_cpu, 2) for v in used.values() if v > 0.01 * hub_cpu), reverse=True),
             "latency_ms": {"p50": round(float(np.percentile(lat_ms, 50)), 1), "p99": round(float(np.percentile(lat_ms, 99)), 1),
                            "max": round(float(lat_ms.max()), 1)}}
 

@@ -43,8 +43,9 @@ class WriterLock:
 
     SQLite lets one connection write at a time; one that finds the lock taken sleeps in its busy handler (1, 2, 5, 10,
     ... up to 100 ms between tries) and may find it taken again. With several hub processes on one store
-    (``hub serve --workers``) each process's group commit writes back to back, so the other's waits piled up into
-    hundreds of milliseconds of p99. A blocking ``flock`` on a file beside the database (and a thread lock, since
+    (``hub serve --workers``) each process's group commit writes back to back, so the other's waits piled up (two
+    hubs on one store, bench_hub's 1,536 uploads, load average 6: p99 446 and 644 ms in two runs without this lock,
+    269 and 239 ms with it, at the same hub CPU per upload). A blocking ``flock`` on a file beside the database (and a thread lock, since
     ``flock`` is held per open file, not per thread) wakes the next writer as soon as the last one commits; SQLite's
     own locking still guards the data, and its busy timeout still covers a writer that does not take this lock.
     """
