@@ -1,9 +1,9 @@
 """Hub benchmark: upload throughput and latency for 64 concurrent devices, aggregation time and memory.
 
     python benchmarks/bench_hub.py [--store sqlite|URI] [--devices 64] [--uploads 8] [--client-procs 4]
-                                   [--out benchmarks/results/hub.json]
+                                   [--hubs 1] [--workers 1] [--out benchmarks/results/hub.json]
 
-Uploads: a hub subprocess (``edgepeft hub serve``, uvicorn, one worker) on loopback; every device sends
+Uploads: hub subprocesses (``edgepeft hub serve [--workers N]``, uvicorn) on loopback, over one store; every device sends
 distinct packed deltas of a synthetic MiniLM-sized adapter (6 layers, LoRA r=8 on query and value of
 384x384, biases, a 2-label head) over its own HTTP connection, all devices at once, the devices spread
 over ``--client-procs`` client processes (asyncio in each).
@@ -130,10 +130,13 @@ def _client_process(urls: dict[str, str], tokens: dict[str, str], first: int, pe
     out.put((wall, lat, ok, float(np.mean([len(b) for bs in bodies.values() for b in bs])), time.process_time() - cpu))
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) a process has used so far, from /proc."""
+def _cpu_by_process(pid: int) -> dict[int, float]:
+    """CPU time (user + system) so far of a process and of each of its living descendants (a hub's workers), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    out = {pid: (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")}
+    for child in (int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()):
+        out.update(_cpu_by_process(child))
+    return out
 
 
 def _run_clients(hub_urls: list[str], tokens: dict[str, str], per_device: int, bundle: Path, procs: int,
@@ -153,9 +156,11 @@ def _run_clients(hub_urls: list[str], tokens: dict[str, str], per_device: int, b
     for w in workers:
         w.start()
     ready.wait()
-    hub_cpu = sum(_cpu_seconds(p) for p in hub_pids)
+    load = os.getloadavg()[0]
+    before = {k: v for p in hub_pids for k, v in _cpu_by_process(p).items()}
     got = [out.get(timeout=600) for _ in workers]
-    hub_cpu = sum(_cpu_seconds(p) for p in hub_pids) - hub_cpu
+    used = {k: v - before.get(k, 0.0) for p in hub_pids for k, v in _cpu_by_process(p).items()}
+    hub_cpu = sum(used.values())
     for w in workers:
         w.join()
     wall = max(g[0] for g in got)
@@ -166,14 +171,20 @@ def _run_clients(hub_urls: list[str], tokens: dict[str, str], per_device: int, b
             "seconds": round(wall, 3), "uploads_per_s": round(total / wall, 1),
             "cpu_ms_per_upload": {"hubs": round(hub_cpu / total * 1000, 2),
                                   "clients": round(sum(g[4] for g in got) / total * 1000, 2)},
+            # cores the hubs and clients kept busy on average: near os.cpu_count(), the CPUs bound the rate
+            "cores_busy": round((hub_cpu + sum(g[4] for g in got)) / wall, 2),
+            "load_average_before": round(load, 2),
+            # each hub process's part of the hubs' CPU, largest first (with --workers: how evenly the kernel spread the
+            # devices' connections over the workers; the supervisor's share is about 0)
+            "hub_cpu_shares": sorted((round(v / hub_cpu, 2) for v in used.values() if v > 0.01 * hub_cpu), reverse=True),
             "latency_ms": {"p50": round(float(np.percentile(lat_ms, 50)), 1), "p99": round(float(np.percentile(lat_ms, 99)), 1),
                            "max": round(float(lat_ms.max()), 1)}}
 
 
 def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Path, procs: int = 4, hubs: int = 1,
-                  hub_options: tuple[str, ...] = ()) -> dict:
-    """``hubs`` hub processes over one store (several need a PostgreSQL store), every device uploading at once;
-    ``hub_options``: more `edgepeft hub serve` options."""
+                  hub_options: tuple[str, ...] = (), workers: int = 1) -> dict:
+    """``hubs`` hub processes over one store, each on its own port, every device uploading at once; ``workers``:
+    each hub is `hub serve --workers N` (N processes on its port); ``hub_options``: more `edgepeft hub serve` options."""
     bundle = work / "bundle"
     synthetic_bundle(bundle, layers=6, dim=384, rank=8, labels=2)
     uri = store_uri or f"sqlite://{work / 'hub'}"
@@ -184,13 +195,13 @@ def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Pa
     try:
         for port in ports:  # the first one creates the schema before the others open the store
             procs_.append(start_hub(uri, port, work / "hub.log", "--admin-token-file", str(work / "admin.token"),
-                                    "--policy-interval", "0", *hub_options))
+                                    "--policy-interval", "0", "--workers", str(workers), *hub_options))
         admin = httpx.Client(base_url=urls[0], headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
         fp = admin.post("/api/v1/bundles", content=bundle_tar(bundle)).json()["fingerprint"]
         admin.post("/api/v1/fleets", json={"name": "bench", "bundle": fp}).raise_for_status()
         tokens = {f"d{i:03d}": admin.post("/api/v1/fleets/bench/devices", json={"device": f"d{i:03d}"}).json()["token"]
                   for i in range(devices)}
-        return {"store": uri.split("://")[0], **_run_clients(urls, tokens, per_device, bundle, procs, [p.pid for p in procs_])}
+        return {"store": uri.split("://")[0], "workers_per_hub": workers, **_run_clients(urls, tokens, per_device, bundle, procs, [p.pid for p in procs_])}
     finally:
         for p in procs_:
             p.terminate()
@@ -419,7 +430,8 @@ def _durable_postgres() -> tuple[str, str]:
 
 
 def bench_upload_paths(devices: int, per_device: int, procs: int) -> None:
-    """The HTTP ceiling, one hub on SQLite and two hubs on PostgreSQL, the same clients, back to back."""
+    """The HTTP ceiling, one hub on SQLite (and `hub serve --workers 2` on it) and two hubs on PostgreSQL, the same
+    clients, back to back."""
     import subprocess
 
     rows = []
@@ -427,7 +439,8 @@ def bench_upload_paths(devices: int, per_device: int, procs: int) -> None:
         for name, run in (("ceiling", lambda w: bench_ceiling(devices, per_device, w, procs)),
                           ("sqlite, 1 hub", lambda w: bench_uploads(None, devices, per_device, w, procs)),
                           ("sqlite, 1 hub, 40 threads (anyio's default)",
-                           lambda w: bench_uploads(None, devices, per_device, w, procs, hub_options=("--threads", "40")))):
+                           lambda w: bench_uploads(None, devices, per_device, w, procs, hub_options=("--threads", "40"))),
+                          ("sqlite, 2 workers", lambda w: bench_uploads(None, devices, per_device, w, procs, workers=2))):
             (Path(tmp) / name).mkdir()
             rows.append({"run": name, **run(Path(tmp) / name)})
             print(json.dumps(rows[-1]), flush=True)
@@ -441,7 +454,7 @@ def bench_upload_paths(devices: int, per_device: int, procs: int) -> None:
     ceiling = rows[0]["uploads_per_s"]
     write_result("hub_uploads", {
         "command": f"python benchmarks/bench_hub.py --uploads-only --devices {devices} --uploads {per_device} --client-procs {procs}",
-        "load_average": round(os.getloadavg()[0], 2),
+        "load_average": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
         "rows": rows, "fraction_of_ceiling": {r["run"]: round(r["uploads_per_s"] / ceiling, 3) for r in rows[1:]}})
 
 
@@ -451,6 +464,9 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=64, help="concurrent devices")
     ap.add_argument("--uploads", type=int, default=8, help="uploads per device")
     ap.add_argument("--client-procs", type=int, default=4, help="client processes the devices are spread over")
+    ap.add_argument("--hubs", type=int, default=1, help="hub processes on the store, each on its own port (devices "
+                    "alternate between them)")
+    ap.add_argument("--workers", type=int, default=1, help="`hub serve --workers N` for each hub (N processes on its port)")
     ap.add_argument("--aggregate", default="1000,10000", help="delta counts for the aggregation part")
     ap.add_argument("--aggregate-real", default="1000", help="delta counts for aggregating MiniLM-sized packed deltas")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "hub.json"), help="result JSON")
@@ -472,7 +488,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
         work = Path(tmp)
         result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-                  "uploads": bench_uploads(args.store, args.devices, args.uploads, work, args.client_procs)}
+                  "uploads": bench_uploads(args.store, args.devices, args.uploads, work, args.client_procs, hubs=args.hubs,
+                                           workers=args.workers)}
         print(json.dumps(result["uploads"]), flush=True)
         result["aggregation"] = []
         for n in (int(x) for x in args.aggregate.split(",")):

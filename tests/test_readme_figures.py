@@ -316,7 +316,7 @@ def hub_upload_figures() -> dict[str, str]:
     """The upload paths side by side (bench_hub.py --uploads-only) for this code and the code before it, back to back
     (scripts/bench_hub_before_after.sh); the code before session 5's upload path; where the CPU goes (hub_profile.py)."""
     r = {x["run"]: x for x in _json("hub_uploads")["rows"]}
-    c, sq, pg = r["ceiling"], r["sqlite, 1 hub"], r["postgresql, 2 hubs"]
+    c, sq, pg, w2 = r["ceiling"], r["sqlite, 1 hub"], r["postgresql, 2 hubs"], r["sqlite, 2 workers"]
     t40 = r["sqlite, 1 hub, 40 threads (anyio's default)"]
     s5 = {x["run"]: x for x in _json("hub_uploads_s5")["rows"]}
     b = {x["run"]: x for x in _json("hub_uploads_before")["rows"]}
@@ -331,6 +331,9 @@ def hub_upload_figures() -> dict[str, str]:
     return {"hub: load": f"load average {_json('hub_uploads')['load_average']:.1f} on the two cores",
             "hub: ceiling": f"takes {c['uploads_per_s']:,.0f} uploads/s at {c['cpu_ms_per_upload']['hubs']:.2f} ms of CPU each",
             "hub: sqlite": f"one hub on SQLite {sq['uploads_per_s']:.0f} uploads/s (p99 {sq['latency_ms']['p99']:.0f} ms) at {cpu(sq)}",
+            "hub: sqlite workers": f"`hub serve --workers 2` on SQLite {w2['uploads_per_s']:.0f} uploads/s "
+                                   f"(p99 {w2['latency_ms']['p99']:.0f} ms) at {cpu(w2)}",
+            "hub: cores busy": f"kept {sq['cores_busy']:.2f} and {w2['cores_busy']:.2f} of the two cores busy",
             "hub: postgresql": f"two hubs on one durable PostgreSQL {pg['uploads_per_s']:.0f} uploads/s "
                                f"(p99 {pg['latency_ms']['p99']:.0f} ms) at {cpu(pg)}",
             "hub: s5": f"load average {_json('hub_uploads_s5')['load_average']:.1f}): {both(s5)}",

@@ -37,9 +37,12 @@ def hub_group() -> None:
 @click.option("--threads", default=REQUEST_THREADS, show_default=True, type=click.IntRange(1, 256),
               help="Threads for the handlers' blocking work (store, validation). More contend for the GIL: 2 ran 64 "
                    "concurrent uploads 1.7x as fast as anyio's default 40.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Hub processes on this port and store (uvicorn workers); one process is one core. Claims, revokes "
+                   "and retries stay exact across them (see edgepeft/hub/workers.py).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]), help="uvicorn log level.")
 def serve_cmd(store_uri: str, host: str, port: int, admin_token_file: str | None, max_upload_bytes: int,
-              policy_interval: float, public_status: bool, threads: int, log_level: str) -> None:
+              policy_interval: float, public_status: bool, threads: int, workers: int, log_level: str) -> None:
     """Serve the hub HTTP API (OpenAPI at /docs) over STORE."""
     import uvicorn
 
@@ -48,7 +51,13 @@ def serve_cmd(store_uri: str, host: str, port: int, admin_token_file: str | None
     from edgepeft.hub.backends import open_store
 
     token = _admin_token(store_uri, admin_token_file)
-    store = open_store(store_uri)
+    store = open_store(store_uri)  # also where a bad store is told in one line, and its schema made once
+    if workers > 1:
+        store.close()
+        _serve_workers(store_uri, _token_file(store_uri, admin_token_file), workers, host, port, log_level,
+                       max_upload_bytes=max_upload_bytes, policy_interval_s=policy_interval, request_threads=threads,
+                       status_public=public_status)
+        return
     app = create_app(store, admin_token=token, max_upload_bytes=max_upload_bytes, policy_interval_s=policy_interval,
                      request_threads=threads,
                      status_public=public_status)
@@ -59,13 +68,33 @@ def serve_cmd(store_uri: str, host: str, port: int, admin_token_file: str | None
         store.close()
 
 
+def _serve_workers(store_uri: str, token_file: str, workers: int, host: str, port: int, log_level: str,
+                   **app_options) -> None:
+    """``workers`` uvicorn worker processes, each building its app with hub/workers.py's factory."""
+    import uvicorn
+
+    from edgepeft.hub.logs import hub_log_config
+    from edgepeft.hub.workers import ENV, WorkerOptions
+
+    os.environ[ENV] = WorkerOptions(store_uri, str(Path(token_file).resolve()), **app_options).to_env()
+    click.echo(f"edgepeft hub on http://{host}:{port}, {workers} workers (store {store_uri.split('@')[-1]})", err=True)
+    uvicorn.run("edgepeft.hub.workers:app_from_env", factory=True, workers=workers, host=host, port=port,
+                log_level=log_level, log_config=hub_log_config(log_level), timeout_graceful_shutdown=5)
+
+
+def _token_file(store_uri: str, token_file: str | None) -> str:
+    """The admin token's file: ``token_file``, else admin.token in a directory store."""
+    if token_file is not None:
+        return token_file
+    return str(Path(store_uri[len("sqlite://"):] if store_uri.startswith("sqlite://") else store_uri) / "admin.token")
+
+
 def _admin_token(store_uri: str, token_file: str | None) -> str:
     if token_file is None:
         if "://" in store_uri and not store_uri.startswith("sqlite://"):
             raise click.BadParameter("a database store needs --admin-token-file", param_hint="--admin-token-file")
-        root = Path(store_uri[len("sqlite://"):] if store_uri.startswith("sqlite://") else store_uri)
-        root.mkdir(parents=True, exist_ok=True)
-        token_file = str(root / "admin.token")
+        token_file = _token_file(store_uri, None)
+        Path(token_file).parent.mkdir(parents=True, exist_ok=True)
         if not Path(token_file).exists():
             fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:

@@ -43,9 +43,11 @@ MAX_BUNDLE_BYTES = 4 * 2**30
 
 def create_app(store: Store, *, admin_token: str, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                max_bundle_bytes: int = MAX_BUNDLE_BYTES, policy_interval_s: float = 30.0,
-               status_public: bool = False, request_threads: int = REQUEST_THREADS, lean_upload: bool = True) -> FastAPI:
+               status_public: bool = False, request_threads: int = REQUEST_THREADS, lean_upload: bool = True,
+               close_store: bool = False) -> FastAPI:
     """The hub app over ``store``; ``admin_token`` guards admin calls (kept only as its sha256). ``lean_upload``:
-    uploads are answered by hub/lean_upload.py ahead of FastAPI's layers (False: by the FastAPI route, same handler)."""
+    uploads are answered by hub/lean_upload.py ahead of FastAPI's layers (False: by the FastAPI route, same handler).
+    ``close_store``: the app owns the store and closes it when it stops (a worker process, hub/workers.py)."""
     if len(admin_token) < 16:
         raise HubError("the admin token must be at least 16 characters")
     if max_upload_bytes < 1 or max_bundle_bytes < 1:
@@ -63,6 +65,8 @@ def create_app(store: Store, *, admin_token: str, max_upload_bytes: int = MAX_UP
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
+        if close_store:
+            store.close()
 
     app = FastAPI(title="edgepeft hub", version=__version__, lifespan=lifespan,
                   description="Stores, validates and aggregates fleet deltas; publishes adapter versions devices pull.")

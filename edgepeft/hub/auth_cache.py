@@ -2,9 +2,10 @@
 
 Keyed by the token's sha256 (what the store keeps), so the cache holds no token, and a key is found only by
 presenting the token itself. Rotating or revoking a device through this process forgets its entries before the
-call returns, so its next request is refused at once. Another hub process over the same PostgreSQL store sees
-the change within ``TTL_S``; uploads do not even wait for that: the accept's INSERT names the token hash it
-authenticated with (``SqlStore._add_delta``), so a revoked token's upload is refused by whichever process commits it.
+call returns, so its next request is refused at once. Another hub process over the same store (PostgreSQL, or
+SQLite under ``hub serve --workers``) sees the change within ``TTL_S``; uploads do not even wait for that: the
+accept's INSERT names the token hash it authenticated with (``SqlStore._add_delta``), so a revoked token's upload is
+refused by whichever process commits it.
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ def free_port() -> int:
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _die_with_parent() -> None:
-    """In the hub's child process (Linux): SIGTERM it when the process that started it dies, however that dies."""
+def die_with_parent() -> None:
+    """In a hub's child process (Linux): SIGTERM it when the process that started it dies, however that dies."""
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
@@ -44,7 +44,7 @@ def start_hub(store: Path | str, port: int, log: Path, *options: str, wait_s: fl
            "--log-level", "warning", *options]
     with open(log, "ab") as out:  # the child holds its own copy of the descriptor
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                preexec_fn=die_with_parent if sys.platform == "linux" else None)
     url, deadline = f"http://127.0.0.1:{port}/healthz", time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
