@@ -387,6 +387,8 @@ def fleet_figures() -> dict[str, str]:
         "fleet: tried": fleet_tried(),
         "fleet: logit-adjusted": fleet_logit_adjusted(),
         "fleet: screen": fleet_screen(),
+        "fleet: levers screen": fleet_levers_screen(),
+        "fleet: levers baseline": fleet_levers_baseline(),
     }
 
 
@@ -405,6 +407,24 @@ def fleet_screen() -> str:
     configs = _json("fleet_diagnose")["screen_logit_adjust_sgd"]["configs"]
     return "; ".join(f"`{c['config'].partition(':')[2]}`: " + " / ".join(f"{100 * r['accuracy']:.1f}" for r in c["rounds"]) + " %"
                      for c in configs.values())
+
+
+def _last_three(c: dict) -> str:
+    return f"last three rounds {100 * c['last3_mean']:.1f} % on average, {100 * c['last3_range']:.1f} points apart"
+
+
+def fleet_levers_screen() -> str:
+    """fleet_diagnose's screen of SGD, momentum, AdamW's epsilon and the proximal pull (results/fleet_screen_s7.json)."""
+    return "; ".join(f"`{c['config'].partition(':')[2]}`: " + " / ".join(f"{100 * r['accuracy']:.1f}" for r in c["rounds"])
+                     + (f" % ({_last_three(c)})" if "last3_mean" in c else " % (stopped for time)")
+                     for c in _json("fleet_screen_s7")["configs"].values())
+
+
+def fleet_levers_baseline() -> str:
+    """The screen's baseline, the same plan without the levers (results/fleet_diagnose.json)."""
+    rounds = _json("fleet_diagnose")["screen_logit_adjust_sgd"]["configs"]["adamw_lr5e-3_logit_adjust1"]["rounds"]
+    tail = [r["accuracy"] for r in rounds[-3:]]
+    return _last_three({"last3_mean": sum(tail) / 3, "last3_range": max(tail) - min(tail)})
 
 
 def fleet_tried() -> str:
