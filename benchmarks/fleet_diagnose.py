@@ -37,8 +37,10 @@ from edgepeft.runtime.infer import Predictor  # noqa: E402
 from edgepeft.runtime.text import load_tokenizer  # noqa: E402
 from edgepeft.runtime.trainer import TrainConfig, Trainer  # noqa: E402
 
-DEFAULTS = {"lr": TRAIN["lr"], "epochs": TRAIN["epochs"], "balance": 1, "logit_adjust": 0.0, "optimizer": "adamw", "momentum": 0.0,
-            "adam_eps": 1e-8, "prox": 0.0, "weight_decay": 0.01, "robust": 1, "server_lr": 1.0, "server_momentum": 0.0, "ranks": 1}
+_T = TrainConfig()  # the trainer's own defaults for the optimizer's options
+DEFAULTS = {"lr": TRAIN["lr"], "epochs": TRAIN["epochs"], "balance": 1, "logit_adjust": 0.0, "optimizer": _T.optimizer,
+            "momentum": _T.momentum, "adam_eps": _T.adam_eps, "prox": _T.prox, "weight_decay": _T.weight_decay, "robust": 1,
+            "server_lr": 1.0, "server_momentum": 0.0, "ranks": 1}
 
 
 def parse_config(text: str) -> tuple[str, dict]:
