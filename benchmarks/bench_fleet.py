@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -382,8 +383,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         result = run(args, Path(tmp), minilm_task(args.eval_rows))
     # what reproduces it, and the load it ran under (accuracies do not depend on load; the seconds do)
+    own, hub = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))  # devices + centralized; the hub (a child)
     result.update(command=" ".join(["python benchmarks/bench_fleet.py", *(argv if argv is not None else sys.argv[1:])]),
-                  load_average=round(os.getloadavg()[0], 1))
+                  load_average=round(os.getloadavg()[0], 1), cpu_seconds={"bench_process": round(own.ru_utime + own.ru_stime, 1),
+                                                                          "hub": round(hub.ru_utime + hub.ru_stime, 1)})
     print(json.dumps(result, indent=1))
     if not args.quick:
         print(f"wrote {write_result('fleet', result)}")

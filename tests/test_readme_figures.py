@@ -389,12 +389,16 @@ def fleet_figures() -> dict[str, str]:
         "fleet: screen": fleet_screen(),
         "fleet: levers screen": fleet_levers_screen(),
         "fleet: levers baseline": fleet_levers_baseline(),
+        "fleet: prox run": fleet_logit_adjusted("fleet_prox"),
+        "fleet: prox bytes": (lambda b: f"{b['up'] / 1000:.1f} KB up and {b['down'] / 1000:.1f} KB down per device per round")(
+            _json("fleet_prox")["bytes_per_device_round"]),
+        **{f"fleet: last three of {name}": _last_three(_versions_tail(name)) for name in ("fleet", "fleet_logit_adjust", "fleet_prox")},
     }
 
 
-def fleet_logit_adjusted() -> str:
-    """The fleet run with logit-adjusted devices (results/fleet_logit_adjust.json)."""
-    f = _json("fleet_logit_adjust")
+def fleet_logit_adjusted(name: str = "fleet_logit_adjust") -> str:
+    """The fleet run with logit-adjusted devices (results/fleet_logit_adjust.json), or another run's line like it."""
+    f = _json(name)
     return (f"`{f['command'].removeprefix('python benchmarks/bench_fleet.py ')}`: "
             + " / ".join(f"{100 * r['accuracy']:.1f}" for r in f["per_round"])
             + f" % per version against {100 * f['centralized']['accuracy']:.1f} % centralized, {f['gap_points']:.1f} points short "
@@ -411,6 +415,12 @@ def fleet_screen() -> str:
 
 def _last_three(c: dict) -> str:
     return f"last three rounds {100 * c['last3_mean']:.1f} % on average, {100 * c['last3_range']:.1f} points apart"
+
+
+def _versions_tail(name: str) -> dict:
+    """The mean and range of a bench_fleet run's last three versions, as the screen reports its last three rounds."""
+    tail = [r["accuracy"] for r in _json(name)["per_round"][-3:]]
+    return {"last3_mean": sum(tail) / 3, "last3_range": max(tail) - min(tail)}
 
 
 def fleet_levers_screen() -> str:
