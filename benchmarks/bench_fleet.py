@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         result = run(args, Path(tmp), minilm_task(args.eval_rows))
     # what reproduces it, and the load it ran under (accuracies do not depend on load; the seconds do)
-    own, hub = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))  # devices + centralized; the hub (a child)
+    own, hub = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))  # the hub is a child
     result.update(command=" ".join(["python benchmarks/bench_fleet.py", *(argv if argv is not None else sys.argv[1:])]),
                   load_average=round(os.getloadavg()[0], 1), cpu_seconds={"bench_process": round(own.ru_utime + own.ru_stime, 1),
                                                                           "hub": round(hub.ru_utime + hub.ru_stime, 1)})
