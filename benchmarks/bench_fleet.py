@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -192,10 +193,13 @@ def fleet_options(args: argparse.Namespace) -> dict:
             if v is not None}
 
 
+DEVICE_FLAGS = ("lr", "optimizer", "momentum", "adam_eps", "prox", "weight_decay")  # TrainConfig fields the bench can set
+
+
 def device_options(train: dict, args: argparse.Namespace) -> dict:
-    """A device's round as the command line changes it: lr, optimizer, and logit adjustment in place of label-balanced
-    draws."""
-    out = {**train, **({"lr": args.lr} if args.lr else {}), **({"optimizer": args.optimizer} if args.optimizer else {})}
+    """A device's round as the command line changes it: lr, optimizer and its options, and logit adjustment in place of
+    label-balanced draws."""
+    out = {**train, **{k: getattr(args, k) for k in DEVICE_FLAGS if getattr(args, k) is not None}}
     if args.logit_adjust is not None:
         out.update(logit_adjust=args.logit_adjust, balance_labels=args.logit_adjust == 0 and train.get("balance_labels", False))
     return out
@@ -359,6 +363,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=4, help="devices training at once")
     ap.add_argument("--lr", type=float, help=f"a device's lr (default {TRAIN['lr']})")
     ap.add_argument("--optimizer", choices=("adamw", "sgd"), help="a device's optimizer (default: adamw)")
+    ap.add_argument("--momentum", type=float, help="a device's SGD momentum (default 0)")
+    ap.add_argument("--adam-eps", type=float, help="a device's AdamW epsilon (default 1e-8)")
+    ap.add_argument("--prox", type=float, help="a device's pull toward the version it pulled, FedProx's mu (default 0)")
+    ap.add_argument("--weight-decay", type=float, help="a device's weight decay (default 0.01)")
     ap.add_argument("--logit-adjust", type=float, help="the devices' --logit-adjust τ (balanced softmax at 1), in place of "
                                                          "label-balanced draws")
     ap.add_argument("--server-lr", type=float, help="the fleet's server step: fraction of the way to the mean (hub default 1)")
@@ -375,8 +383,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         result = run(args, Path(tmp), minilm_task(args.eval_rows))
     # what reproduces it, and the load it ran under (accuracies do not depend on load; the seconds do)
+    own, hub = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))  # the hub is a child
     result.update(command=" ".join(["python benchmarks/bench_fleet.py", *(argv if argv is not None else sys.argv[1:])]),
-                  load_average=round(os.getloadavg()[0], 1))
+                  load_average=round(os.getloadavg()[0], 1), cpu_seconds={"bench_process": round(own.ru_utime + own.ru_stime, 1),
+                                                                          "hub": round(hub.ru_utime + hub.ru_stime, 1)})
     print(json.dumps(result, indent=1))
     if not args.quick:
         print(f"wrote {write_result('fleet', result)}")

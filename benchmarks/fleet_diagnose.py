@@ -3,7 +3,8 @@
     python benchmarks/fleet_diagnose.py [--devices 100] [--per-round 10] [--rounds 6] [--rows 128] CONFIG...
 
 Each CONFIG is ``name:key=value,key=value`` over: ``lr`` (device lr), ``epochs``, ``balance`` (1: label-balanced
-draws), ``logit_adjust`` (the device trainer's --logit-adjust τ), ``optimizer`` (adamw | sgd), ``robust`` (1: the hub's defaults,
+draws), ``logit_adjust`` (the device trainer's --logit-adjust τ), ``optimizer`` (adamw | sgd), ``momentum`` (SGD's),
+``adam_eps``, ``prox`` (the pull toward the pulled version, FedProx's mu), ``weight_decay``, ``robust`` (1: the hub's defaults,
 median clipping + 20 % trimmed mean; 0: plain weighted mean), ``server_lr``, ``server_momentum`` (the hub's server step),
 ``ranks`` (1: devices at rank 4/8/16 pull refitted versions; 0: all at 16). The shards, the devices drawn each round and
 the rows they get are the same for every config (seeded), so accuracies differ by the lever alone. Every device is
@@ -36,7 +37,10 @@ from edgepeft.runtime.infer import Predictor  # noqa: E402
 from edgepeft.runtime.text import load_tokenizer  # noqa: E402
 from edgepeft.runtime.trainer import TrainConfig, Trainer  # noqa: E402
 
-DEFAULTS = {"lr": TRAIN["lr"], "epochs": TRAIN["epochs"], "balance": 1, "logit_adjust": 0.0, "optimizer": "adamw", "robust": 1, "server_lr": 1.0, "server_momentum": 0.0, "ranks": 1}
+_T = TrainConfig()  # the trainer's own defaults for the optimizer's options
+DEFAULTS = {"lr": TRAIN["lr"], "epochs": TRAIN["epochs"], "balance": 1, "logit_adjust": 0.0, "optimizer": _T.optimizer,
+            "momentum": _T.momentum, "adam_eps": _T.adam_eps, "prox": _T.prox, "weight_decay": _T.weight_decay, "robust": 1,
+            "server_lr": 1.0, "server_momentum": 0.0, "ranks": 1}
 
 
 def parse_config(text: str) -> tuple[str, dict]:
@@ -67,7 +71,8 @@ def run_config(cfg: dict, bundle, shards, plan, held, work: Path) -> list[dict]:
             data = load_dataset(write_jsonl(work / f"r{r}-d{i}.jsonl", rows), bundle.manifest, tok)
             train = {**TRAIN, "lr": cfg["lr"], "epochs": cfg["epochs"], "rank": dev_rank,
                      "balance_labels": bool(cfg["balance"]), "logit_adjust": cfg["logit_adjust"],
-                     "optimizer": cfg["optimizer"]}
+                     "optimizer": cfg["optimizer"], "momentum": cfg["momentum"], "adam_eps": cfg["adam_eps"],
+                     "prox": cfg["prox"], "weight_decay": cfg["weight_decay"]}
             d = Trainer(bundle, data, TrainConfig(**train), start=start).fit().delta
             if start is not None and dev_rank != rank:
                 d = rebase(d, start, parent)
@@ -92,6 +97,12 @@ def aggregate(deltas, parent, grand, manifest, options: RobustOptions):
             yield (clip_update(d, parent, bound)[0] if bound else d), float(d.meta.samples)
 
     return combine(pairs, len(deltas), manifest, options, parent=parent, grandparent=grand)[0]
+
+
+def stability(accuracies: list[float], last: int = 3) -> dict:
+    """Where a config ends and how much it swings there: the mean and the range of the last rounds' accuracies."""
+    tail = accuracies[-last:]
+    return {f"last{last}_mean": round(float(np.mean(tail)), 4), f"last{last}_range": round(max(tail) - min(tail), 4)}
 
 
 def analyse(bundle, plan, held, work: Path, rounds: int, lr: float) -> list[dict]:
@@ -166,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         with tempfile.TemporaryDirectory(prefix="fleet-diag-") as tmp:
             rounds = run_config(cfg, bundle, shards, plan, held, Path(tmp))
-        results[name] = {"config": cfg, "rounds": rounds, "wall_s": round(time.perf_counter() - t0, 1),
-                         "cpu_s": round(time.process_time() - c0, 1)}
+        results[name] = {"config": cfg, "rounds": rounds, **stability([r["accuracy"] for r in rounds]),
+                         "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
     print(json.dumps({"args": vars(args), "results": results}, indent=1))
 
 

@@ -15,13 +15,26 @@ import numpy as np
 from edgepeft.errors import TrainError
 
 SCHEDULES = ("linear", "cosine", "constant")
+ADAM_EPS = 1e-8  # torch's default
+
+
+def _anchor(params: dict[str, np.ndarray], prox: float) -> dict[str, np.ndarray]:
+    """The point a proximal pull (FedProx) holds the parameters near: their values when the optimizer is built."""
+    if prox < 0 or not math.isfinite(prox):
+        raise TrainError(f"prox must be a non-negative number, got {prox}")
+    return {k: v.copy() for k, v in params.items()} if prox else {}
 
 
 class AdamW:
-    """AdamW with bias correction and decoupled weight decay, updating float32 arrays in place."""
+    """AdamW with bias correction and decoupled weight decay, updating float32 arrays in place.
+
+    ``prox`` > 0 adds a decoupled pull toward the starting values (FedProx's proximal term, Li et al. 2020, applied
+    the way AdamW applies weight decay: ``p -= lr·prox·(p - p0)`` beside the decay, outside Adam's normalisation), so a
+    fleet device's update stays near the version it started from however Adam scales its gradient steps.
+    """
 
     def __init__(self, params: dict[str, np.ndarray], *, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01) -> None:
+                 eps: float = ADAM_EPS, weight_decay: float = 0.01, prox: float = 0.0) -> None:
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise TrainError(f"AdamW betas must lie in [0, 1), got {betas}")
         if eps <= 0 or weight_decay < 0:
@@ -30,6 +43,7 @@ class AdamW:
         self.betas = betas
         self.eps = eps
         self.weight_decay = weight_decay
+        self.prox, self.anchor = prox, _anchor(params, prox)
         self.step_count = 0
         self.m = {k: np.zeros_like(v) for k, v in params.items()}  # first moments
         self.v = {k: np.zeros_like(v) for k, v in params.items()}  # second moments
@@ -43,6 +57,8 @@ class AdamW:
         for name, p in self.params.items():
             g = grads[name]
             m, v = self.m[name], self.v[name]
+            if self.prox:  # decoupled like the decay, before it: torch AdamW's decay of (p - p0) when weight decay is 0
+                p -= np.float32(lr * self.prox) * (p - self.anchor[name])
             p *= np.float32(1.0 - lr * self.weight_decay)  # decoupled: decay the weight, not the gradient
             m += (g - m) * np.float32(1.0 - b1)  # torch: exp_avg.lerp_(grad, 1 - beta1)
             v *= np.float32(b2)
@@ -67,34 +83,70 @@ class AdamW:
 
 
 class SGD:
-    """Plain SGD as torch's (weight decay added to the gradient), updating float32 arrays in place.
+    """SGD as torch's (weight decay added to the gradient; momentum without dampening), updating float32 arrays in place.
 
     A step is proportional to the gradient, where AdamW's first steps are sign-like whatever the gradient's size: a
     fleet device whose loss is already small (one label, logit-adjusted) then moves the shared adapter little.
+    ``prox`` > 0 adds FedProx's proximal term ``prox/2·||p - p0||²`` to the loss (its gradient ``prox·(p - p0)``
+    joins the gradient, as weight decay does here), pulling the update toward the starting values.
     """
 
-    def __init__(self, params: dict[str, np.ndarray], *, weight_decay: float = 0.0) -> None:
+    def __init__(self, params: dict[str, np.ndarray], *, weight_decay: float = 0.0, momentum: float = 0.0,
+                 prox: float = 0.0) -> None:
         if weight_decay < 0:
             raise TrainError(f"SGD needs weight decay >= 0, got {weight_decay}")
-        self.params, self.weight_decay, self.step_count = params, weight_decay, 0
+        if not 0.0 <= momentum < 1.0:
+            raise TrainError(f"SGD momentum must lie in [0, 1), got {momentum}")
+        self.params, self.weight_decay, self.momentum, self.step_count = params, weight_decay, momentum, 0
+        self.prox, self.anchor = prox, _anchor(params, prox)
+        self.buf = {k: np.zeros_like(v) for k, v in params.items()} if momentum else {}
 
     def step(self, grads: dict[str, np.ndarray], lr: float) -> None:
         """One update of every parameter with its gradient at learning rate ``lr``."""
         self.step_count += 1
         for name, p in self.params.items():
             g = grads[name] + np.float32(self.weight_decay) * p if self.weight_decay else grads[name]
+            if self.prox:
+                g = g + np.float32(self.prox) * (p - self.anchor[name])
+            if self.momentum:  # torch: the buffer starts as the first gradient, then buf = momentum·buf + g
+                buf = self.buf[name]
+                if self.step_count == 1:
+                    buf[...] = g
+                else:
+                    buf *= np.float32(self.momentum)
+                    buf += g
+                g = buf
             p -= np.float32(lr) * g
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-        """No moments; the step count, for a checkpoint."""
-        return {}, {"step": self.step_count}
+        """The momentum buffers (``buf.<slot>``, none without momentum) and the step count, for a checkpoint."""
+        return {f"buf.{k}": v for k, v in self.buf.items()}, {"step": self.step_count}
 
     def load_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, int]) -> None:
-        """Restore what :meth:`state` returned."""
+        """Restore what :meth:`state` returned (shapes checked, so a foreign checkpoint fails here)."""
+        for k in self.buf:
+            a = arrays.get(f"buf.{k}")
+            if a is None or a.shape != self.params[k].shape:
+                raise TrainError(f"checkpoint optimizer state lacks or misshapes buf.{k}")
+            self.buf[k] = np.array(a, dtype=np.float32)
         self.step_count = int(scalars["step"])
 
 
 OPTIMIZERS = {"adamw": AdamW, "sgd": SGD}
+
+
+def build_optimizer(name: str, params: dict[str, np.ndarray], *, weight_decay: float, prox: float = 0.0,
+                    momentum: float = 0.0, adam_eps: float = ADAM_EPS) -> AdamW | SGD:
+    """The optimizer a run asked for; an option the other optimizer owns is refused, not silently ignored."""
+    if name not in OPTIMIZERS:
+        raise TrainError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if name == "adamw":
+        if momentum:
+            raise TrainError("--momentum is SGD's; AdamW's first moment plays its part (use --optimizer sgd)")
+        return AdamW(params, eps=adam_eps, weight_decay=weight_decay, prox=prox)
+    if adam_eps != ADAM_EPS:
+        raise TrainError("--adam-eps is AdamW's; SGD has no epsilon (drop it or use --optimizer adamw)")
+    return SGD(params, weight_decay=weight_decay, momentum=momentum, prox=prox)
 
 
 def lr_at(step: int, *, base_lr: float, total: int, warmup: int, schedule: str) -> float:

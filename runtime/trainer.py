@@ -39,7 +39,7 @@ from edgepeft.runtime.infer import Predictor
 from edgepeft.runtime.prompt_init import with_text_init
 from edgepeft.runtime.held_slots import HeldSlots, probe_selection
 from edgepeft.runtime.lm_targets import LOSS_MASK, first_target, loss_chunks, scored, train_feeds
-from edgepeft.runtime.optim import OPTIMIZERS, SCHEDULES, clip_by_global_norm, lr_at
+from edgepeft.runtime.optim import ADAM_EPS, SCHEDULES, SGD, AdamW, build_optimizer, clip_by_global_norm, lr_at
 
 
 def _cnn_input_shape(manifest) -> tuple[int, int, int]:
@@ -73,6 +73,12 @@ class TrainConfig:
                                         "(with replacement); for label-skewed local data, as a fleet device's often is.")
     optimizer: str = _help("adamw", "adamw, or sgd (steps proportional to the gradient: a fleet device whose loss is "
                                     "already small moves the shared adapter little; needs a larger --lr, e.g. 0.5).")
+    momentum: float = _help(0.0, "SGD's momentum, as torch's (0: none).")
+    adam_eps: float = _help(ADAM_EPS, "AdamW's epsilon; a larger one (e.g. 1e-4) makes its first steps proportional to small "
+                                      "gradients instead of sign-like.")
+    prox: float = _help(0.0, "Proximal pull toward the starting delta (FedProx's mu): a fleet device's update stays near "
+                             "the version it pulled. Decoupled with AdamW (like its weight decay), the gradient of "
+                             "prox/2*||w - w0||^2 with SGD (0: off).")
     logit_adjust: float = _help(0.0, "Classification: train on logits shifted by this times the log of the local label "
                                      "prior (logit adjustment, as FedLC does; 1: balanced softmax), so a label-skewed fleet "
                                      "device does not teach the fleet its own label prior; the delta predicts with plain "
@@ -109,10 +115,14 @@ class TrainConfig:
             raise TrainError(f"--select {self.select!r}: choose all or auto")
         if (self.select == "auto") != (self.max_delta_bytes > 0):
             raise TrainError("--select auto and --max-delta-bytes go together: give both (or neither)")
-        if self.optimizer not in OPTIMIZERS:
-            raise TrainError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        self.make_optimizer({})  # an unknown optimizer, or an option of the other one, is refused here
         if self.schedule not in SCHEDULES:
             raise TrainError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+    def make_optimizer(self, params: dict[str, np.ndarray]) -> AdamW | SGD:
+        """This run's optimizer over ``params`` (the prox anchor is their values now)."""
+        return build_optimizer(self.optimizer, params, weight_decay=self.weight_decay, prox=self.prox,
+                               momentum=self.momentum, adam_eps=self.adam_eps)
 
     def resume_identity(self) -> dict[str, Any]:
         """Fields a resumed run must share with the checkpoint (all that change what is computed)."""
@@ -413,7 +423,7 @@ class Trainer:
                              "or choose another --checkpoint-dir")
         self.delta = self._fresh_delta()
         self.params = self.delta.tensors
-        self.optimizer = OPTIMIZERS[c.optimizer](self.params, weight_decay=c.weight_decay)
+        self.optimizer = c.make_optimizer(self.params)
         self.selection, self.slots = None, HeldSlots(self.manifest.slots)
         self._sessions()
         self._select()

@@ -390,12 +390,18 @@ def fleet_figures() -> dict[str, str]:
         "fleet: tried": fleet_tried(),
         "fleet: logit-adjusted": fleet_logit_adjusted(),
         "fleet: screen": fleet_screen(),
+        "fleet: levers screen": fleet_levers_screen(),
+        "fleet: levers baseline": fleet_levers_baseline(),
+        "fleet: prox run": fleet_logit_adjusted("fleet_prox"),
+        "fleet: prox bytes": (lambda b: f"{b['up'] / 1000:.1f} KB up and {b['down'] / 1000:.1f} KB down per device per round")(
+            _json("fleet_prox")["bytes_per_device_round"]),
+        **{f"fleet: last three of {name}": _last_three(_versions_tail(name)) for name in ("fleet", "fleet_logit_adjust", "fleet_prox")},
     }
 
 
-def fleet_logit_adjusted() -> str:
-    """The fleet run with logit-adjusted devices (results/fleet_logit_adjust.json)."""
-    f = _json("fleet_logit_adjust")
+def fleet_logit_adjusted(name: str = "fleet_logit_adjust") -> str:
+    """The fleet run with logit-adjusted devices (results/fleet_logit_adjust.json), or another run's line like it."""
+    f = _json(name)
     return (f"`{f['command'].removeprefix('python benchmarks/bench_fleet.py ')}`: "
             + " / ".join(f"{100 * r['accuracy']:.1f}" for r in f["per_round"])
             + f" % per version against {100 * f['centralized']['accuracy']:.1f} % centralized, {f['gap_points']:.1f} points short "
@@ -408,6 +414,30 @@ def fleet_screen() -> str:
     configs = _json("fleet_diagnose")["screen_logit_adjust_sgd"]["configs"]
     return "; ".join(f"`{c['config'].partition(':')[2]}`: " + " / ".join(f"{100 * r['accuracy']:.1f}" for r in c["rounds"]) + " %"
                      for c in configs.values())
+
+
+def _last_three(c: dict) -> str:
+    return f"last three rounds {100 * c['last3_mean']:.1f} % on average, {100 * c['last3_range']:.1f} points apart"
+
+
+def _versions_tail(name: str) -> dict:
+    """The mean and range of a bench_fleet run's last three versions, as the screen reports its last three rounds."""
+    tail = [r["accuracy"] for r in _json(name)["per_round"][-3:]]
+    return {"last3_mean": sum(tail) / 3, "last3_range": max(tail) - min(tail)}
+
+
+def fleet_levers_screen() -> str:
+    """fleet_diagnose's screen of SGD, momentum, AdamW's epsilon and the proximal pull (results/fleet_screen_s7.json)."""
+    return "; ".join(f"`{c['config'].partition(':')[2]}`: " + " / ".join(f"{100 * r['accuracy']:.1f}" for r in c["rounds"])
+                     + (f" % ({_last_three(c)})" if "last3_mean" in c else " % (stopped for time)")
+                     for c in _json("fleet_screen_s7")["configs"].values())
+
+
+def fleet_levers_baseline() -> str:
+    """The screen's baseline, the same plan without the levers (results/fleet_diagnose.json)."""
+    rounds = _json("fleet_diagnose")["screen_logit_adjust_sgd"]["configs"]["adamw_lr5e-3_logit_adjust1"]["rounds"]
+    tail = [r["accuracy"] for r in rounds[-3:]]
+    return _last_three({"last3_mean": sum(tail) / 3, "last3_range": max(tail) - min(tail)})
 
 
 def fleet_tried() -> str:

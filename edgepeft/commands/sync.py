@@ -62,7 +62,7 @@ def agent_group() -> None:
 
 
 @agent_group.command("run")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True), help="device.toml of this device; its [train] table takes `edgepeft train`'s options by field name (rank = 4, logit_adjust = 1.0 for a device whose labels are skewed, ...).")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, exists=True), help="device.toml of this device; its [train] table takes `edgepeft train`'s options by field name (rank = 4, logit_adjust = 1.0 for a device whose labels are skewed, prox = 0.01 to keep its update near the version it pulled, ...).")
 @click.option("--once", is_flag=True, help="Run one round and exit.")
 @click.option("--rounds", type=click.IntRange(1), help="Run this many rounds, then exit (default: forever).")
 @click.option("--raw", is_flag=True, help="Push float32 safetensors deltas instead of the packed form (or raw = true in device.toml).")
