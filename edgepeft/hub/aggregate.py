@@ -1,8 +1,9 @@
 """Fleet aggregation: claim the pending deltas, merge them streaming from the store, publish a version.
 
-The weighted mean (weights: each delta's ``meta.samples``, capped by ``limits.sample_weights``) is taken in chunks of deltas
-(``stream_merge``: one matrix product per LoRA module and chunk) or, for the trimmed mean and methods that need it, one
-delta at a time through ``edgepeft.delta.merge``; either way in each method's own space: ΔW for LoRA, plain weighted
+The weighted mean (weights: each delta's ``meta.samples``, capped by ``limits.sample_weights``) or the trimmed mean
+(over the deltas, or over bucket means in rounds of more than ``RobustOptions.buckets``) is taken in chunks of deltas
+(``stream_merge``: one matrix product per LoRA module, bucket and chunk) or, for methods that need it (DoRA, VeRA, ...),
+one delta at a time (``edgepeft.delta.merge``, ``trimmed_merge``); either way in each method's own space: ΔW for LoRA, plain weighted
 mean for bias and head slots, output re-factored at the bundle's LoRA rank and scale so devices keep training from it.
 Claiming is one transaction, so every accepted delta lands in exactly one version; a version whose builder died stays
 ``building`` and ``recover`` rebuilds it from the same deltas and options.
@@ -25,7 +26,7 @@ from edgepeft.delta.merge import merge, space_parts
 from edgepeft.delta.transport import is_packed, pack, packed_meta, unpack
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.frozen import BaseWeights, base_weights, frozen_arrays
-from edgepeft.hub import delta_chunks, mixed_ranks, stream_merge, trimmed_merge
+from edgepeft.hub import buckets, delta_chunks, mixed_ranks, stream_merge, trimmed_merge
 from edgepeft.hub.server_step import is_plain, server_step
 from edgepeft.hub.limits import MAX_PUBLISHED_SAMPLES, readable, sample_weights, staleness_factor
 from edgepeft.hub.robust import RobustOptions, clip_update, update_norm
@@ -152,15 +153,18 @@ def combine(pairs: Pairs, n: int, manifest: Manifest, options: RobustOptions, ba
 def _merge_claimed(store: Store, claimed: list[DeltaRec], latest: int, manifest: Manifest, options: RobustOptions,
                    parents: "_Parents", base: BaseWeights | None, before: int = 0) -> tuple[Delta, dict[str, Any]]:
     """Merge the claimed deltas (see :func:`_merge_per_delta`): in chunks, one matrix product per LoRA module and
-    chunk (``stream_merge``), where the methods and options allow it; else one delta at a time."""
-    if stream_merge.eligible(manifest, options):
+    chunk (``stream_merge``), where the bundle's methods allow it; else one delta at a time."""
+    if stream_merge.eligible(manifest):
         return _merge_chunked(store, claimed, latest, manifest, options, parents, before)
     return _merge_per_delta(store, claimed, latest, manifest, options, parents, base, before)
 
 
 def _merge_chunked(store: Store, claimed: list[DeltaRec], latest: int, manifest: Manifest, options: RobustOptions,
                    parents: "_Parents", before: int = 0) -> tuple[Delta, dict[str, Any]]:
-    """:func:`_merge_per_delta`'s version and report, from deltas read in chunks (``stream_merge.merge_chunks``)."""
+    """:func:`_merge_per_delta`'s version and report, from deltas read in chunks (``stream_merge.merge_chunks``);
+    with a trimmed mean, read in the bucketing order (``buckets.shuffled``: the same for the same deltas)."""
+    if options.trim > 0:
+        claimed = [claimed[p] for p in buckets.shuffled([d.id for d in claimed], latest)]
     ids = [d.id for d in claimed]
     capped = sample_weights([d.samples for d in claimed], options.max_samples, [d.device for d in claimed])  # in ids order
     rank, scale = bundle_lora(manifest)

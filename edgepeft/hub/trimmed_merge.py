@@ -16,6 +16,7 @@ from edgepeft.delta.format import Delta, DeltaMeta
 from edgepeft.delta.merge import from_space_parts, is_ranked, space_parts
 from edgepeft.errors import HubError
 from edgepeft.frozen import BaseWeights
+from edgepeft.hub import buckets
 from edgepeft.hub.robust import trimmed_mean
 
 Pairs = Callable[[], Iterator[tuple[Delta, float]]]  # a fresh pass over (delta, weight)
@@ -76,5 +77,5 @@ def trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, me
     out_rank = rank if is_ranked(first) else 0
     meta = DeltaMeta(base_fingerprint=f.base_fingerprint, method=f.method, rank=out_rank, alpha=scale * out_rank,
                      adapter=f.adapter, samples=samples, creator="merge", extra={"merged_count": str(n)})
-    return Delta(tensors, meta), {"total_weight": weights_total, "passes": len(chunks),
+    return Delta(tensors, meta), {"total_weight": weights_total, "passes": len(chunks), "trimmed": buckets.report(n, n, trim),
                                   "max_refactor_error": max(errors.values(), default=0.0)}
