@@ -99,10 +99,20 @@ TRIMMED = {
 @pytest.mark.parametrize("options", TRIMMED.values(), ids=TRIMMED.keys())
 def test_buckets_of_one_delta_make_the_per_delta_trimmed_mean(fleet, options, monkeypatch):
     """B >= n: every delta a bucket of its own; the chunked path's version is the per-delta trimmed mean's."""
-    store, manifest = fleet
-    (old, old_report), (new, new_report) = both(store, manifest, {**options, "buckets": 40}, monkeypatch)
-    assert new_report["trimmed"] == old_report["trimmed"] == {"over": "deltas", "buckets": 37, "deltas_per_bucket": [1, 1],
-                                                              "cut_each_end": int(37 * (options.get("trim", 0.2)))}
+    assert_same_trimmed(*fleet, {**options, "buckets": 40}, monkeypatch,
+                        {"over": "deltas", "buckets": 37, "deltas_per_bucket": [1, 1], "cut_each_end": int(37 * options.get("trim", 0.2))})
+
+
+@pytest.mark.parametrize("options", TRIMMED.values(), ids=TRIMMED.keys())
+def test_the_chunked_bucket_means_are_the_per_delta_bucket_means(fleet, options, monkeypatch):
+    """B < n: the chunked path and the one-delta-at-a-time path (methods such as DoRA) bucket and trim alike."""
+    assert_same_trimmed(*fleet, {**options, "buckets": 8}, monkeypatch,
+                        {"over": "buckets", "buckets": 8, "deltas_per_bucket": [4, 5], "cut_each_end": int(8 * options.get("trim", 0.2))})
+
+
+def assert_same_trimmed(store, manifest, options: dict, monkeypatch, trimmed: dict) -> None:
+    (old, old_report), (new, new_report) = both(store, manifest, options, monkeypatch)
+    assert new_report["trimmed"] == old_report["trimmed"] == trimmed
     for key, (max_abs, rel) in diff(new, old).items():
         if ":dW" in key or "lora" not in key:
             assert rel < 1e-5, (key, max_abs, rel)

@@ -140,10 +140,13 @@ def _server_step(options: RobustOptions, parent: Delta | None, grandparent: Delt
 
 def combine(pairs: Pairs, n: int, manifest: Manifest, options: RobustOptions, base: BaseWeights | None = None, *,
             parent: Delta | None = None, grandparent: Delta | None = None) -> tuple[Delta, dict[str, Any]]:
-    """Merge one pass of (delta, weight) pairs (clipping already applied) at the bundle's rank and scale, then take the
-    server step (``options.server_lr``, ``server_momentum``) from ``parent``, the latest version, and its own parent."""
+    """Merge one pass of (delta, weight) pairs (clipping already applied; for a trimmed mean of more than
+    ``options.buckets`` deltas, in the bucketing order) at the bundle's rank and scale, then take the server step
+    (``options.server_lr``, ``server_momentum``) from ``parent``, the latest version, and its own parent."""
     rank, scale = bundle_lora(manifest)
     step = _server_step(options, parent, grandparent, base)
+    if options.trim > 0 and n > options.buckets:
+        return trimmed_merge.bucketed_merge(pairs, n, options.trim, options.buckets, rank, scale, base, step)
     if options.trim > 0:
         return trimmed_merge.trimmed_merge(pairs, n, options.trim, rank, scale, options.memory_mb, base, step)
     merged, rep = merge(pairs(), rank=rank if rank else None, scale=scale, base=base, step=step)
@@ -159,12 +162,17 @@ def _merge_claimed(store: Store, claimed: list[DeltaRec], latest: int, manifest:
     return _merge_per_delta(store, claimed, latest, manifest, options, parents, base, before)
 
 
+def _merge_order(claimed: list[DeltaRec], latest: int, options: RobustOptions) -> list[DeltaRec]:
+    """The claimed deltas in the order they are merged: for a trimmed mean, the bucketing order (``buckets.shuffled``:
+    the same for the same deltas after the same version, whatever order they were claimed in); else as claimed."""
+    return [claimed[p] for p in buckets.shuffled([d.id for d in claimed], latest)] if options.trim > 0 else claimed
+
+
 def _merge_chunked(store: Store, claimed: list[DeltaRec], latest: int, manifest: Manifest, options: RobustOptions,
                    parents: "_Parents", before: int = 0) -> tuple[Delta, dict[str, Any]]:
     """:func:`_merge_per_delta`'s version and report, from deltas read in chunks (``stream_merge.merge_chunks``);
-    with a trimmed mean, read in the bucketing order (``buckets.shuffled``: the same for the same deltas)."""
-    if options.trim > 0:
-        claimed = [claimed[p] for p in buckets.shuffled([d.id for d in claimed], latest)]
+    with a trimmed mean, read in the bucketing order."""
+    claimed = _merge_order(claimed, latest, options)
     ids = [d.id for d in claimed]
     capped = sample_weights([d.samples for d in claimed], options.max_samples, [d.device for d in claimed])  # in ids order
     rank, scale = bundle_lora(manifest)
@@ -183,8 +191,9 @@ def _merge_per_delta(store: Store, claimed: list[DeltaRec], latest: int, manifes
     its merge weight is its capped samples times ``limits.staleness_factor`` (FedBuff's 1/sqrt(1 + s)).
     Clipping: to ``clip_norm``, else to ``clip_median`` times the median update norm of these deltas (one
     extra pass over them, reading one at a time). The server step moves from ``latest`` (with momentum from ``before``,
-    the version ``latest`` was made after; 0: none).
+    the version ``latest`` was made after; 0: none). A trimmed mean reads them in the bucketing order.
     """
+    claimed = _merge_order(claimed, latest, options)
     ids = [d.id for d in claimed]
     capped = sample_weights([d.samples for d in claimed], options.max_samples, [d.device for d in claimed])  # in ids order
     full, _ = bundle_lora(manifest)

@@ -1,9 +1,10 @@
-"""The coordinate-wise trimmed mean of one round's deltas in each method's space (ΔW for LoRA), one delta at a time.
+"""The coordinate-wise trimmed mean of one round's deltas in each method's space (ΔW for LoRA), one delta at a time:
+the path of methods the chunked merge (``stream_merge``) does not take (DoRA, VeRA, ...).
 
-Every coordinate needs every delta's value, so the deltas are stacked (n, coordinates) a slice of the space at a
-time, as many passes over them as ``memory_mb`` needs: passes grow with n and each reads every delta, so the cost
-grows with n². It serves any method (DoRA, VeRA, ...) and rounds of at most ``RobustOptions.buckets`` deltas; larger
-rounds of LoRA and plain slots take the trimmed mean over bucket means instead (``stream_merge``, chunked, linear in n).
+Over the deltas (``trimmed_merge``, a round of at most ``RobustOptions.buckets``): every coordinate needs every
+delta's value, so the deltas are stacked (n, coordinates) a slice of the space at a time, in as many passes over them
+as ``memory_mb`` needs; passes grow with n and each reads every delta, so the cost grows with n². Over bucket means
+(``bucketed_merge``, a larger round): one pass, B bucket sums (``hub/buckets.py``), linear in n.
 """
 
 from __future__ import annotations
@@ -78,4 +79,38 @@ def trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, me
     meta = DeltaMeta(base_fingerprint=f.base_fingerprint, method=f.method, rank=out_rank, alpha=scale * out_rank,
                      adapter=f.adapter, samples=samples, creator="merge", extra={"merged_count": str(n)})
     return Delta(tensors, meta), {"total_weight": weights_total, "passes": len(chunks), "trimmed": buckets.report(n, n, trim),
+                                  "max_refactor_error": max(errors.values(), default=0.0)}
+
+
+def bucketed_merge(pairs: Pairs, n: int, trim: float, buckets_: int, rank: int, scale: float, base: BaseWeights | None,
+                   server: Step | None = None) -> tuple[Delta, dict[str, Any]]:
+    """The trimmed mean over ``buckets_`` bucket means (``hub/buckets.py``) in one pass, one delta at a time: the
+    chunked path's rule for the methods it does not take. ``pairs`` come in the bucketing order (``buckets.shuffled``)."""
+    groups = buckets.count(n, buckets_)
+    sums: dict[str, np.ndarray] = {}
+    totals = np.zeros(groups)
+    first: Delta | None = None
+    samples, count = 0, 0
+    for i, (d, w) in enumerate(pairs()):
+        if i >= n:
+            raise HubError("aggregation: more deltas than claimed")
+        g = int(buckets.of(np.array([i]), n, groups)[0])
+        for key, v in space_parts(d, base).items():
+            if key not in sums:
+                sums[key] = np.zeros((groups, *v.shape), np.float32)  # as the chunked path's bucket sums
+            sums[key][g] += w * v
+        totals[g] += w
+        samples += d.meta.samples
+        first = first or d
+        count = i + 1
+    if count != n or first is None:
+        raise HubError(f"aggregation: read {count} deltas, claimed {n}")
+    mean = {k: buckets.trimmed_across(v, totals, trim) for k, v in sums.items()}
+    tensors, errors = from_space_parts(first, server(mean) if server else mean, rank, scale, base)
+    f = first.meta
+    out_rank = rank if is_ranked(first) else 0
+    meta = DeltaMeta(base_fingerprint=f.base_fingerprint, method=f.method, rank=out_rank, alpha=scale * out_rank,
+                     adapter=f.adapter, samples=samples, creator="merge", extra={"merged_count": str(n)})
+    return Delta(tensors, meta), {"total_weight": float(totals.sum()), "passes": 1,
+                                  "trimmed": buckets.report(n, buckets_, trim),
                                   "max_refactor_error": max(errors.values(), default=0.0)}
