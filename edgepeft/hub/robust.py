@@ -26,12 +26,16 @@ class RobustOptions:
     """How an aggregation defends against outlier devices, and how far its version moves. On by default: each update
     clipped to the median update norm of its version, then a coordinate-wise 20 % trimmed mean (clipping alone stops a
     scaled delta, not a sign-flipped one of typical norm: tests/test_fleet_robust.py); ``{"clip_median": None, "trim": 0}``
-    is the plain weighted mean. The trimmed mean is taken over the deltas in a round of at most ``buckets`` (32) deltas,
-    and over ``buckets`` bucket means in a larger one (Karimireddy, He, Jaggi 2022: the deltas, clipped, in a seeded
-    shuffled order cut into B runs, each run's weighted mean a bucket weighing its deltas' total weight; ``hub/buckets.py``):
-    its cost stays linear in n and its memory B sums of the aggregation space (7 MB each for 12 LoRA modules of 384 x 384),
-    where the per-delta trimmed mean's grows with n². With B >= n the two are the same. ``server_lr`` and ``server_momentum`` are the server step (``server_step``, FedAvgM),
-    off by default: the version is the (robust) mean."""
+    is the plain weighted mean.
+
+    The rule for the trimmed mean: over the deltas in a round of at most ``buckets`` (B = 32) deltas, over B bucket means
+    in a larger one (Karimireddy, He, Jaggi 2022; ``hub/buckets.py``: the clipped deltas in an order shuffled by the round
+    and their content ids, cut into B runs, each run's weighted mean a bucket weighing its deltas' total weight). Its
+    cost then grows with n, not n², and its memory is B sums of the aggregation space (7 MB each for 12 LoRA modules of
+    384 x 384) whatever n; with B >= n it is the per-delta trimmed mean. The version's report says which (``trimmed``).
+
+    ``server_lr`` and ``server_momentum`` are the server step (``server_step``, FedAvgM), off by default: the version is
+    the (robust) mean."""
 
     clip_norm: float | None = None  # clip each device's update to this Frobenius norm (over every slot, ΔW space)
     clip_median: float | None = 1.0  # without clip_norm: clip to this multiple of the round's median update norm
