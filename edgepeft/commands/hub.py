@@ -208,7 +208,9 @@ def aggregate_cmd(fleet: str, adapter: str, clip_norm: float | None, trim: float
             if v is not None}
     with _admin_client(hub, admin_token_file) as c:
         v = c.request("POST", f"/api/v1/fleets/{fleet}/adapters/{adapter}/aggregate", json=body or None).json()
-    click.echo(f"{fleet}/{adapter} v{v['version']}: {v['report'].get('count')} deltas, {v['report'].get('samples')} samples")
+    trimmed = v["report"].get("trimmed")  # what the trimmed mean was taken over: the deltas, or bucket means of a large round
+    how = f", trimmed mean over {trimmed['buckets']} {trimmed['over']}" if trimmed else ""
+    click.echo(f"{fleet}/{adapter} v{v['version']}: {v['report'].get('count')} deltas, {v['report'].get('samples')} samples{how}")
 
 
 @hub_group.command("publish")
