@@ -234,6 +234,7 @@ def bench_ceiling(devices: int, per_device: int, work: Path, procs: int = 4) -> 
 # ---- aggregation --------------------------------------------------------------------------------
 
 PLAIN = {"clip_median": None, "trim": 0.0}  # the plain weighted mean (not the hub's robust default)
+PER_DELTA_TRIM = {"clip_median": None, "trim": 0.2, "buckets": 10**6}  # the trimmed mean over every delta, however many
 
 
 def bench_aggregation(n: int, work: Path, options: dict | None = None, real_size: bool = False) -> dict:
@@ -340,7 +341,7 @@ def _merge_row(store, manifest: Manifest, claimed: list[DeltaRec], options: dict
     return {"path": label, "deltas": len(claimed), "options": options, "seconds": round(seconds, 3),
             "deltas_per_s": round(len(claimed) / seconds, 1), "cpu_seconds": round(cpu, 2),
             "peak_rss_growth_mb": rss.growth_mb, "peak_python_heap_mb": round(heap / 2**20, 1),
-            "passes": report["passes"], "load_average": round(os.getloadavg()[0], 2)}
+            "passes": report["passes"], "trimmed": report.get("trimmed"), "load_average": round(os.getloadavg()[0], 2)}
 
 
 def _profile(store, manifest: Manifest, claimed: list[DeltaRec], top: int = 8) -> list[dict]:
@@ -363,7 +364,7 @@ def _profile(store, manifest: Manifest, claimed: list[DeltaRec], top: int = 8) -
 
 def bench_merge_scale(counts: list[int]) -> None:
     """Merging 1,000 and 10,000 MiniLM-size packed deltas: the chunked merge (plain mean, median clipping, a server
-    step), the per-delta merge it replaced (at the smallest count), the trimmed mean's cost, and both profiles."""
+    step, the hub's defaults: the trimmed mean over buckets), the per-delta merge it replaced (at the smallest count), the trimmed mean's cost, and both profiles."""
     from edgepeft.hub import stream_merge
 
     rows, profiles = [], {}
@@ -373,20 +374,23 @@ def bench_merge_scale(counts: list[int]) -> None:
             store, manifest, claimed = _filled_store(n, Path(tmp) / str(n))
             print(f"{n} deltas stored in {time.perf_counter() - t:.0f} s", flush=True)
             for label, options in (("chunked", PLAIN), ("chunked", {"trim": 0.0}),
-                                   ("chunked", {"trim": 0.0, "server_lr": 0.7, "server_momentum": 0.9})):
+                                   ("chunked", {"trim": 0.0, "server_lr": 0.7, "server_momentum": 0.9}),
+                                   ("chunked", {})):  # the hub's defaults: median clipping, 20 % trimmed over 32 buckets
                 rows.append(_merge_row(store, manifest, claimed, options, label))
                 print(json.dumps(rows[-1]), flush=True)
             if n == counts[0]:
                 profiles["chunked"] = _profile(store, manifest, claimed)
                 eligible = stream_merge.eligible
-                stream_merge.eligible = lambda *_: False  # type: ignore[assignment]  # the path before this one
+                stream_merge.eligible = lambda *_: False  # type: ignore[assignment]  # per delta: the merge before, and DoRA's path
                 try:
                     rows.append(_merge_row(store, manifest, claimed, PLAIN, "per delta (before)"))
                     print(json.dumps(rows[-1]), flush=True)
                     profiles["per delta (before)"] = _profile(store, manifest, claimed)
-                    for k in (50, 100):  # the trimmed mean: passes grow with n, each pass reads every delta
-                        rows.append(_merge_row(store, manifest, claimed[:k], {"clip_median": None, "trim": 0.2}, "per delta, trimmed"))
+                    for k in (50, 100):  # the trimmed mean over every delta: passes grow with n, each reads every delta
+                        rows.append(_merge_row(store, manifest, claimed[:k], PER_DELTA_TRIM, "per delta, trimmed"))
                         print(json.dumps(rows[-1]), flush=True)
+                    rows.append(_merge_row(store, manifest, claimed, {}, "per delta, defaults"))  # over 32 bucket means
+                    print(json.dumps(rows[-1]), flush=True)
                 finally:
                     stream_merge.eligible = eligible  # type: ignore[assignment]
             store.close()
@@ -476,7 +480,8 @@ def main() -> None:
                     "(benchmarks/null_hub.py), one hub on SQLite, and two hubs on one durable PostgreSQL (started by "
                     ".ci/postgres.sh), back to back; writes results/hub_uploads.json")
     ap.add_argument("--merge-scale", default="", metavar="N,N", help="only this: merge N MiniLM-size packed deltas "
-                    "(chunked: plain mean, median clipping, server step; before: per delta, and the trimmed mean) with "
+                    "(chunked: plain mean, median clipping, server step, the defaults (trimmed over buckets); before: per delta, and "
+                    "the per-delta trimmed mean) with "
                     "time, CPU, memory and profiles; writes results/hub_agg.json")
     args = ap.parse_args()
     if args.merge_scale:

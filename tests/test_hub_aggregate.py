@@ -126,14 +126,20 @@ def test_trimmed_mean_pure_function():
     np.testing.assert_allclose(trimmed_mean(vals, np.array([1, 1, 2, 1.0]), 0.25), [(2 + 6) / 3, 15.0])  # column 2 keeps 10 and 20
 
 
-def test_trimmed_aggregation_ignores_outlier_and_passes_bound_memory(env):
+@pytest.mark.parametrize("path", ["chunked", "per delta"])
+def test_trimmed_aggregation_ignores_outlier_and_passes_bound_memory(env, path, monkeypatch):
+    """Either path the hub takes: chunked (LoRA and plain slots), or one delta at a time in passes bounded by
+    ``memory_mb`` (the path of methods such as DoRA)."""
     store, manifest = env
+    if path == "per delta":
+        monkeypatch.setattr(agg.stream_merge, "eligible", lambda _: False)
     honest = [random_delta(manifest, 30 + i, samples=5, magnitude=0.05, shared_a=True) for i in range(8)]
     evil = random_delta(manifest, 98, samples=5, magnitude=100.0, shared_a=True)
     for d in honest + [evil]:
         upload(store, d)
     v = agg.aggregate(store, "f", options={"trim": 0.2, "memory_mb": 0.002, "clip_median": None})
-    assert v.report["passes"] > 1  # the budget forced several passes over the stored deltas
+    if path == "per delta":
+        assert v.report["passes"] > 1  # the budget forced several passes over the stored deltas
     out = published(store, manifest, v.version)
     for n in ("head.weight", "enc.0.q.bias"):
         stack = np.stack([d.tensors[n] for d in honest + [evil]]).astype(np.float64)

@@ -67,7 +67,7 @@ def test_operator_commands_end_to_end(bundles, tmp_path):
         assert "trained=1 sent=1 pending=0" in line and "up=0 B" not in line, line
 
         version = edgepeft("hub", "aggregate", "main", *admin).stdout
-        assert "1" in version, version
+        assert "1" in version and "trimmed mean over 1 deltas" in version, version  # the defaults, and what they took
 
         # another device pulls the version (packed on the wire, its sha256 checked) and pushes its own delta
         device2 = ("--hub", url, "--token-file", str(tmp_path / "dev2.token"))

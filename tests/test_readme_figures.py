@@ -290,8 +290,11 @@ def hub_merge_figures() -> dict[str, str]:
     row = lambda path, n, opts: next(x for x in r["rows"] if (x["path"], x["deltas"], x["options"]) == (path, n, opts))  # noqa: E731
     big, small = row("chunked", 10000, plain), row("chunked", 1000, plain)
     clip, before = row("chunked", 10000, {"trim": 0.0}), row("per delta (before)", 1000, plain)
-    t50, t100 = (row("per delta, trimmed", n, {"clip_median": None, "trim": 0.2}) for n in (50, 100))
+    t50, t100 = (row("per delta, trimmed", n, {"clip_median": None, "trim": 0.2, "buckets": 10**6}) for n in (50, 100))
+    dbig, dsmall, done = row("chunked", 10000, {}), row("chunked", 1000, {}), row("per delta, defaults", 1000, {})
     gflop = big["deltas"] * 12 * 2 * 384 * 384 * 8 / 1e9  # 12 LoRA modules of 384 x 384 at rank 8: one product each
+    bucket_mb = 12 * 384 * 384 * 4 / 2**20  # one bucket's float32 sums of those modules' ΔW
+    sizes = dbig["trimmed"]["deltas_per_bucket"]
     return {
         "hub: merge command": f"(`{r['command']}`;",
         "hub: merge at scale":
@@ -309,6 +312,13 @@ def hub_merge_figures() -> dict[str, str]:
             f"{t50['deltas']} / {t100['deltas']} deltas take {t50['cpu_seconds']:.0f} / {t100['cpu_seconds']:.0f} CPU s "
             f"({t50['passes']} / {t100['passes']} passes), so some {t100['cpu_seconds'] * (big['deltas'] / t100['deltas']) ** 2 / 3600:,.0f} "
             f"CPU hours for {big['deltas']:,}",
+        "hub: merge defaults":
+            f"with the defaults (median clipping, then the 20 % trimmed mean over {dbig['trimmed']['buckets']} bucket means of "
+            f"{sizes[0]:,} or {sizes[1]:,} deltas) {dbig['deltas']:,} merge in {dbig['seconds']:.1f} s ({dbig['cpu_seconds']:.1f} CPU s) "
+            f"with at most {dbig['peak_python_heap_mb']:.0f} MB of Python heap ({dsmall['peak_python_heap_mb']:.0f} MB for "
+            f"{dsmall['deltas']:,}: {dbig['trimmed']['buckets']} bucket sums of {bucket_mb:.0f} MB, whatever the count); "
+            f"{dsmall['deltas']:,} in {dsmall['seconds']:.1f} s ({dsmall['cpu_seconds']:.1f} CPU s), or {done['seconds']:.1f} s "
+            f"({done['cpu_seconds']:.1f} CPU s) one delta at a time",
     }
 
 

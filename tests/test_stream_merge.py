@@ -76,7 +76,7 @@ def both(store, manifest, options: dict, monkeypatch) -> tuple[tuple, tuple]:
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
 def test_the_chunked_merge_makes_the_per_delta_merges_version(fleet, options, monkeypatch):
     store, manifest = fleet
-    assert stream_merge.eligible(manifest, RobustOptions.from_dict(options))
+    assert stream_merge.eligible(manifest)
     (old, old_report), (new, new_report) = both(store, manifest, options, monkeypatch)
     for key, (max_abs, rel) in diff(new, old).items():
         if ":dW" in key or "lora" not in key:  # factors are defined up to an r x r mixing; ΔW is what counts
@@ -89,10 +89,41 @@ def test_the_chunked_merge_makes_the_per_delta_merges_version(fleet, options, mo
         assert new_report[k] == pytest.approx(old_report[k], rel=1e-9), k
 
 
-def test_the_trimmed_mean_keeps_the_per_delta_path(hub_bundle):
+TRIMMED = {
+    "trimmed mean": {"clip_median": None, "trim": 0.2},
+    "the defaults": {},
+    "trimmed, server step": {"trim": 0.3, "server_lr": 0.7, "server_momentum": 0.9},
+}
+
+
+@pytest.mark.parametrize("options", TRIMMED.values(), ids=TRIMMED.keys())
+def test_buckets_of_one_delta_make_the_per_delta_trimmed_mean(fleet, options, monkeypatch):
+    """B >= n: every delta a bucket of its own; the chunked path's version is the per-delta trimmed mean's."""
+    assert_same_trimmed(*fleet, {**options, "buckets": 40}, monkeypatch,
+                        {"over": "deltas", "buckets": 37, "deltas_per_bucket": [1, 1], "cut_each_end": int(37 * options.get("trim", 0.2))})
+
+
+@pytest.mark.parametrize("options", TRIMMED.values(), ids=TRIMMED.keys())
+def test_the_chunked_bucket_means_are_the_per_delta_bucket_means(fleet, options, monkeypatch):
+    """B < n: the chunked path and the one-delta-at-a-time path (methods such as DoRA) bucket and trim alike."""
+    assert_same_trimmed(*fleet, {**options, "buckets": 8}, monkeypatch,
+                        {"over": "buckets", "buckets": 8, "deltas_per_bucket": [4, 5], "cut_each_end": int(8 * options.get("trim", 0.2))})
+
+
+def assert_same_trimmed(store, manifest, options: dict, monkeypatch, trimmed: dict) -> None:
+    (old, old_report), (new, new_report) = both(store, manifest, options, monkeypatch)
+    assert new_report["trimmed"] == old_report["trimmed"] == trimmed
+    for key, (max_abs, rel) in diff(new, old).items():
+        if ":dW" in key or "lora" not in key:
+            assert rel < 1e-5, (key, max_abs, rel)
+    assert new.meta.samples == old.meta.samples
+    for k in {"count", "samples", "stale", "max_staleness", "clipped"} & set(old_report):
+        assert new_report[k] == old_report[k], k
+
+
+def test_every_bundle_of_lora_and_plain_slots_takes_the_chunked_path_whatever_the_options(hub_bundle):
     manifest = read_manifest(hub_bundle)
-    assert not stream_merge.eligible(manifest, RobustOptions.from_dict({"trim": 0.1}))
-    assert stream_merge.eligible(manifest, RobustOptions.from_dict({"trim": 0.0}))
+    assert stream_merge.eligible(manifest)
 
 
 def test_a_chunk_holds_exactly_what_the_device_reader_reads(hub_bundle):

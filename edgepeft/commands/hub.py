@@ -147,6 +147,8 @@ def _int_list(text: str, option: str) -> list[int]:
 @click.option("--staleness", default=2, show_default=True, type=click.IntRange(0), help="Versions a delta's parent may lag behind.")
 @click.option("--clip-norm", type=click.FloatRange(0, min_open=True), help="Default: clip each device's update to this norm.")
 @click.option("--trim", type=click.FloatRange(0, 0.5, max_open=True), help="Default: coordinate-wise trimmed mean fraction (else 0.2).")
+@click.option("--buckets", type=click.IntRange(1), help="Default: a round of more deltas than this takes the trimmed mean over "
+                                                        "this many bucket means (else 32).")
 @click.option("--max-samples", type=click.IntRange(1, 10**9), help="Default cap on one delta's weight (else the median claim of its version, at most 10000).")
 @click.option("--ranks", default="", help="LoRA ranks devices may train at, comma-separated, each at most the bundle's "
                                           "(e.g. 4,8,16 on a rank-16 bundle; default: the bundle's rank only).")
@@ -156,11 +158,11 @@ def _int_list(text: str, option: str) -> list[int]:
               help="Server momentum (FedAvgM): plus this times what the parent version moved (else 0; 0.9 is usual).")
 @admin_options
 def fleet_create_cmd(name: str, fingerprint: str, aggregate_every: int, aggregate_minutes: float, staleness: int,
-                     clip_norm: float | None, trim: float | None, max_samples: int | None, ranks: str,
+                     clip_norm: float | None, trim: float | None, buckets: int | None, max_samples: int | None, ranks: str,
                      server_lr: float | None, server_momentum: float | None, hub: str, admin_token_file: str | None) -> None:
     """Create fleet NAME training a registered bundle."""
-    robust = {k: v for k, v in {"clip_norm": clip_norm, "trim": trim, "max_samples": max_samples, "server_lr": server_lr,
-                                "server_momentum": server_momentum}.items() if v is not None}
+    robust = {k: v for k, v in {"clip_norm": clip_norm, "trim": trim, "buckets": buckets, "max_samples": max_samples,
+                                "server_lr": server_lr, "server_momentum": server_momentum}.items() if v is not None}
     body = {"name": name, "bundle": fingerprint, "aggregate_every": aggregate_every,
             "aggregate_minutes": aggregate_minutes, "staleness": staleness, "robust": robust,
             "ranks": _int_list(ranks, "--ranks")}
@@ -225,15 +227,19 @@ def device_revoke_cmd(fleet: str, device: str, hub: str, admin_token_file: str |
 @click.option("--adapter", default="default", show_default=True, help="Adapter to aggregate.")
 @click.option("--clip-norm", type=click.FloatRange(0, min_open=True), help="Clip each device's update (ΔW space) to this norm.")
 @click.option("--trim", type=click.FloatRange(0, 0.5, max_open=True), help="Coordinate-wise trimmed mean: fraction cut at each end.")
+@click.option("--buckets", type=click.IntRange(1), help="The trimmed mean of more deltas than this is over this many bucket means (else 32).")
 @click.option("--max-samples", type=click.IntRange(1, 10**9), help="Cap on one delta's weight (default: the median claim, at most 10000).")
 @admin_options
-def aggregate_cmd(fleet: str, adapter: str, clip_norm: float | None, trim: float | None, max_samples: int | None,
-                  hub: str, admin_token_file: str | None) -> None:
+def aggregate_cmd(fleet: str, adapter: str, clip_norm: float | None, trim: float | None, buckets: int | None,
+                  max_samples: int | None, hub: str, admin_token_file: str | None) -> None:
     """Aggregate FLEET's pending deltas into a new adapter version."""
-    body = {k: v for k, v in {"clip_norm": clip_norm, "trim": trim, "max_samples": max_samples}.items() if v is not None}
+    body = {k: v for k, v in {"clip_norm": clip_norm, "trim": trim, "buckets": buckets, "max_samples": max_samples}.items()
+            if v is not None}
     with _admin_client(hub, admin_token_file) as c:
         v = c.request("POST", f"/api/v1/fleets/{fleet}/adapters/{adapter}/aggregate", json=body or None).json()
-    click.echo(f"{fleet}/{adapter} v{v['version']}: {v['report'].get('count')} deltas, {v['report'].get('samples')} samples")
+    trimmed = v["report"].get("trimmed")  # what the trimmed mean was taken over: the deltas, or bucket means of a large round
+    how = f", trimmed mean over {trimmed['buckets']} {trimmed['over']}" if trimmed else ""
+    click.echo(f"{fleet}/{adapter} v{v['version']}: {v['report'].get('count')} deltas, {v['report'].get('samples')} samples{how}")
 
 
 @hub_group.command("publish")

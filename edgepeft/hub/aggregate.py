@@ -1,8 +1,9 @@
 """Fleet aggregation: claim the pending deltas, merge them streaming from the store, publish a version.
 
-The weighted mean (weights: each delta's ``meta.samples``, capped by ``limits.sample_weights``) is taken in chunks of deltas
-(``stream_merge``: one matrix product per LoRA module and chunk) or, for the trimmed mean and methods that need it, one
-delta at a time through ``edgepeft.delta.merge``; either way in each method's own space: ΔW for LoRA, plain weighted
+The weighted mean (weights: each delta's ``meta.samples``, capped by ``limits.sample_weights``) or the trimmed mean
+(over the deltas, or over bucket means in rounds of more than ``RobustOptions.buckets``) is taken in chunks of deltas
+(``stream_merge``: one matrix product per LoRA module, bucket and chunk) or, for methods that need it (DoRA, VeRA, ...),
+one delta at a time (``edgepeft.delta.merge``, ``trimmed_merge``); either way in each method's own space: ΔW for LoRA, plain weighted
 mean for bias and head slots, output re-factored at the bundle's LoRA rank and scale so devices keep training from it.
 Claiming is one transaction, so every accepted delta lands in exactly one version; a version whose builder died stays
 ``building`` and ``recover`` rebuilds it from the same deltas and options.
@@ -14,21 +15,21 @@ import json
 import math
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from edgepeft import methods
 from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes, delta_from_bytes, file_meta, replace_meta
-from edgepeft.delta.merge import from_space_parts, is_ranked, merge, space_parts
+from edgepeft.delta.merge import merge, space_parts
 from edgepeft.delta.transport import is_packed, pack, packed_meta, unpack
 from edgepeft.errors import DeltaError, HubError
 from edgepeft.frozen import BaseWeights, base_weights, frozen_arrays
-from edgepeft.hub import delta_chunks, mixed_ranks, stream_merge
+from edgepeft.hub import buckets, delta_chunks, mixed_ranks, stream_merge, trimmed_merge
 from edgepeft.hub.server_step import is_plain, server_step
 from edgepeft.hub.limits import MAX_PUBLISHED_SAMPLES, readable, sample_weights, staleness_factor
-from edgepeft.hub.robust import RobustOptions, clip_update, trimmed_mean, update_norm
+from edgepeft.hub.robust import RobustOptions, clip_update, update_norm
 from edgepeft.hub.store import BUILDING, BundleRec, DeltaRec, Fleet, Store, VersionRec
 from edgepeft.manifest import Manifest
 from edgepeft.names import WEIGHTS_INDEX_FILE
@@ -38,8 +39,7 @@ from edgepeft.names import WEIGHTS_INDEX_FILE
 # "blas"). None: the BLAS library's default.
 MERGE_BLAS_THREADS: int | None = 1
 
-Pairs = Callable[[], Iterator[tuple[Delta, float]]]  # a fresh pass over (delta, weight)
-Step = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # the mean's space parts -> the version's
+from edgepeft.hub.trimmed_merge import Pairs, Step
 
 
 def parse_delta(data: bytes, where: str, manifest: Manifest) -> Delta:
@@ -129,64 +129,6 @@ def stored_base_weights(store: Store, bundle: BundleRec) -> BaseWeights | None:
     return base_weights(frozen_arrays(index, np.frombuffer(store.get_blob(files[manifest.weights]), np.uint8)), manifest)
 
 
-def _trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, memory_mb: float,
-                   base: BaseWeights | None, server: Step | None = None) -> tuple[Delta, dict[str, Any]]:
-    """Coordinate-wise trimmed mean in ΔW space, in as many passes over the deltas as the memory budget needs."""
-    first, _ = next(pairs())
-    keys = [(k, v.shape) for k, v in space_parts(first, base).items()]  # each method's space (ΔW for LoRA)
-    # numbers per delta per pass; ~40 bytes each: the float32 stack, argsort indices, kept values and weights
-    budget = max(1, int(memory_mb * 2**20) // (40 * max(n, 1)))
-    chunks: list[list[tuple[str, int, int]]] = [[]]  # passes of (key, row_lo, row_hi)
-    used = 0
-    for key, shape in keys:
-        rows, width = (shape[0], int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1)
-        step = max(1, budget // max(width, 1))
-        for lo in range(0, rows, step):
-            hi = min(rows, lo + step)
-            if used and used + (hi - lo) * width > budget:
-                chunks.append([])
-                used = 0
-            chunks[-1].append((key, lo, hi))
-            used += (hi - lo) * width
-    result = {k: np.zeros(shape) for k, shape in keys}  # the same accumulators merge keeps: flat in n
-    samples, weights_total = 0, 0.0
-    for chunk in chunks:
-        width = sum((hi - lo) * (int(np.prod(result[k].shape[1:], dtype=np.int64)) if result[k].ndim > 1 else 1) for k, lo, hi in chunk)
-        stack = np.zeros((n, width), np.float32)  # (n, coordinates of this pass)
-        weights = np.zeros(n)
-        count = 0
-        for i, (d, w) in enumerate(pairs()):
-            if i >= n:
-                raise HubError("aggregation: more deltas than claimed")
-            weights[i] = w
-            col = 0
-            parts = space_parts(d, base)
-            for key, lo, hi in chunk:
-                block = parts[key].reshape(result[key].shape[0], -1)[lo:hi]
-                stack[i, col:col + block.size] = block.ravel()
-                col += block.size
-            if chunk is chunks[0]:
-                samples += d.meta.samples
-            count = i + 1
-        if count != n:
-            raise HubError(f"aggregation: read {count} deltas, claimed {n}")
-        weights_total = float(weights.sum())
-        mean = trimmed_mean(stack, weights, trim)
-        col = 0
-        for key, lo, hi in chunk:
-            target = result[key].reshape(result[key].shape[0], -1)
-            size = (hi - lo) * target.shape[1]
-            target[lo:hi] = mean[col:col + size].reshape(hi - lo, -1)
-            col += size
-    tensors, errors = from_space_parts(first, server(result) if server else result, rank, scale, base)
-    f = first.meta
-    out_rank = rank if is_ranked(first) else 0
-    meta = DeltaMeta(base_fingerprint=f.base_fingerprint, method=f.method, rank=out_rank, alpha=scale * out_rank,
-                     adapter=f.adapter, samples=samples, creator="merge", extra={"merged_count": str(n)})
-    return Delta(tensors, meta), {"total_weight": weights_total, "passes": len(chunks),
-                                  "max_refactor_error": max(errors.values(), default=0.0)}
-
-
 def _server_step(options: RobustOptions, parent: Delta | None, grandparent: Delta | None, base: BaseWeights | None) -> Step | None:
     """The mean's space parts -> the version's (``options.server_lr``, ``server_momentum``); None: the mean itself."""
     if is_plain(options.server_lr, options.server_momentum):
@@ -198,12 +140,15 @@ def _server_step(options: RobustOptions, parent: Delta | None, grandparent: Delt
 
 def combine(pairs: Pairs, n: int, manifest: Manifest, options: RobustOptions, base: BaseWeights | None = None, *,
             parent: Delta | None = None, grandparent: Delta | None = None) -> tuple[Delta, dict[str, Any]]:
-    """Merge one pass of (delta, weight) pairs (clipping already applied) at the bundle's rank and scale, then take the
-    server step (``options.server_lr``, ``server_momentum``) from ``parent``, the latest version, and its own parent."""
+    """Merge one pass of (delta, weight) pairs (clipping already applied; for a trimmed mean of more than
+    ``options.buckets`` deltas, in the bucketing order) at the bundle's rank and scale, then take the server step
+    (``options.server_lr``, ``server_momentum``) from ``parent``, the latest version, and its own parent."""
     rank, scale = bundle_lora(manifest)
     step = _server_step(options, parent, grandparent, base)
+    if options.trim > 0 and n > options.buckets:
+        return trimmed_merge.bucketed_merge(pairs, n, options.trim, options.buckets, rank, scale, base, step)
     if options.trim > 0:
-        return _trimmed_merge(pairs, n, options.trim, rank, scale, options.memory_mb, base, step)
+        return trimmed_merge.trimmed_merge(pairs, n, options.trim, rank, scale, options.memory_mb, base, step)
     merged, rep = merge(pairs(), rank=rank if rank else None, scale=scale, base=base, step=step)
     return merged, {"total_weight": rep.total_weight, "passes": 1, "max_refactor_error": max(rep.errors.values(), default=0.0)}
 
@@ -211,15 +156,23 @@ def combine(pairs: Pairs, n: int, manifest: Manifest, options: RobustOptions, ba
 def _merge_claimed(store: Store, claimed: list[DeltaRec], latest: int, manifest: Manifest, options: RobustOptions,
                    parents: "_Parents", base: BaseWeights | None, before: int = 0) -> tuple[Delta, dict[str, Any]]:
     """Merge the claimed deltas (see :func:`_merge_per_delta`): in chunks, one matrix product per LoRA module and
-    chunk (``stream_merge``), where the methods and options allow it; else one delta at a time."""
-    if stream_merge.eligible(manifest, options):
+    chunk (``stream_merge``), where the bundle's methods allow it; else one delta at a time."""
+    if stream_merge.eligible(manifest):
         return _merge_chunked(store, claimed, latest, manifest, options, parents, before)
     return _merge_per_delta(store, claimed, latest, manifest, options, parents, base, before)
 
 
+def _merge_order(claimed: list[DeltaRec], latest: int, options: RobustOptions) -> list[DeltaRec]:
+    """The claimed deltas in the order they are merged: for a trimmed mean, the bucketing order (``buckets.shuffled``:
+    the same for the same deltas after the same version, whatever order they were claimed in); else as claimed."""
+    return [claimed[p] for p in buckets.shuffled([d.id for d in claimed], latest)] if options.trim > 0 else claimed
+
+
 def _merge_chunked(store: Store, claimed: list[DeltaRec], latest: int, manifest: Manifest, options: RobustOptions,
                    parents: "_Parents", before: int = 0) -> tuple[Delta, dict[str, Any]]:
-    """:func:`_merge_per_delta`'s version and report, from deltas read in chunks (``stream_merge.merge_chunks``)."""
+    """:func:`_merge_per_delta`'s version and report, from deltas read in chunks (``stream_merge.merge_chunks``);
+    with a trimmed mean, read in the bucketing order."""
+    claimed = _merge_order(claimed, latest, options)
     ids = [d.id for d in claimed]
     capped = sample_weights([d.samples for d in claimed], options.max_samples, [d.device for d in claimed])  # in ids order
     rank, scale = bundle_lora(manifest)
@@ -238,8 +191,9 @@ def _merge_per_delta(store: Store, claimed: list[DeltaRec], latest: int, manifes
     its merge weight is its capped samples times ``limits.staleness_factor`` (FedBuff's 1/sqrt(1 + s)).
     Clipping: to ``clip_norm``, else to ``clip_median`` times the median update norm of these deltas (one
     extra pass over them, reading one at a time). The server step moves from ``latest`` (with momentum from ``before``,
-    the version ``latest`` was made after; 0: none).
+    the version ``latest`` was made after; 0: none). A trimmed mean reads them in the bucketing order.
     """
+    claimed = _merge_order(claimed, latest, options)
     ids = [d.id for d in claimed]
     capped = sample_weights([d.samples for d in claimed], options.max_samples, [d.device for d in claimed])  # in ids order
     full, _ = bundle_lora(manifest)

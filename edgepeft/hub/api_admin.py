@@ -30,7 +30,7 @@ class FleetIn(BaseModel):
                                      description="aggregate when the oldest pending delta is this old (0: not by time)")
     staleness: int = Field(2, ge=0, le=10**6, description="refuse deltas trained from a version more than this many behind")
     robust: dict[str, Any] = Field(default_factory=dict, max_length=8,
-                                   description="default aggregation options (clip_norm, trim, max_samples, memory_mb)")
+                                   description="default aggregation options (clip_norm, clip_median, trim, buckets, max_samples, server_lr, server_momentum, memory_mb)")
     ranks: list[int] = Field(default_factory=list, max_length=16,
                              description="LoRA ranks devices may train at, each at most the bundle's (empty: the bundle's only)")
 

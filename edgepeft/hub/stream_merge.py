@@ -7,8 +7,10 @@ version refitted to the device's rank) on top of ``parent`` counts as ``parent +
 (``mixed_ranks.measured_from_start``, ``robust.clip_update``): the versions' parts are summed once per version with
 their total coefficient, and the update's norm comes from r x r Gram matrices,
 ‖s·B@A − W‖² = s²·Σ(BᵀB ∘ AAᵀ) − 2s·s_w·Σ(BᵀB_w ∘ A A_wᵀ) + ‖W‖²  (W = s_w·B_w@A_w).
-Exact: the differential test (tests/test_stream_merge.py) holds it to the per-delta merge. Methods whose space is
-not a product or a plain slot (DoRA, VeRA, ...) and the trimmed mean keep ``aggregate``'s per-delta path.
+The trimmed mean sums the deltas into B bucket sums instead of one (``hub/buckets.py``) and trims across them. Exact:
+the differential test (tests/test_stream_merge.py) holds it to the per-delta merge, and the trimmed mean with B >= n to
+the per-delta trimmed mean. Methods whose space is not a product or a plain slot (DoRA, VeRA, ...) keep
+``aggregate``'s per-delta path.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from edgepeft import methods
 from edgepeft.delta.format import Delta, DeltaMeta
 from edgepeft.delta.merge import from_space_parts, space_parts
 from edgepeft.errors import HubError
+from edgepeft.hub import buckets
 from edgepeft.hub.delta_chunks import Chunk
 from edgepeft.hub.limits import staleness_factor
 from edgepeft.hub.robust import RobustOptions
@@ -47,10 +50,8 @@ def _is_plain(m: Method) -> bool:
             and t.from_space is Method.from_space)
 
 
-def eligible(manifest: Manifest, options: RobustOptions) -> bool:
-    """True when this module merges the bundle's deltas under ``options``: no trimmed mean, every method LoRA or plain."""
-    if options.trim > 0:
-        return False
+def eligible(manifest: Manifest) -> bool:
+    """True when this module merges the bundle's deltas (any options): every method LoRA or plain."""
     return all(_is_product(m) or _is_plain(m) for g in methods.by_module(s.name for s in manifest.slots).values() for m in g)
 
 
@@ -135,19 +136,23 @@ def _norms(chunk: Chunk, parts: Parts, starts: Starts, keys: list) -> np.ndarray
     return np.sqrt(np.maximum(sq, 0.0))
 
 
-def _add(sums: dict[str, np.ndarray], chunk: Chunk, coef: np.ndarray, parts: Parts) -> None:
-    """sums += Σᵢ coefᵢ·(delta i's space parts): one float32 product per LoRA module (accumulated in float64)."""
+def _add(sums: dict[str, np.ndarray], chunk: Chunk, coef: np.ndarray, parts: Parts, group: np.ndarray) -> None:
+    """sums[g] += Σᵢ coefᵢ·(delta i's space parts) over the deltas i of each bucket g (``group``: (k,) buckets; one
+    bucket, g = 0, for a plain mean): one float32 product per LoRA module and bucket in the chunk."""
     k = len(chunk)
     c = (coef * np.array([m.scale for m in chunk.metas])).astype(np.float32)
+    runs = [(int(g), slice(None) if (group == g).all() else np.flatnonzero(group == g)) for g in np.unique(group)]
     for key, b_name, a_name in parts.products:
-        b = chunk.values(b_name)  # (k, d_out, r)
-        left = np.empty((b.shape[1], k, b.shape[2]), np.float32)
-        np.multiply(b.transpose(1, 0, 2), c[None, :, None], out=left)  # scaled and laid out in one pass
-        left = left.reshape(b.shape[1], -1)  # [c₁s₁B₁ … cₖsₖBₖ]
-        sums[key] += left @ chunk.values(a_name).reshape(-1, sums[key].shape[1])  # @ [A₁; …; Aₖ]
+        b_all, a_all = chunk.values(b_name), chunk.values(a_name)  # (k, d_out, r), (k, r, d_in)
+        for g, idx in runs:
+            b, a, cg = b_all[idx], a_all[idx], c[idx]
+            left = np.empty((b.shape[1], len(cg), b.shape[2]), np.float32)
+            np.multiply(b.transpose(1, 0, 2), cg[None, :, None], out=left)  # scaled and laid out in one pass
+            sums[key][g] += left.reshape(b.shape[1], -1) @ a.reshape(-1, a.shape[-1])  # [c₁s₁B₁ … cₖsₖBₖ] @ [A₁; …; Aₖ]
     for key, name, fill in parts.plain:
         v = chunk.values(name).reshape(k, -1).astype(np.float64) - fill
-        sums[key] += (coef @ v).reshape(sums[key].shape)
+        for g, idx in runs:
+            sums[key][g] += (coef[idx] @ v[idx]).reshape(sums[key].shape[1:])
 
 
 def merge_chunks(read: Chunks, n: int, capped: list[float], latest: int, manifest: Manifest, options: RobustOptions,
@@ -155,7 +160,9 @@ def merge_chunks(read: Chunks, n: int, capped: list[float], latest: int, manifes
     """The version's tensors and report, as ``aggregate._merge_claimed`` makes them, from chunked deltas.
 
     ``capped[i]``: delta i's capped sample weight; its merge weight is that times its staleness factor. Clipping
-    (``clip_norm``, or ``clip_median`` times the median update norm: one extra pass) scales each update by λ.
+    (``clip_norm``, or ``clip_median`` times the median update norm: one extra pass) scales each update by λ. With
+    ``options.trim``, the deltas (read in ``buckets.shuffled`` order) are summed into ``options.buckets`` buckets and the
+    version is the trimmed mean of the bucket means (``buckets.trimmed_across``); else the weighted mean.
     """
     parts = starts.parts
     bound = options.clip_norm
@@ -167,9 +174,13 @@ def merge_chunks(read: Chunks, n: int, capped: list[float], latest: int, manifes
         if bound is None:
             median = float(np.median(norms)) if n else 0.0
             bound = options.clip_median * median if median > 0 else None  # type: ignore[operator]
-    sums = {key: np.zeros(manifest_shape) for key, manifest_shape in _space_shapes(manifest, parts).items()}
-    coef_of: dict[tuple[int, int], float] = {}
-    total, samples, count, stale = 0.0, 0, 0, []
+    groups = buckets.count(n, options.buckets) if options.trim > 0 else 1
+    # B bucket sums: float32 halves their memory, and the per-delta trimmed mean stacks float32 values too
+    dtype = np.float64 if groups == 1 else np.float32
+    sums = {key: np.zeros((groups, *shape), dtype) for key, shape in _space_shapes(manifest, parts).items()}
+    coef_of: dict[tuple[int, tuple[int, int]], float] = {}  # (bucket, version) -> its coefficient in the bucket's sum
+    totals = np.zeros(groups)
+    samples, count, stale = 0, 0, []
     first: DeltaMeta | None = None
     for chunk in read():
         keys = [starts.keys(m) for m in chunk.metas]
@@ -179,25 +190,30 @@ def merge_chunks(read: Chunks, n: int, capped: list[float], latest: int, manifes
             norms[chunk.positions] = _norms(chunk, parts, starts, keys)
         nrm = norms[chunk.positions]
         lam = np.minimum(1.0, bound / np.where(nrm > bound, nrm, bound)) if bound is not None else np.ones(len(chunk))
-        _add(sums, chunk, w * lam, parts)
-        for (start, parent), wi, li in zip(keys, w, lam):
+        group = buckets.of(chunk.positions, n, groups)
+        _add(sums, chunk, w * lam, parts, group)
+        for (start, parent), wi, li, g in zip(keys, w, lam, group.tolist()):
             if parent is not None:  # parent + λ·(delta − start)
-                coef_of[parent] = coef_of.get(parent, 0.0) + wi
-                coef_of[start] = coef_of.get(start, 0.0) - wi * li
-        total += float(w.sum())
+                coef_of[g, parent] = coef_of.get((g, parent), 0.0) + wi
+                coef_of[g, start] = coef_of.get((g, start), 0.0) - wi * li
+        np.add.at(totals, group, w)
         samples += sum(math.ceil(capped[p]) for p in chunk.positions)
         count += len(chunk)
         stale += [b for b in behind if b]
         first = first or chunk.metas[0]
     if count != n or first is None:
         raise HubError(f"aggregation: read {count} deltas, claimed {n}")
+    total = float(totals.sum())
     if total <= 0:
         raise HubError("aggregation: weights sum to 0 (every delta has samples=0?)")
-    for key, c in coef_of.items():
+    for (g, key), c in coef_of.items():
         if c:
             for part, v in starts.seen[key][1].items():
-                sums[part] += c * v
-    mean = {k: v / total for k, v in sums.items()}
+                sums[part][g] += c * v
+    if groups == 1:
+        mean = {k: v[0] / total for k, v in sums.items()}
+    else:
+        mean = {k: buckets.trimmed_across(v, totals, options.trim) for k, v in sums.items()}
     shell = Delta({s.name: np.zeros(s.shape, np.float32) for s in manifest.slots}, first)
     tensors, errors = from_space_parts(shell, step(mean) if step else mean, rank, scale)
     out_rank = rank if parts.products else 0
@@ -206,6 +222,8 @@ def merge_chunks(read: Chunks, n: int, capped: list[float], latest: int, manifes
     report: dict[str, Any] = {"total_weight": total, "passes": 2 if options.clip_norm is None and clipping else 1,
                               "max_refactor_error": max(errors.values(), default=0.0), "stale": len(stale),
                               "max_staleness": max(stale, default=0)}
+    if options.trim > 0:
+        report["trimmed"] = buckets.report(n, options.buckets, options.trim)
     if bound is not None:
         report.update(clip_bound=bound, clipped=int((norms > bound).sum()), max_update_norm=float(norms.max(initial=0.0)))
     return Delta(tensors, meta), report
