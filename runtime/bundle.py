@@ -57,8 +57,9 @@ class SessionConfig:
         if self.dequantize_at_load:
             # Constant folding then turns each int8 weight's DequantizeLinear into a float32 initializer: onnxruntime's
             # convolutions take their fast (NCHWc, BatchNorm-fused) path only on constant weights, and a CNN's
-            # weights are small next to its activations. EfficientNet-Lite0's bn+head step: 10-20 % less CPU for
-            # 13 MB more resident (benchmarks/results/cnn_session.json). Transformers keep int8 in memory.
+            # weights are small next to its activations. EfficientNet-Lite0's bn+head step on one thread: 57 -> 48 ms of
+            # CPU, peak no higher (the per-step copies were live too; benchmarks/results/cnn_session.json).
+            # Transformers keep int8 in memory: their weights are most of it.
             so.add_session_config_entry("session.disable_quant_qdq", "1")
         so.graph_optimization_level = {
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

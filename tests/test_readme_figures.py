@@ -62,7 +62,6 @@ def figures() -> dict[str, str]:
     run = _json("run")
     speech = _json("speech")
     arena = _json("arena")
-    vision = _json("vision")
     arena_rows = arena["rows"]  # lean, default arena, kSameAsRequested, capped (bench_arena.CONFIGS)
 
     def target(name: str) -> str:  # README's targets table rows read as summary.md's
@@ -85,18 +84,7 @@ def figures() -> dict[str, str]:
         **adalora_figures(),
         **methods_target_figures(),
         "select: table": bench_select.table(_json("select")["rows"]),
-        "vision: table": bench_vision.table(vision),
-        "vision: load": f"load average {vision['load_average_1min'][0]}-{vision['load_average_1min'][1]}",
-        "vision: targets": "Time to accuracy ≤ 0.5×: " + ("met" if all(g["time_to_accuracy_ratio"] is not None and g["time_to_accuracy_ratio"] <= 0.5
-                                                                for g in vision["targets"].values()) else "not met") + "** (" + ", ".join(
-            "not reached" if g["time_to_accuracy_ratio"] is None else f"{g['time_to_accuracy_ratio']:.2f}×"
-            for g in vision["targets"].values()) + ")",
-        "vision: cpu": "CPU seconds a step " + ", ".join(f"{g['cpu_step_ratio']:.2f}×" for g in vision["targets"].values())
-                       + " torch's",
-        "vision: plan": f"its plan: \"{vision['rows'][0]['edgepeft']['memory_plan']}\"",
-        "vision: gaps": " (" + ", ".join(f"{g['accuracy_gap_points']:+.1f}" for g in vision["targets"].values()) + " points for BN + head",
-        "vision: memory": "peak training memory ≤ 0.4× torch's: " + ("met" if all(g["peak_memory_ratio"] <= 0.4 for g in vision["targets"].values())
-                          else "not met") + "** (" + " and ".join(f"{g['peak_memory_ratio']:.2f}×" for g in vision["targets"].values()) + ";",
+        **vision_figures(),
         "arena: table": bench_arena.table(arena),
         "arena: peaks": f"peaks {arena_rows[3]['peak_rss_mb'] - arena_rows[0]['peak_rss_mb']:.0f} MB above the lean allocator "
                         f"({arena_rows[3]['peak_rss_mb']:.0f} vs {arena_rows[0]['peak_rss_mb']:.0f} MB; the default arena {arena_rows[1]['peak_rss_mb']:.0f} MB)",
@@ -506,6 +494,40 @@ def llm_figures() -> dict[str, str]:
         **llm_int4_figures(r),
         **llm_memory_figures(),
         **llm_personalize_figures(),
+    }
+
+
+def vision_figures() -> dict[str, str]:
+    """README's Images section: the two bench_vision runs (two threads each, one each) and bench_cnn_session."""
+    import bench_vision
+
+    two, one = _json("vision"), _json("vision_1thread")
+    session = {(r["bundle"].split("-64px")[0].rsplit("-", 1)[-1], r["setting"]): r for r in _json("cnn_session")["rows"]}
+    ms = lambda method, setting, key="cpu_step_s": f"{1000 * session[(method, setting)][key]:.1f}"  # noqa: E731
+    tta = lambda run: " and ".join(f"{g['time_to_accuracy_ratio']:.2f}×" for g in run["targets"].values())  # noqa: E731
+    met = lambda run: "met" if all(g["time_to_accuracy_ratio"] is not None and g["time_to_accuracy_ratio"] <= 0.5  # noqa: E731
+                                   for g in run["targets"].values()) else "not met"
+    return {
+        "vision: table": bench_vision.table(two),
+        "vision: table, one thread": bench_vision.table(one),
+        "vision: load": f"load average {two['load_average_1min'][0]}-{two['load_average_1min'][1]}, recorded",
+        "vision: load, one thread": f"load average {one['load_average_1min'][0]}-{one['load_average_1min'][1]})",
+        "vision: time to accuracy": f"Time to accuracy ≤ 0.5×: {met(one)} on one thread each ({tta(one)}), {met(two)} on two ({tta(two)})**",
+        "vision: cpu": "CPU seconds a step " + " and ".join(f"{g['cpu_step_ratio']:.2f}×" for g in two["targets"].values())
+                       + " torch's on two threads",
+        "vision: plan": f"its plan: \"{two['rows'][0]['edgepeft']['memory_plan']}\"",
+        "vision: gaps": " (" + ", ".join(f"{g['accuracy_gap_points']:+.1f}" for g in two["targets"].values()) + " points for BN + head",
+        "vision: memory": "peak training memory ≤ 0.4× torch's: " + ("met" if all(g["peak_memory_ratio"] <= 0.4 for g in two["targets"].values())
+                          else "not met") + "** (" + " and ".join(f"{g['peak_memory_ratio']:.2f}×" for g in two["targets"].values()) + ";",
+        "vision: session bn": f"from 267 to {ms('bn_head', 'dequantized at load, 1 thread')} ms of CPU on one thread",
+        "vision: session dequantize": f"{ms('bn_head', 'int8 weights, 1 thread')} → {ms('bn_head', 'dequantized at load, 1 thread')} (BN + head) "
+                                      f"and {ms('lora_head', 'int8 weights, 1 thread')} → {ms('lora_head', 'dequantized at load, 1 thread')} "
+                                      "(LoRA + head) ms of CPU a step on one thread",
+        "vision: session rss": f"higher peak ({session[('bn_head', 'int8 weights, 1 thread')]['peak_rss_mb']:.0f} → "
+                               f"{session[('bn_head', 'dequantized at load, 1 thread')]['peak_rss_mb']:.0f} MB",
+        "vision: session threads": f"BN + head: {ms('bn_head', 'dequantized at load, 1 thread', 'wall_step_s')} ms a step on one thread, "
+                                   f"{ms('bn_head', 'dequantized at load, 2 threads', 'wall_step_s')} on two, for "
+                                   f"{ms('bn_head', 'dequantized at load, 2 threads')} ms of CPU",
     }
 
 
