@@ -72,8 +72,11 @@ class DeltaLinear(nn.Module):
         present = [(h, g) for h, g in present if g]
         for h, g in present:
             x = h.pre(self, x, g)
-        replaced = [y for h, g in present if (y := h.replace(self, x, g)) is not None]
-        y = replaced[0] if replaced else self.base(x)
+        replaced = [(h.name, y) for h, g in present if (y := h.replace(self, x, g)) is not None]
+        if len(replaced) > 1:
+            raise ExportError(f"{self.path}: methods {', '.join(n for n, _ in replaced)} each compute the layer's output; "
+                              "combine at most one of them on a layer")
+        y = replaced[0][1] if replaced else self.base(x)
         scale = self.feed.scale.get(self.path, 1.0)
         for h, g in present:
             y = h.post(self, x, y, g, scale)

@@ -164,3 +164,33 @@ def test_efficientnet_same_padding_that_is_symmetric_becomes_the_convolutions_ow
     assert tuple(net[0].padding) == (2, 2) and isinstance(net[0].static_padding, nn.Identity)
     assert isinstance(net[1].static_padding, nn.ZeroPad2d) and tuple(net[1].padding) == (0, 0)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_bn_tuning_computes_the_norms_output_as_the_frozen_norm_plus_its_scale_delta():
+    from edgepeft.exporters.inject import DeltaFeed, DeltaLinear
+    from edgepeft.exporters.methods import torch_method
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6).eval()
+    bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.normal_(), bn.bias.data.normal_()
+    ds = torch.randn(6)
+    layer = DeltaLinear(bn, "bn", DeltaFeed({"s": ds}), [(torch_method("bn"), {BN_SCALE: "s"})])
+    x = torch.randn(3, 6, 4, 4)
+    x_hat = (x - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var + bn.eps)[:, None, None]
+    torch.testing.assert_close(layer(x), bn(x) + ds[:, None, None] * x_hat)
+
+
+def test_two_methods_that_each_compute_a_layers_output_are_refused_naming_the_layer():
+    from edgepeft.exporters.inject import DeltaFeed, DeltaLinear
+    from edgepeft.exporters.methods import TorchMethod, torch_method
+
+    class Other(TorchMethod):
+        name = "other"
+
+        def replace(self, layer, x, t):
+            return x
+
+    layer = DeltaLinear(nn.BatchNorm2d(2).eval(), "blocks.0.bn", DeltaFeed({"s": torch.zeros(2), "o": torch.zeros(2)}),
+                        [(torch_method("bn"), {BN_SCALE: "s"}), (Other(), {"k": "o"})])
+    with pytest.raises(ExportError, match=r"blocks\.0\.bn: methods bn, other each compute the layer's output"):
+        layer(torch.randn(1, 2, 3, 3))
