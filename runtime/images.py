@@ -126,50 +126,69 @@ def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return lo, hi, (src - lo).astype(np.float32)
 
 
+def _interpolation(n_in: int, n_out: int) -> np.ndarray:
+    """Bilinear resampling of one axis as an (n_out, n_in) matrix: two weights a row."""
+    lo, hi, f = _axis_weights(n_in, n_out)
+    m = np.zeros((n_out, n_in), np.float32)
+    np.add.at(m, (np.arange(n_out), lo), 1 - f)
+    np.add.at(m, (np.arange(n_out), hi), f)
+    return m
+
+
+def _resize_planes(planes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of float32 (N, C, H, W) planes: two small matrix products, far faster than gathering."""
+    if planes.shape[2:] == (height, width):
+        return planes
+    return _interpolation(planes.shape[2], height) @ planes @ _interpolation(planes.shape[3], width).T
+
+
 def resize(images: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of (N, H, W, C) images to (N, height, width, C), float32."""
-    x = images.astype(np.float32)
-    if x.shape[1:3] == (height, width):
-        return x
-    lo, hi, f = _axis_weights(x.shape[1], height)
-    x = x[:, lo] * (1 - f)[None, :, None, None] + x[:, hi] * f[None, :, None, None]
-    lo, hi, f = _axis_weights(x.shape[2], width)
-    return x[:, :, lo] * (1 - f)[None, None, :, None] + x[:, :, hi] * f[None, None, :, None]
+    planes = np.moveaxis(images, -1, 1).astype(np.float32)
+    return np.moveaxis(_resize_planes(planes, height, width), 1, -1)
 
 
-def match_channels(x: np.ndarray, channels: int) -> np.ndarray:
-    """Gray to RGB by repetition, RGB(A) to gray by the mean, alpha dropped."""
-    c = x.shape[-1]
+def match_channels(planes: np.ndarray, channels: int) -> np.ndarray:
+    """(N, C, H, W) planes with the bundle's channels: alpha dropped, RGB to gray by the mean. Gray for an RGB
+    bundle stays one plane: normalization writes it into each channel, so it is never copied three times."""
+    c = planes.shape[1]
     if c == 4:
-        x, c = x[..., :3], 3
-    if c == channels:
-        return x
-    if c == 1:
-        return np.repeat(x, channels, axis=-1)
+        planes, c = planes[:, :3], 3
+    if c == channels or c == 1:
+        return planes
     if channels == 1:
-        return x.mean(-1, keepdims=True)
+        return planes.mean(1, keepdims=True)
     raise DataError(f"images have {c} channels, the bundle takes {channels}")
 
 
-def augment(x: np.ndarray, aug: Augment, rng: np.random.Generator) -> np.ndarray:
-    """Random crop (zero padding of ``crop_pad``) and horizontal flip, per image."""
-    n, h, w, _ = x.shape
+def augment(planes: np.ndarray, aug: Augment, rng: np.random.Generator) -> np.ndarray:
+    """Random crop (zero padding of ``crop_pad``) and horizontal flip, per image of (N, C, H, W) planes."""
+    n, _, h, w = planes.shape
     if aug.crop_pad:
         p = aug.crop_pad
-        padded = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+        padded = np.pad(planes, ((0, 0), (0, 0), (p, p), (p, p)))
         dy, dx = rng.integers(0, 2 * p + 1, n), rng.integers(0, 2 * p + 1, n)
-        x = np.stack([padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+        planes = np.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
     if aug.flip:
         flip = rng.random(n) < 0.5
-        x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
-    return x
+        planes = np.where(flip[:, None, None, None], planes[..., ::-1], planes)
+    return planes
 
 
 def to_model_input(images: np.ndarray, spec: ImageSpec, aug: Augment | None = None,
                    rng: np.random.Generator | None = None) -> np.ndarray:
-    """uint8 (N, H, W, C) images -> the bundle's normalized float32 (N, channels, height, width)."""
-    x = match_channels(resize(images, spec.height, spec.width), spec.channels)
+    """uint8 (N, H, W, C) images -> the bundle's normalized float32 (N, channels, height, width).
+
+    Works on (N, C, H, W) planes from the start and normalizes with one multiply-add per channel written straight
+    into the output: a gray image is resized, augmented and scaled as one plane, then broadcast per channel."""
+    planes = match_channels(np.moveaxis(images, -1, 1).astype(np.float32), spec.channels)
+    planes = _resize_planes(planes, spec.height, spec.width)
     if aug is not None and rng is not None:
-        x = augment(x, aug, rng)
-    x = (x / np.float32(255.0) - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), np.float32)
+        planes = augment(planes, aug, rng)
+    std = np.asarray(spec.std, np.float32)
+    scale, shift = 1 / (np.float32(255.0) * std), -np.asarray(spec.mean, np.float32) / std
+    out = np.empty((len(planes), spec.channels, spec.height, spec.width), np.float32)
+    for k in range(spec.channels):
+        np.multiply(planes[:, k if planes.shape[1] > 1 else 0], scale[k], out=out[:, k])
+        out[:, k] += shift[k]
+    return out

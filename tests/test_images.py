@@ -59,11 +59,23 @@ def test_model_input_is_normalized_nchw_with_gray_repeated_to_rgb():
     np.testing.assert_allclose(x, 2.0)  # (1 - 0.5) / 0.25
 
 
+def test_model_input_matches_torch_resize_channels_and_normalize():
+    rng = np.random.default_rng(2)
+    for channels, stored in ((3, 1), (3, 3), (3, 4), (1, 3), (1, 1)):
+        spec = ImageSpec(channels, 20, 24, (0.485, 0.456, 0.406)[:channels], (0.229, 0.224, 0.225)[:channels])
+        x = rng.integers(0, 256, (3, 28, 28, stored)).astype(np.uint8)
+        t = torch.from_numpy(x).permute(0, 3, 1, 2).float()[:, :3]
+        t = t.mean(1, keepdim=True) if channels == 1 else t.expand(-1, 3, -1, -1)
+        t = torch.nn.functional.interpolate(t, size=(20, 24), mode="bilinear", align_corners=False) / 255
+        ref = (t - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None]
+        np.testing.assert_allclose(to_model_input(x, spec), ref.numpy(), atol=1e-4)
+
+
 def test_flip_mirrors_and_crop_shifts_within_the_padding():
-    x = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3, 1)
+    x = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 1, 3, 3)  # (N, C, H, W) planes
     flipped = augment(x, Augment(flip=True), np.random.default_rng(0))
     for a, b in zip(flipped, x):
-        assert np.array_equal(a, b) or np.array_equal(a, b[:, ::-1])
+        assert np.array_equal(a, b) or np.array_equal(a, b[..., ::-1])
     cropped = augment(x, Augment(crop_pad=1), np.random.default_rng(0))
     assert cropped.shape == x.shape
     for a, b in zip(cropped, x):  # every kept pixel is a pixel of the image, shifted by at most 1
