@@ -134,3 +134,44 @@ def test_close_commits_what_is_queued_and_a_later_write_still_commits(tmp_path):
     assert all(f.done() for f in futures) and db.keys() == set(range(4))
     assert group.run(lambda cur: cur.execute("INSERT INTO t (k) VALUES (99)").rowcount) == 1
     group.close()
+
+
+def test_a_batch_without_failures_runs_no_savepoints_and_one_with_a_failure_reruns_isolated(tmp_path):
+    db = CountingDb(tmp_path / "g.sqlite3")
+    seen: list[str] = []
+    db.conn.set_trace_callback(seen.append)
+    ok = [lambda cur, k=k: cur.execute("INSERT INTO t (k) VALUES (?)", (k,)).rowcount for k in range(8)]
+    assert run_writers(GroupCommit(db.tx), ok) == [1] * 8
+    assert not any(s.startswith("SAVEPOINT") for s in seen)  # two round trips a write saved where nothing fails
+
+    def bad(cur):
+        cur.execute("INSERT INTO t (k) VALUES (?)", (1000,))
+        raise ValueError("refused")
+
+    seen.clear()
+    gate = threading.Event()
+
+    def first(cur):  # holds the committer in its transaction until every other write is queued
+        gate.wait(10)
+        return cur.execute("INSERT INTO t (k) VALUES (100)").rowcount
+
+    group = GroupCommit(db.tx)
+    # the failing write is queued right behind the first: whichever batch it lands in holds other writes too
+    futures = [group.submit(job) for job in [first, bad, *(lambda cur, k=k: cur.execute("INSERT INTO t (k) VALUES (?)",
+                                                                                          (k,)).rowcount for k in range(8, 12))]]
+    gate.set()
+    group.close()
+    assert isinstance(futures[1].exception(), ValueError) and [f.result() for f in futures[:1] + futures[2:]] == [1] * 5
+    assert db.keys() == {*range(12), 100} and any(s.startswith("SAVEPOINT") for s in seen)
+
+
+def test_a_lone_failing_write_is_rolled_back_and_its_caller_gets_the_error(tmp_path):
+    db = CountingDb(tmp_path / "g.sqlite3")
+
+    def bad(cur):
+        cur.execute("INSERT INTO t (k) VALUES (?)", (7,))
+        raise ValueError("refused")
+
+    with pytest.raises(ValueError, match="refused"):
+        GroupCommit(db.tx).run(bad)
+    assert db.keys() == set()
