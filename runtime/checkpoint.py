@@ -15,6 +15,7 @@ import numpy as np
 import safetensors.numpy
 
 from edgepeft import atomic, schema
+from edgepeft.delta import safeio
 from edgepeft.errors import TrainError
 
 FORMAT = "edgepeft-checkpoint"
@@ -37,7 +38,7 @@ def save_checkpoint(directory: str | os.PathLike, arrays: dict[str, np.ndarray],
     tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     md = {"format": FORMAT, "version": VERSION, "state": json.dumps(state, sort_keys=True)}
     path = checkpoint_path(directory)
-    atomic.write_bytes(path, safetensors.numpy.save(tensors, metadata=md))
+    atomic.write_bytes(path, safeio.save(tensors, md))
     return path
 
 

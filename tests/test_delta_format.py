@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import struct
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -83,6 +86,17 @@ def test_metadata_holds_format_slots_and_checksum(tmp_path):
     assert md["format"] == "edgepeft-delta" and md["format_version"] == "1"
     assert json.loads(md["slots"]) == sorted(s.name for s in make_manifest().slots)
     assert len(md["checksum"]) == 64 and md["base_fingerprint"] == FP and md["rank"] == "4"
+
+
+def test_the_same_delta_gives_the_same_bytes_in_every_process(tmp_path):
+    script = ("import hashlib, sys; sys.path.insert(0, 'tests'); from test_delta_format import make_delta; "
+              "from edgepeft.delta.format import delta_bytes; print(hashlib.sha256(delta_bytes(make_delta())).hexdigest())")
+    here = {hashlib.sha256(delta_bytes(make_delta())).hexdigest() for _ in range(5)}
+    other = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+             for _ in range(2)}
+    assert len(here) == 1 and other == here  # safetensors alone writes its metadata in a different order each time
+    save_delta(tmp_path / "x.delta", make_delta())
+    assert load_delta(tmp_path / "x.delta", make_manifest(), for_training=True).meta == make_delta().meta
 
 
 def test_scale_is_alpha_over_rank_and_one_without_rank():

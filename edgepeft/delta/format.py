@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import safetensors.numpy
 
 from edgepeft import atomic
 from edgepeft.delta import safeio
@@ -235,7 +234,7 @@ def delta_bytes(delta: Delta) -> bytes:
         "slots": json.dumps(sorted(tensors)),
         "checksum": checksum(tensors),
     }
-    return safetensors.numpy.save(tensors, metadata=md)
+    return safeio.save(tensors, md)
 
 
 def save_delta(path: str | os.PathLike, delta: Delta) -> None:

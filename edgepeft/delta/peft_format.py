@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import safetensors.numpy
 
 from edgepeft import atomic, frozen, methods
 from edgepeft.delta import peft_conv, safeio
@@ -216,7 +215,7 @@ def to_peft(
     config.update(method.peft_fields(own_tensors, manifest.method_config.get(method.name, {})))
     out_dir = Path(os.fspath(out_dir))
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
-    atomic.write_bytes(out_dir / WEIGHTS_FILE, safetensors.numpy.save(tensors, metadata={"format": "pt"}))
+    atomic.write_bytes(out_dir / WEIGHTS_FILE, safeio.save(tensors, {"format": "pt"}))
     atomic.write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

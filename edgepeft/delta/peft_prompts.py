@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.numpy
 
 from edgepeft import atomic, methods
+from edgepeft.delta import safeio
 from edgepeft.delta.format import Delta, DeltaMeta, check_against_manifest, check_structure
 from edgepeft.errors import DeltaError
 from edgepeft.manifest import Manifest
@@ -84,7 +84,7 @@ def to_peft_prompt(delta: Delta, manifest: Manifest, out_dir: str | os.PathLike,
         config["encoder_hidden_size"] = hidden
     d = Path(os.fspath(out_dir))
     arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
-    atomic.write_bytes(d / WEIGHTS_FILE, safetensors.numpy.save(arrays, metadata={"format": "pt"}))
+    atomic.write_bytes(d / WEIGHTS_FILE, safeio.save(arrays, {"format": "pt"}))
     atomic.write_text(d / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+import safetensors.numpy
 
 from edgepeft.errors import DeltaError
 from edgepeft.names import is_safe_name
@@ -47,6 +48,22 @@ class Header:
     entries: tuple[Entry, ...]
     metadata: dict[str, str]
     data_start: int
+
+
+def save(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes whose header lists the metadata sorted: the same tensors and metadata give the same bytes.
+
+    safetensors writes ``__metadata__`` in its hash map's order, which changes from one process (and one call) to
+    the next, so a file written twice would hash differently. The tensors' records and the data are kept as written;
+    reordering the metadata keeps the header's length, so no offset moves."""
+    data = safetensors.numpy.save(tensors, metadata=metadata)
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # never expected: the same JSON in another key order; keep safetensors' own bytes then
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n:]
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
