@@ -41,13 +41,13 @@ def zeros_for(specs: list) -> bytes:
 def decompressed(monkeypatch):
     """Counts the content bytes the reader asks the decompressor for."""
     count = {"bytes": 0}
-    real = transport._Frame.read
+    real = transport.Frame.read
 
     def read(self, n):
         count["bytes"] += n
         return real(self, n)
 
-    monkeypatch.setattr(transport._Frame, "read", read)
+    monkeypatch.setattr(transport.Frame, "read", read)
     return count
 
 

@@ -40,7 +40,7 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 ZSTD_LEVEL = 10
 
 
-def _rows(shape: tuple[int, ...]) -> tuple[int, int]:
+def row_layout(shape: tuple[int, ...]) -> tuple[int, int]:
     """(rows, row length) of a tensor: first axis rows, a 1-D tensor is one row."""
     if len(shape) == 1:
         return 1, shape[0]
@@ -54,7 +54,7 @@ def _row_scales(x2: np.ndarray) -> np.ndarray:
 
 def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-row symmetric int8: (scales float32 (rows,), values int8 (rows, n)); |x - q*s| <= s/2."""
-    rows, n = _rows(x.shape)
+    rows, n = row_layout(x.shape)
     x2 = x.reshape(rows, n).astype(np.float64)
     scales = _row_scales(x2)
     s = scales.astype(np.float64)[:, None]  # divide by the stored scale so the bound holds for it
@@ -64,7 +64,7 @@ def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def row_error_bounds(x: np.ndarray) -> np.ndarray:
     """Per row of ``x`` (first axis; a 1-D tensor is one row), the largest |x - x̂| packing can cause."""
-    rows, n = _rows(x.shape)
+    rows, n = row_layout(x.shape)
     return _row_scales(x.reshape(rows, n).astype(np.float64)).astype(np.float64) * (0.5 + 254 * 2.0**-24)
 
 
@@ -100,7 +100,7 @@ def pack(delta: Delta) -> bytes:
     return MAGIC + zstd.compress(b"".join(parts), options=options)
 
 
-class _Frame:
+class Frame:
     """Reads a zstd frame's content in pieces, never more than asked: the header is checked before the payload exists."""
 
     def __init__(self, data: bytes, where: str) -> None:
@@ -152,7 +152,8 @@ class _Frame:
                 raise DeltaError(f"{self.where}: zstd frame does not hold the {self.size} bytes it declares")
 
 
-def _parse_header(frame: _Frame, where: str, cap: int) -> dict:
+def parse_header(frame: Frame, where: str, cap: int) -> dict:
+    """A packed delta's JSON header (its length first, at most ``cap`` bytes), read from the frame and checked."""
     if frame.size < 4:
         raise DeltaError(f"{where}: packed payload truncated")
     (n,) = struct.unpack("<I", frame.read(4))
@@ -172,7 +173,8 @@ def _parse_header(frame: _Frame, where: str, cap: int) -> dict:
     return header
 
 
-def _tensor_specs(specs: list, where: str) -> list[tuple[str, tuple[int, ...]]]:
+def tensor_specs(specs: list, where: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The header's tensor list as (name, shape) pairs: safe names, once each, sizes that fit."""
     out, seen = [], set()
     for spec in specs:
         ok = isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], list)
@@ -190,7 +192,7 @@ def _tensor_specs(specs: list, where: str) -> list[tuple[str, tuple[int, ...]]]:
 
 def payload_size(header_bytes: int, specs: list[tuple[str, tuple[int, ...]]]) -> int:
     """Exact content size of a packed delta: u32 + header + per tensor one float32 scale and n int8 per row."""
-    return 4 + header_bytes + sum(r * 4 + r * n for r, n in (_rows(s) for _, s in specs))
+    return 4 + header_bytes + sum(r * 4 + r * n for r, n in (row_layout(s) for _, s in specs))
 
 
 def unpack(data: bytes, where: str = "packed delta", *, manifest: Manifest | None = None, for_training: bool = False,
@@ -202,10 +204,10 @@ def unpack(data: bytes, where: str = "packed delta", *, manifest: Manifest | Non
     against it; then the declared content size must equal what the header describes, and only then
     is each tensor decompressed, one at a time, straight into its float32 result.
     """
-    frame = _Frame(data, where)
-    header = _parse_header(frame, where, header_cap(manifest))
+    frame = Frame(data, where)
+    header = parse_header(frame, where, header_cap(manifest))
     meta = meta_from_strings(header["meta"], where)
-    specs = _tensor_specs(header["tensors"], where)
+    specs = tensor_specs(header["tensors"], where)
     if manifest is not None:
         check_shapes(dict(specs), meta, manifest, where, for_training=for_training)
     need = payload_size(frame.read_bytes - 4, specs)
@@ -213,7 +215,7 @@ def unpack(data: bytes, where: str = "packed delta", *, manifest: Manifest | Non
         raise DeltaError(f"{where}: packed payload is {frame.size} bytes, its header describes {need}")
     tensors = {}
     for name, shape in specs:
-        rows, n = _rows(shape)
+        rows, n = row_layout(shape)
         scales = np.frombuffer(frame.read(rows * 4), dtype="<f4").astype(np.float32)
         if not (np.isfinite(scales).all() and (scales >= 0).all()):
             raise DeltaError(f"{where}: tensor {name!r} has a negative or non-finite row scale")
@@ -233,7 +235,7 @@ def unpack(data: bytes, where: str = "packed delta", *, manifest: Manifest | Non
 
 def packed_meta(data: bytes, where: str, manifest: Manifest | None = None) -> DeltaMeta:
     """The meta of transport bytes, reading only the (capped) header: nothing else is decompressed."""
-    return meta_from_strings(_parse_header(_Frame(data, where), where, header_cap(manifest))["meta"], where)
+    return meta_from_strings(parse_header(Frame(data, where), where, header_cap(manifest))["meta"], where)
 
 
 def is_packed(data: bytes) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgepeft.delta.format import Delta, DeltaMeta, check_shapes, check_structure, header_cap, meta_from_strings
-from edgepeft.delta.transport import _Frame, _parse_header, _rows, _tensor_specs
+from edgepeft.delta.transport import Frame, parse_header, row_layout, tensor_specs
 from edgepeft.errors import DeltaError
 from edgepeft.manifest import Manifest
 
@@ -62,7 +62,7 @@ _layouts_lock = threading.Lock()
 
 
 def _layout(raw_specs: Any, meta: DeltaMeta, manifest: Manifest, where: str) -> Layout:
-    """The layout of a header's tensor list, checked (``transport._tensor_specs``), then against ``manifest`` (for
+    """The layout of a header's tensor list, checked (``transport.tensor_specs``), then against ``manifest`` (for
     training) and by the reader's structure checks. Remembered by the list's repr: for what JSON gives (lists, str,
     int, float, bool, None) equal reprs are equal values, so a list seen before is not checked again."""
     key = (id(manifest), meta.base_fingerprint, meta.rank, repr(raw_specs))
@@ -70,14 +70,14 @@ def _layout(raw_specs: Any, meta: DeltaMeta, manifest: Manifest, where: str) -> 
         hit = _layouts.get(key)
     if hit is not None and hit[0] is manifest:  # the manifest is kept in the entry: its id cannot be reused meanwhile
         return hit[1]
-    specs = _tensor_specs(raw_specs, where)
+    specs = tensor_specs(raw_specs, where)
     shapes = dict(specs)
     check_shapes(shapes, meta, manifest, where, for_training=True)
     check_structure(Delta({n: np.broadcast_to(np.float32(0), s) for n, s in shapes.items()}, meta), where)
     scale_at, codes_at, rows_of, lengths, marks, is_row, nonempty = [], [], [], [], [], [], []
     offset = first_row = 0
     for _, shape in specs:
-        rows, n = _rows(shape)
+        rows, n = row_layout(shape)
         scale_at.append(offset)
         codes_at.append(offset + 4 * rows)
         rows_of.append(rows)
@@ -105,8 +105,8 @@ def _layout(raw_specs: Any, meta: DeltaMeta, manifest: Manifest, where: str) -> 
 
 def read_packed(data: bytes, where: str, manifest: Manifest) -> tuple[DeltaMeta, Layout, bytes]:
     """(meta, layout checked against the bundle, payload) of a packed delta: its header checked, its frame fully read."""
-    frame = _Frame(data, where)
-    header = _parse_header(frame, where, header_cap(manifest))
+    frame = Frame(data, where)
+    header = parse_header(frame, where, header_cap(manifest))
     meta = meta_from_strings(header["meta"], where)
     layout = _layout(header["tensors"], meta, manifest, where)
     need = frame.read_bytes + layout.payload_bytes  # payload_size(), from the layout
