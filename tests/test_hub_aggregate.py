@@ -191,6 +191,30 @@ def test_policy_every_n(tmp_path, hub_bundle):
     store.close()
 
 
+def test_a_hub_process_that_saw_a_version_due_after_another_claimed_it_makes_none_from_the_leftovers(tmp_path, hub_bundle):
+    first = open_store(str(tmp_path / "s"))
+    files = {p.name: p.read_bytes() for p in hub_bundle.iterdir()}
+    rec, _ = first.add_bundle(files["manifest.json"].decode(), files)
+    first.create_fleet("f", rec.fingerprint, aggregate_every=3)
+    manifest = read_manifest(hub_bundle)
+    for i in range(4):
+        upload(first, random_delta(manifest, i, samples=1))
+    second = open_store(str(tmp_path / "s"))  # another hub process on the same store
+    assert agg.due(second, second.get_fleet("f"), "default")  # it sees 4 pending: due
+    assert agg.maybe_aggregate(first, "f").version == 1  # meanwhile the first claims 3 of them
+    assert agg.aggregate(second, "f", if_due=True) is None  # 1 left: not a version of its own
+    assert [v.version for v in second.list_versions("f")] == [1] and len(second.list_deltas("f", pending=True)) == 1
+    first.close(), second.close()
+
+
+def test_the_age_rule_makes_a_version_due_once_the_oldest_pending_delta_is_old_enough():
+    rule = agg.policy(store_mod.Fleet("f", "fp", aggregate_every=10, aggregate_minutes=2), now=1000.0)
+    assert rule.holds(10, 999.0)  # the count rule
+    assert not rule.holds(3, 1000.0 - 119) and rule.holds(3, 1000.0 - 120)  # the age rule: two minutes
+    assert not rule.holds(0, 0.0)
+    assert agg.policy(store_mod.Fleet("f", "fp")) is None  # manual only
+
+
 def test_bad_options_refused():
     with pytest.raises(HubError, match="unknown"):
         RobustOptions.from_dict({"clip": 1})

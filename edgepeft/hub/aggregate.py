@@ -30,7 +30,7 @@ from edgepeft.hub import buckets, delta_chunks, mixed_ranks, stream_merge, trimm
 from edgepeft.hub.server_step import is_plain, server_step
 from edgepeft.hub.limits import MAX_PUBLISHED_SAMPLES, readable, sample_weights, staleness_factor
 from edgepeft.hub.robust import RobustOptions, clip_update, update_norm
-from edgepeft.hub.store import BUILDING, BundleRec, DeltaRec, Fleet, Store, VersionRec
+from edgepeft.hub.store import BUILDING, BundleRec, DeltaRec, Due, Fleet, Store, VersionRec
 from edgepeft.manifest import Manifest
 from edgepeft.names import WEIGHTS_INDEX_FILE
 
@@ -275,8 +275,10 @@ def build_version(store: Store, fleet: Fleet, adapter: str, version: int) -> Ver
     return got
 
 
-def aggregate(store: Store, fleet: str, adapter: str = "default", options: dict[str, Any] | None = None) -> VersionRec | None:
-    """Aggregate pending deltas of an adapter into a new version; None when nothing is pending.
+def aggregate(store: Store, fleet: str, adapter: str = "default", options: dict[str, Any] | None = None, *,
+              if_due: bool = False) -> VersionRec | None:
+    """Aggregate pending deltas of an adapter into a new version; None when nothing is pending (or, ``if_due``,
+    when the fleet's policy does not hold as the claim sees the pending deltas).
 
     A fleet with ``aggregate_every = K`` makes each version from the first K pending deltas by arrival (FedBuff's
     buffer; later ones wait for the next version and count by their staleness); otherwise every pending delta.
@@ -285,7 +287,8 @@ def aggregate(store: Store, fleet: str, adapter: str = "default", options: dict[
     if f is None:
         raise HubError(f"no fleet {fleet!r}")
     opts = RobustOptions.from_dict(f.robust if options is None else options)
-    claim = store.claim_version(fleet, adapter, opts.to_dict(), limit=f.aggregate_every or None)
+    claim = store.claim_version(fleet, adapter, opts.to_dict(), limit=f.aggregate_every or None,
+                                due=policy(f) if if_due else None)
     if claim is None:
         return None
     return build_version(store, f, adapter, claim[0])
@@ -319,25 +322,35 @@ def recover(store: Store) -> list[VersionRec]:
     return done
 
 
-def due(store: Store, fleet: Fleet, adapter: str, now: float | None = None) -> bool:
-    """True when the fleet's policy (every N pending deltas, or oldest pending T minutes old) says aggregate."""
+def policy(fleet: Fleet, now: float | None = None) -> Due | None:
+    """The fleet's aggregation policy at ``now``: every N pending deltas, or the oldest pending T minutes old; None: manual."""
     if not fleet.aggregate_every and not fleet.aggregate_minutes:
+        return None
+    now = time.time() if now is None else now
+    return Due(fleet.aggregate_every, now - fleet.aggregate_minutes * 60 if fleet.aggregate_minutes else None)
+
+
+def due(store: Store, fleet: Fleet, adapter: str, now: float | None = None) -> bool:
+    """True when the fleet's policy says aggregate."""
+    rule = policy(fleet, now)
+    if rule is None:
         return False
     pending = store.list_deltas(fleet.name, adapter, pending=True)
-    if not pending:
-        return False
-    if fleet.aggregate_every and len(pending) >= fleet.aggregate_every:
-        return True
-    now = time.time() if now is None else now
-    return bool(fleet.aggregate_minutes) and now - pending[0].received >= fleet.aggregate_minutes * 60
+    return bool(pending) and rule.holds(len(pending), pending[0].received)
 
 
 def maybe_aggregate(store: Store, fleet: str, adapter: str = "default") -> VersionRec | None:
-    """Aggregate while the fleet's policy says so (a buffer of K per version); the last version made, or None."""
+    """Aggregate while the fleet's policy says so (a buffer of K per version); the last version made, or None.
+
+    The claim checks the policy again in its own transaction: with several hub processes on one store, another may
+    have claimed the deltas that made this one see a version due."""
     f = store.get_fleet(fleet)
     made = None
     while f is not None and due(store, f, adapter):
-        made = aggregate(store, fleet, adapter) or made
+        version = aggregate(store, fleet, adapter, if_due=True)
+        if version is None:
+            break
+        made = version
     return made
 
 

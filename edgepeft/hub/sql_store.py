@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 from edgepeft.errors import AuthError
 from edgepeft.hub.group_commit import GroupCommit
-from edgepeft.hub.store import (BUILDING, PUBLISHED, BundleFile, BundleRec, DeltaRec, Device, Fleet, Metric, Store,
+from edgepeft.hub.store import (BUILDING, PUBLISHED, BundleFile, BundleRec, DeltaRec, Device, Due, Fleet, Metric, Store,
                                 VersionRec, dumps)
 
 SCHEMA = """
@@ -266,16 +266,17 @@ class SqlStore(Store):
     # ---- versions --------------------------------------------------------------------------------
 
     def _claim_version(self, fleet: str, adapter: str, options: dict[str, Any], created: float,
-                       take_pending: bool, limit: int | None = None) -> tuple[int, list[str]] | None:
+                       take_pending: bool, limit: int | None = None, due: Due | None = None) -> tuple[int, list[str]] | None:
         with self._tx(write=True) as cur:
             self._lock_fleet(cur, fleet)
             ids: list[str] = []
             if take_pending:
-                ids = [r[0] for r in cur.execute("SELECT id FROM deltas WHERE fleet = ? AND adapter = ? AND version IS NULL "
-                                                  "ORDER BY received, id" + (f" LIMIT {int(limit)}" if limit else ""),
-                                                  (fleet, adapter)).fetchall()]
-                if not ids:
+                rows = cur.execute("SELECT id, received FROM deltas WHERE fleet = ? AND adapter = ? AND version IS NULL "
+                                   "ORDER BY received, id" + (f" LIMIT {int(limit)}" if limit else ""),
+                                   (fleet, adapter)).fetchall()
+                if not rows or (due is not None and not due.holds(len(rows), rows[0][1])):
                     return None
+                ids = [r[0] for r in rows]
             (latest,) = cur.execute("SELECT COALESCE(MAX(version), 0) FROM versions WHERE fleet = ? AND adapter = ?",
                                     (fleet, adapter)).fetchone()
             version = int(latest) + 1

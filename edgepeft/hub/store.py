@@ -149,6 +149,22 @@ class Metric:
     at: float
 
 
+@dataclass(frozen=True)
+class Due:
+    """A fleet's aggregation policy as a claim checks it, inside its transaction: at least ``count`` pending deltas
+    (0: no count rule), or the oldest pending one received at or before ``received_before`` (None: no age rule)."""
+
+    count: int = 0
+    received_before: float | None = None
+
+    def holds(self, pending: int, oldest_received: float) -> bool:
+        """Whether ``pending`` deltas, the oldest received at ``oldest_received``, make a version due."""
+        if pending == 0:
+            return False
+        return (self.count > 0 and pending >= self.count) or (
+            self.received_before is not None and oldest_received <= self.received_before)
+
+
 class Store(ABC):
     """Storage of bundles, fleets, devices, deltas, adapter versions and metrics."""
 
@@ -240,9 +256,10 @@ class Store(ABC):
 
     @abstractmethod
     def _claim_version(self, fleet: str, adapter: str, options: dict[str, Any], created: float,
-                       take_pending: bool, limit: int | None = None) -> tuple[int, list[str]] | None:
+                       take_pending: bool, limit: int | None = None, due: Due | None = None) -> tuple[int, list[str]] | None:
         """Atomically: next version number, a ``building`` row, and (with ``take_pending``) every pending
-        delta, or the first ``limit`` by arrival, claimed for it. None when ``take_pending`` and nothing is pending."""
+        delta, or the first ``limit`` by arrival, claimed for it. None when ``take_pending`` and nothing is pending,
+        or when ``due`` is given and the pending deltas, as the transaction sees them, do not make a version due."""
 
     @abstractmethod
     def _finish_version(self, fleet: str, adapter: str, version: int, data: bytes, sha: str,
@@ -430,14 +447,16 @@ class Store(ABC):
         return None
 
     def claim_version(self, fleet: str, adapter: str, options: dict[str, Any], *, take_pending: bool = True,
-                      limit: int | None = None) -> tuple[int, list[str]] | None:
-        """Reserve the next version of an adapter and (by default) claim every pending delta, or the first ``limit``."""
+                      limit: int | None = None, due: Due | None = None) -> tuple[int, list[str]] | None:
+        """Reserve the next version of an adapter and (by default) claim every pending delta, or the first ``limit``;
+        with ``due``, only if the fleet's policy still holds when the claim runs (another hub process may have claimed
+        the deltas that made it due a moment ago: without the check, the leftovers would make a version of their own)."""
         check_name("adapter", adapter)
         if self.get_fleet(fleet) is None:
             raise NotFoundError(f"no fleet {fleet!r}")
         if limit is not None and limit < 1:
             raise HubError(f"limit must be >= 1, got {limit}")
-        return self._claim_version(fleet, adapter, dict(options), time.time(), take_pending, limit)
+        return self._claim_version(fleet, adapter, dict(options), time.time(), take_pending, limit, due)
 
     def finish_version(self, fleet: str, adapter: str, version: int, data: bytes, *, parent: int | None,
                        report: dict[str, Any]) -> bool:
