@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import cnn_children  # noqa: E402
 from bench_vision import targets, time_to  # noqa: E402
-from common import CACHE, exporter_version, run_child, write_result  # noqa: E402
+from common import CACHE, exporter_version, results_version, run_child, write_result  # noqa: E402
 
 from edgepeft.demo import speech_data as S  # noqa: E402
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = {k: v for k, v in vars(a).items() if k not in ("quick", "methods", "out")}
     rows = []
     for name, method in METHODS.items():
-        done = CACHE / f"speech-{method}-{exporter_version()}-{_key(settings)}.json"
+        done = CACHE / f"speech-{method}-{results_version()}-{_key(settings)}.json"
         if name in a.methods.split(",") and not done.is_file():
             b = bundle(method, weights)
             tag = method.replace("+", "_")

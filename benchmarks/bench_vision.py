@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from edgepeft.demo.assets import FASHION_LABELS, FASHION_MNIST  # noqa: E402
 import cnn_children  # noqa: E402
-from common import CACHE, exporter_version, run_child, write_result  # noqa: E402
+from common import CACHE, exporter_version, results_version, run_child, write_result  # noqa: E402
 
 FASHION = FASHION_MNIST
 LABELS = list(FASHION_LABELS)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name, method in METHODS.items():
         b = bundle(method, a.size, a.top_blocks) if name in a.methods.split(",") else None
-        done = CACHE / f"vision-{method}-{exporter_version()}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]}.json"
+        done = CACHE / f"vision-{method}-{results_version()}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]}.json"
         if b is not None and not done.is_file():
             tag = method.replace("+", "_")
             common = {"train_file": str(FASHION / "train-images-idx3-ubyte.gz"), "test_file": str(FASHION / "t10k-images-idx3-ubyte.gz"),

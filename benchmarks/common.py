@@ -46,6 +46,21 @@ def exporter_version() -> str:
     return h.hexdigest()[:8]
 
 
+def results_version() -> str:
+    """A short hash of every source a timed run's result depends on (exporters, runtime, edgepeft, the benchmarks'
+    shared children): a cached result made by other code is stale, however unchanged the exporter is."""
+    import hashlib
+
+    src = ROOT.parent
+    h = hashlib.sha256()
+    files = [*(src / "exporters").rglob("*.py"), *(src / "runtime").rglob("*.py"), *(src / "edgepeft").rglob("*.py"),
+             *(ROOT / n for n in ("common.py", "cnn_children.py"))]
+    for f in sorted(files):
+        if f.is_file():
+            h.update(f.relative_to(src).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:8]
+
+
 def minilm_bundle(quantize: str = "int8", method: str = "lora+bitfit", *, top_layers: int | None = None,
                   max_length: int = 128, rank: int | None = 8, method_config: dict | None = None) -> Path:
     """Path of an exported all-MiniLM-L6-v2 bundle (rotten/fresh head), exported once per exporter version
