@@ -140,9 +140,10 @@ def _cpu_by_process(pid: int) -> dict[int, float]:
 
 
 def _run_clients(hub_urls: list[str], tokens: dict[str, str], per_device: int, bundle: Path, procs: int,
-                 hub_pids: list[int]) -> dict:
+                 hub_pids: list[int], database_pid: int | None = None) -> dict:
     """Upload every device's deltas at once from ``procs`` client processes (device i to hub i mod len(hub_urls), as a
-    proxy hashing on the device would); wall time, latencies, and the CPU seconds of the hubs and of the clients."""
+    proxy hashing on the device would); wall time, latencies, and the CPU seconds of the hubs and of the clients (and,
+    given the database server's pid, of the server and its backends: on two cores they share the CPUs)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -158,8 +159,10 @@ def _run_clients(hub_urls: list[str], tokens: dict[str, str], per_device: int, b
     ready.wait()
     load = os.getloadavg()[0]
     before = {k: v for p in hub_pids for k, v in _cpu_by_process(p).items()}
+    db_before = _cpu_by_process(database_pid) if database_pid else {}
     got = [out.get(timeout=600) for _ in workers]
     used = {k: v - before.get(k, 0.0) for p in hub_pids for k, v in _cpu_by_process(p).items()}
+    db_cpu = sum(v - db_before.get(k, 0.0) for k, v in _cpu_by_process(database_pid).items()) if database_pid else 0.0
     hub_cpu = sum(used.values())
     for w in workers:
         w.join()
@@ -170,9 +173,11 @@ def _run_clients(hub_urls: list[str], tokens: dict[str, str], per_device: int, b
             "accepted": sum(g[2] for g in got), "packed_delta_bytes": round(float(np.mean([g[3] for g in got]))),
             "seconds": round(wall, 3), "uploads_per_s": round(total / wall, 1),
             "cpu_ms_per_upload": {"hubs": round(hub_cpu / total * 1000, 2),
-                                  "clients": round(sum(g[4] for g in got) / total * 1000, 2)},
-            # cores the hubs and clients kept busy on average: near os.cpu_count(), the CPUs bound the rate
-            "cores_busy": round((hub_cpu + sum(g[4] for g in got)) / wall, 2),
+                                  "clients": round(sum(g[4] for g in got) / total * 1000, 2),
+                                  **({"database": round(db_cpu / total * 1000, 2)} if database_pid else {})},
+            # cores the hubs and clients (and a database server) kept busy on average: near os.cpu_count(), the CPUs
+            # bound the rate
+            "cores_busy": round((hub_cpu + sum(g[4] for g in got) + db_cpu) / wall, 2),
             "load_average_before": round(load, 2),
             # each hub process's part of the hubs' CPU, largest first (with --workers: how evenly the kernel spread the
             # devices' connections over the workers; the supervisor's share is about 0)
@@ -182,7 +187,7 @@ def _run_clients(hub_urls: list[str], tokens: dict[str, str], per_device: int, b
 
 
 def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Path, procs: int = 4, hubs: int = 1,
-                  hub_options: tuple[str, ...] = (), workers: int = 1) -> dict:
+                  hub_options: tuple[str, ...] = (), workers: int = 1, database_pid: int | None = None) -> dict:
     """``hubs`` hub processes over one store, each on its own port, every device uploading at once; ``workers``:
     each hub is `hub serve --workers N` (N processes on its port); ``hub_options``: more `edgepeft hub serve` options."""
     bundle = work / "bundle"
@@ -201,7 +206,7 @@ def bench_uploads(store_uri: str | None, devices: int, per_device: int, work: Pa
         admin.post("/api/v1/fleets", json={"name": "bench", "bundle": fp}).raise_for_status()
         tokens = {f"d{i:03d}": admin.post("/api/v1/fleets/bench/devices", json={"device": f"d{i:03d}"}).json()["token"]
                   for i in range(devices)}
-        return {"store": uri.split("://")[0], "workers_per_hub": workers, **_run_clients(urls, tokens, per_device, bundle, procs, [p.pid for p in procs_])}
+        return {"store": uri.split("://")[0], "workers_per_hub": workers, **_run_clients(urls, tokens, per_device, bundle, procs, [p.pid for p in procs_], database_pid)}
     finally:
         for p in procs_:
             p.terminate()
@@ -451,7 +456,9 @@ def bench_upload_paths(devices: int, per_device: int, procs: int) -> None:
         dsn, pgdir = _durable_postgres()
         try:
             (Path(tmp) / "pg").mkdir()
-            rows.append({"run": "postgresql, 2 hubs", **bench_uploads(dsn, devices, per_device, Path(tmp) / "pg", procs, hubs=2)})
+            postmaster = int((Path(pgdir) / "data" / "postmaster.pid").read_text().split()[0])
+            rows.append({"run": "postgresql, 2 hubs", **bench_uploads(dsn, devices, per_device, Path(tmp) / "pg", procs, hubs=2,
+                                                                     database_pid=postmaster)})
             print(json.dumps(rows[-1]), flush=True)
         finally:
             subprocess.run(["bash", str(Path(__file__).parent.parent / ".ci" / "postgres.sh"), "stop", pgdir], check=False)

@@ -52,9 +52,9 @@ def hub_threads(uploads: int) -> dict:
     """bench_hub's one-hub SQLite run, with the hub's CPU split by thread."""
     run_clients = bench_hub._run_clients
 
-    def measured(urls, tokens, per_device, bundle, procs, pids):
+    def measured(urls, tokens, per_device, bundle, procs, pids, *rest):
         before = _thread_cpu(pids[0])
-        row = run_clients(urls, tokens, per_device, bundle, procs, pids)
+        row = run_clients(urls, tokens, per_device, bundle, procs, pids, *rest)
         after = _thread_cpu(pids[0])
         row["hub_cpu_ms_per_upload_by_thread"] = {k: round((after[k] - before[k]) / row["uploads"] * 1000, 3) for k in after}
         return row
