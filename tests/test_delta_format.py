@@ -88,15 +88,20 @@ def test_metadata_holds_format_slots_and_checksum(tmp_path):
     assert len(md["checksum"]) == 64 and md["base_fingerprint"] == FP and md["rank"] == "4"
 
 
+def fixed_delta() -> Delta:
+    """make_delta with a fixed creation time: the same delta whenever it is made."""
+    return replace_meta(make_delta(), created="2026-01-01T00:00:00+00:00")
+
+
 def test_the_same_delta_gives_the_same_bytes_in_every_process(tmp_path):
-    script = ("import hashlib, sys; sys.path.insert(0, 'tests'); from test_delta_format import make_delta; "
-              "from edgepeft.delta.format import delta_bytes; print(hashlib.sha256(delta_bytes(make_delta())).hexdigest())")
-    here = {hashlib.sha256(delta_bytes(make_delta())).hexdigest() for _ in range(5)}
+    script = ("import hashlib, sys; sys.path.insert(0, 'tests'); from test_delta_format import fixed_delta; "
+              "from edgepeft.delta.format import delta_bytes; print(hashlib.sha256(delta_bytes(fixed_delta())).hexdigest())")
+    here = {hashlib.sha256(delta_bytes(fixed_delta())).hexdigest() for _ in range(5)}
     other = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
              for _ in range(2)}
     assert len(here) == 1 and other == here  # safetensors alone writes its metadata in a different order each time
-    save_delta(tmp_path / "x.delta", make_delta())
-    assert load_delta(tmp_path / "x.delta", make_manifest(), for_training=True).meta == make_delta().meta
+    save_delta(tmp_path / "x.delta", fixed_delta())
+    assert load_delta(tmp_path / "x.delta", make_manifest(), for_training=True).meta == fixed_delta().meta
 
 
 def test_scale_is_alpha_over_rank_and_one_without_rank():
