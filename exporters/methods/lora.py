@@ -35,7 +35,7 @@ class LoraTorch(TorchMethod):
         if a is None or b is None:
             return y
         if isinstance(layer.base, nn.Conv2d):
-            return y + conv_low_rank(layer.base, x, a, b) * scale
+            return y + conv_low_rank(layer.base, x, a, b * scale)  # scaling B, not the (N, out, H, W) map: half the full-size ops
         return y + ((x @ a.t()) @ b.t()) * scale  # (B, T, out)
 
 
