@@ -23,11 +23,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_cnn_profile import CHILD  # noqa: E402
 from common import run_child, write_result  # noqa: E402
 
-SETTINGS = {  # name: (dequantize_at_load, threads, spinning)
-    "int8 weights, 1 thread": (False, 1, True),
-    "dequantized at load, 1 thread": (True, 1, True),
-    "dequantized at load, 2 threads": (True, 2, True),
-    "dequantized at load, 2 threads, no spinning": (True, 2, False),
+SETTINGS = {  # name: (dequantize_at_load, threads, spinning, memory pattern: None = the graph's default)
+    "int8 weights, 1 thread": (False, 1, True, None),
+    "dequantized at load, 1 thread": (True, 1, True, None),
+    "dequantized at load, 1 thread, memory pattern": (True, 1, True, True),
+    "dequantized at load, 2 threads": (True, 2, True, None),
+    "dequantized at load, 2 threads, no spinning": (True, 2, False, None),
 }
 
 
@@ -45,8 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[tuple[Path, str], list[dict]] = {(p, k): [] for p in a.bundles for k in settings}
     for _ in range(a.rounds):
         for path in a.bundles:
-            for name, (deq, threads, spin) in settings.items():
-                args = {"batch": a.batch, "threads": threads, "steps": a.steps, "profile": False, "dequantize": deq, "spin": spin}
+            for name, (deq, threads, spin, pattern) in settings.items():
+                args = {"batch": a.batch, "threads": threads, "steps": a.steps, "profile": False, "dequantize": deq, "spin": spin,
+                        "pattern": pattern}
                 runs[path, name].append(run_child(CHILD, str(path), json.dumps(args)))
     for path in a.bundles:
         for name in settings:

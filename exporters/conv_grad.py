@@ -107,14 +107,23 @@ def _weight_grad(grad_out, inp, weight, stride, padding, dilation, groups):
     # the small gradient (N*Ho*Wo, O) its right one: onnxruntime packs only the right operand, a few O columns.
     # Stacked on the last axis (NHWC) with the gradient on the left, the KWS CNN's LoRA step spent 2.3 ms in that
     # Concat and 2.7 ms packing the 9 MB matrix (block 2, batch 16, one thread; benchmarks/bench_cnn_profile.py).
-    (kh, kw), (o, c) = weight.shape[2:], (grad_out.shape[1], inp.shape[1])
-    ho, wo = grad_out.shape[2:]
+    (kh, kw), o = weight.shape[2:], grad_out.shape[1]
+    cols = im2col(inp, (kh, kw), stride, padding, dilation)
+    gw = torch.matmul(cols, grad_out.permute(0, 2, 3, 1).reshape(-1, o))  # (kh*kw*C, O)
+    return gw.reshape(kh, kw, inp.shape[1], o).permute(3, 2, 0, 1)
+
+
+def im2col(inp, kernel, stride, padding, dilation):
+    """(N, C, H, W) -> (kh*kw*C, N*Ho*Wo), rows in (kernel row, kernel column, channel) order: the input slice each
+    kernel position sees, cut with channels first, (C, N, H, W), and stacked along that axis in whole blocks."""
+    (kh, kw), c = kernel, inp.shape[1]
+    ho = (inp.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (inp.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     x = aten.constant_pad_nd(inp.permute(1, 0, 2, 3), [padding[1], padding[1], padding[0], padding[0]], 0.0)  # (C, N, H, W)
     cols = torch.cat([x[:, :, u * dilation[0]:u * dilation[0] + (ho - 1) * stride[0] + 1:stride[0],
                         v * dilation[1]:v * dilation[1] + (wo - 1) * stride[1] + 1:stride[1]]
-                      for u in range(kh) for v in range(kw)], 0)  # (kh*kw*C, N, Ho, Wo): im2col by slices
-    gw = torch.matmul(cols.reshape(kh * kw * c, -1), grad_out.permute(0, 2, 3, 1).reshape(-1, o))  # (kh*kw*C, O)
-    return gw.reshape(kh, kw, c, o).permute(3, 2, 0, 1)
+                      for u in range(kh) for v in range(kw)], 0)  # (kh*kw*C, N, Ho, Wo)
+    return cols.reshape(kh * kw * c, -1)
 
 
 def convolution_backward(grad_out, inp, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups,
