@@ -59,7 +59,7 @@ def _input_grad(grad_out, inp, weight, stride, padding, dilation, groups):
         # stride 1: the transposed convolution is a forward one, channels swapped, kernel flipped, padded by k-1-p.
         # onnxruntime's fast (NCHWc) convolutions take forward Convs with a constant weight (the flip and transpose of
         # a frozen weight fold away at load); its ConvTranspose has no such kernel. The KWS CNN's BN + head step
-        # (batch 16, one thread): 17.1 -> 16.4 ms of CPU (benchmarks/results/speech_session.json).
+        # (batch 16, one thread): 17.4 -> 16.8 ms of CPU (benchmarks/results/speech_session.json).
         pad = [k - 1 - p for p, k in zip(padding, weight.shape[2:])]
         return aten.convolution(grad_out, weight.transpose(0, 1).flip([2, 3]), None, [1, 1], pad, [1, 1], False, [0, 0], 1)
     return aten.convolution(grad_out, weight, None, stride, padding, dilation, True, extra, groups)
@@ -106,7 +106,7 @@ def _weight_grad(grad_out, inp, weight, stride, padding, dilation, groups):
     # im2col matrix (kh*kw*C, N*Ho*Wo) is written in whole contiguous blocks and is the product's left operand,
     # the small gradient (N*Ho*Wo, O) its right one. Stacked on the last axis (NHWC), with the gradient on the left,
     # the KWS CNN's second block spent 2.3 ms in that Concat and 2.7 ms in the product (batch 16, one thread), and its
-    # LoRA + head step took 31.5 ms of CPU against 28.7 ms in this form (benchmarks/results/speech_session.json).
+    # LoRA + head step took 31.5 ms of CPU against 29.8 ms in this form (benchmarks/results/speech_session.json).
     (kh, kw), o = weight.shape[2:], grad_out.shape[1]
     cols = im2col(inp, (kh, kw), stride, padding, dilation)
     gw = torch.matmul(cols, grad_out.permute(0, 2, 3, 1).reshape(-1, o))  # (kh*kw*C, O)

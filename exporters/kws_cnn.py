@@ -37,7 +37,7 @@ def pool_before_activation(module: nn.Module) -> nn.Module:
     of the pixels. Exact, forward and backward: max and ReLU commute, and where a window's maximum is positive
     both orders send the gradient to its first maximum (the same elements); where it is not, both send none (the
     ReLU's gradient is zero at every element <= 0). On the KWS CNN's train step (batch 16, one thread) the
-    full-size ReLU and its gradient were about a tenth of the kernel time; BN + head 18.3 -> 17.2 ms of CPU a step
+    full-size ReLU and its gradient were about a tenth of the kernel time; BN + head 19.1 -> 17.4 ms of CPU a step
     (benchmarks/results/speech_session.json)."""
     for m in module.modules():
         if isinstance(m, ConvBlock) and isinstance(m.act, nn.ReLU) and isinstance(m.pool, nn.MaxPool2d):

@@ -32,7 +32,7 @@ def merged(base: nn.Module, a: torch.Tensor) -> bool:
     branch costs at least the frozen convolution's multiply-adds per pixel, r·(C·kh·kw + out) >= out·C·kh·kw (the KWS
     CNN's first one: 1 channel in, 16 out, r = 8). Its weight is then no constant (none of onnxruntime's fast NCHWc
     kernels), but one convolution and one weight gradient replace the frozen one plus A's and B's forward, input
-    gradient and weight gradient convolutions and a full-size add: the KWS CNN's LoRA + head step, 25.3 -> 22.5 ms of
+    gradient and weight gradient convolutions and a full-size add: the KWS CNN's LoRA + head step, 26.2 -> 22.5 ms of
     CPU (batch 16, one thread; benchmarks/results/speech_session.json)."""
     if not isinstance(base, nn.Conv2d) or base.groups != 1:
         return False
