@@ -3,10 +3,11 @@ one intra-op thread or two, spinning threads or sleeping ones.
 
 Each setting runs in a fresh process (``bench_cnn_profile``'s child: the train graph cut to the loss and the trained
 gradients, random inputs of the bundle's shape), rounds alternating between settings so that a change in the
-machine's load hits them alike; per setting the median over rounds of the median step's wall and CPU seconds, and
-the process's peak RSS. runtime/bundle.SessionConfig's CNN defaults are chosen from this.
+machine's load hits them alike (and between bundles: two exports of one model compare as A/B); per bundle and
+setting the median over rounds of the median step's wall and CPU seconds, and the process's peak RSS.
+runtime/bundle.SessionConfig's CNN defaults are chosen from this.
 
-    python benchmarks/bench_cnn_session.py BUNDLE [BUNDLE ...] [--batch 32] [--steps 10] [--rounds 3]
+    python benchmarks/bench_cnn_session.py BUNDLE [BUNDLE ...] [--batch 32] [--steps 10] [--rounds 3] [--setting NAME ...]
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_cnn_profile import CHILD  # noqa: E402
 from common import run_child, write_result  # noqa: E402
 
-SETTINGS = {  # name: (dequantize_at_load, threads, spinning)
-    "int8 weights, 1 thread": (False, 1, True),
-    "dequantized at load, 1 thread": (True, 1, True),
-    "dequantized at load, 2 threads": (True, 2, True),
-    "dequantized at load, 2 threads, no spinning": (True, 2, False),
+SETTINGS = {  # name: (dequantize_at_load, threads, spinning, memory pattern: None = the graph's default)
+    "int8 weights, 1 thread": (False, 1, True, None),
+    "dequantized at load, 1 thread": (True, 1, True, None),
+    "dequantized at load, 1 thread, memory pattern": (True, 1, True, True),
+    "dequantized at load, 2 threads": (True, 2, True, None),
+    "dequantized at load, 2 threads, no spinning": (True, 2, False, None),
 }
 
 
@@ -36,16 +38,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--setting", action="append", choices=list(SETTINGS), help="Run only this setting (repeatable; all by default).")
     ap.add_argument("--out", default="cnn_session")
     a = ap.parse_args(argv)
+    settings = {k: SETTINGS[k] for k in a.setting or SETTINGS}
     load, rows = [round(os.getloadavg()[0], 1)], []
+    runs: dict[tuple[Path, str], list[dict]] = {(p, k): [] for p in a.bundles for k in settings}
+    for _ in range(a.rounds):
+        for path in a.bundles:
+            for name, (deq, threads, spin, pattern) in settings.items():
+                args = {"batch": a.batch, "threads": threads, "steps": a.steps, "profile": False, "dequantize": deq, "spin": spin,
+                        "pattern": pattern}
+                runs[path, name].append(run_child(CHILD, str(path), json.dumps(args)))
     for path in a.bundles:
-        runs: dict[str, list[dict]] = {k: [] for k in SETTINGS}
-        for _ in range(a.rounds):
-            for name, (deq, threads, spin) in SETTINGS.items():
-                args = {"batch": a.batch, "threads": threads, "steps": a.steps, "profile": False, "dequantize": deq, "spin": spin}
-                runs[name].append(run_child(CHILD, str(path), json.dumps(args)))
-        for name, rs in runs.items():
+        for name in settings:
+            rs = runs[path, name]
             row = {"bundle": path.name, "setting": name,
                    **{k: round(statistics.median(r[k] for r in rs), 4) for k in ("wall_step_s", "cpu_step_s")},
                    "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in rs), 1)}

