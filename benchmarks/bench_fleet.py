@@ -1,6 +1,6 @@
 """A fleet of 100 devices against a real hub: non-IID Rotten Tomatoes, real training, faults, one malicious device.
 
-    python benchmarks/bench_fleet.py [--devices 100] [--rounds 6] [--per-round 12] [--rows 32] [--quick]
+    python benchmarks/bench_fleet.py [--devices 100] [--rounds 6] [--per-round 12] [--rows 32] [--out fleet] [--quick]
 
 The hub is ``edgepeft hub serve`` (uvicorn, SQLite store) in its own process on loopback. Every device is
 the real sync agent (``devices/agent.py``: on-disk outbox and state, packed pushes, sha256-checked pulls)
@@ -351,6 +351,13 @@ def centralized(bundle, union, accuracy, work: Path) -> dict:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def result_name(name: str) -> str:
+    """A results file's stem: a plain name, so a run writes inside benchmarks/results/ and nowhere else."""
+    if not name or name != Path(name).name or name.startswith(".") or name.endswith(".json"):
+        raise argparse.ArgumentTypeError(f"{name!r}: give a plain name such as fleet_prox (written as results/NAME.json)")
+    return name
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The benchmark's options (``--quick``: a smoke run's sizes)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -371,6 +378,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                          "label-balanced draws")
     ap.add_argument("--server-lr", type=float, help="the fleet's server step: fraction of the way to the mean (hub default 1)")
     ap.add_argument("--server-momentum", type=float, help="the fleet's server momentum, FedAvgM (hub default 0)")
+    ap.add_argument("--out", type=result_name, default="fleet",
+                    help="the results file's name: benchmarks/results/OUT.json (default fleet, README's main line; a "
+                         "lever's run names its own so it does not overwrite that)")
     ap.add_argument("--quick", action="store_true", help="12 devices, 2 rounds: a smoke run (results not written)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -389,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                           "hub": round(hub.ru_utime + hub.ru_stime, 1)})
     print(json.dumps(result, indent=1))
     if not args.quick:
-        print(f"wrote {write_result('fleet', result)}")
+        print(f"wrote {write_result(args.out, result)}")
 
 
 if __name__ == "__main__":

@@ -54,3 +54,30 @@ def test_the_fleet_adapter_beats_the_base_model_on_held_out_rows(run):
 
 def test_the_fleets_server_step_is_recorded(run):
     assert run["fleet_options"] == {"server_momentum": 0.9}
+
+
+@pytest.fixture
+def stubbed_main(monkeypatch, tmp_path):
+    """bench_fleet.main with the fleet run stubbed out and benchmarks/results/ moved to a temporary folder."""
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench_fleet, "minilm_task", lambda eval_rows: None)
+    monkeypatch.setattr(bench_fleet, "run", lambda args, work, task: {"rounds": args.rounds})
+    return tmp_path
+
+
+def test_a_named_run_writes_its_own_results_file_and_leaves_the_main_line(stubbed_main):
+    bench_fleet.main(["--rounds", "3", "--out", "fleet_lever"])
+    assert sorted(p.name for p in stubbed_main.iterdir()) == ["fleet_lever.json"]
+
+
+def test_an_unnamed_run_writes_the_main_line(stubbed_main):
+    bench_fleet.main(["--rounds", "3"])
+    assert sorted(p.name for p in stubbed_main.iterdir()) == ["fleet.json"]
+
+
+@pytest.mark.parametrize("name", ["../fleet", "results/fleet", "fleet.json", ".hidden", ""])
+def test_a_results_name_that_is_not_a_plain_name_is_refused(name):
+    with pytest.raises(SystemExit):
+        bench_fleet.parse_args(["--out", name])
