@@ -119,13 +119,24 @@ def shared_bundle(path: Path):
     return b
 
 
-def train_fn(bundle, options: dict, malicious: bool = False):
-    """An agent train_fn on the shared bundle; the malicious one sends -10 × its update, claiming 10,000 samples."""
+def round_lr(lr: float, version: int, rounds: int) -> float:
+    """A device's lr when it trains from fleet version ``version`` (0: none yet): ``lr`` decayed linearly over ``rounds``
+    versions, as the centralized run's linear schedule decays over its steps (0: constant). Averaged local steps at a
+    constant lr leave the version a fixed distance from the fleet's optimum (client drift grows with lr x local steps);
+    a decaying lr shrinks that distance round by round."""
+    return lr if rounds <= 0 else lr * max(0.0, 1.0 - version / rounds)
+
+
+def train_fn(bundle, options: dict, malicious: bool = False, lr_rounds: int = 0):
+    """An agent train_fn on the shared bundle; the malicious one sends -10 × its update, claiming 10,000 samples.
+    ``lr_rounds``: the device lr decays over this many versions (``round_lr``; 0: constant)."""
     tok = load_tokenizer(bundle)
 
     def train(_bundle_dir: Path, data: Path, start: Path | None, out: Path) -> int:
         start_delta = load_delta(start, bundle.manifest, for_training=True) if start else None
-        d = Trainer(bundle, load_dataset(data, bundle.manifest, tok), TrainConfig(**options), start=start_delta).fit().delta
+        version = (start_delta.meta.version or 0) if start_delta else 0
+        config = TrainConfig(**{**options, "lr": round_lr(options["lr"], version, lr_rounds)})
+        d = Trainer(bundle, load_dataset(data, bundle.manifest, tok), config, start=start_delta).fit().delta
         if malicious:
             base = start_delta.tensors if start_delta else {k: np.zeros_like(v) for k, v in d.tensors.items()}
             flip = {k: (v if k.endswith("lora_A") else base[k] - 10.0 * (v - base[k])).astype(np.float32) for k, v in d.tensors.items()}
@@ -140,12 +151,12 @@ class Device:
     """One simulated device: its agent (rebuilt on a restart), shard, rank and what the hub accepted from it."""
 
     def __init__(self, name: str, token: str, home: Path, url: str, bundle, shard, rank: int, malicious: bool,
-                 train: dict) -> None:
+                 train: dict, lr_rounds: int = 0) -> None:
         self.name, self.home, self.shard, self.rank, self.malicious = name, home, shard, rank, malicious
         self.cfg = AgentConfig(hub=url, token=token, bundle=str(bundle.path), data_dir=str(home / "data"),
                                state_dir=str(home / "state"), retries=3, backoff_s=0.05, backoff_cap_s=0.5,
                                train={**train, "rank": rank, "creator": name})
-        self.fn = train_fn(bundle, self.cfg.train, malicious)
+        self.fn = train_fn(bundle, self.cfg.train, malicious, lr_rounds)
         self.accepted: list[str] = []
         self.last: bytes | None = None  # the last bytes pushed (a duplicate push resends them)
         self.seen: set[tuple[str, str]] = set()  # every row it was given: the union is what centralized training gets
@@ -233,7 +244,7 @@ def run(args: argparse.Namespace, work: Path, task: Task) -> dict:
             token = admin.request("POST", f"/api/v1/fleets/{FLEET}/devices", json={"device": name}).json()["token"]
             (work / name / "data").mkdir(parents=True)
             devices.append(Device(name, token, work / name, url, bundle, shards[i], ranks[i % len(ranks)], i == args.devices - 1,
-                                  train))
+                                  train, args.lr_rounds))
         rng = np.random.default_rng(1)
         dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: a dropped connection
         evil, offline = devices[-1], devices[1]  # offline: cut off in round 2, away in rounds 3-5, back in round 6
@@ -332,7 +343,7 @@ def run(args: argparse.Namespace, work: Path, task: Task) -> dict:
     n = participations
     return {"devices": args.devices, "rounds": args.rounds, "devices_per_round": args.per_round, "rows_per_round": args.rows,
             "alpha": args.alpha, "participations": participations,
-            "ranks": list(ranks), "train": train, "fleet_options": fleet_options(args), "held_out": len(held),
+            "ranks": list(ranks), "train": train, "lr_rounds": args.lr_rounds, "fleet_options": fleet_options(args), "held_out": len(held),
             "base_accuracy": round(base_accuracy, 4), "per_round": rounds,
             "fleet_accuracy": rounds[-1]["accuracy"], "centralized": central,
             "gap_points": round(100 * (central["accuracy"] - rounds[-1]["accuracy"]), 2),
@@ -369,6 +380,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-rows", type=int, default=300)
     ap.add_argument("--workers", type=int, default=4, help="devices training at once")
     ap.add_argument("--lr", type=float, help=f"a device's lr (default {TRAIN['lr']})")
+    ap.add_argument("--lr-rounds", type=int, default=0, help="a device's lr decays linearly to 0 over this many fleet "
+                                                             "versions (0: constant, the default)")
     ap.add_argument("--optimizer", choices=("adamw", "sgd"), help="a device's optimizer (default: adamw)")
     ap.add_argument("--momentum", type=float, help="a device's SGD momentum (default 0)")
     ap.add_argument("--adam-eps", type=float, help="a device's AdamW epsilon (default 1e-8)")
