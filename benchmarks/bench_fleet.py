@@ -121,10 +121,11 @@ def shared_bundle(path: Path):
 
 def round_lr(lr: float, version: int, rounds: int) -> float:
     """A device's lr when it trains from fleet version ``version`` (0: none yet): ``lr`` decayed linearly over ``rounds``
-    versions, as the centralized run's linear schedule decays over its steps (0: constant). Averaged local steps at a
+    versions to ``lr / rounds``, held there after (a device may train from a later version; the trainer needs lr > 0),
+    as the centralized run's linear schedule decays over its steps (``rounds`` 0: constant). Averaged local steps at a
     constant lr leave the version a fixed distance from the fleet's optimum (client drift grows with lr x local steps);
     a decaying lr shrinks that distance round by round."""
-    return lr if rounds <= 0 else lr * max(0.0, 1.0 - version / rounds)
+    return lr if rounds <= 0 else lr * max(1, rounds - version) / rounds
 
 
 def train_fn(bundle, options: dict, malicious: bool = False, lr_rounds: int = 0):
@@ -380,8 +381,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-rows", type=int, default=300)
     ap.add_argument("--workers", type=int, default=4, help="devices training at once")
     ap.add_argument("--lr", type=float, help=f"a device's lr (default {TRAIN['lr']})")
-    ap.add_argument("--lr-rounds", type=int, default=0, help="a device's lr decays linearly to 0 over this many fleet "
-                                                             "versions (0: constant, the default)")
+    ap.add_argument("--lr-rounds", type=int, default=0, help="a device's lr decays linearly over this many fleet versions "
+                                                             "to lr/N (0: constant, the default)")
     ap.add_argument("--optimizer", choices=("adamw", "sgd"), help="a device's optimizer (default: adamw)")
     ap.add_argument("--momentum", type=float, help="a device's SGD momentum (default 0)")
     ap.add_argument("--adam-eps", type=float, help="a device's AdamW epsilon (default 1e-8)")

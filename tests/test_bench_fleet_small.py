@@ -87,7 +87,7 @@ def test_the_device_lr_is_constant_by_default():
     assert [bench_fleet.round_lr(5e-3, v, 0) for v in (0, 3, 40)] == [5e-3] * 3
 
 
-def test_the_device_lr_decays_linearly_over_the_stated_versions_and_stops_at_zero():
-    lrs = [bench_fleet.round_lr(8e-3, v, 4) for v in range(6)]
-    assert lrs == pytest.approx([8e-3, 6e-3, 4e-3, 2e-3, 0.0, 0.0])
+def test_the_device_lr_decays_linearly_over_the_stated_versions_and_then_holds_above_zero():
+    lrs = [bench_fleet.round_lr(8e-3, v, 4) for v in range(7)]
+    assert lrs == pytest.approx([8e-3, 6e-3, 4e-3, 2e-3, 2e-3, 2e-3, 2e-3])
 
