@@ -11,7 +11,8 @@ onnxruntime session per graph (a session keeps no state between runs; 100 copies
 
 Data: the training split is cut into 100 label-skewed shards by a Dirichlet split (α = 0.3 per label).
 Each round a sample of ``--per-round`` devices trains (cross-device federated learning; the malicious one
-every round): each gets ``--rows`` new rows of its shard (cycling) and trains two epochs on them at a constant lr.
+every round): each gets ``--rows`` new rows of its shard (cycling; a smaller shard gives all it has) and trains two
+epochs on them at a constant lr.
 Faults every round, each on other devices: drops (the hub unreachable for the round: the delta waits in
 the outbox and goes up a round late, weighted down for its staleness), restarts (the agent object is
 thrown away after training, before pushing, and rebuilt from its state folder), slow devices (push after
@@ -148,6 +149,18 @@ def train_fn(bundle, options: dict, malicious: bool = False, lr_rounds: int = 0)
     return train
 
 
+def round_rows(shard: Rows, rnd: int, rows: int, pad: bool = False) -> Rows:
+    """The rows a device is given in round ``rnd``: the next ``rows`` of its shard, cycling; a shard of at most ``rows``
+    gives all its rows, in an order of the round's (new bytes, so the agent trains on them again, as FedAvg's devices
+    train on their local data in every round they take part). Never more rows than the shard holds: a 16-row device
+    padded to 128 with copies of its rows trained 8x longer on them and weighed as much as a device with 128 rows of
+    its own. ``pad``: that earlier draw (results/fleet.json and fleet_prox.json were made with it)."""
+    if not pad and len(shard) <= rows:
+        return [shard[i] for i in np.random.default_rng(rnd).permutation(len(shard))]
+    lo = (rnd * rows) % max(1, len(shard))
+    return (shard * (1 + rows // max(1, len(shard)) + 1))[lo:lo + rows]
+
+
 class Device:
     """One simulated device: its agent (rebuilt on a restart), shard, rank and what the hub accepted from it."""
 
@@ -186,9 +199,8 @@ class Device:
         self.agent.client.close()
         self.agent = self.build()
 
-    def new_rows(self, rnd: int, rows: int) -> None:
-        lo = (rnd * rows) % max(1, len(self.shard))
-        pick = (self.shard * (1 + rows // max(1, len(self.shard)) + 1))[lo:lo + rows]
+    def new_rows(self, rnd: int, rows: int, pad: bool = False) -> None:
+        pick = round_rows(self.shard, rnd, rows, pad)
         self.seen.update(pick)
         write_jsonl(self.home / "data" / f"round{rnd:03d}.jsonl", pick)
 
@@ -266,7 +278,7 @@ def run(args: argparse.Namespace, work: Path, task: Task) -> dict:
             dup = {d.name for d in order[3 * k:4 * k]}
 
             def one(d: Device) -> None:
-                d.new_rows(r, args.rows)
+                d.new_rows(r, args.rows, args.pad_rows)
                 if d.name in drop:
                     cut_off = d.build(dead)
                     d.count(cut_off.run_once())  # trains from what it has; the delta waits in the outbox
@@ -342,7 +354,7 @@ def run(args: argparse.Namespace, work: Path, task: Task) -> dict:
     union = sorted({row for d in devices for row in d.seen})  # every row the fleet's devices were given
     central = centralized(bundle, union, accuracy, work)
     n = participations
-    return {"devices": args.devices, "rounds": args.rounds, "devices_per_round": args.per_round, "rows_per_round": args.rows,
+    return {"devices": args.devices, "rounds": args.rounds, "devices_per_round": args.per_round, "rows_per_round": args.rows, "pad_rows": args.pad_rows,
             "alpha": args.alpha, "participations": participations,
             "ranks": list(ranks), "train": train, "lr_rounds": args.lr_rounds, "fleet_options": fleet_options(args), "held_out": len(held),
             "base_accuracy": round(base_accuracy, 4), "per_round": rounds,
@@ -377,6 +389,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--per-round", type=int, default=12, help="devices that train in a round (sampled; the malicious one always)")
     ap.add_argument("--rows", type=int, default=32, help="new rows per device per round (batch 16: 2 steps)")
+    ap.add_argument("--pad-rows", action="store_true", help="fill a shard smaller than --rows with copies of itself (the "
+                                                            "benchmark's draw before this option; results/fleet.json)")
     ap.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration of the label split")
     ap.add_argument("--eval-rows", type=int, default=300)
     ap.add_argument("--workers", type=int, default=4, help="devices training at once")

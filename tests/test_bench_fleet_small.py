@@ -91,3 +91,24 @@ def test_the_device_lr_decays_linearly_over_the_stated_versions_and_then_holds_a
     lrs = [bench_fleet.round_lr(8e-3, v, 4) for v in range(7)]
     assert lrs == pytest.approx([8e-3, 6e-3, 4e-3, 2e-3, 2e-3, 2e-3, 2e-3])
 
+
+
+SHARD = [(f"row {i}", "fresh" if i % 5 else "rotten") for i in range(16)]
+
+
+def test_a_small_shard_gives_its_own_rows_once_a_round_not_copies_of_them():
+    given = bench_fleet.round_rows(SHARD, 3, 128)
+    assert sorted(given) == sorted(SHARD)
+
+
+def test_a_small_shard_comes_in_a_new_order_each_round_so_the_agent_trains_on_it_again():
+    assert bench_fleet.round_rows(SHARD, 1, 128) != bench_fleet.round_rows(SHARD, 2, 128)
+
+
+def test_a_large_shard_gives_the_next_rows_each_round():
+    shard = [(f"row {i}", "fresh") for i in range(300)]
+    assert bench_fleet.round_rows(shard, 0, 128) == shard[:128] and bench_fleet.round_rows(shard, 1, 128) == shard[128:256]
+
+
+def test_the_earlier_draw_pads_a_small_shard_with_copies_of_itself():
+    assert len(bench_fleet.round_rows(SHARD, 0, 128, pad=True)) == 128
