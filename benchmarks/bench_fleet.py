@@ -1,6 +1,6 @@
 """A fleet of 100 devices against a real hub: non-IID Rotten Tomatoes, real training, faults, one malicious device.
 
-    python benchmarks/bench_fleet.py [--devices 100] [--rounds 6] [--per-round 12] [--rows 32] [--quick]
+    python benchmarks/bench_fleet.py [--devices 100] [--rounds 6] [--per-round 12] [--rows 32] [--out fleet] [--quick]
 
 The hub is ``edgepeft hub serve`` (uvicorn, SQLite store) in its own process on loopback. Every device is
 the real sync agent (``devices/agent.py``: on-disk outbox and state, packed pushes, sha256-checked pulls)
@@ -11,7 +11,8 @@ onnxruntime session per graph (a session keeps no state between runs; 100 copies
 
 Data: the training split is cut into 100 label-skewed shards by a Dirichlet split (α = 0.3 per label).
 Each round a sample of ``--per-round`` devices trains (cross-device federated learning; the malicious one
-every round): each gets ``--rows`` new rows of its shard (cycling) and trains two epochs on them at a constant lr.
+every round): each gets ``--rows`` new rows of its shard (cycling; a smaller shard gives all it has) and trains two
+epochs on them at a constant lr.
 Faults every round, each on other devices: drops (the hub unreachable for the round: the delta waits in
 the outbox and goes up a round late, weighted down for its staleness), restarts (the agent object is
 thrown away after training, before pushing, and rebuilt from its state folder), slow devices (push after
@@ -119,13 +120,25 @@ def shared_bundle(path: Path):
     return b
 
 
-def train_fn(bundle, options: dict, malicious: bool = False):
-    """An agent train_fn on the shared bundle; the malicious one sends -10 × its update, claiming 10,000 samples."""
+def round_lr(lr: float, version: int, rounds: int) -> float:
+    """A device's lr when it trains from fleet version ``version`` (0: none yet): ``lr`` decayed linearly over ``rounds``
+    versions to ``lr / rounds``, held there after (a device may train from a later version; the trainer needs lr > 0),
+    as the centralized run's linear schedule decays over its steps (``rounds`` 0: constant). Averaged local steps at a
+    constant lr leave the version a fixed distance from the fleet's optimum (client drift grows with lr x local steps);
+    a decaying lr shrinks that distance round by round."""
+    return lr if rounds <= 0 else lr * max(1, rounds - version) / rounds
+
+
+def train_fn(bundle, options: dict, malicious: bool = False, lr_rounds: int = 0):
+    """An agent train_fn on the shared bundle; the malicious one sends -10 × its update, claiming 10,000 samples.
+    ``lr_rounds``: the device lr decays over this many versions (``round_lr``; 0: constant)."""
     tok = load_tokenizer(bundle)
 
     def train(_bundle_dir: Path, data: Path, start: Path | None, out: Path) -> int:
         start_delta = load_delta(start, bundle.manifest, for_training=True) if start else None
-        d = Trainer(bundle, load_dataset(data, bundle.manifest, tok), TrainConfig(**options), start=start_delta).fit().delta
+        version = (start_delta.meta.version or 0) if start_delta else 0
+        config = TrainConfig(**{**options, "lr": round_lr(options["lr"], version, lr_rounds)})
+        d = Trainer(bundle, load_dataset(data, bundle.manifest, tok), config, start=start_delta).fit().delta
         if malicious:
             base = start_delta.tensors if start_delta else {k: np.zeros_like(v) for k, v in d.tensors.items()}
             flip = {k: (v if k.endswith("lora_A") else base[k] - 10.0 * (v - base[k])).astype(np.float32) for k, v in d.tensors.items()}
@@ -136,16 +149,28 @@ def train_fn(bundle, options: dict, malicious: bool = False):
     return train
 
 
+def round_rows(shard: Rows, rnd: int, rows: int, pad: bool = False) -> Rows:
+    """The rows a device is given in round ``rnd``: the next ``rows`` of its shard, cycling; a shard of at most ``rows``
+    gives all its rows, in an order of the round's (new bytes, so the agent trains on them again, as FedAvg's devices
+    train on their local data in every round they take part). Never more rows than the shard holds: a 16-row device
+    padded to 128 with copies of its rows trained 8x longer on them and weighed as much as a device with 128 rows of
+    its own. ``pad``: that earlier draw (results/fleet.json and fleet_prox.json were made with it)."""
+    if not pad and len(shard) <= rows:
+        return [shard[i] for i in np.random.default_rng(rnd).permutation(len(shard))]
+    lo = (rnd * rows) % max(1, len(shard))
+    return (shard * (1 + rows // max(1, len(shard)) + 1))[lo:lo + rows]
+
+
 class Device:
     """One simulated device: its agent (rebuilt on a restart), shard, rank and what the hub accepted from it."""
 
     def __init__(self, name: str, token: str, home: Path, url: str, bundle, shard, rank: int, malicious: bool,
-                 train: dict) -> None:
+                 train: dict, lr_rounds: int = 0) -> None:
         self.name, self.home, self.shard, self.rank, self.malicious = name, home, shard, rank, malicious
         self.cfg = AgentConfig(hub=url, token=token, bundle=str(bundle.path), data_dir=str(home / "data"),
                                state_dir=str(home / "state"), retries=3, backoff_s=0.05, backoff_cap_s=0.5,
                                train={**train, "rank": rank, "creator": name})
-        self.fn = train_fn(bundle, self.cfg.train, malicious)
+        self.fn = train_fn(bundle, self.cfg.train, malicious, lr_rounds)
         self.accepted: list[str] = []
         self.last: bytes | None = None  # the last bytes pushed (a duplicate push resends them)
         self.seen: set[tuple[str, str]] = set()  # every row it was given: the union is what centralized training gets
@@ -174,9 +199,8 @@ class Device:
         self.agent.client.close()
         self.agent = self.build()
 
-    def new_rows(self, rnd: int, rows: int) -> None:
-        lo = (rnd * rows) % max(1, len(self.shard))
-        pick = (self.shard * (1 + rows // max(1, len(self.shard)) + 1))[lo:lo + rows]
+    def new_rows(self, rnd: int, rows: int, pad: bool = False) -> None:
+        pick = round_rows(self.shard, rnd, rows, pad)
         self.seen.update(pick)
         write_jsonl(self.home / "data" / f"round{rnd:03d}.jsonl", pick)
 
@@ -233,7 +257,7 @@ def run(args: argparse.Namespace, work: Path, task: Task) -> dict:
             token = admin.request("POST", f"/api/v1/fleets/{FLEET}/devices", json={"device": name}).json()["token"]
             (work / name / "data").mkdir(parents=True)
             devices.append(Device(name, token, work / name, url, bundle, shards[i], ranks[i % len(ranks)], i == args.devices - 1,
-                                  train))
+                                  train, args.lr_rounds))
         rng = np.random.default_rng(1)
         dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: a dropped connection
         evil, offline = devices[-1], devices[1]  # offline: cut off in round 2, away in rounds 3-5, back in round 6
@@ -254,7 +278,7 @@ def run(args: argparse.Namespace, work: Path, task: Task) -> dict:
             dup = {d.name for d in order[3 * k:4 * k]}
 
             def one(d: Device) -> None:
-                d.new_rows(r, args.rows)
+                d.new_rows(r, args.rows, args.pad_rows)
                 if d.name in drop:
                     cut_off = d.build(dead)
                     d.count(cut_off.run_once())  # trains from what it has; the delta waits in the outbox
@@ -330,9 +354,9 @@ def run(args: argparse.Namespace, work: Path, task: Task) -> dict:
     union = sorted({row for d in devices for row in d.seen})  # every row the fleet's devices were given
     central = centralized(bundle, union, accuracy, work)
     n = participations
-    return {"devices": args.devices, "rounds": args.rounds, "devices_per_round": args.per_round, "rows_per_round": args.rows,
+    return {"devices": args.devices, "rounds": args.rounds, "devices_per_round": args.per_round, "rows_per_round": args.rows, "pad_rows": args.pad_rows,
             "alpha": args.alpha, "participations": participations,
-            "ranks": list(ranks), "train": train, "fleet_options": fleet_options(args), "held_out": len(held),
+            "ranks": list(ranks), "train": train, "lr_rounds": args.lr_rounds, "fleet_options": fleet_options(args), "held_out": len(held),
             "base_accuracy": round(base_accuracy, 4), "per_round": rounds,
             "fleet_accuracy": rounds[-1]["accuracy"], "centralized": central,
             "gap_points": round(100 * (central["accuracy"] - rounds[-1]["accuracy"]), 2),
@@ -351,6 +375,13 @@ def centralized(bundle, union, accuracy, work: Path) -> dict:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def result_name(name: str) -> str:
+    """A results file's stem: a plain name, so a run writes inside benchmarks/results/ and nowhere else."""
+    if not name or name != Path(name).name or name.startswith(".") or name.endswith(".json"):
+        raise argparse.ArgumentTypeError(f"{name!r}: give a plain name such as fleet_prox (written as results/NAME.json)")
+    return name
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The benchmark's options (``--quick``: a smoke run's sizes)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -358,10 +389,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--per-round", type=int, default=12, help="devices that train in a round (sampled; the malicious one always)")
     ap.add_argument("--rows", type=int, default=32, help="new rows per device per round (batch 16: 2 steps)")
+    ap.add_argument("--pad-rows", action="store_true", help="fill a shard smaller than --rows with copies of itself (the "
+                                                            "benchmark's draw before this option; results/fleet.json)")
     ap.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration of the label split")
     ap.add_argument("--eval-rows", type=int, default=300)
     ap.add_argument("--workers", type=int, default=4, help="devices training at once")
     ap.add_argument("--lr", type=float, help=f"a device's lr (default {TRAIN['lr']})")
+    ap.add_argument("--lr-rounds", type=int, default=0, help="a device's lr decays linearly over this many fleet versions "
+                                                             "to lr/N (0: constant, the default)")
     ap.add_argument("--optimizer", choices=("adamw", "sgd"), help="a device's optimizer (default: adamw)")
     ap.add_argument("--momentum", type=float, help="a device's SGD momentum (default 0)")
     ap.add_argument("--adam-eps", type=float, help="a device's AdamW epsilon (default 1e-8)")
@@ -371,6 +406,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                          "label-balanced draws")
     ap.add_argument("--server-lr", type=float, help="the fleet's server step: fraction of the way to the mean (hub default 1)")
     ap.add_argument("--server-momentum", type=float, help="the fleet's server momentum, FedAvgM (hub default 0)")
+    ap.add_argument("--out", type=result_name, default="fleet",
+                    help="the results file's name: benchmarks/results/OUT.json (default fleet, README's main line; a "
+                         "lever's run names its own so it does not overwrite that)")
     ap.add_argument("--quick", action="store_true", help="12 devices, 2 rounds: a smoke run (results not written)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -389,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                           "hub": round(hub.ru_utime + hub.ru_stime, 1)})
     print(json.dumps(result, indent=1))
     if not args.quick:
-        print(f"wrote {write_result('fleet', result)}")
+        print(f"wrote {write_result(args.out, result)}")
 
 
 if __name__ == "__main__":

@@ -54,3 +54,61 @@ def test_the_fleet_adapter_beats_the_base_model_on_held_out_rows(run):
 
 def test_the_fleets_server_step_is_recorded(run):
     assert run["fleet_options"] == {"server_momentum": 0.9}
+
+
+@pytest.fixture
+def stubbed_main(monkeypatch, tmp_path):
+    """bench_fleet.main with the fleet run stubbed out and benchmarks/results/ moved to a temporary folder."""
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench_fleet, "minilm_task", lambda eval_rows: None)
+    monkeypatch.setattr(bench_fleet, "run", lambda args, work, task: {"rounds": args.rounds})
+    return tmp_path
+
+
+def test_a_named_run_writes_its_own_results_file_and_leaves_the_main_line(stubbed_main):
+    bench_fleet.main(["--rounds", "3", "--out", "fleet_lever"])
+    assert sorted(p.name for p in stubbed_main.iterdir()) == ["fleet_lever.json"]
+
+
+def test_an_unnamed_run_writes_the_main_line(stubbed_main):
+    bench_fleet.main(["--rounds", "3"])
+    assert sorted(p.name for p in stubbed_main.iterdir()) == ["fleet.json"]
+
+
+@pytest.mark.parametrize("name", ["../fleet", "results/fleet", "fleet.json", ".hidden", ""])
+def test_a_results_name_that_is_not_a_plain_name_is_refused(name):
+    with pytest.raises(SystemExit):
+        bench_fleet.parse_args(["--out", name])
+
+
+def test_the_device_lr_is_constant_by_default():
+    assert [bench_fleet.round_lr(5e-3, v, 0) for v in (0, 3, 40)] == [5e-3] * 3
+
+
+def test_the_device_lr_decays_linearly_over_the_stated_versions_and_then_holds_above_zero():
+    lrs = [bench_fleet.round_lr(8e-3, v, 4) for v in range(7)]
+    assert lrs == pytest.approx([8e-3, 6e-3, 4e-3, 2e-3, 2e-3, 2e-3, 2e-3])
+
+
+
+SHARD = [(f"row {i}", "fresh" if i % 5 else "rotten") for i in range(16)]
+
+
+def test_a_small_shard_gives_its_own_rows_once_a_round_not_copies_of_them():
+    given = bench_fleet.round_rows(SHARD, 3, 128)
+    assert sorted(given) == sorted(SHARD)
+
+
+def test_a_small_shard_comes_in_a_new_order_each_round_so_the_agent_trains_on_it_again():
+    assert bench_fleet.round_rows(SHARD, 1, 128) != bench_fleet.round_rows(SHARD, 2, 128)
+
+
+def test_a_large_shard_gives_the_next_rows_each_round():
+    shard = [(f"row {i}", "fresh") for i in range(300)]
+    assert bench_fleet.round_rows(shard, 0, 128) == shard[:128] and bench_fleet.round_rows(shard, 1, 128) == shard[128:256]
+
+
+def test_the_earlier_draw_pads_a_small_shard_with_copies_of_itself():
+    assert len(bench_fleet.round_rows(SHARD, 0, 128, pad=True)) == 128
