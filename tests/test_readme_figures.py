@@ -367,24 +367,40 @@ def hostile_figures() -> dict[str, str]:
                                f"{raw['peak_x_expected']:.2f}x"}
 
 
-def fleet_figures() -> dict[str, str]:
-    """The fleet run (benchmarks/bench_fleet.py)."""
-    f = _json("fleet")
+def fleet_run(name: str, label: str) -> dict[str, str]:
+    """One bench_fleet run's figures (results/NAME.json) under keys ``label: ...``."""
+    f = _json(name)
     c, b = f["centralized"], f["bytes_per_device_round"]
     faults = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in f["faults"].items())
     return {
-        "fleet: run":
+        f"{label}: run":
             f"{f['devices']} devices at LoRA rank {', '.join(map(str, f['ranks']))} (one rank-{max(f['ranks'])} bundle), Dirichlet "
             f"α = {f['alpha']} label-skewed shards, {f['devices_per_round']} devices training {f['rows_per_round']} new rows each "
             f"per round for {f['rounds']} rounds ({f['fleet_seconds'] / 60:.0f} minutes)",
-        "fleet: accuracy":
+        f"{label}: accuracy":
             f"held-out accuracy ({f['held_out']} rows) per version " + " / ".join(f"{100 * r['accuracy']:.1f}" for r in f["per_round"])
             + f" %, against {100 * c['accuracy']:.1f} % for centralized training on the union of the devices' rows "
             f"({c['rows']:,} rows, {c['steps']} steps)",
-        "fleet: gap": f"is not met: {f['gap_points']:.1f} points short after {f['rounds']} rounds",
-        "fleet: wire and faults":
+        f"{label}: gap": f"is not met: {f['gap_points']:.1f} points short after {f['rounds']} rounds",
+        f"{label}: wire and faults":
             f"{b['up'] / 1000:.1f} KB up and {b['down'] / 1000:.1f} KB down per device per round; faults survived: {faults}; "
             f"{f['accepted']} deltas accepted, {f['accepted_lost']} lost, {f['accepted_double_counted']} double-counted",
+    }
+
+
+def fleet_figures() -> dict[str, str]:
+    """The fleet runs (benchmarks/bench_fleet.py): the main line on the bench's own-rows draw, and the runs before it."""
+    own = _json("fleet_own_rows")
+    fives = [own["per_round"][i:i + 5] for i in range(0, len(own["per_round"]), 5)]
+    return {
+        **fleet_run("fleet_own_rows", "fleet"),
+        "fleet: command": f"`{own['command']}`",
+        "fleet: fives": " / ".join(f"{100 * sum(r['accuracy'] for r in g) / len(g):.1f}" for g in fives) + " %",
+        "fleet: last three of fleet_own_rows": _last_three(_versions_tail("fleet_own_rows")),
+        "fleet: best round": (lambda r: f"{100 * r['accuracy']:.1f} % (version {r['version']})")(
+            max(own["per_round"], key=lambda r: r["accuracy"])),
+        **fleet_run("fleet", "fleet padded"),
+        "fleet: padded srvmom run": fleet_logit_adjusted("fleet_prox_srvmom"),
         "fleet: tried": fleet_tried(),
         "fleet: logit-adjusted": fleet_logit_adjusted(),
         "fleet: screen": fleet_screen(),
