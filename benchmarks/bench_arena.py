@@ -28,6 +28,7 @@ CONFIGS = {  # name -> (session arena, env arena strategy or None, cap MB or Non
     "onnxruntime's default arena (kNextPowerOfTwo)": (True, None, None),
     "arena kSameAsRequested": (True, 1, None),
     "arena kSameAsRequested, capped": (True, 1, "cap"),
+    "arena kNextPowerOfTwo, capped": (True, 0, "cap"),
 }
 
 CHILD = """
@@ -50,7 +51,7 @@ if args["strategy"] is not None:  # one arena for the process, shared by session
 bundle = B.open_bundle(sys.argv[1])
 m = bundle.manifest
 names = [s.name for s in m.slots]
-sess = bundle.session("train", B.SessionConfig(threads=1, arena=args["arena"]))
+sess = bundle.session("train", B.SessionConfig(threads=args.get("threads", 1), arena=args["arena"]))
 delta = delta_from_init(m, 0)
 shape = sess.get_inputs()[0].shape
 rng = np.random.default_rng(0)
@@ -74,13 +75,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--cap", type=float, default=64, help="The capped arena's max_mem (MB).")
     ap.add_argument("--rounds", type=int, default=3, help="Processes per configuration (alternating order).")
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime's intra-op threads.")
+    ap.add_argument("--configs", default=";".join(CONFIGS), help="Which configurations (names separated by semicolons).")
+    ap.add_argument("--out", default="arena", help="Result name under benchmarks/results.")
     a = ap.parse_args(argv)
-    runs: dict[str, list[dict]] = {k: [] for k in CONFIGS}
+    configs = {k: CONFIGS[k] for k in a.configs.split(";")}
+    runs: dict[str, list[dict]] = {k: [] for k in configs}
     load = [os.getloadavg()[0]]
     for r in range(a.rounds):
-        for name in (list(CONFIGS) if r % 2 == 0 else list(reversed(CONFIGS))):
-            arena, strategy, cap = CONFIGS[name]
-            args = {"arena": arena, "strategy": strategy, "cap_mb": a.cap if cap else None, "steps": a.steps, "batch": a.batch}
+        for name in (list(configs) if r % 2 == 0 else list(reversed(configs))):
+            arena, strategy, cap = configs[name]
+            args = {"arena": arena, "strategy": strategy, "cap_mb": a.cap if cap else None, "steps": a.steps, "batch": a.batch,
+                    "threads": a.threads}
             res = run_child(CHILD, str(a.bundle), json.dumps(args))
             runs[name].append(res)
             print(f"{name}: {res['step_s'] * 1000:.1f} ms a step, peak {res['peak_rss_mb']:.0f} MB, end {res['rss_mb']:.0f} MB",
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     rows = [{"config": k, "step_s": round(med([r["step_s"] for r in v]), 5), "peak_rss_mb": round(med([r["peak_rss_mb"] for r in v]), 1),
              "end_rss_mb": round(med([r["rss_mb"] for r in v]), 1), "runs": v} for k, v in runs.items()]
-    path = write_result("arena", {"bundle": a.bundle.name, "settings": {k: v for k, v in vars(a).items() if k != "bundle"},
+    path = write_result(a.out, {"bundle": a.bundle.name, "settings": {k: v for k, v in vars(a).items() if k not in ("bundle", "configs", "out")},
                                   "load_average_1min": [round(x, 1) for x in load], "rows": rows})
     print(table(json.loads(path.read_text())))
     print(f"wrote {path}")
@@ -97,7 +103,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def table(payload: dict) -> str:
     """README's arena table (tests/test_readme_figures.py checks README against it)."""
-    out = ["| KWS train step (batch 16, one thread) | median step | peak RSS | RSS after the steps |", "|---|---|---|---|"]
+    st = payload["settings"]
+    model = "EfficientNet-Lite0" if payload["bundle"].startswith("effnet") else "KWS"
+    threads = {1: "one thread", 2: "two threads"}.get(st.get("threads", 1), f"{st.get('threads')} threads")
+    out = [f"| {model} train step (batch {st['batch']}, {threads}) | median step | peak RSS | RSS after the steps |", "|---|---|---|---|"]
     out += [f"| {r['config']} | {1000 * r['step_s']:.1f} ms | {r['peak_rss_mb']:.0f} MB | {r['end_rss_mb']:.0f} MB |"
             for r in payload["rows"]]
     return "\n".join(out)
