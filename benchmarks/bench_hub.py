@@ -438,7 +438,7 @@ def _durable_postgres() -> tuple[str, str]:
     return env["EDGEPEFT_TEST_POSTGRES"], env["EDGEPEFT_TEST_POSTGRES_DIR"]
 
 
-def bench_upload_paths(devices: int, per_device: int, procs: int) -> None:
+def bench_upload_paths(devices: int, per_device: int, procs: int, out: str = "hub_uploads") -> None:
     """The HTTP ceiling, one hub on SQLite (and `hub serve --workers 2` on it) and two hubs on PostgreSQL, the same
     clients, back to back."""
     import subprocess
@@ -463,8 +463,9 @@ def bench_upload_paths(devices: int, per_device: int, procs: int) -> None:
         finally:
             subprocess.run(["bash", str(Path(__file__).parent.parent / ".ci" / "postgres.sh"), "stop", pgdir], check=False)
     ceiling = rows[0]["uploads_per_s"]
-    write_result("hub_uploads", {
-        "command": f"python benchmarks/bench_hub.py --uploads-only --devices {devices} --uploads {per_device} --client-procs {procs}",
+    write_result(out, {
+        "command": f"python benchmarks/bench_hub.py --uploads-only --devices {devices} --uploads {per_device} --client-procs {procs}"
+                   + (f" --uploads-name {out}" if out != "hub_uploads" else ""),
         "load_average": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
         "rows": rows, "fraction_of_ceiling": {r["run"]: round(r["uploads_per_s"] / ceiling, 3) for r in rows[1:]}})
 
@@ -483,6 +484,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "hub.json"), help="result JSON")
     ap.add_argument("--blas", type=int, default=0, metavar="N", help="only this: merge N MiniLM-sized packed deltas with one "
                     "BLAS thread (the hub's setting) and with the BLAS default, alternating; writes results/hub_blas.json")
+    ap.add_argument("--uploads-name", default="hub_uploads", help="with --uploads-only: the result's name under "
+                    "benchmarks/results")
     ap.add_argument("--uploads-only", action="store_true", help="only this: uploads against the HTTP ceiling "
                     "(benchmarks/null_hub.py), one hub on SQLite, and two hubs on one durable PostgreSQL (started by "
                     ".ci/postgres.sh), back to back; writes results/hub_uploads.json")
@@ -496,7 +499,7 @@ def main() -> None:
     if args.blas:
         return bench_blas(args.blas)
     if args.uploads_only:
-        return bench_upload_paths(args.devices, args.uploads, args.client_procs)
+        return bench_upload_paths(args.devices, args.uploads, args.client_procs, args.uploads_name)
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
         work = Path(tmp)
         result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},

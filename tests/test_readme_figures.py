@@ -351,8 +351,28 @@ def hub_upload_figures() -> dict[str, str]:
                            f"sha256 {checks['sha256_ms']:.2f} ms",
             "hub: one row": f"one row per upload instead of three INSERTs would take the commit from "
                             f"{commit['three inserts, 32 KiB pages']:.2f} to {commit['one row, 32 KiB pages']:.2f} ms",
+            **hub_long_figures(pg),
             "hub: threads": f"{t40['uploads_per_s']:.0f} uploads/s at {cpu(t40)}, "
                             f"{'more' if t40['cpu_ms_per_upload']['hubs'] > 1.2 * sq['cpu_ms_per_upload']['hubs'] else 'no more'} CPU per upload"}
+
+
+def hub_long_figures(pg: dict) -> dict[str, str]:
+    """The upload paths run four times longer (bench_hub.py --uploads-only --uploads 32), and what a PostgreSQL upload costs."""
+    long = _json("hub_uploads_long")
+    r = {x["run"]: x for x in long["rows"]}
+    w2, lpg = r["sqlite, 2 workers"], r["postgresql, 2 hubs"]
+    c = lpg["cpu_ms_per_upload"]
+    total = c["hubs"] + c["database"] + c["clients"]
+    return {
+        "hub: long": f"`{long['command']}` ({w2['uploads']:,} uploads a run, load average {long['load_average']:.1f}): "
+                     f"`hub serve --workers 2` on SQLite {w2['uploads_per_s']:,.0f} uploads/s (p99 {w2['latency_ms']['p99']:.0f} ms), "
+                     f"two hubs on PostgreSQL {lpg['uploads_per_s']:.0f} uploads/s (p99 {lpg['latency_ms']['p99']:.0f} ms)",
+        "hub: short": f"the script's {pg['uploads']} uploads",
+        "hub: postgresql cpu": f"the hubs {c['hubs']:.2f} ms of CPU, PostgreSQL {c['database']:.2f} ms and the clients "
+                               f"{c['clients']:.2f} ms, {total:.1f} ms in all: on two cores at most {2000 / total:,.0f} uploads/s "
+                               f"at full use (they kept {lpg['cores_busy']:.2f} busy)",
+        "hub: postgresql database short": f"PostgreSQL's own {pg['cpu_ms_per_upload']['database']:.2f} ms per upload",
+    }
 
 
 def hostile_figures() -> dict[str, str]:
