@@ -176,12 +176,17 @@ def test_every_delta_in_exactly_one_aggregation_with_policy_and_recovery(env):
     assert f.aggregate_every == 0
 
 
-def test_policy_every_n(tmp_path, hub_bundle):
-    store = open_store(str(tmp_path / "s"))
+def fleet_every(path, hub_bundle, every: int):
+    """A store at ``path`` with fleet "f" on the test bundle, aggregating every ``every`` deltas; and the manifest."""
+    store = open_store(str(path))
     files = {p.name: p.read_bytes() for p in hub_bundle.iterdir()}
     rec, _ = store.add_bundle(files["manifest.json"].decode(), files)
-    store.create_fleet("f", rec.fingerprint, aggregate_every=3)
-    manifest = read_manifest(hub_bundle)
+    store.create_fleet("f", rec.fingerprint, aggregate_every=every)
+    return store, read_manifest(hub_bundle)
+
+
+def test_policy_every_n(tmp_path, hub_bundle):
+    store, manifest = fleet_every(tmp_path / "s", hub_bundle, 3)
     made = []
     for i in range(7):
         upload(store, random_delta(manifest, i, samples=1))
@@ -192,11 +197,7 @@ def test_policy_every_n(tmp_path, hub_bundle):
 
 
 def test_a_hub_process_that_saw_a_version_due_after_another_claimed_it_makes_none_from_the_leftovers(tmp_path, hub_bundle):
-    first = open_store(str(tmp_path / "s"))
-    files = {p.name: p.read_bytes() for p in hub_bundle.iterdir()}
-    rec, _ = first.add_bundle(files["manifest.json"].decode(), files)
-    first.create_fleet("f", rec.fingerprint, aggregate_every=3)
-    manifest = read_manifest(hub_bundle)
+    first, manifest = fleet_every(tmp_path / "s", hub_bundle, 3)
     for i in range(4):
         upload(first, random_delta(manifest, i, samples=1))
     second = open_store(str(tmp_path / "s"))  # another hub process on the same store
