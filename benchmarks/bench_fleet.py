@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import minilm_bundle, write_result  # noqa: E402
+from common import minilm_bundle, result_name, write_result  # noqa: E402
 
 from edgepeft.delta.format import Delta, load_delta, replace_meta, save_delta  # noqa: E402
 from edgepeft.delta.transport import unpack  # noqa: E402
@@ -373,13 +373,6 @@ def centralized(bundle, union, accuracy, work: Path) -> dict:
     result = Trainer(bundle, data, TrainConfig(**CENTRAL)).fit()
     return {"rows": len(union), "steps": result.summary.steps, "accuracy": round(accuracy([result.delta]), 4),
             "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def result_name(name: str) -> str:
-    """A results file's stem: a plain name, so a run writes inside benchmarks/results/ and nowhere else."""
-    if not name or name != Path(name).name or name.startswith(".") or name.endswith(".json"):
-        raise argparse.ArgumentTypeError(f"{name!r}: give a plain name such as fleet_prox (written as results/NAME.json)")
-    return name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -135,8 +135,19 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def result_name(name: str) -> str:
+    """A results file's stem: a plain name, so a run writes inside benchmarks/results/ and nowhere else (also an
+    argparse ``type`` for a bench's ``--out``)."""
+    import argparse
+
+    if not name or name != Path(name).name or name.startswith(".") or name.endswith(".json"):
+        raise argparse.ArgumentTypeError(f"{name!r}: give a plain name such as fleet_prox (written as results/NAME.json)")
+    return name
+
+
 def write_result(name: str, payload: dict) -> Path:
     """Write benchmarks/results/<name>.json with date and machine."""
+    result_name(name)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     payload = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), **payload}

@@ -7,6 +7,7 @@ time, so a data set costs its bytes, not its float32 copies at the model's resol
 
 from __future__ import annotations
 
+import functools
 import gzip
 import zlib
 from dataclasses import dataclass
@@ -126,12 +127,15 @@ def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return lo, hi, (src - lo).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=32)
 def _interpolation(n_in: int, n_out: int) -> np.ndarray:
-    """Bilinear resampling of one axis as an (n_out, n_in) matrix: two weights a row."""
+    """Bilinear resampling of one axis as an (n_out, n_in) matrix: two weights a row. Made once per pair of sizes (a
+    training run asks for the same two every batch), read-only since it is shared."""
     lo, hi, f = _axis_weights(n_in, n_out)
     m = np.zeros((n_out, n_in), np.float32)
     np.add.at(m, (np.arange(n_out), lo), 1 - f)
     np.add.at(m, (np.arange(n_out), hi), f)
+    m.flags.writeable = False
     return m
 
 

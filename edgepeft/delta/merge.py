@@ -79,6 +79,13 @@ def from_space_parts(first: Delta, space: dict[str, np.ndarray], rank: int, scal
     return tensors, errors
 
 
+def merged_meta(first: DeltaMeta, rank: int, scale: float, samples: int, count: int) -> DeltaMeta:
+    """The meta of a merge of ``count`` deltas, the first with meta ``first``: its base, method and adapter, the output's
+    rank (0: no LoRA factors) and alpha = scale * rank, the samples they carried."""
+    return DeltaMeta(base_fingerprint=first.base_fingerprint, method=first.method, rank=rank, alpha=scale * rank,
+                     adapter=first.adapter, samples=samples, creator="merge", extra={"merged_count": str(count)})
+
+
 def is_ranked(d: Delta) -> bool:
     """True when some slot of ``d`` belongs to a method that carries the delta's rank (the LoRA family)."""
     return any(methods.owner(split_slot_name(n)[1]).ranked for n in d.tensors)
@@ -198,18 +205,7 @@ def merge(
     report = MergeReport(acc.count, acc.total, out_rank if acc.ranked else 0, out_scale)
     mean = {k: v / acc.total for k, v in acc.sums.items()}
     tensors, report.errors = from_space_parts(acc.first, step(mean) if step else mean, out_rank, out_scale, base)
-    f = acc.first.meta
-    meta = DeltaMeta(
-        base_fingerprint=f.base_fingerprint,
-        method=f.method,
-        rank=report.rank,
-        alpha=out_scale * report.rank,
-        adapter=f.adapter,
-        samples=acc.samples,
-        creator="merge",
-        extra={"merged_count": str(acc.count)},
-    )
-    return Delta(tensors, meta), report
+    return Delta(tensors, merged_meta(acc.first.meta, report.rank, out_scale, acc.samples, acc.count)), report
 
 
 def _compare(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

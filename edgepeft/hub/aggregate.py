@@ -31,6 +31,7 @@ from edgepeft.hub.server_step import is_plain, server_step
 from edgepeft.hub.limits import MAX_PUBLISHED_SAMPLES, readable, sample_weights, staleness_factor
 from edgepeft.hub.robust import RobustOptions, clip_update, update_norm
 from edgepeft.hub.store import BUILDING, BundleRec, DeltaRec, Due, Fleet, Store, VersionRec
+from edgepeft.hub.trimmed_merge import Pairs, Step
 from edgepeft.manifest import Manifest
 from edgepeft.names import WEIGHTS_INDEX_FILE
 
@@ -38,8 +39,6 @@ from edgepeft.names import WEIGHTS_INDEX_FILE
 # hub's request handling made 1,000 MiniLM-size deltas 16x slower than one thread (benchmarks/results/hub.json,
 # "blas"). None: the BLAS library's default.
 MERGE_BLAS_THREADS: int | None = 1
-
-from edgepeft.hub.trimmed_merge import Pairs, Step
 
 
 def parse_delta(data: bytes, where: str, manifest: Manifest) -> Delta:

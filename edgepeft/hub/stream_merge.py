@@ -22,7 +22,7 @@ import numpy as np
 
 from edgepeft import methods
 from edgepeft.delta.format import Delta, DeltaMeta
-from edgepeft.delta.merge import from_space_parts, space_parts
+from edgepeft.delta.merge import from_space_parts, merged_meta, space_parts
 from edgepeft.errors import HubError
 from edgepeft.hub import buckets
 from edgepeft.hub.delta_chunks import Chunk
@@ -217,8 +217,7 @@ def merge_chunks(read: Chunks, n: int, capped: list[float], latest: int, manifes
     shell = Delta({s.name: np.zeros(s.shape, np.float32) for s in manifest.slots}, first)
     tensors, errors = from_space_parts(shell, step(mean) if step else mean, rank, scale)
     out_rank = rank if parts.products else 0
-    meta = DeltaMeta(base_fingerprint=first.base_fingerprint, method=first.method, rank=out_rank, alpha=scale * out_rank,
-                     adapter=first.adapter, samples=samples, creator="merge", extra={"merged_count": str(n)})
+    meta = merged_meta(first, out_rank, scale, samples, n)
     report: dict[str, Any] = {"total_weight": total, "passes": 2 if options.clip_norm is None and clipping else 1,
                               "max_refactor_error": max(errors.values(), default=0.0), "stale": len(stale),
                               "max_staleness": max(stale, default=0)}

@@ -13,8 +13,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from edgepeft.delta.format import Delta, DeltaMeta
-from edgepeft.delta.merge import from_space_parts, is_ranked, space_parts
+from edgepeft.delta.format import Delta
+from edgepeft.delta.merge import from_space_parts, is_ranked, merged_meta, space_parts
 from edgepeft.errors import HubError
 from edgepeft.frozen import BaseWeights
 from edgepeft.hub import buckets
@@ -73,13 +73,9 @@ def trimmed_merge(pairs: Pairs, n: int, trim: float, rank: int, scale: float, me
             size = (hi - lo) * target.shape[1]
             target[lo:hi] = mean[col:col + size].reshape(hi - lo, -1)
             col += size
-    tensors, errors = from_space_parts(first, server(result) if server else result, rank, scale, base)
-    f = first.meta
-    out_rank = rank if is_ranked(first) else 0
-    meta = DeltaMeta(base_fingerprint=f.base_fingerprint, method=f.method, rank=out_rank, alpha=scale * out_rank,
-                     adapter=f.adapter, samples=samples, creator="merge", extra={"merged_count": str(n)})
-    return Delta(tensors, meta), {"total_weight": weights_total, "passes": len(chunks), "trimmed": buckets.report(n, n, trim),
-                                  "max_refactor_error": max(errors.values(), default=0.0)}
+    version, error = _version(first, server(result) if server else result, rank, scale, base, samples, n)
+    return version, {"total_weight": weights_total, "passes": len(chunks), "trimmed": buckets.report(n, n, trim),
+                     "max_refactor_error": error}
 
 
 def bucketed_merge(pairs: Pairs, n: int, trim: float, buckets_: int, rank: int, scale: float, base: BaseWeights | None,
@@ -106,11 +102,14 @@ def bucketed_merge(pairs: Pairs, n: int, trim: float, buckets_: int, rank: int, 
     if count != n or first is None:
         raise HubError(f"aggregation: read {count} deltas, claimed {n}")
     mean = {k: buckets.trimmed_across(v, totals, trim) for k, v in sums.items()}
-    tensors, errors = from_space_parts(first, server(mean) if server else mean, rank, scale, base)
-    f = first.meta
-    out_rank = rank if is_ranked(first) else 0
-    meta = DeltaMeta(base_fingerprint=f.base_fingerprint, method=f.method, rank=out_rank, alpha=scale * out_rank,
-                     adapter=f.adapter, samples=samples, creator="merge", extra={"merged_count": str(n)})
-    return Delta(tensors, meta), {"total_weight": float(totals.sum()), "passes": 1,
-                                  "trimmed": buckets.report(n, buckets_, trim),
-                                  "max_refactor_error": max(errors.values(), default=0.0)}
+    version, error = _version(first, server(mean) if server else mean, rank, scale, base, samples, n)
+    return version, {"total_weight": float(totals.sum()), "passes": 1, "trimmed": buckets.report(n, buckets_, trim),
+                     "max_refactor_error": error}
+
+
+def _version(first: Delta, space: dict[str, np.ndarray], rank: int, scale: float, base: BaseWeights | None,
+             samples: int, n: int) -> tuple[Delta, float]:
+    """The version from the (trimmed) mean's space parts, re-factored at ``rank`` and ``scale``; its largest refactor error."""
+    tensors, errors = from_space_parts(first, space, rank, scale, base)
+    meta = merged_meta(first.meta, rank if is_ranked(first) else 0, scale, samples, n)
+    return Delta(tensors, meta), max(errors.values(), default=0.0)
