@@ -123,7 +123,11 @@ class SGD:
         return {f"buf.{k}": v for k, v in self.buf.items()}, {"step": self.step_count}
 
     def load_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, int]) -> None:
-        """Restore what :meth:`state` returned (shapes checked, so a foreign checkpoint fails here)."""
+        """Restore what :meth:`state` returned (shapes checked, so a foreign checkpoint fails here); buffers
+        without momentum are refused, not dropped: they mean the checkpoint was made by another optimizer."""
+        if not self.momentum and any(k.startswith("buf.") for k in arrays):
+            raise TrainError("checkpoint holds SGD momentum buffers but this run has momentum 0; resume with the "
+                             "checkpoint's --momentum")
         for k in self.buf:
             a = arrays.get(f"buf.{k}")
             if a is None or a.shape != self.params[k].shape:

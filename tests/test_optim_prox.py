@@ -109,3 +109,11 @@ def test_sgd_momentum_resumes_from_its_state_exactly():
 def test_an_option_the_optimizer_does_not_take_is_refused_by_the_config(options, message):
     with pytest.raises(TrainError, match=message):
         TrainConfig(**options)
+
+
+def test_sgd_without_momentum_refuses_a_checkpoint_with_momentum_buffers():
+    opt = SGD(start(), momentum=0.9)
+    numpy_steps(opt, gradients(2), 0.05)
+    arrays, scalars = opt.state()
+    with pytest.raises(TrainError, match="momentum buffers"):
+        SGD(start()).load_state(arrays, scalars)
