@@ -1,7 +1,7 @@
 """Hub benchmark: upload throughput and latency for 64 concurrent devices, aggregation time and memory.
 
     python benchmarks/bench_hub.py [--store sqlite|URI] [--devices 64] [--uploads 8] [--client-procs 4]
-                                   [--hubs 1] [--workers 1] [--out benchmarks/results/hub.json]
+                                   [--hubs 1] [--workers 1] [--out hub]
 
 Uploads: hub subprocesses (``edgepeft hub serve [--workers N]``, uvicorn) on loopback, over one store; every device sends
 distinct packed deltas of a synthetic MiniLM-sized adapter (6 layers, LoRA r=8 on query and value of
@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_result  # noqa: E402
+from common import result_name, write_result  # noqa: E402
 from edgepeft.delta.format import Delta, DeltaMeta, delta_bytes
 from edgepeft.delta.transport import pack
 from edgepeft.hub import aggregate as agg
@@ -367,7 +367,7 @@ def _profile(store, manifest: Manifest, claimed: list[DeltaRec], top: int = 8) -
     return [{"function": where, "seconds": round(tt, 3)} for tt, where in rows[:top]]
 
 
-def bench_merge_scale(counts: list[int]) -> None:
+def bench_merge_scale(counts: list[int], out: str = "hub_agg") -> None:
     """Merging 1,000 and 10,000 MiniLM-size packed deltas: the chunked merge (plain mean, median clipping, a server
     step, the hub's defaults: the trimmed mean over buckets), the per-delta merge it replaced (at the smallest count), the trimmed mean's cost, and both profiles."""
     from edgepeft.hub import stream_merge
@@ -400,13 +400,18 @@ def bench_merge_scale(counts: list[int]) -> None:
                     stream_merge.eligible = eligible  # type: ignore[assignment]
             store.close()
     usage = __import__("resource").getrusage(__import__("resource").RUSAGE_SELF)
-    write_result("hub_agg", {
-        "command": f"python benchmarks/bench_hub.py --merge-scale {','.join(map(str, counts))}",
+    write_result(out, {
+        "command": f"python benchmarks/bench_hub.py --merge-scale {','.join(map(str, counts))}" + _out_flag(out, "hub_agg"),
         "load_average": round(os.getloadavg()[0], 2), "merge_blas_threads": agg.MERGE_BLAS_THREADS,
         "process_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "rows": rows, "profile": profiles})
 
 
-def bench_blas(n: int) -> None:
+def _out_flag(out: str, default: str) -> str:
+    """The ``--out`` part of a run's recorded command: empty for the mode's default name."""
+    return f" --out {out}" if out != default else ""
+
+
+def bench_blas(n: int, out: str = "hub_blas") -> None:
     """The chunked merge of ``n`` MiniLM-size packed deltas at the hub's one BLAS thread (aggregate.MERGE_BLAS_THREADS)
     and at the library's default, on one store, in one process, alternating twice."""
     rows = []
@@ -422,8 +427,9 @@ def bench_blas(n: int) -> None:
             agg.MERGE_BLAS_THREADS = kept
         store.close()
     best = {t: min(r["seconds"] for r in rows if r["blas_threads"] == t) for t in (1, "default")}
-    write_result("hub_blas", {
-        "load_average": round(os.getloadavg()[0], 2), "command": f"python benchmarks/bench_hub.py --blas {n}", "rows": rows,
+    write_result(out, {
+        "load_average": round(os.getloadavg()[0], 2), "command": f"python benchmarks/bench_hub.py --blas {n}" + _out_flag(out, "hub_blas"),
+        "rows": rows,
         "best_seconds": best, "speedup_one_thread": round(best["default"] / best[1], 2)})
 
 
@@ -465,7 +471,7 @@ def bench_upload_paths(devices: int, per_device: int, procs: int, out: str = "hu
     ceiling = rows[0]["uploads_per_s"]
     write_result(out, {
         "command": f"python benchmarks/bench_hub.py --uploads-only --devices {devices} --uploads {per_device} --client-procs {procs}"
-                   + (f" --uploads-name {out}" if out != "hub_uploads" else ""),
+                   + _out_flag(out, "hub_uploads"),
         "load_average": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
         "rows": rows, "fraction_of_ceiling": {r["run"]: round(r["uploads_per_s"] / ceiling, 3) for r in rows[1:]}})
 
@@ -481,11 +487,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="`hub serve --workers N` for each hub (N processes on its port)")
     ap.add_argument("--aggregate", default="1000,10000", help="delta counts for the aggregation part")
     ap.add_argument("--aggregate-real", default="1000", help="delta counts for aggregating MiniLM-sized packed deltas")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "hub.json"), help="result JSON")
+    ap.add_argument("--out", type=result_name, help="the result's name under benchmarks/results (default: hub, or "
+                    "hub_blas, hub_uploads, hub_agg for the single-part runs below)")
     ap.add_argument("--blas", type=int, default=0, metavar="N", help="only this: merge N MiniLM-sized packed deltas with one "
                     "BLAS thread (the hub's setting) and with the BLAS default, alternating; writes results/hub_blas.json")
-    ap.add_argument("--uploads-name", default="hub_uploads", help="with --uploads-only: the result's name under "
-                    "benchmarks/results")
+    ap.add_argument("--uploads-name", dest="out", type=result_name, help=argparse.SUPPRESS)  # the older spelling of --out
     ap.add_argument("--uploads-only", action="store_true", help="only this: uploads against the HTTP ceiling "
                     "(benchmarks/null_hub.py), one hub on SQLite, and two hubs on one durable PostgreSQL (started by "
                     ".ci/postgres.sh), back to back; writes results/hub_uploads.json")
@@ -495,11 +501,11 @@ def main() -> None:
                     "time, CPU, memory and profiles; writes results/hub_agg.json")
     args = ap.parse_args()
     if args.merge_scale:
-        return bench_merge_scale([int(x) for x in args.merge_scale.split(",")])
+        return bench_merge_scale([int(x) for x in args.merge_scale.split(",")], args.out or "hub_agg")
     if args.blas:
-        return bench_blas(args.blas)
+        return bench_blas(args.blas, args.out or "hub_blas")
     if args.uploads_only:
-        return bench_upload_paths(args.devices, args.uploads, args.client_procs, args.uploads_name)
+        return bench_upload_paths(args.devices, args.uploads, args.client_procs, args.out or "hub_uploads")
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
         work = Path(tmp)
         result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
@@ -517,9 +523,7 @@ def main() -> None:
         for n in (int(x) for x in args.aggregate_real.split(",") if x):
             result["aggregation"].append(bench_aggregation(n, work, PLAIN, real_size=True))
             print(json.dumps(result["aggregation"][-1]), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {write_result(args.out or 'hub', result)}")
 
 
 if __name__ == "__main__":
