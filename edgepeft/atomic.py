@@ -25,18 +25,24 @@ def _umask() -> int:
     return mask
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
+def write_bytes(path: str | os.PathLike, data: bytes, *, private: bool = False, exclusive: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically: readable as the umask allows, or only by the owner when ``private``
+    (a token). ``exclusive`` never replaces a file already there (FileExistsError): two processes creating the same
+    secret at once keep the first one's."""
     path = Path(os.fspath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; a bundle or delta is meant to be shared
+        os.fchmod(fd, 0o600 if private else 0o666 & ~_umask())  # mkstemp makes 0600 files; a bundle is meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)  # fails if ``path`` exists, where rename would replace it
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -44,9 +50,9 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    write_bytes(path, text.encode("utf-8"))
+def write_text(path: str | os.PathLike, text: str, *, private: bool = False, exclusive: bool = False) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (``write_bytes``' options)."""
+    write_bytes(path, text.encode("utf-8"), private=private, exclusive=exclusive)
 
 
 @contextlib.contextmanager

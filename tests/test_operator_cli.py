@@ -4,6 +4,7 @@ hub fleet create, hub device add / revoke, hub aggregate, agent run, push, pull.
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -55,6 +56,7 @@ def test_operator_commands_end_to_end(bundles, tmp_path):
         assert "409" in again.stderr and "exists already" in again.stderr and "Traceback" not in again.stderr
         for dev in ("dev1", "dev2"):
             edgepeft("hub", "device", "add", "main", dev, "-o", str(tmp_path / f"{dev}.token"), *admin)
+            assert stat.S_IMODE((tmp_path / f"{dev}.token").stat().st_mode) == 0o600  # a secret: the owner's alone
 
         # a device runs its agent: downloads nothing (bundle present), trains on its data, pushes packed
         home = tmp_path / "dev1"

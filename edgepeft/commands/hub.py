@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from edgepeft import atomic
 from edgepeft.commands import hub_access
 from edgepeft.hub import REQUEST_THREADS
 
@@ -96,10 +98,9 @@ def _admin_token(store_uri: str, token_file: str | None) -> str:
         token_file = _token_file(store_uri, None)
         Path(token_file).parent.mkdir(parents=True, exist_ok=True)
         if not Path(token_file).exists():
-            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32) + "\n")
-            click.echo(f"admin token written to {token_file}", err=True)
+            with contextlib.suppress(FileExistsError):  # another hub process wrote it first: both read that one
+                atomic.write_text(token_file, secrets.token_urlsafe(32) + "\n", private=True, exclusive=True)
+                click.echo(f"admin token written to {token_file}", err=True)
     try:
         token = Path(token_file).read_text(encoding="utf-8").strip()
     except FileNotFoundError:
@@ -191,9 +192,7 @@ def device_add_cmd(fleet: str, device: str, output: str | None, hub: str, admin_
 def _give_token(device: str, token: str, output: str | None) -> None:
     """Print a new device token, or write it to ``output`` with mode 600."""
     if output:
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+        atomic.write_text(output, token + "\n", private=True)
         click.echo(f"token of {device} written to {output}")
     else:
         click.echo(token)
