@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepeft import atomic
+
 SAMPLE_RATE = 16000
 WINDOW = 1024
 F0_RANGE = (70.0, 600.0)  # Hz: low male voice to a soprano's middle; half the tones lose their fundamental
@@ -64,5 +66,5 @@ def write_set(root: Path, waves: np.ndarray, f0: np.ndarray) -> Path:
             out.writeframes((np.clip(w, -1, 32767 / 32768) * 32768).astype("<i2").tobytes())
         rows.append(f"{name},{names[b]}")
     np.save(root / "f0.npy", np.asarray(f0, np.float64))
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    atomic.write_text(root / "labels.csv", "\n".join(rows) + "\n")  # last and atomic: it commits the clips before it
     return root / "labels.csv"
