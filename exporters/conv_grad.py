@@ -111,7 +111,7 @@ def _weight_grad(grad_out, inp, weight, stride, padding, dilation, groups):
     if (kh, kw) == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0]:
         # a 1x1 convolution (LoRA's B): per image (O, H*W) x (H*W, C), both read in place, then summed over the batch.
         # Through im2col both operands were transposed first, the gradient (O channels, full size) the larger: on the
-        # KWS CNN's LoRA + head step those Transposes were ~0.5 ms of ~20 (benchmarks/results/speech_session.json).
+        # KWS CNN's LoRA + head step (batch 16, one thread) about 1 % of the step, ~0.2 ms of ~20.
         n, c = inp.shape[:2]
         gw = torch.matmul(grad_out.reshape(n, o, -1), inp.reshape(n, c, -1).transpose(1, 2)).sum(0)  # (O, C)
         return gw.reshape(o, c, 1, 1)

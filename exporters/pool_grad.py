@@ -11,15 +11,17 @@ takes 4.4 ms on the KWS CNN's first map (batch 16: 16 x 40 x 98), its MaxPool wi
 For the pooling CNNs use (the window equals the stride, no padding or dilation) ``max_pool`` writes: the MaxPool
 without indices; the pooled map upsampled back (Resize, nearest) and compared with the input, so each element knows
 whether it is its window's maximum; the maxima times a constant map of each element's distance to the end of its
-window (the rest 0), and a second MaxPool of that picks each window's largest distance: its first maximum in
-row-major order, which is torch's index, so ties are broken as torch breaks them. Both MaxPools and the Resize see
-one channel per plane (a free reshape), so onnxruntime does not reorder the full-size maps to and from its blocked
-(NCHWc) layout for them (given channels, it reordered the pooled map's input and the upsampled map: ~0.4 ms a step). The backward pass scatters the gradient at those indices with one ONNX MaxUnpool (``unpool``), which fills
-zeros and writes each value once. Before, both passes worked on the k_h x k_w strided slices of the input (Slice
-with steps, which onnxruntime copies one element at a time: 1.25 ms for the first map's four slices and their
-maximum), and the backward masked the gradient once per window element and interleaved the planes (Where, Concat,
-Transpose, and a Pad where the window does not divide the map). The KWS CNN's BN + head step: 15.9 -> 13.0 ms of CPU
-(batch 16, one thread; benchmarks/results/speech_session.json).
+window (the rest 0), and a second MaxPool of that picks each window's largest distance: its first maximum in row-major
+order, which is torch's index, so ties are broken as torch breaks them. Both MaxPools and the Resize see one channel
+per plane (a free reshape), so onnxruntime does not reorder the full-size maps to and from its blocked (NCHWc) layout
+for them (given channels, it reordered the pooled map's input and the upsampled map: ~0.4 ms a step). The backward
+pass scatters the gradient at those indices with one ONNX MaxUnpool (``unpool``), which fills zeros and writes each
+value once. Before, both passes worked on the k_h x k_w strided slices of the input (Slice with steps, which
+onnxruntime copies one element at a time: 1.25 ms for the first map's four slices and their maximum), and the backward
+masked the gradient once per window element and interleaved the planes (Where, Concat, Transpose, and a Pad where the
+window does not divide the map). The KWS CNN's train step (batch 16, one thread): BN + head 15.9 -> 13.6 ms of CPU
+(benchmarks/results/speech_session3.json; the operators in speech_profile3.json). The single-operator timings above
+are onnxruntime 1.31 on one thread, measured alone on that map.
 Other poolings are left to the exporter as they were.
 """
 
