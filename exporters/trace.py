@@ -157,7 +157,7 @@ def _export(fn: Callable, args: list[torch.Tensor], input_names: list[str], outp
         prog = torch.onnx.export(
             gm, tuple(a.detach() for a in args), dynamo=True, dynamic_shapes=tuple(dynamic),
             input_names=input_names, output_names=output_names, opset_version=opset,
-            verify=False, report=False, optimize=False,
+            verify=False, report=False, optimize=False, custom_translation_table=pool_grad.translations(),
         )
         _tidy(prog.model)
     return prog.model_proto

@@ -11,6 +11,7 @@ from edgepeft.exporters.conv_grad import convolution_backward
 @pytest.mark.parametrize("kernel, stride, padding, dilation, size", [
     ((3, 3), 1, (1, 1), 1, (10, 13)), ((1, 1), 1, (0, 0), 1, (4, 4)), ((3, 3), 2, (1, 1), 1, (11, 9)),
     ((3, 3), 1, (2, 2), 2, (9, 9)), ((5, 5), 2, (0, 0), 1, (12, 15)), ((1, 3), 1, (0, 1), 1, (7, 8)),
+    ((1, 1), 1, (0, 0), 1, (9, 21)), ((1, 1), 2, (0, 0), 1, (5, 7)),  # 1x1: per-image products; strided: im2col
     ((16, 1), 4, (7, 0), 1, (40, 1))])  # past IM2COL_MAX_TAPS: the convolution form (torchcrepe's long kernels)
 def test_input_and_weight_gradients_equal_torch(kernel, stride, padding, dilation, size):
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,5 @@
-"""exporters/pool_grad.py: max pooling and its gradient without indices equal torch's, ties and ragged edges included."""
+"""exporters/pool_grad.py: max pooling, its indices and its gradient (a scatter at them) equal torch's, ties and ragged edges
+included."""
 
 from __future__ import annotations
 
@@ -8,32 +9,34 @@ import torch
 from edgepeft.exporters.pool_grad import max_pool2d_with_indices, max_pool2d_with_indices_backward
 
 
-def _torch(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _torch(x: torch.Tensor, k) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = x.clone().requires_grad_(True)
-    y = torch.nn.functional.max_pool2d(x, k)
+    y, idx = torch.nn.functional.max_pool2d(x, k, return_indices=True)
     g = torch.arange(y.numel(), dtype=x.dtype).reshape(y.shape)  # distinct values: a misplaced gradient shows
     y.backward(g)
-    return y.detach(), x.grad
+    return y.detach(), idx, x.grad
 
 
 @pytest.mark.parametrize("shape, k", [((2, 3, 8, 10), 2), ((2, 3, 9, 11), 2), ((1, 2, 10, 7), 3)])
 def test_max_pool_and_its_gradient_equal_torch_on_ragged_sizes(shape, k):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    want_y, want_g = _torch(x, k)
-    y, _ = max_pool2d_with_indices(x, [k, k])
+    want_y, want_idx, want_g = _torch(x, k)
+    y, idx = max_pool2d_with_indices(x, [k, k])
     g = max_pool2d_with_indices_backward(torch.arange(y.numel(), dtype=x.dtype).reshape(y.shape), x, [k, k], [], [0, 0],
-                                         [1, 1], False, None)
+                                         [1, 1], False, idx)
     assert torch.equal(y, want_y)
+    assert torch.equal(idx, want_idx)
     assert torch.equal(g, want_g)
 
 
 def test_ties_send_the_gradient_to_the_first_maximum_as_torch_does():
     x = torch.relu(torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(1)))  # many zeros: windows of equal values
     x[:, :, 0:2, 0:2] = 1.5  # a positive tie too
-    want_y, want_g = _torch(x, 2)
-    y, _ = max_pool2d_with_indices(x, [2, 2])
+    want_y, want_idx, want_g = _torch(x, 2)
+    y, idx = max_pool2d_with_indices(x, [2, 2])
     g = max_pool2d_with_indices_backward(torch.arange(y.numel(), dtype=x.dtype).reshape(y.shape), x, [2, 2], [2, 2], 0, 1,
-                                         False, None)
+                                         False, idx)
+    assert torch.equal(idx, want_idx)
     assert torch.equal(g, want_g)
 
 
@@ -42,3 +45,38 @@ def test_a_pooling_with_padding_or_another_stride_is_left_to_the_exporter():
     assert max_pool2d_with_indices(x, [3, 3], [2, 2]) is NotImplemented
     assert max_pool2d_with_indices(x, [2, 2], [2, 2], [1, 1]) is NotImplemented
     assert max_pool2d_with_indices(x, [2, 2], [2, 2], 0, 1, True) is NotImplemented
+
+
+def _onnx_pool_and_grad(x: torch.Tensor, k: tuple[int, int], g: torch.Tensor) -> list:
+    """The pooled map, and the gradient of (pooled * g).sum(), as the tracer exports them (MaxPool, MaxUnpool), run in
+    onnxruntime."""
+    import onnxruntime as ort
+    from torch.export import Dim
+
+    from edgepeft.exporters.trace import _export
+
+    def step(x, g):
+        y = torch.nn.functional.max_pool2d(x, k)
+        return y, torch.autograd.grad((y * g).sum(), x)[0]
+
+    b = Dim("batch", min=1)
+    model = _export(step, [x.clone().requires_grad_(True), g], ["x", "g"], ["y", "gx"], [{0: b}, {0: b}], 20)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"MaxPool", "MaxUnpool"} <= ops and "ScatterElements" not in ops and "Transpose" not in ops, ops
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x.numpy(), "g": g.numpy()})
+
+
+@pytest.mark.parametrize("shape, k", [((2, 3, 8, 10), (2, 2)), ((3, 2, 9, 11), (2, 2)), ((2, 2, 10, 7), (2, 1))])
+def test_the_exported_pooling_and_gradient_equal_torch_with_ties_and_ragged_edges(shape, k):
+    x = torch.relu(torch.randn(shape, generator=torch.Generator().manual_seed(2)))  # zeros: windows of equal values
+    x[:, :, 0:2, 0:2] = 1.5  # a positive tie
+    x[0, 0, 2:4, 2:4] = torch.tensor([[0.5, 2.0], [2.0, 2.0]])  # a later tie
+    y = torch.nn.functional.max_pool2d(x, k)
+    g = torch.arange(1, y.numel() + 1, dtype=x.dtype).reshape(y.shape)  # distinct values: a misplaced gradient shows
+    want_y, _, _ = _torch(x, k)
+    xg = x.clone().requires_grad_(True)
+    want_g = torch.autograd.grad((torch.nn.functional.max_pool2d(xg, k) * g).sum(), xg)[0]
+    got_y, got_g = _onnx_pool_and_grad(x, k, g)
+    assert (got_y == want_y.numpy()).all()
+    assert (got_g == want_g.numpy()).all()

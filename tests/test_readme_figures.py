@@ -38,6 +38,17 @@ def _mb(x: float) -> str:
     return f"{x:.0f} MB"
 
 
+def speech_pooling_figures() -> dict[str, str]:
+    """The speech section's A/B of the max-pooling export (bench_cnn_session.py --out speech_session3)."""
+    ab = _json("speech_session3")
+    ms = {r["bundle"].removeprefix("kws-random-"): 1000 * r["cpu_step_s"] for r in ab["rows"]}
+    pair = lambda k: f"{ms[k + '-before']:.1f} → {ms[k + '-after']:.1f} ms"  # noqa: E731
+    ratio = lambda k: f"{ms[k + '-after'] / ms[k + '-before']:.2f}×"  # noqa: E731
+    return {"speech: pooling A/B": f"BN + head {pair('bn_head')} CPU ({ratio('bn_head')}), LoRA + head {pair('lora_head')} "
+                                   f"({ratio('lora_head')})",
+            "speech: pooling A/B load": f"load average {ab['load_average_1min'][0]}-{ab['load_average_1min'][1]} from another"}
+
+
 def figures() -> dict[str, str]:
     """README's wording of each figure it quotes (key: where it stands), rendered from results/*.json."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -100,6 +111,7 @@ def figures() -> dict[str, str]:
         "speech: profile": (lambda p: f"at {p('lora_head-x876a0383')} → {p('lora_head-xacec711b')} ms CPU (LoRA + head) and\n"
                                       f"{p('bn_head-x876a0383')} → {p('bn_head-xacec711b')} ms (BN + head)")(
             lambda k: f"{1000 * {r['bundle']: r for r in _json('cnn_profile')['rows']}[f'speech-kws-base-speech-b8677034-e20-{k}']['cpu_step_s']:.1f}"),
+        **speech_pooling_figures(),
         "speech: base": f"trained in torch on {speech['base']['clips']} clips",
         "speech: base accuracy": f"recognizes {100 * speech['base']['heldout_base_voices_accuracy']:.1f} % of held-out clips "
                                  f"of those speakers and {100 * speech['base']['new_voice_accuracy']:.1f} % of the new voice's",
