@@ -404,7 +404,7 @@ def fleet_run(name: str, label: str) -> dict[str, str]:
         f"{label}: gap": f"is {'met' if f['gap_points'] <= 2 else 'not met'}: {f['gap_points']:.1f} points short after {f['rounds']} rounds",
         f"{label}: wire and faults":
             f"{b['up'] / 1000:.1f} KB up and {b['down'] / 1000:.1f} KB down per device per round; faults survived: {faults}; "
-            f"{f['accepted']} deltas accepted, {f['accepted_lost']} lost, {f['accepted_double_counted']} double-counted",
+            f"{f['accepted']:,} deltas accepted, {f['accepted_lost']} lost, {f['accepted_double_counted']} double-counted",
     }
 
 
@@ -416,7 +416,7 @@ def _central_seeds(c: dict) -> str:
             + f" %, {100 * c['spread']:.1f} points apart")
 
 
-FLEET_MAIN = "fleet_lr_rounds40"  # README's fleet main line
+FLEET_MAIN = "fleet_40_per_round"  # README's fleet main line
 
 
 def _fives(name: str) -> str:
@@ -437,20 +437,21 @@ def _standard_error(name: str) -> str:
     return f"±{100 * (p * (1 - p) / f['held_out']) ** 0.5:.1f} points"
 
 
-def fleet_main() -> dict[str, str]:
-    """The fleet's main line: 40 rounds, the device lr decaying over them, 1,278 held-out rows, 3 centralized seeds."""
-    f, name = _json(FLEET_MAIN), FLEET_MAIN
-    c, tail = f["centralized"], _versions_tail(FLEET_MAIN)
+def fleet_main(name: str = FLEET_MAIN, label: str = "fleet") -> dict[str, str]:
+    """A fleet run on 1,278 held-out rows against 3 centralized seeds (README's main line, or the run before it)."""
+    f = _json(name)
+    c, tail = f["centralized"], _versions_tail(name)
     return {
-        **fleet_run(name, "fleet"),
-        "fleet: command": f"`{f['command']}`",
-        "fleet: fives": _fives(name),
-        "fleet: last three": _last_three(tail) + f" ({100 * (c['accuracy'] - tail['last3_mean']):.1f} points short)",
-        "fleet: best round": _best(name),
-        "fleet: held-out error": f"{_standard_error(name)} of standard error at the last version's accuracy (300 rows: "
-                                 f"{_standard_error('fleet_own_rows')})",
-        "fleet: eval seconds": f"{sum(r['eval_seconds'] for r in f['per_round']) / len(f['per_round']):.0f} s a version",
-        "fleet: central seconds": f"{c['seconds'] / len(c['seeds']) / 60:.0f} minutes a seed",
+        **fleet_run(name, label),
+        f"{label}: command": f"`{f['command']}`",
+        f"{label}: fives": _fives(name),
+        f"{label}: last three": _last_three(tail) + f" ({100 * (c['accuracy'] - tail['last3_mean']):.1f} points short)",
+        f"{label}: best round": _best(name),
+        f"{label}: held-out error": f"{_standard_error(name)} of standard error at the last version's accuracy (300 rows: "
+                                   f"{_standard_error('fleet_own_rows')})",
+        f"{label}: eval seconds": f"{sum(r['eval_seconds'] for r in f['per_round']) / len(f['per_round']):.0f} s a version",
+        f"{label}: central seconds": f"{c['seconds'] / len(c['seeds']):.0f} s a seed",
+        f"{label}: participations": f"{f['participations']:,} device rounds",
     }
 
 
@@ -459,6 +460,8 @@ def fleet_figures() -> dict[str, str]:
     own = _json("fleet_own_rows")
     return {
         **fleet_main(),
+        "fleet: margin": f"the margin ({2 - _json(FLEET_MAIN)['gap_points']:.1f} points)",
+        **fleet_main("fleet_lr_rounds40", "fleet 20 a round"),
         **fleet_run("fleet_own_rows", "fleet 30 rounds"),
         "fleet 30 rounds: command": f"`{own['command']}`",
         "fleet 30 rounds: fives": _fives("fleet_own_rows"),
