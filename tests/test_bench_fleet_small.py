@@ -28,10 +28,10 @@ def rows(n: int, seed: int) -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def run(bundles, tmp_path_factory):
     """One reduced run: 8 devices at rank 2 or 4, 6 training per round (the malicious one always) for 4 rounds, one at a
-    time (the same order every run), the fleet on server momentum 0.9."""
+    time (the same order every run), the fleet on server momentum 0.9; the centralized reference from 2 seeds."""
     task = bench_fleet.Task(bundles("bert").path, rows(400, 0), rows(150, 1), ranks=(2, 4), options=TRAIN)
     args = bench_fleet.parse_args(["--devices", "8", "--per-round", "6", "--rows", "96", "--rounds", str(ROUNDS),
-                                   "--workers", "1", "--server-momentum", "0.9"])
+                                   "--workers", "1", "--server-momentum", "0.9", "--central-seeds", "2"])
     return bench_fleet.run(args, tmp_path_factory.mktemp("fleet"), task)
 
 
@@ -50,6 +50,33 @@ def test_every_fault_of_the_benchmark_happened(run):
 def test_the_fleet_adapter_beats_the_base_model_on_held_out_rows(run):
     assert run["base_accuracy"] < 0.5  # 3 word groups: the untrained head is near chance
     assert run["fleet_accuracy"] >= run["base_accuracy"] + 0.25
+
+
+def test_the_centralized_reference_is_the_mean_of_its_seeds_and_the_gap_is_taken_from_it(run):
+    c = run["centralized"]
+    assert len(c["seeds"]) == 2 and c["accuracy"] == pytest.approx(sum(c["seeds"]) / 2, abs=1e-4)
+    assert c["spread"] == pytest.approx(max(c["seeds"]) - min(c["seeds"]), abs=1e-4)
+    assert run["gap_points"] == pytest.approx(100 * (c["accuracy"] - run["fleet_accuracy"]), abs=1e-2)
+
+
+def test_the_seed_summary_gives_mean_spread_and_sample_std():
+    s = bench_fleet.seed_summary([0.80, 0.78, 0.82])
+    assert (s["accuracy"], s["seeds"], s["spread"], s["std"]) == (0.8, [0.8, 0.78, 0.82], 0.04, 0.02)
+    assert bench_fleet.seed_summary([0.7])["std"] == 0.0
+
+
+def test_the_held_out_rows_are_the_test_splits_less_any_training_row_in_order():
+    test = [("a", "fresh"), ("b", "rotten"), ("c", "fresh"), ("d", "rotten")]
+    assert bench_fleet.held_out(test, [("b", "rotten"), ("x", "fresh")], 10) == [("a", "fresh"), ("c", "fresh"), ("d", "rotten")]
+    assert bench_fleet.held_out(test, [("b", "rotten")], 2) == [("a", "fresh"), ("c", "fresh")]
+
+
+def test_the_benchmarks_held_out_rows_hold_no_training_row_and_its_first_300_are_the_earlier_runs(monkeypatch):
+    monkeypatch.setattr(bench_fleet, "minilm_bundle", lambda *a, **k: Path("bundle"))
+    split = bench_fleet.rotten_tomatoes_split(seed=0)
+    task = bench_fleet.minilm_task(10_000)
+    assert len(task.held) == 1278 and not set(task.held) & set(task.train)  # 4 of the test split's rows repeat training rows
+    assert bench_fleet.minilm_task(300).held == split["test"][:300]
 
 
 def test_the_fleets_server_step_is_recorded(run):

@@ -410,27 +410,75 @@ def fleet_run(name: str, label: str) -> dict[str, str]:
             f"α = {f['alpha']} label-skewed shards, {f['devices_per_round']} devices training {f['rows_per_round']} new rows each "
             f"per round for {f['rounds']} rounds ({f['fleet_seconds'] / 60:.0f} minutes)",
         f"{label}: accuracy":
-            f"held-out accuracy ({f['held_out']} rows) per version " + " / ".join(f"{100 * r['accuracy']:.1f}" for r in f["per_round"])
+            f"held-out accuracy ({f['held_out']:,} rows) per version " + " / ".join(f"{100 * r['accuracy']:.1f}" for r in f["per_round"])
             + f" %, against {100 * c['accuracy']:.1f} % for centralized training on the union of the devices' rows "
-            f"({c['rows']:,} rows, {c['steps']} steps)",
-        f"{label}: gap": f"is not met: {f['gap_points']:.1f} points short after {f['rounds']} rounds",
+            f"({c['rows']:,} rows, {c['steps']} steps" + _central_seeds(c) + ")",
+        f"{label}: gap": f"is {'met' if f['gap_points'] <= 2 else 'not met'}: {f['gap_points']:.1f} points short after {f['rounds']} rounds",
         f"{label}: wire and faults":
             f"{b['up'] / 1000:.1f} KB up and {b['down'] / 1000:.1f} KB down per device per round; faults survived: {faults}; "
-            f"{f['accepted']} deltas accepted, {f['accepted_lost']} lost, {f['accepted_double_counted']} double-counted",
+            f"{f['accepted']:,} deltas accepted, {f['accepted_lost']} lost, {f['accepted_double_counted']} double-counted",
+    }
+
+
+def _central_seeds(c: dict) -> str:
+    """The centralized reference's seeds, where it is the mean of several (bench_fleet --central-seeds)."""
+    if len(c.get("seeds", [])) < 2:
+        return ""
+    return (f"; the mean of {len(c['seeds'])} seeds, " + " / ".join(f"{100 * a:.1f}" for a in c["seeds"])
+            + f" %, {100 * c['spread']:.1f} points apart")
+
+
+FLEET_MAIN = "fleet_40_per_round"  # README's fleet main line
+
+
+def _fives(name: str) -> str:
+    """The mean accuracy of each five versions of a bench_fleet run."""
+    rounds = _json(name)["per_round"]
+    return " / ".join(f"{100 * sum(r['accuracy'] for r in g) / len(g):.1f}" for g in (rounds[i:i + 5] for i in range(0, len(rounds), 5))) + " %"
+
+
+def _best(name: str) -> str:
+    r = max(_json(name)["per_round"], key=lambda r: r["accuracy"])
+    return f"{100 * r['accuracy']:.1f} % (version {r['version']})"
+
+
+def _standard_error(name: str) -> str:
+    """The held-out accuracy's standard error at the run's last version, sqrt(p(1-p)/n), in points."""
+    f = _json(name)
+    p = f["fleet_accuracy"]
+    return f"±{100 * (p * (1 - p) / f['held_out']) ** 0.5:.1f} points"
+
+
+def fleet_main(name: str = FLEET_MAIN, label: str = "fleet") -> dict[str, str]:
+    """A fleet run on 1,278 held-out rows against 3 centralized seeds (README's main line, or the run before it)."""
+    f = _json(name)
+    c, tail = f["centralized"], _versions_tail(name)
+    return {
+        **fleet_run(name, label),
+        f"{label}: command": f"`{f['command']}`",
+        f"{label}: fives": _fives(name),
+        f"{label}: last three": _last_three(tail) + f" ({100 * (c['accuracy'] - tail['last3_mean']):.1f} points short)",
+        f"{label}: best round": _best(name),
+        f"{label}: held-out error": f"{_standard_error(name)} of standard error at the last version's accuracy (300 rows: "
+                                   f"{_standard_error('fleet_own_rows')})",
+        f"{label}: eval seconds": f"{sum(r['eval_seconds'] for r in f['per_round']) / len(f['per_round']):.0f} s a version",
+        f"{label}: central seconds": f"{c['seconds'] / len(c['seeds']):.0f} s a seed",
+        f"{label}: participations": f"{f['participations']:,} device rounds",
     }
 
 
 def fleet_figures() -> dict[str, str]:
-    """The fleet runs (benchmarks/bench_fleet.py): the main line on the bench's own-rows draw, and the runs before it."""
+    """The fleet runs (benchmarks/bench_fleet.py): the main line, and the runs before it."""
     own = _json("fleet_own_rows")
-    fives = [own["per_round"][i:i + 5] for i in range(0, len(own["per_round"]), 5)]
     return {
-        **fleet_run("fleet_own_rows", "fleet"),
-        "fleet: command": f"`{own['command']}`",
-        "fleet: fives": " / ".join(f"{100 * sum(r['accuracy'] for r in g) / len(g):.1f}" for g in fives) + " %",
+        **fleet_main(),
+        "fleet: margin": f"the margin ({2 - _json(FLEET_MAIN)['gap_points']:.1f} points)",
+        **fleet_main("fleet_lr_rounds40", "fleet 20 a round"),
+        **fleet_run("fleet_own_rows", "fleet 30 rounds"),
+        "fleet 30 rounds: command": f"`{own['command']}`",
+        "fleet 30 rounds: fives": _fives("fleet_own_rows"),
         "fleet: last three of fleet_own_rows": _last_three(_versions_tail("fleet_own_rows")),
-        "fleet: best round": (lambda r: f"{100 * r['accuracy']:.1f} % (version {r['version']})")(
-            max(own["per_round"], key=lambda r: r["accuracy"])),
+        "fleet 30 rounds: best round": _best("fleet_own_rows"),
         **fleet_run("fleet", "fleet padded"),
         "fleet: padded srvmom run": fleet_logit_adjusted("fleet_prox_srvmom"),
         "fleet: tried": fleet_tried(),
