@@ -38,6 +38,23 @@ def _mb(x: float) -> str:
     return f"{x:.0f} MB"
 
 
+def speech_runs_figures() -> dict[str, str]:
+    """The speech bench run five times back to back (speech.json, speech_run2..5.json): each run's time-to-accuracy
+    ratio per method, their median, and our step's range against torch's."""
+    import statistics
+
+    runs = [_json("speech")] + [_json(f"speech_run{i}") for i in range(2, 6)]
+    out = {}
+    for method in runs[0]["targets"]:
+        tta = [r["targets"][method]["time_to_accuracy_ratio"] for r in runs]
+        rows = [next(x for x in r["rows"] if x["method"] == method) for r in runs]
+        ours, theirs = ([1000 * x[side]["step_s"] for x in rows] for side in ("edgepeft", "torch_peft"))
+        out[f"speech: runs, {method}"] = (
+            f"{method}: " + " / ".join(f"{x:.2f}×" for x in tta) + f" (median {statistics.median(tta):.2f}×; our step "
+            f"{min(ours):.1f}-{max(ours):.1f} ms, torch's {min(theirs):.1f}-{max(theirs):.1f} ms)")
+    return out
+
+
 def speech_pooling_figures() -> dict[str, str]:
     """The speech section's A/B of the max-pooling export (bench_cnn_session.py --out speech_session3)."""
     ab = _json("speech_session3")
@@ -112,6 +129,7 @@ def figures() -> dict[str, str]:
                                       f"{p('bn_head-x876a0383')} → {p('bn_head-xacec711b')} ms (BN + head)")(
             lambda k: f"{1000 * {r['bundle']: r for r in _json('cnn_profile')['rows']}[f'speech-kws-base-speech-b8677034-e20-{k}']['cpu_step_s']:.1f}"),
         **speech_pooling_figures(),
+        **speech_runs_figures(),
         "speech: base": f"trained in torch on {speech['base']['clips']} clips",
         "speech: base accuracy": f"recognizes {100 * speech['base']['heldout_base_voices_accuracy']:.1f} % of held-out clips "
                                  f"of those speakers and {100 * speech['base']['new_voice_accuracy']:.1f} % of the new voice's",
