@@ -232,19 +232,22 @@ def devices() -> list[str]:
     return lines if a or p else []
 
 
+FLEET_MAIN = "fleet_40_per_round"  # the run README's fleet section leads with
+
+
 def fleet() -> list[str]:
-    """Summary lines of the fleet run (benchmarks/bench_fleet.py, ~15 minutes; not run by this command)."""
-    f = _load("fleet")
+    """Summary lines of README's main fleet run (benchmarks/bench_fleet.py, ~40 minutes; not run by this command)."""
+    f = _load(FLEET_MAIN)
     if not f:
         return []
     curve = ", ".join(f"{100 * r['accuracy']:.1f}" for r in f["per_round"])
     c = f["centralized"]
-    return ["", "## Fleet (python benchmarks/bench_fleet.py)", "",
+    return ["", f"## Fleet ({f.get('command', 'python benchmarks/bench_fleet.py')})", "",
             f"- measured {f['date']}: {f['devices']} devices (ranks {', '.join(map(str, f['ranks']))}), Dirichlet α = {f['alpha']} "
             f"label-skewed Rotten Tomatoes shards, {f['devices_per_round']} devices training {f['rows_per_round']} new rows each "
             f"per round, {f['rounds']} rounds; "
             f"held-out accuracy per version (%): {curve}; centralized on the union ({c['rows']} rows, {c['steps']} steps) "
-            f"{100 * c['accuracy']:.1f} % ({f['gap_points']:+.2f} points above the fleet).",
+            f"{100 * c['accuracy']:.1f} % ({f['gap_points']:+.2f} points above the fleet; the mean of {len(c.get('seeds', [0]))} seed(s)).",
             f"- per device per round: {f['bytes_per_device_round']['up'] / 1000:.1f} KB up, "
             f"{f['bytes_per_device_round']['down'] / 1000:.1f} KB down; faults survived: "
             + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in f["faults"].items())
