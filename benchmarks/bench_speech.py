@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="speech", help="Results file name (benchmarks/results/NAME.json).")
     ap.add_argument("--methods", default=",".join(METHODS), help="Which methods to run now (comma-separated).")
     ap.add_argument("--quick", action="store_true", help="A smoke run: fewer clips and steps.")
+    ap.add_argument("--fresh", action="store_true", help="Measure again even where this code and these settings have a "
+                    "cached result (a repeat run, e.g. --fresh --out speech_run2).")
     a = ap.parse_args(argv)
     if a.quick:
         a.steps, a.base_per_word, a.base_epochs, a.per_word, a.test_per_word = 10, 2, 3, 4, 5
@@ -128,11 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     sets = data_sets(a)
     weights, base = base_model(sets, a.base_epochs)
     print(f"base: {base}", file=sys.stderr, flush=True)
-    settings = {k: v for k, v in vars(a).items() if k not in ("quick", "methods", "out")}
+    settings = {k: v for k, v in vars(a).items() if k not in ("quick", "methods", "out", "fresh")}
     rows = []
     for name, method in METHODS.items():
         done = CACHE / f"speech-{method}-{results_version()}-{_key(settings)}.json"
-        if name in a.methods.split(",") and not done.is_file():
+        if name in a.methods.split(",") and (a.fresh or not done.is_file()):
             b = bundle(method, weights)
             tag = method.replace("+", "_")
             common = {"train_dir": str(sets["new_train"]), "test_dir": str(sets["new_test"]), "steps": a.steps,

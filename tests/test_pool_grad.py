@@ -72,9 +72,8 @@ def test_the_exported_pooling_and_gradient_equal_torch_with_ties_and_ragged_edge
     x = torch.relu(torch.randn(shape, generator=torch.Generator().manual_seed(2)))  # zeros: windows of equal values
     x[:, :, 0:2, 0:2] = 1.5  # a positive tie
     x[0, 0, 2:4, 2:4] = torch.tensor([[0.5, 2.0], [2.0, 2.0]])  # a later tie
-    y = torch.nn.functional.max_pool2d(x, k)
-    g = torch.arange(1, y.numel() + 1, dtype=x.dtype).reshape(y.shape)  # distinct values: a misplaced gradient shows
     want_y, _, _ = _torch(x, k)
+    g = torch.arange(1, want_y.numel() + 1, dtype=x.dtype).reshape(want_y.shape)  # distinct values: a misplaced gradient shows
     xg = x.clone().requires_grad_(True)
     want_g = torch.autograd.grad((torch.nn.functional.max_pool2d(xg, k) * g).sum(), xg)[0]
     got_y, got_g = _onnx_pool_and_grad(x, k, g)

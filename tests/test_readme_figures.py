@@ -63,7 +63,10 @@ def speech_pooling_figures() -> dict[str, str]:
     ratio = lambda k: f"{ms[k + '-after'] / ms[k + '-before']:.2f}×"  # noqa: E731
     return {"speech: pooling A/B": f"BN + head {pair('bn_head')} CPU ({ratio('bn_head')}), LoRA + head {pair('lora_head')} "
                                    f"({ratio('lora_head')})",
-            "speech: pooling A/B load": f"load average {ab['load_average_1min'][0]}-{ab['load_average_1min'][1]} from another"}
+            "speech: pooling A/B load": f"load average {ab['load_average_1min'][0]}-{ab['load_average_1min'][1]} from another",
+            "speech: profile after pooling": "(`speech_profile3.json`, kernel ms a step): " + ", ".join(
+                f"{o['op']} {o['ms']:.1f}" for o in next(r for r in _json("speech_profile3")["rows"]
+                                                          if r["bundle"] == "kws-random-bn_head-after")["ops"][:6])}
 
 
 def figures() -> dict[str, str]:
