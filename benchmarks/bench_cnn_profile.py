@@ -32,7 +32,8 @@ from edgepeft.runtime.trainer import _cnn_input_shape
 b, a = open_bundle(sys.argv[1]), json.loads(sys.argv[2])
 m = b.manifest
 outs = [LOSS] + [grad_name(s.name) for s in m.slots]
-so = SessionConfig(threads=a["threads"], dequantize_at_load=a.get("dequantize"), mem_pattern=a.get("pattern")).for_graph("train", m.task).options()
+so = SessionConfig(threads=a["threads"], dequantize_at_load=a.get("dequantize"), mem_pattern=a.get("pattern"),
+                   optimization=a.get("optimization", "all")).for_graph("train", m.task).options()
 if not a.get("spin", True):
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
 so.enable_profiling, so.profile_file_prefix = a["profile"], tempfile.mkdtemp() + "/ort"

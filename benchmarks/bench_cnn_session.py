@@ -23,9 +23,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_cnn_profile import CHILD  # noqa: E402
 from common import run_child, write_result  # noqa: E402
 
-SETTINGS = {  # name: (dequantize_at_load, threads, spinning, memory pattern: None = the graph's default)
+SETTINGS = {  # name: (dequantize_at_load, threads, spinning, memory pattern: None = the graph's default[, optimization level])
     "int8 weights, 1 thread": (False, 1, True, None),
     "dequantized at load, 1 thread": (True, 1, True, None),
+    # onnxruntime's graph optimizations short of layout ones: no NCHWc convolutions, so no Reorder operators either
+    "dequantized at load, 1 thread, optimization extended": (True, 1, True, None, "extended"),
     "dequantized at load, 1 thread, memory pattern": (True, 1, True, True),
     "dequantized at load, 2 threads": (True, 2, True, None),
     "dequantized at load, 2 threads, no spinning": (True, 2, False, None),
@@ -46,9 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[tuple[Path, str], list[dict]] = {(p, k): [] for p in a.bundles for k in settings}
     for _ in range(a.rounds):
         for path in a.bundles:
-            for name, (deq, threads, spin, pattern) in settings.items():
+            for name, (deq, threads, spin, pattern, *level) in settings.items():
                 args = {"batch": a.batch, "threads": threads, "steps": a.steps, "profile": False, "dequantize": deq, "spin": spin,
-                        "pattern": pattern}
+                        "pattern": pattern, "optimization": level[0] if level else "all"}
                 runs[path, name].append(run_child(CHILD, str(path), json.dumps(args)))
     for path in a.bundles:
         for name in settings:

@@ -324,15 +324,17 @@ class _RssPeak:
         return round((self.peak - self.start) / 2**20, 1)
 
 
-def _merge_row(store, manifest: Manifest, claimed: list[DeltaRec], options: dict, label: str) -> dict:
-    """Merge ``claimed`` as build_version does (the hub's BLAS threads): wall and CPU seconds, RSS growth, then
-    once more under tracemalloc for the Python-heap peak."""
+def _merge_row(store, manifest: Manifest, claimed: list[DeltaRec], options: dict, label: str,
+               blas_threads: int | None = None) -> dict:
+    """Merge ``claimed`` as build_version does (the hub's BLAS threads, or ``blas_threads``; its merge threads,
+    aggregate.merge_threads()): wall and CPU seconds, RSS growth, then once more under tracemalloc for the Python-heap
+    peak."""
     from threadpoolctl import threadpool_limits
 
     opts = RobustOptions.from_dict(options)
 
     def merge() -> dict:
-        with threadpool_limits(agg.MERGE_BLAS_THREADS, user_api="blas"):
+        with threadpool_limits(blas_threads or agg.MERGE_BLAS_THREADS, user_api="blas"):
             return agg._merge_claimed(store, claimed, 0, manifest, opts, agg._Parents(store, "f", "default", manifest), None)[1]
 
     cpu, t = time.process_time(), time.perf_counter()
@@ -346,7 +348,33 @@ def _merge_row(store, manifest: Manifest, claimed: list[DeltaRec], options: dict
     return {"path": label, "deltas": len(claimed), "options": options, "seconds": round(seconds, 3),
             "deltas_per_s": round(len(claimed) / seconds, 1), "cpu_seconds": round(cpu, 2),
             "peak_rss_growth_mb": rss.growth_mb, "peak_python_heap_mb": round(heap / 2**20, 1),
-            "passes": report["passes"], "trimmed": report.get("trimmed"), "load_average": round(os.getloadavg()[0], 2)}
+            "passes": report["passes"], "reread": report.get("reread"), "trimmed": report.get("trimmed"),
+            "merge_threads": agg.merge_threads(), "blas_threads": blas_threads or agg.MERGE_BLAS_THREADS,
+            "load_average": round(os.getloadavg()[0], 2)}
+
+
+def _phases(store, manifest: Manifest, claimed: list[DeltaRec]) -> dict:
+    """Where the plain mean's CPU goes, measured apart: reading and decompressing the chunks alone (the reading thread's
+    work), and the products' floor: their GFLOP at this machine's one-thread sgemm speed on the merge's own shape."""
+    from threadpoolctl import threadpool_limits
+
+    from edgepeft.hub import delta_chunks
+
+    ids = [d.id for d in claimed]
+    cpu, t = time.process_time(), time.perf_counter()
+    count = sum(len(c) for c in delta_chunks.chunks(store.iter_delta_bytes(ids), manifest))
+    read = {"cpu_seconds": round(time.process_time() - cpu, 2), "seconds": round(time.perf_counter() - t, 2)}
+    d, r, k = 384, 8, delta_chunks.CHUNK
+    a, b = np.ones((d, k * r), np.float32), np.ones((k * r, d), np.float32)
+    with threadpool_limits(1, user_api="blas"):
+        a @ b
+        t = time.perf_counter()
+        for _ in range(50):
+            a @ b
+        gflops = 50 * 2 * d * d * k * r / (time.perf_counter() - t) / 1e9
+    gflop = count * 12 * 2 * d * d * r / 1e9
+    return {"deltas": count, "read_and_decompress": read, "sgemm_gflops_one_thread": round(gflops, 1),
+            "products_gflop": round(gflop, 1), "products_cpu_seconds_at_that_speed": round(gflop / gflops, 2)}
 
 
 def _profile(store, manifest: Manifest, claimed: list[DeltaRec], top: int = 8) -> list[dict]:
@@ -358,10 +386,15 @@ def _profile(store, manifest: Manifest, claimed: list[DeltaRec], top: int = 8) -
 
     opts = RobustOptions.from_dict(PLAIN)
     prof = cProfile.Profile()
-    with threadpool_limits(agg.MERGE_BLAS_THREADS, user_api="blas"):
-        prof.enable()
-        agg._merge_claimed(store, claimed, 0, manifest, opts, agg._Parents(store, "f", "default", manifest), None)
-        prof.disable()
+    kept = agg.MERGE_THREADS
+    agg.MERGE_THREADS = 1  # cProfile sees one thread: the merge's work on it (the reading thread's is apart)
+    try:
+        with threadpool_limits(agg.MERGE_BLAS_THREADS, user_api="blas"):
+            prof.enable()
+            agg._merge_claimed(store, claimed, 0, manifest, opts, agg._Parents(store, "f", "default", manifest), None)
+            prof.disable()
+    finally:
+        agg.MERGE_THREADS = kept
     stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
     rows = sorted(((tt, f"{Path(f).name}:{line}({name})") for (f, line, name), (_, _, tt, _, _) in stats.items()), reverse=True)
     return [{"function": where, "seconds": round(tt, 3)} for tt, where in rows[:top]]
@@ -372,7 +405,8 @@ def bench_merge_scale(counts: list[int], out: str = "hub_agg") -> None:
     step, the hub's defaults: the trimmed mean over buckets), the per-delta merge it replaced (at the smallest count), the trimmed mean's cost, and both profiles."""
     from edgepeft.hub import stream_merge
 
-    rows, profiles = [], {}
+    load_before = round(os.getloadavg()[0], 2)
+    rows, profiles, phases = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-hub-merge-") as tmp:
         for n in counts:
             t = time.perf_counter()
@@ -383,6 +417,16 @@ def bench_merge_scale(counts: list[int], out: str = "hub_agg") -> None:
                                    ("chunked", {})):  # the hub's defaults: median clipping, 20 % trimmed over 32 buckets
                 rows.append(_merge_row(store, manifest, claimed, options, label))
                 print(json.dumps(rows[-1]), flush=True)
+            phases[str(n)] = _phases(store, manifest, claimed)
+            print(json.dumps(phases[str(n)]), flush=True)
+            if n == counts[-1]:  # both cores to BLAS's own threads instead of the merge's: the alternative, once
+                kept = agg.MERGE_THREADS
+                agg.MERGE_THREADS = 1
+                try:
+                    rows.append(_merge_row(store, manifest, claimed, PLAIN, "chunked, BLAS threads", os.cpu_count()))
+                    print(json.dumps(rows[-1]), flush=True)
+                finally:
+                    agg.MERGE_THREADS = kept
             if n == counts[0]:
                 profiles["chunked"] = _profile(store, manifest, claimed)
                 eligible = stream_merge.eligible
@@ -403,7 +447,9 @@ def bench_merge_scale(counts: list[int], out: str = "hub_agg") -> None:
     write_result(out, {
         "command": f"python benchmarks/bench_hub.py --merge-scale {','.join(map(str, counts))}" + _out_flag(out, "hub_agg"),
         "load_average": round(os.getloadavg()[0], 2), "merge_blas_threads": agg.MERGE_BLAS_THREADS,
-        "process_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "rows": rows, "profile": profiles})
+        "merge_threads": agg.merge_threads(), "load_average_before": load_before,
+        "process_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "rows": rows, "phases": phases,
+        "profile": profiles})
 
 
 def _out_flag(out: str, default: str) -> str:
@@ -465,6 +511,12 @@ def bench_upload_paths(devices: int, per_device: int, procs: int, out: str = "hu
             postmaster = int((Path(pgdir) / "data" / "postmaster.pid").read_text().split()[0])
             rows.append({"run": "postgresql, 2 hubs", **bench_uploads(dsn, devices, per_device, Path(tmp) / "pg", procs, hubs=2,
                                                                      database_pid=postmaster)})
+            print(json.dumps(rows[-1]), flush=True)
+            # the same, with blobs in a folder both hubs share (?blobs=DIR): the database keeps metadata only
+            (Path(tmp) / "pg-folder").mkdir()
+            rows.append({"run": "postgresql, 2 hubs, blob folder",
+                         **bench_uploads(f"{dsn}?schema=folder&blobs={Path(tmp) / 'pg-folder' / 'blobs'}", devices, per_device,
+                                         Path(tmp) / "pg-folder", procs, hubs=2, database_pid=postmaster)})
             print(json.dumps(rows[-1]), flush=True)
         finally:
             subprocess.run(["bash", str(Path(__file__).parent.parent / ".ci" / "postgres.sh"), "stop", pgdir], check=False)

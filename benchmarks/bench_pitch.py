@@ -118,17 +118,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="pitch", help="Results file name (benchmarks/results/NAME.json).")
     ap.add_argument("--methods", default=",".join(METHODS), help="Which methods to run now (comma-separated).")
     ap.add_argument("--quick", action="store_true", help="A smoke run: fewer frames and steps.")
+    ap.add_argument("--fresh", action="store_true", help="Measure again even where this code and these settings have a "
+                    "cached result (a repeat run, e.g. --fresh --out pitch_run2).")
     a = ap.parse_args(argv)
     if a.quick:
         a.steps, a.train, a.test, a.every = 6, 48, 32, 3
     CACHE.mkdir(exist_ok=True)
     t0, load = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
     sets = data_sets(a)
-    settings = {k: v for k, v in vars(a).items() if k not in ("quick", "methods", "out")}
+    settings = {k: v for k, v in vars(a).items() if k not in ("quick", "methods", "out", "fresh")}
     rows, clean = [], None
     for name, method in METHODS.items():
         done = CACHE / f"pitch-{method}-{results_version()}-{_key(settings)}.json"
-        if name in a.methods.split(",") and not done.is_file():
+        if name in a.methods.split(",") and (a.fresh or not done.is_file()):
             b = bundle(method)
             tag = method.replace("+", "_")
             common = {"train_csv": str(sets["train"]), "test_csv": str(sets["test"]), "test_f0": str(sets["test"].parent / "f0.npy"),

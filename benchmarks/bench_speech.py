@@ -16,7 +16,13 @@ process, which reports its peak RSS; time to accuracy counts training steps only
 building and memory probes, not torch's model loading and one warm-up pass). Both read the WAV folders
 through the device's reader (runtime/audio_data.py), so both see the same features.
 
-    python benchmarks/bench_speech.py [--quick] [--steps 60] [--per-word 8] [--methods ...]
+    python benchmarks/bench_speech.py [--quick] [--steps 60] [--per-word 8] [--methods ...] [--repeat 5]
+
+Both reach the target within a few evaluations (at step 10 of 60: ~0.15 s of our training), so one run's time ratio
+moves by about ±0.1 with the machine and torch's slow first steps. ``--repeat N`` runs each method N times in one
+invocation, each repeat from the same start delta and the same batches in the same order, the two sides alternating
+(ours first in odd repeats, torch's in even ones), and records every repeat's times, its ratio and the median ratio.
+The table is the first repeat's; ``repeats_line`` the per-repeat ratios and their median.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import argparse
 import hashlib
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -122,7 +129,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="A smoke run: fewer clips and steps.")
     ap.add_argument("--fresh", action="store_true", help="Measure again even where this code and these settings have a "
                     "cached result (a repeat run, e.g. --fresh --out speech_run2).")
+    ap.add_argument("--repeat", type=int, default=1, help="Runs of each method in this invocation, from the same start "
+                    "and batches, the sides alternating; the results record each and the median ratio (module docstring).")
     a = ap.parse_args(argv)
+    if a.repeat < 1:
+        ap.error("--repeat: at least 1")
     if a.quick:
         a.steps, a.base_per_word, a.base_epochs, a.per_word, a.test_per_word = 10, 2, 3, 4, 5
     CACHE.mkdir(exist_ok=True)
@@ -130,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     sets = data_sets(a)
     weights, base = base_model(sets, a.base_epochs)
     print(f"base: {base}", file=sys.stderr, flush=True)
-    settings = {k: v for k, v in vars(a).items() if k not in ("quick", "methods", "out", "fresh")}
+    # --repeat 1 is the run as it was before --repeat existed: the same settings, so the same cached results
+    settings = {k: v for k, v in vars(a).items() if k not in ("quick", "methods", "out", "fresh") + (("repeat",) if a.repeat == 1 else ())}
     rows = []
     for name, method in METHODS.items():
         done = CACHE / f"speech-{method}-{results_version()}-{_key(settings)}.json"
@@ -140,16 +152,13 @@ def main(argv: list[str] | None = None) -> None:
             common = {"train_dir": str(sets["new_train"]), "test_dir": str(sets["new_test"]), "steps": a.steps,
                       "batch": a.batch, "lr": a.lr, "every": a.every, "weights": str(weights), "budget": a.budget, "threads": 1,
                       "start": str(CACHE / f"speech-start-{tag}.delta"), "order": str(CACHE / f"speech-order-{tag}.json")}
-            ours = run_child(EDGEPEFT_CHILD, str(b), json.dumps(common))
-            print(f"{name}: edgepeft {ours['before']:.3f} -> {ours['test_accuracy']:.3f}, {ours['step_s']:.4f} s/step, "
-                  f"{ours['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
-            theirs = run_child(TORCH_CHILD, str(b), json.dumps(common))
-            print(f"{name}: torch    {theirs['before']:.3f} -> {theirs['test_accuracy']:.3f}, {theirs['step_s']:.4f} s/step, "
-                  f"{theirs['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+            runs = repeats(name, b, common, a.repeat)
             from edgepeft.manifest import read_manifest
 
-            done.write_text(json.dumps({"method": name, "bundle_method": method, "trainable": read_manifest(b).trainable_numbers,
-                                        "edgepeft": _side(ours), "torch_peft": _side(theirs)}))
+            ours, theirs = runs[0]
+            row = {"method": name, "bundle_method": method, "trainable": read_manifest(b).trainable_numbers,
+                   "edgepeft": _side(ours), "torch_peft": _side(theirs)}
+            done.write_text(json.dumps({**row, **({"repeats": repeat_summary(runs)} if a.repeat > 1 else {})}))
         if done.is_file():
             rows.append(json.loads(done.read_text()))
     if len(rows) < len(METHODS):
@@ -161,7 +170,72 @@ def main(argv: list[str] | None = None) -> None:
                "wall_s": round(time.perf_counter() - t0, 1), "load_average_1min": load + [round(os.getloadavg()[0], 1)]}
     path = write_result(a.out + "_quick" if a.quick else a.out, payload)
     print(table(payload))
+    if a.repeat > 1:
+        print(repeats_line(payload))
     print(f"wrote {path}")
+
+
+def repeats(name: str, b: Path, common: dict, n: int) -> list[tuple[dict, dict]]:
+    """``n`` runs of both children: the first writes the start delta and the batch order, every later one reuses them
+    (checked: the edgepeft child writes them again, and they must not change); ours first in odd repeats, torch's in
+    even ones, so that a drift in the machine's speed hits both sides alike."""
+    import numpy as np
+
+    from edgepeft.delta import load_delta
+    from edgepeft.manifest import read_manifest
+
+    manifest = read_manifest(b)
+
+    def digest() -> str:  # the start delta's tensors (its file also records when it was written) and the batch order
+        h = hashlib.sha256(Path(common["order"]).read_bytes())
+        for k, v in sorted(load_delta(common["start"], manifest, for_training=True).tensors.items()):
+            h.update(k.encode() + np.ascontiguousarray(v).tobytes())
+        return h.hexdigest()
+
+    runs, first = [], None
+    for k in range(n):
+        got = {}
+        for side in (("edgepeft", "torch") if k % 2 == 0 else ("torch", "edgepeft")):
+            got[side] = r = run_child(EDGEPEFT_CHILD if side == "edgepeft" else TORCH_CHILD, str(b), json.dumps(common))
+            print(f"{name} (repeat {k + 1}/{n}): {side:8s} {r['before']:.3f} -> {r['test_accuracy']:.3f}, {r['step_s']:.4f} "
+                  f"s/step, {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+            if side == "edgepeft" and (first := first or digest()) != digest():
+                raise RuntimeError(f"{name}: repeat {k + 1} started from another delta or batch order than the first")
+        runs.append((got["edgepeft"], got["torch"]))
+    return runs
+
+
+def repeat_summary(runs: list[tuple[dict, dict]]) -> dict:
+    """Each repeat's times (training seconds to the target, step seconds) and ratios, and the median of each ratio."""
+    reps = []
+    for ours, theirs in runs:
+        e, t = _side(ours), _side(theirs)
+        tt = None if e["time_to_target_s"] is None or t["time_to_target_s"] is None else \
+            round(e["time_to_target_s"] / t["time_to_target_s"], 3)
+        reps.append({side: {k: s[k] for k in ("time_to_target_s", "step_s", "cpu_step_s", "train_s", "test_accuracy")}
+                     for side, s in (("edgepeft", e), ("torch_peft", t))}
+                    | {"time_to_accuracy_ratio": tt, "step_time_ratio": round(e["step_s"] / t["step_s"], 3),
+                       "cpu_step_ratio": round(e["cpu_step_s"] / t["cpu_step_s"], 3)})
+    med = lambda k: None if any(r[k] is None for r in reps) else round(statistics.median(r[k] for r in reps), 3)  # noqa: E731
+    return {"count": len(reps), "runs": reps, "median_time_to_accuracy_ratio": med("time_to_accuracy_ratio"),
+            "median_step_time_ratio": med("step_time_ratio"), "median_cpu_step_ratio": med("cpu_step_ratio")}
+
+
+def repeats_line(payload: dict) -> str:
+    """Per method, each repeat's time-to-accuracy ratio and their median, and our step's range against torch's
+    (README quotes it; empty for a run without --repeat)."""
+    out = []
+    for r in payload["rows"]:
+        if "repeats" not in r:
+            continue
+        reps = r["repeats"]
+        ours, theirs = ([1000 * x[side]["step_s"] for x in reps["runs"]] for side in ("edgepeft", "torch_peft"))
+        ratios = " / ".join("not reached" if x["time_to_accuracy_ratio"] is None else f"{x['time_to_accuracy_ratio']:.2f}×"
+                            for x in reps["runs"])
+        median = reps["median_time_to_accuracy_ratio"]
+        out.append(f"{r['method']}: {ratios} (median {'not reached' if median is None else f'{median:.2f}×'}; our step "
+                   f"{min(ours):.1f}-{max(ours):.1f} ms, torch's {min(theirs):.1f}-{max(theirs):.1f} ms)")
+    return ";\n".join(out)
 
 
 def _side(r: dict) -> dict:

@@ -113,17 +113,19 @@ def main(argv: list[str] | None = None) -> None:
                     "torch's default).")
     ap.add_argument("--out", default="", help="Result name under benchmarks/results (default: vision, or vision_quick).")
     ap.add_argument("--quick", action="store_true", help="A smoke run: 10 steps on 200 images.")
+    ap.add_argument("--fresh", action="store_true", help="Measure again even where this code and these settings have a "
+                    "cached result (a repeat run, e.g. --fresh --out vision_run2).")
     a = ap.parse_args(argv)
     if a.quick:
         a.steps, a.train, a.test, a.every = 10, 200, 200, 5
     CACHE.mkdir(exist_ok=True)
     load = [round(os.getloadavg()[0], 1)]
-    settings = {k: v for k, v in vars(a).items() if k not in ("quick", "methods", "out") and (k != "threads" or v)}
+    settings = {k: v for k, v in vars(a).items() if k not in ("quick", "methods", "out", "fresh") and (k != "threads" or v)}
     rows = []
     for name, method in METHODS.items():
         b = bundle(method, a.size, a.top_blocks) if name in a.methods.split(",") else None
         done = CACHE / f"vision-{method}-{results_version()}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]}.json"
-        if b is not None and not done.is_file():
+        if b is not None and (a.fresh or not done.is_file()):
             tag = method.replace("+", "_")
             common = {"train_file": str(FASHION / "train-images-idx3-ubyte.gz"), "test_file": str(FASHION / "t10k-images-idx3-ubyte.gz"),
                       "train": a.train, "test": a.test, "steps": a.steps, "batch": a.batch, "lr": a.lr, "every": a.every,

@@ -25,6 +25,26 @@ def _umask() -> int:
     return mask
 
 
+def _link_exclusive(tmp: str, path: Path, data: bytes, private: bool) -> None:
+    """Give ``tmp`` the name ``path`` unless ``path`` exists (FileExistsError), then drop ``tmp``.
+
+    A hard link does it atomically. Filesystems without hard links (FAT, some network mounts) get an O_EXCL create
+    of ``path`` instead: still never two winners, but a crash mid-write can leave a short file there, which readers
+    of a token refuse by its length.
+    """
+    try:
+        os.link(tmp, path)  # fails if ``path`` exists, where rename would replace it
+    except FileExistsError:
+        raise
+    except OSError:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    os.unlink(tmp)
+
+
 def write_bytes(path: str | os.PathLike, data: bytes, *, private: bool = False, exclusive: bool = False) -> None:
     """Write ``data`` to ``path`` atomically: readable as the umask allows, or only by the owner when ``private``
     (a token). ``exclusive`` never replaces a file already there (FileExistsError): two processes creating the same
@@ -39,8 +59,7 @@ def write_bytes(path: str | os.PathLike, data: bytes, *, private: bool = False, 
             f.flush()
             os.fsync(f.fileno())
         if exclusive:
-            os.link(tmp, path)  # fails if ``path`` exists, where rename would replace it
-            os.unlink(tmp)
+            _link_exclusive(tmp, path, data, private)
         else:
             os.replace(tmp, path)
     except BaseException:

@@ -38,9 +38,15 @@ def _kws(words: int, mels: int) -> nn.Module:
 
 
 def _kws_for_export(module: nn.Module) -> nn.Module:
-    from edgepeft.exporters.kws_cnn import pool_before_activation
+    """Pooling before the ReLU, a tuned BatchNorm pooled with its gradients on the pooled map (exact rewrites), and the
+    mean over time as a product (exact up to rounding)."""
+    from edgepeft.exporters.kws_cnn import ConvBlock, pool_before_activation, time_mean_as_product
+    from edgepeft.exporters.methods.bn import pooled_norm
 
-    return pool_before_activation(module)
+    for m in module.modules():
+        if isinstance(m, ConvBlock):
+            m.norm_pool = pooled_norm
+    return time_mean_as_product(pool_before_activation(module))
 
 
 def _crepe_tiny(weights: Path) -> tuple[nn.Module, list[str], dict]:

@@ -66,20 +66,39 @@ class DeltaLinear(nn.Module):
         self.groups = list(groups)  # (method's torch half, {kind: slot name}) in registration order
         self.configs: dict[str, methods.MethodConfig] = {}  # per method, its options (set by inject)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _present(self) -> list[tuple[TorchMethod, dict[str, torch.Tensor]]]:
+        """(method, {kind: fed tensor}) for each method with a slot of this layer in the feed."""
         t = self.feed.tensors
         present = [(h, {k: t[n] for k, n in kinds.items() if n in t}) for h, kinds in self.groups]
-        present = [(h, g) for h, g in present if g]
+        return [(h, g) for h, g in present if g]
+
+    def replacing(self, method: str) -> dict[str, torch.Tensor] | None:
+        """What ``method``'s ``replace`` gets on this layer (its fed slots and those it absorbs), None when it has none fed."""
+        present = self._present()
+        mine = [g for h, g in present if h.name == method]
+        if not mine:
+            return None
+        absorbs = torch_method(method).absorbs
+        return {**{k: v for _, g in present for k, v in g.items() if k in absorbs}, **mine[0]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        present = self._present()
         for h, g in present:
             x = h.pre(self, x, g)
-        replaced = [(h.name, y) for h, g in present if (y := h.replace(self, x, g)) is not None]
+        replaced = []
+        for h, g in present:  # a replacing method may fold in other methods' slots (BN tuning: BitFit's shift)
+            extra = {k: v for h2, g2 in present if h2 is not h for k, v in g2.items() if k in h.absorbs}
+            if (y := h.replace(self, x, {**extra, **g})) is not None:
+                replaced.append((h.name, y, set(extra)))
         if len(replaced) > 1:
-            raise ExportError(f"{self.path}: methods {', '.join(n for n, _ in replaced)} each compute the layer's output; "
+            raise ExportError(f"{self.path}: methods {', '.join(n for n, _, _ in replaced)} each compute the layer's output; "
                               "combine at most one of them on a layer")
         y = replaced[0][1] if replaced else self.base(x)
+        absorbed = replaced[0][2] if replaced else set()
         scale = self.feed.scale.get(self.path, 1.0)
         for h, g in present:
-            y = h.post(self, x, y, g, scale)
+            if g := {k: v for k, v in g.items() if k not in absorbed}:
+                y = h.post(self, x, y, g, scale)
         return y
 
 

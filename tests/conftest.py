@@ -178,9 +178,10 @@ def postgres_dsn():
         subprocess.run(["bash", str(script), "stop", env["EDGEPEFT_TEST_POSTGRES_DIR"]], capture_output=True, timeout=60)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql+folder"])
 def hub_store_uri(request, tmp_path):
-    """A fresh, empty store URI on each backend: a SQLite directory, or a PostgreSQL schema of its own."""
+    """A fresh, empty store URI on each backend: a SQLite directory, or a PostgreSQL schema of its own with blobs in
+    the database or in a folder."""
     if request.param == "sqlite":
         yield f"sqlite://{tmp_path / 'store'}"
         return
@@ -188,7 +189,7 @@ def hub_store_uri(request, tmp_path):
 
     dsn = request.getfixturevalue("postgres_dsn")
     schema = "t" + uuid.uuid4().hex[:12]
-    yield f"{dsn}?schema={schema}"
+    yield f"{dsn}?schema={schema}" + (f"&blobs={tmp_path / 'blobs'}" if request.param.endswith("+folder") else "")
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -333,6 +334,15 @@ def kws_bundle(tmp_path_factory) -> Path:
     from tiny_kws import export_tiny_kws
 
     return built_once(shared_root(tmp_path_factory, "kws") / "kws-int8.bundle", export_tiny_kws)
+
+
+@pytest.fixture(scope="session")
+def kws_bn_bundle(tmp_path_factory) -> Path:
+    """The tiny KWS CNN exported with BN + head only (int8): its first block's convolution needs no gradient."""
+    from tiny_kws import export_tiny_kws
+
+    return built_once(shared_root(tmp_path_factory, "kws") / "kws-bn-int8.bundle",
+                      lambda out: export_tiny_kws(out, method="bn+head", config={}))
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ never replaces what is there."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -34,6 +35,19 @@ def test_an_exclusive_write_keeps_the_file_already_there_and_leaves_no_temp_file
     with pytest.raises(FileExistsError):
         atomic.write_text(tmp_path / "token", "second\n", private=True, exclusive=True)
     assert (tmp_path / "token").read_text() == "first\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["token"]
+
+
+def test_an_exclusive_write_works_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")  # what FAT answers
+
+    monkeypatch.setattr(atomic.os, "link", no_links)
+    atomic.write_text(tmp_path / "token", "first\n", private=True, exclusive=True)
+    with pytest.raises(FileExistsError):
+        atomic.write_text(tmp_path / "token", "second\n", private=True, exclusive=True)
+    assert (tmp_path / "token").read_text() == "first\n"
+    assert _mode(tmp_path / "token") == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["token"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -10,7 +11,7 @@ from torch import nn
 from cli_helpers import error_lines, run_cli
 from conftest import random_delta
 from edgepeft.errors import DataError
-from edgepeft.names import INPUT_FEATURES, LABELS, LOSS, grad_name
+from edgepeft.names import BN_SCALE, INPUT_FEATURES, LABELS, LOSS, grad_name
 from edgepeft.runtime.audio_data import load_audio_dataset
 from edgepeft.runtime.bundle import open_bundle
 from edgepeft.runtime.evaluate import evaluate
@@ -26,19 +27,40 @@ def folders(tmp_path_factory):
     return word_folder(d / "train", 40, seed=0), word_folder(d / "val", 20, seed=1)
 
 
-def test_train_step_loss_and_gradients_match_torch_peft_on_the_same_weights(kws_bundle, folders):
-    bundle = open_bundle(kws_bundle)
-    delta = random_delta(bundle.manifest, seed=3, magnitude=0.2)
-    b = load_audio_dataset(folders[0], bundle.manifest).batch([0, 45, 90, 100])  # real features, every word
+def _assert_step_matches_torch(bundle, delta, b, model) -> None:
+    """The train graph's loss and every slot's gradient on batch ``b`` equal torch + PEFT's on the same weights."""
     names = [s.name for s in bundle.manifest.slots]
     out = bundle.session("train").run([LOSS, *map(grad_name, names)], {**b, **delta.tensors})
-    peft, theirs = reference(bundle, delta.tensors, tiny_kws())
+    peft, theirs = reference(bundle, delta.tensors, model)
     loss = nn.functional.cross_entropy(peft(torch.from_numpy(b[INPUT_FEATURES])), torch.from_numpy(b[LABELS]))
     grads = torch.autograd.grad(loss, [theirs[n] for n in names])
     assert abs(float(out[0]) - loss.item()) < 1e-5
     for n, ours, g in zip(names, out[1:], grads):
         g = g.reshape(ours.shape).numpy()
         assert np.abs(ours - g).max() <= 1e-4 * max(1.0, np.abs(g).max()), n
+
+
+def test_train_step_loss_and_gradients_match_torch_peft_on_the_same_weights(kws_bundle, folders):
+    bundle = open_bundle(kws_bundle)
+    delta = random_delta(bundle.manifest, seed=3, magnitude=0.2)
+    b = load_audio_dataset(folders[0], bundle.manifest).batch([0, 45, 90, 100])  # real features, every word
+    _assert_step_matches_torch(bundle, delta, b, tiny_kws())
+
+
+def test_bn_head_train_step_matches_torch_with_scales_of_every_sign(kws_bn_bundle, folders):
+    """BN + head: the norms' gradients taken on the pooled maps (exporters/pool_grad.AffineMaxPool; the first block by
+    window_pick, no index search), with γ + ds positive, negative and exactly zero in every block."""
+    bundle = open_bundle(kws_bn_bundle)
+    delta = random_delta(bundle.manifest, seed=4, magnitude=0.2)
+    model = tiny_kws()
+    for s in bundle.manifest.slots:
+        if s.kind == BN_SCALE:  # channel 0: γ + ds = 0; channel 1: negative
+            gamma = model.get_submodule(s.module).weight.detach().numpy()
+            delta.tensors[s.name][:2] = [-gamma[0], -gamma[1] - 0.7]
+    b = load_audio_dataset(folders[0], bundle.manifest).batch([0, 45, 90, 100])
+    _assert_step_matches_torch(bundle, delta, b, model)
+    ops = {n.op_type for n in onnx.load(bundle.graph_path("train"), load_external_data=False).graph.node}
+    assert not {"MaxUnpool", "Resize"} & ops, ops  # the tiny CNN pools once, after its first block: no index search
 
 
 @pytest.fixture(scope="module")

@@ -103,3 +103,23 @@ def test_buckets_too_few_to_trim_anything_are_refused_with_the_fix():
     with pytest.raises(HubError, match="cuts none; use at least 5 buckets"):
         RobustOptions.from_dict({"trim": 0.2, "buckets": 4})
     assert RobustOptions.from_dict({"trim": 0.0, "buckets": 1}).buckets == 1
+
+
+@pytest.mark.parametrize("n", [3, 7, 32, 33])
+def test_the_trimmed_mean_across_buckets_is_the_stable_argsorts_one_ties_included(n):
+    """buckets.trimmed_across sorts 64-bit keys instead of argsorting: the same kept values and weights per coordinate,
+    equal values cut in row order as the stable argsort cuts them (ties, -0.0 and 0.0, huge and subnormal values)."""
+    from edgepeft.hub.robust import trimmed_mean
+
+    rng = np.random.default_rng(n)
+    means = rng.standard_normal((n, 3 * buckets.BLOCK // 2)).astype(np.float32)
+    means[:, :50] = np.round(means[:, :50])  # many ties
+    means[:, 50] = 0.0
+    means[::2, 50] = -0.0
+    means[:, 51] = np.float32(3e37)
+    means[1:, 52] = np.float32(-1e-42)
+    totals = rng.uniform(0.5, 5.0, n)
+    sums = (means.astype(np.float64) * totals[:, None]).astype(np.float32)  # as the merge holds bucket sums
+    got = buckets.trimmed_across(sums.reshape(n, 3, -1), totals, 0.2).reshape(-1)
+    want = trimmed_mean((sums * (1.0 / totals)[:, None]).astype(np.float32), totals, 0.2)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)  # the sums may add in another order

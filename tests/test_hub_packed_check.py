@@ -102,3 +102,23 @@ def test_fuzzed_packed_uploads_are_refused_or_accepted_exactly_as_the_reader_doe
             p[pos] = int(rng.integers(0, 256))
         accepted += _agree(repack(bytes(p)), m)
     assert 0 < accepted < 300  # both outcomes were exercised
+
+
+def test_a_header_equal_to_the_last_one_but_with_a_float_or_bool_dimension_is_refused_as_the_reader_refuses_it():
+    """The check remembers the last delta's tensor list; 384.0 == 384 and True == 1 in Python, but the reader refuses
+    both, so a list equal to the remembered one in value but not in type must not take that shortcut."""
+    import json
+
+    m = make_manifest()
+    honest = pack(make_delta(2))
+    assert _agree(honest, m)  # the remembered list is now this one
+    payload = payload_of(honest)
+    (n,) = struct.unpack("<I", payload[:4])
+    header = json.loads(payload[4:4 + n])
+    for odd in (float, lambda d: True if d == 1 else float(d)):
+        h = json.loads(json.dumps(header))
+        h["tensors"][0][1][0] = odd(h["tensors"][0][1][0])
+        text = json.dumps(h).encode()
+        assert h["tensors"] == header["tensors"]  # equal in value to the remembered list
+        assert not _agree(repack(struct.pack("<I", len(text)) + text + payload[4 + n:]), m)
+        assert _agree(honest, m)

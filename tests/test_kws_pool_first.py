@@ -40,3 +40,17 @@ def test_pooling_first_gives_the_same_gradients_where_windows_tie_or_are_not_pos
     for g, w in zip(got, want):
         assert torch.equal(g, w)
     assert block.pool_first is False and pool_before_activation(block).pool_first is True
+
+
+def test_the_mean_over_time_as_a_product_gives_the_outputs_and_gradients_up_to_rounding():
+    from edgepeft.exporters.kws_cnn import time_mean_as_product
+
+    torch.manual_seed(1)
+    net = KwsCnn(5, mels=16, widths=(4, 8)).double().eval()
+    x = torch.randn(3, 1, 16, 30, dtype=torch.float64)
+    want_y, want = _grads(net, x)
+    got_y, got = _grads(time_mean_as_product(copy.deepcopy(net)), x)
+    assert torch.allclose(got_y, want_y, rtol=0, atol=1e-12)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=0, atol=1e-12)
+    assert net.mean_as_product is False

@@ -39,11 +39,11 @@ def _mb(x: float) -> str:
 
 
 def speech_runs_figures() -> dict[str, str]:
-    """The speech bench run five times back to back (speech.json, speech_run2..5.json): each run's time-to-accuracy
-    ratio per method, their median, and our step's range against torch's."""
+    """The speech bench run five times back to back before the BN-and-pooling export (speech_run1..5.json, history): each
+    run's time-to-accuracy ratio per method, their median, and our step's range against torch's."""
     import statistics
 
-    runs = [_json("speech")] + [_json(f"speech_run{i}") for i in range(2, 6)]
+    runs = [_json(f"speech_run{i}") for i in range(1, 6)]
     out = {}
     for method in runs[0]["targets"]:
         tta = [r["targets"][method]["time_to_accuracy_ratio"] for r in runs]
@@ -67,6 +67,46 @@ def speech_pooling_figures() -> dict[str, str]:
             "speech: profile after pooling": "(`speech_profile3.json`, kernel ms a step): " + ", ".join(
                 f"{o['op']} {o['ms']:.1f}" for o in next(r for r in _json("speech_profile3")["rows"]
                                                           if r["bundle"] == "kws-random-bn_head-after")["ops"][:6])}
+
+
+def speech_bn_pool_figures() -> dict[str, str]:
+    """The speech section's --repeat run (speech.json) and the A/Bs and profile of the BN-and-pooling export
+    (speech_session4/5.json, speech_profile5.json)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_speech
+
+    speech = _json("speech")
+    med = {r["method"]: r["repeats"]["median_time_to_accuracy_ratio"] for r in speech["rows"]}
+    worst = max(x["time_to_accuracy_ratio"] for x in _row("speech", "lora r=8 + head", "method")["repeats"]["runs"])
+    s4 = {(r["bundle"].removeprefix("kws-random-"), r["setting"]): 1000 * r["cpu_step_s"] for r in _json("speech_session4")["rows"]}
+    one, ext = "dequantized at load, 1 thread", "dequantized at load, 1 thread, optimization extended"
+    s5 = {r["bundle"].removeprefix("kws-random-"): 1000 * r["cpu_step_s"] for r in _json("speech_session5")["rows"]}
+    chain = lambda m: " → ".join(f"{s5[f'{m}-{c}']:.1f}" for c in ("1d7c50c", "ec54f73", "b3c0ee4"))  # noqa: E731
+    load = lambda name: "-".join(str(x) for x in _json(name)["load_average_1min"])  # noqa: E731
+    return {
+        "speech: repeats": bench_speech.repeats_line(speech),
+        "speech: second repeat run": f"(`--out speech_repeat2`, raw:\n[`speech_repeat2.json`](benchmarks/results/speech_repeat2.json), "
+                                     f"load average {load('speech_repeat2')}) gave\n"
+                                     + bench_speech.repeats_line(_json("speech_repeat2")),
+        "speech: third repeat run": f"(`--out speech_repeat3`, raw:\n[`speech_repeat3.json`](benchmarks/results/speech_repeat3.json), "
+                                    f"load average {load('speech_repeat3')}) gave\n"
+                                    + bench_speech.repeats_line(_json("speech_repeat3")),
+        "speech: repeat medians": f"**medians of the five repeats {med['bn + head']:.2f}× (BN + head) and "
+                                  f"{med['lora r=8 + head']:.2f}× (LoRA + head): met**",
+        "speech: worst LoRA repeat": f"(one of its repeats is {worst:.2f}×)",
+        "speech: session5": f"load average {load('speech_session5')} from other jobs): BN + head "
+                            f"{s5['bn_head-1d7c50c']:.1f} → {s5['bn_head-ec54f73']:.1f} ms CPU a step with the BN and pooling "
+                            f"export, {s5['bn_head-b3c0ee4']:.1f} with the mean as a product; LoRA + head {chain('lora_head')} ms",
+        "speech: session4": f"(8 rounds, load average {load('speech_session4')}) measured the first change alone at BN + head "
+                            f"{s4['bn_head-before', one]:.1f} → {s4['bn_head-after', one]:.1f} ms, LoRA + head "
+                            f"{s4['lora_head-before', one]:.1f} → {s4['lora_head-after', one]:.1f} ms",
+        "speech: extended level": f"slower for both exports: BN + head {s4['bn_head-before', ext]:.1f} and "
+                                  f"{s4['bn_head-after', ext]:.1f} ms, LoRA + head {s4['lora_head-before', ext]:.1f} and "
+                                  f"{s4['lora_head-after', ext]:.1f} ms",
+        "speech: profile5": "kernel ms a step): " + ", ".join(
+            f"{o['op']} {o['ms']:.1f}" for o in next(r for r in _json("speech_profile5")["rows"]
+                                                      if r["bundle"] == "kws-random-bn_head-b3c0ee4")["ops"][:8]),
+    }
 
 
 def figures() -> dict[str, str]:
@@ -133,6 +173,7 @@ def figures() -> dict[str, str]:
             lambda k: f"{1000 * {r['bundle']: r for r in _json('cnn_profile')['rows']}[f'speech-kws-base-speech-b8677034-e20-{k}']['cpu_step_s']:.1f}"),
         **speech_pooling_figures(),
         **speech_runs_figures(),
+        **speech_bn_pool_figures(),
         "speech: base": f"trained in torch on {speech['base']['clips']} clips",
         "speech: base accuracy": f"recognizes {100 * speech['base']['heldout_base_voices_accuracy']:.1f} % of held-out clips "
                                  f"of those speakers and {100 * speech['base']['new_voice_accuracy']:.1f} % of the new voice's",
@@ -302,44 +343,57 @@ def adalora_figures() -> dict[str, str]:
 
 
 def hub_merge_figures() -> dict[str, str]:
-    """Merging 1,000 and 10,000 MiniLM-size packed deltas (bench_hub.py --merge-scale): chunked, the per-delta merge
-    before, the trimmed mean's cost; the products' floor from the deltas' shapes and the machine's fp32 peak."""
-    from common import FP32_PEAK_GFLOPS
-
-    r = _json("hub_agg")
+    """Merging 1,000 and 10,000 MiniLM-size packed deltas (bench_hub.py --merge-scale): the chunked merge on the merge's
+    threads, median clipping in one pass, the defaults, the per-delta merge, the trimmed mean's cost; the floor from the
+    phases measured apart (reading, and the products at this machine's sgemm speed); the run before (hub_agg_before)."""
+    r, b = _json("hub_agg"), _json("hub_agg_before")
     plain = {"clip_median": None, "trim": 0.0}
-    row = lambda path, n, opts: next(x for x in r["rows"] if (x["path"], x["deltas"], x["options"]) == (path, n, opts))  # noqa: E731
-    big, small = row("chunked", 10000, plain), row("chunked", 1000, plain)
-    clip, before = row("chunked", 10000, {"trim": 0.0}), row("per delta (before)", 1000, plain)
-    t50, t100 = (row("per delta, trimmed", n, {"clip_median": None, "trim": 0.2, "buckets": 10**6}) for n in (50, 100))
-    dbig, dsmall, done = row("chunked", 10000, {}), row("chunked", 1000, {}), row("per delta, defaults", 1000, {})
-    gflop = big["deltas"] * 12 * 2 * 384 * 384 * 8 / 1e9  # 12 LoRA modules of 384 x 384 at rank 8: one product each
+    row = lambda res, path, n, opts: next(x for x in res["rows"] if (x["path"], x["deltas"], x["options"]) == (path, n, opts))  # noqa: E731
+    big, small = row(r, "chunked", 10000, plain), row(r, "chunked", 1000, plain)
+    clip, sclip = row(r, "chunked", 10000, {"trim": 0.0}), row(r, "chunked", 1000, {"trim": 0.0})
+    before = row(r, "per delta (before)", 1000, plain)
+    t50, t100 = (row(r, "per delta, trimmed", n, {"clip_median": None, "trim": 0.2, "buckets": 10**6}) for n in (50, 100))
+    dbig, dsmall, done = row(r, "chunked", 10000, {}), row(r, "chunked", 1000, {}), row(r, "per delta, defaults", 1000, {})
+    blas = row(r, "chunked, BLAS threads", 10000, plain)
+    old = {k: row(b, "chunked", 10000, o) for k, o in (("plain", plain), ("clip", {"trim": 0.0}), ("defaults", {}))}
+    phase = r["phases"]["10000"]
+    read, products = phase["read_and_decompress"]["cpu_seconds"], phase["products_cpu_seconds_at_that_speed"]
     bucket_mb = 12 * 384 * 384 * 4 / 2**20  # one bucket's float32 sums of those modules' ΔW
     sizes = dbig["trimmed"]["deltas_per_bucket"]
+    loads = [x["load_average"] for x in (big, clip, dbig)]
     return {
         "hub: merge command": f"(`{r['command']}`;",
         "hub: merge at scale":
             f"{big['deltas']:,} MiniLM-size packed deltas merge (plain mean) in {big['seconds']:.1f} s ({big['deltas_per_s']:,.0f} "
-            f"deltas/s, {big['cpu_seconds']:.1f} CPU s) with at most {big['peak_python_heap_mb']:.0f} MB of Python heap "
-            f"({small['peak_python_heap_mb']:.0f} MB for {small['deltas']:,}: memory is a chunk's, not the count's); with "
-            f"median clipping {clip['seconds']:.1f} s ({clip['cpu_seconds']:.1f} CPU s: one more pass, for the median); "
-            f"{small['deltas']:,} in {small['seconds']:.1f} s against "
-            f"{before['seconds']:.1f} s ({small['cpu_seconds']:.1f} against {before['cpu_seconds']:.1f} CPU s) for the "
-            f"per-delta merge before, load average {r['load_average']:.0f}",
+            f"deltas/s, {big['cpu_seconds']:.1f} CPU s on {big['merge_threads']} merge threads) with at most "
+            f"{big['peak_python_heap_mb']:.0f} MB of Python heap ({small['peak_python_heap_mb']:.0f} MB for {small['deltas']:,}: "
+            f"memory is a chunk's, not the count's); with median clipping {clip['seconds']:.1f} s ({clip['cpu_seconds']:.1f} CPU s, "
+            f"{clip['reread']} deltas read twice); {small['deltas']:,} in {small['seconds']:.1f} s ({sclip['seconds']:.1f} s "
+            f"with median clipping) against {before['seconds']:.1f} s ({small['cpu_seconds']:.1f} against "
+            f"{before['cpu_seconds']:.1f} CPU s) for the per-delta merge; load average {min(loads):.1f}-{max(loads):.1f}",
+        "hub: merge before":
+            f"{old['plain']['seconds']:.1f} s ({old['plain']['cpu_seconds']:.1f} CPU s) plain, {old['clip']['seconds']:.1f} s with "
+            f"median clipping, {old['defaults']['seconds']:.1f} s ({old['defaults']['cpu_seconds']:.1f} CPU s) on the defaults, "
+            f"on {b['merge_blas_threads']} thread",
         "hub: merge floor":
-            f"the products alone are {gflop:.0f} GFLOP for {big['deltas']:,} deltas, {gflop / FP32_PEAK_GFLOPS:.1f} s at the "
-            f"{FP32_PEAK_GFLOPS:.0f} GFLOP/s fp32 peak of both cores",
+            f"the products alone are {phase['products_gflop']:.0f} GFLOP for {phase['deltas']:,} deltas, {products:.1f} CPU s at "
+            f"this machine's one-thread sgemm speed ({phase['sgemm_gflops_one_thread']:.0f} GFLOP/s, measured in the run), and "
+            f"reading and decompressing them takes {read:.1f} CPU s (measured alone): {(products + read) / 2:.1f} s on two "
+            f"cores before a single value is dequantized",
         "hub: trimmed cost":
             f"{t50['deltas']} / {t100['deltas']} deltas take {t50['cpu_seconds']:.0f} / {t100['cpu_seconds']:.0f} CPU s "
             f"({t50['passes']} / {t100['passes']} passes), so some {t100['cpu_seconds'] * (big['deltas'] / t100['deltas']) ** 2 / 3600:,.0f} "
             f"CPU hours for {big['deltas']:,}",
         "hub: merge defaults":
             f"with the defaults (median clipping, then the 20 % trimmed mean over {dbig['trimmed']['buckets']} bucket means of "
-            f"{sizes[0]:,} or {sizes[1]:,} deltas) {dbig['deltas']:,} merge in {dbig['seconds']:.1f} s ({dbig['cpu_seconds']:.1f} CPU s) "
-            f"with at most {dbig['peak_python_heap_mb']:.0f} MB of Python heap ({dsmall['peak_python_heap_mb']:.0f} MB for "
-            f"{dsmall['deltas']:,}: {dbig['trimmed']['buckets']} bucket sums of {bucket_mb:.0f} MB, whatever the count); "
-            f"{dsmall['deltas']:,} in {dsmall['seconds']:.1f} s ({dsmall['cpu_seconds']:.1f} CPU s), or {done['seconds']:.1f} s "
-            f"({done['cpu_seconds']:.1f} CPU s) one delta at a time",
+            f"{sizes[0]:,} or {sizes[1]:,} deltas) {dbig['deltas']:,} merge in {dbig['seconds']:.1f} s ({dbig['cpu_seconds']:.1f} CPU s, "
+            f"{dbig['reread']} deltas read twice) with at most {dbig['peak_python_heap_mb']:.0f} MB of Python heap "
+            f"({dsmall['peak_python_heap_mb']:.0f} MB for {dsmall['deltas']:,}: two sums of {bucket_mb:.0f} MB for each of "
+            f"{dbig['trimmed']['buckets']} buckets, whatever the count); {dsmall['deltas']:,} in {dsmall['seconds']:.1f} s "
+            f"({dsmall['cpu_seconds']:.1f} CPU s), or {done['seconds']:.1f} s ({done['cpu_seconds']:.1f} CPU s) one delta at a time",
+        "hub: merge on BLAS threads":
+            f"the plain mean of {blas['deltas']:,} on {blas['blas_threads']} BLAS threads and one merge thread instead took "
+            f"{blas['seconds']:.1f} s ({blas['cpu_seconds']:.1f} CPU s)",
     }
 
 
@@ -385,8 +439,25 @@ def hub_upload_figures() -> dict[str, str]:
             "hub: one row": f"one row per upload instead of three INSERTs would take the commit from "
                             f"{commit['three inserts, 32 KiB pages']:.2f} to {commit['one row, 32 KiB pages']:.2f} ms",
             **hub_long_figures(pg),
+            **hub_folder_figures(),
             "hub: threads": f"{t40['uploads_per_s']:.0f} uploads/s at {cpu(t40)}, "
                             f"{'more' if t40['cpu_ms_per_upload']['hubs'] > 1.2 * sq['cpu_ms_per_upload']['hubs'] else 'no more'} CPU per upload"}
+
+
+def hub_folder_figures() -> dict[str, str]:
+    """Two hubs on PostgreSQL with blobs in the database and in a shared folder (?blobs=DIR), one run."""
+    run = _json("hub_uploads_s10")
+    r = {x["run"]: x for x in run["rows"]}
+    pg, pf = r["postgresql, 2 hubs"], r["postgresql, 2 hubs, blob folder"]
+    return {"hub: folder load": f"[`results/hub_uploads_s10.json`](benchmarks/results/hub_uploads_s10.json), load average "
+                                f"{run['load_average']:.1f}",
+            "hub: folder database": f"two hubs with blobs in the database {pg['uploads_per_s']:.0f} uploads/s, the hubs "
+                                    f"{pg['cpu_ms_per_upload']['hubs']:.2f} ms and PostgreSQL "
+                                    f"{pg['cpu_ms_per_upload']['database']:.2f} ms of CPU per upload",
+            "hub: folder": f"with the folder {pf['uploads_per_s']:.0f} uploads/s, the hubs {pf['cpu_ms_per_upload']['hubs']:.2f} ms "
+                           f"and PostgreSQL {pf['cpu_ms_per_upload']['database']:.2f} ms",
+            "hub: folder slower": "On two cores shared by all of them it is slower" if pf["uploads_per_s"] < pg["uploads_per_s"]
+                                  else "On two cores shared by all of them it is faster"}
 
 
 def hub_long_figures(pg: dict) -> dict[str, str]:
@@ -630,6 +701,7 @@ def vision_figures() -> dict[str, str]:
         "vision: load": f"load average {two['load_average_1min'][0]}-{two['load_average_1min'][1]}, recorded",
         "vision: load, one thread": f"load average {one['load_average_1min'][0]}-{one['load_average_1min'][1]})",
         "vision: time to accuracy": f"Time to accuracy ≤ 0.5×: {met(one)} on one thread each ({tta(one)}), {met(two)} on two ({tta(two)})**",
+        **vision_repeat_figures(tta),
         "vision: cpu": "CPU seconds a step " + " and ".join(f"{g['cpu_step_ratio']:.2f}×" for g in two["targets"].values())
                        + " torch's on two threads",
         "vision: plan": f"its plan: \"{two['rows'][0]['edgepeft']['memory_plan']}\"",
@@ -646,6 +718,20 @@ def vision_figures() -> dict[str, str]:
                                    f"{ms('bn_head', 'dequantized at load, 2 threads', 'wall_step_s')} on two, for "
                                    f"{ms('bn_head', 'dequantized at load, 2 threads')} ms of CPU",
     }
+
+
+def vision_repeat_figures(tta) -> dict[str, str]:
+    """The one-thread vision run's repeat and the previous exporter's run (the ratio moves with torch's step), and this
+    version's two-thread run."""
+    r2, s9, two = _json("vision_1thread_run2"), _json("vision_1thread_s9"), _json("vision_2threads_s10")
+    t, bn = two["targets"], two["rows"][0]["edgepeft"]
+    step = lambda run, side: " and ".join(f"{1000 * r[side]['cpu_step_s']:.0f}" for r in run["rows"])  # noqa: E731
+    return {"vision: run2": f"gave {tta(r2)} (our CPU ms a step {step(r2, 'edgepeft')}, torch's {step(r2, 'torch_peft')})",
+            "vision: two threads now": f"BN + head {t['bn + head']['time_to_accuracy_ratio']:.2f}× and LoRA + head "
+                                       f"{t['lora r=8 + head']['time_to_accuracy_ratio']:.2f}× time to 75 %; our BN + head step took "
+                                       f"{1000 * bn['step_s']:.0f} ms for {1000 * bn['cpu_step_s']:.0f} ms of CPU",
+            "vision: s9": f"(session 9, raw: [`vision_1thread_s9.json`](benchmarks/results/vision_1thread_s9.json)) {tta(s9)} "
+                          f"(ours {step(s9, 'edgepeft')}, torch's {step(s9, 'torch_peft')})"}
 
 
 def pitch_figures() -> dict[str, str]:

@@ -61,32 +61,106 @@ def fleet(tmp_path, hub_bundle):
     store.close()
 
 
-def both(store, manifest, options: dict, monkeypatch) -> tuple[tuple, tuple]:
-    """(version, report) by the per-delta merge and by the chunked one (chunks of 5: several per rank)."""
+def both(store, manifest, options: dict, monkeypatch, threads: int = 2) -> tuple[tuple, tuple]:
+    """(version, report) by the per-delta merge and by the chunked one (chunks of 5: several per rank; the modules
+    on ``threads`` threads)."""
     opts = RobustOptions.from_dict(options)
     version, _ = store.claim_version("f", "default", opts.to_dict())
     claimed = store.list_deltas("f", "default", version=version)
     parents = agg._Parents(store, "f", "default", manifest)
     old = agg._merge_per_delta(store, claimed, 2, manifest, opts, parents, None, 1)
     monkeypatch.setattr(delta_chunks, "CHUNK", 5)
+    monkeypatch.setattr(agg, "MERGE_THREADS", threads)
     new = agg._merge_chunked(store, claimed, 2, manifest, opts, parents, 1)
     return old, new
 
 
-@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
-def test_the_chunked_merge_makes_the_per_delta_merges_version(fleet, options, monkeypatch):
-    store, manifest = fleet
-    assert stream_merge.eligible(manifest)
-    (old, old_report), (new, new_report) = both(store, manifest, options, monkeypatch)
+def assert_same(old_pair: tuple, new_pair: tuple) -> None:
+    """The chunked merge's version and report are the per-delta merge's (ΔW to 1e-5, norms to 1e-9)."""
+    (old, old_report), (new, new_report) = old_pair, new_pair
     for key, (max_abs, rel) in diff(new, old).items():
         if ":dW" in key or "lora" not in key:  # factors are defined up to an r x r mixing; ΔW is what counts
             assert rel < 1e-5, (key, max_abs, rel)
     assert new.meta.samples == old.meta.samples and new.meta.rank == old.meta.rank == 4
-    assert set(new_report) == set(old_report)
-    for k in {"count", "samples", "stale", "max_staleness", "clipped"} & set(old_report):
+    assert set(new_report) == set(old_report) | {"reread"}  # how many deltas the median bound read twice
+    for k in {"count", "samples", "stale", "max_staleness", "clipped", "trimmed"} & set(old_report):
         assert new_report[k] == old_report[k], k
     for k in {"total_weight", "clip_bound", "max_update_norm"} & set(old_report):
         assert new_report[k] == pytest.approx(old_report[k], rel=1e-9), k
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_the_chunked_merge_makes_the_per_delta_merges_version(fleet, options, threads, monkeypatch):
+    store, manifest = fleet
+    assert stream_merge.eligible(manifest)
+    assert_same(*both(store, manifest, options, monkeypatch, threads))
+
+
+def median_fleet(tmp_path, hub_bundle, sizes: list[float]) -> tuple:
+    """A fleet of ranks 2 and 4 with v1 published and one pending delta per entry of ``sizes``, in that arrival order:
+    trained from v1 (or from none), its factors drawn at that scale (0: a first-round delta of zeros, no update; a
+    delta equal to its parent is no update either, but its norm from Gram matrices is a rounding residue, not 0)."""
+    store = open_store(str(tmp_path / "store"))
+    files = {p.name: p.read_bytes() for p in hub_bundle.iterdir()}
+    rec, _ = store.add_bundle(files["manifest.json"].decode(), files)
+    store.create_fleet("f", rec.fingerprint, staleness=3, ranks=(2, 4))
+    manifest = read_manifest(hub_bundle)
+    agg.publish(store, "f", "default", delta_bytes(device_delta(manifest, 999, 4, None)))
+    agg.publish(store, "f", "default", delta_bytes(device_delta(manifest, 1000, 4, None)))  # v2: deltas 1 behind
+    for i, size in enumerate(sizes):
+        d = device_delta(manifest, i, (2, 4)[i % 2] if i % 3 else 4, (None, 1)[i % 2] if size else None)
+        d = Delta({k: v * np.float32(size) for k, v in d.tensors.items()}, d.meta)
+        data = pack(d) if i % 4 and size else delta_bytes(d)
+        store.add_delta(DeltaRec(sha256_hex(data), "f", d.meta.creator, "default", d.meta.parent or 0, d.meta.samples,
+                                 len(data), float(i)), data)  # claimed in this order
+    return store, manifest
+
+
+def test_the_median_bound_in_one_pass_when_the_first_chunk_misjudges_it(tmp_path, hub_bundle, monkeypatch):
+    """The first chunks (5 deltas of one layout) come from 20 deltas 20x larger than the 40 after them: their
+    threshold puts the next deltas below it, and those above the round's bound are read again and corrected; the
+    version is the per-delta merge's."""
+    store, manifest = median_fleet(tmp_path, hub_bundle, [20.0] * 20 + [1.0] * 40)
+    old, new = both(store, manifest, {"clip_median": 0.5, "trim": 0.0}, monkeypatch)
+    assert_same(old, new)
+    assert new[1]["reread"] > 0 and new[1]["passes"] == 2
+    store.close()
+
+
+@pytest.mark.parametrize("options", [{"trim": 0.0}, {"buckets": 5}], ids=["median clipping", "the defaults, 5 buckets"])
+def test_a_median_update_norm_of_0_clips_nothing(tmp_path, hub_bundle, monkeypatch, options):
+    """Most deltas are their parent version (update 0): the median is 0, so no bound; the deltas the threshold put
+    above it get their full weight back."""
+    store, manifest = median_fleet(tmp_path, hub_bundle, [1.0, 0.0, 2.0, 0.0, 0.0, 3.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    old, new = both(store, manifest, options, monkeypatch)
+    assert_same(old, new)
+    assert "clip_bound" not in new[1] and new[1]["reread"] > 0
+    store.close()
+
+
+def test_merge_memory_is_flat_in_the_number_of_deltas(tmp_path, hub_bundle, monkeypatch):
+    """The chunked merge's Python-heap peak (numpy's arrays included) for 200 deltas is that for 40 plus some
+    bookkeeping per delta (ids, weights, norms: under 1 KB), never a delta's tensors: a chunk's memory and the bucket
+    sums, not the count's (the defaults: median clipping, trimmed over 8 buckets)."""
+    import tracemalloc
+
+    store, manifest = median_fleet(tmp_path, hub_bundle, [1.0 + (i % 5) for i in range(200)])
+    opts = RobustOptions.from_dict({"buckets": 8})
+    monkeypatch.setattr(delta_chunks, "CHUNK", 5)
+    version, _ = store.claim_version("f", "default", opts.to_dict())
+    claimed = store.list_deltas("f", "default", version=version)
+    parents = agg._Parents(store, "f", "default", manifest)
+    peaks = {}
+    for n in (40, 200):
+        agg._merge_chunked(store, claimed[:n], 2, manifest, opts, parents, 1)  # warm: layouts, parents, imports
+        tracemalloc.start()
+        agg._merge_chunked(store, claimed[:n], 2, manifest, opts, parents, 1)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    one = len(delta_bytes(agg.parse_delta(store.get_blob(claimed[0].id), "d", manifest)))  # a delta's float32 tensors
+    assert (peaks[200] - peaks[40]) / 160 < min(1024, one / 2), (peaks, one)
+    store.close()
 
 
 TRIMMED = {
@@ -112,6 +186,7 @@ def test_the_chunked_bucket_means_are_the_per_delta_bucket_means(fleet, options,
 
 def assert_same_trimmed(store, manifest, options: dict, monkeypatch, trimmed: dict) -> None:
     (old, old_report), (new, new_report) = both(store, manifest, options, monkeypatch)
+    assert set(new_report) == set(old_report) | {"reread"}
     assert new_report["trimmed"] == old_report["trimmed"] == trimmed
     for key, (max_abs, rel) in diff(new, old).items():
         if ":dW" in key or "lora" not in key:

@@ -29,9 +29,12 @@ def reference(bundle, tensors: dict[str, np.ndarray], model: nn.Module | None = 
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in read_frozen(bundle).items()})
     model.eval()
     lora = sorted({s.module for s in m.slots if s.kind == LORA_A})
-    rank, alpha = m.slots[[s.kind for s in m.slots].index(LORA_A)].rank, m.slots[[s.kind for s in m.slots].index(LORA_A)].alpha
-    peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora, init_lora_weights=False))
-    net = peft.base_model.model
+    if lora:
+        rank, alpha = m.slots[[s.kind for s in m.slots].index(LORA_A)].rank, m.slots[[s.kind for s in m.slots].index(LORA_A)].alpha
+        peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora, init_lora_weights=False))
+        net = peft.base_model.model
+    else:  # BN + head: plain torch, as PEFT has no BatchNorm tuning
+        peft = net = model
     theirs = {}
     with torch.no_grad():
         for s in m.slots:

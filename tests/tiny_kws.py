@@ -27,16 +27,18 @@ def tiny_kws(seed: int = 0) -> nn.Module:
     return randomize_batchnorm(KwsCnn(len(WORDS), mels=SPEC.mels, widths=(4, 8)), seed + 1, affine=False).eval()
 
 
-def export_tiny_kws(out: Path, quantize: str = "int8", seed: int = 0):
-    """The tiny KWS CNN exported as an audio bundle: LoRA r=4 on every convolution (the first merged into its weight,
-    exporters/methods/lora.merged; the second a branch), BN tuning, its own head kept."""
-    from edgepeft.exporters.kws_cnn import pool_before_activation
+def export_tiny_kws(out: Path, quantize: str = "int8", seed: int = 0, method: str = "lora+bn",
+                    config: dict | None = None):
+    """The tiny KWS CNN exported as an audio bundle: by default LoRA r=4 on every convolution (the first merged into its
+    weight, exporters/methods/lora.merged; the second a branch), BN tuning, its own head kept."""
+    from edgepeft.exporters.audio_specs import SPECS
     from edgepeft.exporters.modules import export_bundle
     from edgepeft.names import AUDIO_CLS
 
-    # exported as export_audio exports the KWS CNN (pooling before ReLU); the parity tests run torch on tiny_kws as written
-    return export_bundle(pool_before_activation(tiny_kws(seed)), torch.zeros(1, 1, SPEC.mels, SPEC.frames), out, labels=WORDS, head="fc",
-                         keep_head=True, method="lora+bn", method_config={"lora.rank": 4}, quantize=quantize,
+    config = {"lora.rank": 4} if config is None else config
+    # exported as export_audio exports the KWS CNN (its for_export rewrite); the parity tests run torch on tiny_kws as written
+    return export_bundle(SPECS["kws-cnn"].for_export(tiny_kws(seed)), torch.zeros(1, 1, SPEC.mels, SPEC.frames), out,
+                         labels=WORDS, head="fc", keep_head=True, method=method, method_config=config, quantize=quantize,
                          task=AUDIO_CLS, audio=SPEC.to_dict())
 
 

@@ -42,9 +42,13 @@ def hub_group() -> None:
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Hub processes on this port and store (uvicorn workers); one process is one core. Claims, revokes "
                    "and retries stay exact across them (see edgepeft/hub/workers.py).")
+@click.option("--merge-threads", default=0, show_default=True, type=click.IntRange(0, 256),
+              help="Threads an aggregation multiplies deltas on (0: every core). While it runs it competes with "
+                   "serving uploads for those cores; 1 leaves the others to serving.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]), help="uvicorn log level.")
 def serve_cmd(store_uri: str, host: str, port: int, admin_token_file: str | None, max_upload_bytes: int,
-              policy_interval: float, public_status: bool, threads: int, workers: int, log_level: str) -> None:
+              policy_interval: float, public_status: bool, threads: int, workers: int, merge_threads: int,
+              log_level: str) -> None:
     """Serve the hub HTTP API (OpenAPI at /docs) over STORE."""
     import uvicorn
 
@@ -52,13 +56,16 @@ def serve_cmd(store_uri: str, host: str, port: int, admin_token_file: str | None
     from edgepeft.hub.logs import hub_log_config
     from edgepeft.hub.backends import open_store
 
+    from edgepeft.hub import aggregate
+
+    aggregate.MERGE_THREADS = merge_threads or None
     token = _admin_token(store_uri, admin_token_file)
     store = open_store(store_uri)  # also where a bad store is told in one line, and its schema made once
     if workers > 1:
         store.close()
         _serve_workers(store_uri, _token_file(store_uri, admin_token_file), workers, host, port, log_level,
                        max_upload_bytes=max_upload_bytes, policy_interval_s=policy_interval, request_threads=threads,
-                       status_public=public_status)
+                       status_public=public_status, merge_threads=merge_threads)
         return
     app = create_app(store, admin_token=token, max_upload_bytes=max_upload_bytes, policy_interval_s=policy_interval,
                      request_threads=threads,

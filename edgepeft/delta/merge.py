@@ -64,18 +64,23 @@ def space_parts_factored(d: Delta, base: BaseWeights | None = None
 
 
 def from_space_parts(first: Delta, space: dict[str, np.ndarray], rank: int, scale: float,
-                     base: BaseWeights | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Slots back from space parts shaped like ``first``'s; (tensors, per re-factored module its relative error)."""
+                     base: BaseWeights | None = None, pool_map: Callable = map) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Slots back from space parts shaped like ``first``'s; (tensors, per re-factored module its relative error).
+    ``pool_map``: how the modules are mapped (threads: the SVDs release the GIL)."""
     tensors: dict[str, np.ndarray] = {}
     errors: dict[str, float] = {}
-    for module, groups in methods.by_module(first.tensors).items():
-        for method, kinds in groups.items():
-            w = base_of(method, module, base)
-            mine = method.to_space(module, {k: first.tensors[n] for k, n in kinds.items()}, first.scale, w)
-            out, err = method.from_space(module, {k: space[k] for k in mine}, rank, scale, w)
-            tensors.update({slot_name(module, k): v for k, v in out.items()})
-            if method.ranked:
-                errors[module] = err
+    jobs = [(module, method, kinds) for module, groups in methods.by_module(first.tensors).items() for method, kinds in groups.items()]
+
+    def one(job: tuple) -> tuple[dict[str, np.ndarray], float]:
+        module, method, kinds = job
+        w = base_of(method, module, base)
+        mine = method.to_space(module, {k: first.tensors[n] for k, n in kinds.items()}, first.scale, w)
+        return method.from_space(module, {k: space[k] for k in mine}, rank, scale, w)
+
+    for (module, method, _), (out, err) in zip(jobs, pool_map(one, jobs)):
+        tensors.update({slot_name(module, k): v for k, v in out.items()})
+        if method.ranked:
+            errors[module] = err
     return tensors, errors
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections import OrderedDict
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -39,6 +40,17 @@ from edgepeft.names import WEIGHTS_INDEX_FILE
 # hub's request handling made 1,000 MiniLM-size deltas 16x slower than one thread (benchmarks/results/hub.json,
 # "blas"). None: the BLAS library's default.
 MERGE_BLAS_THREADS: int | None = 1
+# Threads of a merge: the LoRA modules of each chunk of deltas are dequantized and multiplied on this many threads at
+# once, each on one BLAS thread (numpy and BLAS release the GIL), while another thread reads and decompresses the next
+# chunk. None: every core this process may run on, so a merge competes with serving uploads for them while it runs.
+MERGE_THREADS: int | None = None
+
+
+def merge_threads() -> int:
+    """The threads a merge uses (``MERGE_THREADS``, default every core this process may run on)."""
+    if MERGE_THREADS:
+        return MERGE_THREADS
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def parse_delta(data: bytes, where: str, manifest: Manifest) -> Delta:
@@ -177,8 +189,15 @@ def _merge_chunked(store: Store, claimed: list[DeltaRec], latest: int, manifest:
     rank, scale = bundle_lora(manifest)
     starts = stream_merge.Starts(stream_merge.Parts(manifest), rank, parents.get, parents.at_rank)
     step = _server_step(options, parents.get(latest), parents.get(before), None)
-    merged, stats = stream_merge.merge_chunks(lambda: delta_chunks.chunks(store.iter_delta_bytes(ids), manifest), len(ids),
-                                              capped, latest, manifest, options, starts, step, rank, scale)
+
+    def read(positions: Sequence[int] | None) -> Iterator[delta_chunks.Chunk]:
+        """The claimed deltas in chunks, all of them or those at ``positions``."""
+        if positions is None:
+            return delta_chunks.chunks(store.iter_delta_bytes(ids), manifest)
+        return delta_chunks.chunks(store.iter_delta_bytes([ids[p] for p in positions]), manifest, positions=positions)
+
+    merged, stats = stream_merge.merge_chunks(read, len(ids), capped, latest, manifest, options, starts, step, rank, scale,
+                                              merge_threads())
     return merged, {"count": len(ids), "samples": merged.meta.samples, **stats, "options": options.to_dict()}
 
 

@@ -11,6 +11,7 @@ whatever n.
 from __future__ import annotations
 
 import hashlib
+from typing import Callable
 
 import numpy as np
 
@@ -37,19 +38,52 @@ def count(n: int, buckets: int) -> int:
     return min(buckets, n)
 
 
-def trimmed_across(sums: np.ndarray, totals: np.ndarray, trim: float) -> np.ndarray:
+def trimmed_across(sums: np.ndarray, totals: np.ndarray, trim: float, pool_map: Callable = map) -> np.ndarray:
     """Coordinate-wise trimmed mean of the bucket means ``sums[g] / totals[g]`` weighted by ``totals`` (the buckets'
-    total weights), in blocks of ``BLOCK`` coordinates. ``sums``: (B, *shape); buckets of total weight 0 are left out."""
+    total weights), in blocks of ``BLOCK`` coordinates (``pool_map``: how the blocks are mapped, e.g. on threads).
+    ``sums``: (B, *shape); buckets of total weight 0 are left out."""
     keep = totals > 0
-    sums, totals = sums[keep], totals[keep]
+    if not keep.all():  # (a copy: only when some bucket weighs 0)
+        sums, totals = sums[keep], totals[keep]
     b = sums.shape[0]
     flat = sums.reshape(b, -1)
     out = np.empty(flat.shape[1])
     inverse = (1.0 / totals)[:, None]
-    for lo in range(0, flat.shape[1], BLOCK):
+
+    def block(lo: int) -> None:
         means = (flat[:, lo:lo + BLOCK] * inverse).astype(np.float32)  # as the per-delta stack holds values: float32
-        out[lo:lo + BLOCK] = trimmed_mean(means, totals, trim)
+        out[lo:lo + BLOCK] = _trimmed_columns(means, totals, trim)
+
+    list(pool_map(block, range(0, flat.shape[1], BLOCK)))
     return out.reshape(sums.shape[1:])
+
+
+def _trimmed_columns(values: np.ndarray, weights: np.ndarray, trim: float) -> np.ndarray:
+    """``robust.trimmed_mean`` of float32 ``values`` (n, m), the same numbers, several times faster: each column's
+    order comes from sorting 64-bit keys, the value's bits mapped to an unsigned order above its row, which orders
+    equal values by row as the stable argsort does; a plain sort is vectorized where an argsort is not, and the kept
+    values are read back from their keys."""
+    n = values.shape[0]
+    if values.dtype != np.float32:
+        return trimmed_mean(values, weights, trim)
+    k = trim_count(n, trim)
+    m = values.shape[1]
+    rows = np.ascontiguousarray(values.T) + np.float32(0.0)  # (m, n); -0.0 becomes 0.0: equal values, one key
+    halves = np.empty((m, n, 2), np.uint32)  # little-endian uint64 keys: (row, order of the value)
+    halves[:, :, 0] = np.arange(n, dtype=np.uint32)
+    flip = (rows.view(np.int32) >> 31).view(np.uint32)  # negative: all bits; else none ...
+    flip |= np.uint32(1 << 31)  # ... and the sign bit: unsigned order is the floats' order
+    np.bitwise_xor(rows.view(np.uint32), flip, out=halves[:, :, 1])
+    keys = halves.view(np.uint64).reshape(m, n)
+    keys.sort(axis=1)
+    middle = halves[:, k:n - k]  # (m, n - 2k, 2) the kept, in order
+    order = middle[:, :, 1]
+    back = (order.view(np.int32) >> 31).view(np.uint32)  # the top bit set (a value >= 0): flip that bit; else all
+    back = ~back | np.uint32(1 << 31)
+    v = (order ^ back).view(np.float32).astype(np.float64)
+    w = np.asarray(weights, dtype=np.float64)[middle[:, :, 0]]
+    total = w.sum(axis=1)
+    return np.divide((v * w).sum(axis=1), total, out=np.zeros(m), where=total > 0)
 
 
 def report(n: int, buckets: int, trim: float) -> dict[str, object]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -42,10 +42,14 @@ class Chunk:
     def __len__(self) -> int:
         return len(self.metas)
 
-    def values(self, name: str) -> np.ndarray:
-        """Slot ``name`` of every delta, (k, *shape) float32, as ``transport.unpack`` dequantizes it."""
+    def factor(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Slot ``name`` of every delta as (codes (k, rows, n), row scales (k, rows) float32), value = code · scale
+        exactly as ``transport.unpack`` computes it (one float32 rounding), every reader check made: a product can
+        take the scales where they cost least instead of dequantizing first. Raw deltas: (values, ones)."""
         if self.layout is None:
-            return self.raw[name]
+            v = self.raw[name]
+            v = v.reshape(len(self), 1, -1) if v.ndim == 2 else v.reshape(len(self), v.shape[1], -1)
+            return v, np.ones(v.shape[:2], np.float32)
         assert self.payload is not None
         i = next(j for j, (n, _) in enumerate(self.layout.specs) if n == name)
         rows, n, k = self.layout.tensor_rows[i], self.layout.row_lengths[i], len(self)
@@ -59,13 +63,26 @@ class Chunk:
         bad = (codes.min(axis=(1, 2), initial=0) == -128) if rows * n else np.zeros(k, bool)
         if bad.any():
             raise DeltaError(f"{self.wheres[int(bad.argmax())]}: tensor {name!r} holds -128, which the packer never writes")
+        if not np.isfinite(np.float32(127) * scales.max(initial=0)):  # a value may overflow: check them all
+            self._finite(name, codes, scales)
+        return codes, scales
+
+    def _finite(self, name: str, codes: np.ndarray, scales: np.ndarray) -> None:
+        """Refuse, by the delta's name, a chunk where some code times its row scale overflows float32."""
+        with np.errstate(over="ignore"):
+            bad = ~np.isfinite(codes * scales[:, :, None]).reshape(len(self), -1).all(axis=1)
+        if bad.any():
+            raise DeltaError(f"{self.wheres[int(bad.argmax())]}: tensor {name!r} has non-finite value(s) (NaN or Inf)")
+
+    def values(self, name: str) -> np.ndarray:
+        """Slot ``name`` of every delta, (k, *shape) float32, as ``transport.unpack`` dequantizes it."""
+        if self.layout is None:
+            return self.raw[name]
+        codes, scales = self.factor(name)
+        k, rows, n = codes.shape
         out = np.empty((k, rows, n), np.float32)
         with np.errstate(over="ignore"):  # as dequantize: int8 times float32, rounded once to float32
             np.multiply(codes, scales[:, :, None], out=out)
-        if not np.isfinite(np.float32(127) * scales.max(initial=0)):  # else no |code| <= 127 times a scale overflows
-            bad = ~np.isfinite(out).reshape(k, -1).all(axis=1)
-            if bad.any():
-                raise DeltaError(f"{self.wheres[int(bad.argmax())]}: tensor {name!r} has non-finite value(s) (NaN or Inf)")
         return out.reshape(k, *self.shapes[name])
 
 
@@ -80,13 +97,15 @@ def _chunk(items: list[tuple[int, str, DeltaMeta, object]], layout: Layout | Non
     return Chunk(positions, wheres, metas, {n: v.shape for n, v in first.items()}, raw=raw)
 
 
-def chunks(blobs: Iterable[tuple[str, bytes]], manifest: Manifest, size: int | None = None) -> Iterator[Chunk]:
+def chunks(blobs: Iterable[tuple[str, bytes]], manifest: Manifest, size: int | None = None,
+           positions: Sequence[int] | None = None) -> Iterator[Chunk]:
     """The stored deltas ``blobs`` ((id, bytes), in merge order) as chunks of at most ``size`` (default ``CHUNK``)
     deltas of one layout (a fleet of mixed ranks has one layout per rank); every delta checked as the reader checks it.
+    ``positions``: where each blob sits in the list being merged (default 0, 1, ...: all of it, in order).
 
     Read ahead by one chunk in a thread: reading the store and zstd release the GIL, so the next chunk is read and
     decompressed while the caller multiplies this one (a BLAS call, without the GIL too)."""
-    return _read_ahead(_chunks(blobs, manifest, size or CHUNK))
+    return _read_ahead(_chunks(blobs, manifest, size or CHUNK, positions))
 
 
 def _read_ahead(items: Iterator[Chunk], depth: int = 1) -> Iterator[Chunk]:
@@ -127,9 +146,11 @@ def _read_ahead(items: Iterator[Chunk], depth: int = 1) -> Iterator[Chunk]:
         thread.join()
 
 
-def _chunks(blobs: Iterable[tuple[str, bytes]], manifest: Manifest, size: int) -> Iterator[Chunk]:
+def _chunks(blobs: Iterable[tuple[str, bytes]], manifest: Manifest, size: int,
+            positions: Sequence[int] | None = None) -> Iterator[Chunk]:
     buckets: dict[tuple, tuple[Layout | None, list]] = {}
-    for pos, (delta_id, data) in enumerate(blobs):
+    for i, (delta_id, data) in enumerate(blobs):
+        pos = i if positions is None else positions[i]
         where = f"delta {delta_id[:16]}"
         if is_packed(data):
             meta, layout, payload = read_packed(data, where, manifest)

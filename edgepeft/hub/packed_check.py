@@ -15,6 +15,7 @@ Every check the device reader (``transport.unpack``) makes holds here, from chea
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -65,10 +66,17 @@ def _layout(raw_specs: Any, meta: DeltaMeta, manifest: Manifest, where: str) -> 
     """The layout of a header's tensor list, checked (``transport.tensor_specs``), then against ``manifest`` (for
     training) and by the reader's structure checks. Remembered by the list's repr: for what JSON gives (lists, str,
     int, float, bool, None) equal reprs are equal values, so a list seen before is not checked again."""
+    last = _last_layout
+    if (last is not None and last[0] is manifest and last[1] == (meta.base_fingerprint, meta.rank) and last[2] == raw_specs
+            and all(type(d) is int for _, shape in raw_specs for d in shape)):
+        # the list the last delta had (a round's deltas share one): compared in C, no repr. Equal lists can differ only
+        # in number types (384.0 == 384, True == 1), which the reader refuses: the dimensions must be ints as checked
+        return last[3]
     key = (id(manifest), meta.base_fingerprint, meta.rank, repr(raw_specs))
     with _layouts_lock:
         hit = _layouts.get(key)
     if hit is not None and hit[0] is manifest:  # the manifest is kept in the entry: its id cannot be reused meanwhile
+        _remember(manifest, meta, raw_specs, hit[1])
         return hit[1]
     specs = tensor_specs(raw_specs, where)
     shapes = dict(specs)
@@ -100,13 +108,39 @@ def _layout(raw_specs: Any, meta: DeltaMeta, manifest: Manifest, where: str) -> 
         _layouts[key] = (manifest, layout)
         while len(_layouts) > LAYOUTS_KEPT:
             _layouts.popitem(last=False)
+    _remember(manifest, meta, raw_specs, layout)
     return layout
+
+
+_last_layout: tuple | None = None  # (manifest, (fingerprint, rank), the header's tensor list, its Layout)
+
+
+def _remember(manifest: Manifest, meta: DeltaMeta, raw_specs: Any, layout: Layout) -> None:
+    """Keep the last checked tensor list (a copy: the caller's may change) for the next delta's fast path."""
+    global _last_layout
+    _last_layout = (manifest, (meta.base_fingerprint, meta.rank), copy.deepcopy(raw_specs), layout)
+
+
+_caps: dict[int, tuple[Manifest, int]] = {}  # id(manifest) -> (manifest, its header cap): one sum over its slots, not one a delta
+
+
+def _header_cap(manifest: Manifest) -> int:
+    """``format.header_cap(manifest)``, remembered for the manifests last seen (the entry keeps the manifest, so its id
+    is not reused while it is there)."""
+    hit = _caps.get(id(manifest))
+    if hit is not None and hit[0] is manifest:
+        return hit[1]
+    if len(_caps) >= LAYOUTS_KEPT:
+        _caps.clear()
+    cap = header_cap(manifest)
+    _caps[id(manifest)] = (manifest, cap)
+    return cap
 
 
 def read_packed(data: bytes, where: str, manifest: Manifest) -> tuple[DeltaMeta, Layout, bytes]:
     """(meta, layout checked against the bundle, payload) of a packed delta: its header checked, its frame fully read."""
     frame = Frame(data, where)
-    header = parse_header(frame, where, header_cap(manifest))
+    header = parse_header(frame, where, _header_cap(manifest))
     meta = meta_from_strings(header["meta"], where)
     layout = _layout(header["tensors"], meta, manifest, where)
     need = frame.read_bytes + layout.payload_bytes  # payload_size(), from the layout

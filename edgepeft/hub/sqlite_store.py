@@ -17,10 +17,9 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-from edgepeft import atomic
 from edgepeft.errors import HubError
+from edgepeft.hub import blob_folder
 from edgepeft.hub.sql_store import ADDED_COLUMNS, SCHEMA, Pool, SqlStore
-from edgepeft.hub.store import check_sha
 
 try:
     import fcntl
@@ -121,17 +120,11 @@ class SqliteStore(SqlStore):
     def _lock_fleet(self, cur: Any, fleet: str) -> None:
         pass  # BEGIN IMMEDIATE already serializes every writer
 
-    def _blob_path(self, sha: str) -> Path:
-        check_sha(sha)
-        return self.root / BLOB_DIR / sha[:2] / sha
-
     def _store_blob(self, cur: Any, sha: str, data: bytes) -> None:
         if cur is not None and self._blob_in_transaction(len(data)):
             cur.execute("INSERT INTO inline_blobs (sha256, data) VALUES (?, ?) ON CONFLICT DO NOTHING", (sha, bytes(data)))
             return
-        path = self._blob_path(sha)
-        if not path.exists():
-            atomic.write_bytes(path, data)
+        blob_folder.write_blob(self.root / BLOB_DIR, sha, data)
 
     def _read_blob(self, sha: str, start: int, length: int | None) -> bytes | None:
         with self._tx() as cur:  # substr counts from 1
@@ -139,12 +132,7 @@ class SqliteStore(SqlStore):
                               (start + 1, INLINE_MAX if length is None else length, sha)).fetchone()
         if row is not None:
             return bytes(row[0])
-        try:
-            with open(self._blob_path(sha), "rb") as f:
-                f.seek(start)
-                return f.read() if length is None else f.read(length)
-        except FileNotFoundError:
-            return None
+        return blob_folder.read_blob(self.root / BLOB_DIR, sha, start, length)
 
     def _read_blobs(self, shas: list[str]) -> dict[str, bytes]:
         with self._tx() as cur:

@@ -33,6 +33,7 @@ class WorkerOptions:
     policy_interval_s: float
     request_threads: int
     status_public: bool
+    merge_threads: int = 0  # aggregate.MERGE_THREADS (0: every core)
 
     def to_env(self) -> str:
         """The value of :data:`ENV` for these options."""
@@ -48,6 +49,9 @@ def app_from_env() -> FastAPI:
     if sys.platform == "linux":  # a worker whose supervisor was killed stops too, instead of holding the port alone
         die_with_parent()
     opts = WorkerOptions(**json.loads(os.environ[ENV]))
+    from edgepeft.hub import aggregate
+
+    aggregate.MERGE_THREADS = opts.merge_threads or None
     token = Path(opts.admin_token_file).read_text(encoding="utf-8").strip()
     return create_app(open_store(opts.store_uri), admin_token=token, max_upload_bytes=opts.max_upload_bytes,
                       policy_interval_s=opts.policy_interval_s, request_threads=opts.request_threads,

@@ -35,6 +35,7 @@ class TorchMethod:
     delta's LoRA scale (1 in the inference graph, where the runtime folds it into the feeds)."""
 
     name: ClassVar[str]
+    absorbs: ClassVar[tuple[str, ...]] = ()  # other methods' slot kinds on the layer that ``replace`` folds in
 
     def pre(self, layer: nn.Module, x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
         return x
