@@ -58,6 +58,10 @@ class TrainConfig:
     checkpoint_every: int = _help(100, "Write a checkpoint every N steps (and always at the end).")
     memory_budget_mb: float = _help(0.0, "Peak memory budget in MB; chooses micro-batch, max length and arena (0: no budget).")
     threads: int = _help(0, "onnxruntime intra-op threads (0: all cores).")
+    data_parallel: int = _help(1, "Micro-batches run at once, the --threads shared among them (data parallel inside a "
+                                  "step: each batch is cut into at least this many, their gradients summed as one "
+                                  "batch's). A small CNN step keeps a second core busy this way where onnxruntime's "
+                                  "intra-op threads do not; peak memory holds this many micro-batches.")
     adapter: str = _help("", "Adapter name written into the delta (default: the starting delta's, else 'default').")
     creator: str = _help("device", "Creator written into the delta (e.g. a device id).")
     select: str = _help("all", "Slots to train: all, or auto (a short probe ranks modules by gradient and keeps the best "
@@ -65,7 +69,8 @@ class TrainConfig:
     max_delta_bytes: int = _help(0, "With --select auto: the most float32 bytes the trained slots may hold.")
 
     def __post_init__(self) -> None:
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "data_parallel": self.data_parallel}
         for name, v in positive.items():
             if v < 1:
                 raise TrainError(f"{name.replace('_', '-')} must be at least 1, got {v}")
@@ -95,7 +100,8 @@ class TrainConfig:
     def resume_identity(self) -> dict[str, Any]:
         """Fields a resumed run must share with the checkpoint (all that change what is computed)."""
         d = dataclasses.asdict(self)
-        for k in ("checkpoint_every", "creator"):
+        # the same gradients however many cores compute them: a run may resume on another device's core count
+        for k in ("checkpoint_every", "creator", "data_parallel"):
             d.pop(k)
         return d
 

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -93,21 +94,34 @@ class Trainer:
                 "val": self.val.sha256 if self.val else None,
                 "start": checksum(self.start.tensors) if self.start else None}
 
+    def _run_threads(self) -> int:
+        """Intra-op threads of each train-graph run: --threads shared among --data-parallel runs (0: onnxruntime's default)."""
+        c = self.config
+        if c.data_parallel == 1:
+            return c.threads
+        return max(1, (c.threads or os.cpu_count() or 1) // c.data_parallel)
+
     def _sessions(self) -> None:
         """Build the sessions and fit them to the memory budget (probing the train graph if there is one)."""
         c = self.config
         longest = int(min(self.train.lengths.max(), self.manifest.max_length))
         budget = c.memory_budget_mb
-        want = min(c.batch_size, c.micro_batch or c.batch_size)
-        lean = SessionConfig(threads=c.threads, arena=False)
+        want = min(c.batch_size, c.micro_batch or c.batch_size, -(-c.batch_size // c.data_parallel))
+        threads = self._run_threads()
+        lean = SessionConfig(threads=threads, arena=False)
+        # concurrent runs share one session (onnxruntime's Run is thread-safe): the frozen weights are held once
+        if getattr(self, "pool", None) is not None:  # sessions built again (--select auto's cut graph)
+            self.pool.shutdown()
+        self.pool = ThreadPoolExecutor(c.data_parallel) if c.data_parallel > 1 else None
         self.predictor = Predictor(self.bundle, lean if budget else SessionConfig(threads=c.threads)) if self.val else None
         if not budget:
-            self.session = self.bundle.session("train", SessionConfig(threads=c.threads), outputs=self.slots.outputs())
-            self.plan = memory.unlimited_plan(want, longest, SessionConfig(threads=c.threads))
+            self.session = self.bundle.session("train", SessionConfig(threads=threads), outputs=self.slots.outputs())
+            self.plan = memory.unlimited_plan(want, longest, SessionConfig(threads=threads))
             return
         self.session = self.bundle.session("train", lean, outputs=self.slots.outputs())
         cnn = self.manifest.task in CNN_INPUTS  # one input shape: a capped shared arena is safe (runtime/memory.py)
-        self.plan = memory.plan_memory(budget, batch_size=want, longest=longest, measure=self._probe, threads=c.threads,
+        # a probe runs --data-parallel micro-batches at once, so the plan's micro-batch is what fits that many times
+        self.plan = memory.plan_memory(budget, batch_size=want, longest=longest, measure=self._probe, threads=threads,
                                        sized_arena=cnn)
         if self.plan.session.arena:
             self.session = self.bundle.session("train", self.plan.session, outputs=self.slots.outputs())
@@ -131,7 +145,7 @@ class Trainer:
         if self.manifest.task in CNN_INPUTS:  # an image's or a clip's input size does not depend on t
             feeds = {CNN_INPUTS[self.manifest.task]: np.zeros((b, *_cnn_input_shape(self.manifest)), np.float32),
                      LABELS: np.zeros(b, np.int64), **self.params}
-            return memory.peak_during(lambda: self.session.run(None, feeds))
+            return memory.peak_during(lambda: self._run_all([feeds] * self.config.data_parallel))
         ids = np.full((b, t), max(self.manifest.pad_token_id + 1, 4) % self.manifest.vocab_size, np.int64)
         feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ones((b, t), np.int64), **self.params}
         if self.manifest.task == SEQ_CLS:
@@ -140,7 +154,13 @@ class Trainer:
             feeds[LABELS] = np.zeros((b, t), np.int64)
         else:
             feeds.update(train_feeds(feeds, loss_chunks(self.session), first_target(self.manifest)))
-        return memory.peak_during(lambda: self.session.run(None, feeds))
+        return memory.peak_during(lambda: self._run_all([feeds] * self.config.data_parallel))
+
+    def _run_all(self, feeds: list[dict[str, np.ndarray]], outputs: list[str] | None = None) -> list[list[np.ndarray]]:
+        """Each feed through the train graph, up to --data-parallel of them at once; results in the feeds' order."""
+        if self.pool is None or len(feeds) == 1:
+            return [self.session.run(outputs, f) for f in feeds]
+        return list(self.pool.map(lambda f: self.session.run(outputs, f), feeds))
 
     def _fresh_delta(self) -> Delta:
         """The starting delta at the bundle's rank (a lower-rank one zero-padded: the padding stays zero)."""
@@ -163,7 +183,7 @@ class Trainer:
         """One batch as train-graph runs: by example count, or by padded tokens under a memory budget."""
         if self.plan.max_tokens:
             return split_by_tokens(index, np.minimum(self.train.lengths, self.plan.max_length), self.plan.max_tokens)
-        return split_batch(index, self.plan.micro_batch)
+        return split_batch(index, min(self.plan.micro_batch, -(-len(index) // self.config.data_parallel)))
 
     def _grads(self, group: list[np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
         """Loss and gradients of a group of batches (micro-batched)."""
@@ -174,9 +194,12 @@ class Trainer:
         total_w = max(1, sum(weights))  # a batch whose labelled words were all truncated away weighs 0
         loss, grads = 0.0, None
         chunks = loss_chunks(self.session)
-        for b, w in zip(micro, weights):
-            feeds = b if LABELS in b else train_feeds(b, chunks, first_target(self.manifest))  # a causal LM scores only its target tokens
-            out = self.session.run(outputs, {**feeds, **self.params, **self._shifted()})
+        shared = {**self.params, **self._shifted()}
+        # a causal LM scores only its target tokens
+        feeds = [{**(b if LABELS in b else train_feeds(b, chunks, first_target(self.manifest))), **shared} for b in micro]
+        p = self.config.data_parallel  # p runs at a time: memory holds p micro-batches' activations, not all of them
+        outs = (out for i in range(0, len(feeds), p) for out in self._run_all(feeds[i:i + p], outputs))
+        for out, w in zip(outs, weights):
             f = w / total_w  # 1.0 without accumulation: the gradients are used exactly as the graph gave them
             loss += f * float(out[0])
             scaled = [g if f == 1.0 else g * np.float32(f) for g in out[1:]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -127,15 +128,55 @@ def test_a_run_that_never_beats_its_start_returns_the_start_with_no_samples(bert
         np.testing.assert_array_equal(r.delta.tensors[k], v)
 
 
+@pytest.mark.parametrize("split", [{"micro_batch": 3}, {"data_parallel": 2}, {"data_parallel": 2, "micro_batch": 3}],
+                         ids=["micro-batches", "data-parallel", "data-parallel-micro-batches"])
 @pytest.mark.parametrize("kind", ["bert", "llama"])
-def test_micro_batches_give_the_gradient_of_the_whole_batch(kind, bert, llama):
-    # classification weighs micro-batches by examples, a causal LM by real target tokens
+def test_micro_batches_give_the_gradient_of_the_whole_batch(kind, split, bert, llama):
+    # classification weighs micro-batches by examples, a causal LM by real target tokens; run at once or in turn
     b, train, _ = bert if kind == "bert" else llama
     cfg = dict(max_steps=6, batch_size=10, lr=1e-2)
     whole = Trainer(b, train, TrainConfig(**cfg)).fit().delta
-    parts = Trainer(b, train, TrainConfig(**cfg, micro_batch=3)).fit().delta
+    parts = Trainer(b, train, TrainConfig(**cfg, **split)).fit().delta
     for k in whole.tensors:
         np.testing.assert_allclose(parts.tensors[k], whole.tensors[k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+class Meeting:
+    """A train session whose runs wait for each other: two that do not overlap in time break the barrier."""
+
+    def __init__(self, session, parties: int) -> None:
+        self.session, self.barrier = session, threading.Barrier(parties, timeout=20)
+
+    def run(self, outputs, feeds):
+        self.barrier.wait()
+        return self.session.run(outputs, feeds)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def test_data_parallel_runs_its_micro_batches_at_the_same_time(bert):
+    b, train, _ = bert
+
+    class Met(Trainer):
+        def _sessions(self):
+            super()._sessions()
+            self.session = Meeting(self.session, 2)
+
+    r = Met(b, train, TrainConfig(max_steps=2, batch_size=8, data_parallel=2)).fit()
+    assert r.summary.steps == 2
+
+
+def test_data_parallel_shares_the_threads_among_its_runs(bert):
+    b, train, _ = bert
+    assert Trainer(b, train, TrainConfig(threads=4, data_parallel=2))._run_threads() == 2
+    assert Trainer(b, train, TrainConfig(threads=1, data_parallel=2))._run_threads() == 1
+    assert Trainer(b, train, TrainConfig(threads=0))._run_threads() == 0  # onnxruntime's own default
+
+
+def test_data_parallel_below_one_is_refused():
+    with pytest.raises(TrainError, match="data-parallel must be at least 1"):
+        TrainConfig(data_parallel=0)
 
 
 class Crash(Exception):
@@ -214,3 +255,17 @@ def test_a_budgeted_run_probes_the_train_graph_then_trains(bert):
     b, train, _ = bert
     r = Trainer(b, train, TrainConfig(max_steps=2, memory_budget_mb=memory.rss_mb() + 2000)).fit()
     assert r.summary.memory.micro_batch == 16 and r.summary.memory.fixed_mb > 0 and r.summary.steps == 2
+
+
+def test_a_budgeted_data_parallel_run_plans_for_its_runs_at_once(bert):
+    b, train, _ = bert
+    probed = []
+
+    class Counted(Trainer):
+        def _run_all(self, feeds, outputs=None):
+            probed.append(len(feeds))
+            return super()._run_all(feeds, outputs)
+
+    r = Counted(b, train, TrainConfig(max_steps=2, data_parallel=2, memory_budget_mb=memory.rss_mb() + 2000)).fit()
+    assert r.summary.memory.micro_batch == 8 and r.summary.steps == 2  # half of the batch of 16 per run
+    assert set(probed) == {2}  # every probe and every step ran two micro-batches at once

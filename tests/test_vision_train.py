@@ -56,6 +56,17 @@ def test_the_trained_delta_evaluates_the_same_through_the_inference_graph(traine
     assert evaluate(Predictor(bundle), val, [result.delta])["accuracy"] == result.summary.after["accuracy"]
 
 
+def test_data_parallel_runs_train_the_delta_of_one_run(cnn_bundle, arrays):
+    # BatchNorm statistics are frozen, so the examples of a batch are independent and its halves' gradients sum exactly
+    bundle = open_bundle(cnn_bundle("int8"))
+    train = load_image_dataset(arrays / "train.npy", bundle.manifest)
+    cfg = dict(max_steps=5, batch_size=16, lr=1e-2)
+    one = Trainer(bundle, train, TrainConfig(**cfg)).fit().delta
+    two = Trainer(bundle, train, TrainConfig(**cfg, data_parallel=2)).fit().delta
+    for k in one.tensors:
+        np.testing.assert_allclose(two.tensors[k], one.tensors[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
 def test_cli_trains_evaluates_and_infers_on_an_image_folder(cnn_bundle, tmp_path, capsys):
     from PIL import Image
 
