@@ -14,7 +14,7 @@ two shared cores afford; the model takes any size). Every run is its own process
 peak RSS; time to accuracy counts training steps only, timed the same way on both sides (benchmarks/cnn_children.py:
 not edgepeft's session building, not torch's warm-up pass, no evaluation).
 
-    python benchmarks/bench_vision.py [--quick] [--steps 60] [--train 2000] [--test 500] [--size 64] [--top-blocks 4] [--methods ...] [--threads N] [--out NAME]
+    python benchmarks/bench_vision.py [--quick] [--steps 60] [--train 2000] [--test 500] [--size 64] [--top-blocks 4] [--methods ...] [--threads N] [--data-parallel N] [--out NAME]
 """
 
 from __future__ import annotations
@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
                     "others are taken from earlier runs with the same settings, so two processes may split the work.")
     ap.add_argument("--threads", type=int, default=0, help="Intra-op threads of both sides (0: the cores' count, "
                     "torch's default).")
+    ap.add_argument("--data-parallel", type=int, default=1, help="edgepeft's --data-parallel: micro-batches run at once, "
+                    "the threads shared among them (torch runs its batch on all its intra-op threads)")
     ap.add_argument("--out", default="", help="Result name under benchmarks/results (default: vision, or vision_quick).")
     ap.add_argument("--quick", action="store_true", help="A smoke run: 10 steps on 200 images.")
     ap.add_argument("--fresh", action="store_true", help="Measure again even where this code and these settings have a "
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         a.steps, a.train, a.test, a.every = 10, 200, 200, 5
     CACHE.mkdir(exist_ok=True)
     load = [round(os.getloadavg()[0], 1)]
-    settings = {k: v for k, v in vars(a).items() if k not in ("quick", "methods", "out", "fresh") and (k != "threads" or v)}
+    settings = {k: v for k, v in vars(a).items() if k not in ("quick", "methods", "out", "fresh") and (k != "threads" or v)
+                and (k != "data_parallel" or v != 1)}
     rows = []
     for name, method in METHODS.items():
         b = bundle(method, a.size, a.top_blocks) if name in a.methods.split(",") else None
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
             common = {"train_file": str(FASHION / "train-images-idx3-ubyte.gz"), "test_file": str(FASHION / "t10k-images-idx3-ubyte.gz"),
                       "train": a.train, "test": a.test, "steps": a.steps, "batch": a.batch, "lr": a.lr, "every": a.every,
                       "start": str(CACHE / f"vision-start-{tag}.delta"), "order": str(CACHE / f"vision-order-{tag}.json"),
-                      "weights": str(weights_file()), "threads": a.threads, "budget": a.budget}
+                      "weights": str(weights_file()), "threads": a.threads, "budget": a.budget,
+                      "data_parallel": a.data_parallel}
             ours = run_child(EDGEPEFT_CHILD, str(b), json.dumps(common))
             print(f"{name}: edgepeft {ours['test_accuracy']:.4f}, {ours['step_s']:.3f} s/step, {ours['peak_rss_mb']:.0f} MB",
                   file=sys.stderr, flush=True)

@@ -13,8 +13,8 @@ Both also record CPU seconds (time.process_time: every thread of the process) be
 machine shared with other jobs the wall clock measures the queue, the CPU seconds the work. Both run ``threads``
 intra-op threads (0: torch's default, which is the cores' count, given to onnxruntime too).
 
-args: steps, batch, lr, every (evaluate every N steps), threads (0: the default), budget (edgepeft's
---memory-budget MB, 0: none), start (where edgepeft writes its fresh delta), order (where it writes the batches).
+args: steps, batch, lr, every (evaluate every N steps), threads (0: the default), data_parallel (edgepeft's
+--data-parallel, default 1), budget (edgepeft's --memory-budget MB, 0: none), start (where edgepeft writes its fresh delta), order (where it writes the batches).
 
 The score is test accuracy unless the preamble defines ``measure(logits) -> dict`` over the whole test set's logits
 (in test order): then its "score" entry is the curve's number (higher is better) and the whole dict is reported as
@@ -47,7 +47,8 @@ def metrics(deltas):
 score = lambda deltas: metrics(deltas)["score"]
 curve, step_times, step_cpu, t_train, cpu_train = [], [], [], 0.0, 0.0
 cfg = TrainConfig(epochs=1000, max_steps=args["steps"], batch_size=args["batch"], lr=args["lr"], weight_decay=0.0,
-                  eval_every=0, checkpoint_every=0, seed=0, memory_budget_mb=args["budget"], threads=threads)
+                  eval_every=0, checkpoint_every=0, seed=0, memory_budget_mb=args["budget"], threads=threads,
+                  data_parallel=args.get("data_parallel", 1))
 last = [time.perf_counter(), time.process_time()]
 def progress(p):
     global t_train, cpu_train

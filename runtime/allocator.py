@@ -14,7 +14,7 @@ import sys
 
 import onnxruntime as ort
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc mallopt parameters
 MMAP_FROM = 256 * 1024  # blocks this large come from mmap and go back to the system when freed
 TRIM_FROM = 1024 * 1024  # the heap's free top is returned once it exceeds this
 
@@ -31,6 +31,22 @@ def lean_allocator() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_FROM)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_FROM))
+
+
+def one_malloc_arena() -> bool:
+    """Have glibc serve every thread from the one heap; False where that is not possible.
+
+    By default each thread that allocates gets a heap of its own and keeps what it freed there: --data-parallel's
+    worker threads held 11 MB more at the peak than one thread running the same steps (EfficientNet-Lite0, 64 px,
+    two micro-batches of 16), and none more with one heap. The steps allocate little outside onnxruntime's arena, so
+    one heap's lock costs nothing measurable. Process-wide; call it before the threads start."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_ARENA_MAX, 1))
 
 
 _arena_cap_mb = 0.0  # the cap of the shared arena registered last (0: none yet)

@@ -27,7 +27,7 @@ from edgepeft.errors import TrainError
 from edgepeft.names import (ATTENTION_MASK, AUDIO_CLS, CNN_INPUTS, IGNORED_LABEL, INPUT_IDS, LABELS, LOSS, SEQ_CLS, TOKEN_CLS,
                             grad_name)
 from edgepeft.runtime import checkpoint as ckpt
-from edgepeft.runtime import logit_adjust, memory
+from edgepeft.runtime import allocator, logit_adjust, memory
 from edgepeft.runtime.bundle import Bundle, SessionConfig
 from edgepeft.runtime.data import Dataset, plan_batches, split_batch, split_by_tokens
 from edgepeft.runtime.evaluate import evaluate, score
@@ -112,6 +112,8 @@ class Trainer:
         # concurrent runs share one session (onnxruntime's Run is thread-safe): the frozen weights are held once
         if getattr(self, "pool", None) is not None:  # sessions built again (--select auto's cut graph)
             self.pool.shutdown()
+        if c.data_parallel > 1:
+            allocator.one_malloc_arena()  # else each worker thread keeps a heap of its own (runtime/allocator.py)
         self.pool = ThreadPoolExecutor(c.data_parallel) if c.data_parallel > 1 else None
         self.predictor = Predictor(self.bundle, lean if budget else SessionConfig(threads=c.threads)) if self.val else None
         if not budget:
