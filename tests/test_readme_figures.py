@@ -702,6 +702,7 @@ def vision_figures() -> dict[str, str]:
         "vision: load, one thread": f"load average {one['load_average_1min'][0]}-{one['load_average_1min'][1]})",
         "vision: time to accuracy": f"Time to accuracy ≤ 0.5×: {met(one)} on one thread each ({tta(one)}), {met(two)} on two ({tta(two)})**",
         **vision_repeat_figures(tta),
+        **vision_data_parallel_figures(),
         "vision: cpu": "CPU seconds a step " + " and ".join(f"{g['cpu_step_ratio']:.2f}×" for g in two["targets"].values())
                        + " torch's on two threads",
         "vision: plan": f"its plan: \"{two['rows'][0]['edgepeft']['memory_plan']}\"",
@@ -718,6 +719,35 @@ def vision_figures() -> dict[str, str]:
                                    f"{ms('bn_head', 'dequantized at load, 2 threads', 'wall_step_s')} on two, for "
                                    f"{ms('bn_head', 'dequantized at load, 2 threads')} ms of CPU",
     }
+
+
+def vision_data_parallel_figures() -> dict[str, str]:
+    """The vision runs with --data-parallel 2, and the same hour's interleaved runs with and without it."""
+    import bench_vision
+
+    dp = _json("vision_2threads_dp")
+    one = [_json(f"vision_2threads_ab_dp1_{i}") for i in (1, 2)]
+    two = [_json(f"vision_2threads_ab_dp2_{i}") for i in (1, 2)] + [_json("vision_2threads_dp_run2")]
+
+    def side(runs: list[dict], method: str) -> str:
+        rows = [next(r for r in run["rows"] if r["method"] == method) for run in runs]
+        ratios = ", ".join(f"{run['targets'][method]['time_to_accuracy_ratio']:.2f}×" for run in runs)
+        steps = ", ".join(f"{1000 * r['edgepeft']['step_s']:.0f}" for r in rows)
+        return f"{ratios} (our step {steps} ms)"
+
+    ab = "; ".join(f"{label} time to 75 % {side(one, m)} with one micro-batch, {side(two, m)} with two"
+                   for label, m in (("BN + head", "bn + head"), ("LoRA + head", "lora r=8 + head")))
+    mean_step = lambda runs, m: sum(next(r for r in run["rows"] if r["method"] == m)["edgepeft"]["step_s"] for run in runs) / len(runs)  # noqa: E731
+    off = sorted(round(100 * (1 - mean_step(two, m) / mean_step(one, m))) for m in ("bn + head", "lora r=8 + head"))
+    peaks = [r["edgepeft"]["peak_rss_mb"] for run in one + two for r in run["rows"]]
+    before = [r["torch_peft"]["step_s"] for n in ("vision", "vision_2threads_s10") for r in _json(n)["rows"] if r["method"] == "bn + head"]
+    return {"vision: data parallel table": bench_vision.table(dp),
+            "vision: data parallel torch": f"(torch's step {1000 * dp['rows'][0]['torch_peft']['step_s']:.0f} ms against "
+                                           f"{1000 * min(before):.0f}-{1000 * max(before):.0f} ms)",
+            "vision: data parallel off": f"So two micro-batches take {off[0]}-{off[1]} % off the step",
+            "vision: data parallel peaks": f"({min(peaks):.0f}-{max(peaks):.0f} MB;",
+            "vision: data parallel load": f"load average {dp['load_average_1min'][0]}-{dp['load_average_1min'][1]}):",
+            "vision: data parallel a/b": ab + "."}
 
 
 def vision_repeat_figures(tta) -> dict[str, str]:
