@@ -140,7 +140,8 @@ class Trainer:
             self.plan = memory.without_arena(self.plan)
             self.session = self.bundle.session("train", self.plan.session, outputs=self.slots.outputs())
             return
-        if self.val is not None:
+        if self.val is not None:  # the planned evaluation session replaces the lean one, never beside it (47 MB for
+            self.predictor = None  # EfficientNet-Lite0's, its weights dequantized at load: both at once broke the budget)
             self.predictor = Predictor(self.bundle, self.plan.session)
 
     def _probe(self, b: int, t: int) -> float:

@@ -67,6 +67,28 @@ def test_data_parallel_runs_train_the_delta_of_one_run(cnn_bundle, arrays):
         np.testing.assert_allclose(two.tensors[k], one.tensors[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+def test_a_budgeted_run_never_holds_two_evaluation_sessions_at_once(cnn_bundle, arrays, monkeypatch):
+    # the planned evaluation session replaces the lean one built before the plan; both at once are outside the budget
+    import weakref
+    from edgepeft.runtime import memory, trainer
+
+    alive, most = weakref.WeakSet(), []
+
+    class Counted(Predictor):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            alive.add(self)
+            most.append(len(alive))
+
+    monkeypatch.setattr(trainer, "Predictor", Counted)
+    bundle = open_bundle(cnn_bundle("int8"))
+    train = load_image_dataset(arrays / "train.npy", bundle.manifest)
+    val = load_image_dataset(arrays / "val.npy", bundle.manifest)
+    r = Trainer(bundle, train, TrainConfig(max_steps=2, batch_size=16, memory_budget_mb=memory.rss_mb() + 500), val=val).fit()
+    assert r.summary.memory.session.arena_cap_mb > 0  # the capped arena's path, which builds the planned session
+    assert len(most) == 2 and max(most) == 1
+
+
 def test_cli_trains_evaluates_and_infers_on_an_image_folder(cnn_bundle, tmp_path, capsys):
     from PIL import Image
 
