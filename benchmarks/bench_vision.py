@@ -111,8 +111,9 @@ def main(argv: list[str] | None = None) -> None:
                     "others are taken from earlier runs with the same settings, so two processes may split the work.")
     ap.add_argument("--threads", type=int, default=0, help="Intra-op threads of both sides (0: the cores' count, "
                     "torch's default).")
-    ap.add_argument("--data-parallel", type=int, default=1, help="edgepeft's --data-parallel: micro-batches run at once, "
-                    "the threads shared among them (torch runs its batch on all its intra-op threads)")
+    ap.add_argument("--data-parallel", type=int, default=0, help="edgepeft's --data-parallel: micro-batches run at once, "
+                    "the threads shared among them (0: edgepeft's default, one per thread; torch runs its batch on all "
+                    "its intra-op threads)")
     ap.add_argument("--out", default="", help="Result name under benchmarks/results (default: vision, or vision_quick).")
     ap.add_argument("--quick", action="store_true", help="A smoke run: 10 steps on 200 images.")
     ap.add_argument("--fresh", action="store_true", help="Measure again even where this code and these settings have a "
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     CACHE.mkdir(exist_ok=True)
     load = [round(os.getloadavg()[0], 1)]
     settings = {k: v for k, v in vars(a).items() if k not in ("quick", "methods", "out", "fresh") and (k != "threads" or v)
-                and (k != "data_parallel" or v != 1)}
+                and (k != "data_parallel" or v)}
     rows = []
     for name, method in METHODS.items():
         b = bundle(method, a.size, a.top_blocks) if name in a.methods.split(",") else None

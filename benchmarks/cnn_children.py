@@ -14,7 +14,7 @@ machine shared with other jobs the wall clock measures the queue, the CPU second
 intra-op threads (0: torch's default, which is the cores' count, given to onnxruntime too).
 
 args: steps, batch, lr, every (evaluate every N steps), threads (0: the default), data_parallel (edgepeft's
---data-parallel, default 1), budget (edgepeft's --memory-budget MB, 0: none), start (where edgepeft writes its fresh delta), order (where it writes the batches).
+--data-parallel, default 0: its own choice), budget (edgepeft's --memory-budget MB, 0: none), start (where edgepeft writes its fresh delta), order (where it writes the batches).
 
 The score is test accuracy unless the preamble defines ``measure(logits) -> dict`` over the whole test set's logits
 (in test order): then its "score" entry is the curve's number (higher is better) and the whole dict is reported as
@@ -48,7 +48,7 @@ score = lambda deltas: metrics(deltas)["score"]
 curve, step_times, step_cpu, t_train, cpu_train = [], [], [], 0.0, 0.0
 cfg = TrainConfig(epochs=1000, max_steps=args["steps"], batch_size=args["batch"], lr=args["lr"], weight_decay=0.0,
                   eval_every=0, checkpoint_every=0, seed=0, memory_budget_mb=args["budget"], threads=threads,
-                  data_parallel=args.get("data_parallel", 1))
+                  data_parallel=args.get("data_parallel", 0))
 last = [time.perf_counter(), time.process_time()]
 def progress(p):
     global t_train, cpu_train

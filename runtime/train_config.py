@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,8 +15,12 @@ import numpy as np
 
 from edgepeft.delta import Delta
 from edgepeft.errors import TrainError
+from edgepeft.names import CNN_INPUTS
 from edgepeft.runtime import memory
 from edgepeft.runtime.optim import ADAM_EPS, SCHEDULES, SGD, AdamW, build_optimizer
+
+
+MIN_PARALLEL_MICRO_BATCH = 8  # --data-parallel 0 cuts a CNN batch into runs of no fewer examples
 
 
 def _help(default: Any, text: str) -> Any:
@@ -58,10 +63,11 @@ class TrainConfig:
     checkpoint_every: int = _help(100, "Write a checkpoint every N steps (and always at the end).")
     memory_budget_mb: float = _help(0.0, "Peak memory budget in MB; chooses micro-batch, max length and arena (0: no budget).")
     threads: int = _help(0, "onnxruntime intra-op threads (0: all cores).")
-    data_parallel: int = _help(1, "Micro-batches run at once, the --threads shared among them (data parallel inside a "
+    data_parallel: int = _help(0, "Micro-batches run at once, the --threads shared among them (data parallel inside a "
                                   "step: each batch is cut into at least this many, their gradients summed as one "
-                                  "batch's). A small CNN step keeps a second core busy this way where onnxruntime's "
-                                  "intra-op threads do not; peak memory holds this many micro-batches.")
+                                  "batch's; peak memory holds this many micro-batches). 0: one per thread for an image or "
+                                  "audio bundle, whose small convolution steps keep a second core busy this way where "
+                                  "onnxruntime's intra-op threads do not (micro-batches of 8 or more), else 1.")
     adapter: str = _help("", "Adapter name written into the delta (default: the starting delta's, else 'default').")
     creator: str = _help("device", "Creator written into the delta (e.g. a device id).")
     select: str = _help("all", "Slots to train: all, or auto (a short probe ranks modules by gradient and keeps the best "
@@ -69,13 +75,12 @@ class TrainConfig:
     max_delta_bytes: int = _help(0, "With --select auto: the most float32 bytes the trained slots may hold.")
 
     def __post_init__(self) -> None:
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "data_parallel": self.data_parallel}
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
         for name, v in positive.items():
             if v < 1:
                 raise TrainError(f"{name.replace('_', '-')} must be at least 1, got {v}")
         for name in ("max_steps", "micro_batch", "eval_every", "patience", "checkpoint_every", "threads", "warmup",
-                     "weight_decay", "max_grad_norm", "memory_budget_mb", "rank"):
+                     "weight_decay", "max_grad_norm", "memory_budget_mb", "rank", "data_parallel"):
             if getattr(self, name) < 0:
                 raise TrainError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -91,6 +96,14 @@ class TrainConfig:
         self.make_optimizer({})  # an unknown optimizer, or an option of the other one, is refused here
         if self.schedule not in SCHEDULES:
             raise TrainError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+    def parallel_runs(self, task: str) -> int:
+        """How many micro-batches run at once for a ``task`` bundle: --data-parallel, or its automatic choice."""
+        if self.data_parallel:
+            return self.data_parallel
+        if task not in CNN_INPUTS:  # a transformer's large matrix products already keep every intra-op thread busy
+            return 1
+        return max(1, min(self.threads or os.cpu_count() or 1, self.batch_size // MIN_PARALLEL_MICRO_BATCH))
 
     def make_optimizer(self, params: dict[str, np.ndarray]) -> AdamW | SGD:
         """This run's optimizer over ``params`` (the prox anchor is their values now)."""

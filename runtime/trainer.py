@@ -84,6 +84,7 @@ class Trainer:
         owners = {methods.owner(s.kind): None for s in m.slots}
         self.hooks = [h for meth in owners if (h := meth.train_hook([s for s in m.slots if methods.owner(s.kind) is meth],
                                                                     m.method_config.get(meth.name, {}), self.total)) is not None]
+        self.parallel = config.parallel_runs(m.task)  # micro-batches run at once (--data-parallel)
         w = config.warmup
         self.warmup_steps = int(round(w * self.total)) if w < 1 else int(w)
 
@@ -96,25 +97,24 @@ class Trainer:
 
     def _run_threads(self) -> int:
         """Intra-op threads of each train-graph run: --threads shared among --data-parallel runs (0: onnxruntime's default)."""
-        c = self.config
-        if c.data_parallel == 1:
-            return c.threads
-        return max(1, (c.threads or os.cpu_count() or 1) // c.data_parallel)
+        if self.parallel == 1:
+            return self.config.threads
+        return max(1, (self.config.threads or os.cpu_count() or 1) // self.parallel)
 
     def _sessions(self) -> None:
         """Build the sessions and fit them to the memory budget (probing the train graph if there is one)."""
         c = self.config
         longest = int(min(self.train.lengths.max(), self.manifest.max_length))
         budget = c.memory_budget_mb
-        want = min(c.batch_size, c.micro_batch or c.batch_size, -(-c.batch_size // c.data_parallel))
+        want = min(c.batch_size, c.micro_batch or c.batch_size, -(-c.batch_size // self.parallel))
         threads = self._run_threads()
         lean = SessionConfig(threads=threads, arena=False)
         # concurrent runs share one session (onnxruntime's Run is thread-safe): the frozen weights are held once
         if getattr(self, "pool", None) is not None:  # sessions built again (--select auto's cut graph)
             self.pool.shutdown()
-        if c.data_parallel > 1:
+        if self.parallel > 1:
             allocator.one_malloc_arena()  # else each worker thread keeps a heap of its own (runtime/allocator.py)
-        self.pool = ThreadPoolExecutor(c.data_parallel) if c.data_parallel > 1 else None
+        self.pool = ThreadPoolExecutor(self.parallel) if self.parallel > 1 else None
         self.predictor = Predictor(self.bundle, lean if budget else SessionConfig(threads=c.threads)) if self.val else None
         if not budget:
             self.session = self.bundle.session("train", SessionConfig(threads=threads), outputs=self.slots.outputs())
@@ -148,7 +148,7 @@ class Trainer:
         if self.manifest.task in CNN_INPUTS:  # an image's or a clip's input size does not depend on t
             feeds = {CNN_INPUTS[self.manifest.task]: np.zeros((b, *_cnn_input_shape(self.manifest)), np.float32),
                      LABELS: np.zeros(b, np.int64), **self.params}
-            return memory.peak_during(lambda: self._run_all([feeds] * self.config.data_parallel))
+            return memory.peak_during(lambda: self._run_all([feeds] * self.parallel))
         ids = np.full((b, t), max(self.manifest.pad_token_id + 1, 4) % self.manifest.vocab_size, np.int64)
         feeds = {INPUT_IDS: ids, ATTENTION_MASK: np.ones((b, t), np.int64), **self.params}
         if self.manifest.task == SEQ_CLS:
@@ -157,7 +157,7 @@ class Trainer:
             feeds[LABELS] = np.zeros((b, t), np.int64)
         else:
             feeds.update(train_feeds(feeds, loss_chunks(self.session), first_target(self.manifest)))
-        return memory.peak_during(lambda: self._run_all([feeds] * self.config.data_parallel))
+        return memory.peak_during(lambda: self._run_all([feeds] * self.parallel))
 
     def _run_all(self, feeds: list[dict[str, np.ndarray]], outputs: list[str] | None = None) -> list[list[np.ndarray]]:
         """Each feed through the train graph, up to --data-parallel of them at once; results in the feeds' order."""
@@ -186,7 +186,7 @@ class Trainer:
         """One batch as train-graph runs: by example count, or by padded tokens under a memory budget."""
         if self.plan.max_tokens:
             return split_by_tokens(index, np.minimum(self.train.lengths, self.plan.max_length), self.plan.max_tokens)
-        return split_batch(index, min(self.plan.micro_batch, -(-len(index) // self.config.data_parallel)))
+        return split_batch(index, min(self.plan.micro_batch, -(-len(index) // self.parallel)))
 
     def _grads(self, group: list[np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
         """Loss and gradients of a group of batches (micro-batched)."""
@@ -200,7 +200,7 @@ class Trainer:
         shared = {**self.params, **self._shifted()}
         # a causal LM scores only its target tokens
         feeds = [{**(b if LABELS in b else train_feeds(b, chunks, first_target(self.manifest))), **shared} for b in micro]
-        p = self.config.data_parallel  # p runs at a time: memory holds p micro-batches' activations, not all of them
+        p = self.parallel  # p runs at a time: memory holds p micro-batches' activations, not all of them
         outs = (out for i in range(0, len(feeds), p) for out in self._run_all(feeds[i:i + p], outputs))
         for out, w in zip(outs, weights):
             f = w / total_w  # 1.0 without accumulation: the gradients are used exactly as the graph gave them

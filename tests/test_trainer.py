@@ -11,6 +11,7 @@ import pytest
 from edgepeft.delta import delta_from_init
 from edgepeft.delta.format import replace_meta
 from edgepeft.errors import TrainError
+from edgepeft.names import AUDIO_CLS, IMAGE_CLS, SEQ_CLS
 from edgepeft.runtime import memory
 from edgepeft.runtime.data import load_dataset
 from edgepeft.runtime.evaluate import evaluate
@@ -174,9 +175,17 @@ def test_data_parallel_shares_the_threads_among_its_runs(bert):
     assert Trainer(b, train, TrainConfig(threads=0))._run_threads() == 0  # onnxruntime's own default
 
 
-def test_data_parallel_below_one_is_refused():
-    with pytest.raises(TrainError, match="data-parallel must be at least 1"):
-        TrainConfig(data_parallel=0)
+def test_a_negative_data_parallel_is_refused():
+    with pytest.raises(TrainError, match="data-parallel must not be negative"):
+        TrainConfig(data_parallel=-1)
+
+
+def test_data_parallel_by_default_runs_a_cnn_batch_one_micro_batch_per_thread_and_text_whole():
+    assert TrainConfig(threads=2, batch_size=32).parallel_runs(IMAGE_CLS) == 2
+    assert TrainConfig(threads=4, batch_size=16).parallel_runs(AUDIO_CLS) == 2  # micro-batches of 8 or more
+    assert TrainConfig(threads=4, batch_size=4).parallel_runs(IMAGE_CLS) == 1
+    assert TrainConfig(threads=4, batch_size=64).parallel_runs(SEQ_CLS) == 1
+    assert TrainConfig(threads=4, batch_size=64, data_parallel=3).parallel_runs(SEQ_CLS) == 3  # as asked
 
 
 class Crash(Exception):

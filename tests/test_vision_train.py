@@ -61,7 +61,7 @@ def test_data_parallel_runs_train_the_delta_of_one_run(cnn_bundle, arrays):
     bundle = open_bundle(cnn_bundle("int8"))
     train = load_image_dataset(arrays / "train.npy", bundle.manifest)
     cfg = dict(max_steps=5, batch_size=16, lr=1e-2)
-    one = Trainer(bundle, train, TrainConfig(**cfg)).fit().delta
+    one = Trainer(bundle, train, TrainConfig(**cfg, data_parallel=1)).fit().delta
     two = Trainer(bundle, train, TrainConfig(**cfg, data_parallel=2)).fit().delta
     for k in one.tensors:
         np.testing.assert_allclose(two.tensors[k], one.tensors[k], rtol=1e-4, atol=1e-6, err_msg=k)

@@ -114,7 +114,7 @@ def _summary(s: TrainSummary, out: Path) -> str:
 @click.option("--resume", is_flag=True, help="Continue the run checkpointed in --checkpoint-dir (starts fresh if it holds none).")
 @_opt("--memory-budget", field="memory_budget_mb", type=click.FloatRange(min=0))
 @_opt("--threads", field="threads", type=click.IntRange(min=0))
-@_opt("--data-parallel", field="data_parallel", type=click.IntRange(min=1))
+@_opt("--data-parallel", field="data_parallel", type=click.IntRange(min=0))
 @_opt("--adapter", field="adapter", type=str)
 @_opt("--creator", field="creator", type=str)
 @_opt("--select", field="select", type=click.Choice(["all", "auto"]))
