@@ -740,7 +740,7 @@ def vision_data_parallel_figures() -> dict[str, str]:
     mean_step = lambda runs, m: sum(next(r for r in run["rows"] if r["method"] == m)["edgepeft"]["step_s"] for run in runs) / len(runs)  # noqa: E731
     off = sorted(round(100 * (1 - mean_step(two, m) / mean_step(one, m))) for m in ("bn + head", "lora r=8 + head"))
     peaks = [r["edgepeft"]["peak_rss_mb"] for run in one + two for r in run["rows"]]
-    before = [r["torch_peft"]["step_s"] for n in ("vision", "vision_2threads_s10") for r in _json(n)["rows"] if r["method"] == "bn + head"]
+    before = [r["torch_peft"]["step_s"] for n in ("vision_2threads_before_dp", "vision_2threads_s10") for r in _json(n)["rows"] if r["method"] == "bn + head"]
     return {"vision: data parallel table": bench_vision.table(dp),
             "vision: data parallel torch": f"(torch's step {1000 * dp['rows'][0]['torch_peft']['step_s']:.0f} ms against "
                                            f"{1000 * min(before):.0f}-{1000 * max(before):.0f} ms)",
