@@ -19,18 +19,23 @@ MMAP_FROM = 256 * 1024  # blocks this large come from mmap and go back to the sy
 TRIM_FROM = 1024 * 1024  # the heap's free top is returned once it exceeds this
 
 
+def _mallopt():
+    """glibc's mallopt, or None where there is none (another OS, another C library)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+
+
 def lean_allocator() -> bool:
     """Have glibc serve blocks of 256 KB and more with mmap and trim freed memory; False where that is not possible.
 
     Process-wide and idempotent; it costs a page fault per fresh large block, which a train step's
     compute dwarfs."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_FROM)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_FROM))
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, MMAP_FROM)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_FROM))
 
 
 def one_malloc_arena() -> bool:
@@ -40,13 +45,8 @@ def one_malloc_arena() -> bool:
     worker threads held 11 MB more at the peak than one thread running the same steps (EfficientNet-Lite0, 64 px,
     two micro-batches of 16), and none more with one heap. The steps allocate little outside onnxruntime's arena, so
     one heap's lock costs nothing measurable. Process-wide; call it before the threads start."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_ARENA_MAX, 1))
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(M_ARENA_MAX, 1))
 
 
 _arena_cap_mb = 0.0  # the cap of the shared arena registered last (0: none yet)

@@ -16,15 +16,18 @@ def _grads(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[to
     return y, torch.autograd.grad((y * torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape).cos()).sum(), [x, *params])
 
 
+def _assert_same(net: torch.nn.Module, rewritten: torch.nn.Module, x: torch.Tensor, atol: float = 0.0) -> None:
+    """The rewritten module's output and every gradient (input and parameters) equal the original's, to ``atol``."""
+    want_y, want = _grads(net, x)
+    got_y, got = _grads(rewritten, x)
+    for g, w in zip([got_y, *got], [want_y, *want]):
+        torch.testing.assert_close(g, w, rtol=0, atol=atol)
+
+
 def test_pooling_first_gives_the_same_outputs_and_gradients():
     torch.manual_seed(0)
     net = KwsCnn(5, mels=16, widths=(4, 8)).double().eval()
-    x = torch.randn(3, 1, 16, 30, dtype=torch.float64)
-    want_y, want = _grads(net, x)
-    got_y, got = _grads(pool_before_activation(copy.deepcopy(net)), x)
-    assert torch.equal(got_y, want_y)
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+    _assert_same(net, pool_before_activation(copy.deepcopy(net)), torch.randn(3, 1, 16, 30, dtype=torch.float64))
 
 
 def test_pooling_first_gives_the_same_gradients_where_windows_tie_or_are_not_positive():
@@ -34,11 +37,7 @@ def test_pooling_first_gives_the_same_gradients_where_windows_tie_or_are_not_pos
         block.conv.weight[:, 0, 1, 1] = 1.0
     x = torch.tensor([[2.0, 2.0, -1.0, -1.0], [1.0, 2.0, -1.0, -3.0], [0.0, 0.0, 5.0, 1.0], [0.0, -2.0, 1.0, 5.0]],
                      dtype=torch.float64).reshape(1, 1, 4, 4)  # a positive tie, a negative window, a zero tie, a late tie
-    want_y, want = _grads(block, x)
-    got_y, got = _grads(pool_before_activation(copy.deepcopy(block)), x)
-    assert torch.equal(got_y, want_y)
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+    _assert_same(block, pool_before_activation(copy.deepcopy(block)), x)
     assert block.pool_first is False and pool_before_activation(block).pool_first is True
 
 
@@ -47,10 +46,5 @@ def test_the_mean_over_time_as_a_product_gives_the_outputs_and_gradients_up_to_r
 
     torch.manual_seed(1)
     net = KwsCnn(5, mels=16, widths=(4, 8)).double().eval()
-    x = torch.randn(3, 1, 16, 30, dtype=torch.float64)
-    want_y, want = _grads(net, x)
-    got_y, got = _grads(time_mean_as_product(copy.deepcopy(net)), x)
-    assert torch.allclose(got_y, want_y, rtol=0, atol=1e-12)
-    for g, w in zip(got, want):
-        assert torch.allclose(g, w, rtol=0, atol=1e-12)
+    _assert_same(net, time_mean_as_product(copy.deepcopy(net)), torch.randn(3, 1, 16, 30, dtype=torch.float64), atol=1e-12)
     assert net.mean_as_product is False
