@@ -65,7 +65,8 @@ class TrainConfig:
     threads: int = _help(0, "onnxruntime intra-op threads (0: all cores).")
     data_parallel: int = _help(0, "Micro-batches run at once, the --threads shared among them (data parallel inside a "
                                   "step: each batch is cut into at least this many, their gradients summed as one "
-                                  "batch's; peak memory holds this many micro-batches). 0: one per thread for an image or "
+                                  "batch's; peak memory holds this many micro-batches; a text batch under a memory "
+                                  "budget is cut by tokens as planned instead). 0: one per thread for an image or "
                                   "audio bundle, whose small convolution steps keep a second core busy this way where "
                                   "onnxruntime's intra-op threads do not (micro-batches of 8 or more), else 1.")
     adapter: str = _help("", "Adapter name written into the delta (default: the starting delta's, else 'default').")

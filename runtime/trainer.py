@@ -85,6 +85,7 @@ class Trainer:
         self.hooks = [h for meth in owners if (h := meth.train_hook([s for s in m.slots if methods.owner(s.kind) is meth],
                                                                     m.method_config.get(meth.name, {}), self.total)) is not None]
         self.parallel = config.parallel_runs(m.task)  # micro-batches run at once (--data-parallel)
+        self.pool: ThreadPoolExecutor | None = None  # their threads, made with the sessions
         w = config.warmup
         self.warmup_steps = int(round(w * self.total)) if w < 1 else int(w)
 
@@ -110,7 +111,7 @@ class Trainer:
         threads = self._run_threads()
         lean = SessionConfig(threads=threads, arena=False)
         # concurrent runs share one session (onnxruntime's Run is thread-safe): the frozen weights are held once
-        if getattr(self, "pool", None) is not None:  # sessions built again (--select auto's cut graph)
+        if self.pool is not None:  # sessions built again (--select auto's cut graph)
             self.pool.shutdown()
         if self.parallel > 1:
             allocator.one_malloc_arena()  # else each worker thread keeps a heap of its own (runtime/allocator.py)
